@@ -1,0 +1,142 @@
+"""Pure parts of testbed.kernel_build: config parsing/checking, cache keys, the patch file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import ConfigError
+from testbed.kernel_build import (
+    FRAGMENT,
+    BuildInputs,
+    config_mismatches,
+    kernel_facts,
+    make_argv,
+    parse_config,
+    parse_patch,
+    patch_paths,
+)
+
+
+def _inputs(**over: object) -> BuildInputs:
+    base: dict[str, object] = dict(
+        variant="stock", source_version="6.1.192-2", fragment_sha256="a" * 64,
+        compiler="gcc (Debian 12.2.0-14+deb12u1) 12.2.0", patches=(),
+    )
+    base.update(over)
+    return BuildInputs(**base)  # type: ignore[arg-type]
+
+
+# ---- config fragment
+
+
+def test_parse_config_reads_set_unset_and_skips_comments() -> None:
+    cfg = parse_config('# a comment\n\nCONFIG_SMP=y\n# CONFIG_MODULES is not set\n'
+                       'CONFIG_NR_CPUS=16\nCONFIG_LOCALVERSION="-x"\n')
+    assert {k: v.value for k, v in cfg.items()} == {
+        "CONFIG_SMP": "y", "CONFIG_MODULES": "n", "CONFIG_NR_CPUS": "16",
+        "CONFIG_LOCALVERSION": '"-x"'}
+    assert cfg["CONFIG_NR_CPUS"].line == 5
+
+
+def test_parse_config_rejects_garbage_naming_file_and_line() -> None:
+    with pytest.raises(ConfigError, match=r"frag.config:2: not a Kconfig line"):
+        parse_config("CONFIG_SMP=y\nSMP=y\n", "frag.config")
+
+
+def test_parse_config_rejects_duplicates() -> None:
+    with pytest.raises(ConfigError, match=r"f:3: CONFIG_SMP set twice \(first at line 1\)"):
+        parse_config("CONFIG_SMP=y\n\n# CONFIG_SMP is not set\n", "f")
+
+
+def test_config_mismatches_reports_dropped_and_changed_options() -> None:
+    req = parse_config("CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_D=8\n")
+    merged = parse_config("CONFIG_A=y\nCONFIG_C=y\nCONFIG_D=4\n")
+    bad = {(r.name, got) for r, got in config_mismatches(req, merged)}
+    assert bad == {("CONFIG_B", "n"), ("CONFIG_C", "y"), ("CONFIG_D", "4")}
+
+
+def test_kernel_facts_reads_preemption_and_hz() -> None:
+    facts = kernel_facts(parse_config(
+        "CONFIG_PREEMPT_VOLUNTARY=y\n# CONFIG_PREEMPT is not set\nCONFIG_HZ=250\n"
+        "CONFIG_NO_HZ_IDLE=y\nCONFIG_NR_CPUS=16\n"))
+    assert (facts.preemption, facts.hz, facts.timer, facts.nr_cpus) == (
+        "PREEMPT_VOLUNTARY", 250, "NO_HZ_IDLE", 16)
+
+
+def test_shipped_fragment_has_what_the_guest_needs() -> None:
+    cfg = parse_config(FRAGMENT.read_text(), str(FRAGMENT))
+    must = ["SMP", "E1000", "VIRTIO_NET", "VIRTIO_PCI", "PCI_MSI", "RPS", "XPS",
+            "PERF_EVENTS", "SERIAL_8250_CONSOLE", "DEVTMPFS", "BLK_DEV_INITRD", "INET",
+            "UNIX", "UNIX98_PTYS", "ACPI", "KVM_GUEST", "PROC_SYSCTL", "BINFMT_SCRIPT"]
+    assert [m for m in must if cfg.get(f"CONFIG_{m}", None) is None
+            or cfg[f"CONFIG_{m}"].value != "y"] == []
+    assert int(cfg["CONFIG_NR_CPUS"].value) >= 8
+    assert cfg["CONFIG_MODULES"].value == "n"
+    assert cfg["CONFIG_DEBUG_INFO"].value == "n"
+    facts = kernel_facts(cfg)
+    assert facts.preemption != "unknown" and facts.hz > 0
+
+
+# ---- cache key
+
+
+def test_key_is_stable_and_ignores_patches_for_stock() -> None:
+    assert _inputs().key() == _inputs().key()
+    assert _inputs(patches=(("p", "1"),)).key() == _inputs().key()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("source_version", "6.1.193-1"),
+    ("fragment_sha256", "b" * 64),
+    ("compiler", "gcc (Debian 13.1.0) 13.1.0"),
+    ("recipe", 99),
+])
+def test_key_changes_with_each_input(field: str, value: object) -> None:
+    assert _inputs(**{field: value}).key() != _inputs().key()
+
+
+def test_patched_key_depends_on_patch_hashes_and_stock_parent_does_not() -> None:
+    p1 = _inputs(variant="patched", patches=(("0001.patch", "1" * 64),))
+    p2 = _inputs(variant="patched", patches=(("0001.patch", "2" * 64),))
+    assert p1.key() != p2.key()
+    assert p1.key() != _inputs().key()
+    assert p1.stock() == p2.stock() == _inputs()
+
+
+def test_make_argv_differs_between_variants_only_in_localversion() -> None:
+    stock, patched = make_argv("stock", 2), make_argv("patched", 2)
+    diff = [(a, b) for a, b in zip(stock, patched, strict=True) if a != b]
+    assert diff == [("LOCALVERSION=", "LOCALVERSION=-wakelocal")]
+    assert "CC=ccache gcc" in stock and stock[:3] == ["nice", "-n", "10"]
+
+
+# ---- the patch
+
+
+def test_shipped_patch_is_a_well_formed_format_patch() -> None:
+    paths = patch_paths()
+    assert [p.name[:5] for p in paths] == ["0001-"]
+    info = parse_patch(paths[0])
+    assert info.author.startswith("netbed developers")
+    assert "wake" in info.subject and len(info.subject) > 20
+    assert info.has_diffstat
+    assert set(info.files) == {
+        "include/linux/wait_current_cpu.h", "kernel/sched/fair.c", "kernel/sched/sched.h",
+        "kernel/sched/wait.c", "net/core/dev.h", "net/core/sock.c",
+        "net/core/sysctl_net_core.c"}
+    text = paths[0].read_text()
+    assert '"rx_wake_local"' in text and "WF_CURRENT_CPU" in text
+    # the commit message says what it does not cover
+    assert "epoll" in text.split("\n---\n", 1)[0]
+
+
+def test_parse_patch_unfolds_subject_and_strips_prefix(tmp_path: Path) -> None:
+    text = ("From abc Mon Sep 17 00:00:00 2001\nFrom: A <a@b>\n"
+            "Subject: [PATCH 2/3] one two\n three\n\nbody\n---\n"
+            " x | 1 +\n 1 file changed, 1 insertion(+)\n\n"
+            "diff --git a/x b/x\n--- a/x\n+++ b/x\n")
+    info = parse_patch(tmp_path / "p.patch", text)
+    assert (info.subject, info.author, info.files, info.has_diffstat) == (
+        "one two three", "A <a@b>", ("x",), True)
