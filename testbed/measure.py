@@ -601,11 +601,12 @@ def select_nic_irqs(irq_delta: pd.DataFrame, irqs: Iterable[str | int] | None = 
                     ) -> tuple[list[str], str]:
     """Which /proc/interrupts lines belong to the data NIC, and how that was decided.
 
-    Read-back IRQ numbers win. Otherwise the network-named lines are grouped by
-    device (virtioN / ethN) and the device whose IRQs fired most during the
-    window is taken: the management NIC stays quiet while measuring.
+    Read-back IRQ numbers win (an explicit empty list means "none"). Otherwise
+    the network-named lines are grouped by device (virtioN / ethN) and the
+    device whose IRQs fired most during the window is taken: the management NIC
+    stays quiet while measuring.
     """
-    if irqs:
+    if irqs is not None:
         wanted = [str(i) for i in irqs]
         return [i for i in wanted if i in set(irq_delta["irq"])], "readback"
     names = irq_delta.drop_duplicates("irq")[["irq", "name"]]

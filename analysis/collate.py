@@ -1,0 +1,471 @@
+"""Raw run directory -> one tidy table (one row per rep x metric x CPU).
+
+Every number the report shows comes from this table, so it keeps what a reader
+needs to trust it: the source tool, the unit and a status. A repetition that
+failed or never finished shows up as a `rep.status` row with that status (and
+the reason in `note`), never as zeros; a counter the CPU could not count stays
+`not-supported` with a NaN value; a raw file that will not parse gives `error`
+rows for that source while the rest of the repetition is still used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from testbed import measure
+from testbed.errors import NetbedError
+from testbed.results import RepDir, RunDir
+
+AXES = ("kernel", "nic", "cpus", "policy", "workload", "message_size", "gro")
+ID_COLUMNS = ("run_id", "cell_id", "repetition", *AXES)
+TIDY_COLUMNS = (*ID_COLUMNS, "metric", "cpu", "value", "unit", "source", "status", "note")
+
+# Counters normalised per KB moved (STREAM/MAERTS) or per transaction (RR).
+PER_UNIT_METRICS = (
+    "perf.context-switches",
+    "perf.cpu-migrations",
+    "perf.cycles",
+    "perf.instructions",
+    "perf.cache-references",
+    "perf.cache-misses",
+    "perf.L1-dcache-loads",
+    "perf.L1-dcache-load-misses",
+    "perf.LLC-loads",
+    "perf.LLC-load-misses",
+    "stat.ctxt",
+    "softirq.NET_RX",
+    "irq.nic",
+)
+CACHE_PER_UNIT_PREFIX = "cache."
+# A CPU "ran NET_RX" when it carried at least this share of the window's NET_RX.
+NETRX_CPU_THRESHOLD = 0.25
+
+
+class RawFiles:
+    """Names of a repetition's raw files (the layout is in testbed/results.py)."""
+
+    NETPERF = "netperf.txt"
+    PERF = "perf-stat.csv"
+    READER = "reader-cpus.txt"
+    READBACK = "readback.json"
+    OFFLOADS = "offloads.txt"
+    CACHEMODEL = "cachemodel.csv"
+    FAILED = "failed"
+
+
+@dataclass
+class _Rows:
+    """Accumulates tidy rows for one repetition (ids are added at the end)."""
+
+    rows: list[dict[str, Any]]
+
+    def add(self, metric: str, cpu: str, value: float, unit: str, source: str,
+            status: str = "ok", note: str = "") -> None:
+        if status == "ok" and (value is None or (isinstance(value, float) and math.isnan(value))):
+            status = "not-supported"
+        self.rows.append({"metric": metric, "cpu": str(cpu), "value": value, "unit": unit,
+                          "source": source, "status": status, "note": note})
+
+    def add_frame(self, df: pd.DataFrame, prefix: str, unit: str, source: str,
+                  with_total: bool = True) -> None:
+        """Per-CPU rows plus an "all" row (sum) per metric, unless the frame has one."""
+        for metric, group in df.groupby("metric", sort=False):
+            has_all = (group["cpu"] == "all").any()
+            for cpu, value in zip(group["cpu"], group["value"], strict=True):
+                self.add(f"{prefix}{metric}", cpu, float(value), unit, source)
+            if with_total and not has_all:
+                self.add(f"{prefix}{metric}", "all", float(group["value"].sum(min_count=1)),
+                         unit, source)
+
+
+def cell_axes(cell: dict[str, Any]) -> dict[str, Any]:
+    """The axis values of a cell.json (or cells.json entry), flattened."""
+    wl = cell.get("workload") or {}
+    if isinstance(wl, str):
+        wl = {"name": wl}
+    gro = cell.get("gro")
+    return {
+        "kernel": cell.get("kernel"),
+        "nic": cell.get("nic"),
+        "cpus": cell.get("cpus"),
+        "policy": cell.get("policy"),
+        "workload": wl.get("name"),
+        "message_size": wl.get("message_size"),
+        "gro": ("on" if gro else "off") if isinstance(gro, bool) else gro,
+    }
+
+
+def _load_cells_index(run: RunDir) -> dict[str, dict[str, Any]]:
+    if not run.cells_file.is_file():
+        return {}
+    try:
+        cells = json.loads(run.cells_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise NetbedError(f"{run.cells_file}:{exc.lineno}: not valid JSON: {exc.msg}",
+                          hint="the runner writes it atomically; rerun or restore it") from exc
+    return {c["cell_id"]: c for c in cells if isinstance(c, dict) and "cell_id" in c}
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one repetition (without ids) and facts for the report (nic irq method...)."""
+    out = _Rows([])
+    facts: dict[str, Any] = {}
+    if rep.is_failed and not rep.is_done:
+        info = _read_json_or_none(rep.file(RawFiles.FAILED)) or {}
+        out.add("rep.status", "all", math.nan, "", "runner", "failed",
+                str(info.get("reason", "failed (no reason recorded)")))
+        return out.rows, facts
+    if not rep.is_done:
+        out.add("rep.status", "all", math.nan, "", "runner", "incomplete",
+                "no done/failed marker: interrupted or still running")
+        return out.rows, facts
+    out.add("rep.status", "all", 1.0, "", "runner")
+    cell = _read_json_or_none(rep.file("cell.json")) or {}
+    workload = str((cell.get("workload") or {}).get("name", "")).upper()
+    moved = _collate_netperf(rep, out, workload)
+    netrx = _collate_proc(rep, out, facts)
+    reader = _collate_reader(rep, out)
+    _collate_perf(rep, out)
+    _collate_cachemodel(rep, out)
+    _derive_locality(out, netrx, reader)
+    _derive_per_unit(out, moved)
+    return out.rows, facts
+
+
+def _error(out: _Rows, metric: str, source: str, exc: Exception | str) -> None:
+    out.add(metric, "all", math.nan, "", source, "error", str(exc).splitlines()[0][:300])
+
+
+def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float] | None:
+    """netperf rows; returns ("KB", kilobytes moved) or ("trans", transactions)."""
+    path = rep.file(RawFiles.NETPERF)
+    try:
+        res = measure.parse_netperf(path.read_text())
+    except (OSError, NetbedError) as exc:
+        _error(out, "throughput", "netperf", exc)
+        return None
+    units = res.throughput_units
+    thr = res.get("THROUGHPUT")
+    out.add("throughput", "all", thr if thr is not None else math.nan, units, "netperf")
+    simple = {
+        "ELAPSED_TIME": ("elapsed", "s"),
+        "TRANSACTION_RATE": ("transaction_rate", "trans/s"),
+        "RT_LATENCY": ("latency_rt", "us"),
+        "MEAN_LATENCY": ("latency_mean", "us"),
+        "MIN_LATENCY": ("latency_min", "us"),
+        "P50_LATENCY": ("latency_p50", "us"),
+        "P90_LATENCY": ("latency_p90", "us"),
+        "P99_LATENCY": ("latency_p99", "us"),
+        "MAX_LATENCY": ("latency_max", "us"),
+        "STDDEV_LATENCY": ("latency_stddev", "us"),
+        "LOCAL_TRANSPORT_RETRANS": ("retrans_sender", "segments"),
+        "REMOTE_TRANSPORT_RETRANS": ("retrans_receiver", "segments"),
+    }
+    for key, (metric, unit) in simple.items():
+        if key in res.values:
+            out.add(metric, "all", res.values[key], unit, "netperf")
+    # netperf prints -1 where it could not measure CPU utilisation: not a zero.
+    for key, metric in (("LOCAL_CPU_UTIL", "cpu_util_sender"),
+                        ("REMOTE_CPU_UTIL", "cpu_util_receiver")):
+        if key in res.values:
+            v = res.values[key]
+            out.add(metric, "all", v if v >= 0 else math.nan, "%", "netperf",
+                    "ok" if v >= 0 else "not-supported")
+    elapsed = res.get("ELAPSED_TIME")
+    if thr is None or not elapsed or not units:
+        return None
+    try:
+        kind, factor = measure.netperf_units_factor(units)
+    except NetbedError as exc:
+        _error(out, "bytes", "derived", exc)
+        return None
+    if kind == "trans" or workload == "TCP_RR":
+        rate = thr if kind == "trans" else res.values.get("TRANSACTION_RATE", math.nan)
+        trans = rate * elapsed
+        out.add("transactions", "all", trans, "trans", "derived")
+        return ("trans", trans)
+    kb = thr * factor * elapsed / 1024
+    out.add("kbytes", "all", kb, "KB", "derived")
+    return ("KB", kb)
+
+
+def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFrame | None:
+    """Deltas of the /proc snapshots; returns the per-CPU NET_RX delta (for locality)."""
+    netrx = None
+    for name in measure.PROC_FILES:
+        before, after = rep.path / "proc-before" / name, rep.path / "proc-after" / name
+        try:
+            d = measure.parse_proc_pair(name, before.read_text(), after.read_text())
+        except (OSError, NetbedError, ValueError) as exc:
+            _error(out, f"proc.{name}", "proc", exc)
+            continue
+        if name == "softirqs":
+            out.add_frame(d, "softirq.", "count", "proc")
+            netrx = d[d["metric"] == "NET_RX"]
+        elif name == "softnet_stat":
+            out.add_frame(d, "softnet.", "count", "proc")
+        elif name == "snmp":
+            out.add_frame(d, "snmp.", "count", "proc")
+        elif name == "stat":
+            ticks = d[d["metric"].str.startswith("cpu_")]
+            out.add_frame(ticks, "stat.", "ticks", "proc")
+            out.add_frame(d[~d["metric"].str.startswith("cpu_")], "stat.", "count", "proc")
+        elif name == "interrupts":
+            readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
+            irqs, how = measure.select_nic_irqs(d, readback.get("irqs"))
+            facts["nic_irqs"] = irqs
+            facts["nic_irq_method"] = how
+            nic = d[d["irq"].isin(irqs)].groupby("cpu", sort=False)["value"].sum()
+            if nic.empty:
+                out.add("irq.nic", "all", math.nan, "count", "proc", "not-supported",
+                        "no NIC interrupt line found (" + how + ")")
+            else:
+                frame = pd.DataFrame({"metric": "nic", "cpu": nic.index, "value": nic.values})
+                out.add_frame(frame, "irq.", "count", "proc")
+                _add_shares(out, "share.nic_irq", frame)
+    if netrx is not None:
+        _add_shares(out, "share.netrx", netrx)
+    return netrx
+
+
+def _add_shares(out: _Rows, metric: str, frame: pd.DataFrame) -> None:
+    per_cpu = frame[frame["cpu"] != "all"]
+    total = per_cpu["value"].sum()
+    for cpu, value in zip(per_cpu["cpu"], per_cpu["value"], strict=True):
+        if total > 0:
+            out.add(metric, cpu, float(value) / total, "fraction", "derived")
+        else:
+            out.add(metric, cpu, math.nan, "fraction", "derived", "not-supported",
+                    "no events in the window")
+
+
+def _collate_reader(rep: RepDir, out: _Rows) -> measure.ReaderSamples | None:
+    path = rep.file(RawFiles.READER)
+    if not path.is_file():
+        return None
+    try:
+        samples = measure.parse_reader_samples(path.read_text())
+    except NetbedError as exc:
+        _error(out, "reader.samples", "proc", exc)
+        return None
+    for cpu, n in sorted(samples.counts.items()):
+        out.add("reader.samples", cpu, float(n), "samples", "proc")
+    out.add("reader.samples", "all", float(samples.total), "samples", "proc")
+    for cpu, share in samples.shares().items():
+        out.add("share.reader", cpu, share, "fraction", "derived")
+    return samples
+
+
+def _collate_perf(rep: RepDir, out: _Rows) -> None:
+    path = rep.file(RawFiles.PERF)
+    if not path.is_file():
+        return
+    try:
+        df = measure.parse_perf_stat(path.read_text())
+    except NetbedError as exc:
+        _error(out, "perf", "perf", exc)
+        return
+    for event, group in df.groupby("metric", sort=False):
+        unit = str(group["unit"].iloc[0]) or "count"
+        for cpu, value, status in zip(group["cpu"], group["value"], group["status"],
+                                      strict=True):
+            out.add(f"perf.{event}", cpu, float(value), unit, "perf", status)
+        ok = group[group["status"] == "ok"]
+        if len(ok) == len(group):
+            out.add(f"perf.{event}", "all", float(ok["value"].sum()), unit, "perf")
+        else:
+            out.add(f"perf.{event}", "all", math.nan, unit, "perf",
+                    str(group.loc[group["status"] != "ok", "status"].iloc[0]))
+
+
+def read_cachemodel(text: str) -> pd.DataFrame:
+    """Cache-model CSV (vcpu, mode, event, value, marker) -> counts in the measured window.
+
+    The plugin prints cumulative counters at markers "begin:<id>", "end:<id>"
+    (and "snapshot:<id>"). The window is the last end with a matching begin;
+    without one, last marker minus first; with a single marker, its values.
+    Returns columns vcpu (str), mode, event, value.
+    """
+    df = pd.read_csv(StringIO(text), dtype={"vcpu": str, "mode": str, "event": str,
+                                            "marker": str})
+    missing = {"vcpu", "mode", "event", "value", "marker"} - set(df.columns)
+    if missing:
+        raise NetbedError(f"cachemodel.csv lacks columns {sorted(missing)}",
+                          hint="expected the header vcpu,mode,event,value,marker")
+    markers = list(dict.fromkeys(df["marker"]))
+    ends = [mk for mk in markers if mk.startswith("end:")]
+    first = last = None
+    for end in reversed(ends):
+        begin = "begin:" + end.split(":", 1)[1]
+        if begin in markers:
+            first, last = begin, end
+            break
+    if last is None and len(markers) >= 2:
+        first, last = markers[0], markers[-1]
+    key = ["vcpu", "mode", "event"]
+    if last is None:
+        return df[[*key, "value"]].reset_index(drop=True)
+    a = df[df["marker"] == last].set_index(key)["value"]
+    b = df[df["marker"] == first].set_index(key)["value"]
+    return (a - b).rename("value").reset_index()
+
+
+def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
+    path = rep.file(RawFiles.CACHEMODEL)
+    if not path.is_file():
+        return
+    try:
+        df = read_cachemodel(path.read_text())
+    except (NetbedError, ValueError, pd.errors.ParserError) as exc:
+        _error(out, "cache", "cachemodel", exc)
+        return
+    for (mode, event), g in df.groupby(["mode", "event"], sort=False):
+        for cpu, value in zip(g["vcpu"], g["value"], strict=True):
+            out.add(f"cache.{mode}.{event}", cpu, float(value), "count", "cachemodel")
+    both = df.groupby(["event", "vcpu"], sort=False)["value"].sum().reset_index()
+    for event, g in both.groupby("event", sort=False):
+        for cpu, value in zip(g["vcpu"], g["value"], strict=True):
+            out.add(f"cache.{event}", cpu, float(value), "count", "cachemodel")
+        out.add(f"cache.{event}", "all", float(g["value"].sum()), "count", "cachemodel")
+
+
+def _derive_locality(out: _Rows, netrx: pd.DataFrame | None,
+                     reader: measure.ReaderSamples | None) -> None:
+    """Locality of the receive path in two numbers, both in [0, 1]:
+
+    - netrx_on_reader_cpu: share of NET_RX softirqs that ran where the reader
+      was, weighted by the reader's own time per CPU (sum_c r_c * n_c); with a
+      pinned reader it is simply the NET_RX share of the reader's CPU.
+    - reader_on_netrx_cpus: share of the reader's samples on CPUs that carried
+      at least NETRX_CPU_THRESHOLD of the NET_RX work.
+    """
+    if netrx is None or reader is None or reader.total == 0:
+        return
+    per_cpu = netrx[netrx["cpu"] != "all"]
+    total = per_cpu["value"].sum()
+    if total <= 0:
+        return
+    n = dict(zip(per_cpu["cpu"], per_cpu["value"] / total, strict=True))
+    r = reader.shares()
+    out.add("locality.netrx_on_reader_cpu", "all",
+            float(sum(share * n.get(cpu, 0.0) for cpu, share in r.items())), "fraction",
+            "derived")
+    hot = {cpu for cpu, share in n.items() if share >= NETRX_CPU_THRESHOLD}
+    out.add("locality.reader_on_netrx_cpus", "all",
+            float(sum(share for cpu, share in r.items() if cpu in hot)), "fraction", "derived",
+            note=f"NET_RX CPUs: {','.join(sorted(hot, key=int))}")
+
+
+def _derive_per_unit(out: _Rows, moved: tuple[str, float] | None) -> None:
+    if not moved or not moved[1] or moved[1] <= 0:
+        return
+    kind, amount = moved
+    suffix, unit = (".per_kb", "1/KB") if kind == "KB" else (".per_trans", "1/trans")
+    new = []
+    for row in out.rows:
+        if row["cpu"] != "all":
+            continue
+        m = row["metric"]
+        if m in PER_UNIT_METRICS or (m.startswith(CACHE_PER_UNIT_PREFIX) and m.count(".") == 1):
+            status = row["status"]
+            value = row["value"] / amount if status == "ok" else math.nan
+            new.append((m + suffix, value, status))
+    for metric, value, status in new:
+        out.add(metric, "all", value, unit, "derived", status)
+
+
+def collate_run(run_dir: Path) -> pd.DataFrame:
+    """Every repetition of a run (finished, failed or incomplete) as one tidy table."""
+    return collate_run_with_facts(run_dir)[0]
+
+
+def collate_run_with_facts(run_dir: Path) -> tuple[pd.DataFrame, dict[tuple[str, int], Any]]:
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise NetbedError(f"run directory {run.path} does not exist",
+                          hint="pass a folder under results/ (see `ls results`)")
+    index = _load_cells_index(run)
+    rows: list[dict[str, Any]] = []
+    facts: dict[tuple[str, int], Any] = {}
+    for rep in run.reps():
+        cell = _read_json_or_none(rep.file("cell.json")) or index.get(rep.cell_id, {})
+        ids = {"run_id": run.run_id, "cell_id": rep.cell_id, "repetition": rep.repetition,
+               **cell_axes(cell)}
+        rep_rows, rep_facts = collate_rep(rep)
+        facts[(rep.cell_id, rep.repetition)] = rep_facts
+        rows.extend({**ids, **r} for r in rep_rows)
+    df = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+    return _typed(df), facts
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    """Stable dtypes so Parquet and CSV round-trip and merged runs concatenate."""
+    df = df.copy()
+    for col in ("run_id", "cell_id", "kernel", "nic", "policy", "workload", "gro", "metric",
+                "cpu", "unit", "source", "status", "note"):
+        df[col] = df[col].astype("string")
+    for col in ("repetition", "cpus", "message_size"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
+    return df
+
+
+@dataclass(frozen=True)
+class TablePaths:
+    parquet: Path
+    csv: Path
+
+
+def analysis_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "analysis"
+
+
+def write_tables(run_dir: Path, tidy: pd.DataFrame | None = None) -> TablePaths:
+    """Write `<run>/analysis/tidy.parquet` and `tidy.csv` (atomically, via rename)."""
+    from testbed.results import atomic_write_text
+
+    tidy = collate_run(run_dir) if tidy is None else tidy
+    out = analysis_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pq = out / "tidy.parquet"
+    tmp = out / ".tidy.parquet.tmp"
+    tidy.to_parquet(tmp, index=False)
+    tmp.replace(pq)
+    csv = out / "tidy.csv"
+    atomic_write_text(csv, tidy.to_csv(index=False))
+    return TablePaths(pq, csv)
+
+
+def read_tidy(path: Path) -> pd.DataFrame:
+    return _typed(pd.read_parquet(path))
+
+
+def cell_label(row: pd.Series | dict[str, Any], axes: Iterable[str] = AXES) -> str:
+    """A short human label of a cell: kernel/nic/Ncpu/policy/WORKLOAD-size/gro."""
+    parts = []
+    for a in axes:
+        v = row.get(a) if isinstance(row, dict) else row[a]
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+            continue
+        if a == "cpus":
+            parts.append(f"{v}cpu")
+        elif a == "gro":
+            parts.append(f"gro-{v}")
+        else:
+            parts.append(str(v))
+    return "/".join(parts)

@@ -1,0 +1,289 @@
+"""Statistics on the tidy table: per-cell summaries and comparisons with CIs.
+
+Repetitions are few (2-5) and their distribution unknown, so everything is
+rank- or resampling-based: the median and IQR describe a cell; a percentile
+bootstrap (seeded, so a report is reproducible) gives the 95% CI of the median
+and of the ratio of two medians; the Mann-Whitney U test gives a p-value. A
+change is flagged significant only when p < alpha AND the ratio's CI excludes
+1, which keeps the false-positive rate at or below alpha. With 2 repetitions
+per side no change can be significant (the smallest two-sided U p-value is
+1/3); the table says n so a reader sees why.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.collate import AXES, cell_label
+
+DEFAULT_BASELINE: dict[str, str] = {"policy": "default", "kernel": "stock", "nic": "e1000"}
+BOOTSTRAP = 2000
+ALPHA = 0.05
+
+# Metrics the text table and report lead with (when present in the run).
+KEY_METRICS: tuple[str, ...] = (
+    "throughput",
+    "transaction_rate",
+    "latency_p50",
+    "latency_p99",
+    "cpu_util_receiver",
+    "locality.netrx_on_reader_cpu",
+    "locality.reader_on_netrx_cpus",
+    "perf.context-switches.per_kb",
+    "perf.cpu-migrations.per_kb",
+    "perf.context-switches.per_trans",
+    "perf.cpu-migrations.per_trans",
+    "perf.cache-misses.per_kb",
+    "perf.LLC-load-misses.per_kb",
+    "cache.l1d_misses.per_kb",
+    "cache.llc_misses.per_kb",
+    "cache.c2c_transfers.per_kb",
+    "cache.c2c_transfers.per_trans",
+    "retrans_sender",
+)
+
+
+def _rng(seed: int, *key: object) -> np.random.Generator:
+    """One generator per comparison, derived from the key: order-independent results."""
+    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
+
+
+def bootstrap_median_ci(x: Sequence[float], rng: np.random.Generator, n_boot: int = BOOTSTRAP,
+                        alpha: float = ALPHA) -> tuple[float, float]:
+    a = np.asarray(x, dtype=float)
+    if len(a) == 0:
+        return (math.nan, math.nan)
+    if len(a) == 1:
+        return (float(a[0]), float(a[0]))
+    meds = np.median(rng.choice(a, size=(n_boot, len(a)), replace=True), axis=1)
+    lo, hi = np.quantile(meds, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class Change:
+    """New against base: ratio of medians, % change with its bootstrap CI, U-test p."""
+
+    n_base: int
+    n_new: int
+    median_base: float
+    median_new: float
+    ratio: float
+    pct: float
+    pct_lo: float
+    pct_hi: float
+    p_value: float
+    significant: bool
+
+
+def compare_samples(base: Sequence[float], new: Sequence[float], rng: np.random.Generator,
+                    n_boot: int = BOOTSTRAP, alpha: float = ALPHA) -> Change:
+    b = np.asarray([v for v in base if not math.isnan(v)], dtype=float)
+    n = np.asarray([v for v in new if not math.isnan(v)], dtype=float)
+    if len(b) == 0 or len(n) == 0:
+        nan = math.nan
+        return Change(len(b), len(n), nan, nan, nan, nan, nan, nan, nan, False)
+    mb, mn = float(np.median(b)), float(np.median(n))
+    ratio = mn / mb if mb != 0 else math.nan
+    bb = np.median(rng.choice(b, size=(n_boot, len(b)), replace=True), axis=1)
+    nb = np.median(rng.choice(n, size=(n_boot, len(n)), replace=True), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = nb / bb
+    ratios = ratios[np.isfinite(ratios)]
+    if len(ratios) and not math.isnan(ratio):
+        lo, hi = (float(q) for q in np.quantile(ratios, [alpha / 2, 1 - alpha / 2]))
+    else:
+        lo = hi = math.nan
+    if len(b) >= 2 and len(n) >= 2 and not (np.all(b == b[0]) and np.all(n == b[0])):
+        p = float(stats.mannwhitneyu(n, b, alternative="two-sided").pvalue)
+    else:
+        p = math.nan
+    sig = bool(p < alpha and not math.isnan(lo) and (lo > 1 or hi < 1))
+    return Change(len(b), len(n), mb, mn, ratio, (ratio - 1) * 100, (lo - 1) * 100,
+                  (hi - 1) * 100, p, sig)
+
+
+def _ok(tidy: pd.DataFrame) -> pd.DataFrame:
+    return tidy[(tidy["status"] == "ok") & tidy["value"].notna()]
+
+
+def summarize(tidy: pd.DataFrame, seed: int = 0, n_boot: int = BOOTSTRAP) -> pd.DataFrame:
+    """Per run, cell, metric and CPU: n, median, IQR and the median's bootstrap 95% CI.
+
+    `n_failed` counts the cell's repetitions that failed or never finished, so a
+    thin cell is visible next to its numbers.
+    """
+    reps = tidy[tidy["metric"] == "rep.status"]
+    bad = (reps[reps["status"] != "ok"].groupby(["run_id", "cell_id"]).size()
+           .rename("n_failed"))
+    keys = ["run_id", "cell_id", *AXES, "metric", "cpu"]
+    rows = []
+    data = _ok(tidy[tidy["metric"] != "rep.status"])
+    for key, g in data.groupby(keys, dropna=False, sort=True):
+        v = g["value"].to_numpy(dtype=float)
+        q1, med, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+        lo, hi = bootstrap_median_ci(v, _rng(seed, *key), n_boot)
+        rows.append({**dict(zip(keys, key, strict=True)), "unit": g["unit"].iloc[0],
+                     "n": len(v), "median": med, "q1": q1, "q3": q3, "iqr": q3 - q1,
+                     "ci_lo": lo, "ci_hi": hi})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out = out.merge(bad, how="left", left_on=["run_id", "cell_id"], right_index=True)
+    out["n_failed"] = out["n_failed"].fillna(0).astype(int)
+    return out
+
+
+@dataclass
+class Comparison:
+    """Rows of changes plus notes on how the baseline was chosen."""
+
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    alpha: float = ALPHA
+
+
+def _values(tidy: pd.DataFrame) -> pd.DataFrame:
+    return _ok(tidy[(tidy["cpu"] == "all") & (tidy["metric"] != "rep.status")])
+
+
+def resolve_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | None,
+                     ) -> tuple[dict[str, object], list[str]]:
+    """Drop baseline axes whose value is not in the run, and say so.
+
+    Example: a run of the distro kernel only has no `stock` cells, so comparing
+    "against kernel=stock" is impossible; instead each cell is compared within
+    its own kernel and the report states it.
+    """
+    base = dict(DEFAULT_BASELINE if baseline is None else baseline)
+    notes = []
+    for axis, value in list(base.items()):
+        if axis not in AXES:
+            raise ValueError(f"baseline axis {axis!r} is not one of {', '.join(AXES)}")
+        present = {str(v) for v in tidy[axis].dropna().unique()}
+        if str(value) not in present:
+            del base[axis]
+            notes.append(f"baseline {axis}={value} is not in this run "
+                         f"(it has {', '.join(sorted(present)) or 'none'}); "
+                         f"cells are compared within the same {axis}")
+    if not base:
+        notes.append("no baseline axis is left: nothing to compare against")
+    return base, notes
+
+
+def compare_to_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | None = None,
+                        metrics: Iterable[str] | None = None, alpha: float = ALPHA,
+                        seed: int = 0, n_boot: int = BOOTSTRAP) -> Comparison:
+    """Each cell against the cell that has the baseline's axis values and the same
+    other axes (per run; use compare_runs for two runs)."""
+    base, notes = resolve_baseline(tidy, baseline)
+    vals = _values(tidy)
+    if metrics is not None:
+        vals = vals[vals["metric"].isin(list(metrics))]
+    rows = []
+    if base:
+        cells = vals.drop_duplicates(["run_id", "cell_id"])
+        by_axes = {tuple(str(r[a]) for a in AXES): r["cell_id"]
+                   for _, r in cells.iterrows()}
+        groups = {k: g for k, g in vals.groupby(["cell_id", "metric"])}
+        for _, cell in cells.iterrows():
+            if all(str(cell[a]) == str(v) for a, v in base.items()):
+                continue
+            want = tuple(str(base.get(a, cell[a])) for a in AXES)
+            base_id = by_axes.get(want)
+            if base_id is None:
+                continue
+            for metric in vals.loc[vals["cell_id"] == cell["cell_id"], "metric"].unique():
+                gb = groups.get((base_id, metric))
+                gn = groups.get((cell["cell_id"], metric))
+                if gb is None or gn is None:
+                    continue
+                ch = compare_samples(gb["value"].tolist(), gn["value"].tolist(),
+                                     _rng(seed, base_id, cell["cell_id"], metric), n_boot, alpha)
+                rows.append({"cell_id": cell["cell_id"], "base_cell_id": base_id,
+                             **{a: cell[a] for a in AXES}, "metric": metric,
+                             "unit": gn["unit"].iloc[0], **ch.__dict__})
+        if not rows:
+            notes.append("no cell had a matching baseline cell")
+    return Comparison(pd.DataFrame(rows), notes, alpha)
+
+
+def compare_runs(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame,
+                 metrics: Iterable[str] | None = None, alpha: float = ALPHA, seed: int = 0,
+                 n_boot: int = BOOTSTRAP) -> Comparison:
+    """Run B against run A on cells with equal axis values (cell ids may differ)."""
+    va, vb = _values(tidy_a), _values(tidy_b)
+    if metrics is not None:
+        keep = list(metrics)
+        va, vb = va[va["metric"].isin(keep)], vb[vb["metric"].isin(keep)]
+    ka = va.assign(_k=va[list(AXES)].astype(str).agg("|".join, axis=1))
+    kb = vb.assign(_k=vb[list(AXES)].astype(str).agg("|".join, axis=1))
+    ga = {k: g for k, g in ka.groupby(["_k", "metric"])}
+    rows = []
+    for (k, metric), gn in kb.groupby(["_k", "metric"]):
+        gb = ga.get((k, metric))
+        if gb is None:
+            continue
+        ch = compare_samples(gb["value"].tolist(), gn["value"].tolist(),
+                             _rng(seed, k, metric), n_boot, alpha)
+        first = gn.iloc[0]
+        rows.append({"cell_id": first["cell_id"], "base_cell_id": gb["cell_id"].iloc[0],
+                     **{a: first[a] for a in AXES}, "metric": metric, "unit": first["unit"],
+                     **ch.__dict__})
+    notes = []
+    run_a = ", ".join(sorted(tidy_a["run_id"].dropna().unique()))
+    run_b = ", ".join(sorted(tidy_b["run_id"].dropna().unique()))
+    notes.append(f"base = run {run_a}; new = run {run_b}; cells matched on their axes")
+    unmatched = set(kb["_k"]) - set(ka["_k"])
+    if unmatched:
+        notes.append(f"{len(unmatched)} cell(s) of the new run have no match in the base run")
+    if not rows:
+        notes.append("no cells in common")
+    return Comparison(pd.DataFrame(rows), notes, alpha)
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    a = abs(v)
+    if a != 0 and (a >= 1e6 or a < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if a < 1000 else f"{v:.0f}"
+
+
+def format_table(comp: Comparison, metrics: Sequence[str] | None = KEY_METRICS) -> str:
+    """The kernel-mailing-list table: base | %change ± | new | metric [cell].
+
+    ± is half the width of the % change's 95% CI (the CI itself may be
+    asymmetric; the CSV has both ends); `*` marks a significant change.
+    """
+    t = comp.table
+    if t.empty:
+        return "(no comparisons)\n" + "".join(f"note: {n}\n" for n in comp.notes)
+    if metrics is not None:
+        order = {m: i for i, m in enumerate(metrics)}
+        t = t[t["metric"].isin(order)].copy()
+        t["_o"] = t["metric"].map(order)
+        t = t.sort_values(["_o", "cell_id"])
+    lines = [f"{'base':>12} | {'%change ±':>18} | {'new':>12} | metric [cell, n base/new]"]
+    lines.append("-" * len(lines[0]))
+    for _, r in t.iterrows():
+        if math.isnan(r["pct"]):
+            change = "n/a"
+        else:
+            half = (r["pct_hi"] - r["pct_lo"]) / 2
+            change = f"{r['pct']:+.1f}% ± {half:.1f}%" + ("*" if r["significant"] else " ")
+        unit = f" ({r['unit']})" if r["unit"] and r["unit"] not in ("fraction",) else ""
+        lines.append(f"{_fmt(r['median_base']):>12} | {change:>18} | {_fmt(r['median_new']):>12}"
+                     f" | {r['metric']}{unit} [{cell_label(r)}, n {r['n_base']}/{r['n_new']}]")
+    lines.append(f"* significant: Mann-Whitney U p < {comp.alpha} and the 95% bootstrap CI of "
+                 "the ratio excludes 1")
+    lines += [f"note: {n}" for n in comp.notes]
+    return "\n".join(lines) + "\n"
