@@ -1,0 +1,105 @@
+"""Analysis of a run directory: raw files -> tidy table -> statistics -> figures -> report.
+
+Entry points for tasks.py:
+
+- `analyze_run(run_dir)` writes `<run>/analysis/` tables (tidy.parquet, tidy.csv,
+  summary.csv, comparison.csv, comparison.txt) and returns them in memory too;
+- `write_report(run_dir, compare_to=None)` does the same, draws the figures and
+  writes `<run>/analysis/report.html` (self-contained) and `report.md`.
+
+Both work on partial runs (failed or unfinished repetitions are listed, not
+hidden), on runs merged from shards (the layout is the same) and compare two
+runs on cells with equal axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.collate import (
+    TablePaths,
+    analysis_dir,
+    collate_run,
+    collate_run_with_facts,
+    write_tables,
+)
+from analysis.compare import Comparison, compare_runs, compare_to_baseline, format_table, summarize
+from analysis.report import ReportPaths
+from testbed.results import atomic_write_text
+
+__all__ = [
+    "AnalysisResult",
+    "ReportPaths",
+    "analyze_run",
+    "collate_run",
+    "compare_runs",
+    "compare_to_baseline",
+    "summarize",
+    "write_report",
+]
+
+
+@dataclass
+class AnalysisResult:
+    """In-memory results plus where they were written."""
+
+    run_dir: Path
+    tidy: pd.DataFrame
+    summary: pd.DataFrame
+    comparison: Comparison
+    tables: TablePaths
+    summary_csv: Path
+    comparison_csv: Path
+    comparison_txt: Path
+    facts: dict[tuple[str, int], Any]
+
+    @property
+    def text_table(self) -> str:
+        return format_table(self.comparison)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Repetitions by status (ok / failed / incomplete)."""
+        reps = self.tidy[self.tidy["metric"] == "rep.status"]
+        return {str(k): int(v) for k, v in reps["status"].value_counts().items()}
+
+
+def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
+                seed: int = 0) -> AnalysisResult:
+    """Collate, summarise and compare against the baseline; write the tables."""
+    run_dir = Path(run_dir)
+    tidy, facts = collate_run_with_facts(run_dir)
+    tables = write_tables(run_dir, tidy)
+    summary = summarize(tidy, seed=seed)
+    comparison = compare_to_baseline(tidy, baseline, seed=seed)
+    out = analysis_dir(run_dir)
+    summary_csv, comparison_csv, comparison_txt = (out / "summary.csv", out / "comparison.csv",
+                                                   out / "comparison.txt")
+    atomic_write_text(summary_csv, summary.to_csv(index=False))
+    atomic_write_text(comparison_csv, comparison.table.to_csv(index=False))
+    atomic_write_text(comparison_txt, format_table(comparison))
+    return AnalysisResult(run_dir, tidy, summary, comparison, tables, summary_csv,
+                          comparison_csv, comparison_txt, facts)
+
+
+def write_report(run_dir: Path, compare_to: Path | None = None,
+                 baseline: Mapping[str, object] | None = None, seed: int = 0) -> ReportPaths:
+    """Analyse the run (and `compare_to` as the base run, if given) and write the report."""
+    from analysis.plots import plot_all
+    from analysis.report import build_report
+
+    result = analyze_run(run_dir, baseline, seed)
+    run_cmp = None
+    if compare_to is not None:
+        other = collate_run(Path(compare_to))
+        run_cmp = compare_runs(other, result.tidy, seed=seed)
+        atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
+                          run_cmp.table.to_csv(index=False))
+    figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")
+    return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
+                        run_cmp, figures)

@@ -1,0 +1,268 @@
+"""A run's report: `<run>/analysis/report.html` (self-contained) and `report.md`.
+
+The HTML embeds its figures as base64 data URIs and carries no scripts or
+external links, so it can be mailed or archived as one file and opened offline.
+Both formats say where the numbers came from (provenance) before anyone trusts
+them: kernel and patch hashes, accelerator, QEMU version, whether hardware
+counters were real, the NIC offloads read back from the guest, and every
+repetition that failed or never finished.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.collate import AXES, RawFiles, analysis_dir, cell_label
+from analysis.compare import KEY_METRICS, Comparison, format_table
+from testbed import measure
+from testbed.results import RunDir, atomic_write_text
+
+OFFLOAD_KEYS = ("rx-checksumming", "tx-checksumming", "generic-receive-offload",
+                "tcp-segmentation-offload")
+
+
+@dataclass
+class Provenance:
+    """What a reader needs to know before trusting the numbers."""
+
+    run_id: str
+    versions: dict[str, Any]
+    host: dict[str, Any]
+    experiment_yaml: str
+    pmu: str
+    offloads: pd.DataFrame
+    readback: dict[str, Any]
+    nic_irqs: dict[str, str]
+    failures: pd.DataFrame
+    not_started: list[str] = field(default_factory=list)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def pmu_verdict(tidy: pd.DataFrame) -> str:
+    """Were hardware counters real? Judged from perf's own statuses in this run."""
+    hw = tidy[tidy["metric"].isin([f"perf.{e}" for e in measure.HARDWARE_EVENTS]) &
+              (tidy["cpu"] == "all")]
+    has_cache = (tidy["source"] == "cachemodel").any()
+    cache = " Cache figures come from the cache model (source=cachemodel)." if has_cache else ""
+    if hw.empty:
+        return "Hardware counters were not requested (no PMU expected)." + cache
+    counts = hw["status"].value_counts().to_dict()
+    if counts.get("ok", 0) == len(hw):
+        return "Hardware counters counted in every repetition (PMU valid)." + cache
+    if counts.get("ok", 0) == 0:
+        return ("Hardware counters were NOT counted (" +
+                ", ".join(f"{k}: {v}" for k, v in counts.items()) +
+                "): no usable PMU in the guest; perf hardware figures are absent, not zero." +
+                cache)
+    return ("Hardware counters were only partly counted (" +
+            ", ".join(f"{k}: {v}" for k, v in counts.items()) + "): treat them with care." + cache)
+
+
+def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
+                      facts: dict[tuple[str, int], Any]) -> Provenance:
+    run = RunDir(Path(run_dir))
+    offload_rows, readback, nic_irqs = [], {}, {}
+    for rep in run.reps():
+        if not rep.is_done or rep.cell_id in readback:
+            continue
+        feats = {}
+        if rep.file(RawFiles.OFFLOADS).is_file():
+            feats = measure.parse_ethtool_features(rep.file(RawFiles.OFFLOADS).read_text())
+        cell = _json(rep.file("cell.json"))
+        offload_rows.append({"cell": rep.cell_id, "nic": cell.get("nic", ""),
+                             **{k: feats.get(k, "n/a") for k in OFFLOAD_KEYS}})
+        readback[rep.cell_id] = _json(rep.file(RawFiles.READBACK))
+        f = facts.get((rep.cell_id, rep.repetition), {})
+        if f:
+            nic_irqs[rep.cell_id] = (f"{f.get('nic_irq_method')}: "
+                                     f"{', '.join(f.get('nic_irqs', [])) or 'none'}")
+    reps = tidy[tidy["metric"] == "rep.status"]
+    failures = reps[reps["status"] != "ok"][["cell_id", "repetition", "status", "note"]]
+    cells = _json(run.cells_file) if run.cells_file.is_file() else []
+    present = set(tidy["cell_id"].dropna())
+    not_started = [c["cell_id"] for c in cells if isinstance(c, dict)
+                   and c.get("cell_id") not in present]
+    exp = run.experiment_file.read_text() if run.experiment_file.is_file() else ""
+    return Provenance(run.run_id, _json(run.versions_file), _json(run.host_file), exp,
+                      pmu_verdict(tidy), pd.DataFrame(offload_rows), readback, nic_irqs,
+                      failures.reset_index(drop=True), not_started)
+
+
+def key_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """Wide table: one row per cell, key metrics as "median [q1, q3] (n)" strings."""
+    if summary.empty:
+        return pd.DataFrame()
+    s = summary[(summary["cpu"] == "all") & summary["metric"].isin(KEY_METRICS)].copy()
+    if s.empty:
+        return pd.DataFrame()
+    s["cell"] = s.apply(cell_label, axis=1)
+    s["text"] = s.apply(lambda r: f"{_num(r['median'])} [{_num(r['q1'])}, {_num(r['q3'])}]"
+                        f" n={r['n']}" + (f" (+{r['n_failed']} failed/incomplete)"
+                                          if r["n_failed"] else ""),
+                        axis=1)
+    wide = s.pivot_table(index="cell", columns="metric", values="text", aggfunc="first")
+    return wide[[m for m in KEY_METRICS if m in wide.columns]]
+
+
+def _num(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    a = abs(v)
+    if a != 0 and (a >= 1e6 or a < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4g}" if a < 1000 else f"{v:.0f}"
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.bad{color:#a00}.note{color:#555}
+"""
+
+
+def _table_html(df: pd.DataFrame, index: bool = False) -> str:
+    if df.empty:
+        return "<p class='note'>(none)</p>"
+    return df.to_html(index=index, escape=True, na_rep="n/a", border=0)
+
+
+def _img_html(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    alt = html.escape(path.stem)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _kv_table(d: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([{"key": k, "value": v if isinstance(v, str) else json.dumps(v)}
+                         for k, v in d.items()])
+
+
+def _kernels(versions: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for name, meta in (versions.get("kernels") or {}).items():
+        meta = meta if isinstance(meta, dict) else {"value": meta}
+        rows.append({"kernel": name, **{k: (v if isinstance(v, str | int | float) else
+                                            json.dumps(v)) for k, v in meta.items()}})
+    return pd.DataFrame(rows)
+
+
+def _sections(prov: Provenance, baseline_cmp: Comparison, run_cmp: Comparison | None,
+              keys: pd.DataFrame) -> list[tuple[str, str, Any]]:
+    """Report body as (title, kind, payload) so HTML and Markdown say the same things."""
+    n_failed = int((prov.failures["status"] == "failed").sum())
+    n_incomplete = int((prov.failures["status"] != "failed").sum())
+    status = (f"{n_failed} failed and {n_incomplete} incomplete repetition(s); "
+              f"{len(prov.not_started)} cell(s) of cells.json not started.")
+    out: list[tuple[str, str, Any]] = [("Status", "text", status)]
+    out.append(("Against the baseline", "pre", format_table(baseline_cmp)))
+    if run_cmp is not None:
+        out.append(("Against the other run", "pre", format_table(run_cmp)))
+    out.append(("Key metrics per cell (median [q1, q3] n)", "table-index", keys))
+    out.append(("Figures", "figures", None))
+    out.append(("Failures", "table", prov.failures))
+    if prov.not_started:
+        out.append(("Cells not started", "pre", "\n".join(prov.not_started)))
+    out.append(("Provenance: versions", "table", _kv_table(
+        {k: v for k, v in prov.versions.items() if k != "kernels"})))
+    out.append(("Provenance: kernels", "table", _kernels(prov.versions)))
+    out.append(("Provenance: counters", "text", prov.pmu))
+    out.append(("Provenance: host", "table", _kv_table(prov.host)))
+    out.append(("Provenance: offloads read back (ethtool -k)", "table", prov.offloads))
+    out.append(("Provenance: NIC interrupt lines", "table", pd.DataFrame(
+        [{"cell": c, "irqs": v} for c, v in prov.nic_irqs.items()])))
+    out.append(("Provenance: policy state read back", "pre",
+                json.dumps(prov.readback, indent=1, sort_keys=True)))
+    out.append(("Experiment as run", "pre", prov.experiment_yaml or "(experiment.yaml missing)"))
+    return out
+
+
+def render_html(prov: Provenance, sections: list[tuple[str, str, Any]],
+                figures: list[Path]) -> str:
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             f"<title>netbed report {html.escape(prov.run_id)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>netbed report: {html.escape(prov.run_id)}</h1>"]
+    for title, kind, payload in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if kind == "text":
+            parts.append(f"<p>{html.escape(str(payload))}</p>")
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(str(payload))}</pre>")
+        elif kind in ("table", "table-index"):
+            parts.append(_table_html(payload, index=kind == "table-index"))
+        elif kind == "figures":
+            parts += [_img_html(p) for p in figures] or ["<p class='note'>(no figures)</p>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _md_table(df: pd.DataFrame, index: bool = False) -> str:
+    if df.empty:
+        return "(none)\n"
+    d = df.reset_index() if index else df
+    cols = [str(c) for c in d.columns]
+
+    def cell(v: Any) -> str:
+        s = "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in d.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def render_md(prov: Provenance, sections: list[tuple[str, str, Any]], figures: list[Path],
+              base: Path) -> str:
+    parts = [f"# netbed report: {prov.run_id}\n"]
+    for title, kind, payload in sections:
+        parts.append(f"## {title}\n")
+        if kind == "text":
+            parts.append(f"{payload}\n")
+        elif kind == "pre":
+            parts.append("```\n" + str(payload).rstrip("\n") + "\n```\n")
+        elif kind in ("table", "table-index"):
+            parts.append(_md_table(payload, index=kind == "table-index"))
+        elif kind == "figures":
+            parts += [f"![{p.stem}]({p.relative_to(base).as_posix()})\n" for p in figures]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    html: Path
+    md: Path
+    figures: list[Path]
+
+
+def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int], Any],
+                 summary: pd.DataFrame, baseline_cmp: Comparison, run_cmp: Comparison | None,
+                 figures: list[Path]) -> ReportPaths:
+    out = analysis_dir(run_dir)
+    prov = gather_provenance(run_dir, tidy, facts)
+    sections = _sections(prov, baseline_cmp, run_cmp, key_summary(summary))
+    html_path, md_path = out / "report.html", out / "report.md"
+    atomic_write_text(html_path, render_html(prov, sections, figures))
+    atomic_write_text(md_path, render_md(prov, sections, figures, out))
+    return ReportPaths(html_path, md_path, figures)
+
+
+__all__ = ["AXES", "ReportPaths", "build_report", "gather_provenance", "pmu_verdict"]

@@ -1,0 +1,201 @@
+"""analysis.collate on the host-captured fixture run (see tests/fixtures/runs/README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import collate as c
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+RUN = FIX / "runs" / "20261125T100000Z-hostloop"
+PIN_SAME = "host-loopback-2cpu-pin-same-tcp_stream-16384-gro"
+PIN_CROSS = "host-loopback-2cpu-pin-cross-tcp_stream-16384-gro"
+DEFAULT = "host-loopback-2cpu-default-tcp_stream-16384-gro"
+
+
+@pytest.fixture(scope="module")
+def tidy() -> pd.DataFrame:
+    return c.collate_run(RUN)
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "20261125T100000Z-hostloop"
+    shutil.copytree(RUN, dest)
+    return dest
+
+
+def val(df: pd.DataFrame, cell: str, rep: int, metric: str, cpu: str = "all") -> float:
+    row = df[(df.cell_id == cell) & (df.repetition == rep) & (df.metric == metric) &
+             (df.cpu == cpu)]
+    assert len(row) == 1, (cell, rep, metric, cpu, len(row))
+    return float(row["value"].iloc[0])
+
+
+def test_columns_axes_and_ids(tidy: pd.DataFrame) -> None:
+    assert list(tidy.columns) == list(c.TIDY_COLUMNS)
+    assert set(tidy["run_id"]) == {RUN.name}
+    one = tidy[tidy.cell_id == PIN_SAME].iloc[0]
+    assert (one["kernel"], one["nic"], one["cpus"], one["policy"]) == ("host", "loopback", 2,
+                                                                        "pin-same")
+    assert (one["workload"], one["message_size"], one["gro"]) == ("TCP_STREAM", 16384, "on")
+    assert set(tidy["source"]) >= {"netperf", "perf", "proc", "derived", "runner"}
+    assert set(tidy["status"]) <= {"ok", "not-supported", "failed", "incomplete", "error"}
+
+
+def test_failed_and_incomplete_reps_are_rows_not_zeros(tidy: pd.DataFrame) -> None:
+    failed = tidy[(tidy.cell_id == PIN_CROSS) & (tidy.repetition == 3)]
+    assert list(failed["metric"]) == ["rep.status"]
+    assert failed["status"].item() == "failed"
+    assert "SSH" in failed["note"].item()
+    assert math.isnan(failed["value"].item())
+    inc = tidy[(tidy.cell_id == DEFAULT) & (tidy.repetition == 3)]
+    assert inc["status"].tolist() == ["incomplete"]
+    ok = tidy[(tidy.metric == "rep.status") & (tidy.status == "ok")]
+    assert len(ok) == 6
+
+
+def test_not_supported_counters_stay_nan(tidy: pd.DataFrame) -> None:
+    cyc = tidy[tidy.metric.isin(["perf.cycles", "perf.cycles.per_kb"])]
+    assert len(cyc) == 6 * 4  # 6 reps x (CPU0, CPU1, all, per_kb)
+    assert cyc["value"].isna().all()
+    assert (cyc["status"] == "not-supported").all()
+    ok = tidy[tidy.status == "ok"]
+    assert ok["value"].notna().all()
+
+
+def test_netperf_and_per_kb(tidy: pd.DataFrame) -> None:
+    thr = val(tidy, PIN_SAME, 1, "throughput")
+    text = (RUN / "cells" / PIN_SAME / "rep-1" / "netperf.txt").read_text()
+    assert f"THROUGHPUT={thr:.2f}" in text
+    kb = val(tidy, PIN_SAME, 1, "kbytes")
+    assert kb == pytest.approx(thr * 1e6 / 8 * val(tidy, PIN_SAME, 1, "elapsed") / 1024)
+    cs = val(tidy, PIN_SAME, 1, "perf.context-switches")
+    assert cs == val(tidy, PIN_SAME, 1, "perf.context-switches", "0") + val(
+        tidy, PIN_SAME, 1, "perf.context-switches", "1")
+    assert val(tidy, PIN_SAME, 1, "perf.context-switches.per_kb") == pytest.approx(cs / kb)
+
+
+def test_locality_follows_the_pinning(tidy: pd.DataFrame) -> None:
+    """Loopback runs NET_RX on the sender's CPU 0: the pinned reader shares it or not."""
+    for rep in (1, 2):
+        assert val(tidy, PIN_SAME, rep, "share.reader", "0") == 1.0
+        assert val(tidy, PIN_CROSS, rep, "share.reader", "1") == 1.0
+        same = val(tidy, PIN_SAME, rep, "locality.netrx_on_reader_cpu")
+        cross = val(tidy, PIN_CROSS, rep, "locality.netrx_on_reader_cpu")
+        assert same > 0.95
+        assert cross < 0.7
+        assert cross == pytest.approx(val(tidy, PIN_CROSS, rep, "share.netrx", "1"))
+        shares = tidy[(tidy.cell_id == PIN_CROSS) & (tidy.repetition == rep) &
+                      (tidy.metric == "share.netrx")]["value"]
+        assert shares.sum() == pytest.approx(1.0)
+
+
+def test_readback_without_irqs_gives_not_supported_nic_irq(tidy: pd.DataFrame) -> None:
+    nic = tidy[tidy.metric == "irq.nic"]
+    assert (nic["status"] == "not-supported").all()
+    assert nic["note"].str.contains("readback").all()
+
+
+def test_write_tables_round_trip(run_copy: Path) -> None:
+    paths = c.write_tables(run_copy)
+    back = c.read_tidy(paths.parquet)
+    fresh = c.collate_run(run_copy)
+    pd.testing.assert_frame_equal(back, fresh)
+    csv = pd.read_csv(paths.csv, dtype={"cpu": str})
+    assert len(csv) == len(fresh)
+
+
+def test_broken_raw_file_gives_error_rows_not_a_crash(run_copy: Path) -> None:
+    rep = run_copy / "cells" / PIN_SAME / "rep-2"
+    (rep / "netperf.txt").write_text("netperf: cannot connect\n")
+    (rep / "proc-after" / "softirqs").unlink()
+    df = c.collate_run(run_copy)
+    mine = df[(df.cell_id == PIN_SAME) & (df.repetition == 2)]
+    err = mine[mine.status == "error"]
+    assert set(err["metric"]) == {"throughput", "proc.softirqs"}
+    assert err["note"].str.len().gt(0).all()
+    assert (mine["metric"] == "perf.context-switches").any()  # the rest still counts
+    assert not (mine["metric"] == "perf.context-switches.per_kb").any()
+
+
+def test_cell_json_missing_falls_back_to_cells_json(run_copy: Path) -> None:
+    (run_copy / "cells" / PIN_SAME / "rep-1" / "cell.json").unlink()
+    df = c.collate_run(run_copy)
+    assert set(df[df.cell_id == PIN_SAME]["policy"]) == {"pin-same"}
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    from testbed.errors import NetbedError
+
+    with pytest.raises(NetbedError, match="does not exist"):
+        c.collate_run(tmp_path / "nope")
+
+
+def test_merged_shards_collate_like_one_run(tmp_path: Path) -> None:
+    """Shards each hold some cells; merged, the folders sit side by side."""
+    merged = tmp_path / "merged"
+    shutil.copytree(RUN, merged, ignore=shutil.ignore_patterns("*pin-cross*"))
+    shutil.copytree(RUN / "cells" / PIN_CROSS, merged / "cells" / PIN_CROSS)
+    a = c.collate_run(merged).drop(columns="run_id")
+    b = c.collate_run(RUN).drop(columns="run_id")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_cachemodel_window_and_rows(run_copy: Path) -> None:
+    """Shape of the cache-model plugin's CSV (printf "%d,%s,%s,%llu,%s"; values are a
+    format sample, not a measurement): counts are end:1 minus begin:1."""
+    sample = (FIX / "raw" / "cachemodel" / "cachemodel.csv").read_text()
+    w = c.read_cachemodel(sample)
+    assert len(w) == 2 * 2 * 9
+    loads = w[(w.event == "loads")]["value"]
+    assert (loads == 4000).all()
+    shutil.copy(FIX / "raw" / "cachemodel" / "cachemodel.csv",
+                run_copy / "cells" / PIN_SAME / "rep-1" / "cachemodel.csv")
+    df = c.collate_run(run_copy)
+    assert val(df, PIN_SAME, 1, "cache.l1d_misses", "1") == 2 * 4000 * 3
+    assert val(df, PIN_SAME, 1, "cache.kernel.l1d_misses", "0") == 4000 * 3
+    assert val(df, PIN_SAME, 1, "cache.l1d_misses") == 4 * 4000 * 3
+    assert val(df, PIN_SAME, 1, "cache.l1d_misses.per_kb") == pytest.approx(
+        4 * 4000 * 3 / val(df, PIN_SAME, 1, "kbytes"))
+    assert set(df[df.metric.str.startswith("cache.")]["source"]) <= {"cachemodel", "derived"}
+
+
+def test_cachemodel_tolerates_single_marker_and_rejects_bad_header() -> None:
+    one = "vcpu,mode,event,value,marker\n0,kernel,loads,7,snapshot:1\n"
+    assert c.read_cachemodel(one)["value"].tolist() == [7]
+    from testbed.errors import NetbedError
+
+    with pytest.raises(NetbedError, match="columns"):
+        c.read_cachemodel("cpu,event,value\n0,loads,1\n")
+
+
+def test_rr_is_normalised_per_transaction(run_copy: Path) -> None:
+    rep = run_copy / "cells" / PIN_SAME / "rep-1"
+    cell = json.loads((rep / "cell.json").read_text())
+    cell["workload"] = {"name": "TCP_RR", "message_size": 1}
+    (rep / "cell.json").write_text(json.dumps(cell))
+    (rep / "netperf.txt").write_text(
+        "THROUGHPUT=2000.00\nTHROUGHPUT_UNITS=Trans/s\nELAPSED_TIME=2.00\n"
+        "P50_LATENCY=480\nP99_LATENCY=900\nMEAN_LATENCY=495.5\nREMOTE_CPU_UTIL=-1.00\n")
+    df = c.collate_run(run_copy)
+    assert val(df, PIN_SAME, 1, "transactions") == 4000
+    assert val(df, PIN_SAME, 1, "latency_p99") == 900
+    cs = val(df, PIN_SAME, 1, "perf.context-switches")
+    assert val(df, PIN_SAME, 1, "perf.context-switches.per_trans") == pytest.approx(cs / 4000)
+    util = df[(df.cell_id == PIN_SAME) & (df.repetition == 1) &
+              (df.metric == "cpu_util_receiver")]
+    assert util["status"].item() == "not-supported"  # netperf's -1 is not 0 % or -1 %
+
+
+def test_cell_label() -> None:
+    row = {"kernel": "stock", "nic": "e1000", "cpus": 2, "policy": "rfs",
+           "workload": "TCP_RR", "message_size": 1, "gro": "off"}
+    assert c.cell_label(row) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
+    assert c.cell_label(row, ["policy", "nic"]) == "rfs/e1000"
