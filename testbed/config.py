@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -179,7 +179,8 @@ class Axes(BaseModel):
 
     kernel: list[KernelName] = Field(default_factory=lambda: ["distro"], min_length=1)
     nic: list[NicName] = Field(default_factory=lambda: ["virtio"], min_length=1)
-    cpus: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    cpus: list[Annotated[int, Field(ge=1, le=MAX_CPUS)]] = Field(
+        default_factory=lambda: [2], min_length=1)
     policy: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     workload: list[Workload] = Field(
         default_factory=lambda: [Workload(name="TCP_STREAM", message_size=16384)], min_length=1)
@@ -194,14 +195,6 @@ class Axes(BaseModel):
     @classmethod
     def _gro(cls, v: Any) -> Any:
         return [_gro_bool(x) for x in _as_list(v)]
-
-    @field_validator("cpus")
-    @classmethod
-    def _cpus(cls, v: list[int]) -> list[int]:
-        for c in v:
-            if not 1 <= c <= MAX_CPUS:
-                raise ValueError(f"cpus must be between 1 and {MAX_CPUS}, got {c}")
-        return v
 
 
 class Combination(BaseModel):
@@ -316,18 +309,42 @@ def load_experiment(path: Path, policies: PolicySet | None = None) -> Experiment
         raise ConfigError(f"{src.name}:1:1: expected a mapping of keys (name, axes, ...), "
                           f"got {type(data).__name__}")
     data.setdefault("name", path.stem)
+    if policies is None:
+        pfile = data.get("policies_file")
+        policies = load_policies(_resolve_policies_path(path, pfile if isinstance(pfile, str)
+                                                        else None))
+    # Policy names are checked on the raw data too, so a typo in a policy is
+    # reported together with every other problem, not after they are fixed.
+    problems = _policy_name_problems(src, data, policies)
     try:
         exp = Experiment.model_validate(data)
     except ValidationError as e:
-        raise_problems(validation_problems(src, e, Experiment))
+        raise_problems(problems + validation_problems(src, e, Experiment))
         raise  # pragma: no cover
-    if policies is None:
-        policies = load_policies(_resolve_policies_path(path, exp.policies_file))
-    problems = check_experiment(exp, policies, src)
-    raise_problems(problems)
+    raise_problems(problems or check_experiment(exp, policies, src))
     exp._source = path
     exp._policies = policies
     return exp
+
+
+def _policy_name_problems(src: Source, data: dict[str, Any], policies: PolicySet) -> list[Problem]:
+    found: list[tuple[tuple[str | int, ...], Any]] = []
+    axes = data.get("axes")
+    if isinstance(axes, dict) and "policy" in axes:
+        values = axes["policy"]
+        if isinstance(values, list):
+            found += [(("axes", "policy", i), v) for i, v in enumerate(values)]
+        else:
+            found.append((("axes", "policy"), values))
+    for section in ("include", "exclude"):
+        entries = data.get(section)
+        if isinstance(entries, list):
+            found += [((section, j, "policy"), e["policy"]) for j, e in enumerate(entries)
+                      if isinstance(e, dict) and e.get("policy") is not None]
+    allowed = ", ".join(policies.names)
+    return [src.problem(loc, f"unknown policy {name!r} (allowed: {allowed})"
+                        + did_you_mean(str(name), policies.names))
+            for loc, name in found if not (isinstance(name, str) and name in policies)]
 
 
 def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[Problem]:
@@ -335,7 +352,6 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
     from testbed.matrix import expand_with_origin  # matrix imports this module
 
     problems: list[Problem] = []
-    allowed = ", ".join(policies.names)
     for axis in AXES:  # duplicates would make two identical cells
         values = getattr(exp.axes, axis)
         seen: set[Any] = set()
@@ -343,16 +359,7 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
             if v in seen:
                 problems.append(src.problem(("axes", axis, i), f"{v!s} appears twice"))
             seen.add(v)
-    for i, name in enumerate(exp.axes.policy):
-        if name not in policies:
-            problems.append(src.problem(("axes", "policy", i), f"unknown policy {name!r} "
-                            f"(allowed: {allowed}){did_you_mean(name, policies.names)}"))
-    for section in ("include", "exclude"):
-        for j, combo in enumerate(getattr(exp, section)):
-            if combo.policy is not None and combo.policy not in policies:
-                problems.append(src.problem(
-                    (section, j, "policy"), f"unknown policy {combo.policy!r} (allowed: "
-                    f"{allowed}){did_you_mean(combo.policy, policies.names)}"))
+    problems += _policy_name_problems(src, exp.model_dump(), policies)
     if problems:
         return problems
 
@@ -369,20 +376,22 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
         loc: tuple[str | int, ...] = (
             ("axes", "policy", exp.axes.policy.index(cell.policy)) if origin is None
             else ("include", origin))
+        fix_k = (f"add `{{policy: {cell.policy}, kernel: {cell.kernel}}}` to exclude"
+                 if origin is None else "change or remove this include entry")
+        fix_c = (f"add `{{policy: {cell.policy}, cpus: {cell.cpus}}}` to exclude"
+                 if origin is None else "change or remove this include entry")
         if policy.requires_kernel and cell.kernel not in policy.requires_kernel:
             key = (f"k:{cell.policy}:{cell.kernel}", loc)
             groups.setdefault(key, []).append(cell.cell_id)
             messages[key] = (
                 f"policy {cell.policy!r} needs kernel {' or '.join(policy.requires_kernel)}, "
-                f"but the matrix pairs it with kernel {cell.kernel!r}; add "
-                f"`{{policy: {cell.policy}, kernel: {cell.kernel}}}` to exclude")
+                f"but a cell pairs it with kernel {cell.kernel!r}; {fix_k}")
         try:
             policies.resolve(cell.policy, cell.cpus)
         except ConfigError as e:
             key = (f"c:{cell.policy}:{cell.cpus}", loc)
             groups.setdefault(key, []).append(cell.cell_id)
-            messages[key] = (f"{e.message}; add `{{policy: {cell.policy}, cpus: {cell.cpus}}}` "
-                             "to exclude")
+            messages[key] = f"{e.message}; {fix_c}"
     for key, ids in groups.items():
         example = f" ({len(ids)} cell{'s' if len(ids) > 1 else ''}, e.g. {ids[0]})"
         problems.append(src.problem(key[1], messages[key] + example))

@@ -52,11 +52,11 @@ ABSENT = "<absent>"
 CpuSpec = tuple[str, ...]
 
 
-def _normalize_spec(value: Any, what: str) -> CpuSpec:
+def _normalize_spec(value: Any) -> CpuSpec:
     """int | str | list -> tuple of tokens; bad types get a message naming the language."""
     items: list[Any]
     if isinstance(value, bool) or value is None:
-        raise ValueError(f"{what}: expected a CPU spec (e.g. 0, last, all, [0, 1]), got {value!r}")
+        raise ValueError(f"expected a CPU spec (e.g. 0, last, all, [0, 1]), got {value!r}")
     if isinstance(value, int):
         items = [value]
     elif isinstance(value, str):
@@ -64,20 +64,20 @@ def _normalize_spec(value: Any, what: str) -> CpuSpec:
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        raise ValueError(f"{what}: expected a CPU spec, got {type(value).__name__}")
+        raise ValueError(f"expected a CPU spec, got {type(value).__name__}")
     tokens: list[str] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise ValueError(f"{what}: bad CPU token {item!r}")
+            raise ValueError(f"bad CPU token {item!r}")
         if isinstance(item, int) and item < 0:
-            raise ValueError(f"{what}: CPU numbers start at 0, got {item}")
+            raise ValueError(f"CPU numbers start at 0, got {item}")
         tokens.append(str(item).strip())
     if not tokens:
-        raise ValueError(f"{what}: empty CPU spec")
+        raise ValueError("empty CPU spec")
     return tuple(tokens)
 
 
-def _check_tokens(tokens: CpuSpec, what: str, extra_words: tuple[str, ...] = (),
+def _check_tokens(tokens: CpuSpec, extra_words: tuple[str, ...] = (),
                   forbidden: tuple[str, ...] = ()) -> None:
     words = tuple(w for w in (*_WORDS, *extra_words) if w not in forbidden)
     for t in tokens:
@@ -86,13 +86,13 @@ def _check_tokens(tokens: CpuSpec, what: str, extra_words: tuple[str, ...] = (),
         m = _RANGE_RE.match(t)
         if m:
             if int(m.group(1)) > int(m.group(2)):
-                raise ValueError(f"{what}: range {t!r} runs backwards")
+                raise ValueError(f"range {t!r} runs backwards")
             continue
         if t in words:
             if t in extra_words and len(tokens) > 1:
-                raise ValueError(f"{what}: {t!r} cannot be combined with other CPUs")
+                raise ValueError(f"{t!r} cannot be combined with other CPUs")
             continue
-        raise ValueError(f"{what}: unknown CPU token {t!r} (allowed: integers, ranges like 0-2, "
+        raise ValueError(f"unknown CPU token {t!r} (allowed: integers, ranges like 0-2, "
                          f"{', '.join(words)})")
 
 
@@ -145,29 +145,29 @@ class Policy(BaseModel):
         if v is None:
             return None
         if not v:
-            raise ValueError("requires_kernel: an empty list allows no kernel; omit the key "
+            raise ValueError("an empty list allows no kernel; omit the key "
                              "to allow every kernel")
         bad = [k for k in v if k not in KERNEL_NAMES]
         if bad:
-            raise ValueError(f"requires_kernel: unknown kernel {bad[0]!r} "
+            raise ValueError(f"unknown kernel {bad[0]!r} "
                              f"(allowed: {', '.join(KERNEL_NAMES)})")
         return v
 
     @field_validator("irq_cpus", mode="before")
     @classmethod
     def _irq(cls, v: Any) -> CpuSpec:
-        tokens = _normalize_spec(v, "irq_cpus")
-        _check_tokens(tokens, "irq_cpus", extra_words=("default",),
+        tokens = _normalize_spec(v)
+        _check_tokens(tokens, extra_words=("default",),
                       forbidden=("same-as-irq", "other"))
         return tokens
 
     @field_validator("reader_cpu", mode="before")
     @classmethod
     def _reader(cls, v: Any) -> CpuSpec:
-        tokens = _normalize_spec(v, "reader_cpu")
-        _check_tokens(tokens, "reader_cpu", extra_words=("any",), forbidden=("all",))
+        tokens = _normalize_spec(v)
+        _check_tokens(tokens, extra_words=("any",), forbidden=("all",))
         if len(tokens) != 1 or _RANGE_RE.match(tokens[0]):
-            raise ValueError("reader_cpu: name exactly one CPU (netperf pins the reader to one "
+            raise ValueError("name exactly one CPU (netperf pins the reader to one "
                              "CPU), or 'any'")
         return tokens
 
@@ -176,8 +176,8 @@ class Policy(BaseModel):
     def _rps(cls, v: Any) -> CpuSpec | None:
         if v is None:
             return None
-        tokens = _normalize_spec(v, "rps_cpus")
-        _check_tokens(tokens, "rps_cpus")
+        tokens = _normalize_spec(v)
+        _check_tokens(tokens)
         return tokens
 
     @field_validator("rps_sock_flow_entries", "rps_flow_cnt")

@@ -98,6 +98,9 @@ def load_yaml(path: Path) -> Source:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(s.strip() for s in (e.context, e.problem) if s).strip()
+        ctx = e.context_mark
+        if ctx and mark and (ctx.line, ctx.column) != (mark.line, mark.column):
+            what += f" (it started at line {ctx.line + 1}, column {ctx.column + 1})"
         raise ConfigError(f"{name}:{line}:{col}: YAML syntax error: {what}") from None
     except YAMLError as e:
         raise ConfigError(f"{name}:1:1: YAML error: {e}") from None
@@ -214,8 +217,8 @@ def allowed_keys(model: type[BaseModel] | None) -> list[str]:
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(str(word), choices, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 _EXPECTED = re.compile(r"'([^']*)'")
@@ -244,6 +247,8 @@ def validation_problems(src: Source, err: ValidationError,
             if allowed:
                 msg += f" (allowed: {', '.join(allowed)})" + did_you_mean(str(inp), allowed)
             problems.append(src.problem(loc, msg))
+        elif kind == "bool_parsing" or kind == "bool_type":
+            problems.append(src.problem(loc, f"bad value {inp!r} (allowed: on, off, true, false)"))
         elif kind in ("value_error", "assertion_error"):
             text = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
             problems.append(src.problem(loc, text))

@@ -1,0 +1,221 @@
+"""Matrix expansion, include/exclude, run order, sharding, estimate and dry-run table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from testbed.config import experiment_from_dict, load_experiment
+from testbed.errors import NetbedError
+from testbed.matrix import (
+    cells_table,
+    count_boots,
+    estimate_seconds,
+    expand,
+    format_duration,
+    parse_shard,
+    schedule,
+    shard,
+)
+from testbed.policies import load_policies
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture(scope="module")
+def policies():
+    return load_policies(FIXTURES / "policies" / "good.yaml")
+
+
+def _exp(policies, **data):
+    return experiment_from_dict({"name": "t", **data}, policies)
+
+
+def test_product_order_last_axis_fastest(policies) -> None:
+    exp = _exp(policies, axes={"nic": ["e1000", "virtio"], "policy": ["default", "pin-same"],
+                               "gro": ["on", "off"]})
+    ids = [c.cell_id for c in expand(exp)]
+    assert ids == [
+        "distro-e1000-c2-default-TCP_STREAM-16384-gro_on",
+        "distro-e1000-c2-default-TCP_STREAM-16384-gro_off",
+        "distro-e1000-c2-pin-same-TCP_STREAM-16384-gro_on",
+        "distro-e1000-c2-pin-same-TCP_STREAM-16384-gro_off",
+        "distro-virtio-c2-default-TCP_STREAM-16384-gro_on",
+        "distro-virtio-c2-default-TCP_STREAM-16384-gro_off",
+        "distro-virtio-c2-pin-same-TCP_STREAM-16384-gro_on",
+        "distro-virtio-c2-pin-same-TCP_STREAM-16384-gro_off",
+    ]
+
+
+def test_include_exclude_semantics(policies) -> None:
+    exp = load_experiment(FIXTURES / "good" / "include-exclude.yaml", policies)
+    ids = [c.cell_id for c in expand(exp)]
+    assert ids == [
+        "distro-e1000-c2-default-TCP_STREAM-16384-gro_on",
+        "distro-e1000-c2-default-TCP_RR-1-gro_on",
+        "distro-e1000-c2-default-TCP_RR-64-gro_on",
+        "distro-virtio-c2-default-TCP_STREAM-16384-gro_on",
+        "distro-virtio-c2-default-TCP_RR-1-gro_on",
+        "distro-virtio-c2-default-TCP_RR-64-gro_on",
+        "distro-virtio-c2-pin-same-TCP_STREAM-16384-gro_on",
+        "distro-virtio-c2-pin-same-TCP_RR-1-gro_on",
+        "distro-virtio-c2-pin-same-TCP_RR-64-gro_on",
+        "patched-e1000-c2-default-TCP_STREAM-16384-gro_on",
+        "patched-virtio-c2-default-TCP_STREAM-16384-gro_on",
+        "patched-virtio-c2-pin-same-TCP_STREAM-16384-gro_on",
+        # include[0]: new cell; unnamed axes (cpus, workload, gro) take their first value
+        "patched-e1000-c2-wake-local-TCP_STREAM-16384-gro_on",
+        # include[2]: an excluded combination added back (include runs after exclude)
+        "patched-virtio-c2-default-TCP_RR-64-gro_on",
+    ]
+
+
+def test_exclude_with_sized_workload_matches_only_that_size(policies) -> None:
+    exp = _exp(policies, axes={"workload": ["TCP_RR:1", "TCP_RR:64"]},
+               exclude=[{"workload": "TCP_RR:64"}])
+    assert [c.workload.id for c in expand(exp)] == ["TCP_RR-1"]
+
+
+def test_include_without_size_uses_the_default_size(policies) -> None:
+    exp = _exp(policies, axes={"workload": ["TCP_STREAM"]}, include=[{"workload": "TCP_RR"}])
+    assert [c.workload.id for c in expand(exp)] == ["TCP_STREAM-16384", "TCP_RR-1"]
+
+
+def test_no_duplicates_and_stable(policies) -> None:
+    exp = load_experiment(REPO / "configs" / "full.yaml", policies)
+    a, b = expand(exp), expand(exp)
+    assert a == b
+    assert len({c.cell_id for c in a}) == len(a) == len(set(a))
+
+
+# ------------------------------------------------------------------ order
+
+
+def _cells_and(policies, order: str, reps: int = 3, seed: int = 0):
+    exp = _exp(policies, axes={"nic": ["e1000", "virtio"], "policy": ["default", "pin-same"]},
+               repetitions=reps, order=order, seed=seed)
+    return exp, expand(exp)
+
+
+def test_sequential(policies) -> None:
+    exp, cells = _cells_and(policies, "sequential", reps=2)
+    sched = schedule(exp, cells)
+    assert sched == [(cells[0], 0), (cells[0], 1), (cells[1], 0), (cells[1], 1),
+                     (cells[2], 0), (cells[2], 1), (cells[3], 0), (cells[3], 1)]
+
+
+def test_interleaved(policies) -> None:
+    exp, cells = _cells_and(policies, "interleaved", reps=2)
+    assert schedule(exp, cells) == [(c, 0) for c in cells] + [(c, 1) for c in cells]
+
+
+def test_random_is_seeded_round_by_round(policies) -> None:
+    exp, cells = _cells_and(policies, "random", reps=4, seed=3)
+    sched = schedule(exp, cells)
+    assert sched == schedule(exp, cells)  # deterministic
+    assert Counter(sched) == Counter((c, r) for c in cells for r in range(4))  # each run once
+    for r in range(4):  # rounds: every cell's repetition r before any repetition r+1
+        rnd = sched[r * len(cells):(r + 1) * len(cells)]
+        assert {rep for _, rep in rnd} == {r} and {c for c, _ in rnd} == set(cells)
+    orders = {tuple(c.cell_id for c, _ in sched[r * 4:(r + 1) * 4]) for r in range(4)}
+    assert len(orders) > 1  # rounds are shuffled independently
+    other, _ = _cells_and(policies, "random", reps=4, seed=4)
+    assert schedule(other, cells) != sched
+
+
+def test_random_order_is_pinned_for_seed_0(policies) -> None:
+    """Shuffling uses only random.random(), which Python keeps stable across versions."""
+    exp, cells = _cells_and(policies, "random", reps=1, seed=0)
+    got = [cells.index(c) for c, _ in schedule(exp, cells)]
+    assert sorted(got) == [0, 1, 2, 3]
+    # Random(0).random() -> 0.844, 0.758, 0.421: Fisher-Yates swaps (3,3), (2,2), (1,0)
+    assert got == [1, 0, 2, 3]
+
+
+# ------------------------------------------------------------------ sharding
+
+
+def test_shards_partition_and_balance(policies) -> None:
+    exp = load_experiment(REPO / "configs" / "full.yaml", policies)
+    cells = expand(exp)
+    for n in (1, 2, 3, 7):
+        parts = [shard(cells, k, n) for k in range(1, n + 1)]
+        ids = [c.cell_id for p in parts for c in p]
+        assert sorted(ids) == sorted(c.cell_id for c in cells)  # partition: each once
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+        for p in parts:  # input order kept inside a shard
+            mine = set(p)
+            assert p == [c for c in cells if c in mine]
+
+
+def test_shard_is_deterministic_and_input_order_free(policies) -> None:
+    exp = load_experiment(REPO / "configs" / "quick.yaml", policies)
+    cells = expand(exp)
+    first = [c.cell_id for c in shard(cells, 2, 3)]
+    assert first == [c.cell_id for c in shard(list(cells), 2, 3)]
+    assert sorted(first) == sorted(c.cell_id for c in shard(list(reversed(cells)), 2, 3))
+
+
+def test_parse_shard() -> None:
+    assert parse_shard("2/4") == (2, 4)
+    assert parse_shard(" 1 / 1 ") == (1, 1)
+    for bad in ("0/4", "5/4", "2", "a/b", "1/0", ""):
+        with pytest.raises(NetbedError, match="bad --shard"):
+            parse_shard(bad)
+
+
+def test_shard_rejects_bad_k(policies) -> None:
+    with pytest.raises(NetbedError, match="between 1 and N"):
+        shard([], 0, 2)
+
+
+# ------------------------------------------------------------------ estimate and table
+
+
+def test_count_boots_by_reuse(policies) -> None:
+    exp, cells = _cells_and(policies, "sequential", reps=2)
+    sched = schedule(exp, cells)
+    assert count_boots(sched, "none") == 8
+    assert count_boots(sched, "cell") == 4
+    assert count_boots(sched, "guest") == 2  # the two policies share a boot per NIC
+    exp_i, _ = _cells_and(policies, "interleaved", reps=2)
+    assert count_boots(schedule(exp_i, cells), "cell") == 8
+
+
+def test_estimate_arithmetic(policies) -> None:
+    exp = _exp(policies, axes={"nic": ["e1000", "virtio"]}, repetitions=3, duration=10,
+               warmup=2, order="sequential")
+    cells = expand(exp)
+    # 2 boots x 20 s + 6 reps x (2 + 10 + 5) s
+    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0) == 40 + 6 * 17
+
+
+def test_quick_fits_in_15_minutes_by_estimate() -> None:
+    exp = load_experiment(REPO / "configs" / "quick.yaml")
+    cells = expand(exp)
+    seconds = estimate_seconds(exp, cells)
+    print(f"quick.yaml estimate: {format_duration(seconds)} ({len(cells)} cells)")
+    assert seconds <= 15 * 60
+
+
+def test_format_duration() -> None:
+    assert format_duration(59.6) == "1 min 0 s"
+    assert format_duration(75) == "1 min 15 s"
+    assert format_duration(3725) == "1 h 2 min"
+    assert format_duration(5) == "5 s"
+
+
+def test_cells_table_is_plain_text(policies) -> None:
+    exp, cells = _cells_and(policies, "random", reps=2, seed=9)
+    table = cells_table(exp, cells)
+    lines = table.splitlines()
+    assert lines[0].split() == ["#", "kernel", "nic", "cpus", "policy", "workload", "gro",
+                                "cell", "id"]
+    assert lines[2].split()[:7] == ["1", "distro", "e1000", "2", "default",
+                                    "TCP_STREAM-16384", "on"]
+    assert "\x1b" not in table
+    assert lines[-1].startswith("t: 4 cells x 2 repetitions = 8 runs, order random (seed 9)")
