@@ -1,0 +1,154 @@
+"""analysis.compare on seeded synthetic data with a known effect, and on the fixture run.
+
+Synthetic values are generated here, in the open, with a stated effect size:
+they test the statistics, not the testbed.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import compare as cmp
+from analysis.collate import TIDY_COLUMNS, collate_run
+
+RUN = Path(__file__).resolve().parent.parent / "fixtures" / "runs" / "20261125T100000Z-hostloop"
+
+
+def test_ci_covers_the_true_effect_and_flags_it() -> None:
+    """Base ~ N(100, 5), new ~ N(110, 5), 10 reps each: true change +10%."""
+    rng = np.random.default_rng(1)
+    trials, covered, flagged = 100, 0, 0
+    for t in range(trials):
+        base = rng.normal(100, 5, 10)
+        new = rng.normal(110, 5, 10)
+        ch = cmp.compare_samples(base, new, np.random.default_rng(t), n_boot=1000)
+        covered += ch.pct_lo <= 10.0 <= ch.pct_hi
+        flagged += ch.significant
+    print(f"coverage {covered}/{trials}, power {flagged}/{trials}")
+    assert covered >= 85  # nominal 95%; the percentile bootstrap of medians runs a bit narrow
+    assert flagged >= 80
+
+
+def test_no_effect_is_rarely_flagged() -> None:
+    """200 seeded null trials: false-positive rate at most ~2 x alpha."""
+    rng = np.random.default_rng(2)
+    trials = 200
+    flagged = sum(
+        cmp.compare_samples(rng.normal(100, 5, 8), rng.normal(100, 5, 8),
+                            np.random.default_rng(t), n_boot=500).significant
+        for t in range(trials))
+    print(f"false positives {flagged}/{trials} at alpha {cmp.ALPHA}")
+    assert flagged <= 2 * cmp.ALPHA * trials
+
+
+def test_two_reps_can_never_be_significant() -> None:
+    ch = cmp.compare_samples([100, 101], [200, 201], np.random.default_rng(0))
+    assert ch.pct == pytest.approx(100 * (200.5 / 100.5 - 1))
+    assert ch.p_value == pytest.approx(1 / 3)
+    assert not ch.significant
+
+
+def test_empty_and_zero_base() -> None:
+    ch = cmp.compare_samples([], [1.0], np.random.default_rng(0))
+    assert math.isnan(ch.pct) and not ch.significant
+    ch = cmp.compare_samples([0.0, 0.0], [1.0, 2.0], np.random.default_rng(0))
+    assert math.isnan(ch.ratio) and not ch.significant
+
+
+def test_bootstrap_median_ci_is_seeded_and_brackets_the_median() -> None:
+    x = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    a = cmp.bootstrap_median_ci(x, np.random.default_rng(7))
+    b = cmp.bootstrap_median_ci(x, np.random.default_rng(7))
+    assert a == b
+    assert a[0] <= np.median(x) <= a[1]
+
+
+def synthetic_tidy(effects: dict[tuple[str, str, str], float], reps: int = 6,
+                   seed: int = 3) -> pd.DataFrame:
+    """Throughput rows for cells (kernel, nic, policy) with median 100 x effect."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (kernel, nic, policy), effect in effects.items():
+        cell_id = f"{kernel}-{nic}-{policy}"
+        for r in range(1, reps + 1):
+            base = {"run_id": "synth", "cell_id": cell_id, "repetition": r, "kernel": kernel,
+                    "nic": nic, "cpus": 2, "policy": policy, "workload": "TCP_STREAM",
+                    "message_size": 16384, "gro": "on", "cpu": "all", "source": "netperf",
+                    "note": ""}
+            rows.append({**base, "metric": "rep.status", "value": 1.0, "unit": "",
+                         "status": "ok"})
+            rows.append({**base, "metric": "throughput", "value": rng.normal(100 * effect, 1),
+                         "unit": "10^6bits/s", "status": "ok"})
+    return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+
+
+def test_baseline_matches_cells_on_the_other_axes() -> None:
+    tidy = synthetic_tidy({("stock", "e1000", "default"): 1.0,
+                           ("stock", "e1000", "pin-same"): 1.2,
+                           ("patched", "e1000", "default"): 0.9,
+                           ("stock", "virtio", "default"): 2.0})
+    comp = cmp.compare_to_baseline(tidy, n_boot=500)
+    assert comp.notes == []
+    t = comp.table.set_index("cell_id")
+    assert set(t.index) == {"stock-e1000-pin-same", "patched-e1000-default",
+                            "stock-virtio-default"}
+    assert (t["base_cell_id"] == "stock-e1000-default").all()
+    assert t.loc["stock-e1000-pin-same", "pct"] == pytest.approx(20, abs=3)
+    assert t.loc["patched-e1000-default", "pct"] == pytest.approx(-10, abs=3)
+    assert t["significant"].all()
+    text = cmp.format_table(comp)
+    assert "base |" in text and "%change ±" in text and "| metric" in text
+    assert text.count("%*") == 3
+
+
+def test_baseline_falls_back_and_says_so() -> None:
+    tidy = synthetic_tidy({("distro", "virtio", "default"): 1.0,
+                           ("distro", "virtio", "rfs"): 1.1,
+                           ("distro", "e1000", "default"): 0.5,
+                           ("distro", "e1000", "rfs"): 0.6})
+    comp = cmp.compare_to_baseline(tidy, n_boot=200)
+    assert any("kernel=stock is not in this run" in n for n in comp.notes)
+    t = comp.table.set_index("cell_id")["base_cell_id"].to_dict()
+    assert t == {"distro-virtio-default": "distro-e1000-default",
+                 "distro-e1000-rfs": "distro-e1000-default",
+                 "distro-virtio-rfs": "distro-e1000-default"}
+    only_policy = cmp.compare_to_baseline(tidy, {"policy": "default"}, n_boot=200)
+    assert only_policy.table.set_index("cell_id")["base_cell_id"].to_dict() == {
+        "distro-e1000-rfs": "distro-e1000-default", "distro-virtio-rfs": "distro-virtio-default"}
+    with pytest.raises(ValueError, match="not one of"):
+        cmp.compare_to_baseline(tidy, {"colour": "red"})
+
+
+def test_summarize_counts_failed_reps() -> None:
+    tidy = synthetic_tidy({("stock", "e1000", "default"): 1.0}, reps=4)
+    bad = tidy.iloc[[0]].assign(repetition=5, status="failed", value=math.nan)
+    s = cmp.summarize(pd.concat([tidy, bad]), n_boot=200)
+    row = s[s.metric == "throughput"].iloc[0]
+    assert row["n"] == 4 and row["n_failed"] == 1
+    assert row["q1"] <= row["median"] <= row["q3"]
+    assert row["ci_lo"] <= row["median"] <= row["ci_hi"]
+
+
+def test_compare_two_runs_on_matching_cells(tmp_path: Path) -> None:
+    """Run B = the fixture with pin-same throughput scaled x1.5 in its raw files."""
+    b = tmp_path / "20261126T100000Z-hostloop"
+    shutil.copytree(RUN, b)
+    for f in (b / "cells").glob("*pin-same*/rep-*/netperf.txt"):
+        lines = []
+        for line in f.read_text().splitlines():
+            if line.startswith("THROUGHPUT="):
+                line = f"THROUGHPUT={float(line.split('=')[1]) * 1.5:.2f}"
+            lines.append(line)
+        f.write_text("\n".join(lines) + "\n")
+    comp = cmp.compare_runs(collate_run(RUN), collate_run(b), metrics=["throughput"],
+                            n_boot=300)
+    t = comp.table.set_index("policy")
+    assert t.loc["pin-same", "pct"] == pytest.approx(50, abs=0.1)
+    assert t.loc["pin-cross", "pct"] == pytest.approx(0, abs=1e-9)
+    assert "base = run 20261125T100000Z-hostloop" in comp.notes[0]
