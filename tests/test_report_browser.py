@@ -1,0 +1,79 @@
+"""Open report.html in headless Chromium: it loads without errors and its images render.
+
+A copy of the report gets a small probe script (the report itself carries no
+scripts) that records resource and script errors and, at `load`, each image's
+`complete` and `naturalWidth` into a <pre> that `--dump-dom` prints. The
+virtual time budget makes Chromium wait for the load event deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import analysis
+
+pytestmark = pytest.mark.browser
+
+RUN = Path(__file__).resolve().parent / "fixtures" / "runs" / "20261125T100000Z-hostloop"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) {
+  var t = e.target;
+  window.__errors.push(t && t.tagName ? 'resource failed: ' + t.tagName : String(e.message));
+}, true);
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var r = {errors: window.__errors, title: document.title,
+           images: imgs.map(function (i) {
+             return {complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}; })};
+  var d = document.createElement('pre');
+  d.id = 'netbed-probe';
+  d.textContent = JSON.stringify(r);
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def probe(html_file: Path, tmp_path: Path) -> dict:
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    page = tmp_path / f"probe-{html_file.name}"
+    page.write_text(html_file.read_text().replace("<head>", "<head>" + PROBE, 1))
+    argv = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="netbed-probe">(.*?)</pre>', out.stdout, re.S)
+    assert m, f"probe missing; chromium exit {out.returncode}; stderr tail: {out.stderr[-800:]}"
+    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def test_report_loads_and_images_render(tmp_path: Path) -> None:
+    run = tmp_path / RUN.name
+    shutil.copytree(RUN, run)
+    paths = analysis.write_report(run, compare_to=RUN)
+    r = probe(paths.html, tmp_path)
+    assert r["errors"] == []
+    assert r["title"].startswith("netbed report")
+    assert len(r["images"]) == len(paths.figures) == 3
+    for img in r["images"]:
+        assert img["complete"] and img["w"] > 0 and img["h"] > 0
+
+
+def test_probe_detects_a_broken_image(tmp_path: Path) -> None:
+    """The check above can fail: a corrupt embedded image is reported."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><head><title>t</title></head><body>"
+                   '<img src="data:image/png;base64,AAAAbm90IGEgcG5n"></body></html>')
+    r = probe(bad, tmp_path)
+    assert r["images"][0]["w"] == 0
+    assert r["errors"] == ["resource failed: IMG"]

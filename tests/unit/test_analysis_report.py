@@ -1,0 +1,89 @@
+"""analysis.write_report / analyze_run on a copy of the fixture run."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import analysis
+from analysis.report import pmu_verdict
+
+RUN = Path(__file__).resolve().parent.parent / "fixtures" / "runs" / "20261125T100000Z-hostloop"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> analysis.ReportPaths:
+    run = tmp_path_factory.mktemp("runs") / RUN.name
+    shutil.copytree(RUN, run)
+    return analysis.write_report(run, compare_to=RUN)
+
+
+def test_html_is_self_contained(report: analysis.ReportPaths) -> None:
+    text = report.html.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
+    assert "<script" not in text.lower()
+    srcs = re.findall(r'<img[^>]*src="([^"]+)"', text)
+    assert len(srcs) == len(report.figures) == 3
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+
+
+def test_report_says_what_failed_and_where_numbers_came_from(
+        report: analysis.ReportPaths) -> None:
+    for text in (report.html.read_text(), report.md.read_text()):
+        assert "did not answer SSH" in text  # the failure reason
+        assert "incomplete" in text
+        assert "QEMU emulator version 7.2" in text  # versions.json
+        assert "NOT counted" in text  # no PMU: said, not hidden
+        assert "rx-checksumming" in text  # offload read-back
+        assert "kernel=stock is not in this run" in text  # baseline fallback note
+        assert "Against the other run" in text
+
+
+def test_markdown_links_existing_figures(report: analysis.ReportPaths) -> None:
+    md = report.md.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 3
+    for link in links:
+        assert (report.md.parent / link).is_file()
+
+
+def test_analyze_run_writes_tables(tmp_path: Path) -> None:
+    run = tmp_path / RUN.name
+    shutil.copytree(RUN, run)
+    res = analysis.analyze_run(run)
+    for p in (res.tables.parquet, res.tables.csv, res.summary_csv, res.comparison_csv,
+              res.comparison_txt):
+        assert p.is_file() and p.stat().st_size > 0
+    assert res.counts == {"ok": 6, "failed": 1, "incomplete": 1}
+    assert "%change" in res.comparison_txt.read_text()
+    summary = pd.read_csv(res.summary_csv, dtype={"cpu": str})
+    assert {"n", "median", "iqr", "ci_lo", "ci_hi", "n_failed"} <= set(summary.columns)
+
+
+def test_empty_run_still_reports(tmp_path: Path) -> None:
+    """A run that has not finished a single repetition yet: report, don't crash."""
+    run = tmp_path / "20261125T000000Z-empty"
+    run.mkdir()
+    (run / "cells.json").write_text('[{"cell_id": "a", "policy": "default"}]')
+    paths = analysis.write_report(run)
+    assert "(no comparisons)" in paths.md.read_text()
+    assert "1 cell(s) of cells.json not started" in paths.html.read_text()
+    assert paths.figures == []
+
+
+def test_pmu_verdict() -> None:
+    def frame(statuses: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"metric": "perf.cycles", "cpu": "all", "status": statuses,
+                             "source": "perf"})
+
+    assert "PMU valid" in pmu_verdict(frame(["ok", "ok"]))
+    assert "NOT counted" in pmu_verdict(frame(["not-supported"]))
+    assert "partly" in pmu_verdict(frame(["ok", "not-counted"]))
