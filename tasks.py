@@ -1,0 +1,168 @@
+"""netbed's invoke tasks: thin wrappers that parse arguments and call testbed/.
+
+Settings live under the `netbed` namespace (see invoke.yaml); override them there,
+in ~/.invoke.yaml, or with INVOKE_NETBED_<KEY> environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from invoke import Collection, Context, Exit, task
+
+from testbed.errors import NetbedError
+from testbed.settings import REPO_ROOT, Settings
+
+
+def settings_of(c: Context) -> Settings:
+    return Settings.from_mapping(dict(c.config.get("netbed", {})))
+
+
+def say(message: str) -> None:
+    print(f"netbed: {message}", flush=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user-facing errors into a clean message and exit status."""
+    try:
+        yield
+    except NetbedError as exc:
+        raise Exit(f"netbed: error: {exc}", code=2) from None
+    except KeyboardInterrupt:
+        raise Exit("netbed: interrupted; guests and devices were cleaned up", code=130) \
+            from None
+
+
+@task(help={"json": "print the facts as JSON instead of a table",
+            "no_probe": "skip the KVM probe boot (faster, but KVM usability stays unknown)"})
+def doctor(c, json_=False, no_probe=False):
+    """Print what this host can do: QEMU, KVM (probed), PMU, privileges, resources."""
+    from testbed.host import facts_table, gather
+
+    with user_errors():
+        facts = gather(settings_of(c), log=(lambda m: None) if json_ else say,
+                       probe=not no_probe)
+    if json_:
+        print(json.dumps(facts.to_dict(), indent=2))
+        return
+    for key, value in facts_table(facts):
+        print(f"{key:<18} {value}")
+
+
+@task(help={"kernel": "kernel to prepare: distro, stock or patched (default from settings)"})
+def setup(c, kernel=None):
+    """Install system packages, build the guest image and fetch/build the kernel."""
+    from testbed.topology import prepare_assets
+
+    s = settings_of(c)
+    with user_errors():
+        assets = prepare_assets(s, kernel or s.default_kernel, s.cache_dir / "setup", say)
+    say(f"ready: image {assets.image.key}, kernel {assets.kernel.name} "
+        f"{assets.kernel.release}, accelerator {assets.accel.upper()} ({assets.accel_reason})")
+
+
+@task(help={
+    "kernel": "distro (Debian's prebuilt), stock or patched; built on demand",
+    "nic": "data-plane NIC model: e1000, virtio or virtio-nocsum (default: none)",
+    "cpus": "number of vCPUs of the guest",
+    "command": "run this command in the guest and exit with its status (default: a shell)",
+    "with_sender": "also boot the sender guest on a private data plane (198.18.0.2)",
+    "accel": "auto (probe KVM, else TCG), kvm or tcg",
+    "memory": "guest memory in MiB",
+})
+def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
+          memory=None):
+    """Boot a guest and open a shell in it, or run one command and exit with its status."""
+    from testbed.qemu import NIC_MODELS
+    from testbed.topology import boot, prepare_assets
+
+    s = settings_of(c)
+    if nic is not None and nic not in NIC_MODELS:
+        raise Exit(f"netbed: error: unknown NIC {nic!r}; use one of {', '.join(NIC_MODELS)}")
+    workdir = s.cache_dir / "shell"
+    status = 0
+    with user_errors():
+        assets = prepare_assets(s, kernel or s.default_kernel, workdir, say, accel)
+        with boot(assets, s, workdir / "guests", cpus=int(cpus), nic=nic,
+                  with_sender=with_sender, memory_mb=int(memory) if memory else None,
+                  log=say) as topo:
+            guest = topo.receiver.ssh
+            if command is None:
+                say(f"interactive shell in {guest.name}; exit it to shut the guests down")
+                status = subprocess.call(guest.ssh_argv())
+            else:
+                res = guest.run(command, check=False)
+                sys.stdout.write(res.stdout)
+                sys.stderr.write(res.stderr)
+                status = res.exit_code
+    if status:
+        raise Exit(code=status)
+
+
+@task(help={
+    "tier": "unit (pure, seconds), default (unit + integration guests under TCG), "
+            "full (adds slow tests: kernel builds, cache model, long runs)",
+    "k": "only tests matching this pytest -k expression",
+    "args": "extra pytest arguments, quoted",
+})
+def test(c, tier="default", k=None, args=""):
+    """Run the test suite; the default tier is what CI runs."""
+    markers = {"unit": "not integration and not slow and not browser",
+               "default": "not slow", "full": None}
+    if tier not in markers:
+        raise Exit(f"netbed: error: unknown tier {tier!r}; use unit, default or full")
+    cmd = [sys.executable, "-m", "pytest"]
+    if markers[tier]:
+        cmd += ["-m", markers[tier]]
+    if k:
+        cmd += ["-k", k]
+    cmd += args.split()
+    say(" ".join(cmd))
+    result = subprocess.call(cmd, cwd=REPO_ROOT)
+    if result:
+        raise Exit(code=result)
+
+
+@task(help={"kernel": "kernel to boot", "nic": "NIC model", "cpus": "vCPUs",
+            "boots": "how many boots to take the median of"})
+def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
+    """Print boot-to-SSH-ready time (median of several boots) for a kernel and NIC."""
+    from benchmarks.boot import run_boot_benchmark
+
+    s = settings_of(c)
+    with user_errors():
+        run_boot_benchmark(s, kernel or s.default_kernel, nic, int(cpus), int(boots), say)
+
+
+@task(help={
+    "variant": "stock, patched or all (stock first: patched reuses its objects)",
+    "json": "print the built kernels' metadata as JSON instead of a summary",
+})
+def build_kernel(c, variant="all", json_=False):
+    """Build the stock and/or patched guest kernel (cached; prints each build's time)."""
+    from testbed.kernel_build import VARIANTS, ensure_built
+
+    variants = VARIANTS if variant == "all" else (variant,)
+    if any(v not in VARIANTS for v in variants):
+        raise Exit(f"netbed: error: unknown variant {variant!r}; use stock, patched or all")
+    s = settings_of(c)
+    built = {}
+    with user_errors():
+        for v in variants:
+            k = ensure_built(v, s, (lambda m: None) if json_ else say)
+            built[v] = {"bzimage": str(k.bzimage), **k.metadata}
+            if not json_:
+                say(f"{v}: {k.release}  {k.bzimage}  (built in {k.metadata['build_seconds']} s"
+                    f" at {k.metadata['built_at']})")
+    if json_:
+        print(json.dumps(built, indent=2, sort_keys=True))
+
+
+ns = Collection(doctor, setup, shell, test, bench_boot)
+ns.add_task(build_kernel)
+ns.configure({"netbed": Settings().as_invoke_config()})

@@ -1,0 +1,42 @@
+"""newc cpio archives for initramfs, made with the host's cpio.
+
+Archives are built from a sorted file list with owners kept as root, so the
+same tree gives the same archive bytes (modulo mtimes, which we clamp).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from testbed.errors import CommandError
+
+
+def clamp_mtimes(root: Path, epoch: int) -> None:
+    """Set every mtime to `epoch` (SOURCE_DATE_EPOCH style) for reproducible archives."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            os.utime(path, (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))
+
+
+def pack_cpio(root: Path, out: Path) -> None:
+    """Pack `root` as an uncompressed newc archive (unpacking it is the guest's cost)."""
+    names = sorted(
+        os.path.relpath(os.path.join(d, n), root)
+        for d, dirs, files in os.walk(root)
+        for n in dirs + files
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        proc = subprocess.run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
+            input="\n".join(names).encode() + b"\n", stdout=f, stderr=subprocess.PIPE,
+            cwd=root,
+        )
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise CommandError("cpio -o -H newc", proc.returncode, proc.stderr.decode())
+    os.replace(tmp, out)

@@ -1,0 +1,111 @@
+"""The isolated L2 segment between the receiver and the sender.
+
+As root: tap devices with `vnet_hdr` on a bridge of our own with no IP address and
+no uplink (virtio keeps its checksum offload). Otherwise: QEMU's socket netdev on
+127.0.0.1, which carries no vnet header, so QEMU clears virtio's offloads and both
+NICs verify checksums in software: the plan records that so results can say it.
+Names carry a per-run tag so parallel runs never collide, and teardown always
+runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from dataclasses import dataclass
+from typing import Literal
+
+from testbed.errors import CommandError
+from testbed.qemu import DataAttachment, SocketAttachment, TapAttachment, free_port
+
+Mode = Literal["tap", "socket"]
+# Data-plane addresses: 198.18.0.0/15 is set aside for benchmarking (RFC 2544).
+RECEIVER_IP = "198.18.0.1"
+SENDER_IP = "198.18.0.2"
+PREFIX = 24
+
+
+@dataclass(frozen=True)
+class DataPlanePlan:
+    mode: Mode
+    tag: str
+    receiver: DataAttachment
+    sender: DataAttachment
+    setup: tuple[tuple[str, ...], ...]  # host commands, in order
+    teardown: tuple[tuple[str, ...], ...]
+    offload_note: str
+
+    @property
+    def bridge(self) -> str | None:
+        return f"nbbr{self.tag}" if self.mode == "tap" else None
+
+
+def can_use_taps() -> tuple[bool, str]:
+    """Whether we may create taps and bridges here, and why not."""
+    if os.geteuid() != 0:
+        return False, "not root (tap devices and bridges need CAP_NET_ADMIN)"
+    if not os.path.exists("/dev/net/tun"):
+        return False, "/dev/net/tun is missing"
+    return True, "root with /dev/net/tun"
+
+
+def plan_dataplane(mode: Mode, tag: str | None = None, port: int | None = None) -> DataPlanePlan:
+    """The devices and QEMU attachments for one receiver/sender pair (pure but for names)."""
+    tag = tag or secrets.token_hex(3)
+    if mode == "socket":
+        port = port or free_port()
+        return DataPlanePlan(
+            "socket", tag, SocketAttachment(port, listen=True),
+            SocketAttachment(port, listen=False), (), (),
+            "socket netdev: no vnet header, so no NIC has checksum offload",
+        )
+    br, rx, tx = f"nbbr{tag}", f"nbt{tag}r", f"nbt{tag}s"
+    setup: list[tuple[str, ...]] = [
+        ("ip", "link", "add", "name", br, "type", "bridge", "stp_state", "0"),
+        ("sh", "-c", f"echo 1 > /proc/sys/net/ipv6/conf/{br}/disable_ipv6"),
+        ("ip", "link", "set", br, "up"),
+    ]
+    for tap in (rx, tx):
+        setup += [
+            ("ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"),
+            ("sh", "-c", f"echo 1 > /proc/sys/net/ipv6/conf/{tap}/disable_ipv6"),
+            ("ip", "link", "set", tap, "master", br),
+            ("ip", "link", "set", tap, "up"),
+        ]
+    teardown = (("ip", "link", "del", rx), ("ip", "link", "del", tx), ("ip", "link", "del", br))
+    return DataPlanePlan("tap", tag, TapAttachment(rx), TapAttachment(tx), tuple(setup),
+                         teardown, "tap with vnet_hdr: virtio keeps checksum offload")
+
+
+class DataPlane:
+    """Creates the plan's devices on enter and removes them on exit, whatever happened."""
+
+    def __init__(self, plan: DataPlanePlan) -> None:
+        self.plan = plan
+
+    def __enter__(self) -> DataPlanePlan:
+        try:
+            for cmd in self.plan.setup:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise CommandError(list(cmd), proc.returncode, proc.stderr)
+        except BaseException:
+            self.close()
+            raise
+        return self.plan
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for cmd in self.plan.teardown:
+            subprocess.run(cmd, capture_output=True)
+
+
+def choose_mode(requested: str = "auto") -> tuple[Mode, str]:
+    """auto -> tap when allowed, else socket; the reason is recorded with results."""
+    ok, why = can_use_taps()
+    if requested == "tap" or (requested == "auto" and ok):
+        return "tap", why
+    return "socket", why if requested == "auto" else "socket requested"

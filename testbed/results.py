@@ -1,0 +1,148 @@
+"""Run directory layout, atomic writes and resume bookkeeping.
+
+Layout of one run (the contract between the runner and `analysis/`):
+
+    results/<run-id>/
+      experiment.yaml          the experiment file exactly as run
+      cells.json               the expanded cells (list of Cell models as JSON)
+      host.json                host facts (what `invoke doctor --json` prints)
+      versions.json            netbed commit, QEMU version, accel, kernel metadata
+      cells/<cell-id>/rep-<n>/ one folder per cell and repetition:
+          cell.json            the cell's axes plus repetition number
+          netperf.txt          netperf omni keyval output (KEY=VALUE lines)
+          perf-stat.csv        `perf stat -a -A -x<SEP>` output of the receiver
+          proc-before/<name>   /proc snapshots (softirqs, interrupts, softnet_stat, snmp,
+          proc-after/<name>      stat) taken right before and after the measured window
+          reader-cpus.txt      where the reader ran: "<seconds> <cpu>" samples
+          readback.json        policy state read back from the receiver
+          offloads.txt         `ethtool -k` of the receiver's data NIC
+          cachemodel.csv       cache-model counters (when counters include cachemodel)
+          console-*.log        serial logs (kept for failures)
+          done                 JSON, written last and atomically: the repetition is complete
+          failed               JSON, written instead of `done` when retries ran out
+
+Only a folder with `done` counts as finished; anything else is redone on resume,
+so a kill -9 at any moment loses nothing finished and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DONE = "done"
+FAILED = "failed"
+CELLS_DIR = "cells"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_run_id(name: str) -> str:
+    """A sortable, readable id: <UTC time>-<experiment name>."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{name}"
+
+
+@dataclass(frozen=True)
+class RepDir:
+    """One cell repetition's folder."""
+
+    path: Path
+    cell_id: str
+    repetition: int
+
+    @property
+    def is_done(self) -> bool:
+        return (self.path / DONE).is_file()
+
+    @property
+    def is_failed(self) -> bool:
+        return (self.path / FAILED).is_file()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's folder; knows the layout, nothing about what is measured."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def experiment_file(self) -> Path:
+        return self.path / "experiment.yaml"
+
+    @property
+    def cells_file(self) -> Path:
+        return self.path / "cells.json"
+
+    @property
+    def host_file(self) -> Path:
+        return self.path / "host.json"
+
+    @property
+    def versions_file(self) -> Path:
+        return self.path / "versions.json"
+
+    def rep(self, cell_id: str, repetition: int) -> RepDir:
+        return RepDir(self.path / CELLS_DIR / cell_id / f"rep-{repetition}", cell_id, repetition)
+
+    def reps(self) -> Iterator[RepDir]:
+        """Every repetition folder present, in a stable order."""
+        root = self.path / CELLS_DIR
+        if not root.is_dir():
+            return
+        for cell in sorted(p for p in root.iterdir() if p.is_dir()):
+            for rep in sorted(cell.glob("rep-*"), key=lambda p: int(p.name.split("-", 1)[1])):
+                yield RepDir(rep, cell.name, int(rep.name.split("-", 1)[1]))
+
+    def start_rep(self, cell_id: str, repetition: int) -> RepDir:
+        """A clean folder for a (re)attempt: leftovers of an interrupted attempt are removed."""
+        rep = self.rep(cell_id, repetition)
+        if rep.path.exists():
+            shutil.rmtree(rep.path)
+        rep.path.mkdir(parents=True)
+        return rep
+
+    def mark_done(self, rep: RepDir, info: dict[str, Any]) -> None:
+        (rep.path / FAILED).unlink(missing_ok=True)
+        atomic_write_json(rep.path / DONE, {"finished": now_iso(), **info})
+
+    def mark_failed(self, rep: RepDir, reason: str, info: dict[str, Any]) -> None:
+        atomic_write_json(rep.path / FAILED, {"finished": now_iso(), "reason": reason, **info})

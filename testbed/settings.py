@@ -1,0 +1,49 @@
+"""Where netbed keeps things, and the defaults `invoke.yaml` may override.
+
+Tasks read settings from invoke's config (namespace `netbed`), so `invoke.yaml`
+and `INVOKE_NETBED_*` variables override these; library code takes a Settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+IMAGES_DIR = REPO_ROOT / "images"
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path = field(default_factory=lambda: REPO_ROOT / ".cache")
+    results_dir: Path = field(default_factory=lambda: REPO_ROOT / "results")
+    qemu_binary: str = "qemu-system-x86_64"
+    default_kernel: str = "distro"
+    accel: str = "auto"  # auto | kvm | tcg
+    guest_memory_mb: int = 1024
+    boot_timeout_s: float = 180.0
+    ssh_timeout_s: float = 60.0
+    command_timeout_s: float = 600.0
+    debian_mirror: str = "http://deb.debian.org/debian"
+    debian_suite: str = "bookworm"
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None) -> Settings:
+        """Build from invoke's `netbed` config section, ignoring unknown keys invoke adds."""
+        data = dict(data or {})
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in data and data[f.name] is not None:
+                value = data[f.name]
+                if f.name.endswith("_dir"):
+                    value = Path(value).expanduser()
+                    if not value.is_absolute():
+                        value = REPO_ROOT / value
+                kwargs[f.name] = type(getattr(cls(), f.name))(value)
+        return cls(**kwargs)
+
+    def as_invoke_config(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
+                for f in fields(self)}

@@ -1,0 +1,70 @@
+"""Debian packages netbed needs on the host, installed by netbed itself.
+
+Tasks call `ensure_packages(...)` before work that needs a tool, so a newcomer's
+first `invoke shell` or `invoke run-matrix` sets itself up. Without root we stop
+with the exact `apt-get install` line to run, rather than half-working.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+
+from testbed.errors import CommandError, MissingDependency
+
+# What each capability needs: package -> a command (or file) that proves it is there.
+QEMU_PACKAGES = {"qemu-system-x86": "qemu-system-x86_64", "qemu-utils": "qemu-img"}
+IMAGE_PACKAGES = {
+    "mmdebstrap": "mmdebstrap",
+    "cpio": "cpio",
+    "kmod": "depmod",
+    "openssh-client": "ssh-keygen",
+    "gcc": "gcc",
+    "libc6-dev": "/usr/lib/x86_64-linux-gnu/libc.a",
+    "debian-archive-keyring": "/usr/share/keyrings/debian-archive-keyring.gpg",
+    "dpkg-dev": "dpkg-deb",
+}
+NETWORK_PACKAGES = {"iproute2": "ip"}
+GUEST_PACKAGES = {**QEMU_PACKAGES, **IMAGE_PACKAGES, **NETWORK_PACKAGES}
+
+Log = Callable[[str], None]
+
+
+def _present(probe: str) -> bool:
+    return os.path.exists(probe) if probe.startswith("/") else shutil.which(probe) is not None
+
+
+def missing_packages(packages: dict[str, str]) -> list[str]:
+    """Packages whose probe command/file is absent (pure apart from PATH/file checks)."""
+    return sorted(pkg for pkg, probe in packages.items() if not _present(probe))
+
+
+def apt_install_command(packages: Iterable[str]) -> list[str]:
+    return ["apt-get", "install", "-y", "-q", "--no-install-recommends", *sorted(packages)]
+
+
+def apt_command(*args: str) -> list[str]:
+    """apt-get that waits for the dpkg lock instead of failing when another apt runs."""
+    return ["apt-get", "-o", "DPkg::Lock::Timeout=600", *args]
+
+
+def ensure_packages(packages: dict[str, str], log: Log = print) -> None:
+    """Install what is missing with apt, saying what; without root, explain and stop."""
+    missing = missing_packages(packages)
+    if not missing:
+        return
+    line = " ".join(apt_install_command(missing))
+    if os.geteuid() != 0:
+        raise MissingDependency(
+            f"netbed needs Debian packages that are not installed: {', '.join(missing)}",
+            hint=f"run as root: apt-get update && {line}",
+        )
+    log(f"installing Debian packages netbed needs: {', '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (apt_command("update", "-q"), apt_command(*apt_install_command(missing)[1:])):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr,
+                               hint="check that the Debian mirror is reachable")

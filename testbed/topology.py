@@ -1,0 +1,145 @@
+"""Boot the guests an experiment needs: a receiver alone, or receiver + sender.
+
+This is the one place that turns (kernel, NIC, vCPUs) into running, SSH-reachable
+guests, so `invoke shell`, the runner, the benchmarks and the tests all boot the
+same way. Everything it starts (QEMU processes, taps, bridge) is torn down when
+the context exits, on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from testbed.dataplane import (
+    PREFIX,
+    RECEIVER_IP,
+    SENDER_IP,
+    DataPlane,
+    DataPlanePlan,
+    choose_mode,
+    plan_dataplane,
+)
+from testbed.guest import Guest, KeyPair, make_keypair
+from testbed.images import GuestImage, ensure_image, ensure_initrd
+from testbed.kernels import Kernel, Log, get_kernel
+from testbed.qemu import GuestSpec, NicModel, PluginSpec, QemuProcess, free_port
+from testbed.settings import Settings
+from testbed.sysdeps import GUEST_PACKAGES, ensure_packages
+
+
+@dataclass(frozen=True)
+class Assets:
+    """What every guest boots from: kernel, image, initrd, run key, accelerator."""
+
+    kernel: Kernel
+    image: GuestImage
+    initrd: Path
+    key: KeyPair
+    accel: str
+    accel_reason: str
+
+
+@dataclass
+class BootedGuest:
+    spec: GuestSpec
+    process: QemuProcess
+    ssh: Guest
+    boot_seconds: float = 0.0  # QEMU start -> readiness line
+    ssh_seconds: float = 0.0  # readiness line -> SSH answered
+
+
+@dataclass
+class Topology:
+    receiver: BootedGuest
+    sender: BootedGuest | None
+    dataplane: DataPlanePlan | None
+    assets: Assets
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
+                   log: Log = print, accel: str | None = None) -> Assets:
+    """Install, build or fetch whatever booting needs (each step cached)."""
+    from testbed.host import resolve_accel
+
+    ensure_packages(GUEST_PACKAGES, log)
+    kernel = get_kernel(kernel_name, settings, log)
+    image = ensure_image(settings, log)
+    initrd = ensure_initrd(image, kernel, settings)
+    key = make_keypair(workdir / "ssh")
+    chosen, why = resolve_accel(replace(settings, accel=accel) if accel else settings, log)
+    return Assets(kernel, image, initrd, key, chosen, why)
+
+
+def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: int,
+          cpus: int, nic: NicModel | None, plan: DataPlanePlan | None, role: str,
+          plugins: tuple[PluginSpec, ...], tcg_threads: str, memory_mb: int | None) -> GuestSpec:
+    attachment = None
+    data_ip = None
+    if plan is not None and nic is not None:
+        attachment = plan.receiver if role == "receiver" else plan.sender
+        data_ip = f"{RECEIVER_IP if role == 'receiver' else SENDER_IP}/{PREFIX}"
+    return GuestSpec(
+        name=name, kernel=assets.kernel.bzimage, initrd=assets.initrd, cpus=cpus,
+        memory_mb=memory_mb or settings.guest_memory_mb, accel=assets.accel,  # type: ignore[arg-type]
+        ssh_port=free_port(), workdir=workdir, ssh_pubkey_b64=assets.key.public_b64,
+        nic=nic, data=attachment, data_ip=data_ip, index=index, plugins=plugins,
+        tcg_threads=tcg_threads,  # type: ignore[arg-type]
+    )
+
+
+def _boot(spec: GuestSpec, assets: Assets, settings: Settings,
+          stack: contextlib.ExitStack) -> BootedGuest:
+    process = QemuProcess(spec, settings.qemu_binary)
+    stack.callback(process.shutdown)
+    process.start()
+    return BootedGuest(spec, process, Guest(spec.name, spec.ssh_port, assets.key,
+                                            assets.image.host_key_pub,
+                                            settings.command_timeout_s))
+
+
+def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack) -> None:
+    booted.boot_seconds = booted.process.wait_ready(settings.boot_timeout_s)
+    booted.ssh_seconds = booted.ssh.wait_ssh(settings.ssh_timeout_s)
+    stack.callback(booted.ssh.close)
+
+
+@contextlib.contextmanager
+def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
+         nic: NicModel | None, with_sender: bool, sender_cpus: int = 2,
+         dataplane_mode: str = "auto", receiver_plugins: tuple[PluginSpec, ...] = (),
+         receiver_tcg_threads: str = "multi", memory_mb: int | None = None,
+         log: Log = print) -> Iterator[Topology]:
+    """Boot the receiver (and the sender on a private data plane) and yield them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        plan = None
+        notes: dict[str, str] = {"accel": f"{assets.accel} ({assets.accel_reason})"}
+        if nic is not None and with_sender:
+            mode, why = choose_mode(dataplane_mode)
+            plan = plan_dataplane(mode)
+            notes["dataplane"] = f"{mode}: {why}; {plan.offload_note}"
+            stack.enter_context(DataPlane(plan))
+        elif nic is not None:
+            plan = plan_dataplane("socket")  # lone guest: a listening socket, no peer
+        started = time.monotonic()
+        receiver = _boot(_spec(assets, settings, workdir, "receiver", 1, cpus, nic, plan,
+                               "receiver", receiver_plugins, receiver_tcg_threads,
+                               memory_mb), assets, settings, stack)
+        sender = None
+        if with_sender:
+            sender = _boot(_spec(assets, settings, workdir, "sender", 2, sender_cpus, nic,
+                                 plan, "sender", (), "multi", memory_mb),
+                           assets, settings, stack)
+        log(f"booting {'receiver + sender' if sender else 'guest'} "
+            f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
+            f"{assets.accel.upper()})")
+        _await(receiver, settings, stack)
+        if sender is not None:
+            _await(sender, settings, stack)
+        log(f"guests ready in {time.monotonic() - started:.1f} s")
+        yield Topology(receiver, sender, plan if with_sender else None, assets, notes)
