@@ -1,0 +1,365 @@
+/*
+ * netbed cache model, see model.h.  Design choices (and why):
+ *  - Physical line addresses everywhere, so one line seen by two CPUs is one line.
+ *  - Snooping instead of a directory: with the handful of vCPUs a guest has, checking
+ *    the other CPUs' private sets on a private miss or an S->M upgrade is cheaper than
+ *    keeping a directory coherent, and it only happens off the hit path.
+ *  - MESI states live in the private caches (L1 and L2 copies kept in step).
+ *    Private hierarchy is non-inclusive: L1 victims go to L2, dirty victims that
+ *    leave the private hierarchy are written back into the LLC.
+ *  - LLC: shared, filled on every private miss and on dirty write-backs, never
+ *    back-invalidates (non-inclusive, like recent x86 server parts).
+ *  - c2c transfer (perf c2c "HITM"): a private miss (load or store) that finds the
+ *    line Modified in another CPU's private cache.  A store that finds the line in
+ *    other private caches invalidates them: one "sent" per invalidated CPU on the
+ *    writer, one "received" on each victim, charged to the victim's last mode.
+ *  - True LRU per set.  No prefetchers, no instruction fetches, no TLB.
+ */
+#include "model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const model_event_names[EV_COUNT] = {
+    "loads",         "stores",         "l1d_misses",
+    "l2_misses",     "llc_misses",     "c2c_transfers",
+    "invalidations_sent", "invalidations_received", "instructions",
+};
+const char *const model_mode_names[MODE_COUNT] = {"kernel", "user"};
+
+enum { ST_I = 0, ST_S = 1, ST_E = 2, ST_M = 3 };
+
+typedef struct {
+    uint64_t tag;   /* line address (paddr >> line_shift) */
+    uint64_t stamp; /* LRU: larger is more recent */
+    uint8_t state;  /* ST_*; the LLC only uses I / S (valid) */
+} entry;
+
+typedef struct {
+    entry *e;
+    uint64_t sets;
+    uint32_t ways;
+    uint64_t clock;
+} cache;
+
+typedef struct {
+    cache l1, l2;
+    int last_mode;
+    uint64_t cnt[MODE_COUNT][EV_COUNT];
+} cpu_state;
+
+struct model {
+    model_config cfg;
+    unsigned line_shift;
+    bool has_l2;
+    cache llc;
+    cpu_state *cpu;
+};
+
+static bool is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
+
+static const char *geom_error(const cache_geom *g, uint32_t line, const char *name)
+{
+    static char buf[160];
+    if (g->ways == 0) {
+        snprintf(buf, sizeof(buf), "%s_assoc must be >= 1", name);
+        return buf;
+    }
+    if (g->size % ((uint64_t)line * g->ways) || !is_pow2(g->size / ((uint64_t)line * g->ways))) {
+        snprintf(buf, sizeof(buf),
+                 "%s_size / (line * %s_assoc) must be a power of two (got %llu / (%u * %u))",
+                 name, name, (unsigned long long)g->size, line, g->ways);
+        return buf;
+    }
+    return NULL;
+}
+
+const char *model_config_error(const model_config *cfg)
+{
+    const char *err;
+    if (!is_pow2(cfg->line) || cfg->line < 8) {
+        return "line must be a power of two >= 8";
+    }
+    if (cfg->ncpus < 1) {
+        return "need at least one vCPU";
+    }
+    if ((err = geom_error(&cfg->l1d, cfg->line, "l1d"))) {
+        return err;
+    }
+    if (cfg->l2.size && (err = geom_error(&cfg->l2, cfg->line, "l2"))) {
+        return err;
+    }
+    return geom_error(&cfg->llc, cfg->line, "llc");
+}
+
+static void cache_init(cache *c, const cache_geom *g, uint32_t line)
+{
+    c->ways = g->ways;
+    c->sets = g->size ? g->size / ((uint64_t)line * g->ways) : 0;
+    c->e = c->sets ? calloc(c->sets * c->ways, sizeof(entry)) : NULL;
+    c->clock = 0;
+}
+
+static void cache_clear(cache *c)
+{
+    if (c->e) {
+        memset(c->e, 0, c->sets * c->ways * sizeof(entry));
+    }
+}
+
+static inline entry *set_of(const cache *c, uint64_t line)
+{
+    return c->e + (line & (c->sets - 1)) * c->ways;
+}
+
+static inline entry *lookup(const cache *c, uint64_t line)
+{
+    entry *s = set_of(c, line);
+    for (uint32_t w = 0; w < c->ways; w++) {
+        if (s[w].state != ST_I && s[w].tag == line) {
+            return &s[w];
+        }
+    }
+    return NULL;
+}
+
+static inline void touch(cache *c, entry *e) { e->stamp = ++c->clock; }
+
+/* Insert `line`; returns the evicted entry's copy in *victim (state ST_I if none). */
+static void insert(cache *c, uint64_t line, uint8_t state, entry *victim)
+{
+    entry *s = set_of(c, line);
+    entry *v = &s[0];
+    for (uint32_t w = 0; w < c->ways; w++) {
+        if (s[w].state == ST_I) {
+            v = &s[w];
+            break;
+        }
+        if (s[w].stamp < v->stamp) {
+            v = &s[w];
+        }
+    }
+    if (victim) {
+        *victim = *v;
+    }
+    v->tag = line;
+    v->state = state;
+    touch(c, v);
+}
+
+model *model_new(const model_config *cfg)
+{
+    if (model_config_error(cfg)) {
+        return NULL;
+    }
+    model *m = calloc(1, sizeof(*m));
+    m->cfg = *cfg;
+    m->line_shift = (unsigned)__builtin_ctz(cfg->line);
+    m->has_l2 = cfg->l2.size != 0;
+    cache_init(&m->llc, &cfg->llc, cfg->line);
+    m->cpu = calloc((size_t)cfg->ncpus, sizeof(cpu_state));
+    for (int i = 0; i < cfg->ncpus; i++) {
+        cache_init(&m->cpu[i].l1, &cfg->l1d, cfg->line);
+        cache_init(&m->cpu[i].l2, &cfg->l2, cfg->line);
+        m->cpu[i].last_mode = MODE_KERNEL;
+    }
+    return m;
+}
+
+void model_free(model *m)
+{
+    if (!m) {
+        return;
+    }
+    for (int i = 0; i < m->cfg.ncpus; i++) {
+        free(m->cpu[i].l1.e);
+        free(m->cpu[i].l2.e);
+    }
+    free(m->cpu);
+    free(m->llc.e);
+    free(m);
+}
+
+void model_clear_caches(model *m)
+{
+    cache_clear(&m->llc);
+    for (int i = 0; i < m->cfg.ncpus; i++) {
+        cache_clear(&m->cpu[i].l1);
+        cache_clear(&m->cpu[i].l2);
+    }
+}
+
+static uint8_t private_state(const model *m, int cpu, uint64_t line)
+{
+    const entry *e = lookup(&m->cpu[cpu].l1, line);
+    if (!e && m->has_l2) {
+        e = lookup(&m->cpu[cpu].l2, line);
+    }
+    return e ? e->state : ST_I;
+}
+
+static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
+{
+    entry *e = lookup(&m->cpu[cpu].l1, line);
+    if (e) {
+        e->state = state;
+    }
+    if (m->has_l2 && (e = lookup(&m->cpu[cpu].l2, line))) {
+        e->state = state;
+    }
+}
+
+static void llc_fill(model *m, uint64_t line)
+{
+    entry *e = lookup(&m->llc, line);
+    if (e) {
+        touch(&m->llc, e);
+    } else {
+        insert(&m->llc, line, ST_S, NULL);
+    }
+}
+
+/* A line leaves CPU `cpu`'s L2: dirty data goes to the LLC unless L1 still holds it. */
+static void l2_evicted(model *m, int cpu, const entry *v)
+{
+    if (v->state == ST_M && !lookup(&m->cpu[cpu].l1, v->tag)) {
+        llc_fill(m, v->tag);
+    }
+}
+
+static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state)
+{
+    entry victim;
+    insert(&m->cpu[cpu].l2, line, state, &victim);
+    if (victim.state != ST_I) {
+        l2_evicted(m, cpu, &victim);
+    }
+}
+
+static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state)
+{
+    entry victim;
+    insert(&m->cpu[cpu].l1, line, state, &victim);
+    if (victim.state == ST_I) {
+        return;
+    }
+    if (m->has_l2) {
+        entry *e2 = lookup(&m->cpu[cpu].l2, victim.tag);
+        if (e2) {
+            e2->state = victim.state;
+        } else {
+            fill_l2(m, cpu, victim.tag, victim.state);
+        }
+    } else if (victim.state == ST_M) {
+        llc_fill(m, victim.tag);
+    }
+}
+
+static void invalidate_others(model *m, int cpu, int mode, uint64_t line)
+{
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        if (o != cpu && private_state(m, o, line) != ST_I) {
+            set_private_state(m, o, line, ST_I);
+            m->cpu[cpu].cnt[mode][EV_INVALIDATIONS_SENT]++;
+            m->cpu[o].cnt[m->cpu[o].last_mode][EV_INVALIDATIONS_RECEIVED]++;
+        }
+    }
+}
+
+static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
+{
+    cpu_state *c = &m->cpu[cpu];
+    uint64_t *k = c->cnt[mode];
+    entry *e = lookup(&c->l1, line);
+
+    if (e) { /* L1 hit: the common, cheap path */
+        touch(&c->l1, e);
+        if (store && e->state != ST_M) {
+            if (e->state == ST_S) {
+                invalidate_others(m, cpu, mode, line);
+            }
+            set_private_state(m, cpu, line, ST_M);
+        }
+        return;
+    }
+    k[EV_L1D_MISSES]++;
+
+    if (m->has_l2 && (e = lookup(&c->l2, line))) {
+        touch(&c->l2, e);
+        uint8_t st = e->state;
+        if (store && st != ST_M) {
+            if (st == ST_S) {
+                invalidate_others(m, cpu, mode, line);
+            }
+            st = ST_M;
+            e->state = ST_M;
+        }
+        fill_l1(m, cpu, line, st);
+        return;
+    }
+    k[EV_L2_MISSES]++;
+
+    bool other_has = false, other_dirty = false;
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        if (o == cpu) {
+            continue;
+        }
+        uint8_t so = private_state(m, o, line);
+        if (so == ST_I) {
+            continue;
+        }
+        other_has = true;
+        other_dirty |= so == ST_M;
+        if (store) {
+            set_private_state(m, o, line, ST_I);
+            k[EV_INVALIDATIONS_SENT]++;
+            m->cpu[o].cnt[m->cpu[o].last_mode][EV_INVALIDATIONS_RECEIVED]++;
+        } else if (so != ST_S) {
+            set_private_state(m, o, line, ST_S); /* M: data written back to LLC below */
+        }
+    }
+    if (other_dirty) {
+        k[EV_C2C_TRANSFERS]++;
+    }
+    entry *l = lookup(&m->llc, line);
+    if (l) {
+        touch(&m->llc, l);
+    } else {
+        if (!other_has) {
+            k[EV_LLC_MISSES]++;
+        }
+        insert(&m->llc, line, ST_S, NULL);
+    }
+    uint8_t st = store ? ST_M : (other_has ? ST_S : ST_E);
+    if (m->has_l2) {
+        fill_l2(m, cpu, line, st);
+    }
+    fill_l1(m, cpu, line, st);
+}
+
+void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store)
+{
+    cpu_state *c = &m->cpu[cpu];
+    uint64_t first = paddr >> m->line_shift;
+    uint64_t last = (paddr + (size ? size : 1) - 1) >> m->line_shift;
+
+    c->last_mode = mode;
+    c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
+    access_line(m, cpu, mode, first, store);
+    if (last != first) {
+        access_line(m, cpu, mode, last, store);
+    }
+}
+
+void model_count(model *m, int cpu, int mode, int ev, uint64_t n)
+{
+    m->cpu[cpu].cnt[mode][ev] += n;
+}
+
+uint64_t model_counter(const model *m, int cpu, int mode, int ev)
+{
+    return m->cpu[cpu].cnt[mode][ev];
+}
+
+int model_ncpus(const model *m) { return m->cfg.ncpus; }

@@ -1,0 +1,60 @@
+/*
+ * netbed cache model: private L1D (+ optional private L2) per CPU, a shared LLC,
+ * write-invalidate (MESI) coherence between the private caches.
+ *
+ * This file and model.c know nothing about QEMU, so the model is compiled and
+ * checked on its own (tests/unit/test_cachemodel.py builds model_selftest.c);
+ * plugin.c is the thin QEMU glue.  Not thread-safe: the caller serialises.
+ */
+#ifndef NETBED_CACHE_MODEL_H
+#define NETBED_CACHE_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Order is the CSV order; names in model_event_names[]. */
+enum model_event {
+    EV_LOADS,
+    EV_STORES,
+    EV_L1D_MISSES,
+    EV_L2_MISSES,
+    EV_LLC_MISSES,
+    EV_C2C_TRANSFERS,
+    EV_INVALIDATIONS_SENT,
+    EV_INVALIDATIONS_RECEIVED,
+    EV_INSTRUCTIONS,
+    EV_COUNT
+};
+
+enum model_mode { MODE_KERNEL, MODE_USER, MODE_COUNT };
+
+extern const char *const model_event_names[EV_COUNT];
+extern const char *const model_mode_names[MODE_COUNT];
+
+typedef struct {
+    uint64_t size; /* bytes; 0 disables the level (only allowed for L2) */
+    uint32_t ways;
+} cache_geom;
+
+typedef struct {
+    cache_geom l1d, l2, llc;
+    uint32_t line;  /* bytes, power of two, same for all levels */
+    int ncpus;
+} model_config;
+
+typedef struct model model;
+
+/* NULL when the configuration is usable, else a message naming the bad parameter. */
+const char *model_config_error(const model_config *cfg);
+model *model_new(const model_config *cfg);
+void model_free(model *m);
+
+/* One data access by `cpu` in `mode`; may span two lines (counted as one access). */
+void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store);
+/* Empty every cache (cold start); counters are kept. */
+void model_clear_caches(model *m);
+void model_count(model *m, int cpu, int mode, int ev, uint64_t n);
+uint64_t model_counter(const model *m, int cpu, int mode, int ev);
+int model_ncpus(const model *m);
+
+#endif

@@ -1,0 +1,328 @@
+/*
+ * netbed cache model as a QEMU (7.2, plugin API v1) TCG plugin: the glue between
+ * QEMU's instrumentation and the pure model in model.c.
+ *
+ * Regions of interest: the guest tool nbmark executes `nopl disp32(%rax)`
+ * (0f 1f 80 <disp32>) with disp32 = 0x4E000000 | kind << 20 | id.  The plugin spots
+ * the bytes at translation time and puts an exec callback on that one instruction.
+ * Until the first region opens, nothing else is instrumented, so boot and setup run
+ * at plain TCG speed (plus a byte compare per translated instruction).  The first
+ * `begin` arms the plugin and calls qemu_plugin_reset(), whose code-cache flush
+ * makes QEMU retranslate everything with memory callbacks; the flush is
+ * asynchronous, so code already translated runs uninstrumented until the vCPUs next
+ * leave the execution loop (a few blocks).  Counting happens only while a region is
+ * open; after the last `end` the callbacks return at once but stay in place.
+ *
+ * Why not flush again at `end` to get back to full speed: QEMU 7.2 leaves
+ * CPUState.plugin_mem_cbs pointing at the callback array of a TB-ending instruction
+ * that calls a helper (ret, calls/jumps across pages, ...): accel/tcg/plugin-gen.c
+ * decides whether to clear it before it knows about the helper (changed upstream
+ * in 8.x).  A flush frees those arrays and the next helper memory access
+ * (interrupt delivery, iret) aborts QEMU in qemu_plugin_vcpu_mem_cb.  The first
+ * flush is safe because no memory callback exists yet.  The same stale pointer
+ * makes helper-made accesses (interrupt frames, iret) reach vcpu_mem with the
+ * stale instruction's mode: they are real accesses, so they are counted.
+ *
+ * Mode: kernel when the *instruction* address is in the upper half of the x86-64
+ * address space, user otherwise.  The 7.2 API exposes no privilege level, and the
+ * data address would be wrong for copy_to_user (a kernel instruction storing to a
+ * user address must count as kernel).
+ *
+ * Threading: one global spinlock around the model, so multi-threaded TCG is
+ * correct but interleaving (and so the counts) depends on host scheduling;
+ * `-accel tcg,thread=single` makes runs repeatable.
+ */
+#include <errno.h>
+#include <glib.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <qemu-plugin.h>
+
+#include "model.h"
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
+
+#define MARKER_MAGIC 0x4Eu /* disp32 top byte, 'N' */
+enum { KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3 };
+
+static qemu_plugin_id_t plugin_id;
+static model *M;
+static FILE *out;
+static bool cold_start = true;
+static bool always_on;
+static int open_regions;
+static int counting; /* read without the lock by callbacks: __atomic */
+static int armed;    /* code translated from now on gets memory callbacks */
+static char lock_flag;
+
+static inline void lock(void)
+{
+    while (__atomic_test_and_set(&lock_flag, __ATOMIC_ACQUIRE)) {
+        __builtin_ia32_pause();
+    }
+}
+
+static inline void unlock(void) { __atomic_clear(&lock_flag, __ATOMIC_RELEASE); }
+
+static inline bool is_counting(void) { return __atomic_load_n(&counting, __ATOMIC_RELAXED); }
+
+static inline int mode_of(uint64_t pc) { return (pc >> 63) ? MODE_KERNEL : MODE_USER; }
+
+/* Caller holds the lock. */
+static void snapshot(const char *marker)
+{
+    if (!out) {
+        return;
+    }
+    for (int cpu = 0; cpu < model_ncpus(M); cpu++) {
+        for (int mode = 0; mode < MODE_COUNT; mode++) {
+            for (int ev = 0; ev < EV_COUNT; ev++) {
+                fprintf(out, "%d,%s,%s,%" PRIu64 ",%s\n", cpu, model_mode_names[mode],
+                        model_event_names[ev], model_counter(M, cpu, mode, ev), marker);
+            }
+        }
+    }
+    fflush(out);
+}
+
+static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
+        return;
+    }
+    struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        return; /* MMIO is not cached */
+    }
+    uint64_t pa = qemu_plugin_hwaddr_phys_addr(hw);
+    unsigned size = 1u << qemu_plugin_mem_size_shift(info);
+    bool store = qemu_plugin_mem_is_store(info);
+    lock();
+    model_access(M, (int)vcpu, (int)(uintptr_t)udata, pa, size, store);
+    unlock();
+}
+
+static void vcpu_tb_exec(unsigned int vcpu, void *udata)
+{
+    if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
+        return;
+    }
+    uintptr_t u = (uintptr_t)udata;
+    /* Only this vCPU's thread writes its instruction counter: no lock needed. */
+    model_count(M, (int)vcpu, (int)(u & 1), EV_INSTRUCTIONS, u >> 1);
+}
+
+static void reset_done(qemu_plugin_id_t id);
+
+static void request_retranslation(void) { qemu_plugin_reset(plugin_id, reset_done); }
+
+static void vcpu_marker(unsigned int vcpu, void *udata)
+{
+    uint32_t disp = (uint32_t)(uintptr_t)udata;
+    unsigned kind = (disp >> 20) & 0xf, id = disp & 0xfffff;
+    char name[48];
+    bool changed = false;
+
+    snprintf(name, sizeof(name), "%s:%u",
+             kind == KIND_BEGIN ? "begin" : kind == KIND_END ? "end" : "snapshot", id);
+    lock();
+    if (kind == KIND_BEGIN) {
+        snapshot(name);
+        if (open_regions++ == 0) {
+            if (cold_start) {
+                model_clear_caches(M);
+            }
+            __atomic_store_n(&counting, 1, __ATOMIC_RELAXED);
+            if (!armed) {
+                __atomic_store_n(&armed, 1, __ATOMIC_RELAXED);
+                changed = true;
+            }
+        }
+    } else if (kind == KIND_END) {
+        if (open_regions == 0) {
+            g_autofree char *msg =
+                g_strdup_printf("netbed-cache: vcpu %u: end:%u with no open region\n", vcpu, id);
+            qemu_plugin_outs(msg);
+        } else if (--open_regions == 0 && !always_on) {
+            __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
+        }
+        snapshot(name);
+    } else {
+        snapshot(name);
+    }
+    unlock();
+    if (changed) {
+        request_retranslation();
+    }
+}
+
+static bool marker_disp(struct qemu_plugin_insn *insn, uint32_t *disp)
+{
+    if (qemu_plugin_insn_size(insn) != 7) {
+        return false;
+    }
+    const uint8_t *b = qemu_plugin_insn_data(insn);
+    if (b[0] != 0x0f || b[1] != 0x1f || b[2] != 0x80 || b[6] != MARKER_MAGIC) {
+        return false;
+    }
+    memcpy(disp, b + 3, 4);
+    unsigned kind = (*disp >> 20) & 0xf;
+    return kind >= KIND_BEGIN && kind <= KIND_SNAPSHOT;
+}
+
+static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    bool instrument = __atomic_load_n(&armed, __ATOMIC_RELAXED);
+
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint32_t disp;
+        if (marker_disp(insn, &disp)) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, vcpu_marker, QEMU_PLUGIN_CB_NO_REGS,
+                                                   (void *)(uintptr_t)disp);
+        }
+        if (instrument) {
+            int mode = mode_of(qemu_plugin_insn_vaddr(insn));
+            qemu_plugin_register_vcpu_mem_cb(insn, vcpu_mem, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_RW, (void *)(uintptr_t)mode);
+        }
+    }
+    if (instrument && n) {
+        int mode = mode_of(qemu_plugin_insn_vaddr(qemu_plugin_tb_get_insn(tb, 0)));
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, vcpu_tb_exec, QEMU_PLUGIN_CB_NO_REGS,
+                                             (void *)(uintptr_t)((n << 1) | (size_t)mode));
+    }
+}
+
+static void plugin_exit(qemu_plugin_id_t id, void *udata)
+{
+    lock();
+    snapshot("exit");
+    if (out) {
+        fclose(out);
+        out = NULL;
+    }
+    unlock();
+}
+
+static void register_callbacks(qemu_plugin_id_t id)
+{
+    qemu_plugin_register_vcpu_tb_trans_cb(id, vcpu_tb_trans);
+    qemu_plugin_register_atexit_cb(id, plugin_exit, NULL);
+}
+
+/* qemu_plugin_reset() dropped every callback and flushed the code cache. */
+static void reset_done(qemu_plugin_id_t id) { register_callbacks(id); }
+
+static bool parse_size(const char *s, uint64_t *v)
+{
+    char *end;
+    unsigned long long x = strtoull(s, &end, 0);
+    if (end == s) {
+        return false;
+    }
+    switch (*end) {
+    case 'k': case 'K': x <<= 10; end++; break;
+    case 'm': case 'M': x <<= 20; end++; break;
+    case 'g': case 'G': x <<= 30; end++; break;
+    default: break;
+    }
+    if (*end == 'i') {
+        end++; /* KiB, MiB, GiB */
+    }
+    if (*end == 'B') {
+        end++;
+    }
+    *v = x;
+    return *end == '\0';
+}
+
+static int fail(const char *fmt, const char *a, const char *b)
+{
+    g_autofree char *msg = g_strdup_printf(fmt, a, b);
+    qemu_plugin_outs(msg);
+    fprintf(stderr, "%s", msg);
+    return -1;
+}
+
+QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
+                                           int argc, char **argv)
+{
+    model_config cfg = {
+        .l1d = {32 << 10, 8},
+        .l2 = {1 << 20, 16},
+        .llc = {8 << 20, 16},
+        .line = 64,
+        .ncpus = info->system_emulation ? info->system.max_vcpus : 1,
+    };
+    const char *out_path = NULL;
+
+    for (int i = 0; i < argc; i++) {
+        char *eq = strchr(argv[i], '=');
+        if (!eq) {
+            return fail("netbed-cache: argument %s%s is not key=value\n", argv[i], "");
+        }
+        g_autofree char *key = g_strndup(argv[i], (gsize)(eq - argv[i]));
+        const char *val = eq + 1;
+        uint64_t v = 0;
+        bool is_num = parse_size(val, &v);
+        if (!strcmp(key, "out")) {
+            out_path = val;
+        } else if (!strcmp(key, "cold") || !strcmp(key, "always")) {
+            bool b;
+            if (!qemu_plugin_bool_parse(key, val, &b)) {
+                return fail("netbed-cache: %s=%s: expected on/off\n", key, val);
+            }
+            *(strcmp(key, "cold") ? &always_on : &cold_start) = b;
+        } else if (!is_num) {
+            return fail("netbed-cache: %s=%s: expected a number (suffix K/M/G allowed)\n", key,
+                        val);
+        } else if (!strcmp(key, "l1d_size")) {
+            cfg.l1d.size = v;
+        } else if (!strcmp(key, "l1d_assoc")) {
+            cfg.l1d.ways = (uint32_t)v;
+        } else if (!strcmp(key, "l2_size")) {
+            cfg.l2.size = v;
+        } else if (!strcmp(key, "l2_assoc")) {
+            cfg.l2.ways = (uint32_t)v;
+        } else if (!strcmp(key, "llc_size")) {
+            cfg.llc.size = v;
+        } else if (!strcmp(key, "llc_assoc")) {
+            cfg.llc.ways = (uint32_t)v;
+        } else if (!strcmp(key, "line")) {
+            cfg.line = (uint32_t)v;
+        } else {
+            return fail("netbed-cache: unknown argument %s (known: out, l1d_size, l1d_assoc, "
+                        "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always)%s\n",
+                        key, "");
+        }
+    }
+    if (!info->system_emulation) {
+        return fail("netbed-cache: needs full-system emulation (physical addresses)%s%s\n", "",
+                    "");
+    }
+    const char *err = model_config_error(&cfg);
+    if (err) {
+        return fail("netbed-cache: bad cache geometry: %s%s\n", err, "");
+    }
+    if (!out_path) {
+        return fail("netbed-cache: missing out=<csv path>%s%s\n", "", "");
+    }
+    out = fopen(out_path, "a");
+    if (!out) {
+        return fail("netbed-cache: cannot open %s: %s\n", out_path, g_strerror(errno));
+    }
+    if (ftell(out) == 0) {
+        fprintf(out, "vcpu,mode,event,value,marker\n");
+        fflush(out);
+    }
+    M = model_new(&cfg);
+    plugin_id = id;
+    counting = armed = always_on;
+    register_callbacks(id);
+    return 0;
+}
