@@ -98,6 +98,7 @@ def tiny_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
         CpioEntry.file("init", TINY_INIT.encode(), 0o755),
         CpioEntry.file("probe/rxreader", reader.read_bytes(), 0o755),
         CpioEntry.file("probe/wakeprobe.sh", (PROBE_DIR / "wakeprobe.sh").read_bytes(), 0o755),
+        CpioEntry.file("probe/wakeprobe.awk", (PROBE_DIR / "wakeprobe.awk").read_bytes()),
     ]
     out = work / "tiny.cpio"
     write_newc(out, entries)
@@ -259,57 +260,38 @@ def test_wake_local_runs_reader_on_the_irq_cpu(
 # ---------------------------------------------------------------- two guests
 
 
-def _two_guest_probe(kernel: Kernel, wake: int, workdir: Path,
-                     settings: Settings) -> dict[str, str]:
-    """Receiver (2 vCPUs, e1000 data NIC, IRQ on CPU k) + sender guest on a socket data plane."""
-    from testbed.dataplane import RECEIVER_IP, SENDER_IP, DataPlane, plan_dataplane
-    from testbed.guest import Guest, make_keypair
-    from testbed.images import ensure_image, ensure_initrd
-    from testbed.qemu import GuestSpec, QemuProcess, free_port
+def _two_guest_probe(wake: int, workdir: Path, settings: Settings) -> dict[str, str]:
+    """Receiver (2 vCPUs, e1000 data NIC, IRQ on CPU k) + sender guest, via testbed.topology."""
+    from testbed.dataplane import RECEIVER_IP
+    from testbed.topology import boot, prepare_assets
 
-    image = ensure_image(settings)
-    initrd = ensure_initrd(image, kernel, settings)
-    key = make_keypair(workdir / "keys")
     reader = workdir / "rxreader"
     if not reader.exists():
         subprocess.run(["gcc", "-O2", "-static", "-o", str(reader),
                         str(PROBE_DIR / "rxreader.c")], check=True)
-    plan = plan_dataplane("socket")
-    specs = [
-        GuestSpec(name=name, kernel=kernel.bzimage, initrd=initrd, cpus=cpus,
-                  memory_mb=settings.guest_memory_mb, accel="tcg", ssh_port=free_port(),
-                  workdir=workdir / f"{kernel.name}-wake{wake}", ssh_pubkey_b64=key.public_b64,
-                  nic="e1000", data=attach, data_ip=f"{ip}/24", index=i)
-        for i, (name, cpus, attach, ip) in enumerate([
-            ("receiver", 2, plan.receiver, RECEIVER_IP), ("sender", 1, plan.sender, SENDER_IP)])
-    ]
-    with DataPlane(plan), QemuProcess(specs[0]) as rx_vm, QemuProcess(specs[1]) as tx_vm:
-        for vm in (rx_vm, tx_vm):
-            vm.wait_ready(settings.boot_timeout_s)
-        rx = Guest("receiver", specs[0].ssh_port, key, image.host_key_pub)
-        tx = Guest("sender", specs[1].ssh_port, key, image.host_key_pub)
-        try:
-            for g in (rx, tx):
-                g.wait_ssh(settings.ssh_timeout_s)
-            rx.run("mkdir -p /tmp/probe")
-            rx.put(reader, "/tmp/probe/rxreader")
-            rx.put(PROBE_DIR / "wakeprobe.sh", "/tmp/probe/wakeprobe.sh")
-            rx.run("chmod +x /tmp/probe/rxreader /tmp/probe/wakeprobe.sh")
-            rx.run(f"nohup /tmp/probe/wakeprobe.sh {IRQ_CPU} {wake} 5001 "
-                   f"$(cat /run/netbed-data-iface) > /tmp/wakeprobe.out 2>&1 &")
-            deadline = time.monotonic() + 60
-            while "WAKEPROBE-LISTENING" not in rx.run("cat /tmp/wakeprobe.out").stdout:
-                assert time.monotonic() < deadline, rx.run("cat /tmp/wakeprobe.out").stdout
-                time.sleep(1)
-            tx.run(f"head -c {SEND_BYTES} /dev/zero > /dev/tcp/{RECEIVER_IP}/5001",
-                   timeout=600)
-            deadline = time.monotonic() + 120
-            while "WAKEPROBE " not in (out := rx.run("cat /tmp/wakeprobe.out").stdout):
-                assert time.monotonic() < deadline, out
-                time.sleep(1)
-        finally:
-            rx.close()
-            tx.close()
+    assets = prepare_assets(settings, "patched", workdir / f"wake{wake}", accel="tcg")
+    with boot(assets, settings, workdir / f"wake{wake}" / "guests", cpus=2, nic="e1000",
+              with_sender=True, sender_cpus=1) as topo:
+        assert topo.sender is not None
+        rx, tx = topo.receiver.ssh, topo.sender.ssh
+        assert rx.run("uname -r").stdout.strip() == assets.kernel.release
+        rx.run("mkdir -p /tmp/probe")
+        rx.put(reader, "/tmp/probe/rxreader")
+        rx.put(PROBE_DIR / "wakeprobe.sh", "/tmp/probe/wakeprobe.sh")
+        rx.put(PROBE_DIR / "wakeprobe.awk", "/tmp/probe/wakeprobe.awk")
+        rx.run("chmod +x /tmp/probe/rxreader /tmp/probe/wakeprobe.sh")
+        rx.run(f"nohup /tmp/probe/wakeprobe.sh {IRQ_CPU} {wake} 5001 "
+               f"$(cat /run/netbed-data-iface) > /tmp/wakeprobe.out 2>&1 &")
+        deadline = time.monotonic() + 60
+        while "WAKEPROBE-LISTENING" not in (out := rx.run("cat /tmp/wakeprobe.out").stdout):
+            assert "WAKEPROBE-ERROR" not in out and time.monotonic() < deadline, out
+            time.sleep(1)
+        tx.run(f"bash -c 'head -c {SEND_BYTES} /dev/zero > /dev/tcp/{RECEIVER_IP}/5001'",
+               timeout=600)
+        deadline = time.monotonic() + 120
+        while "WAKEPROBE " not in (out := rx.run("cat /tmp/wakeprobe.out").stdout):
+            assert time.monotonic() < deadline, out
+            time.sleep(1)
     facts = _facts(out)
     assert int(facts["bytes"]) == SEND_BYTES, out
     return facts
@@ -320,7 +302,7 @@ def test_wake_local_two_guests(kernels: dict[str, Kernel], workdir: Path,
     """The issue's setup: data from another guest over the data plane (needs the image)."""
     fractions = {}
     for wake in (0, 1):
-        f = _two_guest_probe(kernels["patched"], wake, workdir, settings)
+        f = _two_guest_probe(wake, workdir, settings)
         placed, on_k = int(f["placed"]), int(f["on_k"])
         assert placed >= 50, f
         fractions[wake] = on_k / placed

@@ -45,24 +45,5 @@ echo 0 > $T/events/sched/sched_wakeup/enable
 echo 0 > $T/events/sched/sched_switch/enable
 echo > $T/set_event_pid
 cat /tmp/rxreader.out
-awk -v pid="$PID" -v k="$K" -v wake="$WAKE" '
-function cpu_of(s) { s = $0; sub(/^.*\[/, "", s); sub(/\].*$/, "", s); return s + 0 }
-/ sched_wakeup: / && $0 ~ (" pid=" pid " ") {
-	flags = $0; sub(/^.*\] /, "", flags); flags = substr(flags, 1, 5)
-	pending = 1; soft = (substr(flags, 3, 1) == "s")
-	wakeups++
-	next
-}
-/ sched_switch: / && $0 ~ ("next_pid=" pid " ") {
-	if (!pending) next
-	pending = 0; c = cpu_of(); ran[c]++; placed++
-	if (soft) softirq_placed++
-	if (c == k) { on_k++; if (soft) softirq_on_k++ }
-}
-END {
-	printf "WAKEPROBE k=%d wake=%s wakeups=%d placed=%d on_k=%d softirq_placed=%d softirq_on_k=%d",
-		k, wake, wakeups, placed, on_k, softirq_placed, softirq_on_k
-	for (c in ran) printf " ran_cpu%d=%d", c, ran[c]
-	printf "\n"
-}' $T/trace
+awk -v pid="$PID" -v k="$K" -v wake="$WAKE" -f "$DIR/wakeprobe.awk" $T/trace
 echo > $T/trace
