@@ -654,6 +654,58 @@ def diff_readback(resolved: ResolvedPolicy, readback: Readback, *,
     return out
 
 
+# ---------------------------------------------------------------- which NIC, which IRQs
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """The data NIC as the guest sees it.
+
+    Interface names are not stable: with the distro kernel an e1000 data NIC
+    came up as eth0 and the virtio management NIC as eth1 (module load order),
+    so the data NIC is found by its MAC address, never by name.
+    """
+
+    iface: str
+    device: str   # basename of /sys/class/net/<iface>/device: "virtio2" or "0000:00:03.0"
+    driver: str   # "e1000", "virtio_net"
+
+    @property
+    def irq_names(self) -> list[str]:
+        """Names for `find_nic_irqs`: e1000 names its IRQ after the interface, virtio-net
+        after the virtio device (virtio2-input.0, virtio2-output.0, virtio2-config)."""
+        return [self.iface, self.device] if self.device.startswith("virtio") else [self.iface]
+
+
+def nic_info_command(mac: str) -> str:
+    """Shell script printing iface=/device=/driver= lines for the NIC with this MAC."""
+    mac = mac.lower()
+    if not _MAC_RE.match(mac):
+        raise NetbedError(f"bad MAC address {mac!r}")
+    return ('for d in /sys/class/net/*; do '
+            f'[ "$(cat "$d/address" 2>/dev/null)" = "{mac}" ] || continue; '
+            'echo "iface=${d##*/}"; '
+            'echo "device=$(basename "$(readlink -f "$d/device")")"; '
+            'echo "driver=$(basename "$(readlink -f "$d/device/driver")")"; done\n')
+
+
+def parse_nic_info(text: str, mac: str = "") -> NicInfo:
+    """Output of `nic_info_command` -> NicInfo; a NetbedError when the MAC was not found."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            found.setdefault(key, []).append(value.strip())
+    ifaces = found.get("iface", [])
+    if len(ifaces) != 1:
+        what = "no interface" if not ifaces else f"{len(ifaces)} interfaces ({', '.join(ifaces)})"
+        raise NetbedError(f"{what} with MAC {mac or '?'} in the guest",
+                          hint="check the guest's data NIC (ip -o link) and the MAC qemu gave it")
+    return NicInfo(ifaces[0], (found.get("device") or [""])[0], (found.get("driver") or [""])[0])
+
+
 # ---------------------------------------------------------------- /proc/interrupts
 
 @dataclass(frozen=True)
