@@ -533,6 +533,19 @@ def readback_commands(iface: str, irqs: Sequence[int], sysctl_keys: Iterable[str
     return "\n".join(lines) + "\n"
 
 
+def reader_affinity_command() -> str:
+    """Shell script printing `reader.<pid>=<cpulist>`: the allowed CPUs of netserver's data
+    process (the newest child of the netserver daemon, as measure's sampler picks it).
+
+    Run it while netperf runs (after warmup): the data process exists only then.
+    Its output can be appended to the read-back text; `diff_readback` then checks
+    that a pinned reader is pinned where the policy said.
+    """
+    return ('d=$(pgrep -o -x netserver) && p=$(pgrep -n -x -P "$d" netserver) && '
+            'echo "reader.$p=$(sed -n \'s/^Cpus_allowed_list:[[:space:]]*//p\' /proc/$p/status)"'
+            ' || echo "reader.none=' + ABSENT + '"\n')
+
+
 @dataclass(frozen=True)
 class Readback:
     """What the guest reported; None / ABSENT mark knobs that could not be read."""
@@ -545,6 +558,9 @@ class Readback:
     sysctls: dict[str, str | None] = field(default_factory=dict)  # None: not on this kernel
     offloads: dict[str, str] = field(default_factory=dict)
     unparsed: tuple[str, ...] = ()
+    # netserver data process pid -> allowed CPUs; empty when not read, {-1: None} when
+    # reader_affinity_command found no data process
+    reader_affinity: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for readback.json."""
@@ -558,6 +574,7 @@ class Readback:
             "rps_flow_cnt": dict(self.rps_flow_cnt),
             "sysctls": dict(self.sysctls),
             "offloads": dict(self.offloads),
+            "reader_affinity": {str(k): cl(v) for k, v in self.reader_affinity.items()},
             "unparsed": list(self.unparsed),
         }
 
@@ -571,6 +588,7 @@ def parse_readback(text: str) -> Readback:
     flow: dict[str, int | None] = {}
     sysctls: dict[str, str | None] = {}
     offloads: dict[str, str] = {}
+    reader: dict[int, tuple[int, ...] | None] = {}
     unparsed: list[str] = []
     for raw in text.splitlines():
         line = raw.strip()
@@ -600,11 +618,14 @@ def parse_readback(text: str) -> Readback:
                 sysctls[key.removeprefix("sysctl.")] = None if absent else " ".join(value.split())
             elif key.startswith("offload."):
                 offloads[key.removeprefix("offload.")] = value
+            elif key.startswith("reader."):
+                pid = key.removeprefix("reader.")
+                reader[-1 if pid == "none" else int(pid)] = None if absent else parse_cpulist(value)
             else:
                 raise ValueError
         except (ValueError, KeyError):
             unparsed.append(raw)
-    return Readback(iface, aff, eff, rps, flow, sysctls, offloads, tuple(unparsed))
+    return Readback(iface, aff, eff, rps, flow, sysctls, offloads, tuple(unparsed), reader)
 
 
 def diff_readback(resolved: ResolvedPolicy, readback: Readback, *,
@@ -646,10 +667,18 @@ def diff_readback(resolved: ResolvedPolicy, readback: Readback, *,
         got_v = readback.sysctls.get(k, "<not read back>")
         if got_v is not None and " ".join(str(got_v).split()) != " ".join(v.split()):
             out.append(f"sysctl {k}: wanted {v}, got {got_v}")
+    if resolved.reader_cpu is not None and readback.reader_affinity:
+        for pid, cpus in sorted(readback.reader_affinity.items()):
+            if pid == -1 or cpus is None:
+                out.append(f"reader affinity: wanted {resolved.reader_cpu}, got no netserver "
+                           "data process")
+            elif cpus != (resolved.reader_cpu,):
+                out.append(f"reader affinity (netserver pid {pid}): wanted "
+                           f"{resolved.reader_cpu}, got {fmt_cpulist(cpus)}")
     if gro is not None:
         want = "on" if gro else "off"
         got_gro = readback.offloads.get("generic-receive-offload", "<not read back>")
-        if got_gro != want:
+        if got_gro.split(" ")[0] != want:
             out.append(f"generic-receive-offload: wanted {want}, got {got_gro}")
     return out
 

@@ -33,6 +33,7 @@ from testbed.policies import (
     parse_nic_info,
     parse_readback,
     readback_commands,
+    reader_affinity_command,
     resolve,
     shared_irqs,
 )
@@ -366,3 +367,19 @@ def test_resolved_as_dict_is_json_ready(shipped) -> None:
     d = shipped.resolve("pin-cross", 4).as_dict()
     assert d["irq_cpus"] == [0] and d["reader_cpu"] == 3 and d["rps_mask"] == "0"
     assert isinstance(shipped.resolve("default", 1), ResolvedPolicy)
+
+
+def test_reader_affinity_readback(shipped) -> None:
+    assert "Cpus_allowed_list" in reader_affinity_command()
+    pinned = parse_readback("reader.4242=1\n")
+    assert pinned.reader_affinity == {4242: (1,)}
+    assert pinned.as_dict()["reader_affinity"] == {"4242": "1"}
+    cross, same = shipped.resolve("pin-cross", 2), shipped.resolve("pin-same", 2)
+    assert not [d for d in diff_readback(cross, pinned) if "reader" in d]
+    assert [d for d in diff_readback(same, pinned) if "reader" in d] == [
+        "reader affinity (netserver pid 4242): wanted 0, got 1"]
+    gone = parse_readback("reader.none=<absent>\n")
+    assert [d for d in diff_readback(same, gone) if "reader" in d] == [
+        "reader affinity: wanted 0, got no netserver data process"]
+    # an unpinned reader is not checked
+    assert not [d for d in diff_readback(shipped.resolve("default", 2), pinned) if "reader" in d]
