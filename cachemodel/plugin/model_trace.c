@@ -1,0 +1,93 @@
+/*
+ * model_trace: drive model.c from a text trace, for tests of the model alone
+ * (tests/unit/test_cachemodel.py compiles and runs it; no QEMU involved).
+ *
+ *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
+ *               [llc_size=B] [llc_assoc=W] [line=B]  < trace
+ *
+ * Trace lines:  <cpu> <k|u> <l|s> <paddr> [size]   one access (paddr in hex or dec)
+ *               S <cpu> <k|u> <l|s> <start> <bytes> <stride> [repeat]  a strided sweep
+ *               clear                               empty all caches
+ * Prints the final counters as CSV: vcpu,mode,event,value.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+int main(int argc, char **argv)
+{
+    model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2};
+    for (int i = 1; i < argc; i++) {
+        char *eq = strchr(argv[i], '=');
+        if (!eq) {
+            fprintf(stderr, "bad argument %s\n", argv[i]);
+            return 2;
+        }
+        *eq = '\0';
+        unsigned long long v = strtoull(eq + 1, NULL, 0);
+        if (!strcmp(argv[i], "ncpus")) cfg.ncpus = (int)v;
+        else if (!strcmp(argv[i], "l1d_size")) cfg.l1d.size = v;
+        else if (!strcmp(argv[i], "l1d_assoc")) cfg.l1d.ways = (uint32_t)v;
+        else if (!strcmp(argv[i], "l2_size")) cfg.l2.size = v;
+        else if (!strcmp(argv[i], "l2_assoc")) cfg.l2.ways = (uint32_t)v;
+        else if (!strcmp(argv[i], "llc_size")) cfg.llc.size = v;
+        else if (!strcmp(argv[i], "llc_assoc")) cfg.llc.ways = (uint32_t)v;
+        else if (!strcmp(argv[i], "line")) cfg.line = (uint32_t)v;
+        else {
+            fprintf(stderr, "unknown argument %s\n", argv[i]);
+            return 2;
+        }
+    }
+    const char *err = model_config_error(&cfg);
+    if (err) {
+        fprintf(stderr, "bad config: %s\n", err);
+        return 2;
+    }
+    model *m = model_new(&cfg);
+    char line[256];
+    int lineno = 0;
+    while (fgets(line, sizeof(line), stdin)) {
+        lineno++;
+        int cpu;
+        char mode, rw;
+        unsigned long long a, b, c, rep = 1;
+        unsigned size = 8;
+        if (line[0] == '\n' || line[0] == '#') {
+            continue;
+        }
+        if (!strncmp(line, "clear", 5)) {
+            model_clear_caches(m);
+        } else if (line[0] == 'S' &&
+                   sscanf(line + 1, "%d %c %c %lli %lli %lli %lli", &cpu, &mode, &rw, &a, &b, &c,
+                          &rep) >= 6) {
+            for (unsigned long long r = 0; r < rep; r++) {
+                for (unsigned long long off = 0; off < b; off += c) {
+                    model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a + off, 8,
+                                 rw == 's');
+                }
+            }
+        } else if (sscanf(line, "%d %c %c %lli %u", &cpu, &mode, &rw, &a, &size) >= 4) {
+            if (cpu < 0 || cpu >= cfg.ncpus) {
+                fprintf(stderr, "line %d: cpu %d out of range\n", lineno, cpu);
+                return 2;
+            }
+            model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a, size, rw == 's');
+        } else {
+            fprintf(stderr, "line %d: cannot parse: %s", lineno, line);
+            return 2;
+        }
+    }
+    printf("vcpu,mode,event,value\n");
+    for (int cpu = 0; cpu < cfg.ncpus; cpu++) {
+        for (int mo = 0; mo < MODE_COUNT; mo++) {
+            for (int ev = 0; ev < EV_COUNT; ev++) {
+                printf("%d,%s,%s,%llu\n", cpu, model_mode_names[mo], model_event_names[ev],
+                       (unsigned long long)model_counter(m, cpu, mo, ev));
+            }
+        }
+    }
+    model_free(m);
+    return 0;
+}
