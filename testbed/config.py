@@ -309,6 +309,9 @@ def load_experiment(path: Path, policies: PolicySet | None = None) -> Experiment
         raise ConfigError(f"{src.name}:1:1: expected a mapping of keys (name, axes, ...), "
                           f"got {type(data).__name__}")
     data.setdefault("name", path.stem)
+    # Top-level `x-...` keys are ignored (as in docker compose): a place for YAML
+    # anchors that other keys merge in with `<<: *name`.
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     if policies is None:
         pfile = data.get("policies_file")
         policies = load_policies(_resolve_policies_path(path, pfile if isinstance(pfile, str)

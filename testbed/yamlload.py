@@ -44,11 +44,6 @@ class Source:
     def name(self) -> str:
         return display_path(self.path)
 
-    def where(self, loc: tuple[str | int, ...], *, key: bool = False) -> str:
-        """`file:line:col` of the node at `loc` (the deepest part of it that exists)."""
-        line, col = locate(self.tree, loc, key=key)
-        return f"{self.name}:{line}:{col}"
-
     def problem(self, loc: tuple[str | int, ...], message: str, *, key: bool = False) -> Problem:
         line, col = locate(self.tree, loc, key=key)
         return Problem(self.name, line, col, format_loc(loc), message)
@@ -137,17 +132,20 @@ def locate(tree: Any, loc: tuple[str | int, ...], *, key: bool = False) -> tuple
            getattr(getattr(tree, "lc", None), "col", 0) or 0)
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
-        if isinstance(node, CommentedMap) and part in node:
-            child = node[part]
-            if (last and key) or isinstance(child, (CommentedMap, CommentedSeq)):
-                pos = node.lc.key(part)
+        try:
+            if isinstance(node, CommentedMap) and part in node:
+                child = node[part]
+                if (last and key) or isinstance(child, (CommentedMap, CommentedSeq)):
+                    pos = node.lc.key(part)
+                else:
+                    pos = node.lc.value(part)
+                node = child
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                pos = node.lc.item(part)
+                node = node[part]
             else:
-                pos = node.lc.value(part)
-            node = child
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-            pos = node.lc.item(part)
-            node = node[part]
-        else:
+                break
+        except (KeyError, IndexError, TypeError):  # merged (<<:) keys carry no position
             break
     return pos[0] + 1, pos[1] + 1
 

@@ -194,3 +194,9 @@ def test_full_yaml_loads_and_expands() -> None:
     assert not [c for c in cells if c.cpus == 1 and c.policy in ("pin-cross", "rps", "rfs")]
     assert all(re.match(r"^[A-Za-z0-9_.-]+$", i) for i in ids)
     assert exp.repetitions == 5 and exp.order == "interleaved"
+
+
+def test_x_keys_hold_anchors(policies) -> None:
+    exp = load_experiment(FIXTURES / "good" / "anchors.yaml", policies)
+    assert exp.axes.nic == ["e1000", "virtio"] and exp.axes.policy == ["default", "pin-same"]
+    assert len(expand(exp)) == 4
