@@ -314,8 +314,11 @@ def load_experiment(path: Path, policies: PolicySet | None = None) -> Experiment
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     if policies is None:
         pfile = data.get("policies_file")
-        policies = load_policies(_resolve_policies_path(path, pfile if isinstance(pfile, str)
-                                                        else None))
+        ppath = _resolve_policies_path(path, pfile if isinstance(pfile, str) else None)
+        if isinstance(pfile, str) and not ppath.is_file():
+            raise_problems([src.problem(("policies_file",), f"no such file: {ppath} (the "
+                                        "path is relative to this experiment file)")])
+        policies = load_policies(ppath)
     # Policy names are checked on the raw data too, so a typo in a policy is
     # reported together with every other problem, not after they are fixed.
     problems = _policy_name_problems(src, data, policies)

@@ -200,3 +200,10 @@ def test_x_keys_hold_anchors(policies) -> None:
     exp = load_experiment(FIXTURES / "good" / "anchors.yaml", policies)
     assert exp.axes.nic == ["e1000", "virtio"] and exp.axes.policy == ["default", "pin-same"]
     assert len(expand(exp)) == 4
+
+
+def test_missing_policies_file_points_at_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("name: x\npolicies_file: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml:2:16: policies_file: no such file: .*nope"):
+        load_experiment(cfg)
