@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -288,8 +289,9 @@ class _Progress:
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
             start = last = time.monotonic()
+            # own process group, so an interrupt stops make and every compiler it started
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 while proc.poll() is None:
                     time.sleep(1.0)
@@ -297,7 +299,8 @@ class _Progress:
                         last = time.monotonic()
                         self.log(f"  {self.label}: {last - start:.0f} s, at: {self._tail(1)}")
             except BaseException:
-                proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
                 raise
         if proc.returncode != 0:
