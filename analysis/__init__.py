@@ -28,7 +28,14 @@ from analysis.collate import (
     collate_run_with_facts,
     write_tables,
 )
-from analysis.compare import Comparison, compare_runs, compare_to_baseline, format_table, summarize
+from analysis.compare import (
+    Comparison,
+    compare_runs,
+    compare_to_baseline,
+    format_table,
+    is_headline,
+    summarize,
+)
 from analysis.report import ReportPaths
 from testbed.results import atomic_write_text
 
@@ -76,7 +83,8 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
     tidy, facts = collate_run_with_facts(run_dir)
     tables = write_tables(run_dir, tidy)
     summary = summarize(tidy, seed=seed)
-    comparison = compare_to_baseline(tidy, baseline, seed=seed)
+    headline = sorted(m for m in tidy["metric"].dropna().unique() if is_headline(m))
+    comparison = compare_to_baseline(tidy, baseline, metrics=headline, seed=seed)
     out = analysis_dir(run_dir)
     summary_csv, comparison_csv, comparison_txt = (out / "summary.csv", out / "comparison.csv",
                                                    out / "comparison.txt")
@@ -97,7 +105,8 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     run_cmp = None
     if compare_to is not None:
         other = collate_run(Path(compare_to))
-        run_cmp = compare_runs(other, result.tidy, seed=seed)
+        headline = sorted(m for m in result.tidy["metric"].dropna().unique() if is_headline(m))
+        run_cmp = compare_runs(other, result.tidy, metrics=headline, seed=seed)
         atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
                           run_cmp.table.to_csv(index=False))
     figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")

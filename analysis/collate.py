@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -45,6 +47,7 @@ PER_UNIT_METRICS = (
     "irq.nic",
 )
 CACHE_PER_UNIT_PREFIX = "cache."
+PARALLEL_MIN_REPS = 64
 # A CPU "ran NET_RX" when it carried at least this share of the window's NET_RX.
 NETRX_CPU_THRESHOLD = 0.25
 
@@ -77,20 +80,24 @@ class _Rows:
     def add_frame(self, df: pd.DataFrame, prefix: str, unit: str, source: str,
                   with_total: bool = True) -> None:
         """Per-CPU rows plus an "all" row (sum) per metric, unless the frame has one."""
-        for metric, group in df.groupby("metric", sort=False):
-            has_all = (group["cpu"] == "all").any()
-            for cpu, value in zip(group["cpu"], group["value"], strict=True):
-                self.add(f"{prefix}{metric}", cpu, float(value), unit, source)
-            if with_total and not has_all:
-                self.add(f"{prefix}{metric}", "all", float(group["value"].sum(min_count=1)),
-                         unit, source)
+        totals: dict[str, list[float]] = {}
+        has_all: set[str] = set()
+        for metric, cpu, value in zip(df["metric"], df["cpu"], df["value"], strict=True):
+            self.add(f"{prefix}{metric}", cpu, float(value), unit, source)
+            totals.setdefault(metric, []).append(float(value))
+            if cpu == "all":
+                has_all.add(metric)
+        for metric, values in totals.items():
+            if with_total and metric not in has_all:
+                ok = [v for v in values if not math.isnan(v)]
+                self.add(f"{prefix}{metric}", "all", sum(ok) if ok else math.nan, unit, source)
 
 
 def cell_axes(cell: dict[str, Any]) -> dict[str, Any]:
     """The axis values of a cell.json (or cells.json entry), flattened."""
     wl = cell.get("workload") or {}
-    if isinstance(wl, str):
-        wl = {"name": wl}
+    if isinstance(wl, str):  # Cell.flat(): workload name and message_size side by side
+        wl = {"name": wl, "message_size": cell.get("message_size")}
     gro = cell.get("gro")
     return {
         "kernel": cell.get("kernel"),
@@ -280,17 +287,19 @@ def _collate_perf(rep: RepDir, out: _Rows) -> None:
     except NetbedError as exc:
         _error(out, "perf", "perf", exc)
         return
-    for event, group in df.groupby("metric", sort=False):
-        unit = str(group["unit"].iloc[0]) or "count"
-        for cpu, value, status in zip(group["cpu"], group["value"], group["status"],
-                                      strict=True):
-            out.add(f"perf.{event}", cpu, float(value), unit, "perf", status)
-        ok = group[group["status"] == "ok"]
-        if len(ok) == len(group):
-            out.add(f"perf.{event}", "all", float(ok["value"].sum()), unit, "perf")
+    events: dict[str, list[tuple[str, float, str, str]]] = {}
+    for event, cpu, value, unit, status in zip(df["metric"], df["cpu"], df["value"],
+                                               df["unit"], df["status"], strict=True):
+        events.setdefault(event, []).append((cpu, float(value), unit or "count", status))
+    for event, rows in events.items():
+        unit = rows[0][2]
+        for cpu, value, _, status in rows:
+            out.add(f"perf.{event}", cpu, value, unit, "perf", status)
+        bad = [status for _, _, _, status in rows if status != "ok"]
+        if bad:
+            out.add(f"perf.{event}", "all", math.nan, unit, "perf", bad[0])
         else:
-            out.add(f"perf.{event}", "all", math.nan, unit, "perf",
-                    str(group.loc[group["status"] != "ok", "status"].iloc[0]))
+            out.add(f"perf.{event}", "all", sum(v for _, v, _, _ in rows), unit, "perf")
 
 
 def read_cachemodel(text: str) -> pd.DataFrame:
@@ -394,19 +403,34 @@ def collate_run(run_dir: Path) -> pd.DataFrame:
     return collate_run_with_facts(run_dir)[0]
 
 
-def collate_run_with_facts(run_dir: Path) -> tuple[pd.DataFrame, dict[tuple[str, int], Any]]:
+def collate_run_with_facts(run_dir: Path, workers: int | None = None,
+                           ) -> tuple[pd.DataFrame, dict[tuple[str, int], Any]]:
+    """Tidy table plus per-repetition facts (which IRQ lines were the NIC's, and how).
+
+    `workers` > 1 parses repetitions in that many processes; None chooses by
+    run size (PARALLEL_MIN_REPS).
+    """
     run = RunDir(Path(run_dir))
     if not run.path.is_dir():
         raise NetbedError(f"run directory {run.path} does not exist",
                           hint="pass a folder under results/ (see `ls results`)")
     index = _load_cells_index(run)
+    reps = list(run.reps())
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if len(reps) >= PARALLEL_MIN_REPS else 1
+    if workers > 1:
+        # Parsing is per-repetition and independent: spread it over processes
+        # (a full matrix has thousands of repetitions of small pandas work).
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(collate_rep, reps, chunksize=16))
+    else:
+        results = [collate_rep(rep) for rep in reps]
     rows: list[dict[str, Any]] = []
     facts: dict[tuple[str, int], Any] = {}
-    for rep in run.reps():
+    for rep, (rep_rows, rep_facts) in zip(reps, results, strict=True):
         cell = _read_json_or_none(rep.file("cell.json")) or index.get(rep.cell_id, {})
         ids = {"run_id": run.run_id, "cell_id": rep.cell_id, "repetition": rep.repetition,
                **cell_axes(cell)}
-        rep_rows, rep_facts = collate_rep(rep)
         facts[(rep.cell_id, rep.repetition)] = rep_facts
         rows.extend({**ids, **r} for r in rep_rows)
     df = pd.DataFrame(rows, columns=list(TIDY_COLUMNS))

@@ -199,3 +199,18 @@ def test_cell_label() -> None:
            "workload": "TCP_RR", "message_size": 1, "gro": "off"}
     assert c.cell_label(row) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
     assert c.cell_label(row, ["policy", "nic"]) == "rfs/e1000"
+
+
+def test_cell_axes_accepts_nested_and_flat_cells() -> None:
+    nested = {"kernel": "stock", "nic": "virtio", "cpus": 4, "policy": "rps",
+              "workload": {"name": "TCP_MAERTS", "message_size": 65536}, "gro": False}
+    flat = {**nested, "workload": "TCP_MAERTS", "message_size": 65536}
+    want = {"kernel": "stock", "nic": "virtio", "cpus": 4, "policy": "rps",
+            "workload": "TCP_MAERTS", "message_size": 65536, "gro": "off"}
+    assert c.cell_axes(nested) == want
+    assert c.cell_axes(flat) == want
+
+
+def test_parallel_collation_equals_serial(tidy: pd.DataFrame) -> None:
+    par, _ = c.collate_run_with_facts(RUN, workers=2)
+    pd.testing.assert_frame_equal(par, tidy)
