@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +233,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
             out.add_frame(d[~d["metric"].str.startswith("cpu_")], "stat.", "count", "proc")
         elif name == "interrupts":
             readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
-            irqs, how = measure.select_nic_irqs(d, readback.get("irqs"))
+            irqs, how = measure.select_nic_irqs(d, readback_irqs(readback))
             facts["nic_irqs"] = irqs
             facts["nic_irq_method"] = how
             nic = d[d["irq"].isin(irqs)].groupby("cpu", sort=False)["value"].sum()
@@ -248,6 +247,17 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
     if netrx is not None:
         _add_shares(out, "share.netrx", netrx)
     return netrx
+
+
+def readback_irqs(readback: dict[str, Any]) -> list[str] | None:
+    """The data NIC's IRQ numbers as read back (testbed.nicstate.Readback.as_dict keys
+    them in `irq_affinity`); None when the read-back does not say."""
+    if isinstance(readback.get("irqs"), list):
+        return [str(i) for i in readback["irqs"]]
+    aff = readback.get("irq_affinity")
+    if isinstance(aff, dict) and aff:
+        return [str(i) for i in aff]
+    return None
 
 
 def _add_shares(out: _Rows, metric: str, frame: pd.DataFrame) -> None:
@@ -305,33 +315,39 @@ def _collate_perf(rep: RepDir, out: _Rows) -> None:
 def read_cachemodel(text: str) -> pd.DataFrame:
     """Cache-model CSV (vcpu, mode, event, value, marker) -> counts in the measured window.
 
-    The plugin prints cumulative counters at markers "begin:<id>", "end:<id>"
-    (and "snapshot:<id>"). The window is the last end with a matching begin;
-    without one, last marker minus first; with a single marker, its values.
-    Returns columns vcpu (str), mode, event, value.
+    The plugin prints cumulative counters in one block per marker hit
+    ("begin:<id>", "end:<id>", "snapshot:<id>"; a marker may be hit more than
+    once, so blocks are numbered by testbed.cachemodel.read_snapshots). The
+    window runs from the first "begin:<id>" to the last "end:<id>" (as
+    testbed.cachemodel.window does); without such a pair, from the first block to
+    the last; with a single block, its values. Returns vcpu (str), mode, event, value.
     """
-    df = pd.read_csv(StringIO(text), dtype={"vcpu": str, "mode": str, "event": str,
-                                            "marker": str})
-    missing = {"vcpu", "mode", "event", "value", "marker"} - set(df.columns)
-    if missing:
-        raise NetbedError(f"cachemodel.csv lacks columns {sorted(missing)}",
-                          hint="expected the header vcpu,mode,event,value,marker")
-    markers = list(dict.fromkeys(df["marker"]))
-    ends = [mk for mk in markers if mk.startswith("end:")]
-    first = last = None
-    for end in reversed(ends):
-        begin = "begin:" + end.split(":", 1)[1]
-        if begin in markers:
-            first, last = begin, end
+    from testbed.cachemodel import read_snapshots
+
+    try:
+        df = read_snapshots(text)
+    except (ValueError, KeyError) as exc:
+        raise NetbedError(f"cachemodel.csv does not parse: {exc}",
+                          hint="expected the header vcpu,mode,event,value,marker") from exc
+    if df.empty:
+        raise NetbedError("cachemodel.csv has no counter rows",
+                          hint="did the measured window's markers run in the guest?")
+    marker_of = df.groupby("snapshot")["marker"].first()
+    first, last = int(marker_of.index[0]), int(marker_of.index[-1])
+    ends = marker_of[marker_of.str.startswith("end:")]
+    for snap, name in reversed(list(ends.items())):
+        begins = marker_of[(marker_of == "begin:" + name.split(":", 1)[1]) &
+                           (marker_of.index < snap)]
+        if not begins.empty:
+            first, last = int(begins.index[0]), int(snap)
             break
-    if last is None and len(markers) >= 2:
-        first, last = markers[0], markers[-1]
     key = ["vcpu", "mode", "event"]
-    if last is None:
-        return df[[*key, "value"]].reset_index(drop=True)
-    a = df[df["marker"] == last].set_index(key)["value"]
-    b = df[df["marker"] == first].set_index(key)["value"]
-    return (a - b).rename("value").reset_index()
+    a = df[df["snapshot"] == last].set_index(key)["value"]
+    if first != last:
+        a = a - df[df["snapshot"] == first].set_index(key)["value"]
+    out = a.rename("value").reset_index()
+    out["vcpu"] = out["vcpu"].astype(str)
+    return out
 
 
 def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:

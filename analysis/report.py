@@ -79,13 +79,14 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
     for rep in run.reps():
         if not rep.is_done or rep.cell_id in readback:
             continue
-        feats = {}
+        rb = _json(rep.file(RawFiles.READBACK))
+        feats = rb.get("offloads") if isinstance(rb.get("offloads"), dict) else {}
         if rep.file(RawFiles.OFFLOADS).is_file():
             feats = measure.parse_ethtool_features(rep.file(RawFiles.OFFLOADS).read_text())
         cell = _json(rep.file("cell.json"))
         offload_rows.append({"cell": rep.cell_id, "nic": cell.get("nic", ""),
                              **{k: feats.get(k, "n/a") for k in OFFLOAD_KEYS}})
-        readback[rep.cell_id] = _json(rep.file(RawFiles.READBACK))
+        readback[rep.cell_id] = rb
         f = facts.get((rep.cell_id, rep.repetition), {})
         if f:
             nic_irqs[rep.cell_id] = (f"{f.get('nic_irq_method')}: "

@@ -214,3 +214,23 @@ def test_cell_axes_accepts_nested_and_flat_cells() -> None:
 def test_parallel_collation_equals_serial(tidy: pd.DataFrame) -> None:
     par, _ = c.collate_run_with_facts(RUN, workers=2)
     pd.testing.assert_frame_equal(par, tidy)
+
+
+def test_cachemodel_repeated_markers_window_first_begin_to_last_end() -> None:
+    head = "vcpu,mode,event,value,marker\n"
+    blocks = [("begin:1", 10), ("snapshot:2", 15), ("end:1", 20), ("begin:1", 30),
+              ("end:1", 50), ("snapshot:3", 90)]
+    text = head + "".join(f"0,kernel,loads,{v},{m}\n0,user,loads,{v * 2},{m}\n"
+                          for m, v in blocks)
+    w = c.read_cachemodel(text).set_index("mode")["value"]
+    assert w["kernel"] == 50 - 10 and w["user"] == 100 - 20
+
+
+def test_readback_irqs_from_nicstate_readback() -> None:
+    """readback.json as testbed.nicstate.Readback.as_dict writes it."""
+    rb = {"iface": "eth1", "irq_affinity": {"27": "0", "28": "0", "29": "0-1"},
+          "irq_effective": {}, "offloads": {"rx-checksumming": "on"}}
+    assert c.readback_irqs(rb) == ["27", "28", "29"]
+    assert c.readback_irqs({"irqs": [23]}) == ["23"]
+    assert c.readback_irqs({"irq_affinity": {}}) is None
+    assert c.readback_irqs({}) is None

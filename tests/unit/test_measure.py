@@ -322,3 +322,19 @@ def test_ethtool_features() -> None:
     assert f["rx-checksumming"] == "off [fixed]"
     assert f["tx-checksum-ipv4"] == "off [fixed]"
     assert f["generic-receive-offload"] == "on"
+
+
+GUEST_IRQS = Path(__file__).resolve().parent.parent / "fixtures" / "interrupts"
+
+
+@pytest.mark.parametrize(("name", "irq", "device"), [
+    ("guest-distro-e1000.txt", "23", "eth0"),
+    ("guest-distro-virtio.txt", "28", "virtio2-input.0"),
+])
+def test_interrupts_of_real_guests(name: str, irq: str, device: str) -> None:
+    """/proc/interrupts captured from distro-kernel guests (see ../fixtures/readback)."""
+    df = m.parse_interrupts((GUEST_IRQS / name).read_text())
+    names = df.drop_duplicates("irq").set_index("irq")["name"]
+    assert names[irq] == device
+    assert set(df["cpu"]) == {"0", "1"}
+    assert m.select_nic_irqs(df, [irq]) == ([irq], "readback")
