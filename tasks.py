@@ -7,10 +7,13 @@ in ~/.invoke.yaml, or with INVOKE_NETBED_<KEY> environment variables.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 
@@ -23,7 +26,8 @@ def settings_of(c: Context) -> Settings:
 
 
 def say(message: str) -> None:
-    print(f"netbed: {message}", flush=True)
+    """Progress goes to stderr so a command's own output on stdout stays clean."""
+    print(f"netbed: {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -84,22 +88,27 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
     s = settings_of(c)
     if nic is not None and nic not in NIC_MODELS:
         raise Exit(f"netbed: error: unknown NIC {nic!r}; use one of {', '.join(NIC_MODELS)}")
-    workdir = s.cache_dir / "shell"
+    s.cache_dir.mkdir(parents=True, exist_ok=True)
+    # One folder per invocation: two shells at once must not share console logs or sockets.
+    workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))
     status = 0
-    with user_errors():
-        assets = prepare_assets(s, kernel or s.default_kernel, workdir, say, accel)
-        with boot(assets, s, workdir / "guests", cpus=int(cpus), nic=nic,
-                  with_sender=with_sender, memory_mb=int(memory) if memory else None,
-                  log=say) as topo:
-            guest = topo.receiver.ssh
-            if command is None:
-                say(f"interactive shell in {guest.name}; exit it to shut the guests down")
-                status = subprocess.call(guest.ssh_argv())
-            else:
-                res = guest.run(command, check=False)
-                sys.stdout.write(res.stdout)
-                sys.stderr.write(res.stderr)
-                status = res.exit_code
+    try:
+        with user_errors():
+            assets = prepare_assets(s, kernel or s.default_kernel, workdir, say, accel)
+            with boot(assets, s, workdir / "guests", cpus=int(cpus), nic=nic,
+                      with_sender=with_sender, memory_mb=int(memory) if memory else None,
+                      log=say) as topo:
+                guest = topo.receiver.ssh
+                if command is None:
+                    say(f"interactive shell in {guest.name}; exit it to shut the guests down")
+                    status = subprocess.call(guest.ssh_argv())
+                else:
+                    res = guest.run(command, check=False)
+                    sys.stdout.write(res.stdout)
+                    sys.stderr.write(res.stderr)
+                    status = res.exit_code
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if status:
         raise Exit(code=status)
 
@@ -163,6 +172,43 @@ def build_kernel(c, variant="all", json_=False):
         print(json.dumps(built, indent=2, sort_keys=True))
 
 
+RUN_HELP = "run folder, run id under results/, or 'latest'"
+BASELINE_HELP = ("axis=value pairs to compare against "
+                 "(default policy=default,kernel=stock,nic=e1000)")
+
+
+@task(positional=["run"], help={"run": RUN_HELP, "baseline": BASELINE_HELP})
+def analyze(c, run=None, baseline=None):
+    """Collate a run's raw files into tidy tables (<run>/analysis/) and print the comparison."""
+    import analysis
+
+    with user_errors():
+        path = analysis.resolve_run(run or "latest", settings_of(c).results_dir)
+        res = analysis.analyze_run(path, analysis.parse_baseline(baseline))
+    print(res.text_table, end="")
+    say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
+
+
+@task(positional=["run"], help={
+    "run": RUN_HELP,
+    "compare": "another run (folder or id) to compare against, as the base",
+    "baseline": BASELINE_HELP,
+})
+def report(c, run=None, compare=None, baseline=None):
+    """Write <run>/analysis/report.html (self-contained) and report.md."""
+    import analysis
+
+    s = settings_of(c)
+    with user_errors():
+        path = analysis.resolve_run(run or "latest", s.results_dir)
+        other = analysis.resolve_run(compare, s.results_dir) if compare else None
+        paths = analysis.write_report(path, other, analysis.parse_baseline(baseline))
+    print(paths.html)
+    say(f"markdown: {paths.md}")
+
+
 ns = Collection(doctor, setup, shell, test, bench_boot)
 ns.add_task(build_kernel)
+ns.add_task(analyze)
+ns.add_task(report)
 ns.configure({"netbed": Settings().as_invoke_config()})

@@ -83,7 +83,7 @@ class Guest:
         while time.monotonic() - start < timeout:
             try:
                 self.conn.open()
-                self.conn.run("true", hide=True, timeout=20)
+                self.conn.run("true", hide=True, timeout=20, in_stream=False)
                 return time.monotonic() - start
             except Exception as exc:  # paramiko raises many types while sshd starts
                 last = exc

@@ -216,8 +216,18 @@ def _on_signal(signum: int, _frame: object) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _on_interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: stop our guests first. invoke's runner swallows KeyboardInterrupt while a
+    remote command runs (it forwards it to the remote side, which a non-pty command
+    ignores), so killing QEMU is what makes the SSH session, and then the task, end."""
+    _kill_all()
+    signal.default_int_handler(signum, frame)  # type: ignore[arg-type]
+
+
 with contextlib.suppress(ValueError):  # not in the main thread: atexit still covers us
     signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
 
 
 class QemuProcess:

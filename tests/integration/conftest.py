@@ -1,0 +1,38 @@
+"""Shared fixtures for tests that boot real guests (under TCG here, KVM where usable)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.settings import Settings
+from testbed.topology import Assets, prepare_assets
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def assets(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    """Packages, image and Debian kernel (built once, cached across sessions)."""
+    return prepare_assets(settings, "distro", tmp_path_factory.mktemp("assets"))
+
+
+def our_qemu_pids(marker: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{marker}"], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def links_named(fragment: str) -> list[str]:
+    out = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if fragment in line]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path / "guests"

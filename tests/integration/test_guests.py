@@ -1,0 +1,98 @@
+"""Real guests under TCG: vCPUs, drivers, checksum offload, the data plane, cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+from testbed.errors import GuestError
+from testbed.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.qemu import NIC_DRIVER
+from testbed.settings import REPO_ROOT
+from testbed.topology import boot
+
+from .conftest import links_named, our_qemu_pids
+
+pytestmark = pytest.mark.integration
+
+# Offload expected over tap + vnet_hdr (as root): only plain virtio keeps RX checksum offload.
+EXPECTED_RX_CSUM_OFFLOAD = {"e1000": False, "virtio": True, "virtio-nocsum": False}
+
+
+@pytest.mark.parametrize("nic", ["e1000", "virtio", "virtio-nocsum"])
+def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, workdir):
+    if os.geteuid() != 0:
+        pytest.skip("tap data plane needs root")
+    with boot(assets, settings, workdir, cpus=2, nic=nic, with_sender=True) as topo:
+        rx, tx = topo.receiver.ssh, topo.sender.ssh
+        assert rx.run("nproc").stdout.strip() == "2"
+        state = parse_offloads(rx.run(OFFLOAD_SCRIPT).stdout)
+        assert state.driver == NIC_DRIVER[nic]
+        assert state.rx_checksum_offload is EXPECTED_RX_CSUM_OFFLOAD[nic]
+        if nic == "e1000":
+            assert state.ethtool["rx-checksumming"] == "off"
+        assert topo.dataplane is not None and topo.dataplane.mode == "tap"
+        bridge = topo.dataplane.bridge
+        assert links_named(bridge)
+        assert "0% packet loss" in rx.run("ping -c 2 -W 5 198.18.0.2").stdout
+        assert "0% packet loss" in tx.run("ping -c 2 -W 5 198.18.0.1").stdout
+        pid = topo.receiver.process.popen.pid
+    assert links_named(bridge) == []
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_socket_data_plane_has_no_offload_even_for_virtio(assets, settings, workdir):
+    with boot(assets, settings, workdir, cpus=1, nic="virtio", with_sender=True,
+              dataplane_mode="socket") as topo:
+        state = parse_offloads(topo.receiver.ssh.run(OFFLOAD_SCRIPT).stdout)
+        assert state.driver == "virtio_net"
+        assert state.rx_checksum_offload is False
+        assert "no NIC has checksum offload" in topo.notes["dataplane"]
+        assert "0% packet loss" in topo.receiver.ssh.run("ping -c 2 -W 5 198.18.0.2").stdout
+
+
+def test_guest_that_never_gets_ready_fails_cleanly(assets, settings, workdir):
+    broken = replace(assets, initrd=assets.kernel.bzimage)  # not an initramfs: no /init
+    quick = replace(settings, boot_timeout_s=60)
+    with pytest.raises(GuestError) as err, boot(broken, quick, workdir, cpus=1, nic=None,
+                                                with_sender=False):
+        pass
+    assert "console log" in str(err.value)
+    assert our_qemu_pids(str(workdir)) == []
+
+
+def test_invoke_shell_runs_a_command_and_returns_its_status():
+    out = subprocess.run(["invoke", "shell", "--cpus", "2", "--nic", "e1000", "--command",
+                          "nproc; cat /sys/class/net/$(cat /run/netbed-data-iface)/device/"
+                          "driver/module/drivers 2>/dev/null | head -1; exit 7"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.splitlines()[0] == "2"
+
+
+def test_ctrl_c_leaves_no_qemu_behind(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "shell", "--command", "sleep 300"],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if "guests ready" in line:
+            break
+    assert "guests ready" in seen, seen
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "qemu-system"],
+                              capture_output=True, text=True).stdout.split()
+    assert children
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    time.sleep(1)
+    assert [c for c in children if os.path.exists(f"/proc/{c}")] == []
