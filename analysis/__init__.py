@@ -37,6 +37,7 @@ from analysis.compare import (
     summarize,
 )
 from analysis.report import ReportPaths
+from testbed.errors import NetbedError
 from testbed.results import atomic_write_text
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "collate_run",
     "compare_runs",
     "compare_to_baseline",
+    "parse_baseline",
+    "resolve_run",
     "summarize",
     "write_report",
 ]
@@ -112,3 +115,40 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")
     return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
                         run_cmp, figures)
+
+
+def resolve_run(arg: str, results_dir: Path) -> Path:
+    """A run named on the command line: a path, a run id under results/, or "latest"."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        return p
+    if arg == "latest":
+        runs = sorted(d for d in results_dir.glob("*") if (d / "cells.json").is_file()
+                      or (d / "cells").is_dir())
+        if not runs:
+            raise NetbedError(f"no runs in {results_dir}", hint="run `invoke run-matrix` first")
+        return runs[-1]
+    q = results_dir / arg
+    if q.is_dir():
+        return q
+    known = sorted(d.name for d in results_dir.glob("*") if d.is_dir())[-5:]
+    raise NetbedError(f"no run {arg!r} (neither a folder nor under {results_dir})",
+                      hint="give a path or a run id; recent runs: " + (", ".join(known) or "none"))
+
+
+def parse_baseline(text: str | None) -> dict[str, str] | None:
+    """"policy=default,kernel=stock" -> {"policy": "default", "kernel": "stock"}."""
+    from analysis.collate import AXES
+
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        axis, sep, value = part.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in AXES or not value.strip():
+            raise NetbedError(f"bad baseline entry {part!r}",
+                              hint=f"use axis=value pairs, axes: {', '.join(AXES)}; "
+                                   "e.g. policy=default,nic=e1000")
+        out[axis] = value.strip()
+    return out

@@ -145,7 +145,8 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     workload = str((cell.get("workload") or {}).get("name", "")).upper()
     moved = _collate_netperf(rep, out, workload)
     netrx = _collate_proc(rep, out, facts)
-    reader = _collate_reader(rep, out)
+    cpus = None if netrx is None else [c for c in netrx["cpu"] if c != "all"]
+    reader = _collate_reader(rep, out, cpus)
     _collate_perf(rep, out)
     _collate_cachemodel(rep, out)
     _derive_locality(out, netrx, reader)
@@ -271,7 +272,10 @@ def _add_shares(out: _Rows, metric: str, frame: pd.DataFrame) -> None:
                     "no events in the window")
 
 
-def _collate_reader(rep: RepDir, out: _Rows) -> measure.ReaderSamples | None:
+def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
+                    ) -> measure.ReaderSamples | None:
+    """Reader samples per CPU and their shares; CPUs the reader was never seen on
+    (the online CPUs are those of /proc/softirqs) get an explicit share of 0."""
     path = rep.file(RawFiles.READER)
     if not path.is_file():
         return None
@@ -283,8 +287,10 @@ def _collate_reader(rep: RepDir, out: _Rows) -> measure.ReaderSamples | None:
     for cpu, n in sorted(samples.counts.items()):
         out.add("reader.samples", cpu, float(n), "samples", "proc")
     out.add("reader.samples", "all", float(samples.total), "samples", "proc")
-    for cpu, share in samples.shares().items():
-        out.add("share.reader", cpu, share, "fraction", "derived")
+    shares = samples.shares()
+    if shares:
+        for cpu in sorted(set(shares) | set(cpus or ()), key=int):
+            out.add("share.reader", cpu, shares.get(cpu, 0.0), "fraction", "derived")
     return samples
 
 

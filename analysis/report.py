@@ -136,14 +136,16 @@ h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.bad{color:#a00}.note{color:#555}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.wide{overflow-x:auto}
+.bad{color:#a00}.note{color:#555}
 """
 
 
 def _table_html(df: pd.DataFrame, index: bool = False) -> str:
     if df.empty:
         return "<p class='note'>(none)</p>"
-    return df.to_html(index=index, escape=True, na_rep="n/a", border=0)
+    table = df.to_html(index=index, escape=True, na_rep="n/a", border=0)
+    return f"<div class='wide'>{table}</div>"
 
 
 def _img_html(path: Path) -> str:

@@ -507,33 +507,41 @@ def parse_proc_pair(name: str, before_text: str, after_text: str) -> pd.DataFram
 
 
 def reader_sampler_command(duration: float, interval: float = 0.1) -> str:
-    """POSIX sh loop sampling the CPU (field 39 of /proc/<pid>/stat) of netserver's
+    """A bash loop sampling the CPU (field 39 of /proc/<pid>/stat) of netserver's
     data process, the newest child of the netserver daemon, into "<t> <cpu>" lines.
 
-    `t` is /proc/uptime (seconds, guest clock; sh has no floats, so the window
-    is counted in centiseconds). It uses only sh builtins plus
-    pgrep and sleep (procps, coreutils): no awk. Samples before the data process
-    exists are skipped; "# pid N" lines record which process was sampled.
+    `t` is /proc/uptime (seconds, guest clock; the window is counted in
+    centiseconds because shells have no floats). Every round is fork-free: the
+    pause is `read -t` on a FIFO nobody writes (no `sleep` process) and pgrep
+    runs only until the data process is found. Under TCG with netperf saturating
+    both vCPUs, a loop that forked `sleep` and pgrep each round got one sample
+    per second instead of ten. Samples before the data process exists are
+    skipped; "# pid N" lines record which process was sampled. Needs bash,
+    pgrep (procps) and mkfifo/mktemp (coreutils): no awk.
     """
     if duration <= 0 or interval <= 0:
         raise NetbedError("reader sampler needs positive duration and interval")
     script = f"""\
+f=$(mktemp -u) && mkfifo "$f" && exec 9<>"$f" && rm -f "$f" || exit 1
 cs() {{ read -r up _ < /proc/uptime; now=$(( ${{up%.*}} * 100 + 1${{up#*.}} - 100 )); }}
-cs; end=$(( now + {round(duration * 100)} )); last=
+findpid() {{ d=$(pgrep -o -x netserver) && pid=$(pgrep -n -x -P "$d" netserver) || pid=; }}
+cs; end=$(( now + {round(duration * 100)} )); pid=; last=
 while :; do
   cs
   [ "$now" -ge "$end" ] && break
-  d=$(pgrep -o -x netserver) && pid=$(pgrep -n -x -P "$d" netserver) || pid=
-  if [ -n "$pid" ] && read -r s < /proc/"$pid"/stat 2>/dev/null; then
+  if [ -z "$pid" ] || ! read -r s < /proc/"$pid"/stat; then
+    findpid
+    [ -n "$pid" ] && read -r s < /proc/"$pid"/stat || pid=
+  fi 2>/dev/null
+  if [ -n "$pid" ]; then
     [ "$pid" != "$last" ] && echo "# pid $pid" && last=$pid
     s=${{s##*) }}
     set -- $s
-    shift 36
-    echo "$up $1"
+    echo "$up ${{37}}"
   fi
-  sleep {interval:g}
+  read -r -t {interval:g} -u 9 _
 done"""
-    return f"sh -c {shlex.quote(script)}"
+    return f"bash -c {shlex.quote(script)}"
 
 
 @dataclass(frozen=True)

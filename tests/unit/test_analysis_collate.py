@@ -86,6 +86,7 @@ def test_locality_follows_the_pinning(tidy: pd.DataFrame) -> None:
     """Loopback runs NET_RX on the sender's CPU 0: the pinned reader shares it or not."""
     for rep in (1, 2):
         assert val(tidy, PIN_SAME, rep, "share.reader", "0") == 1.0
+        assert val(tidy, PIN_SAME, rep, "share.reader", "1") == 0.0  # never seen there
         assert val(tidy, PIN_CROSS, rep, "share.reader", "1") == 1.0
         same = val(tidy, PIN_SAME, rep, "locality.netrx_on_reader_cpu")
         cross = val(tidy, PIN_CROSS, rep, "locality.netrx_on_reader_cpu")

@@ -300,7 +300,7 @@ def test_reader_sampler_finds_the_netserver_child(tmp_path: Path) -> None:
             if subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True).stdout:
                 break
             time.sleep(0.05)
-        out = subprocess.run(["sh", "-c", m.reader_sampler_command(0.6, 0.1)],
+        out = subprocess.run(["bash", "-c", m.reader_sampler_command(0.6, 0.1)],
                              capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         child = int(subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
