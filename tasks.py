@@ -207,7 +207,78 @@ def report(c, run=None, compare=None, baseline=None):
     say(f"markdown: {paths.md}")
 
 
-ns = Collection(doctor, setup, shell, test, bench_boot)
+@task(help={
+    "config": "experiment YAML (default: configs/quick.yaml)",
+    "resume": "run folder or id to resume: runs only the repetitions without a done marker",
+    "shard": "K/N: run a deterministic share of the cells (for CI runners)",
+    "dry_run": "print the expanded cells and an estimated duration; boot nothing",
+    "no_report": "skip the analysis tables and report at the end",
+    "inject_fault": "testing only: hang:<cell-id> stops that cell's receiver (QMP stop)",
+})
+def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
+               inject_fault=None):
+    """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
+    from testbed.config import load_experiment
+    from testbed.matrix import cells_table, estimate_seconds, expand, format_duration, parse_shard
+    from testbed.runner import Fault, run_matrix as run, summary_text
+    from testbed.settings import CONFIGS_DIR
+
+    s = settings_of(c)
+    path = Path(config) if config else CONFIGS_DIR / "quick.yaml"
+    with user_errors():
+        shard_spec = parse_shard(shard) if shard else None
+        if dry_run:
+            from testbed.matrix import shard as take_shard
+
+            exp = load_experiment(path)
+            cells = expand(exp)
+            if shard_spec:
+                cells = take_shard(cells, *shard_spec)
+            print(cells_table(exp, cells))
+            print(f"{len(cells)} cells x {exp.repetitions} repetitions; estimated "
+                  f"{format_duration(estimate_seconds(exp, cells))}")
+            return
+        summary = run(s, None if resume else path, resume=resume, shard_spec=shard_spec,
+                      fault=Fault.parse(inject_fault), log=say)
+    print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
+    if not no_report and summary.done + summary.skipped > 0:
+        import analysis
+
+        try:
+            res = analysis.analyze_run(summary.run_dir)
+            print(res.text_table, end="")
+            paths = analysis.write_report(summary.run_dir)
+            say(f"report: {paths.html}")
+        except Exception as exc:  # the raw results are safe; say what broke
+            raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
+                       f"{summary.run_dir}; retry with: invoke report {summary.run_dir}",
+                       code=1) from None
+    if not summary.ok:
+        raise Exit(f"netbed: {len(summary.failed)} repetition(s) failed; see "
+                   f"{summary.run_dir}/summary.txt", code=1)
+
+
+@task(positional=["runs"], iterable=["runs"], help={
+    "runs": "shard run folders or ids to join (repeat the flag or give several)",
+    "into": "folder for the merged run (default: results/<first id>-merged)",
+})
+def merge_results(c, runs=None, into=None):
+    """Join shard runs of one experiment into a single run folder."""
+    from testbed.merge import merge_runs
+
+    s = settings_of(c)
+    with user_errors():
+        out = merge_runs([_run_path(s, r) for r in runs or []],
+                         Path(into) if into else None, s.results_dir)
+    say(f"merged {len(runs or [])} runs into {out}")
+
+
+def _run_path(s: Settings, run: str) -> Path:
+    p = Path(run)
+    return p if p.is_dir() else s.results_dir / run
+
+
+ns = Collection(doctor, setup, shell, test, bench_boot, run_matrix, merge_results)
 ns.add_task(build_kernel)
 ns.add_task(analyze)
 ns.add_task(report)

@@ -10,10 +10,12 @@ runs.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from testbed.errors import CommandError
@@ -78,13 +80,58 @@ def plan_dataplane(mode: Mode, tag: str | None = None, port: int | None = None) 
                          teardown, "tap with vnet_hdr: virtio keeps checksum offload")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(registry: Path) -> list[str]:
+    """Remove devices left by runs that died without cleaning up (kill -9, power loss).
+
+    Each live data plane has a small file naming its owner's pid and its teardown
+    commands; a file whose owner is gone is torn down now. Returns the tags swept.
+    """
+    swept = []
+    for entry in sorted(registry.glob("*.json")) if registry.is_dir() else []:
+        try:
+            data = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(data.get("pid", 0))) and data.get("boot_id") == _boot_id():
+            continue
+        for cmd in data.get("teardown", []):
+            subprocess.run(cmd, capture_output=True)
+        entry.unlink(missing_ok=True)
+        swept.append(entry.stem)
+    return swept
+
+
+def _boot_id() -> str:
+    p = Path("/proc/sys/kernel/random/boot_id")
+    return p.read_text().strip() if p.exists() else ""
+
+
 class DataPlane:
     """Creates the plan's devices on enter and removes them on exit, whatever happened."""
 
-    def __init__(self, plan: DataPlanePlan) -> None:
+    def __init__(self, plan: DataPlanePlan, registry: Path | None = None) -> None:
         self.plan = plan
+        self.registry = registry
+
+    @property
+    def _entry(self) -> Path | None:
+        return self.registry / f"{self.plan.tag}.json" if self.registry else None
 
     def __enter__(self) -> DataPlanePlan:
+        if self._entry is not None and self.plan.teardown:
+            self._entry.parent.mkdir(parents=True, exist_ok=True)
+            self._entry.write_text(json.dumps({"pid": os.getpid(), "boot_id": _boot_id(),
+                                               "teardown": self.plan.teardown}))
         try:
             for cmd in self.plan.setup:
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -101,6 +148,8 @@ class DataPlane:
     def close(self) -> None:
         for cmd in self.plan.teardown:
             subprocess.run(cmd, capture_output=True)
+        if self._entry is not None:
+            self._entry.unlink(missing_ok=True)
 
 
 def choose_mode(requested: str = "auto") -> tuple[Mode, str]:

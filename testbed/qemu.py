@@ -200,6 +200,16 @@ def console_tail(path: Path, lines: int = 30) -> str:
 
 
 _LIVE: dict[int, QemuProcess] = {}
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills QEMU if we die, even by SIGKILL,
+    which no atexit handler survives (a kill -9'd run must not leave guests behind)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill_all() -> None:
@@ -255,7 +265,8 @@ class QemuProcess:
         log = open(self.spec.qemu_log, "wb")  # noqa: SIM115 - handed to the child
         self.started_at = time.monotonic()
         self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         log.close()
         _LIVE[self.popen.pid] = self
 

@@ -22,6 +22,7 @@ from testbed.dataplane import (
     DataPlanePlan,
     choose_mode,
     plan_dataplane,
+    sweep_stale,
 )
 from testbed.guest import Guest, KeyPair, make_keypair
 from testbed.images import GuestImage, ensure_image, ensure_initrd
@@ -123,7 +124,9 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
             mode, why = choose_mode(dataplane_mode)
             plan = plan_dataplane(mode)
             notes["dataplane"] = f"{mode}: {why}; {plan.offload_note}"
-            stack.enter_context(DataPlane(plan))
+            registry = settings.cache_dir / "dataplanes"
+            sweep_stale(registry)
+            stack.enter_context(DataPlane(plan, registry))
         elif nic is not None:
             plan = plan_dataplane("socket")  # lone guest: a listening socket, no peer
         started = time.monotonic()

@@ -1,0 +1,160 @@
+"""One repetition of one cell on booted guests: apply the policy, measure, collect.
+
+The receiver starts one background script that snapshots /proc, runs `perf stat`
+and the reader sampler for exactly the measured window, and snapshots /proc
+again; the sender runs netperf for the same window. Raw outputs are copied into
+the repetition folder as they are, so analysis can always be redone from them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+
+from testbed import measure
+from testbed.config import Cell, Experiment
+from testbed.errors import GuestError, NetbedError
+from testbed.guest import Guest
+from testbed.nicstate import (
+    NicInfo,
+    diff_readback,
+    find_nic_irqs,
+    nic_info_command,
+    parse_nic_info,
+    parse_readback,
+    readback_commands,
+    reader_affinity_command,
+)
+from testbed.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.policies import ResolvedPolicy, apply_script, netserver_cpu
+from testbed.results import RepDir, atomic_write_json, atomic_write_text
+from testbed.topology import Topology
+
+GUEST_DIR = "/tmp/netbed"
+RECEIVER_HOST = "198.18.0.1"
+PERF_FILE = "perf-stat.csv"
+SAMPLER_INTERVAL_S = 0.1
+
+
+class PolicyMismatch(NetbedError):
+    """The receiver's state read back differs from what the policy asked: not retried."""
+
+
+@dataclass(frozen=True)
+class BootState:
+    """Facts about the receiver discovered once per boot."""
+
+    nic: NicInfo
+    irqs: tuple[int, ...]
+    rx_queues: tuple[str, ...]
+
+
+def discover(topo: Topology) -> BootState:
+    """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver."""
+    rx = topo.receiver.ssh
+    nic = parse_nic_info(rx.run(nic_info_command(topo.receiver.spec.data_mac)).stdout,
+                         topo.receiver.spec.data_mac)
+    irqs = tuple(find_nic_irqs(rx.run("cat /proc/interrupts").stdout, nic.irq_names))
+    queues = tuple(rx.run(f"ls /sys/class/net/{nic.iface}/queues | grep '^rx-' || true")
+                   .stdout.split())
+    rx.run("pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1")
+    return BootState(nic, irqs, queues)
+
+
+def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
+    """The receiver's measured-window script (pure): /proc before, perf + sampler, /proc after.
+
+    `nbmark` brackets the window when the cache model runs, so the plugin counts only it.
+    """
+    d = GUEST_DIR
+    events = measure.perf_events(pmu)
+    perf = measure.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
+    sampler = measure.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    lines = [
+        f"rm -rf {d}/win && mkdir -p {d}/win",
+        measure.proc_snapshot_command(f"{d}/win/proc-before"),
+    ]
+    if cachemodel:
+        lines.append("nbmark begin 1")
+    lines += [
+        f"( {perf} ) 2> {d}/win/perf.err &",
+        f"( {sampler} ) > {d}/win/reader-cpus.txt 2>&1 &",
+        # the reader (netserver's data process) exists only while netperf runs
+        f"( sleep {min(1.0, exp.duration / 2):g}; {reader_affinity_command().strip()} ) "
+        f"> {d}/win/reader-affinity.txt 2>&1 &",
+        "wait",
+    ]
+    if cachemodel:
+        lines.append("nbmark end 1")
+    lines += [measure.proc_snapshot_command(f"{d}/win/proc-after"),
+              f"mv {d}/{PERF_FILE} {d}/win/{PERF_FILE} 2>/dev/null; touch {d}/win/finished"]
+    return "\n".join(lines) + "\n"
+
+
+def _fetch_window(rx: Guest, rep: RepDir) -> None:
+    """Copy the window's files: one tar stream over SSH, unpacked into the rep folder."""
+    listing = rx.run(f"cd {GUEST_DIR}/win && find . -type f | sort").stdout.split()
+    for rel in listing:
+        rel = rel.removeprefix("./")
+        if rel == "finished":
+            continue
+        text = rx.run(f"cat {shlex.quote(f'{GUEST_DIR}/win/{rel}')}").stdout
+        atomic_write_text(rep.path / rel, text)
+
+
+def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
+                   resolved: ResolvedPolicy, rep: RepDir, pmu: bool) -> dict[str, object]:
+    """Measure one repetition into `rep`; raises GuestError on hangs or lost SSH."""
+    rx, tx = topo.receiver.ssh, topo.sender.ssh if topo.sender else None
+    if tx is None:
+        raise NetbedError("a measured cell needs the sender guest")
+    cachemodel = "cachemodel" in exp.counters
+    atomic_write_json(rep.file("cell.json"),
+                      {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
+                       "repetition": rep.repetition})
+    atomic_write_json(rep.file("policy.json"), resolved.as_dict())
+    rx.run(apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro))
+    readback_text = rx.run(readback_commands(boot.nic.iface, boot.irqs,
+                                             resolved.sysctl_keys)).stdout
+    atomic_write_text(rep.file("offloads.txt"), rx.run(OFFLOAD_SCRIPT).stdout)
+    offloads = parse_offloads(rep.file("offloads.txt").read_text())
+    remote_cpu = netserver_cpu(resolved)
+    if exp.warmup > 0:
+        tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu),
+               timeout=exp.warmup + 60)
+    script = window_script(exp, pmu, cachemodel)
+    rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
+           f"{script}NETBED_EOF")
+    rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "
+           f"> {GUEST_DIR}/window.log 2>&1 &")
+    started = time.monotonic()
+    netperf = tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, exp.duration,
+                                             remote_cpu),
+                     timeout=exp.duration + 90, check=False)
+    if netperf.exit_code == 124:
+        raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")
+    atomic_write_text(rep.file("netperf.txt"), netperf.stdout + netperf.stderr)
+    if netperf.exit_code != 0:
+        raise GuestError(f"netperf failed with status {netperf.exit_code}: "
+                         f"{(netperf.stdout + netperf.stderr).strip()[-300:]}")
+    deadline = started + exp.duration + 60
+    while rx.run(f"test -e {GUEST_DIR}/win/finished", check=False).exit_code != 0:
+        if time.monotonic() > deadline:
+            raise GuestError("the receiver's measurement window did not finish")
+        time.sleep(0.5)
+    _fetch_window(rx, rep)
+    affinity = rep.file("reader-affinity.txt")
+    readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
+    atomic_write_json(rep.file("readback.json"),
+                      {**readback.as_dict(), "irqs": list(boot.irqs),
+                       "iface": boot.nic.iface, "driver": boot.nic.driver,
+                       "offloads": offloads.summary()})
+    problems = diff_readback(resolved, readback, gro=cell.gro)
+    if problems:
+        raise PolicyMismatch(f"cell {cell.cell_id}: receiver state differs from policy "
+                             f"{resolved.name!r}: " + "; ".join(problems))
+    result = measure.parse_netperf(rep.file("netperf.txt").read_text())
+    return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
+            "rx_checksum_offload": offloads.rx_checksum_offload}
