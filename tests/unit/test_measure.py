@@ -300,7 +300,7 @@ def test_reader_sampler_finds_the_netserver_child(tmp_path: Path) -> None:
             if subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True).stdout:
                 break
             time.sleep(0.05)
-        out = subprocess.run(["bash", "-c", m.reader_sampler_command(0.6, 0.1)],
+        out = subprocess.run(["bash", "-c", m.reader_sampler_command(1.5, 0.1)],
                              capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         child = int(subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
@@ -311,7 +311,7 @@ def test_reader_sampler_finds_the_netserver_child(tmp_path: Path) -> None:
         parent.wait()
     samples = m.parse_reader_samples(out.stdout)
     assert samples.pids == [child]
-    assert samples.total >= 2
+    assert samples.total >= 1  # how many depends on host load; where is what matters
     assert set(samples.counts) <= {str(c) for c in range(64)}
 
 
@@ -338,3 +338,63 @@ def test_interrupts_of_real_guests(name: str, irq: str, device: str) -> None:
     assert names[irq] == device
     assert set(df["cpu"]) == {"0", "1"}
     assert m.select_nic_irqs(df, [irq]) == ([irq], "readback")
+
+
+# ---------------------------------------------------------------- captured in a netbed guest
+
+GUEST = Path(__file__).resolve().parent.parent / "fixtures" / "raw" / "guest-distro-e1000"
+
+
+def guest(*parts: str) -> str:
+    return GUEST.joinpath(*parts).read_text()
+
+
+def test_guest_netperf_stream_maerts_rr() -> None:
+    """netperf 2.7 in our guest accepted every selector and printed keyval lines."""
+    stream = m.parse_netperf(guest("TCP_STREAM", "netperf.txt"))
+    assert set(stream.raw) == set(m.NETPERF_SELECTORS)
+    assert stream.throughput_units == "10^6bits/s" and stream.get("THROUGHPUT") > 0
+    assert stream.get("REMOTE_CPU_BIND") == 1 and stream.get("LOCAL_CPU_BIND") == 0
+    assert stream.get("LOCAL_SEND_SIZE") == 16384
+    maerts = m.parse_netperf(guest("TCP_MAERTS", "netperf.txt"))
+    assert maerts.raw["DIRECTION"] == "Receive"
+    assert maerts.get("REMOTE_SEND_SIZE") == 16384  # "-m S,S": netserver sends S bytes
+    rr = m.parse_netperf(guest("TCP_RR", "netperf.txt"))
+    assert set(rr.raw) == set(m.NETPERF_SELECTORS) | set(m.NETPERF_RR_SELECTORS)
+    assert rr.throughput_units == "Trans/s"
+    assert rr.get("TRANSACTION_RATE") == pytest.approx(rr.get("THROUGHPUT"), rel=1e-3)
+    assert rr.get("P50_LATENCY") <= rr.get("P90_LATENCY") <= rr.get("P99_LATENCY")
+
+
+def test_guest_perf_stat_has_no_pmu() -> None:
+    df = m.parse_perf_stat(guest("TCP_RR", "perf-stat.csv"))
+    assert set(df["cpu"]) == {"0", "1"}
+    sw = df[df.metric.isin(m.SOFTWARE_EVENTS)]
+    assert len(sw) == 2 * len(m.SOFTWARE_EVENTS) and (sw["status"] == "ok").all()
+    hw = df[df.metric.isin(m.HARDWARE_EVENTS)]
+    assert len(hw) == 2 * len(m.HARDWARE_EVENTS)
+    assert (hw["status"] == "not-supported").all() and hw["value"].isna().all()
+
+
+@pytest.mark.parametrize("workload", ["TCP_STREAM", "TCP_MAERTS", "TCP_RR"])
+def test_guest_reader_ran_where_netperf_bound_it(workload: str) -> None:
+    """`-T 0,1` binds netserver's data process to CPU 1: the sampler saw exactly that."""
+    s = m.parse_reader_samples(guest(workload, "reader-cpus.txt"))
+    assert len(s.pids) == 1
+    assert s.total >= 3
+    assert s.shares() == {"1": 1.0}
+
+
+def test_guest_proc_deltas_and_offloads() -> None:
+    d = m.parse_proc_pair("softirqs", guest("TCP_STREAM", "proc-before", "softirqs"),
+                          guest("TCP_STREAM", "proc-after", "softirqs"))
+    assert d[d.metric == "NET_RX"]["value"].sum() > 0
+    for name in ("interrupts", "softnet_stat", "snmp", "stat"):
+        pair = m.parse_proc_pair(name, guest("TCP_STREAM", "proc-before", name),
+                                 guest("TCP_STREAM", "proc-after", name))
+        assert pair["value"].notna().all(), name
+    snmp = m.parse_proc_pair("snmp", guest("TCP_STREAM", "proc-before", "snmp"),
+                             guest("TCP_STREAM", "proc-after", "snmp")).set_index("metric")
+    assert snmp.loc["Tcp.InSegs", "value"] > 0
+    feats = m.parse_ethtool_features(guest("offloads.txt"))
+    assert feats["rx-checksumming"].startswith("off")  # QEMU's e1000: software checksums
