@@ -220,7 +220,8 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
     from testbed.config import load_experiment
     from testbed.matrix import cells_table, estimate_seconds, expand, format_duration, parse_shard
-    from testbed.runner import Fault, run_matrix as run, summary_text
+    from testbed.runner import Fault, summary_text
+    from testbed.runner import run_matrix as run
     from testbed.settings import CONFIGS_DIR
 
     s = settings_of(c)
