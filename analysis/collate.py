@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -443,7 +444,9 @@ def collate_run_with_facts(run_dir: Path, workers: int | None = None,
     if workers > 1:
         # Parsing is per-repetition and independent: spread it over processes
         # (a full matrix has thousands of repetitions of small pandas work).
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # "spawn", not fork: the caller (run-matrix) may hold threads (SSH, progress).
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             results = list(pool.map(collate_rep, reps, chunksize=16))
     else:
         results = [collate_rep(rep) for rep in reps]
