@@ -41,8 +41,10 @@ PLUGIN_SOURCES = ("plugin.c", "model.c", "model.h")
 PLUGIN_NAME = "libnetbed_cache.so"
 HEADER_PATH = "include/qemu/qemu-plugin.h"
 
-# Correct under MTTCG, repeatable only with thread=single (measured in the README).
-REQUIRES_SINGLE_THREAD_TCG = False
+# Memory-safe under MTTCG (one lock), but callbacks then follow host timing, not guest
+# memory order: c2c transfers came out 8-10% low. Accurate and repeatable counts need
+# `-accel tcg,thread=single` (cost measured by benchmarks/cachemodel.py, see README).
+REQUIRES_SINGLE_THREAD_TCG = True
 RECOMMENDED_TCG_THREADS = "single"
 
 EVENTS = (
@@ -410,7 +412,7 @@ def build_guest_tools(settings: Settings, log: Log = print) -> dict[str, Path]:
 def micro_init(script: str) -> str:
     """The /init of a micro guest: run `script`, say done, power off (pure)."""
     return ("#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin:/usr/local/bin\n"
-            "mount -t proc proc /proc\nmount -t sysfs sys /sys\n"
+            "mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n"
             f"{script.rstrip()}\necho {MICRO_DONE}\npoweroff -f\n")
 
 

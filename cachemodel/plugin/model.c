@@ -30,11 +30,15 @@ const char *const model_mode_names[MODE_COUNT] = {"kernel", "user"};
 
 enum { ST_I = 0, ST_S = 1, ST_E = 2, ST_M = 3 };
 
+/* 16 bytes, so an 8-way set is two host cache lines and a 16-way set four. */
 typedef struct {
-    uint64_t tag;   /* line address (paddr >> line_shift) */
+    uint64_t key;   /* line address << 2 | ST_* state; state ST_I means empty */
     uint64_t stamp; /* LRU: larger is more recent */
-    uint8_t state;  /* ST_*; the LLC only uses I / S (valid) */
 } entry;
+
+static inline uint8_t state_of(const entry *e) { return (uint8_t)(e->key & 3); }
+static inline uint64_t tag_of(const entry *e) { return e->key >> 2; }
+static inline void set_state(entry *e, uint8_t st) { e->key = (e->key & ~3ull) | st; }
 
 typedef struct {
     entry *e;
@@ -116,8 +120,9 @@ static inline entry *set_of(const cache *c, uint64_t line)
 static inline entry *lookup(const cache *c, uint64_t line)
 {
     entry *s = set_of(c, line);
+    uint64_t want = line << 2;
     for (uint32_t w = 0; w < c->ways; w++) {
-        if (s[w].state != ST_I && s[w].tag == line) {
+        if ((s[w].key & ~3ull) == want && (s[w].key & 3)) {
             return &s[w];
         }
     }
@@ -132,7 +137,7 @@ static void insert(cache *c, uint64_t line, uint8_t state, entry *victim)
     entry *s = set_of(c, line);
     entry *v = &s[0];
     for (uint32_t w = 0; w < c->ways; w++) {
-        if (s[w].state == ST_I) {
+        if (state_of(&s[w]) == ST_I) {
             v = &s[w];
             break;
         }
@@ -143,8 +148,7 @@ static void insert(cache *c, uint64_t line, uint8_t state, entry *victim)
     if (victim) {
         *victim = *v;
     }
-    v->tag = line;
-    v->state = state;
+    v->key = line << 2 | state;
     touch(c, v);
 }
 
@@ -196,17 +200,17 @@ static uint8_t private_state(const model *m, int cpu, uint64_t line)
     if (!e && m->has_l2) {
         e = lookup(&m->cpu[cpu].l2, line);
     }
-    return e ? e->state : ST_I;
+    return e ? state_of(e) : ST_I;
 }
 
 static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
 {
     entry *e = lookup(&m->cpu[cpu].l1, line);
     if (e) {
-        e->state = state;
+        set_state(e, state);
     }
     if (m->has_l2 && (e = lookup(&m->cpu[cpu].l2, line))) {
-        e->state = state;
+        set_state(e, state);
     }
 }
 
@@ -223,8 +227,8 @@ static void llc_fill(model *m, uint64_t line)
 /* A line leaves CPU `cpu`'s L2: dirty data goes to the LLC unless L1 still holds it. */
 static void l2_evicted(model *m, int cpu, const entry *v)
 {
-    if (v->state == ST_M && !lookup(&m->cpu[cpu].l1, v->tag)) {
-        llc_fill(m, v->tag);
+    if (state_of(v) == ST_M && !lookup(&m->cpu[cpu].l1, tag_of(v))) {
+        llc_fill(m, tag_of(v));
     }
 }
 
@@ -232,7 +236,7 @@ static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state)
 {
     entry victim;
     insert(&m->cpu[cpu].l2, line, state, &victim);
-    if (victim.state != ST_I) {
+    if (state_of(&victim) != ST_I) {
         l2_evicted(m, cpu, &victim);
     }
 }
@@ -241,18 +245,19 @@ static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state)
 {
     entry victim;
     insert(&m->cpu[cpu].l1, line, state, &victim);
-    if (victim.state == ST_I) {
+    uint8_t vst = state_of(&victim);
+    if (vst == ST_I) {
         return;
     }
     if (m->has_l2) {
-        entry *e2 = lookup(&m->cpu[cpu].l2, victim.tag);
+        entry *e2 = lookup(&m->cpu[cpu].l2, tag_of(&victim));
         if (e2) {
-            e2->state = victim.state;
+            set_state(e2, vst);
         } else {
-            fill_l2(m, cpu, victim.tag, victim.state);
+            fill_l2(m, cpu, tag_of(&victim), vst);
         }
-    } else if (victim.state == ST_M) {
-        llc_fill(m, victim.tag);
+    } else if (vst == ST_M) {
+        llc_fill(m, tag_of(&victim));
     }
 }
 
@@ -275,8 +280,8 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
 
     if (e) { /* L1 hit: the common, cheap path */
         touch(&c->l1, e);
-        if (store && e->state != ST_M) {
-            if (e->state == ST_S) {
+        if (store && state_of(e) != ST_M) {
+            if (state_of(e) == ST_S) {
                 invalidate_others(m, cpu, mode, line);
             }
             set_private_state(m, cpu, line, ST_M);
@@ -287,13 +292,13 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
 
     if (m->has_l2 && (e = lookup(&c->l2, line))) {
         touch(&c->l2, e);
-        uint8_t st = e->state;
+        uint8_t st = state_of(e);
         if (store && st != ST_M) {
             if (st == ST_S) {
                 invalidate_others(m, cpu, mode, line);
             }
             st = ST_M;
-            e->state = ST_M;
+            set_state(e, ST_M);
         }
         fill_l1(m, cpu, line, st);
         return;
