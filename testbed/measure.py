@@ -473,6 +473,32 @@ def proc_snapshot_command(dest_dir: str) -> str:
     return " && ".join(parts)
 
 
+def receiver_window_script(out_dir: str, duration: float, events: Sequence[str],
+                           interval: float = 0.1, sep: str = PERF_SEPARATOR) -> str:
+    """The receiver's side of one measured window, as one shell script.
+
+    /proc snapshots before, then `perf stat` and the reader sampler side by side
+    for `duration` seconds, then /proc snapshots after; files land in `out_dir`
+    with the names of the run layout (proc-before/, perf-stat.csv,
+    reader-cpus.txt, proc-after/). Start it just before netperf starts on the
+    sender with a `duration` that covers netperf's run; it exits with perf's
+    status. Stderr of perf and the sampler go to perf.err and reader.err.
+    """
+    d = shlex.quote(out_dir)
+    lines = [
+        f"mkdir -p {d}",
+        proc_snapshot_command(f"{out_dir}/proc-before"),
+        f"{reader_sampler_command(duration, interval)} > {d}/reader-cpus.txt "
+        f"2> {d}/reader.err & sampler=$!",
+        f"{perf_stat_command(duration, events, sep, output=f'{out_dir}/perf-stat.csv')} "
+        f"2> {d}/perf.err; status=$?",
+        'wait "$sampler"',
+        proc_snapshot_command(f"{out_dir}/proc-after"),
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def delta(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     """after - before for two snapshots parsed by the same parser.
 

@@ -398,3 +398,22 @@ def test_guest_proc_deltas_and_offloads() -> None:
     assert snmp.loc["Tcp.InSegs", "value"] > 0
     feats = m.parse_ethtool_features(guest("offloads.txt"))
     assert feats["rx-checksumming"].startswith("off")  # QEMU's e1000: software checksums
+
+
+@pytest.mark.skipif(not (shutil.which("perf") and shutil.which("bash") and shutil.which("pgrep")),
+                    reason="needs perf, bash and pgrep on the host")
+def test_receiver_window_script_runs_and_its_files_parse(tmp_path: Path) -> None:
+    """The whole receiver-side window on this host (1 s, software events): every file
+    it writes goes through its parser."""
+    out = tmp_path / "rep"
+    script = m.receiver_window_script(str(out), 1, m.perf_events(pmu=False))
+    res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr + (out / "perf.err").read_text()
+    perf = m.parse_perf_stat((out / "perf-stat.csv").read_text())
+    assert set(perf["metric"]) == set(m.SOFTWARE_EVENTS)
+    assert (perf["status"] == "ok").all()
+    for name in m.PROC_FILES:
+        d = m.parse_proc_pair(name, (out / "proc-before" / name).read_text(),
+                              (out / "proc-after" / name).read_text())
+        assert not d.empty, name
+    assert m.parse_reader_samples((out / "reader-cpus.txt").read_text()).total == 0  # no netserver
