@@ -287,7 +287,9 @@ def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
         return None
     for cpu, n in sorted(samples.counts.items()):
         out.add("reader.samples", cpu, float(n), "samples", "proc")
-    out.add("reader.samples", "all", float(samples.total), "samples", "proc")
+    note = (f"{samples.ignored} non-sample line(s), e.g. {samples.first_ignored!r}"
+            if samples.ignored else "")
+    out.add("reader.samples", "all", float(samples.total), "samples", "proc", note=note)
     shares = samples.shares()
     if shares:
         for cpu in sorted(set(shares) | set(cpus or ()), key=int):

@@ -72,6 +72,28 @@ def pmu_verdict(tidy: pd.DataFrame) -> str:
             ", ".join(f"{k}: {v}" for k, v in counts.items()) + "): treat them with care." + cache)
 
 
+def offload_facts(path: Path) -> dict[str, Any]:
+    """Who verified RX checksums, from offloads.txt.
+
+    The runner stores testbed.offloads.OFFLOAD_SCRIPT's output (driver, virtio
+    feature bits, then `ethtool -k`): its verdict `rx_checksum_offload` reads the
+    negotiated virtio bits, because virtio's ethtool says "on [fixed]" even when
+    the guest verifies checksums itself. Plain `ethtool -k` text is read too.
+    """
+    if not path.is_file():
+        return {"rx_checksum_offload": "n/a", **{k: "n/a" for k in OFFLOAD_KEYS}}
+    text = path.read_text()
+    if "--- ethtool -k" in text:
+        from testbed.offloads import parse_offloads
+
+        state = parse_offloads(text)
+        return {"driver": state.driver, "rx_checksum_offload": state.rx_checksum_offload,
+                **{k: state.ethtool.get(k, "n/a") for k in OFFLOAD_KEYS}}
+    feats = measure.parse_ethtool_features(text)
+    return {"rx_checksum_offload": "n/a (ethtool only)",
+            **{k: feats.get(k, "n/a") for k in OFFLOAD_KEYS}}
+
+
 def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
                       facts: dict[tuple[str, int], Any]) -> Provenance:
     run = RunDir(Path(run_dir))
@@ -80,12 +102,9 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
         if not rep.is_done or rep.cell_id in readback:
             continue
         rb = _json(rep.file(RawFiles.READBACK))
-        feats = rb.get("offloads") if isinstance(rb.get("offloads"), dict) else {}
-        if rep.file(RawFiles.OFFLOADS).is_file():
-            feats = measure.parse_ethtool_features(rep.file(RawFiles.OFFLOADS).read_text())
         cell = _json(rep.file("cell.json"))
         offload_rows.append({"cell": rep.cell_id, "nic": cell.get("nic", ""),
-                             **{k: feats.get(k, "n/a") for k in OFFLOAD_KEYS}})
+                             **offload_facts(rep.file(RawFiles.OFFLOADS))})
         readback[rep.cell_id] = rb
         f = facts.get((rep.cell_id, rep.repetition), {})
         if f:

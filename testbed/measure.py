@@ -572,10 +572,16 @@ done"""
 
 @dataclass(frozen=True)
 class ReaderSamples:
-    """Where the reader ran: samples per CPU and their share."""
+    """Where the reader ran: samples per CPU and their share.
+
+    `ignored` counts lines that are not samples (the runner may capture the
+    sampler's stderr into the same file); `first_ignored` shows one of them.
+    """
 
     counts: dict[str, int]
     pids: list[int] = field(default_factory=list)
+    ignored: int = 0
+    first_ignored: str = ""
 
     @property
     def total(self) -> int:
@@ -586,10 +592,15 @@ class ReaderSamples:
         return {cpu: n / total for cpu, n in sorted(self.counts.items())} if total else {}
 
 
+_SAMPLE_RE = re.compile(r"^\d+(\.\d+)?\s+(\d+)$")
+
+
 def parse_reader_samples(text: str) -> ReaderSamples:
+    """"<seconds> <cpu>" lines and "# pid N" markers; anything else is counted, not fatal."""
     counts: dict[str, int] = {}
     pids: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    ignored, first = 0, ""
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
@@ -598,12 +609,13 @@ def parse_reader_samples(text: str) -> ReaderSamples:
             if m:
                 pids.append(int(m.group(1)))
             continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise NetbedError(f"reader-cpus.txt line {lineno}: expected '<seconds> <cpu>', "
-                              f"got {line!r}")
-        counts[parts[1]] = counts.get(parts[1], 0) + 1
-    return ReaderSamples(counts, pids)
+        m = _SAMPLE_RE.match(line)
+        if not m:
+            ignored += 1
+            first = first or line[:200]
+            continue
+        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+    return ReaderSamples(counts, pids, ignored, first)
 
 
 def reader_shares_frame(samples: ReaderSamples) -> pd.DataFrame:

@@ -87,3 +87,21 @@ def test_pmu_verdict() -> None:
     assert "PMU valid" in pmu_verdict(frame(["ok", "ok"]))
     assert "NOT counted" in pmu_verdict(frame(["not-supported"]))
     assert "partly" in pmu_verdict(frame(["ok", "not-counted"]))
+
+
+def test_offload_facts_reads_the_runner_format(tmp_path: Path) -> None:
+    """offloads.txt as testbed.offloads.OFFLOAD_SCRIPT prints it: the virtio feature
+    bits decide, not ethtool's "on [fixed]"."""
+    from analysis.report import offload_facts
+
+    f = tmp_path / "offloads.txt"
+    f.write_text("iface=eth1\ndriver=virtio_net\nvirtio_features=1000000\n--- ethtool -k\n"
+                 "Features for eth1:\nrx-checksumming: on [fixed]\ntx-checksumming: on\n"
+                 "generic-receive-offload: on\n")
+    facts = offload_facts(f)
+    assert facts["driver"] == "virtio_net"
+    assert facts["rx_checksum_offload"] is False  # bit 1 (GUEST_CSUM) not negotiated
+    assert facts["rx-checksumming"] == "on"
+    plain = RUN.parent.parent / "raw" / "guest-distro-e1000" / "offloads.txt"
+    assert offload_facts(plain)["rx-checksumming"] == "off"
+    assert offload_facts(tmp_path / "missing.txt")["rx_checksum_offload"] == "n/a"

@@ -283,8 +283,9 @@ def test_parse_reader_samples() -> None:
     assert s.pids == [812]
     assert s.shares() == {"0": 0.25, "1": 0.75}
     assert m.parse_reader_samples("").shares() == {}
-    with pytest.raises(NetbedError, match="line 2"):
-        m.parse_reader_samples("1.0 0\noops\n")
+    noisy = m.parse_reader_samples("1.0 0\nbash: line 3: oops\n2.0 1\n")
+    assert noisy.counts == {"0": 1, "1": 1}
+    assert noisy.ignored == 1 and noisy.first_ignored.startswith("bash:")
 
 
 @pytest.mark.skipif(not (shutil.which("pgrep") and shutil.which("dash")),
