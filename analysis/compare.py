@@ -36,6 +36,7 @@ KEY_METRICS: tuple[str, ...] = (
     "cpu_util_receiver",
     "locality.netrx_on_reader_cpu",
     "locality.reader_on_netrx_cpus",
+    "reader.samples",
     "perf.context-switches.per_kb",
     "perf.cpu-migrations.per_kb",
     "perf.context-switches.per_trans",
@@ -109,7 +110,8 @@ def compare_samples(base: Sequence[float], new: Sequence[float], rng: np.random.
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = nb / bb
     ratios = ratios[np.isfinite(ratios)]
-    if len(ratios) and not math.isnan(ratio):
+    if len(ratios) and not math.isnan(ratio) and len(b) >= 2 and len(n) >= 2:
+        # (one repetition on a side has no spread to resample: no CI, not a zero-width one)
         lo, hi = (float(q) for q in np.quantile(ratios, [alpha / 2, 1 - alpha / 2]))
     else:
         lo = hi = math.nan
@@ -312,6 +314,8 @@ def format_table(comp: Comparison, metrics: Sequence[str] | None = KEY_METRICS) 
     for _, r in t.iterrows():
         if math.isnan(r["pct"]):
             change = "n/a"
+        elif math.isnan(r["pct_lo"]):
+            change = f"{r['pct']:+.1f}% ± n/a "
         else:
             half = (r["pct_hi"] - r["pct_lo"]) / 2
             change = f"{r['pct']:+.1f}% ± {half:.1f}%" + ("*" if r["significant"] else " ")

@@ -152,3 +152,10 @@ def test_compare_two_runs_on_matching_cells(tmp_path: Path) -> None:
     assert t.loc["pin-same", "pct"] == pytest.approx(50, abs=0.1)
     assert t.loc["pin-cross", "pct"] == pytest.approx(0, abs=1e-9)
     assert "base = run 20261125T100000Z-hostloop" in comp.notes[0]
+
+
+def test_single_repetition_has_no_ci() -> None:
+    ch = cmp.compare_samples([100.0], [120.0, 121.0], np.random.default_rng(0))
+    assert ch.pct == pytest.approx(20.5)
+    assert math.isnan(ch.pct_lo) and math.isnan(ch.pct_hi)
+    assert not ch.significant
