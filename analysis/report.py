@@ -43,6 +43,7 @@ class Provenance:
     nic_irqs: dict[str, str]
     failures: pd.DataFrame
     not_started: list[str] = field(default_factory=list)
+    reader_note: str = ""
 
 
 def _json(path: Path) -> Any:
@@ -119,7 +120,21 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
     exp = run.experiment_file.read_text() if run.experiment_file.is_file() else ""
     return Provenance(run.run_id, _json(run.versions_file), _json(run.host_file), exp,
                       pmu_verdict(tidy), pd.DataFrame(offload_rows), readback, nic_irqs,
-                      failures.reset_index(drop=True), not_started)
+                      failures.reset_index(drop=True), not_started, reader_verdict(tidy))
+
+
+def reader_verdict(tidy: pd.DataFrame) -> str:
+    """How much the reader-location figures can be trusted: samples per repetition."""
+    n = tidy[(tidy["metric"] == "reader.samples") & (tidy["cpu"] == "all") &
+             (tidy["status"] == "ok")]["value"]
+    if n.empty:
+        return "No reader samples in this run: reader-location figures are absent."
+    text = (f"Reader location from {int(n.min())}-{int(n.max())} samples per repetition "
+            f"(median {n.median():g}).")
+    if n.median() < 10:
+        text += (" That is few (a busy TCG guest starves the sampler): read reader shares "
+                 "as rough, and prefer more repetitions.")
+    return text
 
 
 def key_summary(summary: pd.DataFrame) -> pd.DataFrame:
@@ -207,6 +222,7 @@ def _sections(prov: Provenance, baseline_cmp: Comparison, run_cmp: Comparison | 
         {k: v for k, v in prov.versions.items() if k != "kernels"})))
     out.append(("Provenance: kernels", "table", _kernels(prov.versions)))
     out.append(("Provenance: counters", "text", prov.pmu))
+    out.append(("Provenance: reader location", "text", prov.reader_note))
     out.append(("Provenance: host", "table", _kv_table(prov.host)))
     out.append(("Provenance: offloads read back (ethtool -k)", "table", prov.offloads))
     out.append(("Provenance: NIC interrupt lines", "table", pd.DataFrame(

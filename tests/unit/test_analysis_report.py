@@ -42,6 +42,7 @@ def test_report_says_what_failed_and_where_numbers_came_from(
         assert "incomplete" in text
         assert "QEMU emulator version 7.2" in text  # versions.json
         assert "NOT counted" in text  # no PMU: said, not hidden
+        assert "samples per repetition" in text
         assert "rx-checksumming" in text  # offload read-back
         assert "kernel=stock is not in this run" in text  # baseline fallback note
         assert "Against the other run" in text
