@@ -172,6 +172,18 @@ def build_kernel(c, variant="all", json_=False):
         print(json.dumps(built, indent=2, sort_keys=True))
 
 
+HOSTS_HELP = {
+    "hosts": "user@h1,user@h2[:port]: run shard i/N on host i over SSH, pull and merge",
+    "hosts_key": "SSH private key for --hosts (default: ssh agent, ~/.ssh/config, ~/.ssh keys)",
+    "hosts_dir": "per-run folders on the hosts go under this (relative to home, or absolute)",
+    "hosts_netbed": "netbed is already checked out and installed at this path on every host:"
+                    " ship nothing",
+    "hosts_no_install": "do not pip install the shipped checkout (the host's python has "
+                        "netbed's dependencies)",
+    "hosts_python": "python on the hosts (the venv is made from it)",
+    "hosts_cache_dir": "INVOKE_NETBED_CACHE_DIR on the hosts, e.g. to share one image cache",
+    "hosts_parallel": "how many hosts run at once (default: all)",
+}
 RUN_HELP = "run folder, run id under results/, or 'latest'"
 BASELINE_HELP = ("axis=value pairs to compare against "
                  "(default policy=default,kernel=stock,nic=e1000)")
@@ -214,10 +226,17 @@ def report(c, run=None, compare=None, baseline=None):
     "dry_run": "print the expanded cells and an estimated duration; boot nothing",
     "no_report": "skip the analysis tables and report at the end",
     "inject_fault": "testing only: hang:<cell-id> stops that cell's receiver (QMP stop)",
+    **HOSTS_HELP,
 })
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
-               inject_fault=None):
+               inject_fault=None, hosts=None, hosts_key=None, hosts_dir="netbed-runs",
+               hosts_netbed=None, hosts_no_install=False, hosts_python="python3",
+               hosts_cache_dir=None, hosts_parallel=0):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
+    if hosts:
+        return _run_on_hosts(c, config, hosts, hosts_key, hosts_dir, hosts_netbed,
+                             hosts_no_install, hosts_python, hosts_cache_dir,
+                             int(hosts_parallel), no_report, resume or shard or inject_fault)
     from testbed.config import load_experiment
     from testbed.matrix import cells_table, estimate_seconds, expand, format_duration, parse_shard
     from testbed.runner import Fault, summary_text
@@ -257,6 +276,34 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     if not summary.ok:
         raise Exit(f"netbed: {len(summary.failed)} repetition(s) failed; see "
                    f"{summary.run_dir}/summary.txt", code=1)
+
+
+def _run_on_hosts(c, config, hosts, key, remote_dir, netbed_path, no_install, python,
+                  cache_dir, parallel, no_report, local_only) -> None:
+    """`run-matrix --hosts`: shards over SSH hosts, pulled back and merged (testbed.remote)."""
+    from testbed.remote import RemoteOptions, parse_hosts, run_on_hosts
+    from testbed.settings import CONFIGS_DIR
+
+    if local_only:
+        raise Exit("netbed: error: --hosts cannot be combined with --resume, --shard or "
+                   "--inject-fault (each host runs its own shard)", code=2)
+    s = settings_of(c)
+    options = RemoteOptions(remote_root=remote_dir, netbed_path=netbed_path,
+                            install=not no_install, python=python, key_filename=key,
+                            cache_dir=cache_dir, parallel=parallel or None)
+    with user_errors():
+        summary = run_on_hosts(s, Path(config) if config else CONFIGS_DIR / "quick.yaml",
+                               parse_hosts(hosts), options, log=say)
+    print(summary.text(), end="")
+    if not no_report and summary.merged is not None:
+        import analysis
+
+        with user_errors():
+            paths = analysis.write_report(summary.merged)
+        say(f"report: {paths.html}")
+    if not summary.ok:
+        raise Exit(f"netbed: {sum(not o.ok for o in summary.outcomes)} host(s) failed or "
+                   f"had failed repetitions; merged what exists", code=1)
 
 
 @task(positional=["runs"], iterable=["runs"], help={
