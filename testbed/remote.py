@@ -131,8 +131,11 @@ class RemoteOptions:
     connect_timeout: float = 30.0
 
     def connect_kwargs(self) -> dict[str, object]:
-        """Fabric `connect_kwargs`: an explicit key is used alone, never mixed with others."""
-        kw: dict[str, object] = {"timeout": self.connect_timeout}
+        """Fabric `connect_kwargs`: an explicit key is used alone, never mixed with others.
+
+        (The connect timeout goes to Connection(connect_timeout=...): Fabric refuses both.)
+        """
+        kw: dict[str, object] = {}
         if self.key_filename:
             kw.update(key_filename=str(Path(self.key_filename).expanduser()),
                       look_for_keys=False)

@@ -137,7 +137,7 @@ def test_pack_excludes_scratch_space_and_interrupt_targets_the_recorded_pid():
 
 
 def test_connect_kwargs_use_an_explicit_key_alone():
-    assert RemoteOptions().connect_kwargs() == {"timeout": 30.0}
+    assert RemoteOptions().connect_kwargs() == {}
     kw = RemoteOptions(key_filename="~/k").connect_kwargs()
     assert kw["look_for_keys"] is False
     assert kw["key_filename"] == str(Path("~/k").expanduser())

@@ -1,0 +1,159 @@
+"""`invoke run-matrix --hosts` against an sshd this test starts on 127.0.0.1 with its own keys.
+
+Two "hosts" are the same sshd (each assignment gets its own remote folder and
+shipped checkout); a third entry points at a closed port, so one host fails while
+the merge still holds everything the others ran. Hosts run one at a time and
+share this checkout's cache (INVOKE_NETBED_CACHE_DIR) to keep a 2-core machine
+from building a second guest image.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from testbed.config import load_experiment
+from testbed.matrix import expand
+from testbed.results import RunDir, read_json
+from testbed.settings import REPO_ROOT, Settings
+
+pytestmark = pytest.mark.integration
+
+SSHD = "/usr/sbin/sshd"
+CONFIG = """\
+name: hoststest
+axes:
+  kernel: [distro]
+  nic: [e1000]
+  cpus: [2]
+  policy: [default, pin-same]
+  workload: [TCP_STREAM]
+  gro: [on]
+repetitions: 1
+duration: 2
+warmup: 0
+order: sequential
+retries: 1
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    key: Path
+    user: str
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"sshd exited with {proc.returncode}: {log.read_text()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.fail(f"sshd did not listen on {port}: {log.read_text()}")
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A private sshd: own host key, own client key, listening on 127.0.0.1 only."""
+    if not os.path.exists(SSHD):
+        pytest.skip("sshd missing: apt-get install -y openssh-server")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"netbed-{name}",
+                        "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation dir when root
+    port = free_port()
+    (d / "sshd_config").write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+    log = d / "sshd.log"
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        _wait_listening(port, proc, log)
+        yield Sshd(port, d / "client_key", getpass.getuser())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_hosts_run_shards_pull_back_and_merge_and_a_dead_host_fails_the_run(sshd, tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to ship the checkout")
+    config = tmp_path / "hoststest.yaml"
+    config.write_text(CONFIG)
+    results = tmp_path / "results"
+    remote_root = tmp_path / "remote"
+    dead = free_port()  # nothing listens here
+    hosts = (f"{sshd.user}@127.0.0.1:{sshd.port},{sshd.user}@127.0.0.1:{sshd.port},"
+             f"{sshd.user}@127.0.0.1:{dead}")
+    argv = [sys.executable, "-m", "invoke", "run-matrix", "--config", str(config),
+            "--no-report", "--hosts", hosts, "--hosts-key", str(sshd.key),
+            "--hosts-dir", str(remote_root), "--hosts-python", sys.executable,
+            "--hosts-cache-dir", str(Settings().cache_dir), "--hosts-parallel", "1"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                          text=True).stdout.strip()  # what gets shipped (read before others commit)
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, "INVOKE_NETBED_RESULTS_DIR": str(results)})
+    print(f"--hosts run of 2 cells on 2 live + 1 dead host: {time.monotonic() - started:.0f} s")
+    out = proc.stdout + proc.stderr
+    print(out)
+    assert proc.returncode == 1, out  # the dead host fails the run ...
+    assert f"127.0.0.1:{dead} (shard 3/3): FAILED" in out, out
+    # ... and the live hosts' progress streamed back with their labels
+    assert f"[1-127.0.0.1-{sshd.port}] " in out and f"[2-127.0.0.1-{sshd.port}] " in out
+
+    merged = list(results.glob("*-merged"))
+    assert len(merged) == 1, out
+    run = RunDir(merged[0])
+    cells = expand(load_experiment(config))
+    assert {(r.cell_id, r.repetition) for r in run.reps() if r.is_done} == \
+        {(c.cell_id, 0) for c in cells}, out
+    assert {c["cell_id"] for c in read_json(run.cells_file)} == {c.cell_id for c in cells}
+    shards = read_json(run.path / "shards.json")
+    assert len(shards) == 2 and all("-shard" in s["run"] for s in shards)
+    # the shipped commit is what the remote runs recorded (a clone, not an archive)
+    for s in shards:
+        assert s["versions"]["netbed_commit"] == head
+    # scratch space stays on the hosts; each assignment had its own folder there
+    assert not list(results.glob("*-hosts/*/*/.work"))
+    assert len(list(remote_root.glob("*/*-127.0.0.1-*/src/tasks.py"))) == 2
