@@ -458,6 +458,24 @@ class _Build:
         origin = "fresh source tree" if fresh else "incremental make in the existing tree"
         return self.publish(inputs, tree, seconds, {"built_from": origin})
 
+    def relink_objtool_in_place(self, stock_tree: Path, work: Path, progress: _Progress) -> None:
+        """Rebuild objtool for the copy's path, keeping the stock objtool's mtime.
+
+        objtool is built with absolute paths (tools/ uses O=$(abspath ...)), so in a copied
+        tree it is rebuilt, and every object lists the objtool binary as a prerequisite:
+        a newer objtool would recompile the whole kernel. The sources are the same, so we
+        build it first and give its outputs the stock binary's mtime; make then sees the
+        objects as up to date and recompiles only what the patches touched.
+        """
+        stock_objtool = stock_tree / "tools/objtool/objtool"
+        if not stock_objtool.is_file():
+            return
+        progress.run(["nice", "-n", "10", "make", f"-j{self.jobs}", "tools/objtool"], cwd=work,
+                     env=self.env())
+        st = stock_objtool.stat()
+        for path in [work / "tools/objtool", *(work / "tools/objtool").rglob("*")]:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
     def build_patched(self, inputs: BuildInputs) -> Kernel:
         stock_inputs = inputs.stock()
         if self.load(stock_inputs) is None or not (
@@ -477,6 +495,7 @@ class _Build:
                 self.log(f"  applying {name}")
                 progress.run(["patch", "-p1", "--forward", "--batch", "-i",
                               str(PATCHES_DIR / name)], cwd=work)
+            self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
             self.make(work, "patched", progress)
             seconds = time.monotonic() - start
             self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild)")

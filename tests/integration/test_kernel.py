@@ -62,7 +62,10 @@ fi
 [ -c /dev/ptmx ] && echo "TINY ptmx=yes"
 grep -q tracefs /proc/filesystems && echo "TINY tracefs=yes"
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in netbed.probe=*) PROBE=${arg#netbed.probe=} ;; esac
+  case "$arg" in
+    netbed.probe=*) PROBE=${arg#netbed.probe=} ;;
+    netbed.dump=*) DUMP=${arg#netbed.dump=} ;;
+  esac
 done
 if [ -n "${PROBE:-}" ]; then
   IFACE=$(ls /sys/class/net | grep -v lo | head -1)
@@ -70,7 +73,7 @@ if [ -n "${PROBE:-}" ]; then
   ip link set "$IFACE" up
   ip addr add 10.0.2.15/24 dev "$IFACE"
   K=${PROBE%%:*} WAKE=${PROBE#*:}
-  /probe/wakeprobe.sh "$K" "$WAKE" 5001 "$IFACE"
+  /probe/wakeprobe.sh "$K" "$WAKE" 5001 "$IFACE" "${DUMP:-0}"
 fi
 echo TINY-END
 poweroff -f
@@ -132,7 +135,7 @@ def _facts(console: str) -> dict[str, str]:
 
 
 def boot_tiny(kernel: Kernel, initrd: Path, workdir: Path, *, cpus: int = 2,
-              probe: str | None = None, send_bytes: int = 0,
+              probe: str | None = None, send_bytes: int = 0, dump: int = 0,
               timeout: float = 300.0) -> TinyBoot:
     """Boot `kernel` with the tiny initramfs under TCG until it powers off.
 
@@ -144,6 +147,8 @@ def boot_tiny(kernel: Kernel, initrd: Path, workdir: Path, *, cpus: int = 2,
     console = workdir / f"console-{tag}.log"
     console.unlink(missing_ok=True)
     append = "console=ttyS0 panic=-1 loglevel=4" + (f" netbed.probe={probe}" if probe else "")
+    if dump:
+        append += f" netbed.dump={dump}"
     argv = [
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
         "-m", "512", "-smp", str(cpus),
@@ -232,6 +237,15 @@ def test_kernel_boots_with_builtin_nics_and_sysctl_only_when_patched(
     assert f["rx_wake_local"] == ("0" if variant == "patched" else "absent")
 
 
+def _check_setup(f: dict[str, str]) -> None:
+    """The experiment is only valid if the wakers really ran in softirq on the IRQ CPU."""
+    wakeups, soft, soft_k = (int(f[k]) for k in
+                             ("wakeups", "softirq_wakeups", "softirq_wakers_on_k"))
+    assert soft >= 0.9 * wakeups, f"most wake-ups should come from softirq: {f}"
+    assert soft_k >= 0.9 * soft, f"the NIC IRQ pinning to CPU {IRQ_CPU} did not hold: {f}"
+    assert f["lost"] == "0", f"trace events were lost: {f}"
+
+
 def _probe(kernel: Kernel, initrd: Path, workdir: Path, wake: int) -> dict[str, str]:
     boot = boot_tiny(kernel, initrd, workdir, cpus=2, probe=f"{IRQ_CPU}:{wake}",
                      send_bytes=SEND_BYTES)
@@ -240,6 +254,7 @@ def _probe(kernel: Kernel, initrd: Path, workdir: Path, wake: int) -> dict[str, 
     assert int(f["bytes"]) == SEND_BYTES, "the reader must have read everything we sent"
     placed, on_k = int(f["placed"]), int(f["on_k"])
     assert placed >= 50, f"too few wake-ups to judge: {f}"
+    _check_setup(f)
     frac = on_k / placed
     print(f"\n{kernel.name} rx_wake_local={wake}: reader switched in on the IRQ CPU "
           f"{IRQ_CPU} after {on_k}/{placed} = {frac:.1%} of its wake-ups "
@@ -305,6 +320,7 @@ def test_wake_local_two_guests(kernels: dict[str, Kernel], workdir: Path,
         f = _two_guest_probe(wake, workdir, settings)
         placed, on_k = int(f["placed"]), int(f["on_k"])
         assert placed >= 50, f
+        _check_setup(f)
         fractions[wake] = on_k / placed
         print(f"\ntwo guests, patched, rx_wake_local={wake}: reader switched in on IRQ CPU "
               f"{IRQ_CPU} after {on_k}/{placed} = {fractions[wake]:.1%} of wake-ups; {f}")

@@ -147,18 +147,19 @@ def test_parse_patch_unfolds_subject_and_strips_prefix(tmp_path: Path) -> None:
 
 # ---- the functional probe's trace summariser (images/kernel/probe/wakeprobe.awk)
 
-# Synthetic, in the exact tracefs format of Linux 6.1 (irq-info flags column):
-# wake 1 in softirq on CPU 1 -> switched in on 1; wake 2 from a task on CPU 0 ->
-# switched in on 0; wake 3 never followed by a switch-in; an unrelated pid; a lost line.
+# In the tracefs format of Linux 6.1 (irq-info flags column); lines as captured from a
+# patched guest, plus edge cases: wake 1 from softirq on CPU 1 -> switched in on 1;
+# wake 2 from a task on CPU 0 -> switched in on 0; wake 3 (softirq, CPU 1) never
+# followed by a switch-in; an unrelated pid; a lost-events line.
 TRACE = """# tracer: nop
-          <idle>-0       [001] d.s..   100.000001: sched_wakeup: comm=rxreader pid=85 prio=120 target_cpu=001
-          <idle>-0       [001] d....   100.000002: sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rxreader next_pid=85 next_prio=120
-        rxreader-85      [001] d....   100.000003: sched_switch: prev_comm=rxreader prev_pid=85 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
-            bash-70      [000] d....   100.000004: sched_wakeup: comm=rxreader pid=85 prio=120 target_cpu=000
-          <idle>-0       [000] d....   100.000005: sched_switch: prev_comm=swapper/0 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rxreader next_pid=85 next_prio=120
-          <idle>-0       [001] dNs..   100.000006: sched_wakeup: comm=rxreader pid=85 prio=120 target_cpu=001
-          <idle>-0       [001] d.s..   100.000007: sched_wakeup: comm=sshd pid=855 prio=120 target_cpu=001
-          <idle>-0       [001] d....   100.000008: sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=sshd next_pid=855 next_prio=120
+          <idle>-0       [001] d.s..    10.387079: sched_waking: comm=rxreader pid=61 prio=120 target_cpu=001
+          <idle>-0       [001] d....    10.387134: sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rxreader next_pid=61 next_prio=120
+        rxreader-61      [001] d....    10.387181: sched_switch: prev_comm=rxreader prev_pid=61 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+            bash-70      [000] d....    10.390000: sched_waking: comm=rxreader pid=61 prio=120 target_cpu=001
+          <idle>-0       [000] d....    10.390100: sched_switch: prev_comm=swapper/0 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=rxreader next_pid=61 next_prio=120
+      ksoftirqd/1-17      [001] dNs..    10.391000: sched_waking: comm=rxreader pid=61 prio=120 target_cpu=000
+        rxreader-61      [000] d.s1.    10.392000: sched_waking: comm=kworker/0:1 pid=20 prio=120 target_cpu=000
+          <idle>-0       [000] d....    10.392100: sched_switch: prev_comm=swapper/0 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=kworker/0:1 next_pid=20 next_prio=120
 CPU:1 [LOST 3 EVENTS]
 """  # noqa: E501
 
@@ -168,11 +169,13 @@ def test_wakeprobe_awk_counts_where_the_reader_was_switched_in(tmp_path: Path) -
     trace = tmp_path / "trace"
     trace.write_text(TRACE)
     awk = FRAGMENT.parent / "probe" / "wakeprobe.awk"
-    out = subprocess.run(["awk", "-v", "pid=85", "-v", "k=1", "-v", "wake=1", "-f", str(awk),
+    out = subprocess.run(["awk", "-v", "pid=61", "-v", "k=1", "-v", "wake=1", "-f", str(awk),
                           str(trace)], capture_output=True, text=True, check=True).stdout
     facts = dict(re.findall(r"(\w+)=(\S+)", out))
     assert out.startswith("WAKEPROBE ")
-    assert {k: facts[k] for k in ("wakeups", "placed", "on_k", "softirq_placed",
-                                  "softirq_on_k", "lost", "ran_cpu0", "ran_cpu1")} == {
-        "wakeups": "3", "placed": "2", "on_k": "1", "softirq_placed": "1",
-        "softirq_on_k": "1", "lost": "1", "ran_cpu0": "1", "ran_cpu1": "1"}
+    assert {k: facts[k] for k in (
+        "wakeups", "softirq_wakeups", "softirq_wakers_on_k", "placed", "on_k",
+        "softirq_placed", "softirq_on_k", "lost", "ran_cpu0", "ran_cpu1")} == {
+        "wakeups": "3", "softirq_wakeups": "2", "softirq_wakers_on_k": "2", "placed": "2",
+        "on_k": "1", "softirq_placed": "1", "softirq_on_k": "1", "lost": "1",
+        "ran_cpu0": "1", "ran_cpu1": "1"}

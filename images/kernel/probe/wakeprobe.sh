@@ -1,18 +1,21 @@
 #!/bin/sh
-# wakeprobe.sh K WAKE PORT [IFACE]: the guest side of the wake-on-RX-CPU test.
+# wakeprobe.sh K WAKE PORT [IFACE [DUMP]]: the guest side of the wake-on-RX-CPU test.
+# DUMP > 0 also prints the first DUMP trace lines (prefixed TRACE) for debugging.
 #
 # Pins IFACE's interrupt(s) to CPU K, sets net.core.rx_wake_local=WAKE (when the
 # kernel has it), runs rxreader on PORT with no affinity of its own, and traces
-# the reader's sched_wakeup/sched_switch events (tracefs) until the sender closes.
-# Prints one summary line, measured from the trace (the CPU the reader was switched
-# in on after each wake-up), not from what was asked:
-#   WAKEPROBE k=K wake=WAKE wakeups=N placed=P on_k=A softirq_placed=S softirq_on_k=B ran_cpuX=..
-# wakeups: all sched_wakeup events of the reader; placed: those followed by a switch-in
-# (a wake-up of a task that had not yet left its CPU places nothing); softirq_*: the
-# subset whose wake-up ran in softirq context (the case the patch changes).
+# the reader's sched_waking/sched_switch events (tracefs) until the sender closes.
+# Prints one summary line (see wakeprobe.awk), measured from the trace (the CPU the
+# reader was switched in on after each wake-up), not from what was asked:
+#   WAKEPROBE k=K wake=WAKE wakeups=N softirq_wakeups=.. softirq_wakers_on_k=..
+#             placed=P on_k=A softirq_placed=S softirq_on_k=B lost=L ran_cpuX=..
+# wakeups: the reader's sched_waking events; softirq_*: those whose waker ran in
+# softirq context (the case the patch changes), *_wakers_on_k: ... on CPU K (shows the
+# IRQ pinning worked); placed: wake-ups followed by a switch-in (waking a task that
+# has not yet left its CPU places nothing); on_k: ... switched in on CPU K.
 # Needs busybox (or coreutils+gawk) and tracefs. Exit status 0 unless setup failed.
 set -u
-K=$1 WAKE=$2 PORT=$3 IFACE=${4:-eth0}
+K=$1 WAKE=$2 PORT=$3 IFACE=${4:-eth0} DUMP=${5:-0}
 DIR=$(dirname "$0")
 T=/sys/kernel/tracing
 [ -d $T/events ] || mount -t tracefs nodev $T 2>/dev/null || { echo "WAKEPROBE-ERROR no tracefs"; exit 1; }
@@ -35,15 +38,16 @@ echo 0 > $T/tracing_on
 echo > $T/trace
 echo 8192 > $T/buffer_size_kb
 echo "$PID" > $T/set_event_pid
-echo 1 > $T/events/sched/sched_wakeup/enable
+echo 1 > $T/events/sched/sched_waking/enable
 echo 1 > $T/events/sched/sched_switch/enable
 echo 1 > $T/tracing_on
 echo "WAKEPROBE-LISTENING pid=$PID irqs=$(echo $IRQS | tr ' ' ,)"
 wait $PID
 echo 0 > $T/tracing_on
-echo 0 > $T/events/sched/sched_wakeup/enable
+echo 0 > $T/events/sched/sched_waking/enable
 echo 0 > $T/events/sched/sched_switch/enable
 echo > $T/set_event_pid
 cat /tmp/rxreader.out
 awk -v pid="$PID" -v k="$K" -v wake="$WAKE" -f "$DIR/wakeprobe.awk" $T/trace
+[ "$DUMP" -gt 0 ] && grep -v '^#' $T/trace | head -n "$DUMP" | sed 's/^/TRACE /'
 echo > $T/trace
