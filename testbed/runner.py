@@ -30,6 +30,8 @@ from testbed.settings import REPO_ROOT, Settings
 from testbed.topology import Assets, Topology, boot, prepare_assets
 
 RUN_META = "run.json"
+# The guest's perf event sources; a core PMU shows up as cpu (cpu_core/cpu_atom on hybrids).
+GUEST_PMU_PROBE = "ls /sys/bus/event_source/devices 2>/dev/null"
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,24 @@ class MatrixRunner:
             if self.versions.get("dataplane") is None:
                 self.versions["dataplane"] = topo.notes.get("dataplane")
                 atomic_write_json(self.run.versions_file, self.versions)
+            if self.pmu:
+                self._check_guest_pmu(topo)
             yield topo
+
+    def _check_guest_pmu(self, topo: Topology) -> None:
+        """A host PMU is not a guest PMU: KVM may not pass one through (kvm enable_pmu=0,
+        a nested host without a vPMU). Count hardware events only where the guest has one,
+        and say so in versions.json, so counters are never taken as real by assumption."""
+        out = topo.receiver.ssh.run(GUEST_PMU_PROBE, check=False).stdout.split()
+        core = [n for n in out if n in ("cpu", "cpu_core", "cpu_atom")]
+        self.versions["pmu_detail"] = (f"guest core PMU: {', '.join(core)}" if core else
+                                       "no core PMU in the guest (event sources: "
+                                       f"{', '.join(out) or 'none'}); software events only")
+        if not core:
+            self.pmu = False
+            self.versions.update(pmu_in_guest=False, hardware_counters_valid=False)
+            self.log(f"note: {self.versions['pmu_detail']}")
+        atomic_write_json(self.run.versions_file, self.versions)
 
     def _inject(self, cell: Cell, topo: Topology) -> None:
         if self.fault and self.fault.cell_id == cell.cell_id:
