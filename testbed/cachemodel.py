@@ -49,7 +49,7 @@ RECOMMENDED_TCG_THREADS = "single"
 
 EVENTS = (
     "loads", "stores", "l1d_misses", "l2_misses", "llc_misses", "c2c_transfers",
-    "invalidations_sent", "invalidations_received", "instructions",
+    "invalidations_sent", "invalidations_received", "instructions", "device_writes",
 )
 MODES = ("kernel", "user")
 CSV_COLUMNS = ("vcpu", "mode", "event", "value", "marker")
@@ -110,6 +110,8 @@ class ModelParams:
     llc_assoc: int = 16
     line: int = 64
     cold: bool = True  # empty the caches when counting starts (stale state is arbitrary)
+    dma: bool = True  # notice lines changed by devices (DMA) on the next load
+    ddio: bool = True  # device writes land in the LLC (Intel DDIO) rather than bypass it
 
     def validate(self) -> ModelParams:
         """Same checks as model_config_error() in model.c, with a fix in the message."""
@@ -374,11 +376,12 @@ MICRO_DONE = "NBMICRO-DONE"
 
 @dataclass(frozen=True)
 class MicroRun:
-    """One micro-guest boot: its console text and how long QEMU ran (host wall clock)."""
+    """One micro-guest boot: its console text, QEMU's host wall and CPU time."""
 
     console: str
     wall_s: float
     csv: Path | None
+    cpu_s: float = 0.0  # QEMU's user + system CPU time: less sensitive to a busy host
 
     def bench_lines(self, prefix: str = "nbbench_") -> list[dict[str, str]]:
         """`key=value` fields of the benchmark lines the tools print."""
@@ -454,8 +457,10 @@ def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: st
 
 def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0) -> MicroRun:
     """Boot, wait for power-off, return the console; raise if the guest did not finish."""
+    import resource
     import time
 
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -465,11 +470,13 @@ def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0
         raise CommandError(argv, None, out,
                            hint=f"the micro guest ran over {timeout_s:.0f} s") from exc
     wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     console = (proc.stdout + proc.stderr).decode(errors="replace")
     if proc.returncode != 0 or MICRO_DONE not in console:
         raise CommandError(argv, proc.returncode, console,
                            hint="the micro guest did not finish its script (see output)")
-    return MicroRun(console, wall, csv)
+    return MicroRun(console, wall, csv, cpu)
 
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:

@@ -24,16 +24,16 @@
 const char *const model_event_names[EV_COUNT] = {
     "loads",         "stores",         "l1d_misses",
     "l2_misses",     "llc_misses",     "c2c_transfers",
-    "invalidations_sent", "invalidations_received", "instructions",
+    "invalidations_sent", "invalidations_received", "instructions", "device_writes",
 };
 const char *const model_mode_names[MODE_COUNT] = {"kernel", "user"};
 
 enum { ST_I = 0, ST_S = 1, ST_E = 2, ST_M = 3 };
 
-/* 16 bytes, so an 8-way set is two host cache lines and a 16-way set four. */
 typedef struct {
     uint64_t key;   /* line address << 2 | ST_* state; state ST_I means empty */
     uint64_t stamp; /* LRU: larger is more recent */
+    uint64_t sum;   /* digest of the line's bytes when a CPU last touched it here */
 } entry;
 
 static inline uint8_t state_of(const entry *e) { return (uint8_t)(e->key & 3); }
@@ -49,6 +49,13 @@ typedef struct {
 
 typedef struct {
     cache l1, l2;
+    /* The line of this CPU's last access, known to be in its L1 (memo_m: Modified).
+     * Byte-wise `rep movsb` (the kernel's copy_to_user under TCG) touches one line
+     * 64 times in a row; these repeats skip the lookup.  Cleared whenever another
+     * CPU takes the line away or this CPU evicts it. */
+    uint64_t memo_line;
+    entry *memo_entry;
+    bool memo_valid, memo_m;
     int last_mode;
     uint64_t cnt[MODE_COUNT][EV_COUNT];
 } cpu_state;
@@ -132,7 +139,7 @@ static inline entry *lookup(const cache *c, uint64_t line)
 static inline void touch(cache *c, entry *e) { e->stamp = ++c->clock; }
 
 /* Insert `line`; returns the evicted entry's copy in *victim (state ST_I if none). */
-static void insert(cache *c, uint64_t line, uint8_t state, entry *victim)
+static entry *insert(cache *c, uint64_t line, uint8_t state, entry *victim)
 {
     entry *s = set_of(c, line);
     entry *v = &s[0];
@@ -150,6 +157,7 @@ static void insert(cache *c, uint64_t line, uint8_t state, entry *victim)
     }
     v->key = line << 2 | state;
     touch(c, v);
+    return v;
 }
 
 model *model_new(const model_config *cfg)
@@ -191,6 +199,7 @@ void model_clear_caches(model *m)
     for (int i = 0; i < m->cfg.ncpus; i++) {
         cache_clear(&m->cpu[i].l1);
         cache_clear(&m->cpu[i].l2);
+        m->cpu[i].memo_valid = false;
     }
 }
 
@@ -205,6 +214,19 @@ static uint8_t private_state(const model *m, int cpu, uint64_t line)
 
 static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
 {
+    if (m->cpu[cpu].memo_line == line) {
+        m->cpu[cpu].memo_valid = false;
+    }
+    if (state == ST_I) {
+        entry *x = lookup(&m->cpu[cpu].l1, line);
+        if (x) {
+            x->key = 0;
+        }
+        if (m->has_l2 && (x = lookup(&m->cpu[cpu].l2, line))) {
+            x->key = 0;
+        }
+        return;
+    }
     entry *e = lookup(&m->cpu[cpu].l1, line);
     if (e) {
         set_state(e, state);
@@ -214,38 +236,42 @@ static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
     }
 }
 
-static void llc_fill(model *m, uint64_t line)
+static void llc_fill(model *m, uint64_t line, uint64_t sum)
 {
     entry *e = lookup(&m->llc, line);
     if (e) {
         touch(&m->llc, e);
     } else {
-        insert(&m->llc, line, ST_S, NULL);
+        e = insert(&m->llc, line, ST_S, NULL);
     }
+    e->sum = sum;
 }
 
 /* A line leaves CPU `cpu`'s L2: dirty data goes to the LLC unless L1 still holds it. */
 static void l2_evicted(model *m, int cpu, const entry *v)
 {
     if (state_of(v) == ST_M && !lookup(&m->cpu[cpu].l1, tag_of(v))) {
-        llc_fill(m, tag_of(v));
+        llc_fill(m, tag_of(v), v->sum);
     }
 }
 
-static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state)
+static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state, uint64_t sum)
 {
     entry victim;
-    insert(&m->cpu[cpu].l2, line, state, &victim);
+    insert(&m->cpu[cpu].l2, line, state, &victim)->sum = sum;
     if (state_of(&victim) != ST_I) {
         l2_evicted(m, cpu, &victim);
     }
 }
 
-static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state)
+static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, uint64_t sum)
 {
     entry victim;
-    insert(&m->cpu[cpu].l1, line, state, &victim);
+    insert(&m->cpu[cpu].l1, line, state, &victim)->sum = sum;
     uint8_t vst = state_of(&victim);
+    if (vst != ST_I && tag_of(&victim) == m->cpu[cpu].memo_line) {
+        m->cpu[cpu].memo_valid = false;
+    }
     if (vst == ST_I) {
         return;
     }
@@ -253,11 +279,12 @@ static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state)
         entry *e2 = lookup(&m->cpu[cpu].l2, tag_of(&victim));
         if (e2) {
             set_state(e2, vst);
+            e2->sum = victim.sum;
         } else {
-            fill_l2(m, cpu, tag_of(&victim), vst);
+            fill_l2(m, cpu, tag_of(&victim), vst, victim.sum);
         }
     } else if (vst == ST_M) {
-        llc_fill(m, tag_of(&victim));
+        llc_fill(m, tag_of(&victim), victim.sum);
     }
 }
 
@@ -272,10 +299,67 @@ static void invalidate_others(model *m, int cpu, int mode, uint64_t line)
     }
 }
 
-static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
+/*
+ * Device writes (DMA) never reach a plugin.  With a digest of the line's bytes per
+ * access, a load can tell that the line changed since a CPU last touched it, which
+ * only an invisible writer can have done: then every private copy is dropped and,
+ * with DDIO (as on Intel server parts), the LLC keeps the new data; without, the
+ * LLC copy goes too.  Stores cannot be checked (their own bytes changed the line).
+ */
+static const entry *recorded(const model *m, int cpu, uint64_t line)
+{
+    const entry *e = lookup(&m->cpu[cpu].l1, line);
+    if (!e && m->has_l2) {
+        e = lookup(&m->cpu[cpu].l2, line);
+    }
+    if (e) {
+        return e;
+    }
+    const entry *clean = NULL;
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        if (o == cpu) {
+            continue;
+        }
+        const entry *x = lookup(&m->cpu[o].l1, line);
+        if (!x && m->has_l2) {
+            x = lookup(&m->cpu[o].l2, line);
+        }
+        if (x && state_of(x) == ST_M) {
+            return x;
+        }
+        clean = clean ? clean : x;
+    }
+    return clean ? clean : lookup(&m->llc, line);
+}
+
+static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t sum)
+{
+    m->cpu[cpu].cnt[mode][EV_DEVICE_WRITES]++;
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        set_private_state(m, o, line, ST_I);
+    }
+    if (m->cfg.ddio) {
+        llc_fill(m, line, sum);
+    } else {
+        entry *l = lookup(&m->llc, line);
+        if (l) {
+            l->key = 0;
+        }
+    }
+}
+
+static void access_line(model *m, int cpu, int mode, uint64_t line, bool store, uint64_t sum,
+                        bool check)
 {
     cpu_state *c = &m->cpu[cpu];
     uint64_t *k = c->cnt[mode];
+
+    if (check && !store) {
+        const entry *r = recorded(m, cpu, line);
+        if (r && r->sum != sum) {
+            device_write(m, cpu, mode, line, sum);
+        }
+    }
     entry *e = lookup(&c->l1, line);
 
     if (e) { /* L1 hit: the common, cheap path */
@@ -286,6 +370,7 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
             }
             set_private_state(m, cpu, line, ST_M);
         }
+        e->sum = sum;
         return;
     }
     k[EV_L1D_MISSES]++;
@@ -300,7 +385,8 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
             st = ST_M;
             set_state(e, ST_M);
         }
-        fill_l1(m, cpu, line, st);
+        e->sum = sum;
+        fill_l1(m, cpu, line, st, sum);
         return;
     }
     k[EV_L2_MISSES]++;
@@ -334,27 +420,43 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store)
         if (!other_has) {
             k[EV_LLC_MISSES]++;
         }
-        insert(&m->llc, line, ST_S, NULL);
+        l = insert(&m->llc, line, ST_S, NULL);
     }
+    l->sum = sum;
     uint8_t st = store ? ST_M : (other_has ? ST_S : ST_E);
     if (m->has_l2) {
-        fill_l2(m, cpu, line, st);
+        fill_l2(m, cpu, line, st, sum);
     }
-    fill_l1(m, cpu, line, st);
+    fill_l1(m, cpu, line, st, sum);
 }
 
-void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store)
+void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
+                  const uint64_t *sums)
 {
     cpu_state *c = &m->cpu[cpu];
     uint64_t first = paddr >> m->line_shift;
     uint64_t last = (paddr + (size ? size : 1) - 1) >> m->line_shift;
+    bool check = sums != NULL;
+    uint64_t s0 = check ? sums[0] : 0, s1 = check ? sums[1] : 0;
 
     c->last_mode = mode;
     c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
-    access_line(m, cpu, mode, first, store);
-    if (last != first) {
-        access_line(m, cpu, mode, last, store);
+    if (first == last && c->memo_valid && first == c->memo_line && (c->memo_m || !store)) {
+        /* L1 hit on the line just used: already MRU, state unchanged */
+        if (store || !check || c->memo_entry->sum == s0) {
+            c->memo_entry->sum = s0;
+            return;
+        }
     }
+    access_line(m, cpu, mode, first, store, s0, check);
+    if (last != first) {
+        access_line(m, cpu, mode, last, store, s1, check);
+    }
+    entry *e = lookup(&c->l1, last);
+    c->memo_line = last;
+    c->memo_valid = e != NULL;
+    c->memo_m = e && state_of(e) == ST_M;
+    c->memo_entry = e;
 }
 
 void model_count(model *m, int cpu, int mode, int ev, uint64_t n)

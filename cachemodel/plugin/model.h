@@ -23,6 +23,7 @@ enum model_event {
     EV_INVALIDATIONS_SENT,
     EV_INVALIDATIONS_RECEIVED,
     EV_INSTRUCTIONS,
+    EV_DEVICE_WRITES, /* lines found changed by a writer the model cannot see (DMA) */
     EV_COUNT
 };
 
@@ -40,6 +41,7 @@ typedef struct {
     cache_geom l1d, l2, llc;
     uint32_t line;  /* bytes, power of two, same for all levels */
     int ncpus;
+    bool ddio;      /* device writes land in the LLC (else they leave it too) */
 } model_config;
 
 typedef struct model model;
@@ -49,8 +51,13 @@ const char *model_config_error(const model_config *cfg);
 model *model_new(const model_config *cfg);
 void model_free(model *m);
 
-/* One data access by `cpu` in `mode`; may span two lines (counted as one access). */
-void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store);
+/*
+ * One data access by `cpu` in `mode`; may span two lines (counted as one access).
+ * `sums`: digests of the first and last line's bytes right after the access, used
+ * to notice device writes; NULL turns that detection off.
+ */
+void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
+                  const uint64_t *sums);
 /* Empty every cache (cold start); counters are kept. */
 void model_clear_caches(model *m);
 void model_count(model *m, int cpu, int mode, int ev, uint64_t n);

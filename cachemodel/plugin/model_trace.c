@@ -5,7 +5,9 @@
  *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
  *               [llc_size=B] [llc_assoc=W] [line=B]  < trace
  *
- * Trace lines:  <cpu> <k|u> <l|s> <paddr> [size]   one access (paddr in hex or dec)
+ * Trace lines:  <cpu> <k|u> <l|s> <paddr> [size [digest]]   one access; with a digest
+ *                                   (of the line's bytes after the access) device
+ *                                   writes are looked for
  *               S <cpu> <k|u> <l|s> <start> <bytes> <stride> [repeat]  a strided sweep
  *               clear                               empty all caches
  * Prints the final counters as CSV: vcpu,mode,event,value.
@@ -18,7 +20,7 @@
 
 int main(int argc, char **argv)
 {
-    model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2};
+    model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2, true};
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
         if (!eq) {
@@ -35,6 +37,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "llc_size")) cfg.llc.size = v;
         else if (!strcmp(argv[i], "llc_assoc")) cfg.llc.ways = (uint32_t)v;
         else if (!strcmp(argv[i], "line")) cfg.line = (uint32_t)v;
+        else if (!strcmp(argv[i], "ddio")) cfg.ddio = v != 0;
         else {
             fprintf(stderr, "unknown argument %s\n", argv[i]);
             return 2;
@@ -52,8 +55,9 @@ int main(int argc, char **argv)
         lineno++;
         int cpu;
         char mode, rw;
-        unsigned long long a, b, c, rep = 1;
+        unsigned long long a, b, c, rep = 1, digest = 0;
         unsigned size = 8;
+        int fields;
         if (line[0] == '\n' || line[0] == '#') {
             continue;
         }
@@ -65,15 +69,18 @@ int main(int argc, char **argv)
             for (unsigned long long r = 0; r < rep; r++) {
                 for (unsigned long long off = 0; off < b; off += c) {
                     model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a + off, 8,
-                                 rw == 's');
+                                 rw == 's', NULL);
                 }
             }
-        } else if (sscanf(line, "%d %c %c %lli %u", &cpu, &mode, &rw, &a, &size) >= 4) {
+        } else if ((fields = sscanf(line, "%d %c %c %lli %u %lli", &cpu, &mode, &rw, &a, &size,
+                                    &digest)) >= 4) {
+            uint64_t sums[2] = {digest, digest};
             if (cpu < 0 || cpu >= cfg.ncpus) {
                 fprintf(stderr, "line %d: cpu %d out of range\n", lineno, cpu);
                 return 2;
             }
-            model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a, size, rw == 's');
+            model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a, size, rw == 's',
+                         fields == 6 ? sums : NULL);
         } else {
             fprintf(stderr, "line %d: cannot parse: %s", lineno, line);
             return 2;

@@ -52,6 +52,8 @@ static qemu_plugin_id_t plugin_id;
 static model *M;
 static FILE *out;
 static bool cold_start = true;
+static bool dma_detect = true;
+static unsigned line_bytes = 64;
 static bool always_on;
 static int open_regions;
 static int counting; /* read without the lock by callbacks: __atomic */
@@ -115,11 +117,28 @@ static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
         return pa;
     }
     uint64_t pa = qemu_plugin_hwaddr_phys_addr(hw);
-    if ((pa & 0xfff) == (host & 0xfff)) { /* RAM pages are page aligned on both sides */
-        slot->host_page = page;
-        slot->phys_page = pa >> 12;
+    if ((pa & 0xfff) != (host & 0xfff)) {
+        /* RAM pages are page aligned on both sides: the mirror cannot be right */
+        __atomic_store_n(&phys_cache_on, 0, __ATOMIC_RELAXED);
+        qemu_plugin_outs("netbed-cache: host address does not match QEMU's physical address "
+                         "(struct layout changed?): address cache and DMA detection off\n");
+        return pa;
     }
+    slot->host_page = page;
+    slot->phys_page = pa >> 12;
     return pa;
+}
+
+/* Not cryptographic: a mix that changes when any 8 bytes of the line change. */
+static inline uint64_t line_digest(const uint8_t *p)
+{
+    uint64_t h = 0x9e3779b97f4a7c15ull, w;
+    for (unsigned i = 0; i < line_bytes; i += 8) {
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 29;
+    }
+    return h;
 }
 
 static inline void lock(void)
@@ -164,8 +183,18 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     uint64_t pa = phys_addr(vcpu, hw);
     unsigned size = 1u << qemu_plugin_mem_size_shift(info);
     bool store = qemu_plugin_mem_is_store(info);
+    uint64_t sums[2];
+    if (dma_detect && __atomic_load_n(&phys_cache_on, __ATOMIC_RELAXED)) {
+        /* digest of the bytes now in guest RAM, read through QEMU's host mapping */
+        const uint8_t *host = ((struct hwaddr_mirror_72 *)hw)->v.ram.hostaddr;
+        const uint8_t *l0 = host - (pa & (line_bytes - 1));
+        sums[0] = line_digest(l0);
+        sums[1] = ((pa & (line_bytes - 1)) + size > line_bytes) ? line_digest(l0 + line_bytes)
+                                                                : sums[0];
+    }
     lock();
-    model_access(M, (int)vcpu, (int)(uintptr_t)udata, pa, size, store);
+    model_access(M, (int)vcpu, (int)(uintptr_t)udata, pa, size, store,
+                 dma_detect && phys_cache_on ? sums : NULL);
     unlock();
 }
 
@@ -322,6 +351,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         .llc = {8 << 20, 16},
         .line = 64,
         .ncpus = info->system_emulation ? info->system.max_vcpus : 1,
+        .ddio = true,
     };
     const char *out_path = NULL;
 
@@ -336,12 +366,14 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         bool is_num = parse_size(val, &v);
         if (!strcmp(key, "out")) {
             out_path = val;
-        } else if (!strcmp(key, "cold") || !strcmp(key, "always")) {
+        } else if (!strcmp(key, "cold") || !strcmp(key, "always") || !strcmp(key, "dma") ||
+                   !strcmp(key, "ddio")) {
             bool b;
             if (!qemu_plugin_bool_parse(key, val, &b)) {
                 return fail("netbed-cache: %s=%s: expected on/off\n", key, val);
             }
-            *(strcmp(key, "cold") ? &always_on : &cold_start) = b;
+            *(!strcmp(key, "cold") ? &cold_start : !strcmp(key, "always") ? &always_on
+              : !strcmp(key, "dma") ? &dma_detect : &cfg.ddio) = b;
         } else if (!is_num) {
             return fail("netbed-cache: %s=%s: expected a number (suffix K/M/G allowed)\n", key,
                         val);
@@ -361,7 +393,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             cfg.line = (uint32_t)v;
         } else {
             return fail("netbed-cache: unknown argument %s (known: out, l1d_size, l1d_assoc, "
-                        "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always)%s\n",
+                        "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always, dma, "
+                        "ddio)%s\n",
                         key, "");
         }
     }
@@ -384,6 +417,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(out, "vcpu,mode,event,value,marker\n");
         fflush(out);
     }
+    line_bytes = cfg.line;
     M = model_new(&cfg);
     phys_cache = g_new0(phys_slot, (gsize)cfg.ncpus * PHYS_CACHE_SIZE);
     plugin_id = id;

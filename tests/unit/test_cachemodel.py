@@ -63,7 +63,7 @@ def test_plugin_spec_renders_qemu_72_syntax():
                                      l2_size=0)
     assert spec.render() == (
         "file=/c/libnetbed_cache.so,out=/r/cachemodel.csv,l1d_size=32768,l1d_assoc=8,"
-        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on")
+        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on,dma=on,ddio=on")
 
 
 def test_plugin_spec_refuses_commas_and_unknown_parameters():
@@ -289,3 +289,46 @@ def test_bad_geometry_is_refused_by_the_c_model_too(model_trace):
     proc = subprocess.run([str(model_trace), "l1d_size=49152"], input="", capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "l1d_size" in proc.stderr
+
+
+def test_repeated_access_shortcut_notices_a_remote_write(model_trace):
+    # cpu 0 reads a line twice (the second is the shortcut), cpu 1 writes it, cpu 0
+    # reads again: that read must miss and be a c2c transfer, not a remembered hit.
+    df = run_trace(model_trace, "0 u l 0x40\n0 u l 0x48\n1 u s 0x40\n0 u l 0x40\n0 u s 0x40\n")
+    assert total(df, "l1d_misses", vcpu=0) == 2
+    assert total(df, "c2c_transfers", vcpu=0) == 1
+    assert total(df, "invalidations_sent", vcpu=0) == 1  # its S -> M upgrade
+
+
+def test_repeated_access_shortcut_does_not_skip_an_upgrade(model_trace):
+    # a load leaves the line Shared; a store right after must still invalidate cpu 1
+    df = run_trace(model_trace, "1 u l 0x40\n0 u l 0x40\n0 u s 0x40\n")
+    assert total(df, "invalidations_received", vcpu=1) == 1
+
+
+def test_a_line_changed_behind_the_model_is_a_device_write(model_trace):
+    # same digest: hits; new digest on a load: the device wrote it, so a miss that
+    # DDIO serves from the LLC
+    trace = "0 k l 0x40 8 111\n0 k l 0x40 8 111\n0 k l 0x80 8 5\n0 k l 0x40 8 222\n"
+    df = run_trace(model_trace, trace)
+    assert total(df, "device_writes", mode="kernel") == 1
+    assert total(df, "l1d_misses", mode="kernel") == 3
+    assert total(df, "llc_misses", mode="kernel") == 2
+    no_ddio = run_trace(model_trace, trace, ddio=0)
+    assert total(no_ddio, "llc_misses", mode="kernel") == 3
+
+
+def test_cpu_writes_are_not_mistaken_for_device_writes(model_trace):
+    trace = ("0 u s 0x40 8 5\n0 u l 0x40 8 5\n"  # own store then load
+             "1 u s 0x40 8 6\n0 u l 0x40 8 6\n"  # another CPU's store, then a c2c load
+             "0 u s 0x40 8 7\n0 u l 0x40 8 7\n")  # store via the shortcut path, reload
+    df = run_trace(model_trace, trace)
+    assert total(df, "device_writes") == 0
+    assert total(df, "c2c_transfers", vcpu=0) == 1
+
+
+def test_device_write_to_a_line_cached_elsewhere_drops_every_copy(model_trace):
+    trace = "0 k l 0x40 8 1\n1 k l 0x40 8 1\n1 k l 0x40 8 2\n0 k l 0x40 8 2\n"
+    df = run_trace(model_trace, trace)
+    assert total(df, "device_writes", mode="kernel") == 1  # found by cpu 1, cpu 0 loses it
+    assert total(df, "l1d_misses", vcpu=0, mode="kernel") == 2

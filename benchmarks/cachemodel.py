@@ -1,0 +1,136 @@
+"""Speed of the cache-model plugin: guest MIPS inside and outside regions vs plain TCG.
+
+Prints, never asserts. Goals (issue 6): <= 5x slowdown inside a region, <= 1.1x
+outside. Two fixed guest workloads, each timed by the guest:
+
+  stream   nbbench_stream: a user-mode read loop, one load per ~5 instructions (worst case)
+  pipe     dd | dd through a pipe: kernel copies (copy_to/from_user), two processes
+
+in these set-ups:
+
+  plain          no plugin
+  outside        plugin loaded, no region opened yet (the speed of boot and setup)
+  after-region   a region opened and closed before the workload: code stays
+                 instrumented, callbacks return at once (see cachemodel/README.md)
+  inside         the workload inside a region (counting)
+  inside-multi   as inside, with multi-threaded TCG (stream only)
+
+MIPS = guest instructions counted by the plugin in the `inside` run / elapsed time
+(instructions are TB instructions executed; a `rep movsb` iteration counts as one).
+Each figure is the minimum over --repeats boots: the host is shared, and the
+minimum is the least disturbed run. The boot's own cost (outside any region) is
+shown as QEMU CPU seconds for the whole run. Last, what thread=single costs
+without the plugin: two streams in parallel on two vCPUs, single vs multi.
+
+    python -m benchmarks.cachemodel [--repeats N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed import cachemodel as cm
+from testbed.settings import Settings
+
+ID = 70
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    command: str  # prints "nbtime <seconds>" (busybox time) or nbbench_stream's elapsed_ns
+
+    def script(self, setup: str) -> str:
+        timed = self.command if setup in ("plain", "outside", "after-region") else (
+            f"nbmark run {ID} -- {self.command}")
+        pre = "nbmark begin 1\nnbmark end 1\n" if setup == "after-region" else ""
+        return f'{pre}time -f "nbtime %e" {timed}'
+
+
+SETUPS = {  # name -> (plugin loaded, TCG threads)
+    "plain": (False, "single"),
+    "outside": (True, "single"),
+    "after-region": (True, "single"),
+    "inside": (True, "single"),
+    "inside-multi": (True, "multi"),
+}
+
+
+def workloads(quick: bool) -> list[Workload]:
+    mib, passes, blocks = (4, 8, 400) if quick else (8, 32, 2000)
+    return [
+        Workload("stream", f"nbbench_stream {mib << 20} {passes}"),
+        Workload("pipe", f"sh -c 'dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | "
+                         "dd of=/dev/null bs=65536 2>/dev/null'"),
+    ]
+
+
+def nbtime(run: cm.MicroRun) -> float:
+    for line in run.console.splitlines():
+        if line.strip().startswith("nbtime "):
+            return float(line.split()[1])
+    raise ValueError("no nbtime line in the guest output")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="boots per set-up (minimum shown)")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads")
+    args = ap.parse_args(argv)
+    settings = Settings()
+    cm.build_plugin(settings)
+    cm.build_guest_tools(settings)
+    quiet = lambda m: None  # noqa: E731
+    print(f"host load average at start: {os.getloadavg()[0]:.1f} (2 cores, shared)")
+
+    with tempfile.TemporaryDirectory(prefix="netbed-cmbench-") as tmp_s:
+        tmp = Path(tmp_s)
+        for wl in workloads(args.quick):
+            times: dict[str, float] = {}
+            cpu: dict[str, float] = {}
+            instructions = 0
+            for setup, (plugin, threads) in SETUPS.items():
+                if setup == "inside-multi" and wl.name != "stream":
+                    continue
+                best, best_cpu = float("inf"), float("inf")
+                for i in range(args.repeats):
+                    run = cm.run_with_model(settings, wl.script(setup), tmp / f"{wl.name}{i}",
+                                            plugin=plugin, tcg_threads=threads, log=quiet)
+                    best, best_cpu = min(best, nbtime(run)), min(best_cpu, run.cpu_s)
+                    if setup == "inside" and run.csv is not None:
+                        df = cm.read_snapshots(run.csv.read_text())
+                        w = cm.window(df, f"begin:{ID}", f"end:{ID}")
+                        instructions = w["instructions"]
+                times[setup], cpu[setup] = best, best_cpu
+            print(f"\n{wl.name}: {wl.command}\n  {instructions / 1e6:.0f} M guest instructions "
+                  f"in the region, 2 vCPUs, TCG")
+            print(f"  {'set-up':13s} {'time':>8s} {'MIPS':>7s} {'slowdown':>9s} "
+                  f"{'whole-run CPU':>14s}")
+            for setup, t in times.items():
+                mips = instructions / t / 1e6 if t else float("nan")
+                print(f"  {setup:13s} {t:7.2f}s {mips:7.0f} {t / times['plain']:8.2f}x "
+                      f"{cpu[setup]:13.1f}s")
+        print("\n  goals: inside <= 5x, outside <= 1.1x")
+
+        par = "nbbench_stream 8388608 32 & nbbench_stream 8388608 32 & wait"
+        par_s = {}
+        for threads in ("multi", "single"):
+            best = float("inf")
+            for i in range(args.repeats):
+                run = cm.run_with_model(settings, f'time -f "nbtime %e" sh -c "{par}"',
+                                        tmp / f"par{threads}{i}", plugin=False,
+                                        tcg_threads=threads, log=quiet)
+                best = min(best, nbtime(run))
+            par_s[threads] = best
+    print(f"\nthread=single cost, no plugin, two streams in parallel on 2 vCPUs: "
+          f"multi {par_s['multi']:.2f} s, single {par_s['single']:.2f} s "
+          f"({par_s['single'] / par_s['multi']:.2f}x)")
+    print(f"host load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
