@@ -321,6 +321,15 @@ def merge_results(c, runs=None, into=None):
     say(f"merged {len(runs or [])} runs into {out}")
 
 
+@task(help={"force": "recompile even when a plugin for these sources is cached"})
+def build_cachemodel(c, force=False):
+    """Build the cache-model TCG plugin against the installed QEMU's header; print its path."""
+    from testbed.cachemodel import build_plugin
+
+    with user_errors():
+        print(build_plugin(settings_of(c), say, force=force))
+
+
 def _run_path(s: Settings, run: str) -> Path:
     p = Path(run)
     return p if p.is_dir() else s.results_dir / run
@@ -330,4 +339,5 @@ ns = Collection(doctor, setup, shell, test, bench_boot, run_matrix, merge_result
 ns.add_task(build_kernel)
 ns.add_task(analyze)
 ns.add_task(report)
+ns.add_task(build_cachemodel)
 ns.configure({"netbed": Settings().as_invoke_config()})
