@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,76 +82,9 @@ def nbtime(run: cm.MicroRun) -> float:
     raise ValueError("no nbtime line in the guest output")
 
 
-E1000_KO = "kernel/drivers/net/ethernet/intel/e1000/e1000.ko"
-DMA_SCRIPT = f"""\
-insmod /usr/lib/modules/$(uname -r)/{E1000_KO}
-ip link set lo up
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-nbmark begin 60
-echo NB-LISTEN
-nc -l -p 5001 > /dev/null
-nbmark end 60
-"""
-
-
-def receive_run(settings: Settings, workdir: Path, mbytes: int, dma: bool) -> dict[str, dict]:
-    """Boot an e1000 guest, send `mbytes` MiB to it over TCP, return region totals by mode."""
-    from testbed.kernels import get_kernel
-    from testbed.qemu import free_port
-
-    kernel = get_kernel("distro", settings, lambda m: None)
-    tools = cm.build_guest_tools(settings, lambda m: None)
-    initrd = cm.build_micro_initrd(settings, DMA_SCRIPT, tools)
-    workdir.mkdir(parents=True, exist_ok=True)
-    both = workdir / "initrd-e1000.cpio"
-    assert kernel.modules_cpio is not None
-    both.write_bytes(initrd.read_bytes() + kernel.modules_cpio.read_bytes())
-    csv = workdir / f"dma-{'on' if dma else 'off'}.csv"
-    csv.unlink(missing_ok=True)
-    spec = cm.cachemodel_plugin_spec(cm.build_plugin(settings, lambda m: None), csv, dma=dma)
-    port = free_port()
-    argv = cm.micro_argv(settings.qemu_binary, kernel.bzimage, both, 2, "single", [spec])
-    argv += ["-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:5001",
-             "-device", "e1000,netdev=n0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    out: list[str] = []
-    listening = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            out.append(line)
-            if "NB-LISTEN" in line:
-                listening.set()
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    try:
-        if not listening.wait(600):
-            raise RuntimeError("guest never listened:\n" + "".join(out[-20:]))
-        time.sleep(3)  # nc starts listening after the echo
-        chunk = os.urandom(1 << 20)
-        with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
-            for _ in range(mbytes):
-                s.sendall(chunk)
-        proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    t.join(5)
-    if cm.MICRO_DONE not in "".join(out):
-        raise RuntimeError("guest did not finish:\n" + "".join(out[-20:]))
-    df = cm.read_snapshots(csv.read_text())
-    return {mode: cm.window(df, "begin:60", "end:60", mode) for mode in cm.MODES}
-
-
 def dma_bias(settings: Settings, mbytes: int) -> None:
     with tempfile.TemporaryDirectory(prefix="netbed-cmdma-") as tmp_s:
-        res = {dma: receive_run(settings, Path(tmp_s) / str(dma), mbytes, dma)
+        res = {dma: cm.run_receive_with_model(settings, Path(tmp_s) / str(dma), mbytes, dma)
                for dma in (True, False)}
     lines = mbytes * (1 << 20) // 64
     print(f"\nDMA bias: e1000 guest receives {mbytes} MiB over TCP ({lines} payload lines), "

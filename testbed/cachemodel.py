@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
+from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency, NetbedError
 from testbed.qemu import PluginSpec
 from testbed.settings import REPO_ROOT, Settings
 
@@ -502,3 +502,78 @@ def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int 
         plugins.append(cachemodel_plugin_spec(build_plugin(settings, log), csv, **model_params))
     return run_micro(micro_argv(settings.qemu_binary, kernel, initrd, cpus, tcg_threads, plugins),
                      csv)
+
+
+E1000_KO = "kernel/drivers/net/ethernet/intel/e1000/e1000.ko"
+DMA_SCRIPT = f"""\
+insmod /usr/lib/modules/$(uname -r)/{E1000_KO}
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+nbmark begin 60
+echo NB-LISTEN
+nc -l -p 5001 > /dev/null
+nbmark end 60
+"""
+
+
+def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: bool = True,
+                           log: Log = print) -> dict[str, dict[str, int]]:
+    """Boot an e1000 micro guest, send it `mbytes` MiB over TCP from the host (user-mode
+    networking, hostfwd on 127.0.0.1), the whole receive in region 60; return the
+    region's totals per mode. Used to measure what device (DMA) writes do to counts."""
+    import socket
+    import threading
+    import time
+
+    from testbed.kernels import get_kernel
+    from testbed.qemu import free_port
+
+    kernel = get_kernel("distro", settings, log)
+    tools = build_guest_tools(settings, log)
+    initrd = build_micro_initrd(settings, DMA_SCRIPT, tools)
+    workdir.mkdir(parents=True, exist_ok=True)
+    both = workdir / "initrd-e1000.cpio"
+    assert kernel.modules_cpio is not None
+    both.write_bytes(initrd.read_bytes() + kernel.modules_cpio.read_bytes())
+    csv = workdir / f"dma-{'on' if dma else 'off'}.csv"
+    csv.unlink(missing_ok=True)
+    spec = cachemodel_plugin_spec(build_plugin(settings, log), csv, dma=dma)
+    port = free_port()
+    argv = micro_argv(settings.qemu_binary, kernel.bzimage, both, 2, "single", [spec])
+    argv += ["-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:5001",
+             "-device", "e1000,netdev=n0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    out: list[str] = []
+    listening = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.append(line)
+            if "NB-LISTEN" in line:
+                listening.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        if not listening.wait(600):
+            raise GuestError("the e1000 micro guest never started listening:\n"
+                             + "".join(out[-20:]))
+        time.sleep(3)  # nc starts listening after the echo
+        chunk = os.urandom(1 << 20)
+        with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
+            for _ in range(mbytes):
+                s.sendall(chunk)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t.join(5)
+    if MICRO_DONE not in "".join(out):
+        raise GuestError("the e1000 micro guest did not finish:\n" + "".join(out[-20:]))
+    df = read_snapshots(csv.read_text())
+    return {mode: window(df, "begin:60", "end:60", mode) for mode in MODES}

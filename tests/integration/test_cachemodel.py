@@ -124,3 +124,18 @@ def test_multi_threaded_tcg_runs_and_reports_its_bias(settings_, tmp_path):
     assert 0.5 * WRITES <= c2c <= 1.05 * WRITES
     big = user(df, "snapshot:11", "end:10")["l1d_misses"]
     assert abs(big - (PASSES - 1) * BIG // LINE) <= 0.05 * (PASSES - 1) * BIG // LINE
+
+
+def test_device_writes_of_received_packets_are_noticed(settings_, tmp_path):
+    """e1000 DMA into the RX ring: with detection, ~every payload line is a device write."""
+    mib = 4
+    lines = mib * (1 << 20) // LINE
+    on = cm.run_receive_with_model(settings_, tmp_path / "on", mib, dma=True)
+    off = cm.run_receive_with_model(settings_, tmp_path / "off", mib, dma=False)
+    for name, res in (("on", on), ("off", off)):
+        k = res["kernel"]
+        print(f"dma={name}: kernel device_writes {k['device_writes']}, l1d {k['l1d_misses']}, "
+              f"l2 {k['l2_misses']}, llc {k['llc_misses']} for {lines} payload lines")
+    assert 0.9 * lines <= on["kernel"]["device_writes"] <= 1.2 * lines
+    assert off["kernel"]["device_writes"] == 0
+    assert on["user"]["device_writes"] <= 0.01 * lines
