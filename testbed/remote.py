@@ -416,6 +416,10 @@ class HostJob:
         self._pull(c, plan)
 
     def _pull(self, c, plan: RemotePlan) -> None:
+        if c.run(f"test -d {shlex.quote(plan.results)}", hide=True, warn=True,
+                 in_stream=False).exited != 0:
+            raise NetbedError(f"run-matrix exited {self.outcome.exit_code} without a run folder"
+                              " (its output is above)")
         self._run(c, plan.pack_command(), "packing the results")
         dest = self.pulled_to / self.a.label
         dest.mkdir(parents=True, exist_ok=True)
@@ -423,7 +427,10 @@ class HostJob:
             local = Path(tmp) / PACK_NAME
             c.get(f"{plan.workdir}/{PACK_NAME}", str(local))
             with tarfile.open(local) as tar:
-                tar.extractall(dest, filter="data")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse odd members
+                    tar.extractall(dest, filter="data")
+                else:  # pragma: no cover - our own tarball, made by pack_command
+                    tar.extractall(dest)
         self.outcome.run_dirs = sorted(p for p in dest.iterdir()
                                        if (p / "experiment.yaml").is_file())
         self._say(f"pulled {len(self.outcome.run_dirs)} run folder(s) into {dest}")
