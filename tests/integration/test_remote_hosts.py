@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -157,3 +158,39 @@ def test_hosts_run_shards_pull_back_and_merge_and_a_dead_host_fails_the_run(sshd
     # scratch space stays on the hosts; each assignment had its own folder there
     assert not list(results.glob("*-hosts/*/*/.work"))
     assert len(list(remote_root.glob("*/*-127.0.0.1-*/src/tasks.py"))) == 2
+
+
+def test_interrupt_stops_the_remote_run_and_its_guests(sshd, tmp_path):
+    """Ctrl-C locally must not leave a run-matrix (or QEMU) running on a host."""
+    config = tmp_path / "hoststest.yaml"
+    config.write_text(CONFIG)
+    remote_root = tmp_path / "remote"
+    log = tmp_path / "out.log"
+    argv = [sys.executable, "-m", "invoke", "run-matrix", "--config", str(config),
+            "--no-report", "--hosts", f"{sshd.user}@127.0.0.1:{sshd.port}",
+            "--hosts-key", str(sshd.key), "--hosts-dir", str(remote_root),
+            "--hosts-python", sys.executable, "--hosts-cache-dir", str(Settings().cache_dir)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ,
+                                     "INVOKE_NETBED_RESULTS_DIR": str(tmp_path / "results")})
+    try:
+        deadline = time.monotonic() + 300
+        while "booting receiver" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        (pid_file,) = remote_root.glob("*/*/run.pid")
+        remote_pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "asking the hosts' runs to stop" in text, text
+    assert not Path(f"/proc/{remote_pid}").exists(), text
+    leftover = subprocess.run(["pgrep", "-f", f"qemu-system.*{remote_root}"],
+                              capture_output=True, text=True).stdout.split()
+    assert leftover == [], text
