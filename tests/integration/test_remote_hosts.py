@@ -84,7 +84,8 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"netbed-{name}",
                         "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation dir when root
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation dir as root
     port = free_port()
     (d / "sshd_config").write_text(f"""\
 Port {port}
