@@ -49,6 +49,12 @@ def main() -> int:
     print(f"patch-only rebuild:    {t2 - t1:7.1f} s  (goal <= 120 s)  {patched.release}")
     print(f"recorded build_seconds: stock {stock.metadata['build_seconds']}, "
           f"patched {patched.metadata['build_seconds']}")
+    cpu_s, cpu_p = (k.metadata["build_cpu_seconds"] for k in (stock, patched))
+    jobs = os.cpu_count() or 1
+    print(f"CPU seconds (user+sys): stock {cpu_s}, patched {cpu_p}; on an idle machine with "
+          f"{jobs} cores that is >= {cpu_s / jobs:.0f} s and {cpu_p / jobs:.0f} s of wall time")
+    print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          "(the machine is shared; wall times above include waiting for the CPU)")
     return 0
 
 

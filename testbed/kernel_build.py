@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -283,8 +284,20 @@ class _Progress:
 
     def __init__(self, log: Log, label: str, logfile: Path) -> None:
         self.log, self.label, self.logfile = log, label, logfile
+        # user+sys CPU of everything run (make waits for its compilers, so their time
+        # is included): on a shared machine it says what the build costs, wall time not
+        self.cpu_seconds = 0.0
 
     def run(self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            self._run(cmd, cwd, env)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self.cpu_seconds += (after.ru_utime - before.ru_utime
+                                 + after.ru_stime - before.ru_stime)
+
+    def _run(self, cmd: list[str], cwd: Path, env: dict[str, str] | None) -> None:
         with self.logfile.open("a") as out:
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
@@ -454,9 +467,10 @@ class _Build:
         tree = self.ensure_tree(inputs, progress)
         self.make(tree, "stock", progress)
         seconds = time.monotonic() - start
-        self.log(f"kernel stock built in {seconds:.0f} s (wall)")
+        self.log(f"kernel stock built in {seconds:.0f} s (wall; {progress.cpu_seconds:.0f} s CPU)")
         origin = "fresh source tree" if fresh else "incremental make in the existing tree"
-        return self.publish(inputs, tree, seconds, {"built_from": origin})
+        return self.publish(inputs, tree, seconds, {
+            "built_from": origin, "build_cpu_seconds": round(progress.cpu_seconds, 1)})
 
     def relink_objtool_in_place(self, stock_tree: Path, work: Path, progress: _Progress) -> None:
         """Rebuild objtool for the copy's path, keeping the stock objtool's mtime.
@@ -498,9 +512,11 @@ class _Build:
             self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
             self.make(work, "patched", progress)
             seconds = time.monotonic() - start
-            self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild)")
-            return self.publish(inputs, work, seconds,
-                                {"built_from": f"stock tree {stock_inputs.key()} + patches"})
+            self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
+                     f"{progress.cpu_seconds:.0f} s CPU)")
+            return self.publish(inputs, work, seconds, {
+                "built_from": f"stock tree {stock_inputs.key()} + patches",
+                "build_cpu_seconds": round(progress.cpu_seconds, 1)})
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
