@@ -573,6 +573,7 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
             proc.kill()
             proc.wait()
     t.join(5)
+    (workdir / f"console-dma-{'on' if dma else 'off'}.log").write_text("".join(out))
     if MICRO_DONE not in "".join(out):
         raise GuestError("the e1000 micro guest did not finish:\n" + "".join(out[-20:]))
     df = read_snapshots(csv.read_text())

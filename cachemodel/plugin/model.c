@@ -356,7 +356,7 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store, 
 
     if (check && !store) {
         const entry *r = recorded(m, cpu, line);
-        if (r && r->sum != sum) {
+        if (r && r->sum != MODEL_SUM_UNKNOWN && r->sum != sum) {
             device_write(m, cpu, mode, line, sum);
         }
     }
@@ -443,7 +443,11 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
     if (first == last && c->memo_valid && first == c->memo_line && (c->memo_m || !store)) {
         /* L1 hit on the line just used: already MRU, state unchanged */
-        if (store || !check || c->memo_entry->sum == s0) {
+        if (store) {
+            c->memo_entry->sum = s0;
+            return;
+        }
+        if (!check || c->memo_entry->sum == s0 || c->memo_entry->sum == MODEL_SUM_UNKNOWN) {
             c->memo_entry->sum = s0;
             return;
         }
@@ -457,6 +461,34 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     c->memo_valid = e != NULL;
     c->memo_m = e && state_of(e) == ST_M;
     c->memo_entry = e;
+}
+
+bool model_repeat_access(model *m, int cpu, int mode, bool store)
+{
+    cpu_state *c = &m->cpu[cpu];
+    if (!c->memo_valid || (store && !c->memo_m)) {
+        return false;
+    }
+    c->last_mode = mode;
+    c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
+    if (store) {
+        c->memo_entry->sum = MODEL_SUM_UNKNOWN;
+    }
+    return true;
+}
+
+bool model_memo_sum_unknown(const model *m, int cpu)
+{
+    const cpu_state *c = &m->cpu[cpu];
+    return c->memo_valid && c->memo_entry->sum == MODEL_SUM_UNKNOWN;
+}
+
+void model_set_memo_sum(model *m, int cpu, uint64_t sum)
+{
+    cpu_state *c = &m->cpu[cpu];
+    if (c->memo_valid) {
+        c->memo_entry->sum = sum;
+    }
 }
 
 void model_count(model *m, int cpu, int mode, int ev, uint64_t n)

@@ -9,6 +9,8 @@
  *                                   (of the line's bytes after the access) device
  *                                   writes are looked for
  *               S <cpu> <k|u> <l|s> <start> <bytes> <stride> [repeat]  a strided sweep
+ *               R <cpu> <k|u> <l|s> <paddr>          repeat of the previous line: the
+ *                                   plugin's fast path, else a normal access
  *               clear                               empty all caches
  * Prints the final counters as CSV: vcpu,mode,event,value.
  */
@@ -61,7 +63,12 @@ int main(int argc, char **argv)
         if (line[0] == '\n' || line[0] == '#') {
             continue;
         }
-        if (!strncmp(line, "clear", 5)) {
+        if (line[0] == 'R' && sscanf(line + 1, "%d %c %c %lli", &cpu, &mode, &rw, &a) == 4) {
+            int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
+            if (!model_repeat_access(m, cpu, mo, rw == 's')) {
+                model_access(m, cpu, mo, a, 8, rw == 's', NULL);
+            }
+        } else if (!strncmp(line, "clear", 5)) {
             model_clear_caches(m);
         } else if (line[0] == 'S' &&
                    sscanf(line + 1, "%d %c %c %lli %lli %lli %lli", &cpu, &mode, &rw, &a, &b, &c,

@@ -91,8 +91,17 @@ typedef struct {
     uint64_t phys_page;
 } phys_slot;
 static phys_slot *phys_cache; /* [max_vcpus][PHYS_CACHE_SIZE] */
+static uint64_t *last_vline;   /* [max_vcpus]: virtual line of the previous access */
+static const uint8_t **last_line_host; /* [max_vcpus]: its bytes in QEMU's mapping */
 static int phys_cache_on = 1;
 static long phys_checks_left = PHYS_CHECKS;
+
+/* Plugin messages reach QEMU's log only with `-d plugin`: say it on stderr too. */
+static void warn(const char *msg)
+{
+    qemu_plugin_outs(msg);
+    fputs(msg, stderr);
+}
 
 static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
 {
@@ -109,8 +118,8 @@ static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
             uint64_t want = qemu_plugin_hwaddr_phys_addr(hw);
             if (want != pa) {
                 __atomic_store_n(&phys_cache_on, 0, __ATOMIC_RELAXED);
-                qemu_plugin_outs("netbed-cache: physical-address cache disagrees with QEMU "
-                                 "(struct layout changed?): cache off\n");
+                warn("netbed-cache: physical-address cache disagrees with QEMU "
+                     "(struct layout changed?): cache and DMA detection off\n");
                 return want;
             }
         }
@@ -120,8 +129,8 @@ static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
     if ((pa & 0xfff) != (host & 0xfff)) {
         /* RAM pages are page aligned on both sides: the mirror cannot be right */
         __atomic_store_n(&phys_cache_on, 0, __ATOMIC_RELAXED);
-        qemu_plugin_outs("netbed-cache: host address does not match QEMU's physical address "
-                         "(struct layout changed?): address cache and DMA detection off\n");
+        warn("netbed-cache: host address does not match QEMU's physical address "
+             "(struct layout changed?): address cache and DMA detection off\n");
         return pa;
     }
     slot->host_page = page;
@@ -138,7 +147,7 @@ static inline uint64_t line_digest(const uint8_t *p)
         h = (h ^ w) * 0xff51afd7ed558ccdull;
         h ^= h >> 29;
     }
-    return h;
+    return h == MODEL_SUM_UNKNOWN ? 1 : h;
 }
 
 static inline void lock(void)
@@ -176,26 +185,46 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
         return;
     }
+    int mode = (int)(uintptr_t)udata;
+    unsigned size = 1u << qemu_plugin_mem_size_shift(info);
+    bool store = qemu_plugin_mem_is_store(info);
+    uint64_t vline = vaddr / line_bytes;
+    bool crosses = (vaddr & (line_bytes - 1)) + size > line_bytes;
+    /*
+     * Same virtual line as this vCPU's previous access (byte-wise rep movsb: 64 in a
+     * row): skip the address translation, digest and lock when the model says the
+     * line is still in this L1 in a usable state.  Only this vCPU's memo is read;
+     * other vCPUs change it under the lock, so with thread=single this is exact.
+     */
+    if (vline == last_vline[vcpu] && !crosses && model_repeat_access(M, (int)vcpu, mode, store)) {
+        return;
+    }
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
     if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        last_vline[vcpu] = UINT64_MAX;
+        last_line_host[vcpu] = NULL;
         return; /* MMIO is not cached */
     }
     uint64_t pa = phys_addr(vcpu, hw);
-    unsigned size = 1u << qemu_plugin_mem_size_shift(info);
-    bool store = qemu_plugin_mem_is_store(info);
-    uint64_t sums[2];
+    uint64_t sums[2] = {MODEL_SUM_UNKNOWN, MODEL_SUM_UNKNOWN};
+    const uint8_t *l0 = NULL;
     if (dma_detect && __atomic_load_n(&phys_cache_on, __ATOMIC_RELAXED)) {
         /* digest of the bytes now in guest RAM, read through QEMU's host mapping */
         const uint8_t *host = ((struct hwaddr_mirror_72 *)hw)->v.ram.hostaddr;
-        const uint8_t *l0 = host - (pa & (line_bytes - 1));
+        l0 = host - (pa & (line_bytes - 1));
         sums[0] = line_digest(l0);
         sums[1] = ((pa & (line_bytes - 1)) + size > line_bytes) ? line_digest(l0 + line_bytes)
                                                                 : sums[0];
     }
     lock();
-    model_access(M, (int)vcpu, (int)(uintptr_t)udata, pa, size, store,
+    if (last_line_host[vcpu] && model_memo_sum_unknown(M, (int)vcpu)) {
+        model_set_memo_sum(M, (int)vcpu, line_digest(last_line_host[vcpu]));
+    }
+    model_access(M, (int)vcpu, mode, pa, size, store,
                  dma_detect && phys_cache_on ? sums : NULL);
     unlock();
+    last_vline[vcpu] = crosses ? UINT64_MAX : vline;
+    last_line_host[vcpu] = crosses ? NULL : l0;
 }
 
 static void vcpu_tb_exec(unsigned int vcpu, void *udata)
@@ -420,6 +449,11 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     line_bytes = cfg.line;
     M = model_new(&cfg);
     phys_cache = g_new0(phys_slot, (gsize)cfg.ncpus * PHYS_CACHE_SIZE);
+    last_vline = g_new(uint64_t, (gsize)cfg.ncpus);
+    last_line_host = g_new0(const uint8_t *, (gsize)cfg.ncpus);
+    for (int i = 0; i < cfg.ncpus; i++) {
+        last_vline[i] = UINT64_MAX;
+    }
     plugin_id = id;
     counting = armed = always_on;
     register_callbacks(id);

@@ -87,9 +87,10 @@ def test_half_l1d_hits_after_the_first_pass(runs):
     print(f"half-L1D buffer: first pass {first['l1d_misses']} misses, "
           f"later passes {later['l1d_misses']}")
     assert abs(first["l1d_misses"] - lines) <= 0.05 * lines
-    # Not exactly 0: a timer interrupt on the same vCPU runs kernel code that shares
-    # the L1D and evicts a few lines (seen: 0 to ~20 of the 1024 line reads).
-    assert later["l1d_misses"] <= 0.05 * lines * (PASSES - 1)
+    # Not always 0: an interrupt on the same vCPU runs kernel code that shares the
+    # L1D and evicts some lines (seen: 0 in most runs, 20-63 of the 1024 line reads
+    # when the window had kernel work, e.g. 4257 kernel loads for 28 misses).
+    assert later["l1d_misses"] <= 0.1 * lines * (PASSES - 1)
 
 
 def test_nbmark_run_brackets_a_command(runs):

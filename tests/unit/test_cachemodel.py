@@ -332,3 +332,14 @@ def test_device_write_to_a_line_cached_elsewhere_drops_every_copy(model_trace):
     df = run_trace(model_trace, trace)
     assert total(df, "device_writes", mode="kernel") == 1  # found by cpu 1, cpu 0 loses it
     assert total(df, "l1d_misses", vcpu=0, mode="kernel") == 2
+
+
+def test_plugin_fast_path_counts_repeats_and_steps_aside_when_the_line_left(model_trace):
+    trace = ("0 u l 0x40\nR 0 u l 0x40\nR 0 u l 0x40\n"  # two repeats: plain hits
+             "1 u s 0x40\nR 0 u l 0x40\n"  # cpu 1 took the line: the repeat must miss
+             "R 0 u s 0x40\n")  # line is Shared now: a store needs the upgrade path
+    df = run_trace(model_trace, trace)
+    assert total(df, "loads", vcpu=0) == 4 and total(df, "stores", vcpu=0) == 1
+    assert total(df, "l1d_misses", vcpu=0) == 2
+    assert total(df, "c2c_transfers", vcpu=0) == 1
+    assert total(df, "invalidations_sent", vcpu=0) == 1
