@@ -10,9 +10,11 @@ with any Debian patch that touches the header applied. Header and plugin live in
 is committed.
 
 The plugin counts only inside regions of interest marked in the guest with
-`nbmark` (images/tools/nbmark.c). It is correct under multi-threaded TCG (one
-lock around the model), but vCPU interleaving then follows host scheduling, so
-repeatable counts need `-accel tcg,thread=single`: see RECOMMENDED_TCG_THREADS.
+`nbmark` (images/tools/nbmark.c). It is memory-safe under multi-threaded TCG (one
+lock around the model), but its callbacks then follow host scheduling rather than
+guest memory order, so accurate and repeatable counts need
+`-accel tcg,thread=single`: see REQUIRES_SINGLE_THREAD_TCG. Design, limits and
+measurements: cachemodel/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ PLUGIN_NAME = "libnetbed_cache.so"
 HEADER_PATH = "include/qemu/qemu-plugin.h"
 
 # Memory-safe under MTTCG (one lock), but callbacks then follow host timing, not guest
-# memory order: c2c transfers came out 8-10% low. Accurate and repeatable counts need
+# memory order: c2c transfers came out 0.2-19% low. Accurate and repeatable counts need
 # `-accel tcg,thread=single` (cost measured by benchmarks/cachemodel.py, see README).
 REQUIRES_SINGLE_THREAD_TCG = True
 RECOMMENDED_TCG_THREADS = "single"
@@ -361,6 +363,7 @@ def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
 
 
 def params_dict(params: ModelParams) -> dict[str, int | bool]:
+    """The parameters as plain data, e.g. for versions.json."""
     return asdict(params)
 
 
