@@ -9,6 +9,7 @@ the repetition folder as they are, so analysis can always be redone from them.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ GUEST_DIR = "/tmp/netbed"
 RECEIVER_HOST = "198.18.0.1"
 PERF_FILE = "perf-stat.csv"
 SAMPLER_INTERVAL_S = 0.1
+WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
+NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should close
+READER_WAIT_S = 60
 
 
 class PolicyMismatch(NetbedError):
@@ -64,26 +68,34 @@ def discover(topo: Topology) -> BootState:
 
 
 def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
-    """The receiver's measured-window script (pure): /proc before, perf + sampler, /proc after.
+    """The receiver's measured-window script (pure).
 
-    `nbmark` brackets the window when the cache model runs, so the plugin counts only it.
+    It waits until netserver's data process (the reader) exists, that is until
+    netperf's test is running, lets the connection ramp for a moment, then takes
+    /proc snapshots around `perf stat` and the reader sampler for exactly the
+    window. netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the
+    window lies inside the transfer whatever the SSH latency to the sender.
+    `nbmark` brackets the window when the cache model runs.
     """
     d = GUEST_DIR
     events = measure.perf_events(pmu)
     perf = measure.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
     sampler = measure.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    polls = int(READER_WAIT_S / 0.1)
     lines = [
         f"rm -rf {d}/win && mkdir -p {d}/win",
+        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
+        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
+        f"> {d}/win/error; break; fi; sleep 0.1; done",
+        f"sleep {WINDOW_LEAD_S:g}",
+        f"{reader_affinity_command().strip()} > {d}/win/reader-affinity.txt 2>&1",
         measure.proc_snapshot_command(f"{d}/win/proc-before"),
     ]
     if cachemodel:
         lines.append("nbmark begin 1")
     lines += [
         f"( {perf} ) 2> {d}/win/perf.err &",
-        f"( {sampler} ) > {d}/win/reader-cpus.txt 2>&1 &",
-        # the reader (netserver's data process) exists only while netperf runs
-        f"( sleep {min(1.0, exp.duration / 2):g}; {reader_affinity_command().strip()} ) "
-        f"> {d}/win/reader-affinity.txt 2>&1 &",
+        f"( {sampler} ) > {d}/win/reader-cpus.txt 2> {d}/win/sampler.err &",
         "wait",
     ]
     if cachemodel:
@@ -91,6 +103,10 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
     lines += [measure.proc_snapshot_command(f"{d}/win/proc-after"),
               f"mv {d}/{PERF_FILE} {d}/win/{PERF_FILE} 2>/dev/null; touch {d}/win/finished"]
     return "\n".join(lines) + "\n"
+
+
+def _reader_exists() -> str:
+    return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver >/dev/null'
 
 
 def _fetch_window(rx: Guest, rep: RepDir) -> None:
@@ -130,21 +146,24 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "
            f"> {GUEST_DIR}/window.log 2>&1 &")
     started = time.monotonic()
-    netperf = tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, exp.duration,
+    netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
+    netperf = tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
                                              remote_cpu),
-                     timeout=exp.duration + 90, check=False)
+                     timeout=netperf_seconds + 90, check=False)
     if netperf.exit_code == 124:
         raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")
     atomic_write_text(rep.file("netperf.txt"), netperf.stdout + netperf.stderr)
     if netperf.exit_code != 0:
         raise GuestError(f"netperf failed with status {netperf.exit_code}: "
                          f"{(netperf.stdout + netperf.stderr).strip()[-300:]}")
-    deadline = started + exp.duration + 60
+    deadline = started + netperf_seconds + 60
     while rx.run(f"test -e {GUEST_DIR}/win/finished", check=False).exit_code != 0:
         if time.monotonic() > deadline:
             raise GuestError("the receiver's measurement window did not finish")
         time.sleep(0.5)
     _fetch_window(rx, rep)
+    if rep.file("error").exists():
+        raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
     affinity = rep.file("reader-affinity.txt")
     readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
     atomic_write_json(rep.file("readback.json"),

@@ -9,8 +9,10 @@ remote command running.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,11 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 
 from testbed.errors import CommandError, GuestError
+
+WATCHDOG_GRACE_S = 30
+# paramiko logs every refused connection while sshd starts as a traceback on stderr;
+# our own errors say what failed, so keep its logger quiet below CRITICAL.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,18 @@ class Guest:
             pty: bool = False) -> RunResult:
         limit = timeout or self.command_timeout
         wrapped = wrap_timeout(command, limit)
+        # Fabric's timeout starts only once the channel is open, and opening one to a
+        # guest whose vCPUs are stuck waits forever (QEMU's user-mode network keeps the
+        # TCP connection alive). A watchdog closes the connection instead.
+        aborted = threading.Event()
+
+        def abort() -> None:
+            aborted.set()
+            self.conn.close()
+
+        watchdog = threading.Timer(limit + WATCHDOG_GRACE_S, abort)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             res = self.conn.run(wrapped, hide=True, warn=True, timeout=limit + 15, pty=pty,
                                 in_stream=False)
@@ -104,8 +123,13 @@ class Guest:
         except UnexpectedExit as exc:  # only with warn=False; kept for safety
             res = exc.result
         except (OSError, paramiko.SSHException, EOFError) as exc:
+            if aborted.is_set():
+                raise GuestError(f"guest {self.name}: command timed out after {limit:.0f} s "
+                                 f"(guest unresponsive): {command}") from exc
             raise GuestError(f"guest {self.name}: SSH dropped while running "
                              f"{command!r}: {exc}") from exc
+        finally:
+            watchdog.cancel()
         result = RunResult(command, res.exited, res.stdout, res.stderr)
         if check and not result.ok:
             if res.exited == 124:

@@ -91,6 +91,9 @@ class GuestSpec:
     tcg_threads: Literal["multi", "single"] = "multi"
     extra_append: tuple[str, ...] = ()
     plugins: tuple[PluginSpec, ...] = field(default_factory=tuple)
+    # UNIX socket paths must be < 108 bytes, and results folders can be deep: callers
+    # put the QMP socket somewhere short (see short_socket_path).
+    qmp_path: Path | None = None
 
     @property
     def console_log(self) -> Path:
@@ -98,7 +101,7 @@ class GuestSpec:
 
     @property
     def qmp_socket(self) -> Path:
-        return self.workdir / f"qmp-{self.name}.sock"
+        return self.qmp_path or self.workdir / f"qmp-{self.name}.sock"
 
     @property
     def qemu_log(self) -> Path:
@@ -177,6 +180,21 @@ def qemu_argv(spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> list[
     for plugin in spec.plugins:
         argv += ["-plugin", plugin.render()]
     return argv
+
+
+def short_socket_path(name: str) -> Path:
+    """A fresh, short path for a UNIX socket (AF_UNIX paths are limited to 107 bytes)."""
+    import tempfile
+
+    base = Path(tempfile.gettempdir()) / "netbed-sockets"
+    base.mkdir(mode=0o700, exist_ok=True)
+    return base / f"{os.getpid()}-{secrets_token()}-{name}.sock"
+
+
+def secrets_token() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
 
 
 def free_port() -> int:
@@ -259,6 +277,7 @@ class QemuProcess:
 
     def start(self) -> None:
         self.spec.workdir.mkdir(parents=True, exist_ok=True)
+        self.spec.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
         for stale in (self.spec.console_log, self.spec.qmp_socket):
             stale.unlink(missing_ok=True)
         self.spec.console_log.touch()

@@ -27,7 +27,14 @@ from testbed.dataplane import (
 from testbed.guest import Guest, KeyPair, make_keypair
 from testbed.images import GuestImage, ensure_image, ensure_initrd
 from testbed.kernels import Kernel, Log, get_kernel
-from testbed.qemu import GuestSpec, NicModel, PluginSpec, QemuProcess, free_port
+from testbed.qemu import (
+    GuestSpec,
+    NicModel,
+    PluginSpec,
+    QemuProcess,
+    free_port,
+    short_socket_path,
+)
 from testbed.settings import Settings
 from testbed.sysdeps import GUEST_PACKAGES, ensure_packages
 
@@ -90,6 +97,7 @@ def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: i
         ssh_port=free_port(), workdir=workdir, ssh_pubkey_b64=assets.key.public_b64,
         nic=nic, data=attachment, data_ip=data_ip, index=index, plugins=plugins,
         tcg_threads=tcg_threads,  # type: ignore[arg-type]
+        qmp_path=short_socket_path(name),
     )
 
 
