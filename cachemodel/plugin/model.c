@@ -48,14 +48,19 @@ typedef struct {
 } cache;
 
 typedef struct {
+    uint64_t line;
+    entry *entry;
+    bool valid, m;
+} memo_t;
+
+typedef struct {
     cache l1, l2;
-    /* The line of this CPU's last access, known to be in its L1 (memo_m: Modified).
-     * Byte-wise `rep movsb` (the kernel's copy_to_user under TCG) touches one line
-     * 64 times in a row; these repeats skip the lookup.  Cleared whenever another
-     * CPU takes the line away or this CPU evicts it. */
-    uint64_t memo_line;
-    entry *memo_entry;
-    bool memo_valid, memo_m;
+    /* Lines of this CPU's last accesses, known to be in its L1 (m: Modified), in
+     * slots the caller picks.  Byte-wise `rep movsb` (the kernel's copies under
+     * TCG) alternates between a source and a destination line, 64 times each;
+     * these repeats skip the lookup.  Cleared whenever another CPU takes the line
+     * away or this CPU evicts it. */
+    memo_t memo[MODEL_MEMO_SLOTS];
     int last_mode;
     uint64_t cnt[MODE_COUNT][EV_COUNT];
 } cpu_state;
@@ -199,7 +204,9 @@ void model_clear_caches(model *m)
     for (int i = 0; i < m->cfg.ncpus; i++) {
         cache_clear(&m->cpu[i].l1);
         cache_clear(&m->cpu[i].l2);
-        m->cpu[i].memo_valid = false;
+        for (int j = 0; j < MODEL_MEMO_SLOTS; j++) {
+            m->cpu[i].memo[j].valid = false;
+        }
     }
 }
 
@@ -214,8 +221,10 @@ static uint8_t private_state(const model *m, int cpu, uint64_t line)
 
 static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
 {
-    if (m->cpu[cpu].memo_line == line) {
-        m->cpu[cpu].memo_valid = false;
+    for (int i = 0; i < MODEL_MEMO_SLOTS; i++) {
+        if (m->cpu[cpu].memo[i].line == line) {
+            m->cpu[cpu].memo[i].valid = false;
+        }
     }
     if (state == ST_I) {
         entry *x = lookup(&m->cpu[cpu].l1, line);
@@ -269,8 +278,10 @@ static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, uint64_t su
     entry victim;
     insert(&m->cpu[cpu].l1, line, state, &victim)->sum = sum;
     uint8_t vst = state_of(&victim);
-    if (vst != ST_I && tag_of(&victim) == m->cpu[cpu].memo_line) {
-        m->cpu[cpu].memo_valid = false;
+    for (int i = 0; vst != ST_I && i < MODEL_MEMO_SLOTS; i++) {
+        if (tag_of(&victim) == m->cpu[cpu].memo[i].line) {
+            m->cpu[cpu].memo[i].valid = false;
+        }
     }
     if (vst == ST_I) {
         return;
@@ -431,9 +442,10 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store, 
 }
 
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
-                  const uint64_t *sums)
+                  const uint64_t *sums, int slot)
 {
     cpu_state *c = &m->cpu[cpu];
+    memo_t *mm = &c->memo[slot];
     uint64_t first = paddr >> m->line_shift;
     uint64_t last = (paddr + (size ? size : 1) - 1) >> m->line_shift;
     bool check = sums != NULL;
@@ -441,14 +453,10 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
 
     c->last_mode = mode;
     c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
-    if (first == last && c->memo_valid && first == c->memo_line && (c->memo_m || !store)) {
-        /* L1 hit on the line just used: already MRU, state unchanged */
-        if (store) {
-            c->memo_entry->sum = s0;
-            return;
-        }
-        if (!check || c->memo_entry->sum == s0 || c->memo_entry->sum == MODEL_SUM_UNKNOWN) {
-            c->memo_entry->sum = s0;
+    if (first == last && mm->valid && first == mm->line && (mm->m || !store)) {
+        /* L1 hit on a line just used: already recent, state unchanged */
+        if (store || !check || mm->entry->sum == s0 || mm->entry->sum == MODEL_SUM_UNKNOWN) {
+            mm->entry->sum = s0;
             return;
         }
     }
@@ -457,37 +465,38 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
         access_line(m, cpu, mode, last, store, s1, check);
     }
     entry *e = lookup(&c->l1, last);
-    c->memo_line = last;
-    c->memo_valid = e != NULL;
-    c->memo_m = e && state_of(e) == ST_M;
-    c->memo_entry = e;
+    mm->line = last;
+    mm->valid = e != NULL;
+    mm->m = e && state_of(e) == ST_M;
+    mm->entry = e;
 }
 
-bool model_repeat_access(model *m, int cpu, int mode, bool store)
+bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot)
 {
     cpu_state *c = &m->cpu[cpu];
-    if (!c->memo_valid || (store && !c->memo_m)) {
+    memo_t *mm = &c->memo[slot];
+    if (!mm->valid || (store && !mm->m)) {
         return false;
     }
     c->last_mode = mode;
     c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
     if (store) {
-        c->memo_entry->sum = MODEL_SUM_UNKNOWN;
+        mm->entry->sum = MODEL_SUM_UNKNOWN;
     }
     return true;
 }
 
-bool model_memo_sum_unknown(const model *m, int cpu)
+bool model_memo_sum_unknown(const model *m, int cpu, int slot)
 {
-    const cpu_state *c = &m->cpu[cpu];
-    return c->memo_valid && c->memo_entry->sum == MODEL_SUM_UNKNOWN;
+    const memo_t *mm = &m->cpu[cpu].memo[slot];
+    return mm->valid && mm->entry->sum == MODEL_SUM_UNKNOWN;
 }
 
-void model_set_memo_sum(model *m, int cpu, uint64_t sum)
+void model_set_memo_sum(model *m, int cpu, int slot, uint64_t sum)
 {
-    cpu_state *c = &m->cpu[cpu];
-    if (c->memo_valid) {
-        c->memo_entry->sum = sum;
+    memo_t *mm = &m->cpu[cpu].memo[slot];
+    if (mm->valid) {
+        mm->entry->sum = sum;
     }
 }
 

@@ -54,10 +54,13 @@ void model_free(model *m);
 /*
  * One data access by `cpu` in `mode`; may span two lines (counted as one access).
  * `sums`: digests of the first and last line's bytes right after the access, used
- * to notice device writes; NULL turns that detection off.
+ * to notice device writes; NULL turns that detection off.  `slot` (0..
+ * MODEL_MEMO_SLOTS-1): where the model remembers this line for
+ * model_repeat_access(); the caller keeps its own key (e.g. virtual line) per slot.
  */
+#define MODEL_MEMO_SLOTS 2
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
-                  const uint64_t *sums);
+                  const uint64_t *sums, int slot);
 /*
  * Digest value meaning "content not known" (a store the caller did not digest):
  * never reported as a device write.  Callers map a real digest of 0 to 1.
@@ -65,19 +68,19 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
 #define MODEL_SUM_UNKNOWN 0
 
 /*
- * Fast path for an access to the same line as this CPU's previous access (the
- * caller decides "same", e.g. by virtual line): counts it and returns true when
+ * Fast path for an access to the line remembered in `slot` (the caller decides
+ * "same", e.g. by virtual line): counts it and returns true when
  * the line is still in this CPU's L1 in a state that allows the access (no
  * lookup, no digest check); false means: call model_access().
  */
-bool model_repeat_access(model *m, int cpu, int mode, bool store);
+bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot);
 /*
  * After repeated stores the previous line's digest is unknown; the caller digests
  * that line once it moves on and records it here, so the next load can still tell
  * CPU writes from device writes (e.g. a page zeroed on allocation, then DMA).
  */
-bool model_memo_sum_unknown(const model *m, int cpu);
-void model_set_memo_sum(model *m, int cpu, uint64_t sum);
+bool model_memo_sum_unknown(const model *m, int cpu, int slot);
+void model_set_memo_sum(model *m, int cpu, int slot, uint64_t sum);
 /* Empty every cache (cold start); counters are kept. */
 void model_clear_caches(model *m);
 void model_count(model *m, int cpu, int mode, int ev, uint64_t n);

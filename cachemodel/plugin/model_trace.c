@@ -65,8 +65,8 @@ int main(int argc, char **argv)
         }
         if (line[0] == 'R' && sscanf(line + 1, "%d %c %c %lli", &cpu, &mode, &rw, &a) == 4) {
             int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
-            if (!model_repeat_access(m, cpu, mo, rw == 's')) {
-                model_access(m, cpu, mo, a, 8, rw == 's', NULL);
+            if (!model_repeat_access(m, cpu, mo, rw == 's', 0)) {
+                model_access(m, cpu, mo, a, 8, rw == 's', NULL, 0);
             }
         } else if (!strncmp(line, "clear", 5)) {
             model_clear_caches(m);
@@ -76,7 +76,7 @@ int main(int argc, char **argv)
             for (unsigned long long r = 0; r < rep; r++) {
                 for (unsigned long long off = 0; off < b; off += c) {
                     model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a + off, 8,
-                                 rw == 's', NULL);
+                                 rw == 's', NULL, 0);
                 }
             }
         } else if ((fields = sscanf(line, "%d %c %c %lli %u %lli", &cpu, &mode, &rw, &a, &size,
@@ -87,7 +87,7 @@ int main(int argc, char **argv)
                 return 2;
             }
             model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a, size, rw == 's',
-                         fields == 6 ? sums : NULL);
+                         fields == 6 ? sums : NULL, 0);
         } else {
             fprintf(stderr, "line %d: cannot parse: %s", lineno, line);
             return 2;

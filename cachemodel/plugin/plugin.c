@@ -91,8 +91,24 @@ typedef struct {
     uint64_t phys_page;
 } phys_slot;
 static phys_slot *phys_cache; /* [max_vcpus][PHYS_CACHE_SIZE] */
-static uint64_t *last_vline;   /* [max_vcpus]: virtual line of the previous access */
-static const uint8_t **last_line_host; /* [max_vcpus]: its bytes in QEMU's mapping */
+/* Per vCPU: the virtual lines the model remembers in its memo slots (model.h). */
+typedef struct {
+    uint64_t vline[MODEL_MEMO_SLOTS];       /* UINT64_MAX: nothing */
+    const uint8_t *host[MODEL_MEMO_SLOTS];  /* the line's bytes in QEMU's mapping */
+    int mru;                                /* slot used last */
+} recent_lines;
+static recent_lines *recent; /* [max_vcpus] */
+_Static_assert(MODEL_MEMO_SLOTS == 2, "vcpu_mem picks slots for exactly two lines");
+
+static void forget_recent_lines(int ncpus)
+{
+    for (int i = 0; i < ncpus; i++) {
+        for (int j = 0; j < MODEL_MEMO_SLOTS; j++) {
+            recent[i].vline[j] = UINT64_MAX;
+            recent[i].host[j] = NULL;
+        }
+    }
+}
 static int phys_cache_on = 1;
 static long phys_checks_left = PHYS_CHECKS;
 
@@ -191,18 +207,23 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     uint64_t vline = vaddr / line_bytes;
     bool crosses = (vaddr & (line_bytes - 1)) + size > line_bytes;
     /*
-     * Same virtual line as this vCPU's previous access (byte-wise rep movsb: 64 in a
-     * row): skip the address translation, digest and lock when the model says the
-     * line is still in this L1 in a usable state.  Only this vCPU's memo is read;
-     * other vCPUs change it under the lock, so with thread=single this is exact.
+     * A virtual line this vCPU used in one of its last accesses (byte-wise rep movsb
+     * alternates a source and a destination line, 64 times each): skip the address
+     * translation, digest and lock when the model says the line is still in this L1
+     * in a usable state.  Only this vCPU's memo is read; other vCPUs change it under
+     * the lock, so with thread=single this is exact.
      */
-    if (vline == last_vline[vcpu] && !crosses && model_repeat_access(M, (int)vcpu, mode, store)) {
+    recent_lines *r = &recent[vcpu];
+    int slot = vline == r->vline[0] ? 0 : vline == r->vline[1] ? 1 : -1;
+    if (slot >= 0 && !crosses && model_repeat_access(M, (int)vcpu, mode, store, slot)) {
+        r->mru = slot;
         return;
+    }
+    if (slot < 0) {
+        slot = 1 - r->mru;
     }
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
     if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
-        last_vline[vcpu] = UINT64_MAX;
-        last_line_host[vcpu] = NULL;
         return; /* MMIO is not cached */
     }
     uint64_t pa = phys_addr(vcpu, hw);
@@ -217,14 +238,16 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
                                                                 : sums[0];
     }
     lock();
-    if (last_line_host[vcpu] && model_memo_sum_unknown(M, (int)vcpu)) {
-        model_set_memo_sum(M, (int)vcpu, line_digest(last_line_host[vcpu]));
+    if (r->host[slot] && model_memo_sum_unknown(M, (int)vcpu, slot)) {
+        /* stores went by the fast path: record what they left before moving on */
+        model_set_memo_sum(M, (int)vcpu, slot, line_digest(r->host[slot]));
     }
     model_access(M, (int)vcpu, mode, pa, size, store,
-                 dma_detect && phys_cache_on ? sums : NULL);
+                 dma_detect && phys_cache_on ? sums : NULL, slot);
     unlock();
-    last_vline[vcpu] = crosses ? UINT64_MAX : vline;
-    last_line_host[vcpu] = crosses ? NULL : l0;
+    r->vline[slot] = crosses ? UINT64_MAX : vline;
+    r->host[slot] = crosses ? NULL : l0;
+    r->mru = slot;
 }
 
 static void vcpu_tb_exec(unsigned int vcpu, void *udata)
@@ -257,6 +280,7 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
             if (cold_start) {
                 model_clear_caches(M);
             }
+            forget_recent_lines(model_ncpus(M)); /* mappings may have changed meanwhile */
             __atomic_store_n(&counting, 1, __ATOMIC_RELAXED);
             if (!armed) {
                 __atomic_store_n(&armed, 1, __ATOMIC_RELAXED);
@@ -449,11 +473,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     line_bytes = cfg.line;
     M = model_new(&cfg);
     phys_cache = g_new0(phys_slot, (gsize)cfg.ncpus * PHYS_CACHE_SIZE);
-    last_vline = g_new(uint64_t, (gsize)cfg.ncpus);
-    last_line_host = g_new0(const uint8_t *, (gsize)cfg.ncpus);
-    for (int i = 0; i < cfg.ncpus; i++) {
-        last_vline[i] = UINT64_MAX;
-    }
+    recent = g_new0(recent_lines, (gsize)cfg.ncpus);
+    forget_recent_lines(cfg.ncpus);
     plugin_id = id;
     counting = armed = always_on;
     register_callbacks(id);
