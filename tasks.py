@@ -137,15 +137,18 @@ def test(c, tier="default", k=None, args=""):
         raise Exit(code=result)
 
 
-@task(help={"kernel": "kernel to boot", "nic": "NIC model", "cpus": "vCPUs",
-            "boots": "how many boots to take the median of"})
+@task(help={"kernel": "kernels to boot, comma-separated (distro,stock,patched)",
+            "nic": "NIC models, comma-separated (e1000,virtio,virtio-nocsum)",
+            "cpus": "vCPUs", "boots": "how many boots to take the median of"})
 def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
-    """Print boot-to-SSH-ready time (median of several boots) for a kernel and NIC."""
+    """Print boot-to-SSH-ready time (median of several boots) per kernel and NIC."""
     from benchmarks.boot import run_boot_benchmark
 
     s = settings_of(c)
     with user_errors():
-        run_boot_benchmark(s, kernel or s.default_kernel, nic, int(cpus), int(boots), say)
+        for k in (kernel or s.default_kernel).split(","):
+            for n in nic.split(","):
+                run_boot_benchmark(s, k.strip(), n.strip(), int(cpus), int(boots), say)
 
 
 @task(help={
@@ -306,8 +309,8 @@ def _run_on_hosts(c, config, hosts, key, remote_dir, netbed_path, no_install, py
                    f"had failed repetitions; merged what exists", code=1)
 
 
-@task(positional=["runs"], iterable=["runs"], help={
-    "runs": "shard run folders or ids to join (repeat the flag or give several)",
+@task(iterable=["runs"], help={
+    "runs": "a shard run folder or id to join; repeat: --runs A --runs B",
     "into": "folder for the merged run (default: results/<first id>-merged)",
 })
 def merge_results(c, runs=None, into=None):
