@@ -25,7 +25,14 @@ from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.kernels import Log
 from testbed.matrix import schedule, shard
 from testbed.progress import Progress
-from testbed.results import RunDir, atomic_write_json, atomic_write_text, new_run_id, read_json
+from testbed.results import (
+    RepDir,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    new_run_id,
+    read_json,
+)
 from testbed.settings import REPO_ROOT, Settings
 from testbed.topology import Assets, Topology, boot, prepare_assets
 
@@ -195,7 +202,7 @@ class MatrixRunner:
                         if current is None or current[0] != key:
                             stack.close()
                             current = None
-                            topo = stack.enter_context(self._boot(cell, rep_no, attempts))
+                            topo = stack.enter_context(self._boot(cell))
                             current = (key, topo, discover(topo))
                             self._inject(cell, current[1])
                         info = self._measure(current, cell, rep)
@@ -204,17 +211,17 @@ class MatrixRunner:
                         progress.finish(_describe(info))
                         break
                     except PolicyMismatch as exc:
-                        self._fail(rep, current, str(exc), attempts + 1, summary, cell)
+                        self._fail(rep, str(exc), attempts + 1, summary, cell)
                         progress.finish("FAILED (policy read-back)")
                         break
                     except (GuestError, CommandError, OSError) as exc:
                         attempts += 1
-                        self._keep_consoles(rep, current)
+                        self._keep_consoles(rep)
                         stack.close()
                         current = None
                         if attempts > self.exp.retries:
-                            self._fail(rep, None, f"{type(exc).__name__}: {exc}", attempts,
-                                       summary, cell)
+                            self._fail(rep, f"{type(exc).__name__}: {exc}", attempts, summary,
+                                       cell)
                             progress.finish(f"FAILED after {attempts} attempts")
                             break
                         self.log(f"{cell.cell_id} rep {rep_no}: {_first_line(exc)}; "
@@ -222,7 +229,7 @@ class MatrixRunner:
         return summary
 
     @contextlib.contextmanager
-    def _boot(self, cell: Cell, rep_no: int, attempt: int) -> Iterator[Topology]:
+    def _boot(self, cell: Cell) -> Iterator[Topology]:
         assets = self._assets_for(cell.kernel)
         workdir = self.run.path / ".work" / "guests"
         if workdir.exists():
@@ -264,7 +271,7 @@ class MatrixRunner:
             topo.receiver.process.qmp("stop")
 
     def _measure(self, current: tuple[BootKey, Topology, BootState], cell: Cell,
-                 rep) -> dict[str, object]:
+                 rep: RepDir) -> dict[str, object]:
         _, topo, state = current
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         info = run_repetition(topo, state, self.exp, cell, resolved, rep, self.pmu)
@@ -274,16 +281,17 @@ class MatrixRunner:
             collect_window(topo, rep)
         return info
 
-    def _keep_consoles(self, rep, current) -> None:
+    def _keep_consoles(self, rep: RepDir) -> None:
+        """Serial and QEMU logs of the guests, kept with a repetition that went wrong."""
         workdir = self.run.path / ".work" / "guests"
         for log in workdir.glob("console-*.log") if workdir.is_dir() else []:
             shutil.copy2(log, rep.path / log.name)
         for log in workdir.glob("qemu-*.log") if workdir.is_dir() else []:
             shutil.copy2(log, rep.path / log.name)
 
-    def _fail(self, rep, current, reason: str, attempts: int, summary: RunSummary,
+    def _fail(self, rep: RepDir, reason: str, attempts: int, summary: RunSummary,
               cell: Cell) -> None:
-        self._keep_consoles(rep, current)
+        self._keep_consoles(rep)
         self.run.mark_failed(rep, reason, {"attempts": attempts})
         summary.failed.append((cell.cell_id, rep.repetition, _first_line(reason)))
         self.log(f"{cell.cell_id} rep {rep.repetition} FAILED: {_first_line(reason)}")
