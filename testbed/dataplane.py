@@ -43,13 +43,24 @@ class DataPlanePlan:
         return f"nbbr{self.tag}" if self.mode == "tap" else None
 
 
+CAP_NET_ADMIN = 12
+
+
+def has_cap_net_admin(proc_status: str) -> bool:
+    """Whether the CapEff line of /proc/<pid>/status grants CAP_NET_ADMIN (pure)."""
+    for line in proc_status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
 def can_use_taps() -> tuple[bool, str]:
     """Whether we may create taps and bridges here, and why not."""
-    if os.geteuid() != 0:
-        return False, "not root (tap devices and bridges need CAP_NET_ADMIN)"
+    if not has_cap_net_admin(Path("/proc/self/status").read_text()):
+        return False, "no CAP_NET_ADMIN (tap devices and bridges need root or that capability)"
     if not os.path.exists("/dev/net/tun"):
         return False, "/dev/net/tun is missing"
-    return True, "root with /dev/net/tun"
+    return True, f"{'root' if os.geteuid() == 0 else 'CAP_NET_ADMIN'} with /dev/net/tun"
 
 
 def plan_dataplane(mode: Mode, tag: str | None = None, port: int | None = None) -> DataPlanePlan:

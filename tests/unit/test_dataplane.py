@@ -36,3 +36,13 @@ def test_socket_plan_pairs_listener_and_connector_on_one_port():
     assert plan.sender == SocketAttachment(40404, listen=False)
     assert plan.setup == () and plan.teardown == ()
     assert "no NIC has checksum offload" in plan.offload_note
+
+
+def test_cap_net_admin_is_read_from_capeff():
+    from testbed.dataplane import has_cap_net_admin
+
+    assert has_cap_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert has_cap_net_admin("CapEff:\t0000000000001000\n")
+    assert not has_cap_net_admin("CapEff:\t0000000000000000\n")
+    assert not has_cap_net_admin("CapEff:\t0000000000000fff\n")
+    assert not has_cap_net_admin("Name:\tx\n")
