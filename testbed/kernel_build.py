@@ -11,7 +11,8 @@ Cache layout under `<cache_dir>/kernels/`:
                           are what the patched build starts from)
     stock-<key>/          bzImage, config, metadata.json   (an artifact dir exists
     patched-<key>/        bzImage, config, metadata.json    only when complete)
-    tmp/                  work in progress; renamed into place when complete
+    tmp/                  work in progress (renamed into place when complete) and the
+                          last patched tree (removed by the next build)
     <cache_dir>/ccache/   ccache for all kernel compiles
 
 The patched build copies the stock tree (`cp -a --reflink=auto`, mtimes kept) and
@@ -374,7 +375,7 @@ class _Build:
                       modules_cpio=None, metadata=meta)
 
     def clean_tmp(self) -> None:
-        """Remove work dirs of interrupted builds (we hold the lock, so none is live)."""
+        """Remove work dirs of earlier builds (we hold the lock, so none is live)."""
         if self.tmp.is_dir():
             for child in self.tmp.iterdir():
                 shutil.rmtree(child, ignore_errors=True)
@@ -501,24 +502,24 @@ class _Build:
         progress = _Progress(self.log, "patched", self.root / f"patched-{inputs.key()}.log")
         progress.logfile.unlink(missing_ok=True)
         work = self.tmp / f"patched-tree-{inputs.key()}.{os.getpid()}"
+        # The copy stays in tmp/ when we are done (deleting ~2 GB takes a minute on a busy
+        # disk): the next build's clean_tmp() removes it, and after a failure it is there
+        # to inspect.
         self.log("  copying the stock build tree (objects reused, mtimes kept)")
-        try:
-            progress.run(["cp", "-a", "--reflink=auto", str(self.tree_dir(inputs)), str(work)],
-                         cwd=self.root)
-            for name, _ in inputs.patches:
-                self.log(f"  applying {name}")
-                progress.run(["patch", "-p1", "--forward", "--batch", "-i",
-                              str(PATCHES_DIR / name)], cwd=work)
-            self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
-            self.make(work, "patched", progress)
-            seconds = time.monotonic() - start
-            self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
-                     f"{progress.cpu_seconds:.0f} s CPU)")
-            return self.publish(inputs, work, seconds, {
-                "built_from": f"stock tree {stock_inputs.key()} + patches",
-                "build_cpu_seconds": round(progress.cpu_seconds, 1)})
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        progress.run(["cp", "-a", "--reflink=auto", str(self.tree_dir(inputs)), str(work)],
+                     cwd=self.root)
+        for name, _ in inputs.patches:
+            self.log(f"  applying {name}")
+            progress.run(["patch", "-p1", "--forward", "--batch", "-i",
+                          str(PATCHES_DIR / name)], cwd=work)
+        self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
+        self.make(work, "patched", progress)
+        seconds = time.monotonic() - start
+        self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
+                 f"{progress.cpu_seconds:.0f} s CPU)")
+        return self.publish(inputs, work, seconds, {
+            "built_from": f"stock tree {stock_inputs.key()} + patches",
+            "build_cpu_seconds": round(progress.cpu_seconds, 1)})
 
 
 def ensure_built(variant: str, settings: Settings, log: Log = print) -> Kernel:
