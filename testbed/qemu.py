@@ -239,9 +239,10 @@ atexit.register(_kill_all)
 
 
 def _on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM: stop our guests, then unwind like an exit so context managers remove
+    tap devices and bridges too (a later run would sweep them, but why wait)."""
     _kill_all()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)
 
 
 def _on_interrupt(signum: int, frame: object) -> None:

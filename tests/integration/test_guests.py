@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -76,8 +77,10 @@ def test_invoke_shell_runs_a_command_and_returns_its_status():
     assert out.stdout.splitlines()[0] == "2"
 
 
-def test_ctrl_c_leaves_no_qemu_behind(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "shell", "--command", "sleep 300"],
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_leaves_no_qemu_or_devices_behind(sig):
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "shell", "--nic", "e1000",
+                             "--with-sender", "--command", "sleep 300"],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -90,9 +93,14 @@ def test_ctrl_c_leaves_no_qemu_behind(tmp_path):
     assert "guests ready" in seen, seen
     children = subprocess.run(["pgrep", "-P", str(proc.pid), "qemu-system"],
                               capture_output=True, text=True).stdout.split()
-    assert children
+    assert len(children) == 2
+    cmdlines = " ".join(Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")
+                        for c in children)
+    taps = [t for t in links_named("nbt") if t in cmdlines]
+    assert len(taps) == 2
     time.sleep(1)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     proc.wait(timeout=60)
     time.sleep(1)
     assert [c for c in children if os.path.exists(f"/proc/{c}")] == []
+    assert [t for t in taps if links_named(t)] == []
