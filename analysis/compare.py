@@ -286,7 +286,8 @@ def compare_runs(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame,
     return Comparison(pd.DataFrame(rows), notes, alpha)
 
 
-def _fmt(v: float) -> str:
+def fmt_number(v: float) -> str:
+    """Four significant digits, scientific for very large or small values; n/a for NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     a = abs(v)
@@ -320,7 +321,8 @@ def format_table(comp: Comparison, metrics: Sequence[str] | None = KEY_METRICS) 
             half = (r["pct_hi"] - r["pct_lo"]) / 2
             change = f"{r['pct']:+.1f}% ± {half:.1f}%" + ("*" if r["significant"] else " ")
         unit = f" ({r['unit']})" if r["unit"] and r["unit"] not in ("fraction",) else ""
-        lines.append(f"{_fmt(r['median_base']):>12} | {change:>18} | {_fmt(r['median_new']):>12}"
+        base, new = fmt_number(r["median_base"]), fmt_number(r["median_new"])
+        lines.append(f"{base:>12} | {change:>18} | {new:>12}"
                      f" | {r['metric']}{unit} [{cell_label(r)}, n {r['n_base']}/{r['n_new']}]")
     lines.append(f"* significant: Mann-Whitney U p < {comp.alpha} and the 95% bootstrap CI of "
                  "the ratio excludes 1")

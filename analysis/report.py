@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.collate import AXES, RawFiles, analysis_dir, cell_label
-from analysis.compare import KEY_METRICS, Comparison, format_table
+from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from testbed import measure
 from testbed.results import RunDir, atomic_write_text
 
@@ -145,21 +145,13 @@ def key_summary(summary: pd.DataFrame) -> pd.DataFrame:
     if s.empty:
         return pd.DataFrame()
     s["cell"] = s.apply(cell_label, axis=1)
-    s["text"] = s.apply(lambda r: f"{_num(r['median'])} [{_num(r['q1'])}, {_num(r['q3'])}]"
+    n = fmt_number
+    s["text"] = s.apply(lambda r: f"{n(r['median'])} [{n(r['q1'])}, {n(r['q3'])}]"
                         f" n={r['n']}" + (f" (+{r['n_failed']} failed/incomplete)"
                                           if r["n_failed"] else ""),
                         axis=1)
     wide = s.pivot_table(index="cell", columns="metric", values="text", aggfunc="first")
     return wide[[m for m in KEY_METRICS if m in wide.columns]]
-
-
-def _num(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    a = abs(v)
-    if a != 0 and (a >= 1e6 or a < 1e-3):
-        return f"{v:.3e}"
-    return f"{v:.4g}" if a < 1000 else f"{v:.0f}"
 
 
 # --------------------------------------------------------------------------- HTML

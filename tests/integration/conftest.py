@@ -10,6 +10,23 @@ import pytest
 from testbed.settings import Settings
 from testbed.topology import Assets, prepare_assets
 
+# A two-cell experiment small enough for integration tests (2 s windows, one boot).
+TINY_CONFIG = """\
+name: {name}
+axes:
+  kernel: [distro]
+  nic: [e1000]
+  cpus: [2]
+  policy: [default, pin-same]
+  workload: [TCP_STREAM]
+  gro: [on]
+repetitions: 1
+duration: 2
+warmup: 0
+order: sequential
+retries: 1
+"""
+
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:

@@ -28,24 +28,12 @@ from testbed.matrix import expand
 from testbed.results import RunDir, read_json
 from testbed.settings import REPO_ROOT, Settings
 
+from .conftest import TINY_CONFIG
+
 pytestmark = pytest.mark.integration
 
 SSHD = "/usr/sbin/sshd"
-CONFIG = """\
-name: hoststest
-axes:
-  kernel: [distro]
-  nic: [e1000]
-  cpus: [2]
-  policy: [default, pin-same]
-  workload: [TCP_STREAM]
-  gro: [on]
-repetitions: 1
-duration: 2
-warmup: 0
-order: sequential
-retries: 1
-"""
+CONFIG = TINY_CONFIG.format(name="hoststest")
 
 
 def free_port() -> int:

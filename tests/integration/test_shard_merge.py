@@ -18,23 +18,11 @@ from testbed.results import RunDir, read_json
 from testbed.runner import run_matrix
 from testbed.settings import Settings
 
+from .conftest import TINY_CONFIG
+
 pytestmark = pytest.mark.integration
 
-CONFIG = """\
-name: sharding
-axes:
-  kernel: [distro]
-  nic: [e1000]
-  cpus: [2]
-  policy: [default, pin-same]
-  workload: [TCP_STREAM]
-  gro: [on]
-repetitions: 1
-duration: 2
-warmup: 0
-order: sequential
-retries: 1
-"""
+CONFIG = TINY_CONFIG.format(name="sharding")
 
 
 def inventory(run: RunDir) -> set[tuple[str, int, frozenset[str]]]:
