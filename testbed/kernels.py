@@ -8,7 +8,6 @@ the host; its NIC drivers are modules, packed as an extra initramfs archive);
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,6 @@ class Kernel:
     modules_cpio: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def metadata_json(self) -> str:
-        return json.dumps({"name": self.name, "release": self.release, **self.metadata},
-                          sort_keys=True)
 
 
 def check_kernel_name(name: str) -> None:

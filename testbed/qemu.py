@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -188,13 +189,7 @@ def short_socket_path(name: str) -> Path:
 
     base = Path(tempfile.gettempdir()) / "netbed-sockets"
     base.mkdir(mode=0o700, exist_ok=True)
-    return base / f"{os.getpid()}-{secrets_token()}-{name}.sock"
-
-
-def secrets_token() -> str:
-    import secrets
-
-    return secrets.token_hex(4)
+    return base / f"{os.getpid()}-{secrets.token_hex(4)}-{name}.sock"
 
 
 def free_port() -> int:
