@@ -46,7 +46,7 @@ def user_errors() -> Iterator[None]:
             "no_probe": "skip the KVM probe boot (faster, but KVM usability stays unknown)"})
 def doctor(c, json_=False, no_probe=False):
     """Print what this host can do: QEMU, KVM (probed), PMU, privileges, resources."""
-    from testbed.host import facts_table, gather
+    from testbed.vm.hostfacts import facts_table, gather
 
     with user_errors():
         facts = gather(settings_of(c), log=(lambda m: None) if json_ else say,
@@ -61,7 +61,7 @@ def doctor(c, json_=False, no_probe=False):
 @task(help={"kernel": "kernel to prepare: distro, stock or patched (default from settings)"})
 def setup(c, kernel=None):
     """Install system packages, build the guest image and fetch/build the kernel."""
-    from testbed.topology import prepare_assets
+    from testbed.vm.topology import prepare_assets
 
     s = settings_of(c)
     with user_errors():
@@ -82,8 +82,8 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
-    from testbed.qemu import NIC_MODELS
-    from testbed.topology import boot, prepare_assets
+    from testbed.vm.qemu import NIC_MODELS
+    from testbed.vm.topology import boot, prepare_assets
 
     s = settings_of(c)
     if nic is not None and nic not in NIC_MODELS:
@@ -157,7 +157,7 @@ def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
 })
 def build_kernel(c, variant="all", json_=False):
     """Build the stock and/or patched guest kernel (cached; prints each build's time)."""
-    from testbed.kernel_build import VARIANTS, ensure_built
+    from testbed.build.kernel_build import VARIANTS, ensure_built
 
     variants = VARIANTS if variant == "all" else (variant,)
     if any(v not in VARIANTS for v in variants):
@@ -240,10 +240,16 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
         return _run_on_hosts(c, config, hosts, hosts_key, hosts_dir, hosts_netbed,
                              hosts_no_install, hosts_python, hosts_cache_dir,
                              int(hosts_parallel), no_report, resume or shard or inject_fault)
-    from testbed.config import load_experiment
-    from testbed.matrix import cells_table, estimate_seconds, expand, format_duration, parse_shard
-    from testbed.runner import Fault, summary_text
-    from testbed.runner import run_matrix as run
+    from testbed.experiment.config import load_experiment
+    from testbed.experiment.matrix import (
+        cells_table,
+        estimate_seconds,
+        expand,
+        format_duration,
+        parse_shard,
+    )
+    from testbed.run.loop import Fault, summary_text
+    from testbed.run.loop import run_matrix as run
     from testbed.settings import CONFIGS_DIR
 
     s = settings_of(c)
@@ -251,7 +257,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     with user_errors():
         shard_spec = parse_shard(shard) if shard else None
         if dry_run:
-            from testbed.matrix import shard as take_shard
+            from testbed.experiment.matrix import shard as take_shard
 
             exp = load_experiment(path)
             cells = expand(exp)
@@ -282,8 +288,8 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
 
 def _run_on_hosts(c, config, hosts, key, remote_dir, netbed_path, no_install, python,
                   cache_dir, parallel, no_report, local_only) -> None:
-    """`run-matrix --hosts`: shards over SSH hosts, pulled back and merged (testbed.remote)."""
-    from testbed.remote import RemoteOptions, parse_hosts, run_on_hosts
+    """`run-matrix --hosts`: shards over SSH hosts, pulled back and merged (testbed.run.remote)."""
+    from testbed.run.remote import RemoteOptions, parse_hosts, run_on_hosts
     from testbed.settings import CONFIGS_DIR
 
     if local_only:
@@ -314,7 +320,7 @@ def _run_on_hosts(c, config, hosts, key, remote_dir, netbed_path, no_install, py
 })
 def merge_results(c, runs=None, into=None):
     """Join shard runs of one experiment into a single run folder."""
-    from testbed.merge import merge_runs
+    from testbed.run.merge import merge_runs
 
     s = settings_of(c)
     with user_errors():
@@ -326,7 +332,7 @@ def merge_results(c, runs=None, into=None):
 @task(help={"force": "recompile even when a plugin for these sources is cached"})
 def build_cachemodel(c, force=False):
     """Build the cache-model TCG plugin against the installed QEMU's header; print its path."""
-    from testbed.cachemodel import build_plugin
+    from testbed.build.cachemodel import build_plugin
 
     with user_errors():
         print(build_plugin(settings_of(c), say, force=force))

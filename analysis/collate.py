@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
-from testbed import measure
 from testbed.errors import NetbedError
-from testbed.results import RepDir, RunDir
+from testbed.formats import measure
+from testbed.run.folder import RepDir, RunDir
 
 AXES = ("kernel", "nic", "cpus", "policy", "workload", "message_size", "gro")
 ID_COLUMNS = ("run_id", "cell_id", "repetition", *AXES)
@@ -252,7 +252,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
 
 
 def readback_irqs(readback: dict[str, Any]) -> list[str] | None:
-    """The data NIC's IRQ numbers as read back (testbed.nicstate.Readback.as_dict keys
+    """The data NIC's IRQ numbers as read back (testbed.experiment.nicstate.Readback.as_dict keys
     them in `irq_affinity`); None when the read-back does not say."""
     if isinstance(readback.get("irqs"), list):
         return [str(i) for i in readback["irqs"]]
@@ -326,12 +326,12 @@ def read_cachemodel(text: str) -> pd.DataFrame:
 
     The plugin prints cumulative counters in one block per marker hit
     ("begin:<id>", "end:<id>", "snapshot:<id>"; a marker may be hit more than
-    once, so blocks are numbered by testbed.cachemodel.read_snapshots). The
+    once, so blocks are numbered by testbed.build.cachemodel.read_snapshots). The
     window runs from the first "begin:<id>" to the last "end:<id>" (as
-    testbed.cachemodel.window does); without such a pair, from the first block to
+    testbed.build.cachemodel.window does); without such a pair, from the first block to
     the last; with a single block, its values. Returns vcpu (str), mode, event, value.
     """
-    from testbed.cachemodel import read_snapshots
+    from testbed.build.cachemodel import read_snapshots
 
     try:
         df = read_snapshots(text)
@@ -488,7 +488,7 @@ def analysis_dir(run_dir: Path) -> Path:
 
 def write_tables(run_dir: Path, tidy: pd.DataFrame | None = None) -> TablePaths:
     """Write `<run>/analysis/tidy.parquet` and `tidy.csv` (atomically, via rename)."""
-    from testbed.results import atomic_write_text
+    from testbed.run.folder import atomic_write_text
 
     tidy = collate_run(run_dir) if tidy is None else tidy
     out = analysis_dir(run_dir)

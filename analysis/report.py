@@ -22,8 +22,8 @@ import pandas as pd
 
 from analysis.collate import AXES, RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
-from testbed import measure
-from testbed.results import RunDir, atomic_write_text
+from testbed.formats import measure
+from testbed.run.folder import RunDir, atomic_write_text
 
 OFFLOAD_KEYS = ("rx-checksumming", "tx-checksumming", "generic-receive-offload",
                 "tcp-segmentation-offload")
@@ -76,7 +76,7 @@ def pmu_verdict(tidy: pd.DataFrame) -> str:
 def offload_facts(path: Path) -> dict[str, Any]:
     """Who verified RX checksums, from offloads.txt.
 
-    The runner stores testbed.offloads.OFFLOAD_SCRIPT's output (driver, virtio
+    The runner stores testbed.formats.offloads.OFFLOAD_SCRIPT's output (driver, virtio
     feature bits, then `ethtool -k`): its verdict `rx_checksum_offload` reads the
     negotiated virtio bits, because virtio's ethtool says "on [fixed]" even when
     the guest verifies checksums itself. Plain `ethtool -k` text is read too.
@@ -85,7 +85,7 @@ def offload_facts(path: Path) -> dict[str, Any]:
         return {"rx_checksum_offload": "n/a", **{k: "n/a" for k in OFFLOAD_KEYS}}
     text = path.read_text()
     if "--- ethtool -k" in text:
-        from testbed.offloads import parse_offloads
+        from testbed.formats.offloads import parse_offloads
 
         state = parse_offloads(text)
         return {"driver": state.driver, "rx_checksum_offload": state.rx_checksum_offload,

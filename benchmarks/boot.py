@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from testbed.settings import Settings
-from testbed.topology import boot, prepare_assets
+from testbed.vm.topology import boot, prepare_assets
 
 
 def run_boot_benchmark(settings: Settings, kernel: str, nic: str, cpus: int, boots: int,

@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed import cachemodel as cm
+from testbed.build import cachemodel as cm
 from testbed.settings import Settings
 
 ID = 70

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.kernel_build import ensure_built
+from testbed.build.kernel_build import ensure_built
 from testbed.settings import Settings
 
 

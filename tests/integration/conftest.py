@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.settings import Settings
-from testbed.topology import Assets, prepare_assets
+from testbed.vm.topology import Assets, prepare_assets
 
 # A two-cell experiment small enough for integration tests (2 s windows, one boot).
 TINY_CONFIG = """\

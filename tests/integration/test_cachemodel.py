@@ -1,7 +1,7 @@
 """The cache-model plugin inside real TCG guests, checked with guest microbenchmarks.
 
 Each boot is a tiny busybox initramfs with the guest tools (images/tools/*.c),
-the Debian kernel and the plugin, through the same testbed.cachemodel code the
+the Debian kernel and the plugin, through the same testbed.build.cachemodel code the
 runner uses to build and configure the plugin. Counts are read from the regions
 the benchmarks mark themselves, in user mode (the kernel's own timer work in the
 same window is counted as kernel and left out of these checks).
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed import cachemodel as cm
+from testbed.build import cachemodel as cm
 from testbed.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]

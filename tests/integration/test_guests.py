@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import GuestError
-from testbed.offloads import OFFLOAD_SCRIPT, parse_offloads
-from testbed.qemu import NIC_DRIVER
+from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.settings import REPO_ROOT
-from testbed.topology import boot
+from testbed.vm.qemu import NIC_DRIVER
+from testbed.vm.topology import boot
 
 from .conftest import links_named, our_qemu_pids
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.kernel_build import (
+from testbed.build.kernel_build import (
     PATCHES_DIR,
     SOURCE_PACKAGE,
     SOURCE_TARBALL,
@@ -32,8 +32,8 @@ from testbed.kernel_build import (
     patch_paths,
     source_version,
 )
-from testbed.kernels import Kernel
-from testbed.newc import CpioEntry, write_newc
+from testbed.build.kernels import Kernel
+from testbed.build.newc import CpioEntry, write_newc
 from testbed.settings import IMAGES_DIR, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -276,9 +276,9 @@ def test_wake_local_runs_reader_on_the_irq_cpu(
 
 
 def _two_guest_probe(wake: int, workdir: Path, settings: Settings) -> dict[str, str]:
-    """Receiver (2 vCPUs, e1000 data NIC, IRQ on CPU k) + sender guest, via testbed.topology."""
-    from testbed.dataplane import RECEIVER_IP
-    from testbed.topology import boot, prepare_assets
+    """Receiver (2 vCPUs, e1000 data NIC, IRQ on CPU k) + sender guest, via testbed.vm.topology."""
+    from testbed.vm.dataplane import RECEIVER_IP
+    from testbed.vm.topology import boot, prepare_assets
 
     reader = workdir / "rxreader"
     if not reader.exists():

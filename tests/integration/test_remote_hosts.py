@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import load_experiment
-from testbed.matrix import expand
-from testbed.results import RunDir, read_json
+from testbed.experiment.config import load_experiment
+from testbed.experiment.matrix import expand
+from testbed.run.folder import RunDir, read_json
 from testbed.settings import REPO_ROOT, Settings
 
 from .conftest import TINY_CONFIG

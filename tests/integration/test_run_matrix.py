@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import measure
-from testbed.results import RunDir
+from testbed.formats import measure
+from testbed.run.folder import RunDir
 
 from .conftest import links_named
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import load_experiment
-from testbed.matrix import expand, shard
-from testbed.merge import merge_runs
-from testbed.results import RunDir, read_json
-from testbed.runner import run_matrix
+from testbed.experiment.config import load_experiment
+from testbed.experiment.matrix import expand, shard
+from testbed.run.folder import RunDir, read_json
+from testbed.run.loop import run_matrix
+from testbed.run.merge import merge_runs
 from testbed.settings import Settings
 
 from .conftest import TINY_CONFIG

@@ -91,7 +91,7 @@ def test_pmu_verdict() -> None:
 
 
 def test_offload_facts_reads_the_runner_format(tmp_path: Path) -> None:
-    """offloads.txt as testbed.offloads.OFFLOAD_SCRIPT prints it: the virtio feature
+    """offloads.txt as testbed.formats.offloads.OFFLOAD_SCRIPT prints it: the virtio feature
     bits decide, not ethtool's "on [fixed]"."""
     from analysis.report import offload_facts
 

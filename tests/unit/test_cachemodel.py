@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed import cachemodel as cm
+from testbed.build import cachemodel as cm
 from testbed.errors import ConfigError, NetbedError
 from testbed.settings import REPO_ROOT
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed import kernels
-from testbed.config import (
+from testbed.build import kernels
+from testbed.errors import ConfigError
+from testbed.experiment.config import (
     DEFAULT_MESSAGE_SIZE,
     Cell,
     Experiment,
@@ -16,9 +17,8 @@ from testbed.config import (
     experiment_from_dict,
     load_experiment,
 )
-from testbed.errors import ConfigError
-from testbed.matrix import expand
-from testbed.policies import KERNEL_NAMES, load_policies
+from testbed.experiment.matrix import expand
+from testbed.experiment.policies import KERNEL_NAMES, load_policies
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 REPO = Path(__file__).resolve().parent.parent.parent

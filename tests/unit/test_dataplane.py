@@ -1,7 +1,7 @@
 """Data-plane plans: tap + bridge as root, socket netdev otherwise."""
 
-from testbed.dataplane import plan_dataplane
-from testbed.qemu import SocketAttachment, TapAttachment
+from testbed.vm.dataplane import plan_dataplane
+from testbed.vm.qemu import SocketAttachment, TapAttachment
 
 
 def test_tap_plan_names_are_tagged_and_short_enough():
@@ -39,7 +39,7 @@ def test_socket_plan_pairs_listener_and_connector_on_one_port():
 
 
 def test_cap_net_admin_is_read_from_capeff():
-    from testbed.dataplane import has_cap_net_admin
+    from testbed.vm.dataplane import has_cap_net_admin
 
     assert has_cap_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
     assert has_cap_net_admin("CapEff:\t0000000000001000\n")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.build.newc import CpioEntry, encode_newc, write_newc
 from testbed.errors import NetbedError
-from testbed.host import KvmVerdict, choose_accel
-from testbed.newc import CpioEntry, encode_newc, write_newc
-from testbed.offloads import parse_offloads
+from testbed.formats.offloads import parse_offloads
 from testbed.settings import REPO_ROOT, Settings
+from testbed.vm.hostfacts import KvmVerdict, choose_accel
 
 
 def test_auto_falls_back_to_tcg_and_says_why():
@@ -80,7 +80,7 @@ def test_settings_from_invoke_mapping_resolves_relative_dirs():
 
 
 def test_missing_packages_without_root_names_the_apt_line(monkeypatch):
-    from testbed import sysdeps
+    from testbed.build import sysdeps
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetbedError, match="apt-get install -y -q --no-install-recommends "

@@ -1,4 +1,4 @@
-"""Pure parts of testbed.kernel_build: config parsing/checking, cache keys, the patch file."""
+"""Pure parts of testbed.build.kernel_build: config parsing/checking, cache keys, the patch file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import ConfigError
-from testbed.kernel_build import (
+from testbed.build.kernel_build import (
     FRAGMENT,
     BuildInputs,
     config_mismatches,
@@ -20,6 +19,7 @@ from testbed.kernel_build import (
     parse_patch,
     patch_paths,
 )
+from testbed.errors import ConfigError
 
 
 def _inputs(**over: object) -> BuildInputs:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import experiment_from_dict, load_experiment
 from testbed.errors import NetbedError
-from testbed.matrix import (
+from testbed.experiment.config import experiment_from_dict, load_experiment
+from testbed.experiment.matrix import (
     cells_table,
     count_boots,
     estimate_seconds,
@@ -19,7 +19,7 @@ from testbed.matrix import (
     schedule,
     shard,
 )
-from testbed.policies import load_policies
+from testbed.experiment.policies import load_policies
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 REPO = Path(__file__).resolve().parent.parent.parent

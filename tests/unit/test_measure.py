@@ -1,4 +1,4 @@
-"""Command builders and parsers of testbed.measure, on real captured output.
+"""Command builders and parsers of testbed.formats.measure, on real captured output.
 
 tests/fixtures/raw/host/ holds /proc snapshots and a `perf stat -a -A -x;` run
 captured on this development host (Linux 6.18, 2 CPUs, no PMU), taken before and
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from testbed import measure as m
 from testbed.errors import NetbedError
+from testbed.formats import measure as m
 
 HOST = Path(__file__).resolve().parent.parent / "fixtures" / "raw" / "host"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import measure
+from testbed.formats import measure
 from testbed.settings import IMAGES_DIR
 
 pytestmark = pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("dash")),

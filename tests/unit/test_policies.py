@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import ConfigError, NetbedError
-from testbed.policies import (
+from testbed.experiment.policies import (
     DEFAULT_POLICIES_FILE,
     Policy,
     ResolvedPolicy,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.qemu import (
+from testbed.vm.qemu import (
     GuestSpec,
     PluginSpec,
     SocketAttachment,

@@ -1,4 +1,4 @@
-"""testbed.remote's pure parts: --hosts parsing, shard assignment, remote commands."""
+"""testbed.run.remote's pure parts: --hosts parsing, shard assignment, remote commands."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import load_experiment
 from testbed.errors import NetbedError
-from testbed.matrix import expand, parse_shard, shard
-from testbed.remote import (
+from testbed.experiment.config import load_experiment
+from testbed.experiment.matrix import expand, parse_shard, shard
+from testbed.run.remote import (
     Assignment,
     HostOutcome,
     HostSpec,

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from testbed.results import RunDir, atomic_write_text
+from testbed.run.folder import RunDir, atomic_write_text
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path):

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from testbed.cellrun import window_script
-from testbed.config import experiment_from_dict
 from testbed.errors import NetbedError
-from testbed.merge import merge_runs, merged_name
-from testbed.policies import load_policies
+from testbed.experiment.config import experiment_from_dict
+from testbed.experiment.policies import load_policies
 from testbed.progress import eta_seconds, fmt_seconds
-from testbed.results import RunDir
-from testbed.runner import Fault, RunSummary, summary_text
+from testbed.run.folder import RunDir
+from testbed.run.loop import Fault, RunSummary, summary_text
+from testbed.run.merge import merge_runs, merged_name
+from testbed.run.repetition import window_script
 
 
 def experiment(**over):

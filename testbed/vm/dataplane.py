@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from testbed.errors import CommandError
-from testbed.qemu import DataAttachment, SocketAttachment, TapAttachment, free_port
+from testbed.vm.qemu import DataAttachment, SocketAttachment, TapAttachment, free_port
 
 Mode = Literal["tap", "socket"]
 # Data-plane addresses: 198.18.0.0/15 is set aside for benchmarking (RFC 2544).

@@ -14,7 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from testbed.dataplane import (
+from testbed.build.images import GuestImage, ensure_image, ensure_initrd
+from testbed.build.kernels import Kernel, Log, get_kernel
+from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
+from testbed.settings import Settings
+from testbed.vm.dataplane import (
     PREFIX,
     RECEIVER_IP,
     SENDER_IP,
@@ -24,10 +28,8 @@ from testbed.dataplane import (
     plan_dataplane,
     sweep_stale,
 )
-from testbed.guest import Guest, KeyPair, make_keypair
-from testbed.images import GuestImage, ensure_image, ensure_initrd
-from testbed.kernels import Kernel, Log, get_kernel
-from testbed.qemu import (
+from testbed.vm.guest import Guest, KeyPair, make_keypair
+from testbed.vm.qemu import (
     GuestSpec,
     NicModel,
     PluginSpec,
@@ -35,8 +37,6 @@ from testbed.qemu import (
     free_port,
     short_socket_path,
 )
-from testbed.settings import Settings
-from testbed.sysdeps import GUEST_PACKAGES, ensure_packages
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Topology:
 def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
                    log: Log = print, accel: str | None = None) -> Assets:
     """Install, build or fetch whatever booting needs (each step cached)."""
-    from testbed.host import resolve_accel
+    from testbed.vm.hostfacts import resolve_accel
 
     ensure_packages(GUEST_PACKAGES, log)
     kernel = get_kernel(kernel_name, settings, log)

@@ -33,8 +33,8 @@ from pathlib import Path
 import pandas as pd
 
 from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency, NetbedError
-from testbed.qemu import PluginSpec
 from testbed.settings import REPO_ROOT, Settings
+from testbed.vm.qemu import PluginSpec
 
 Log = Callable[[str], None]
 
@@ -62,7 +62,7 @@ MARKER_MAGIC = 0x4E
 MARKER_KINDS = {"begin": 1, "end": 2, "snapshot": 3}
 MAX_MARKER_ID = (1 << 20) - 1
 
-# Packages the build needs: package -> probe (see testbed.sysdeps).
+# Packages the build needs: package -> probe (see testbed.build.sysdeps).
 BUILD_PACKAGES = {
     "gcc": "gcc",
     "pkg-config": "pkg-config",
@@ -303,7 +303,7 @@ def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
 
 def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> Path:
     """Compile the plugin (once per source hash and QEMU version); returns the .so path."""
-    from testbed.sysdeps import ensure_packages
+    from testbed.build.sysdeps import ensure_packages
 
     ensure_packages(BUILD_PACKAGES, log)
     header_dir = fetch_plugin_header(settings, log)
@@ -423,7 +423,7 @@ def micro_init(script: str) -> str:
 
 
 def build_micro_initrd(settings: Settings, script: str, tools: dict[str, Path]) -> Path:
-    from testbed.newc import CpioEntry, encode_newc
+    from testbed.build.newc import CpioEntry, encode_newc
 
     if not BUSYBOX.is_file():
         raise MissingDependency(f"{BUSYBOX} not found", hint="apt-get install busybox-static")
@@ -484,7 +484,7 @@ def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:
     """Debian's kernel, as the lead's image uses it (extracted once into the cache)."""
-    from testbed.kernels import get_kernel
+    from testbed.build.kernels import get_kernel
 
     return get_kernel("distro", settings, log).bzimage
 
@@ -529,8 +529,8 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
     import threading
     import time
 
-    from testbed.kernels import get_kernel
-    from testbed.qemu import free_port
+    from testbed.build.kernels import get_kernel
+    from testbed.vm.qemu import free_port
 
     kernel = get_kernel("distro", settings, log)
     tools = build_guest_tools(settings, log)

@@ -14,11 +14,9 @@ import shlex
 import time
 from dataclasses import dataclass
 
-from testbed import measure
-from testbed.config import Cell, Experiment
 from testbed.errors import GuestError, NetbedError
-from testbed.guest import Guest
-from testbed.nicstate import (
+from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.nicstate import (
     NicInfo,
     diff_readback,
     find_nic_irqs,
@@ -28,10 +26,12 @@ from testbed.nicstate import (
     readback_commands,
     reader_affinity_command,
 )
-from testbed.offloads import OFFLOAD_SCRIPT, parse_offloads
-from testbed.policies import ResolvedPolicy, apply_script, netserver_cpu
-from testbed.results import RepDir, atomic_write_json, atomic_write_text
-from testbed.topology import Topology
+from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
+from testbed.formats import measure
+from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.run.folder import RepDir, atomic_write_json, atomic_write_text
+from testbed.vm.guest import Guest
+from testbed.vm.topology import Topology
 
 GUEST_DIR = "/tmp/netbed"
 RECEIVER_HOST = "198.18.0.1"

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.cpio import clamp_mtimes, pack_cpio
+from testbed.build.cpio import clamp_mtimes, pack_cpio
+from testbed.build.kernels import Kernel, Log
+from testbed.build.sysdeps import IMAGE_PACKAGES, ensure_packages
 from testbed.errors import CommandError
-from testbed.kernels import Kernel, Log
 from testbed.settings import IMAGES_DIR, Settings
-from testbed.sysdeps import IMAGE_PACKAGES, ensure_packages
 
 RECIPE_DIR = IMAGES_DIR / "rootfs"
 TOOLS_DIR = IMAGES_DIR / "tools"

@@ -12,11 +12,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from testbed.cpio import pack_cpio
+from testbed.build.cpio import pack_cpio
+from testbed.build.kernels import Kernel, Log
+from testbed.build.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages
 from testbed.errors import CommandError, NetbedError
-from testbed.kernels import Kernel, Log
 from testbed.settings import Settings
-from testbed.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages
 
 META_PACKAGE = "linux-image-amd64"
 # Bumped whenever what we extract changes, so old caches are not reused.

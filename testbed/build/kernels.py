@@ -3,7 +3,7 @@
 `distro` is Debian's prebuilt kernel (extracted from its .deb, never installed on
 the host; its NIC drivers are modules, packed as an extra initramfs archive);
 `stock` and `patched` are built from one source and one config by
-`testbed.kernel_build` and have the NIC drivers built in.
+`testbed.build.kernel_build` and have the NIC drivers built in.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def get_kernel(name: str, settings: Settings, log: Log = print) -> Kernel:
     """Return the named kernel, building or extracting it first when it is not cached."""
     check_kernel_name(name)
     if name == "distro":
-        from testbed.distro_kernel import ensure_distro_kernel
+        from testbed.build.distro_kernel import ensure_distro_kernel
 
         return ensure_distro_kernel(settings, log)
-    from testbed.kernel_build import ensure_built
+    from testbed.build.kernel_build import ensure_built
 
     return ensure_built(name, settings, log)

@@ -7,7 +7,7 @@ exact local commit is shipped (a `git bundle` put over SFTP into a per-run
 folder and cloned, so the remote run records the same commit in versions.json),
 along with the experiment file and its policies file. Each host's progress lines
 stream back prefixed with its label; its run folder comes back as a tarball over
-SFTP, and the shards that exist are merged locally with `testbed.merge.merge_runs`.
+SFTP, and the shards that exist are merged locally with `testbed.run.merge.merge_runs`.
 A host that fails is reported and the merge holds what the others produced.
 
 Paths on the remote are kept per assignment (`<remote_root>/<run tag>/<k>-<host>/`),
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from testbed.errors import NetbedError
-from testbed.results import new_run_id
+from testbed.run.folder import new_run_id
 from testbed.settings import REPO_ROOT, Settings
 
 Log = Callable[[str], None]
@@ -113,7 +113,7 @@ class Assignment:
 
 
 def assign_shards(hosts: list[HostSpec]) -> list[Assignment]:
-    """Host i of N gets shard i/N: `testbed.matrix.shard` makes them a partition."""
+    """Host i of N gets shard i/N: `testbed.experiment.matrix.shard` makes them a partition."""
     return [Assignment(h, i, len(hosts)) for i, h in enumerate(hosts, 1)]
 
 
@@ -319,7 +319,7 @@ class ConfigFiles:
 
 def config_files(config: Path) -> ConfigFiles:
     """Validate the experiment locally (fail before touching any host) and list its files."""
-    from testbed.config import load_experiment
+    from testbed.experiment.config import load_experiment
 
     exp = load_experiment(config)
     files: list[tuple[Path, str]] = [(config, config.name)]
@@ -457,10 +457,10 @@ def _shipment(options: RemoteOptions, log: Log) -> Iterator[tuple[Path | None, s
 def run_on_hosts(settings: Settings, config: Path, hosts: list[HostSpec],
                  options: RemoteOptions, log: Log = print) -> HostsSummary:
     """Run `config` sharded over `hosts`, pull the shards back and merge what exists."""
-    from testbed.merge import merge_runs
+    from testbed.run.merge import merge_runs
 
     cfg = config_files(config)
-    from testbed.config import load_experiment
+    from testbed.experiment.config import load_experiment
 
     tag = new_run_id(load_experiment(config).name)
     pulled_to = settings.results_dir / f"{tag}-hosts"

@@ -34,8 +34,8 @@ from pydantic import (
 )
 
 from testbed.errors import ConfigError
-from testbed.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
-from testbed.yamlload import (
+from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
+from testbed.experiment.yamlload import (
     Problem,
     Source,
     did_you_mean,
@@ -355,7 +355,7 @@ def _policy_name_problems(src: Source, data: dict[str, Any], policies: PolicySet
 
 def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[Problem]:
     """Cross checks pydantic cannot do alone: policies exist and fit every surviving cell."""
-    from testbed.matrix import expand_with_origin  # matrix imports this module
+    from testbed.experiment.matrix import expand_with_origin  # matrix imports this module
 
     problems: list[Problem] = []
     for axis in AXES:  # duplicates would make two identical cells

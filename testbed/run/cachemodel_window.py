@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed.cachemodel import (
+from testbed.build.cachemodel import (
     RECOMMENDED_TCG_THREADS,
     build_plugin,
     cachemodel_plugin_spec,
     read_snapshots,
 )
+from testbed.build.kernels import Log
 from testbed.errors import NetbedError
-from testbed.kernels import Log
-from testbed.qemu import PluginSpec
-from testbed.results import RepDir, atomic_write_text
+from testbed.run.folder import RepDir, atomic_write_text
 from testbed.settings import Settings
-from testbed.topology import Topology
+from testbed.vm.qemu import PluginSpec
+from testbed.vm.topology import Topology
 
 CSV_NAME = "cachemodel-receiver.csv"
 

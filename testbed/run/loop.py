@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.cellrun import BootState, PolicyMismatch, discover, run_repetition
-from testbed.config import Cell, Experiment, load_experiment
+from testbed.build.kernels import Log
 from testbed.errors import CommandError, GuestError, NetbedError
-from testbed.kernels import Log
-from testbed.matrix import schedule, shard
+from testbed.experiment.config import Cell, Experiment, load_experiment
+from testbed.experiment.matrix import schedule, shard
 from testbed.progress import Progress
-from testbed.results import (
+from testbed.run.folder import (
     RepDir,
     RunDir,
     atomic_write_json,
@@ -33,8 +32,9 @@ from testbed.results import (
     new_run_id,
     read_json,
 )
+from testbed.run.repetition import BootState, PolicyMismatch, discover, run_repetition
 from testbed.settings import REPO_ROOT, Settings
-from testbed.topology import Assets, Topology, boot, prepare_assets
+from testbed.vm.topology import Assets, Topology, boot, prepare_assets
 
 RUN_META = "run.json"
 # The guest's perf event sources; a core PMU shows up as cpu (cpu_core/cpu_atom on hybrids).
@@ -101,14 +101,14 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
         run = RunDir(settings.results_dir / (new_run_id(exp.name) + suffix))
         run.path.mkdir(parents=True)
         shutil.copy2(config, run.experiment_file)
-        from testbed.policies import DEFAULT_POLICIES_FILE
+        from testbed.experiment.policies import DEFAULT_POLICIES_FILE
 
         src = exp.source.parent / exp.policies_file if exp.policies_file and exp.source \
             else DEFAULT_POLICIES_FILE
         shutil.copy2(src, run.path / "policies.yaml")  # the run carries its policies
         atomic_write_json(run.path / RUN_META, {"shard": list(shard_spec) if shard_spec
                                                 else None, "config": str(config)})
-    from testbed.matrix import expand
+    from testbed.experiment.matrix import expand
 
     cells = expand(exp)
     if shard_spec:
@@ -119,7 +119,7 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
 
 
 def _policies_of(run: RunDir):
-    from testbed.policies import load_policies
+    from testbed.experiment.policies import load_policies
 
     copy = run.path / "policies.yaml"
     return load_policies(copy) if copy.is_file() else None
@@ -148,7 +148,7 @@ class MatrixRunner:
 
     # ------------------------------------------------------------------ provenance
     def _write_provenance(self) -> None:
-        from testbed.host import gather
+        from testbed.vm.hostfacts import gather
 
         facts = gather(self.settings, log=self.log)
         self.pmu = facts.pmu and facts.accel == "kvm"
@@ -237,7 +237,7 @@ class MatrixRunner:
         plugins: tuple = ()
         threads = "multi"
         if "cachemodel" in self.exp.counters:
-            from testbed.cachemodel_run import receiver_plugins
+            from testbed.run.cachemodel_window import receiver_plugins
 
             plugins, threads = receiver_plugins(self.settings, workdir, self.log)
         with boot(assets, self.settings, workdir, cpus=cell.cpus, nic=cell.nic,
@@ -276,7 +276,7 @@ class MatrixRunner:
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         info = run_repetition(topo, state, self.exp, cell, resolved, rep, self.pmu)
         if "cachemodel" in self.exp.counters:
-            from testbed.cachemodel_run import collect_window
+            from testbed.run.cachemodel_window import collect_window
 
             collect_window(topo, rep)
         return info

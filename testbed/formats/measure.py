@@ -67,7 +67,7 @@ NETPERF_RR_SELECTORS: tuple[str, ...] = (
 
 
 class WorkloadLike(Protocol):
-    """What the command builder needs of a workload (testbed.config's model has it)."""
+    """What the command builder needs of a workload (testbed.experiment.config's model has it)."""
 
     name: str
     message_size: int

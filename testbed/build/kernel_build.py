@@ -38,11 +38,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed.build.kernels import Kernel
+from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
-from testbed.kernels import Kernel
-from testbed.results import atomic_write_json
+from testbed.run.folder import atomic_write_json
 from testbed.settings import IMAGES_DIR, Settings
-from testbed.sysdeps import ensure_packages
 
 Log = Callable[[str], None]
 

@@ -19,12 +19,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.dataplane import can_use_taps
+from testbed.build.kernels import Log
+from testbed.build.newc import CpioEntry, write_newc
+from testbed.build.sysdeps import ensure_packages
 from testbed.errors import NetbedError
-from testbed.kernels import Log
-from testbed.newc import CpioEntry, write_newc
 from testbed.settings import Settings
-from testbed.sysdeps import ensure_packages
+from testbed.vm.dataplane import can_use_taps
 
 PROBE_MARKER = "NETBED-PROBE-OK"
 PROBE_TIMEOUT_S = 25.0
@@ -140,7 +140,7 @@ def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True) -> K
 
 
 def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
-    from testbed.kernels import get_kernel
+    from testbed.build.kernels import get_kernel
 
     ensure_packages({"busybox-static": BUSYBOX_STATIC}, log)
     kernel = get_kernel("distro", settings, log)

@@ -9,7 +9,7 @@ Every policy writes the *whole* state it controls, including "off" values
 across cells and repetitions, so a policy must never inherit what the previous
 one left behind. `readback_commands` + `parse_readback` + `diff_readback` prove
 that the state the guest ended up in is the state that was asked for (they live
-in testbed.nicstate with the NIC/IRQ discovery, and are re-exported here).
+in testbed.experiment.nicstate with the NIC/IRQ discovery, and are re-exported here).
 
 CPU spec language (fields `irq_cpus`, `reader_cpu`, `rps_cpus`), resolved per
 cell against its vCPU count N:
@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import ConfigError, NetbedError
-from testbed.nicstate import (
+from testbed.experiment.nicstate import (
     ABSENT,
     IFACE_RE,
     SYSCTL_RE,
@@ -59,10 +59,16 @@ from testbed.nicstate import (
     shared_irqs,
     sysctl_path,
 )
+from testbed.experiment.yamlload import (
+    Source,
+    load_yaml,
+    plain,
+    raise_problems,
+    validation_problems,
+)
 from testbed.settings import CONFIGS_DIR
-from testbed.yamlload import Source, load_yaml, plain, raise_problems, validation_problems
 
-__all__ = [  # the policy API plus testbed.nicstate's, so callers need one import
+__all__ = [  # the policy API plus testbed.experiment.nicstate's, so callers need one import
     "ABSENT",
     "DEFAULT_POLICIES_FILE",
     "KERNEL_NAMES",
@@ -94,7 +100,7 @@ __all__ = [  # the policy API plus testbed.nicstate's, so callers need one impor
 ]
 
 DEFAULT_POLICIES_FILE = CONFIGS_DIR / "policies.yaml"
-KERNEL_NAMES = ("distro", "stock", "patched")  # == testbed.kernels.KERNEL_NAMES (tested)
+KERNEL_NAMES = ("distro", "stock", "patched")  # == testbed.build.kernels.KERNEL_NAMES (tested)
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _INT_RE = re.compile(r"^\d+$")

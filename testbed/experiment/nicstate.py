@@ -3,7 +3,7 @@
 Pure: commands are returned as shell text, outputs are parsed from strings
 (tests use /proc/interrupts and read-backs captured from real guests). The
 policy side (what state is wanted, and the commands that set it) is in
-testbed.policies, which re-exports everything here.
+testbed.experiment.policies, which re-exports everything here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from testbed.errors import NetbedError
 
 if TYPE_CHECKING:
-    from testbed.policies import ResolvedPolicy
+    from testbed.experiment.policies import ResolvedPolicy
 
 ABSENT = "<absent>"
 SYSCTL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")

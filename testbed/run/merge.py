@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from testbed.errors import NetbedError
-from testbed.results import CELLS_DIR, RunDir, atomic_write_json, read_json
+from testbed.run.folder import CELLS_DIR, RunDir, atomic_write_json, read_json
 
 SHARD_SUFFIX_SEP = "-shard"
 

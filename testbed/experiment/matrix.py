@@ -1,6 +1,6 @@
 """Experiment -> cells -> run order; sharding, time estimate and the dry-run table (pure).
 
-See testbed.config for the include/exclude semantics. Cell order is stable:
+See testbed.experiment.config for the include/exclude semantics. Cell order is stable:
 the axes' product in the order kernel, nic, cpus, policy, workload, gro (the
 last varying fastest, so neighbouring cells usually share a boot key), then
 cells added by `include`, in file order.
@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
-from testbed.config import AXES, Cell, Combination, Experiment
 from testbed.errors import NetbedError
+from testbed.experiment.config import AXES, Cell, Combination, Experiment
 
 Schedule = list[tuple[Cell, int]]
 

@@ -1,6 +1,6 @@
 """YAML files -> plain data plus the positions needed for `file:line:col` errors.
 
-Shared by `testbed.config` (experiments) and `testbed.policies` (policy data).
+Shared by `testbed.experiment.config` (experiments) and `testbed.experiment.policies` (policy data).
 ruamel.yaml's round-trip loader keeps a line/column on every mapping key and
 sequence item; pydantic reports errors as a `loc` path. This module joins the
 two, so every problem a user can make in a YAML file is reported as
