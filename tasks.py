@@ -332,7 +332,7 @@ def merge_results(c, runs=None, into=None):
 @task(help={"force": "recompile even when a plugin for these sources is cached"})
 def build_cachemodel(c, force=False):
     """Build the cache-model TCG plugin against the installed QEMU's header; print its path."""
-    from testbed.build.cachemodel import build_plugin
+    from testbed.build.cachemodel_plugin import build_plugin
 
     with user_errors():
         print(build_plugin(settings_of(c), say, force=force))

@@ -38,7 +38,7 @@ from analysis.compare import (
 )
 from analysis.report import ReportPaths
 from testbed.errors import NetbedError
-from testbed.run.folder import atomic_write_text
+from testbed.files import atomic_write_text
 
 __all__ = [
     "AnalysisResult",

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from testbed.errors import NetbedError
-from testbed.formats import measure
+from testbed.formats import netperf, perfstat, procfs, reader
 from testbed.run.folder import RepDir, RunDir
 
 AXES = ("kernel", "nic", "cpus", "policy", "workload", "message_size", "gro")
@@ -163,7 +163,7 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float
     """netperf rows; returns ("KB", kilobytes moved) or ("trans", transactions)."""
     path = rep.file(RawFiles.NETPERF)
     try:
-        res = measure.parse_netperf(path.read_text())
+        res = netperf.parse_netperf(path.read_text())
     except (OSError, NetbedError) as exc:
         _error(out, "throughput", "netperf", exc)
         return None
@@ -198,7 +198,7 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float
     if thr is None or not elapsed or not units:
         return None
     try:
-        kind, factor = measure.netperf_units_factor(units)
+        kind, factor = netperf.netperf_units_factor(units)
     except NetbedError as exc:
         _error(out, "bytes", "derived", exc)
         return None
@@ -215,10 +215,10 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float
 def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFrame | None:
     """Deltas of the /proc snapshots; returns the per-CPU NET_RX delta (for locality)."""
     netrx = None
-    for name in measure.PROC_FILES:
+    for name in procfs.PROC_FILES:
         before, after = rep.path / "proc-before" / name, rep.path / "proc-after" / name
         try:
-            d = measure.parse_proc_pair(name, before.read_text(), after.read_text())
+            d = procfs.parse_proc_pair(name, before.read_text(), after.read_text())
         except (OSError, NetbedError, ValueError) as exc:
             _error(out, f"proc.{name}", "proc", exc)
             continue
@@ -235,7 +235,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
             out.add_frame(d[~d["metric"].str.startswith("cpu_")], "stat.", "count", "proc")
         elif name == "interrupts":
             readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
-            irqs, how = measure.select_nic_irqs(d, readback_irqs(readback))
+            irqs, how = procfs.select_nic_irqs(d, readback_irqs(readback))
             facts["nic_irqs"] = irqs
             facts["nic_irq_method"] = how
             nic = d[d["irq"].isin(irqs)].groupby("cpu", sort=False)["value"].sum()
@@ -274,14 +274,14 @@ def _add_shares(out: _Rows, metric: str, frame: pd.DataFrame) -> None:
 
 
 def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
-                    ) -> measure.ReaderSamples | None:
+                    ) -> reader.ReaderSamples | None:
     """Reader samples per CPU and their shares; CPUs the reader was never seen on
     (the online CPUs are those of /proc/softirqs) get an explicit share of 0."""
     path = rep.file(RawFiles.READER)
     if not path.is_file():
         return None
     try:
-        samples = measure.parse_reader_samples(path.read_text())
+        samples = reader.parse_reader_samples(path.read_text())
     except NetbedError as exc:
         _error(out, "reader.samples", "proc", exc)
         return None
@@ -302,7 +302,7 @@ def _collate_perf(rep: RepDir, out: _Rows) -> None:
     if not path.is_file():
         return
     try:
-        df = measure.parse_perf_stat(path.read_text())
+        df = perfstat.parse_perf_stat(path.read_text())
     except NetbedError as exc:
         _error(out, "perf", "perf", exc)
         return
@@ -326,12 +326,12 @@ def read_cachemodel(text: str) -> pd.DataFrame:
 
     The plugin prints cumulative counters in one block per marker hit
     ("begin:<id>", "end:<id>", "snapshot:<id>"; a marker may be hit more than
-    once, so blocks are numbered by testbed.build.cachemodel.read_snapshots). The
+    once, so blocks are numbered by testbed.formats.cachemodel.read_snapshots). The
     window runs from the first "begin:<id>" to the last "end:<id>" (as
-    testbed.build.cachemodel.window does); without such a pair, from the first block to
+    testbed.formats.cachemodel.window does); without such a pair, from the first block to
     the last; with a single block, its values. Returns vcpu (str), mode, event, value.
     """
-    from testbed.build.cachemodel import read_snapshots
+    from testbed.formats.cachemodel import read_snapshots
 
     try:
         df = read_snapshots(text)
@@ -379,7 +379,7 @@ def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
 
 
 def _derive_locality(out: _Rows, netrx: pd.DataFrame | None,
-                     reader: measure.ReaderSamples | None) -> None:
+                     reader: reader.ReaderSamples | None) -> None:
     """Locality of the receive path in two numbers, both in [0, 1]:
 
     - netrx_on_reader_cpu: share of NET_RX softirqs that ran where the reader
@@ -488,7 +488,7 @@ def analysis_dir(run_dir: Path) -> Path:
 
 def write_tables(run_dir: Path, tidy: pd.DataFrame | None = None) -> TablePaths:
     """Write `<run>/analysis/tidy.parquet` and `tidy.csv` (atomically, via rename)."""
-    from testbed.run.folder import atomic_write_text
+    from testbed.files import atomic_write_text
 
     tidy = collate_run(run_dir) if tidy is None else tidy
     out = analysis_dir(run_dir)

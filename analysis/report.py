@@ -22,8 +22,9 @@ import pandas as pd
 
 from analysis.collate import AXES, RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
-from testbed.formats import measure
-from testbed.run.folder import RunDir, atomic_write_text
+from testbed.files import atomic_write_text
+from testbed.formats import offloads, perfstat
+from testbed.run.folder import RunDir
 
 OFFLOAD_KEYS = ("rx-checksumming", "tx-checksumming", "generic-receive-offload",
                 "tcp-segmentation-offload")
@@ -55,7 +56,7 @@ def _json(path: Path) -> Any:
 
 def pmu_verdict(tidy: pd.DataFrame) -> str:
     """Were hardware counters real? Judged from perf's own statuses in this run."""
-    hw = tidy[tidy["metric"].isin([f"perf.{e}" for e in measure.HARDWARE_EVENTS]) &
+    hw = tidy[tidy["metric"].isin([f"perf.{e}" for e in perfstat.HARDWARE_EVENTS]) &
               (tidy["cpu"] == "all")]
     has_cache = (tidy["source"] == "cachemodel").any()
     cache = " Cache figures come from the cache model (source=cachemodel)." if has_cache else ""
@@ -90,7 +91,7 @@ def offload_facts(path: Path) -> dict[str, Any]:
         state = parse_offloads(text)
         return {"driver": state.driver, "rx_checksum_offload": state.rx_checksum_offload,
                 **{k: state.ethtool.get(k, "n/a") for k in OFFLOAD_KEYS}}
-    feats = measure.parse_ethtool_features(text)
+    feats = offloads.parse_ethtool_features(text)
     return {"rx_checksum_offload": "n/a (ethtool only)",
             **{k: feats.get(k, "n/a") for k in OFFLOAD_KEYS}}
 

@@ -39,8 +39,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.build import cachemodel as cm
+from testbed.build import cachemodel_plugin as cmplugin
+from testbed.formats import cachemodel as cmfmt
 from testbed.settings import Settings
+from testbed.vm import cachemodel as cm
 
 ID = 70
 
@@ -92,7 +94,7 @@ def dma_bias(settings: Settings, mbytes: int) -> None:
     events = ("loads", "l1d_misses", "l2_misses", "llc_misses", "c2c_transfers",
               "device_writes")
     print(f"  {'mode':6s} {'dma':4s} " + " ".join(f"{e:>13s}" for e in events))
-    for mode in cm.MODES:
+    for mode in cmfmt.MODES:
         for dma in (True, False):
             print(f"  {mode:6s} {'on' if dma else 'off':4s} "
                   + " ".join(f"{res[dma][mode][e]:13d}" for e in events))
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dma_only:
         dma_bias(settings, args.dma_mib)
         return
-    cm.build_plugin(settings)
+    cmplugin.build_plugin(settings)
     cm.build_guest_tools(settings)
     quiet = lambda m: None  # noqa: E731
     print(f"host load average at start: {os.getloadavg()[0]:.1f} (2 cores, shared)")
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                                             plugin=plugin, tcg_threads=threads, log=quiet)
                     best, best_cpu = min(best, nbtime(run)), min(best_cpu, run.cpu_s)
                     if setup == "inside" and run.csv is not None:
-                        df = cm.read_snapshots(run.csv.read_text())
-                        w = cm.window(df, f"begin:{ID}", f"end:{ID}")
+                        df = cmfmt.read_snapshots(run.csv.read_text())
+                        w = cmfmt.window(df, f"begin:{ID}", f"end:{ID}")
                         instructions = w["instructions"]
                 times[setup], cpu[setup] = best, best_cpu
             print(f"\n{wl.name}: {wl.command}\n  {instructions / 1e6:.0f} M guest instructions "

@@ -10,6 +10,9 @@ import sys
 import time
 from collections.abc import Callable
 
+# Where a long operation reports progress: one human-readable line per call.
+Log = Callable[[str], None]
+
 
 def eta_seconds(done_now: int, elapsed: float, remaining: int) -> float | None:
     """Remaining time from the mean pace of repetitions run in this session (pure)."""

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 from testbed.build.cpio import pack_cpio
-from testbed.build.kernels import Kernel, Log
+from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages
 from testbed.errors import CommandError, NetbedError
+from testbed.progress import Log
 from testbed.settings import Settings
 
 META_PACKAGE = "linux-image-amd64"

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.build.cpio import clamp_mtimes, pack_cpio
-from testbed.build.kernels import Kernel, Log
+from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, ensure_packages
 from testbed.errors import CommandError
+from testbed.progress import Log
 from testbed.settings import IMAGES_DIR, Settings
 
 RECIPE_DIR = IMAGES_DIR / "rootfs"

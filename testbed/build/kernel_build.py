@@ -38,10 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from testbed.build.kernels import Kernel
+from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
-from testbed.run.folder import atomic_write_json
+from testbed.files import atomic_write_json
 from testbed.settings import IMAGES_DIR, Settings
 
 Log = Callable[[str], None]

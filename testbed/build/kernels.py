@@ -8,30 +8,12 @@ the host; its NIC drivers are modules, packed as an extra initramfs archive);
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
+from testbed.build.kernel import Kernel
 from testbed.errors import NetbedError
+from testbed.progress import Log
 from testbed.settings import Settings
 
 KERNEL_NAMES = ("distro", "stock", "patched")
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """A bootable kernel and what a result needs to say about it."""
-
-    name: str
-    bzimage: Path
-    release: str
-    # Extra initramfs (newc cpio) with the modules this kernel needs, or None when
-    # the drivers are built in. Appended after the rootfs archive.
-    modules_cpio: Path | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 

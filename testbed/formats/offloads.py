@@ -60,3 +60,17 @@ def parse_offloads(text: str) -> OffloadState:
             features[name.strip()] = value.split()[0]
     return OffloadState(kv.get("iface", "?"), kv.get("driver", "?"), features,
                         kv.get("virtio_features"))
+
+
+
+def parse_ethtool_features(text: str) -> dict[str, str]:
+    """`ethtool -k` -> {"rx-checksumming": "on [fixed]", ...}."""
+    feats: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" not in line or line.startswith("Features for"):
+            continue
+        key, _, value = line.partition(":")
+        feats[key.strip()] = value.strip()
+    return feats
+
+

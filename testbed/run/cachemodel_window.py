@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed.build.cachemodel import (
-    RECOMMENDED_TCG_THREADS,
-    build_plugin,
-    cachemodel_plugin_spec,
-    read_snapshots,
-)
-from testbed.build.kernels import Log
+from testbed.build.cachemodel_plugin import RECOMMENDED_TCG_THREADS, build_plugin
 from testbed.errors import NetbedError
-from testbed.run.folder import RepDir, atomic_write_text
+from testbed.files import atomic_write_text
+from testbed.formats.cachemodel import read_snapshots
+from testbed.progress import Log
+from testbed.run.folder import RepDir
 from testbed.settings import Settings
+from testbed.vm.cachemodel import cachemodel_plugin_spec
 from testbed.vm.qemu import PluginSpec
 from testbed.vm.topology import Topology
 

@@ -19,19 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.build.kernels import Log
 from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment, load_experiment
 from testbed.experiment.matrix import schedule, shard
-from testbed.progress import Progress
-from testbed.run.folder import (
-    RepDir,
-    RunDir,
-    atomic_write_json,
-    atomic_write_text,
-    new_run_id,
-    read_json,
-)
+from testbed.files import atomic_write_json, atomic_write_text, read_json
+from testbed.progress import Log, Progress
+from testbed.run.folder import RepDir, RunDir, new_run_id
 from testbed.run.repetition import BootState, PolicyMismatch, discover, run_repetition
 from testbed.settings import REPO_ROOT, Settings
 from testbed.vm.topology import Assets, Topology, boot, prepare_assets

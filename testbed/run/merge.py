@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from testbed.errors import NetbedError
-from testbed.run.folder import CELLS_DIR, RunDir, atomic_write_json, read_json
+from testbed.files import atomic_write_json, read_json
+from testbed.run.folder import CELLS_DIR, RunDir
 
 SHARD_SUFFIX_SEP = "-shard"
 

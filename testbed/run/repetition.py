@@ -27,9 +27,10 @@ from testbed.experiment.nicstate import (
     reader_affinity_command,
 )
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
-from testbed.formats import measure
+from testbed.files import atomic_write_json, atomic_write_text
+from testbed.formats import netperf, perfstat, procfs, reader
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
-from testbed.run.folder import RepDir, atomic_write_json, atomic_write_text
+from testbed.run.folder import RepDir
 from testbed.vm.guest import Guest
 from testbed.vm.topology import Topology
 
@@ -78,9 +79,9 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
     `nbmark` brackets the window when the cache model runs.
     """
     d = GUEST_DIR
-    events = measure.perf_events(pmu)
-    perf = measure.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
-    sampler = measure.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    events = perfstat.perf_events(pmu)
+    perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
+    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
     polls = int(READER_WAIT_S / 0.1)
     lines = [
         f"rm -rf {d}/win && mkdir -p {d}/win",
@@ -89,7 +90,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
         f"> {d}/win/error; break; fi; sleep 0.1; done",
         f"sleep {WINDOW_LEAD_S:g}",
         f"{reader_affinity_command().strip()} > {d}/win/reader-affinity.txt 2>&1",
-        measure.proc_snapshot_command(f"{d}/win/proc-before"),
+        procfs.proc_snapshot_command(f"{d}/win/proc-before"),
     ]
     if cachemodel:
         lines.append("nbmark begin 1")
@@ -100,7 +101,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
     ]
     if cachemodel:
         lines.append("nbmark end 1")
-    lines += [measure.proc_snapshot_command(f"{d}/win/proc-after"),
+    lines += [procfs.proc_snapshot_command(f"{d}/win/proc-after"),
               f"mv {d}/{PERF_FILE} {d}/win/{PERF_FILE} 2>/dev/null; touch {d}/win/finished"]
     return "\n".join(lines) + "\n"
 
@@ -138,7 +139,7 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     offloads = parse_offloads(rep.file("offloads.txt").read_text())
     remote_cpu = netserver_cpu(resolved)
     if exp.warmup > 0:
-        tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu),
+        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu),
                timeout=exp.warmup + 60)
     script = window_script(exp, pmu, cachemodel)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
@@ -147,15 +148,15 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
            f"> {GUEST_DIR}/window.log 2>&1 &")
     started = time.monotonic()
     netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
-    netperf = tx.run(measure.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
+    np_res = tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
                                              remote_cpu),
                      timeout=netperf_seconds + 90, check=False)
-    if netperf.exit_code == 124:
+    if np_res.exit_code == 124:
         raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")
-    atomic_write_text(rep.file("netperf.txt"), netperf.stdout + netperf.stderr)
-    if netperf.exit_code != 0:
-        raise GuestError(f"netperf failed with status {netperf.exit_code}: "
-                         f"{(netperf.stdout + netperf.stderr).strip()[-300:]}")
+    atomic_write_text(rep.file("netperf.txt"), np_res.stdout + np_res.stderr)
+    if np_res.exit_code != 0:
+        raise GuestError(f"netperf failed with status {np_res.exit_code}: "
+                         f"{(np_res.stdout + np_res.stderr).strip()[-300:]}")
     deadline = started + netperf_seconds + 60
     while rx.run(f"test -e {GUEST_DIR}/win/finished", check=False).exit_code != 0:
         if time.monotonic() > deadline:
@@ -174,6 +175,6 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     if problems:
         raise PolicyMismatch(f"cell {cell.cell_id}: receiver state differs from policy "
                              f"{resolved.name!r}: " + "; ".join(problems))
-    result = measure.parse_netperf(rep.file("netperf.txt").read_text())
+    result = netperf.parse_netperf(rep.file("netperf.txt").read_text())
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload}

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from testbed.errors import CommandError
-from testbed.vm.qemu import DataAttachment, SocketAttachment, TapAttachment, free_port
+from testbed.vm.process import free_port
+from testbed.vm.qemu import DataAttachment, SocketAttachment, TapAttachment
 
 Mode = Literal["tap", "socket"]
 # Data-plane addresses: 198.18.0.0/15 is set aside for benchmarking (RFC 2544).

@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.build.kernels import Log
 from testbed.build.newc import CpioEntry, write_newc
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import NetbedError
+from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.vm.dataplane import can_use_taps
 

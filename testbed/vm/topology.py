@@ -15,8 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from testbed.build.images import GuestImage, ensure_image, ensure_initrd
-from testbed.build.kernels import Kernel, Log, get_kernel
+from testbed.build.kernel import Kernel
+from testbed.build.kernels import get_kernel
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
+from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.vm.dataplane import (
     PREFIX,
@@ -29,14 +31,8 @@ from testbed.vm.dataplane import (
     sweep_stale,
 )
 from testbed.vm.guest import Guest, KeyPair, make_keypair
-from testbed.vm.qemu import (
-    GuestSpec,
-    NicModel,
-    PluginSpec,
-    QemuProcess,
-    free_port,
-    short_socket_path,
-)
+from testbed.vm.process import QemuProcess, free_port, short_socket_path
+from testbed.vm.qemu import GuestSpec, NicModel, PluginSpec
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The cache-model plugin inside real TCG guests, checked with guest microbenchmarks.
 
 Each boot is a tiny busybox initramfs with the guest tools (images/tools/*.c),
-the Debian kernel and the plugin, through the same testbed.build.cachemodel code the
+the Debian kernel and the plugin, through the same testbed.vm.cachemodel code the
 runner uses to build and configure the plugin. Counts are read from the regions
 the benchmarks mark themselves, in user mode (the kernel's own timer work in the
 same window is counted as kernel and left out of these checks).
@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed.build import cachemodel as cm
+from testbed.formats import cachemodel as cmfmt
 from testbed.settings import Settings
+from testbed.vm import cachemodel as cm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -44,7 +45,7 @@ def settings_() -> Settings:
 def boot(settings: Settings, workdir: Path, threads: str = "single") -> pd.DataFrame:
     run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads)
     assert run.csv is not None
-    return cm.read_snapshots(run.csv.read_text())
+    return cmfmt.read_snapshots(run.csv.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def runs(settings_: Settings, tmp_path_factory: pytest.TempPathFactory) -> list[
 
 
 def user(df: pd.DataFrame, first: str, last: str) -> dict[str, int]:
-    return cm.window(df, first, last, mode="user")
+    return cmfmt.window(df, first, last, mode="user")
 
 
 def test_pingpong_across_cpus_moves_the_line_once_per_write(runs):

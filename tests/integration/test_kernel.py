@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.build.kernel import Kernel
 from testbed.build.kernel_build import (
     PATCHES_DIR,
     SOURCE_PACKAGE,
@@ -32,7 +33,6 @@ from testbed.build.kernel_build import (
     patch_paths,
     source_version,
 )
-from testbed.build.kernels import Kernel
 from testbed.build.newc import CpioEntry, write_newc
 from testbed.settings import IMAGES_DIR, Settings
 

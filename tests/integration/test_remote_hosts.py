@@ -25,7 +25,8 @@ import pytest
 
 from testbed.experiment.config import load_experiment
 from testbed.experiment.matrix import expand
-from testbed.run.folder import RunDir, read_json
+from testbed.files import read_json
+from testbed.run.folder import RunDir
 from testbed.settings import REPO_ROOT, Settings
 
 from .conftest import TINY_CONFIG

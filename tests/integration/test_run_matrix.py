@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.formats import measure
+from testbed.formats import netperf, perfstat, procfs
 from testbed.run.folder import RunDir
 
 from .conftest import links_named
@@ -116,12 +116,12 @@ def test_kill_9_then_resume_completes_exactly_the_missing_work(tmp_path: Path):
 
 
 def check_raw_files_parse(rep: Path) -> None:
-    netperf = measure.parse_netperf((rep / "netperf.txt").read_text())
-    assert netperf.get("THROUGHPUT") and netperf.get("THROUGHPUT") > 0
-    perf = measure.parse_perf_stat((rep / "perf-stat.csv").read_text())
+    result = netperf.parse_netperf((rep / "netperf.txt").read_text())
+    assert result.get("THROUGHPUT") and result.get("THROUGHPUT") > 0
+    perf = perfstat.parse_perf_stat((rep / "perf-stat.csv").read_text())
     assert {"context-switches", "task-clock"} <= set(perf["metric"])
     assert len(set(perf["cpu"])) == 2
-    softirqs = measure.parse_proc_pair("softirqs", (rep / "proc-before/softirqs").read_text(),
+    softirqs = procfs.parse_proc_pair("softirqs", (rep / "proc-before/softirqs").read_text(),
                                        (rep / "proc-after/softirqs").read_text())
     assert softirqs[softirqs["metric"] == "NET_RX"]["value"].sum() > 0
     readback = json.loads((rep / "readback.json").read_text())

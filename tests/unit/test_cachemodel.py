@@ -16,9 +16,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed.build import cachemodel as cm
+from testbed.build import cachemodel_plugin as cmplugin
 from testbed.errors import ConfigError, NetbedError
+from testbed.formats import cachemodel as cmfmt
 from testbed.settings import REPO_ROOT
+from testbed.vm import cachemodel as cm
 
 LINE = 64
 L1D = 32 << 10
@@ -26,15 +28,15 @@ L1D = 32 << 10
 
 # ---------------------------------------------------------------- markers
 def test_marker_bytes_encode_kind_and_id():
-    assert cm.marker_bytes("begin", 5) == bytes([0x0F, 0x1F, 0x80, 0x05, 0x00, 0x10, 0x4E])
-    assert cm.marker_bytes("end", 0xFFFFF) == bytes([0x0F, 0x1F, 0x80, 0xFF, 0xFF, 0x2F, 0x4E])
-    assert cm.marker_bytes("snapshot", 1)[5] == 0x30
+    assert cmfmt.marker_bytes("begin", 5) == bytes([0x0F, 0x1F, 0x80, 0x05, 0x00, 0x10, 0x4E])
+    assert cmfmt.marker_bytes("end", 0xFFFFF) == bytes([0x0F, 0x1F, 0x80, 0xFF, 0xFF, 0x2F, 0x4E])
+    assert cmfmt.marker_bytes("snapshot", 1)[5] == 0x30
 
 
 @pytest.mark.parametrize(("kind", "marker_id"), [("start", 1), ("begin", -1), ("end", 1 << 20)])
 def test_bad_markers_are_refused(kind, marker_id):
     with pytest.raises(NetbedError):
-        cm.nbmark_command(kind, marker_id)
+        cmfmt.nbmark_command(kind, marker_id)
 
 
 def test_c_sources_use_the_same_marker_encoding():
@@ -47,14 +49,14 @@ def test_c_sources_use_the_same_marker_encoding():
     plugin = (REPO_ROOT / "cachemodel" / "plugin" / "plugin.c").read_text()
     assert "#define MARKER_MAGIC 0x4Eu" in plugin
     assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3" in plugin
-    assert cm.MARKER_KINDS == {"begin": 1, "end": 2, "snapshot": 3}
+    assert cmfmt.MARKER_KINDS == {"begin": 1, "end": 2, "snapshot": 3}
 
 
 def test_csv_event_names_match_the_model():
     model_c = (REPO_ROOT / "cachemodel" / "plugin" / "model.c").read_text()
     names = re.search(r"model_event_names\[EV_COUNT\] = \{(.*?)\};", model_c, re.S)
     assert names is not None
-    assert tuple(re.findall(r'"(\w+)"', names.group(1))) == cm.EVENTS
+    assert tuple(re.findall(r'"(\w+)"', names.group(1))) == cmfmt.EVENTS
 
 
 # ---------------------------------------------------------------- parameters
@@ -77,18 +79,18 @@ def test_plugin_spec_refuses_commas_and_unknown_parameters():
                                  dict(l2_size=3 << 20)])
 def test_bad_geometry_names_the_parameter_and_a_fix(bad):
     with pytest.raises(ConfigError) as exc:
-        cm.ModelParams(**bad).validate()
+        cmplugin.ModelParams(**bad).validate()
     assert next(iter(bad)).split("_")[0] in str(exc.value)
     assert exc.value.hint
 
 
 def test_disabled_l2_needs_no_valid_l2_geometry():
-    cm.ModelParams(l2_size=0, l2_assoc=0).validate()
+    cmplugin.ModelParams(l2_size=0, l2_assoc=0).validate()
 
 
 # ---------------------------------------------------------------- build helpers
 def test_sources_list_has_suite_updates_and_security():
-    text = cm.deb_src_sources("http://deb.debian.org/debian/", "bookworm")
+    text = cmplugin.deb_src_sources("http://deb.debian.org/debian/", "bookworm")
     assert text.splitlines() == [
         "deb-src http://deb.debian.org/debian bookworm main",
         "deb-src http://deb.debian.org/debian bookworm-updates main",
@@ -97,7 +99,7 @@ def test_sources_list_has_suite_updates_and_security():
 
 
 def test_apt_options_keep_apt_off_the_system_configuration(tmp_path):
-    opts = cm.apt_source_options(tmp_path, tmp_path / "s.list")
+    opts = cmplugin.apt_source_options(tmp_path, tmp_path / "s.list")
     joined = " ".join(opts)
     assert f"Dir::Etc::SourceList={tmp_path / 's.list'}" in joined
     assert "Dir::Etc::SourceParts=/dev/null" in joined
@@ -126,19 +128,19 @@ index 1..2 100644
 
 
 def test_patch_section_extracts_only_the_header():
-    section = cm.patch_section(GIT_PATCH, cm.HEADER_PATH)
+    section = cmplugin.patch_section(GIT_PATCH, cmplugin.HEADER_PATH)
     assert section is not None
     assert "+++ b/include/qemu/qemu-plugin.h" in section and "+y" in section
     assert "loader.c" not in section
-    assert cm.patch_section(GIT_PATCH, "include/other.h") is None
+    assert cmplugin.patch_section(GIT_PATCH, "include/other.h") is None
 
 
 def test_plugin_key_changes_with_source_version_and_header():
-    base = cm.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
-    assert base != cm.plugin_key({"a.c": b"2"}, b"h", "7.2", "-I/x")
-    assert base != cm.plugin_key({"a.c": b"1"}, b"h2", "7.2", "-I/x")
-    assert base != cm.plugin_key({"a.c": b"1"}, b"h", "8.0", "-I/x")
-    assert base == cm.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
+    base = cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"2"}, b"h", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h2", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h", "8.0", "-I/x")
+    assert base == cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
 
 
 def test_micro_argv_loads_plugins_and_selects_tcg_threads():
@@ -166,20 +168,20 @@ CSV = """vcpu,mode,event,value,marker
 
 
 def test_snapshots_are_numbered_even_when_a_marker_repeats():
-    df = cm.read_snapshots(CSV)
+    df = cmfmt.read_snapshots(CSV)
     assert list(df["snapshot"].unique()) == [0, 1, 2]
-    assert cm.window(df, "begin:1", "end:1", mode="user") == {"loads": 12}
-    assert cm.window(df, "begin:1", "end:1", mode="kernel", vcpu=0) == {"loads": 20}
+    assert cmfmt.window(df, "begin:1", "end:1", mode="user") == {"loads": 12}
+    assert cmfmt.window(df, "begin:1", "end:1", mode="kernel", vcpu=0) == {"loads": 20}
 
 
 def test_window_names_missing_markers():
     with pytest.raises(NetbedError, match="snapshot:9"):
-        cm.window(cm.read_snapshots(CSV), "begin:1", "snapshot:9")
+        cmfmt.window(cmfmt.read_snapshots(CSV), "begin:1", "snapshot:9")
 
 
 def test_csv_with_wrong_columns_is_refused():
     with pytest.raises(NetbedError, match="columns"):
-        cm.read_snapshots("cpu,mode,event,value,marker\n0,user,loads,1,x\n")
+        cmfmt.read_snapshots("cpu,mode,event,value,marker\n0,user,loads,1,x\n")
 
 
 # ---------------------------------------------------------------- model.c via traces

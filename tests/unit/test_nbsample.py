@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.formats import measure
+from testbed.formats import reader
 from testbed.settings import IMAGES_DIR
 
 pytestmark = pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("dash")),
@@ -43,7 +43,7 @@ def test_nbsample_samples_the_data_process_at_the_asked_rate(tmp_path: Path, fak
     out = subprocess.run([str(binary), "1", "0.05"], capture_output=True, text=True,
                          timeout=20)
     assert out.returncode == 0, out.stderr
-    samples = measure.parse_reader_samples(out.stdout)
+    samples = reader.parse_reader_samples(out.stdout)
     assert samples.pids == [fake_netserver]
     assert samples.ignored == 0
     assert samples.total >= 5  # 20 asked; a loaded host may deliver fewer, never none
@@ -59,6 +59,6 @@ def test_nbsample_rejects_bad_arguments(tmp_path: Path):
 
 
 def test_sampler_command_prefers_nbsample_and_keeps_the_fallback():
-    cmd = measure.reader_sampler_command(5, 0.05)
+    cmd = reader.reader_sampler_command(5, 0.05)
     assert cmd.startswith("if command -v nbsample") and "nbsample 5 0.05" in cmd
     assert "bash -c" in cmd

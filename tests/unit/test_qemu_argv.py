@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.vm.process import ready_line
 from testbed.vm.qemu import (
     GuestSpec,
     PluginSpec,
@@ -12,7 +13,6 @@ from testbed.vm.qemu import (
     kernel_append,
     nic_device_arg,
     qemu_argv,
-    ready_line,
 )
 
 

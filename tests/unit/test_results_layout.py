@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from testbed.run.folder import RunDir, atomic_write_text
+from testbed.files import atomic_write_text
+from testbed.run.folder import RunDir
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path):

@@ -1,0 +1,88 @@
+"""The cache-model plugin's raw output and its guest markers (pure).
+
+Raw file: `cachemodel.csv` (columns vcpu, mode, event, value, marker), one block
+of rows per `nbmark` marker hit. The marker encoding mirrors images/tools/nbmark.c
+and cachemodel/plugin/plugin.c.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pandas as pd
+
+from testbed.errors import NetbedError
+
+EVENTS = (
+    "loads", "stores", "l1d_misses", "l2_misses", "llc_misses", "c2c_transfers",
+    "invalidations_sent", "invalidations_received", "instructions", "device_writes",
+)
+MODES = ("kernel", "user")
+CSV_COLUMNS = ("vcpu", "mode", "event", "value", "marker")
+
+# Marker instruction: nopl disp32(%rax) = 0f 1f 80 <disp32 little endian>, with
+# disp32 = MAGIC << 24 | kind << 20 | id. Mirrors nbmark.c and plugin.c.
+MARKER_MAGIC = 0x4E
+MARKER_KINDS = {"begin": 1, "end": 2, "snapshot": 3}
+MAX_MARKER_ID = (1 << 20) - 1
+
+
+# ---------------------------------------------------------------- markers (pure)
+def marker_displacement(kind: str, marker_id: int) -> int:
+    """The disp32 of the marker NOP for `kind` and `marker_id`."""
+    if kind not in MARKER_KINDS:
+        raise NetbedError(f"unknown marker kind {kind!r}", hint=f"use one of {list(MARKER_KINDS)}")
+    if not 0 <= marker_id <= MAX_MARKER_ID:
+        raise NetbedError(f"marker id {marker_id} out of range",
+                          hint=f"use 0..{MAX_MARKER_ID}")
+    return MARKER_MAGIC << 24 | MARKER_KINDS[kind] << 20 | marker_id
+
+
+def marker_bytes(kind: str, marker_id: int) -> bytes:
+    """The 7 instruction bytes nbmark executes."""
+    return b"\x0f\x1f\x80" + marker_displacement(kind, marker_id).to_bytes(4, "little")
+
+
+def nbmark_command(kind: str, marker_id: int) -> str:
+    """Guest shell command for a marker (validated here so a bad id fails on the host)."""
+    marker_displacement(kind, marker_id)
+    return f"nbmark {kind} {marker_id}"
+
+
+
+# ---------------------------------------------------------------- CSV
+def read_snapshots(text: str) -> pd.DataFrame:
+    """The plugin's CSV with a `snapshot` column numbering the marker hits in order.
+
+    A snapshot is one block of rows written at one marker hit; the same marker
+    may be hit more than once, so blocks are told apart by position, not name.
+    """
+    df = pd.read_csv(StringIO(text), dtype={"vcpu": int, "mode": str, "event": str,
+                                            "value": "int64", "marker": str})
+    if tuple(df.columns) != CSV_COLUMNS:
+        raise NetbedError(f"cache-model CSV has columns {list(df.columns)}",
+                          hint=f"expected {','.join(CSV_COLUMNS)} (plugin/CSV mismatch?)")
+    starts = (df["vcpu"] == df["vcpu"].iloc[0]) & (df["mode"] == df["mode"].iloc[0]) & (
+        df["event"] == df["event"].iloc[0]) if len(df) else df["vcpu"] == 0
+    df["snapshot"] = starts.cumsum() - 1
+    return df
+
+
+def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
+           vcpu: int | None = None) -> dict[str, int]:
+    """Event totals between the first hit of marker `first` and the last hit of `last`."""
+    snaps = df.groupby("snapshot")["marker"].first()
+    a, b = snaps[snaps == first], snaps[snaps == last]
+    if a.empty or b.empty:
+        raise NetbedError(f"cache-model CSV lacks marker {first if a.empty else last!r}",
+                          hint=f"markers present: {sorted(set(snaps))}")
+    sel = df
+    if mode is not None:
+        sel = sel[sel["mode"] == mode]
+    if vcpu is not None:
+        sel = sel[sel["vcpu"] == vcpu]
+    tot = sel.groupby(["snapshot", "event"])["value"].sum()
+    return {ev: int(tot[(b.index[-1], ev)] - tot[(a.index[0], ev)]) for ev in EVENTS
+            if (b.index[-1], ev) in tot.index}
+
+

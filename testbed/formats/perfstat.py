@@ -1,0 +1,130 @@
+"""perf stat: the receiver's command (`-a -A -x<SEP>`), its raw file, its parser.
+
+Raw file: `perf-stat.csv`. Parsed rows are tidy (`metric`, `cpu`, `value`, `unit`,
+`status` of "ok", "not-supported" or "not-counted").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from testbed.errors import NetbedError
+
+# --------------------------------------------------------------------------- perf stat
+
+PERF_SEPARATOR = ";"
+SOFTWARE_EVENTS: tuple[str, ...] = (
+    "task-clock",
+    "context-switches",
+    "cpu-migrations",
+    "page-faults",
+    "cpu-clock",
+)
+HARDWARE_EVENTS: tuple[str, ...] = (
+    "cycles",
+    "instructions",
+    "cache-references",
+    "cache-misses",
+    "L1-dcache-loads",
+    "L1-dcache-load-misses",
+    "LLC-loads",
+    "LLC-load-misses",
+)
+
+
+def perf_events(pmu: bool) -> list[str]:
+    """Software events always; hardware cache events only where a PMU counts them."""
+    return [*SOFTWARE_EVENTS, *(HARDWARE_EVENTS if pmu else ())]
+
+
+def perf_stat_command(
+    duration: float,
+    events: Sequence[str],
+    sep: str = PERF_SEPARATOR,
+    output: str | None = None,
+    timeout_margin: float = 30,
+) -> str:
+    """`perf stat -a -A -x<sep>` over a `sleep` of the measured window.
+
+    perf writes its table to stderr; with `output` it writes to that file instead
+    (`-o`), which keeps it apart from perf's own warnings.
+    """
+    if not events:
+        raise NetbedError("perf_stat_command needs at least one event", hint="use perf_events()")
+    for ev in events:
+        if sep in ev:
+            raise NetbedError(f"perf event {ev!r} contains the separator {sep!r}",
+                              hint="choose another separator")
+    if len(sep) != 1 or sep in ",:-/" or sep.isalnum():
+        raise NetbedError(
+            f"perf stat separator {sep!r} may appear in event names or values",
+            hint="use ';'",
+        )
+    if duration <= 0:
+        raise NetbedError(f"perf stat duration must be positive, got {duration}", hint="e.g. 5")
+    argv = ["perf", "stat", "-a", "-A", f"-x{sep}"]
+    if output:
+        argv += ["-o", output]
+    argv += ["-e", ",".join(events), "--", "sleep", f"{duration:g}"]
+    limit = math.ceil(duration) + max(1, math.ceil(timeout_margin))
+    return shlex.join(["timeout", "-k", "5", str(limit), *argv])
+
+
+_PERF_STATUS = {"<not supported>": "not-supported", "<not counted>": "not-counted"}
+
+
+def parse_perf_stat(text: str, sep: str = PERF_SEPARATOR) -> pd.DataFrame:
+    """Parse `perf stat -a -A -x<sep>` rows: "CPU0;123;unit;event;runtime;pct;...".
+
+    `<not supported>` and `<not counted>` stay visible (value NaN plus status),
+    never zero: a missing counter must not read as "no cache misses". Rows for
+    the same event and CPU (perf repeats them with cgroups) are summed.
+    """
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split(sep)
+        if len(parts) < 4 or not re.fullmatch(r"CPU\d+", parts[0]):
+            # perf's comments ("# started on ...") and summary lines without -A
+            continue
+        cpu = parts[0][3:]
+        raw_value, unit, event = parts[1].strip(), parts[2].strip(), parts[3].strip()
+        status = _PERF_STATUS.get(raw_value, "ok")
+        value = math.nan
+        if status == "ok":
+            try:
+                value = float(raw_value)
+            except ValueError as exc:
+                raise NetbedError(
+                    f"perf stat line {lineno}: value {raw_value!r} is not a number",
+                    hint="the file should come from `perf stat -x;` (see perf_stat_command)",
+                ) from exc
+        pct = _float_or_nan(parts[5]) if len(parts) > 5 else math.nan
+        rows.append(
+            {"metric": event, "cpu": cpu, "value": value, "unit": unit, "status": status,
+             "running_pct": pct}
+        )
+    df = pd.DataFrame(rows, columns=["metric", "cpu", "value", "unit", "status", "running_pct"])
+    if df.empty or not df.duplicated(["metric", "cpu"]).any():
+        return df
+    return (
+        df.groupby(["metric", "cpu"], sort=False, as_index=False)
+        .agg(value=("value", lambda s: s.sum(min_count=1)), unit=("unit", "first"),
+             status=("status", "first"), running_pct=("running_pct", "min"))
+    )
+
+
+def _float_or_nan(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        return math.nan
+
+
