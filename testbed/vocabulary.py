@@ -1,0 +1,28 @@
+"""The words netbed's layers share: kernel, NIC, workload and counter names, the axes.
+
+Defined once here, as Literal types with their tuples derived from them, so a
+config validator, the QEMU argv builder, the runner and the analysis cannot drift
+apart. Adding a NIC model means adding it here (and its device properties in
+`testbed.vm.qemu`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+KernelName = Literal["distro", "stock", "patched"]
+NicName = Literal["e1000", "virtio", "virtio-nocsum"]
+WorkloadName = Literal["TCP_STREAM", "TCP_MAERTS", "TCP_RR"]
+CounterName = Literal["software", "hardware", "cachemodel"]
+OrderName = Literal["sequential", "interleaved", "random"]
+Accel = Literal["kvm", "tcg"]
+AccelSetting = Literal["auto", "kvm", "tcg"]
+TcgThreads = Literal["multi", "single"]
+
+KERNEL_NAMES: tuple[KernelName, ...] = get_args(KernelName)
+NIC_NAMES: tuple[NicName, ...] = get_args(NicName)
+WORKLOAD_NAMES: tuple[WorkloadName, ...] = get_args(WorkloadName)
+COUNTER_NAMES: tuple[CounterName, ...] = get_args(CounterName)
+
+# The axes of an experiment matrix, in the order cell ids and tables use.
+AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "gro")
