@@ -16,7 +16,9 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import AXES, Cell, Combination, Experiment
+from testbed.experiment.config import Cell, Combination, Experiment
+from testbed.experiment.runname import MAX_SHARDS
+from testbed.vocabulary import AXES
 
 Schedule = list[tuple[Cell, int]]
 
@@ -49,6 +51,19 @@ def expand_with_origin(exp: Experiment) -> list[tuple[Cell, int | None]]:
             seen.add(cell)
             out.append((cell, j))
     return out
+
+
+def unmatched_excludes(exp: Experiment) -> list[int]:
+    """Indexes of exclude entries that match no combination of the axes (usually typos)."""
+    ax = exp.axes
+    unused = set(range(len(exp.exclude)))
+    for kernel, nic, cpus, policy, workload, gro in itertools.product(
+            ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
+        if not unused:
+            break
+        cell = Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload, gro=gro)
+        unused -= {j for j in unused if exp.exclude[j].matches(cell)}
+    return sorted(unused)
 
 
 def expand(exp: Experiment) -> list[Cell]:
@@ -104,7 +119,7 @@ def shard(cells: Sequence[Cell], k: int, n: int) -> list[Cell]:
     return [c for c in cells if c.cell_id in mine]
 
 
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_SHARD_RE = re.compile(r"^\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*$")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -117,6 +132,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 1 <= k <= n:
         raise NetbedError(f"bad --shard {text!r}: K must be between 1 and N (K counts from 1)",
                           hint=f"use 1/{max(n, 1)} .. {max(n, 1)}/{max(n, 1)}")
+    if n > MAX_SHARDS:
+        raise NetbedError(f"bad --shard {text!r}: at most {MAX_SHARDS} shards")
     return k, n
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import experiment_from_dict, load_experiment
+from testbed.experiment.load import experiment_from_dict, load_experiment
 from testbed.experiment.matrix import (
     cells_table,
     count_boots,

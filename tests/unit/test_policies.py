@@ -14,18 +14,21 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import ConfigError, NetbedError
+from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import (
     DEFAULT_POLICIES_FILE,
     Policy,
     ResolvedPolicy,
     apply_commands,
     apply_script,
-    cpu_mask,
-    diff_readback,
-    find_nic_irqs,
-    fmt_cpulist,
     load_policies,
     netserver_cpu,
+    resolve,
+)
+from testbed.formats.readback import (
+    cpu_mask,
+    find_nic_irqs,
+    fmt_cpulist,
     nic_info_command,
     parse_cpulist,
     parse_interrupts,
@@ -34,7 +37,6 @@ from testbed.experiment.policies import (
     parse_readback,
     readback_commands,
     reader_affinity_command,
-    resolve,
     shared_irqs,
 )
 
@@ -102,7 +104,7 @@ BAD_POLICY_LINES = [
     "bad.yaml:20:3: policies.both: sysctl net.core.busy_read is in both sysctls and "
     "sysctls_if_present; keep one",
     "bad.yaml:23:3: policies.Upper.name: policy name 'Upper' must be lowercase letters, digits "
-    "and '-' (it becomes part of cell ids and folder names)",
+    "and '-', at most 64 (it becomes part of cell ids and folder names)",
     "bad.yaml:26:15: policies.irq-other.irq_cpus: unknown CPU token 'other' (allowed: "
     "integers, ranges like 0-2, last, all, default)",
     "bad.yaml:28:5: policies.bad-sysctl.sysctls: bad sysctl name 'net core' (write it dotted, "
@@ -275,7 +277,7 @@ def test_find_nic_irqs_host_pci_msix_format() -> None:
 
 
 def test_parse_interrupts_columns_and_shared_lines() -> None:
-    lines = {ln.irq: ln for ln in parse_interrupts(E1000_IRQS)}
+    lines = {ln.number: ln for ln in parse_interrupts(E1000_IRQS)}
     assert lines[23].chip == "IO-APIC" and lines[23].actions == ("eth0",)
     assert lines[25].counts == (0, 20)
     assert 0 in lines and "NMI" not in str(lines.keys())
