@@ -37,6 +37,7 @@ from pydantic import (
 
 from testbed.experiment.policies import PolicySet, load_policies
 from testbed.experiment.runname import name_problem
+from testbed.experiment.yamlload import cut, shown
 from testbed.vocabulary import (
     AXES,
     CounterName,
@@ -72,7 +73,7 @@ def _parse_workload_text(value: Any, *, sized: bool) -> Any:
         if sep:
             size = size.strip()
             if not _SIZE_RE.match(size):
-                raise ValueError(f"workload {value[:40]!r}: the size after ':' must be a whole "
+                raise ValueError(f"workload {shown(value)}: the size after ':' must be a whole "
                                  "number of bytes, e.g. TCP_RR:1")
             out["message_size"] = int(size)
         elif sized:
@@ -81,13 +82,14 @@ def _parse_workload_text(value: Any, *, sized: bool) -> Any:
     if isinstance(value, dict):
         if "name" not in value and len(value) == 1:
             k, v = next(iter(value.items()))
+            k, v = cut(str(k), 40), cut(str(v), 40)
             raise ValueError(f"`{k}: {v}` is a mapping because of the space after ':'; "
                              f"write {k}:{v} (no space) or {{name: {k}, message_size: {v}}}")
         if sized and "message_size" not in value and value.get("name") in DEFAULT_MESSAGE_SIZE:
             return {**value, "message_size": DEFAULT_MESSAGE_SIZE[value["name"]]}
         return value
     raise ValueError(f"a workload is written 'TCP_STREAM', 'TCP_RR:1' or "
-                     f"{{name: TCP_RR, message_size: 1}}, not {str(value)[:40]!r}")
+                     f"{{name: TCP_RR, message_size: 1}}, not {shown(value)}")
 
 
 class Workload(BaseModel):
@@ -254,7 +256,7 @@ class Combination(BaseModel):
             raise ValueError(f"empty entry; name at least one of {', '.join(AXES)}")
         if not isinstance(v, dict):
             raise ValueError(f"expected a mapping of axis to value, e.g. "
-                             f"{{nic: e1000, policy: pin-cross}}, got {str(v)[:40]!r}")
+                             f"{{nic: e1000, policy: pin-cross}}, got {shown(v)}")
         return v
 
     def given_axes(self) -> list[str]:

@@ -26,7 +26,9 @@ from testbed.experiment.yamlload import (
     STDIN,
     Problem,
     Source,
+    cut,
     did_you_mean,
+    display_path,
     load_yaml,
     parse_yaml,
     plain,
@@ -68,7 +70,7 @@ def loads_experiment(text: str, path: Path, policies: PolicySet | None = None) -
 
 def _from_source(src: Source, policies: PolicySet | None) -> Experiment:
     if src.empty:
-        raise ConfigError(f"{src.name}: empty experiment: nothing to run", hint=EMPTY_HINT)
+        raise ConfigError(f"{src.name}: empty experiment: nothing to run; {EMPTY_HINT}")
     if not isinstance(src.tree, dict):
         raise ConfigError(f"{src.name}:1:1: expected a mapping of keys (name, axes, ...), got "
                           f"{'a list' if isinstance(src.tree, list) else shown(src.tree)}",
@@ -110,9 +112,13 @@ def _load_policies(src: Source, ppath: Path, *, explicit: bool) -> PolicySet:
         return load_policies(ppath)
     reason = unreadable_reason(ppath)
     if reason:
+        relative = not Path(str(src.tree.get("policies_file", ""))).expanduser().is_absolute()
         where = " (the path is relative to this experiment file)" \
-            if reason == "no such file" else ""
-        raise_problems([src.problem(("policies_file",), f"{shown(str(ppath), 120)[1:-1]}: "
+            if reason == "no such file" and relative else ""
+        shown_path = display_path(ppath)
+        if not shown_path.isprintable():
+            shown_path = repr(shown_path)
+        raise_problems([src.problem(("policies_file",), f"{cut(shown_path, 120)}: "
                                     f"{reason}{where}")])
     try:
         return load_policies(ppath)
@@ -138,8 +144,9 @@ def _policy_name_problems(src: Source, data: dict[str, Any], policies: PolicySet
                       if isinstance(e, dict) and e.get("policy") is not None]
     allowed = ", ".join(policies.names)
     return [src.problem(loc, f"unknown policy {shown(name)} (allowed: {allowed})"
-                        + (did_you_mean(name, policies.names) if isinstance(name, str) else ""))
-            for loc, name in found if not (isinstance(name, str) and name in policies)]
+                        + did_you_mean(name, policies.names))
+            # a name that is not text gets its type error from the model instead
+            for loc, name in found if isinstance(name, str) and name not in policies]
 
 
 def _shown_axis_value(axis: str, v: Any) -> str:

@@ -50,6 +50,7 @@ from testbed.experiment.yamlload import (
     display_path,
     load_yaml,
     plain,
+    cut,
     raise_problems,
     shown,
     validation_problems,
@@ -64,8 +65,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 MAX_POLICY_NAME = 64         # part of every cell id, and so of a folder name (NAME_MAX)
 MAX_CPU = 1023               # the highest CPU number a spec may name
 MAX_SYSCTL_VALUE = 4096
-_INT_RE = re.compile(r"^[0-9]{1,9}$")
-_RANGE_RE = re.compile(r"^([0-9]{1,9})-([0-9]{1,9})$")
+_INT_RE = re.compile(r"^[0-9]+$")
+_RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _WORDS = ("last", "all", "same-as-irq", "other")
 
@@ -106,16 +107,12 @@ def _check_tokens(tokens: CpuSpec, extra_words: tuple[str, ...] = (),
     words = tuple(w for w in (*_WORDS, *extra_words) if w not in forbidden)
     for t in tokens:
         if _INT_RE.match(t):
-            if int(t) > MAX_CPU:
-                raise ValueError(f"CPU numbers run from 0 to {MAX_CPU}, got {t}")
+            _cpu_number(t)
             continue
         m = _RANGE_RE.match(t)
         if m:
-            if int(m.group(1)) > int(m.group(2)):
+            if _cpu_number(m.group(1)) > _cpu_number(m.group(2)):
                 raise ValueError(f"range {t!r} runs backwards")
-            if int(m.group(2)) > MAX_CPU:
-                raise ValueError(f"range {t!r} goes past CPU {MAX_CPU}, the highest a spec "
-                                 "may name")
             continue
         if t in words:
             if t in extra_words and len(tokens) > 1:
@@ -123,6 +120,13 @@ def _check_tokens(tokens: CpuSpec, extra_words: tuple[str, ...] = (),
             continue
         raise ValueError(f"unknown CPU token {shown(t)} (allowed: integers, ranges like 0-2, "
                          f"{', '.join(words)})")
+
+
+def _cpu_number(digits: str) -> int:
+    """ASCII digits -> a CPU number; past MAX_CPU (or absurdly long) is a ValueError."""
+    if len(digits) > 4 or int(digits) > MAX_CPU:
+        raise ValueError(f"CPU numbers run from 0 to {MAX_CPU}, got {cut(digits, 20)}")
+    return int(digits)
 
 
 def _sysctl_map(v: Any) -> dict[str, str]:

@@ -107,10 +107,17 @@ def _problem_order(p: Problem) -> tuple[int, int, str]:
     return (p.line, p.col, p.message)
 
 
+def cut(text: str, limit: int = 60) -> str:
+    """Text for a message, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def shown(value: Any, limit: int = 60) -> str:
     """A value for a message: repr, cut to `limit` characters (a 7 MB value is not echoed)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null (nothing)"
     text = repr(value) if isinstance(value, str | int | float | type(None)) else _brief(value)
     if len(text) <= limit:
         return text
@@ -201,6 +208,26 @@ def decode(data: bytes, name: str) -> str:
     return text
 
 
+_FLOW_LIMIT = 200   # unclosed [ and {: far above any real file, far below slow scanning
+
+
+def _check_flow_depth(text: str, name: str) -> None:
+    """Refuse deep `[[[[...` before parsing: ruamel's scanner is quadratic in flow depth.
+
+    A rough count (brackets inside quoted text count too), so its limit is far
+    above MAX_DEPTH, which the exact check in `plain` enforces.
+    """
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > _FLOW_LIMIT:
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            raise ConfigError(f"{name}:{line}:{col}: more than {_FLOW_LIMIT} unclosed '[' or "
+                              f"'{{': nested too deeply (netbed's files nest a few levels)")
+        depth = max(depth, 0)
+
+
 class _Constructor(RoundTripConstructor):
     """Round-trip constructor that refuses integers too long to be meant (and to convert)."""
 
@@ -224,6 +251,7 @@ def parse_yaml(data: bytes, path: Path) -> Source:
     """Parse YAML bytes in round-trip mode; syntax errors become a ConfigError at line:col."""
     name = display_path(path)
     text = decode(data, name)
+    _check_flow_depth(text, name)
     yaml = YAML(typ="rt")
     yaml.Constructor = _Constructor
     try:
@@ -235,10 +263,10 @@ def parse_yaml(data: bytes, path: Path) -> Source:
         ctx = e.context_mark
         if ctx and mark and (ctx.line, ctx.column) != (mark.line, mark.column):
             what += f" (it started at line {ctx.line + 1}, column {ctx.column + 1})"
-        raise ConfigError(f"{name}:{line}:{col}: YAML syntax error: {shown(what, 300)[1:-1]}"
-                          ) from None
+        kind = "" if isinstance(e, ConstructorError) else "YAML syntax error: "
+        raise ConfigError(f"{name}:{line}:{col}: {kind}{cut(what, 300)}") from None
     except YAMLError as e:
-        raise ConfigError(f"{name}:1:1: YAML error: {shown(str(e), 300)[1:-1]}") from None
+        raise ConfigError(f"{name}:1:1: YAML error: {cut(str(e), 300)}") from None
     except RecursionError:
         raise ConfigError(f"{name}: nested too deeply for the YAML parser (netbed's files "
                           f"nest a few levels; at most {MAX_DEPTH})") from None
@@ -260,15 +288,12 @@ def plain(src: Source, node: Any = None, *, drop_x_keys: bool = False) -> Any:
     under them is expanded. Tags, dates, sets and binary data are refused with
     the position of the value.
     """
-    budget = [MAX_VALUES]
     root = src.tree if node is None else node
-    if drop_x_keys and isinstance(root, dict):
-        return {k: _plain(src, root[k], (k,), budget) for k in root
-                if not (isinstance(k, str) and k.startswith("x-"))}
-    return _plain(src, root, (), budget)
+    return _plain(src, root, (), [MAX_VALUES], drop_x_keys)
 
 
-def _plain(src: Source, node: Any, loc: tuple[str | int, ...], budget: list[int]) -> Any:
+def _plain(src: Source, node: Any, loc: tuple[str | int, ...], budget: list[int],
+           drop_x_keys: bool = False) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
         raise_problems([src.problem(loc, f"the file expands to more than {MAX_VALUES} values "
@@ -285,6 +310,8 @@ def _plain(src: Source, node: Any, loc: tuple[str | int, ...], budget: list[int]
             if not isinstance(k, str):
                 raise_problems([src.problem(loc, f"a key must be a name, not {shown(k)} "
                                             "(quote it if it is meant)")])
+            if drop_x_keys and k.startswith("x-"):
+                continue
             out[str(k)] = _plain(src, node[k], (*loc, str(k)), budget)
         return out
     if isinstance(node, list):
@@ -343,14 +370,14 @@ def locate(tree: Any, loc: tuple[str | int, ...], *, key: bool = False) -> tuple
 
 
 def format_loc(loc: tuple[str | int, ...]) -> str:
-    """('axes', 'policy', 2) -> 'axes.policy[2]'."""
+    """('axes', 'policy', 2) -> 'axes.policy[2]' (cut when a deep path gets long)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
-    return out
+    return out if len(out) <= 100 else out[:100] + "..."
 
 
 def _unwrap(tp: Any) -> Any:
@@ -442,7 +469,7 @@ def validation_problems(src: Source, err: ValidationError,
             problems.append(src.problem(loc, msg + colon_hint(inp)))
         elif kind in ("bool_type", "bool_parsing"):
             problems.append(src.problem(loc, f"bad value {shown(inp)} (allowed: on, off, true, "
-                                        "false)" + type_hint(inp)))
+                                        "false)" + type_hint(inp, boolean=True)))
         elif kind in ("value_error", "assertion_error"):
             text = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
             problems.append(src.problem(loc, text))
@@ -489,13 +516,13 @@ def colon_hint(value: Any) -> str:
     return ""
 
 
-def type_hint(value: Any) -> str:
+def type_hint(value: Any, *, boolean: bool = False) -> str:
     """A hint for values YAML read differently than the user meant."""
     if isinstance(value, bool):
         return " (true/false is not a number)"
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in ("yes", "no", "y", "n"):
+        if boolean and word in ("yes", "no", "y", "n"):
             return " (YAML 1.2 reads yes/no as text: write on or off)"
         if word.lstrip("+-").isdigit():
             return (" (use ASCII digits 0-9)" if not word.isascii()
