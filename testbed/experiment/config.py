@@ -85,8 +85,10 @@ def _parse_workload_text(value: Any, *, sized: bool) -> Any:
             k, v = cut(str(k), 40), cut(str(v), 40)
             raise ValueError(f"`{k}: {v}` is a mapping because of the space after ':'; "
                              f"write {k}:{v} (no space) or {{name: {k}, message_size: {v}}}")
-        if sized and "message_size" not in value and value.get("name") in DEFAULT_MESSAGE_SIZE:
-            return {**value, "message_size": DEFAULT_MESSAGE_SIZE[value["name"]]}
+        given = value.get("name")
+        if sized and "message_size" not in value and isinstance(given, str) \
+                and given in DEFAULT_MESSAGE_SIZE:
+            return {**value, "message_size": DEFAULT_MESSAGE_SIZE[given]}
         return value
     raise ValueError(f"a workload is written 'TCP_STREAM', 'TCP_RR:1' or "
                      f"{{name: TCP_RR, message_size: 1}}, not {shown(value)}")

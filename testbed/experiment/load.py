@@ -23,6 +23,7 @@ from testbed.experiment.matrix import expand_with_origin, unmatched_excludes
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
 from testbed.experiment.runname import name_from_file
 from testbed.experiment.yamlload import (
+    MAX_FILE_BYTES,
     STDIN,
     Problem,
     Source,
@@ -63,9 +64,13 @@ def load_experiment(path: Path, policies: PolicySet | None = None) -> Experiment
     return _from_source(load_yaml(path), policies)
 
 
-def loads_experiment(text: str, path: Path, policies: PolicySet | None = None) -> Experiment:
-    """`load_experiment` for text already in memory; `path` names it in messages."""
-    return _from_source(parse_yaml(text.encode(), Path(path)), policies)
+def loads_experiment(data: str | bytes, path: Path,
+                     policies: PolicySet | None = None) -> Experiment:
+    """`load_experiment` for a document already in memory; `path` names it in messages."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{display_path(Path(path))}: larger than {MAX_FILE_BYTES // 1024} KiB")
+    return _from_source(parse_yaml(raw, Path(path)), policies)
 
 
 def _from_source(src: Source, policies: PolicySet | None) -> Experiment:

@@ -47,10 +47,10 @@ from pydantic import (
 from testbed.errors import ConfigError, NetbedError
 from testbed.experiment.yamlload import (
     Source,
+    cut,
     display_path,
     load_yaml,
     plain,
-    cut,
     raise_problems,
     shown,
     validation_problems,
