@@ -24,6 +24,7 @@ from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_p
 from testbed.experiment.runname import name_from_file
 from testbed.experiment.yamlload import (
     MAX_FILE_BYTES,
+    MAX_PROBLEM_LINES,
     STDIN,
     Problem,
     Source,
@@ -91,8 +92,9 @@ def _from_source(src: Source, policies: PolicySet | None) -> Experiment:
             warnings.append(f"{src.name}: no `name:`; the run is named {data['name']!r} after "
                             "the file (add `name:` to choose)")
     pfile = data.get("policies_file")
-    ppath = resolve_policies_path(src.path, pfile if isinstance(pfile, str) else None)
+    ppath: Path | None = None  # given policies (a resumed run's copy): no file to resolve
     if policies is None:
+        ppath = resolve_policies_path(src.path, pfile if isinstance(pfile, str) else None)
         policies = _load_policies(src, ppath, explicit=isinstance(pfile, str))
     # Policy names are checked on the raw data too, so a typo in a policy is
     # reported together with every other problem, not after they are fixed.
@@ -232,9 +234,13 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
 
 def _exclude_warnings(exp: Experiment, src: Source) -> list[str]:
     out = []
-    for j in unmatched_excludes(exp):
+    unused = unmatched_excludes(exp)
+    for j in unused[:MAX_PROBLEM_LINES]:
         p = src.problem(("exclude", j), "matches no combination of the axes (a typo?)")
         out.append(f"{p.file}:{p.line}:{p.col}: warning: {p.path}: {p.message}")
+    if len(unused) > MAX_PROBLEM_LINES:
+        out.append(f"{src.name}: warning: ... and {len(unused) - MAX_PROBLEM_LINES} more "
+                   "exclude entries that match nothing")
     return out
 
 

@@ -126,28 +126,35 @@ plausible = st.fixed_dictionaries({}, optional={
 })
 
 
+WRONG_TYPES = st.sampled_from([[], ["x"], [1, 2], {}, {"a": 1}, None, True, False, 1.5, 0,
+                               -1, "x", "", "TCP_RR: 1"])
+
+
 @st.composite
-def mutated(draw: st.DrawFn) -> dict[str, Any]:
-    """A plausible experiment with 1-3 keys or values replaced, renamed or dropped."""
-    data: dict[str, Any] = draw(plausible)
-    for _ in range(draw(st.integers(1, 3))):
-        node: Any = data
-        while isinstance(node, dict | list) and node:
-            at = (draw(st.sampled_from(sorted(node, key=repr))) if isinstance(node, dict)
-                  else draw(st.integers(0, len(node) - 1)))
-            child = node[at]
-            if isinstance(child, dict | list) and child and draw(st.booleans()):
-                node = child
-                continue
-            action = draw(st.sampled_from(["value", "key", "drop"]))
-            if action == "key" and isinstance(node, dict):
-                node[draw(KEYS)] = node.pop(at)
-            elif action == "drop":
-                node.pop(at)
-            else:
-                node[at] = draw(junk)
-            break
-    return data
+def perturbed(draw: st.DrawFn, value: Any) -> Any:
+    """`value` with some keys and values dropped, renamed or replaced, at every depth."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, child in value.items():
+            roll = draw(st.integers(0, 19))
+            if roll == 0:
+                continue  # dropped
+            if roll == 1:
+                key = draw(KEYS)
+            out[key] = draw(st.one_of(WRONG_TYPES, junk)) if roll in (2, 3) \
+                else draw(perturbed(child))
+        return out
+    if isinstance(value, list):
+        items = [draw(st.one_of(WRONG_TYPES, junk)) if draw(st.integers(0, 9)) == 0
+                 else draw(perturbed(v)) for v in value]
+        return items if draw(st.integers(0, 19)) else [*items, draw(junk)]
+    return value
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> Any:
+    """A plausible experiment, perturbed by schema-aware mutations of keys and values."""
+    return draw(perturbed(draw(plausible)))
 
 
 def to_yaml(data: dict[str, Any], flow: bool) -> str:
