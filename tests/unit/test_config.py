@@ -411,3 +411,22 @@ def test_cli_refuses_with_status_2_and_no_traceback(tmp_path: Path) -> None:
         err = res.stderr.decode()
         assert res.returncode == 2, err
         assert "Traceback" not in err and err.startswith("netbed: error: "), err
+
+
+def test_runner_opens_the_run_with_the_validated_text_and_policies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run/loop.open_run keeps what validation read: the text, the resolved `~` path."""
+    from testbed.run.loop import open_run
+    from testbed.settings import Settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    custom = FIXTURES / "policies" / "custom.yaml"
+    (tmp_path / "mine.yaml").write_text(custom.read_text())
+    text = "name: tilde\npolicies_file: ~/mine.yaml\naxes: {policy: [pin-last]}\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    run, exp, cells = open_run(Settings(results_dir=tmp_path / "results"), Path("-"), None,
+                               (1, 1))
+    assert run.experiment_file.read_text() == text
+    assert (run.path / "policies.yaml").read_text() == custom.read_text()
+    assert re.fullmatch(r"\d{8}T\d{6}Z-tilde-shard1of1", run.run_id)
+    assert [c.policy for c in cells] == ["pin-last"] and exp.policies_path == tmp_path / "mine.yaml"
