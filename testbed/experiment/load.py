@@ -48,7 +48,12 @@ def resolve_policies_path(exp_path: Path, value: str | None) -> Path:
     (to the working directory for an experiment read from standard input)."""
     if value is None:
         return DEFAULT_POLICIES_FILE
-    p = Path(value).expanduser()
+    p = Path(value)
+    if value.startswith("~"):
+        try:
+            return p.expanduser()
+        except RuntimeError:  # ~nosuchuser: left as written; it names no file (reported)
+            return p
     if p.is_absolute():
         return p
     return p if exp_path == STDIN else exp_path.parent / p
@@ -119,7 +124,8 @@ def _load_policies(src: Source, ppath: Path, *, explicit: bool) -> PolicySet:
         return load_policies(ppath)
     reason = unreadable_reason(ppath)
     if reason:
-        relative = not Path(str(src.tree.get("policies_file", ""))).expanduser().is_absolute()
+        written = str(src.tree.get("policies_file", ""))
+        relative = not (written.startswith("~") or Path(written).is_absolute())
         where = " (the path is relative to this experiment file)" \
             if reason == "no such file" and relative else ""
         shown_path = display_path(ppath)

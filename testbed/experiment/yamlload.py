@@ -1,10 +1,15 @@
 """YAML files -> plain data plus the positions needed for `file:line:col` errors.
 
-Shared by `testbed.experiment.config` (experiments) and `testbed.experiment.policies` (policy data).
+Shared by `testbed.experiment.load` (experiments) and `testbed.experiment.policies` (policy data).
 ruamel.yaml's round-trip loader keeps a line/column on every mapping key and
 sequence item; pydantic reports errors as a `loc` path. This module joins the
 two, so every problem a user can make in a YAML file is reported as
 `configs/x.yaml:12:5: axes.policy[2]: <what is wrong and what is allowed>`.
+
+It is also where hostile or broken input stops: only regular files (or `-`) are
+read, within a size limit; bytes must be UTF-8 without control characters;
+integers, nesting and alias expansion are bounded; tags are refused. So loading
+ends in data or a ConfigError within seconds, whatever the file holds.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def shown(value: Any, limit: int = 60) -> str:
 
 def _brief(value: Any) -> str:
     if isinstance(value, dict):
-        return "a mapping {" + ", ".join(f"{k}: ..." for k in list(value)[:3]) + \
+        return "a mapping {" + ", ".join(f"{cut(str(k), 20)}: ..." for k in list(value)[:3]) + \
             (", ..." if len(value) > 3 else "") + "}"
     if isinstance(value, list | tuple):
         return f"a list of {len(value)}"

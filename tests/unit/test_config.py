@@ -430,3 +430,12 @@ def test_runner_opens_the_run_with_the_validated_text_and_policies(
     assert (run.path / "policies.yaml").read_text() == custom.read_text()
     assert re.fullmatch(r"\d{8}T\d{6}Z-tilde-shard1of1", run.run_id)
     assert [c.policy for c in cells] == ["pin-last"] and exp.policies_path == tmp_path / "mine.yaml"
+
+
+def test_many_problems_are_counted_not_all_printed(tmp_path: Path) -> None:
+    path = tmp_path / "many.yaml"
+    path.write_text("axes:\n  cpus: [" + ", ".join(["0"] * 50) + "]\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    lines = info.value.message.splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 30 more problems"
