@@ -50,6 +50,7 @@ from testbed.experiment.yamlload import (
     cut,
     display_path,
     load_yaml,
+    parse_yaml,
     plain,
     raise_problems,
     shown,
@@ -325,7 +326,15 @@ class PolicySet(BaseModel):
 
 def load_policies(path: Path = DEFAULT_POLICIES_FILE) -> PolicySet:
     """Load and validate a policies file; every problem is reported at its file:line:col."""
-    src: Source = load_yaml(path)
+    return _policies_from(load_yaml(path))
+
+
+def loads_policies(data: bytes, path: Path) -> PolicySet:
+    """`load_policies` for a document already in memory; `path` names it in messages."""
+    return _policies_from(parse_yaml(data, path))
+
+
+def _policies_from(src: Source) -> PolicySet:
     data = plain(src)
     if src.empty or not isinstance(data, dict):
         raise ConfigError(f"{src.name}:1:1: expected a mapping with a `policies:` key",

@@ -18,6 +18,7 @@ takes seconds in the default tier.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from ruamel.yaml import YAML
 from testbed.errors import ConfigError
 from testbed.experiment.load import dump_experiment, loads_experiment
 from testbed.experiment.matrix import expand
-from testbed.experiment.policies import load_policies
+from testbed.experiment.policies import apply_script, load_policies, loads_policies
+from testbed.formats.readback import readback_commands
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 POLICIES = load_policies(FIXTURES / "policies" / "good.yaml")
@@ -218,3 +220,54 @@ def test_plausible_documents_round_trip(data: dict[str, Any]) -> None:
     again = loads_experiment(dump_experiment(exp), Path("again.yaml"), POLICIES)
     assert again.model_dump() == exp.model_dump()
     assert expand(again) == expand(exp)
+
+
+# ------------------------------------------------------------------ policies files
+
+CPU_SPECS = st.one_of(st.integers(-2, 9), st.sampled_from(
+    ["0", "1", "0-1", "0-3", "3-1", "last", "all", "default", "any", "same-as-irq", "other",
+     "0,last", "0-4294967295", "１", "99999999999", [0, "last"], [], True, None, 1.5]))
+SYSCTL_VALUES = st.one_of(st.integers(-5, 5), st.sampled_from(
+    ["0", "1", "4096", "a b", "5\0", "5\r", "5\n6", "$(reboot)", "'; reboot", True, 1.5, [1]]))
+policy_bodies = st.fixed_dictionaries({}, optional={
+    "description": st.text(max_size=10),
+    "requires_kernel": st.lists(st.sampled_from(["distro", "stock", "patched", "custom"]),
+                                max_size=2),
+    "min_cpus": st.one_of(st.integers(0, 5), st.sampled_from([True, "2", 2.0])),
+    "irq_cpus": CPU_SPECS, "reader_cpu": CPU_SPECS, "rps_cpus": CPU_SPECS,
+    "rps_sock_flow_entries": st.sampled_from([0, 4096, 1000, -1, True, "4096", 2**40]),
+    "rps_flow_cnt": st.sampled_from([0, 2048, 3, None]),
+    "sysctls": st.dictionaries(st.sampled_from(["net.core.busy_read", "a;b", "net core",
+                                                "net.core.rx_wake_local"]),
+                               SYSCTL_VALUES, max_size=2),
+    "sysctls_if_present": st.dictionaries(st.sampled_from(["net.core.rx_wake_local"]),
+                                          SYSCTL_VALUES, max_size=1),
+})
+policy_files = st.fixed_dictionaries({"policies": st.dictionaries(
+    st.sampled_from(["p", "pin-x", "Upper", "a b", "q" * 70]), policy_bodies,
+    min_size=1, max_size=3)}, optional={"baseline": st.fixed_dictionaries({}, optional={
+        "sysctls": st.dictionaries(st.sampled_from(["net.core.busy_read"]), SYSCTL_VALUES,
+                                   max_size=1)})})
+
+
+@FUZZ
+@given(st.one_of(policy_files, st.builds(lambda d: d, policy_files).flatmap(perturbed)),
+       st.booleans())
+def test_any_policies_file_is_accepted_or_refused_cleanly(data: dict[str, Any],
+                                                         flow: bool) -> None:
+    try:
+        policies = loads_policies(to_yaml(data, flow).encode(), Path("p.yaml"))
+    except ConfigError as e:
+        assert e.message.startswith("p.yaml") and len(str(e)) < 3000, e.message
+        return
+    for name in policies.names:  # accepted policies resolve or say why, for any cell
+        for cpus in (1, 2, 4):
+            try:
+                resolved = policies.resolve(name, cpus)
+            except ConfigError:
+                continue
+            script = apply_script(resolved, "eth0", [23], ["rx-0"], gro=True)
+            assert "\0" not in script and "\r" not in script
+            for line in script.splitlines()[1:]:
+                assert shlex.split(line)  # every command is one well-formed shell line
+            readback_commands("eth0", [23], resolved.sysctl_keys)
