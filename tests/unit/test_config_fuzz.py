@@ -22,6 +22,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
@@ -31,6 +32,9 @@ from testbed.experiment.load import dump_experiment, loads_experiment
 from testbed.experiment.matrix import expand
 from testbed.experiment.policies import apply_script, load_policies, loads_policies
 from testbed.formats.readback import readback_commands
+
+# A hang fails the module instead of stalling the suite (a guard, not a speed target).
+pytestmark = pytest.mark.timeout(300)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 POLICIES = load_policies(FIXTURES / "policies" / "good.yaml")
