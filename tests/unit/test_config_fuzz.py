@@ -1,16 +1,19 @@
-"""Property-based fuzzing of experiment loading (issue #15).
+"""Property-based fuzzing of experiment and policies loading (issue #15).
 
 Documents are generated as schema-shaped data (valid and invalid values mixed,
-so that some are accepted), serialised to YAML, then maybe mutated at the byte
-level (characters inserted or cut, re-encoded as UTF-16 or Latin-1), next to
-free-form YAML-ish text and raw bytes. For every document:
+so that some are accepted), perturbed by schema-aware mutations (keys dropped or
+renamed, values replaced by wrong types), serialised to YAML, then maybe mutated
+at the byte level (characters inserted or cut, re-encoded as UTF-16 or
+Latin-1), next to free-form YAML-ish text and raw bytes. For every document:
 
 - loading ends in an Experiment or the project's ConfigError, nothing else
   (no traceback: no KeyError, RecursionError, MemoryError, ValueError, ...);
 - no hang: each example has a generous deadline, far above the milliseconds
   a load takes (a guard against hangs, not a speed target);
 - an accepted experiment round-trips: dumped to YAML and loaded again, it has
-  the same model and expands to the same cells.
+  the same model and expands to the same cells;
+- an accepted policies file resolves for any cell or says why, and its commands
+  are well-formed shell lines.
 
 Seeded (derandomized) and bounded in examples, so the run is repeatable and
 takes seconds in the default tier.
