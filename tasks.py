@@ -223,7 +223,7 @@ def report(c, run=None, compare=None, baseline=None):
 
 
 @task(help={
-    "config": "experiment YAML (default: configs/quick.yaml)",
+    "config": "experiment YAML (default: configs/quick.yaml); - reads it from standard input",
     "resume": "run folder or id to resume: runs only the repetitions without a done marker",
     "shard": "K/N: run a deterministic share of the cells (for CI runners)",
     "dry_run": "print the expanded cells and an estimated duration; boot nothing",
@@ -240,7 +240,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
         return _run_on_hosts(c, config, hosts, hosts_key, hosts_dir, hosts_netbed,
                              hosts_no_install, hosts_python, hosts_cache_dir,
                              int(hosts_parallel), no_report, resume or shard or inject_fault)
-    from testbed.experiment.config import load_experiment
+    from testbed.experiment.load import load_experiment
     from testbed.experiment.matrix import (
         cells_table,
         estimate_seconds,
@@ -260,6 +260,8 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             from testbed.experiment.matrix import shard as take_shard
 
             exp = load_experiment(path)
+            for warning in exp.warnings:
+                say(warning)
             cells = expand(exp)
             if shard_spec:
                 cells = take_shard(cells, *shard_spec)

@@ -252,7 +252,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
 
 
 def readback_irqs(readback: dict[str, Any]) -> list[str] | None:
-    """The data NIC's IRQ numbers as read back (testbed.experiment.nicstate.Readback.as_dict keys
+    """The data NIC's IRQ numbers as read back (testbed.formats.readback.Readback.as_dict keys
     them in `irq_affinity`); None when the read-back does not say."""
     if isinstance(readback.get("irqs"), list):
         return [str(i) for i in readback["irqs"]]

@@ -12,11 +12,13 @@ import hashlib
 import itertools
 import random
 import re
-from collections.abc import Callable, Hashable, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, Literal
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import AXES, Cell, Combination, Experiment
+from testbed.experiment.config import Cell, Combination, Experiment
+from testbed.experiment.runname import MAX_SHARDS
+from testbed.vocabulary import AXES
 
 Schedule = list[tuple[Cell, int]]
 
@@ -29,26 +31,82 @@ def _cell_from_include(exp: Experiment, inc: Combination) -> Cell:
     return Cell(**values)
 
 
+# A combination as a flat tuple; an include/exclude entry as the positions it names and
+# the values it wants there. Entries naming the same positions share one set, so matching
+# thousands of cells against hundreds of entries is a few set lookups per cell.
+Key = tuple[str, str, int, str, str, int, bool]
+Positions = tuple[int, ...]
+_INDEX = {"kernel": 0, "nic": 1, "cpus": 2, "policy": 3, "gro": 6}
+
+
+def _entry(comb: Combination) -> tuple[Positions, tuple[object, ...]]:
+    checks: list[tuple[int, object]] = []
+    for axis in comb.given_axes():
+        value = getattr(comb, axis)
+        if axis == "workload":
+            checks.append((4, value.name))
+            if value.message_size is not None:  # no size: every size of that workload
+                checks.append((5, value.message_size))
+        else:
+            checks.append((_INDEX[axis], value))
+    checks.sort(key=lambda c: c[0])
+    return tuple(i for i, _ in checks), tuple(v for _, v in checks)
+
+
+def _project(key: Key, positions: Positions) -> tuple[object, ...]:
+    return tuple(key[i] for i in positions)
+
+
+def _product(exp: Experiment) -> Iterator[tuple[Key, tuple[Any, ...]]]:
+    ax = exp.axes
+    for combo in itertools.product(ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
+        kernel, nic, cpus, policy, workload, gro = combo
+        yield (kernel, nic, cpus, policy, workload.name, workload.message_size, gro), combo
+
+
 def expand_with_origin(exp: Experiment) -> list[tuple[Cell, int | None]]:
     """`expand`, with where each cell came from: None (the axes) or its include index."""
-    ax = exp.axes
+    excluded: dict[Positions, set[tuple[object, ...]]] = {}
+    for ex in exp.exclude:
+        positions, values = _entry(ex)
+        excluded.setdefault(positions, set()).add(values)
+    includes = [_entry(inc) for inc in exp.include]
+    # projections of the cells so far onto the positions includes name
+    present: dict[Positions, set[tuple[object, ...]]] = {pos: set() for pos, _ in includes}
     out: list[tuple[Cell, int | None]] = []
-    seen: set[Cell] = set()
-    for kernel, nic, cpus, policy, workload, gro in itertools.product(
-            ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
-        cell = Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload, gro=gro)
-        if cell in seen or any(ex.matches(cell) for ex in exp.exclude):
+    seen: set[Key] = set()
+
+    def add(key: Key, cell: Cell, origin: int | None) -> None:
+        seen.add(key)
+        for pos, projections in present.items():
+            projections.add(_project(key, pos))
+        out.append((cell, origin))
+
+    for key, (kernel, nic, cpus, policy, workload, gro) in _product(exp):
+        if key in seen or any(_project(key, pos) in values
+                              for pos, values in excluded.items()):
             continue
-        seen.add(cell)
-        out.append((cell, None))
-    for j, inc in enumerate(exp.include):
-        if any(inc.matches(cell) for cell, _ in out):
+        add(key, Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload,
+                      gro=gro), None)
+    for j, (inc, (positions, values)) in enumerate(zip(exp.include, includes, strict=True)):
+        if values in present[positions]:
             continue  # "extends" existing cells: every key is an axis, so nothing to add
         cell = _cell_from_include(exp, inc)
-        if cell not in seen:
-            seen.add(cell)
-            out.append((cell, j))
+        key = (cell.kernel, cell.nic, cell.cpus, cell.policy, cell.workload.name,
+               cell.workload.message_size, cell.gro)
+        if key not in seen:
+            add(key, cell, j)
     return out
+
+
+def unmatched_excludes(exp: Experiment) -> list[int]:
+    """Indexes of exclude entries that match no combination of the axes (usually typos)."""
+    entries = [_entry(ex) for ex in exp.exclude]
+    found: dict[Positions, set[tuple[object, ...]]] = {pos: set() for pos, _ in entries}
+    for key, _ in _product(exp):
+        for pos, projections in found.items():
+            projections.add(_project(key, pos))
+    return [j for j, (pos, values) in enumerate(entries) if values not in found[pos]]
 
 
 def expand(exp: Experiment) -> list[Cell]:
@@ -104,7 +162,7 @@ def shard(cells: Sequence[Cell], k: int, n: int) -> list[Cell]:
     return [c for c in cells if c.cell_id in mine]
 
 
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_SHARD_RE = re.compile(r"^\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*$")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -117,6 +175,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 1 <= k <= n:
         raise NetbedError(f"bad --shard {text!r}: K must be between 1 and N (K counts from 1)",
                           hint=f"use 1/{max(n, 1)} .. {max(n, 1)}/{max(n, 1)}")
+    if n > MAX_SHARDS:
+        raise NetbedError(f"bad --shard {text!r}: at most {MAX_SHARDS} shards")
     return k, n
 
 

@@ -8,8 +8,8 @@ Every policy writes the *whole* state it controls, including "off" values
 (rps_cpus 0, flow tables 0, IRQ affinity back to all CPUs): boots are reused
 across cells and repetitions, so a policy must never inherit what the previous
 one left behind. `readback_commands` + `parse_readback` + `diff_readback` prove
-that the state the guest ended up in is the state that was asked for (they live
-in testbed.experiment.nicstate with the NIC/IRQ discovery, and are re-exported here).
+that the state the guest ended up in is the state that was asked for (the read-back
+format is testbed.formats.readback; the comparison testbed.experiment.nicstate).
 
 CPU spec language (fields `irq_cpus`, `reader_cpu`, `rps_cpus`), resolved per
 cell against its vCPU count N:
@@ -32,80 +32,47 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from testbed.errors import ConfigError, NetbedError
-from testbed.experiment.nicstate import (
-    ABSENT,
-    IFACE_RE,
-    SYSCTL_RE,
-    IrqLine,
-    NicInfo,
-    Readback,
-    cpu_mask,
-    diff_readback,
-    find_nic_irqs,
-    fmt_cpulist,
-    nic_info_command,
-    parse_cpulist,
-    parse_interrupts,
-    parse_mask,
-    parse_nic_info,
-    parse_readback,
-    readback_commands,
-    reader_affinity_command,
-    shared_irqs,
-    sysctl_path,
-)
 from testbed.experiment.yamlload import (
     Source,
+    cut,
+    display_path,
     load_yaml,
+    parse_yaml,
     plain,
     raise_problems,
+    shown,
     validation_problems,
 )
+from testbed.formats.readback import IFACE_RE, SYSCTL_RE, cpu_mask, fmt_cpulist, sysctl_path
 from testbed.settings import CONFIGS_DIR
-
-__all__ = [  # the policy API plus testbed.experiment.nicstate's, so callers need one import
-    "ABSENT",
-    "DEFAULT_POLICIES_FILE",
-    "KERNEL_NAMES",
-    "Baseline",
-    "IrqLine",
-    "NicInfo",
-    "Policy",
-    "PolicySet",
-    "Readback",
-    "ResolvedPolicy",
-    "apply_commands",
-    "apply_script",
-    "cpu_mask",
-    "diff_readback",
-    "find_nic_irqs",
-    "fmt_cpulist",
-    "load_policies",
-    "netserver_cpu",
-    "nic_info_command",
-    "parse_cpulist",
-    "parse_interrupts",
-    "parse_mask",
-    "parse_nic_info",
-    "parse_readback",
-    "readback_commands",
-    "reader_affinity_command",
-    "resolve",
-    "shared_irqs",
-]
+from testbed.vocabulary import KERNEL_NAMES
 
 DEFAULT_POLICIES_FILE = CONFIGS_DIR / "policies.yaml"
-KERNEL_NAMES = ("distro", "stock", "patched")  # == testbed.build.kernels.KERNEL_NAMES (tested)
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-_INT_RE = re.compile(r"^\d+$")
-_RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
+MAX_POLICY_NAME = 64         # part of every cell id, and so of a folder name (NAME_MAX)
+MAX_CPU = 1023               # the highest CPU number a spec may name
+MAX_SYSCTL_VALUE = 4096
+_INT_RE = re.compile(r"^[0-9]+$")
+_RANGE_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _WORDS = ("last", "all", "same-as-irq", "other")
+
+Int = Annotated[int, Strict()]
+Text = Annotated[str, Strict()]
 
 CpuSpec = tuple[str, ...]
 
@@ -126,9 +93,10 @@ def _normalize_spec(value: Any) -> CpuSpec:
     tokens: list[str] = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise ValueError(f"bad CPU token {item!r}")
-        if isinstance(item, int) and item < 0:
-            raise ValueError(f"CPU numbers start at 0, got {item}")
+            raise ValueError(f"bad CPU token {shown(item)} (allowed: integers, ranges like "
+                             "0-2, last, all, ...)")
+        if isinstance(item, int) and not 0 <= item <= MAX_CPU:
+            raise ValueError(f"CPU numbers run from 0 to {MAX_CPU}, got {item}")
         tokens.append(str(item).strip())
     if not tokens:
         raise ValueError("empty CPU spec")
@@ -140,18 +108,26 @@ def _check_tokens(tokens: CpuSpec, extra_words: tuple[str, ...] = (),
     words = tuple(w for w in (*_WORDS, *extra_words) if w not in forbidden)
     for t in tokens:
         if _INT_RE.match(t):
+            _cpu_number(t)
             continue
         m = _RANGE_RE.match(t)
         if m:
-            if int(m.group(1)) > int(m.group(2)):
+            if _cpu_number(m.group(1)) > _cpu_number(m.group(2)):
                 raise ValueError(f"range {t!r} runs backwards")
             continue
         if t in words:
             if t in extra_words and len(tokens) > 1:
                 raise ValueError(f"{t!r} cannot be combined with other CPUs")
             continue
-        raise ValueError(f"unknown CPU token {t!r} (allowed: integers, ranges like 0-2, "
+        raise ValueError(f"unknown CPU token {shown(t)} (allowed: integers, ranges like 0-2, "
                          f"{', '.join(words)})")
+
+
+def _cpu_number(digits: str) -> int:
+    """ASCII digits -> a CPU number; past MAX_CPU (or absurdly long) is a ValueError."""
+    if len(digits) > 4 or int(digits) > MAX_CPU:
+        raise ValueError(f"CPU numbers run from 0 to {MAX_CPU}, got {cut(digits, 20)}")
+    return int(digits)
 
 
 def _sysctl_map(v: Any) -> dict[str, str]:
@@ -162,13 +138,20 @@ def _sysctl_map(v: Any) -> dict[str, str]:
         raise ValueError("expected a mapping of sysctl name to value, e.g. {net.core.busy_read: 0}")
     out: dict[str, str] = {}
     for k, val in v.items():
-        if not isinstance(k, str) or not SYSCTL_RE.match(k):
-            raise ValueError(f"bad sysctl name {k!r} (write it dotted, e.g. net.core.busy_read)")
+        if not isinstance(k, str) or not SYSCTL_RE.match(k) or len(k) > 200:
+            raise ValueError(f"bad sysctl name {shown(k)} (write it dotted, e.g. "
+                             "net.core.busy_read)")
         if isinstance(val, bool):
-            val = int(val)
-        if not isinstance(val, (str, int)) or "\n" in str(val):
-            raise ValueError(f"sysctl {k}: value must be a number or a one-line string")
-        out[k] = str(val)
+            raise ValueError(f"sysctl {k}: {shown(val)} is not a sysctl value; write 1 or 0")
+        if not isinstance(val, (str, int)):
+            raise ValueError(f"sysctl {k}: value must be a number or a one-line string, "
+                             f"not {shown(val)}")
+        text = str(val)
+        if _CONTROL_RE.search(text) or len(text) > MAX_SYSCTL_VALUE:
+            raise ValueError(f"sysctl {k}: value must be one line of at most "
+                             f"{MAX_SYSCTL_VALUE} characters without control characters "
+                             "(NUL, CR, tab, ...)")
+        out[k] = text
     return out
 
 
@@ -177,24 +160,25 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    description: str = ""
-    requires_kernel: list[str] | None = None
-    min_cpus: int = Field(default=1, ge=1, le=1024)
+    name: Text
+    description: Text = ""
+    requires_kernel: list[Text] | None = None
+    min_cpus: Int = Field(default=1, ge=1, le=MAX_CPU + 1)
     irq_cpus: CpuSpec = ("default",)
     reader_cpu: CpuSpec = ("any",)
     rps_cpus: CpuSpec | None = None
-    rps_sock_flow_entries: int | None = Field(default=None, ge=0, le=1 << 29)
-    rps_flow_cnt: int | None = Field(default=None, ge=0, le=1 << 29)
+    rps_sock_flow_entries: Int | None = Field(default=None, ge=0, le=1 << 29)
+    rps_flow_cnt: Int | None = Field(default=None, ge=0, le=1 << 29)
     sysctls: dict[str, str] = Field(default_factory=dict)
     sysctls_if_present: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"policy name {v!r} must be lowercase letters, digits and '-' "
-                             "(it becomes part of cell ids and folder names)")
+        if not _NAME_RE.match(v) or len(v) > MAX_POLICY_NAME:
+            raise ValueError(f"policy name {shown(v)} must be lowercase letters, digits and '-',"
+                             f" at most {MAX_POLICY_NAME} (it becomes part of cell ids and "
+                             "folder names)")
         return v
 
     @field_validator("requires_kernel")
@@ -207,7 +191,7 @@ class Policy(BaseModel):
                              "to allow every kernel")
         bad = [k for k in v if k not in KERNEL_NAMES]
         if bad:
-            raise ValueError(f"unknown kernel {bad[0]!r} "
+            raise ValueError(f"unknown kernel {shown(bad[0])} "
                              f"(allowed: {', '.join(KERNEL_NAMES)})")
         return v
 
@@ -342,10 +326,19 @@ class PolicySet(BaseModel):
 
 def load_policies(path: Path = DEFAULT_POLICIES_FILE) -> PolicySet:
     """Load and validate a policies file; every problem is reported at its file:line:col."""
-    src: Source = load_yaml(path)
-    data = plain(src.tree)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{src.name}:1:1: expected a mapping with a `policies:` key")
+    return _policies_from(load_yaml(path))
+
+
+def loads_policies(data: bytes, path: Path) -> PolicySet:
+    """`load_policies` for a document already in memory; `path` names it in messages."""
+    return _policies_from(parse_yaml(data, path))
+
+
+def _policies_from(src: Source) -> PolicySet:
+    data = plain(src)
+    if src.empty or not isinstance(data, dict):
+        raise ConfigError(f"{src.name}:1:1: expected a mapping with a `policies:` key",
+                          hint=f"see {display_path(DEFAULT_POLICIES_FILE)}")
     try:
         return PolicySet.model_validate(data)
     except ValidationError as e:

@@ -49,28 +49,22 @@ class OffloadState:
                 "gro": self.gro, "virtio_features": self.virtio_features}
 
 
-def parse_offloads(text: str) -> OffloadState:
-    """Parse OFFLOAD_SCRIPT's output (pure)."""
-    head, _, table = text.partition("--- ethtool -k")
-    kv = dict(line.split("=", 1) for line in head.strip().splitlines() if "=" in line)
-    features: dict[str, str] = {}
-    for line in table.splitlines():
-        name, sep, value = line.strip().partition(":")
-        if sep and value.strip() and not name.startswith("Features for"):
-            features[name.strip()] = value.split()[0]
-    return OffloadState(kv.get("iface", "?"), kv.get("driver", "?"), features,
-                        kv.get("virtio_features"))
-
-
-
 def parse_ethtool_features(text: str) -> dict[str, str]:
-    """`ethtool -k` -> {"rx-checksumming": "on [fixed]", ...}."""
+    """`ethtool -k` -> {"rx-checksumming": "on [fixed]", ...}: the one parser of that table."""
     feats: dict[str, str] = {}
     for line in text.splitlines():
-        if ":" not in line or line.startswith("Features for"):
+        if ":" not in line or line.strip().startswith("Features for"):
             continue
         key, _, value = line.partition(":")
         feats[key.strip()] = value.strip()
     return feats
 
 
+def parse_offloads(text: str) -> OffloadState:
+    """Parse OFFLOAD_SCRIPT's output (pure); features as "on"/"off", the table's first word."""
+    head, _, table = text.partition("--- ethtool -k")
+    kv = dict(line.split("=", 1) for line in head.strip().splitlines() if "=" in line)
+    features = {name: value.split()[0]
+                for name, value in parse_ethtool_features(table).items() if value}
+    return OffloadState(kv.get("iface", "?"), kv.get("driver", "?"), features,
+                        kv.get("virtio_features"))

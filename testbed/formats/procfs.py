@@ -16,15 +16,9 @@ from collections.abc import Iterable
 import pandas as pd
 
 from testbed.errors import NetbedError
+from testbed.formats.readback import cpu_header, interrupt_lines
 
 # --------------------------------------------------------------------------- /proc
-
-
-def _cpu_header(line: str, what: str) -> list[str]:
-    cpus = line.split()
-    if not cpus or not all(re.fullmatch(r"CPU\d+", c) for c in cpus):
-        raise NetbedError(f"{what}: first line should list CPU0 CPU1 ..., got {line!r}")
-    return [c[3:] for c in cpus]
 
 
 def parse_softirqs(text: str) -> pd.DataFrame:
@@ -32,7 +26,7 @@ def parse_softirqs(text: str) -> pd.DataFrame:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise NetbedError("/proc/softirqs snapshot is empty")
-    cpus = _cpu_header(lines[0], "/proc/softirqs")
+    cpus = cpu_header(lines[0], "/proc/softirqs")
     rows = []
     for line in lines[1:]:
         name, _, rest = line.partition(":")
@@ -42,36 +36,19 @@ def parse_softirqs(text: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "cpu", "value"])
 
 
-_HWIRQ_RE = re.compile(r"^\d+-[A-Za-z]+$")
-
-
 def parse_interrupts(text: str) -> pd.DataFrame:
-    """/proc/interrupts -> rows (irq, name, desc, cpu, value).
+    """/proc/interrupts -> rows (irq, name, desc, cpu, value), from `interrupt_lines`.
 
     `irq` is the number or the mnemonic (LOC, RES, ...); `name` the device
     names (the actions, e.g. "eth0" or "virtio1-input.0", comma-joined when
-    shared), found after the "<hwirq>-<type>" token; `desc` the whole tail.
+    shared); `desc` the whole tail.
     """
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
+    if not text.strip():
         raise NetbedError("/proc/interrupts snapshot is empty")
-    cpus = _cpu_header(lines[0], "/proc/interrupts")
-    rows = []
-    for line in lines[1:]:
-        irq, _, rest = line.partition(":")
-        tokens = rest.split()
-        counts: list[str] = []
-        while tokens and len(counts) < len(cpus) and tokens[0].isdigit():
-            counts.append(tokens.pop(0))
-        desc = " ".join(tokens)
-        name = desc
-        for i, tok in enumerate(tokens):
-            if _HWIRQ_RE.match(tok):
-                name = " ".join(tokens[i + 1 :])
-                break
-        for cpu, count in zip(cpus, counts, strict=False):
-            rows.append({"irq": irq.strip(), "name": name, "desc": desc, "cpu": cpu,
-                         "value": float(count)})
+    cpus = cpu_header(next(ln for ln in text.splitlines() if ln.strip()), "/proc/interrupts")
+    rows = [{"irq": ln.irq, "name": ln.name, "desc": ln.desc, "cpu": cpu, "value": float(count)}
+            for ln in interrupt_lines(text)
+            for cpu, count in zip(cpus, ln.counts, strict=False)]
     return pd.DataFrame(rows, columns=["irq", "name", "desc", "cpu", "value"])
 
 

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed.experiment.runname import run_folder_name
 from testbed.files import atomic_write_json, now_iso
 
 DONE = "done"
@@ -41,9 +42,13 @@ FAILED = "failed"
 CELLS_DIR = "cells"
 
 
-def new_run_id(name: str) -> str:
-    """A sortable, readable id: <UTC time>-<experiment name>."""
-    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{name}"
+def new_run_id(name: str, shard: tuple[int, int] | None = None) -> str:
+    """A sortable, readable id: <UTC time>-<experiment name>[-shardKofN].
+
+    The naming rules (and the NAME_MAX check validation shares) are in
+    testbed.experiment.runname.
+    """
+    return run_folder_name(name, datetime.now(UTC), shard)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.errors import CommandError, GuestError, NetbedError
-from testbed.experiment.config import Cell, Experiment, load_experiment
+from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.load import load_experiment
 from testbed.experiment.matrix import schedule, shard
 from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log, Progress
@@ -89,16 +90,14 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
         shard_spec = tuple(meta["shard"]) if meta.get("shard") else None  # type: ignore[assignment]
     else:
         assert config is not None
-        exp = load_experiment(config)
-        suffix = f"-shard{shard_spec[0]}of{shard_spec[1]}" if shard_spec else ""
-        run = RunDir(settings.results_dir / (new_run_id(exp.name) + suffix))
+        exp = load_experiment(config)  # `-` reads standard input: keep the text validated
+        run = RunDir(settings.results_dir / new_run_id(exp.name, shard_spec))
         run.path.mkdir(parents=True)
-        shutil.copy2(config, run.experiment_file)
+        atomic_write_text(run.experiment_file, exp.source_text or "")
         from testbed.experiment.policies import DEFAULT_POLICIES_FILE
 
-        src = exp.source.parent / exp.policies_file if exp.policies_file and exp.source \
-            else DEFAULT_POLICIES_FILE
-        shutil.copy2(src, run.path / "policies.yaml")  # the run carries its policies
+        # the run carries its policies: the file validation resolved (`~`, relative paths)
+        shutil.copy2(exp.policies_path or DEFAULT_POLICIES_FILE, run.path / "policies.yaml")
         atomic_write_json(run.path / RUN_META, {"shard": list(shard_spec) if shard_spec
                                                 else None, "config": str(config)})
     from testbed.experiment.matrix import expand
@@ -304,6 +303,8 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
                shard_spec: tuple[int, int] | None = None, fault: Fault | None = None,
                log: Log = print) -> RunSummary:
     run, exp, cells = open_run(settings, config, resume, shard_spec)
+    for warning in exp.warnings:
+        log(warning)
     log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions} repetitions -> {run.path}")
     started = time.monotonic()
     summary = MatrixRunner(settings, run, exp, cells, log, fault).execute()

@@ -319,7 +319,7 @@ class ConfigFiles:
 
 def config_files(config: Path) -> ConfigFiles:
     """Validate the experiment locally (fail before touching any host) and list its files."""
-    from testbed.experiment.config import load_experiment
+    from testbed.experiment.load import load_experiment
 
     exp = load_experiment(config)
     files: list[tuple[Path, str]] = [(config, config.name)]
@@ -460,7 +460,7 @@ def run_on_hosts(settings: Settings, config: Path, hosts: list[HostSpec],
     from testbed.run.merge import merge_runs
 
     cfg = config_files(config)
-    from testbed.experiment.config import load_experiment
+    from testbed.experiment.load import load_experiment
 
     tag = new_run_id(load_experiment(config).name)
     pulled_to = settings.results_dir / f"{tag}-hosts"

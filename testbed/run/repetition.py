@@ -16,9 +16,13 @@ from dataclasses import dataclass
 
 from testbed.errors import GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment
-from testbed.experiment.nicstate import (
+from testbed.experiment.nicstate import diff_readback
+from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
+from testbed.files import atomic_write_json, atomic_write_text
+from testbed.formats import netperf, perfstat, procfs, reader
+from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.formats.readback import (
     NicInfo,
-    diff_readback,
     find_nic_irqs,
     nic_info_command,
     parse_nic_info,
@@ -26,10 +30,6 @@ from testbed.experiment.nicstate import (
     readback_commands,
     reader_affinity_command,
 )
-from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
-from testbed.files import atomic_write_json, atomic_write_text
-from testbed.formats import netperf, perfstat, procfs, reader
-from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.run.folder import RepDir
 from testbed.vm.guest import Guest
 from testbed.vm.topology import Topology

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.experiment.config import load_experiment
+from testbed.experiment.load import load_experiment
 from testbed.experiment.matrix import expand, shard
 from testbed.files import read_json
 from testbed.run.folder import RunDir

@@ -228,7 +228,7 @@ def test_cachemodel_repeated_markers_window_first_begin_to_last_end() -> None:
 
 
 def test_readback_irqs_from_nicstate_readback() -> None:
-    """readback.json as testbed.experiment.nicstate.Readback.as_dict writes it."""
+    """readback.json as testbed.formats.readback.Readback.as_dict writes it."""
     rb = {"iface": "eth1", "irq_affinity": {"27": "0", "28": "0", "29": "0-1"},
           "irq_effective": {}, "offloads": {"rx-checksumming": "on"}}
     assert c.readback_irqs(rb) == ["27", "28", "29"]

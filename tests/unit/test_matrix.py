@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import experiment_from_dict, load_experiment
+from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.load import experiment_from_dict, load_experiment
 from testbed.experiment.matrix import (
     cells_table,
     count_boots,
@@ -18,8 +22,10 @@ from testbed.experiment.matrix import (
     parse_shard,
     schedule,
     shard,
+    unmatched_excludes,
 )
 from testbed.experiment.policies import load_policies
+from testbed.vocabulary import AXES
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -219,3 +225,72 @@ def test_cells_table_is_plain_text(policies) -> None:
                                     "TCP_STREAM-16384", "on"]
     assert "\x1b" not in table
     assert lines[-1].startswith("t: 4 cells x 2 repetitions = 8 runs, order random (seed 9)")
+
+
+# ------------------------------------------------------------------ expansion = the definition
+
+
+def _reference_expand(exp: Experiment) -> list[Cell]:
+    """The include/exclude semantics written the plain way (Combination.matches per cell)."""
+    ax = exp.axes
+    out: list[Cell] = []
+    for kernel, nic, cpus, policy, workload, gro in itertools.product(
+            ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
+        cell = Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload, gro=gro)
+        if cell not in out and not any(ex.matches(cell) for ex in exp.exclude):
+            out.append(cell)
+    for inc in exp.include:
+        if any(inc.matches(cell) for cell in out):
+            continue
+        values = {axis: getattr(exp.axes, axis)[0] for axis in AXES}
+        for axis in inc.given_axes():
+            value = getattr(inc, axis)
+            values[axis] = value.to_workload() if axis == "workload" else value
+        cell = Cell(**values)
+        if cell not in out:
+            out.append(cell)
+    return out
+
+
+_ENTRY = st.fixed_dictionaries({}, optional={
+    "kernel": st.sampled_from(["distro", "stock"]), "nic": st.sampled_from(["e1000", "virtio"]),
+    "cpus": st.sampled_from([1, 2, 4]), "policy": st.sampled_from(["default", "pin-same"]),
+    "workload": st.sampled_from(["TCP_RR", "TCP_RR:64", "TCP_STREAM:1448", "TCP_STREAM"]),
+    "gro": st.booleans()}).filter(bool)
+
+
+@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@given(st.fixed_dictionaries({
+    "axes": st.fixed_dictionaries({}, optional={
+        "kernel": st.lists(st.sampled_from(["distro", "stock"]), min_size=1, unique=True),
+        "nic": st.lists(st.sampled_from(["e1000", "virtio"]), min_size=1, unique=True),
+        "cpus": st.lists(st.sampled_from([1, 2, 4]), min_size=1, unique=True),
+        "policy": st.lists(st.sampled_from(["default", "pin-same"]), min_size=1, unique=True),
+        "workload": st.lists(st.sampled_from(["TCP_RR", "TCP_RR:64", "TCP_STREAM:1448"]),
+                             min_size=1, unique=True),
+        "gro": st.lists(st.booleans(), min_size=1, unique=True)}),
+    "include": st.lists(_ENTRY, max_size=4),
+    "exclude": st.lists(_ENTRY, max_size=4)}))
+def test_expand_matches_the_plain_definition(data: dict[str, object]) -> None:
+    exp = Experiment.model_validate({"name": "t", **data})
+    assert expand(exp) == _reference_expand(exp)
+    ax = exp.axes
+    combos = [Cell(kernel=k, nic=n, cpus=c, policy=p, workload=w, gro=g)
+              for k, n, c, p, w, g in itertools.product(ax.kernel, ax.nic, ax.cpus, ax.policy,
+                                                         ax.workload, ax.gro)]
+    assert unmatched_excludes(exp) == [j for j, ex in enumerate(exp.exclude)
+                                       if not any(ex.matches(c) for c in combos)]
+
+
+def test_shipped_configs_expand_as_defined() -> None:
+    for name in ("quick.yaml", "full.yaml"):
+        exp = load_experiment(REPO / "configs" / name)
+        assert expand(exp) == _reference_expand(exp)
+
+
+def test_shard_count_is_bounded() -> None:
+    assert parse_shard("9999/9999") == (9999, 9999)
+    with pytest.raises(NetbedError, match="at most 9999 shards"):
+        parse_shard("1/10000")
+    with pytest.raises(NetbedError, match="expected K/N"):
+        parse_shard("1/" + "9" * 5000)

@@ -1,4 +1,5 @@
-"""Policies: loading, CPU specs, commands, NIC/IRQ discovery, read-back parse and diff.
+"""Policies: loading, CPU specs, commands; the read-back format (testbed.formats.readback)
+and the policy/read-back diff (testbed.experiment.nicstate).
 
 /proc/interrupts and read-back texts are captured from real guests (see
 tests/fixtures/readback/README.md) and from the development host.
@@ -6,6 +7,7 @@ tests/fixtures/readback/README.md) and from the development host.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,18 +16,24 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import ConfigError, NetbedError
+from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import (
     DEFAULT_POLICIES_FILE,
     Policy,
     ResolvedPolicy,
     apply_commands,
     apply_script,
-    cpu_mask,
-    diff_readback,
-    find_nic_irqs,
-    fmt_cpulist,
     load_policies,
     netserver_cpu,
+    resolve,
+)
+from testbed.formats import procfs
+from testbed.formats.offloads import parse_ethtool_features, parse_offloads
+from testbed.formats.readback import (
+    cpu_mask,
+    find_nic_irqs,
+    fmt_cpulist,
+    interrupt_lines,
     nic_info_command,
     parse_cpulist,
     parse_interrupts,
@@ -34,7 +42,6 @@ from testbed.experiment.policies import (
     parse_readback,
     readback_commands,
     reader_affinity_command,
-    resolve,
     shared_irqs,
 )
 
@@ -102,7 +109,7 @@ BAD_POLICY_LINES = [
     "bad.yaml:20:3: policies.both: sysctl net.core.busy_read is in both sysctls and "
     "sysctls_if_present; keep one",
     "bad.yaml:23:3: policies.Upper.name: policy name 'Upper' must be lowercase letters, digits "
-    "and '-' (it becomes part of cell ids and folder names)",
+    "and '-', at most 64 (it becomes part of cell ids and folder names)",
     "bad.yaml:26:15: policies.irq-other.irq_cpus: unknown CPU token 'other' (allowed: "
     "integers, ranges like 0-2, last, all, default)",
     "bad.yaml:28:5: policies.bad-sysctl.sysctls: bad sysctl name 'net core' (write it dotted, "
@@ -275,7 +282,7 @@ def test_find_nic_irqs_host_pci_msix_format() -> None:
 
 
 def test_parse_interrupts_columns_and_shared_lines() -> None:
-    lines = {ln.irq: ln for ln in parse_interrupts(E1000_IRQS)}
+    lines = {ln.number: ln for ln in parse_interrupts(E1000_IRQS)}
     assert lines[23].chip == "IO-APIC" and lines[23].actions == ("eth0",)
     assert lines[25].counts == (0, 20)
     assert 0 in lines and "NMI" not in str(lines.keys())
@@ -361,6 +368,43 @@ def test_readback_script_runs_under_sh() -> None:
     assert rb.iface == "lo" and "rx-0" in rb.rps_cpus and rb.unparsed == ()
     assert rb.sysctls["net.core.no_such_knob"] is None
     assert rb.sysctls["net.core.rps_sock_flow_entries"] is not None
+
+
+@pytest.mark.skipif(not Path("/sys/class/net/lo/queues/rx-0").exists() or not shutil.which("sh"),
+                    reason="needs a Linux loopback device")
+def test_readback_carries_the_ethtool_table_as_printed(tmp_path: Path) -> None:
+    """The read-back passes `ethtool -k` through (prefixed); one parser reads the table.
+
+    A stand-in `ethtool` on PATH prints the table captured from a guest's e1000.
+    """
+    table = FIX / "raw" / "guest-distro-e1000" / "offloads.txt"
+    fake = tmp_path / "ethtool"
+    fake.write_text(f"#!/bin/sh\ncat {table}\n")
+    fake.chmod(0o755)
+    script = readback_commands("lo", [])
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=10,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    rb = parse_readback(out.stdout)
+    assert rb.offloads == parse_ethtool_features(table.read_text())
+    assert rb.offloads["tx-checksum-ipv4"] == "off [fixed]" and rb.unparsed == ()
+    # the OFFLOAD_SCRIPT parser derives its on/off values from the same parser
+    state = parse_offloads("iface=eth0\ndriver=e1000\n--- ethtool -k\n" + table.read_text())
+    assert state.ethtool == {k: v.split()[0] for k, v in rb.offloads.items() if v}
+
+
+@pytest.mark.parametrize("name", ["guest-distro-e1000.txt", "guest-distro-virtio.txt",
+                                  "host-6x-pcimsix.txt"])
+def test_one_interrupts_parser_behind_both_views(name: str) -> None:
+    """find_nic_irqs (read-back) and procfs's tidy frame read the same IrqLines."""
+    text = (FIX / "interrupts" / name).read_text()
+    lines = interrupt_lines(text)
+    frame = procfs.parse_interrupts(text)
+    names = dict(zip(frame["irq"], frame["name"], strict=False))
+    assert {ln.irq: ln.name for ln in lines if ln.counts} == names
+    assert [ln.number for ln in parse_interrupts(text)] == [
+        ln.number for ln in lines if ln.number is not None]
 
 
 def test_resolved_as_dict_is_json_ready(shipped) -> None:

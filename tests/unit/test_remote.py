@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import load_experiment
+from testbed.experiment.load import load_experiment
 from testbed.experiment.matrix import expand, parse_shard, shard
 from testbed.run.remote import (
     Assignment,

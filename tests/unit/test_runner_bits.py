@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import NetbedError
-from testbed.experiment.config import experiment_from_dict
+from testbed.experiment.load import experiment_from_dict
 from testbed.experiment.policies import load_policies
 from testbed.progress import eta_seconds, fmt_seconds
 from testbed.run.folder import RunDir
