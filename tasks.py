@@ -82,12 +82,12 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
-    from testbed.vm.qemu import NIC_MODELS
     from testbed.vm.topology import boot, prepare_assets
+    from testbed.vocabulary import NIC_NAMES
 
     s = settings_of(c)
-    if nic is not None and nic not in NIC_MODELS:
-        raise Exit(f"netbed: error: unknown NIC {nic!r}; use one of {', '.join(NIC_MODELS)}")
+    if nic is not None and nic not in NIC_NAMES:
+        raise Exit(f"netbed: error: unknown NIC {nic!r}; use one of {', '.join(NIC_NAMES)}")
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     # One folder per invocation: two shells at once must not share console logs or sockets.
     workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))

@@ -32,7 +32,8 @@ from testbed.vm.dataplane import (
 )
 from testbed.vm.guest import Guest, KeyPair, make_keypair
 from testbed.vm.process import QemuProcess, free_port, short_socket_path
-from testbed.vm.qemu import GuestSpec, NicModel, PluginSpec
+from testbed.vm.qemu import GuestSpec, PluginSpec
+from testbed.vocabulary import NicName
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
 
 
 def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: int,
-          cpus: int, nic: NicModel | None, plan: DataPlanePlan | None, role: str,
+          cpus: int, nic: NicName | None, plan: DataPlanePlan | None, role: str,
           plugins: tuple[PluginSpec, ...], tcg_threads: str, memory_mb: int | None) -> GuestSpec:
     attachment = None
     data_ip = None
@@ -115,7 +116,7 @@ def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack)
 
 @contextlib.contextmanager
 def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
-         nic: NicModel | None, with_sender: bool, sender_cpus: int = 2,
+         nic: NicName | None, with_sender: bool, sender_cpus: int = 2,
          dataplane_mode: str = "auto", receiver_plugins: tuple[PluginSpec, ...] = (),
          receiver_tcg_threads: str = "multi", memory_mb: int | None = None,
          log: Log = print) -> Iterator[Topology]:
