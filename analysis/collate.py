@@ -25,8 +25,8 @@ import pandas as pd
 from testbed.errors import NetbedError
 from testbed.formats import netperf, perfstat, procfs, reader
 from testbed.run.folder import RepDir, RunDir
+from testbed.vocabulary import TABLE_AXES as AXES
 
-AXES = ("kernel", "nic", "cpus", "policy", "workload", "message_size", "gro")
 ID_COLUMNS = ("run_id", "cell_id", "repetition", *AXES)
 TIDY_COLUMNS = (*ID_COLUMNS, "metric", "cpu", "value", "unit", "source", "status", "note")
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
@@ -226,7 +227,7 @@ def fetch_plugin_header(settings: Settings, log: Log = print) -> Path:
 
 def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
     series = patches / "series"
-    applied = []
+    applied: list[str] = []
     if not series.is_file():
         return applied
     for line in series.read_text().splitlines():
@@ -246,8 +247,6 @@ def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
 
 def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> Path:
     """Compile the plugin (once per source hash and QEMU version); returns the .so path."""
-    from testbed.build.sysdeps import ensure_packages
-
     ensure_packages(BUILD_PACKAGES, log)
     header_dir = fetch_plugin_header(settings, log)
     sources = {n: (PLUGIN_DIR / n).read_bytes() for n in PLUGIN_SOURCES}

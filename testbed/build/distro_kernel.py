@@ -48,7 +48,8 @@ def resolve_image_package() -> str:
 def module_closure(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]:
     """The .ko files for `wanted` plus everything they depend on (via modinfo)."""
     by_name = {p.name.split(".ko")[0].replace("-", "_"): p for p in modules_root.rglob("*.ko*")}
-    todo, seen = [w.replace("-", "_") for w in wanted], {}
+    todo = [w.replace("-", "_") for w in wanted]
+    seen: dict[str, Path | None] = {}
     while todo:
         name = todo.pop()
         if name in seen:

@@ -45,6 +45,8 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int
     if unknown:
         raise ConfigError(f"cachemodel: unknown parameter(s) {', '.join(unknown)}",
                           hint=f"known: {', '.join(sorted(known))}")
+    # Names are checked above; each value's type (int, or bool for dma) is the field's,
+    # which a **kwargs annotation cannot say per name.
     params = ModelParams(**model_params).validate()  # type: ignore[arg-type]
     for what, path in (("plugin", plugin_path), ("output", out_csv)):
         if "," in str(path):

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, write_newc
@@ -27,7 +28,7 @@ from testbed.settings import Settings
 from testbed.shell import HostShell
 from testbed.vm.dataplane import can_use_taps
 from testbed.vm.qemu import DirectBoot, direct_boot_argv
-from testbed.vocabulary import Accel
+from testbed.vocabulary import Accel, AccelSetting
 
 PROBE_MARKER = "NETBED-PROBE-OK"
 PROBE_TIMEOUT_S = 25.0
@@ -62,7 +63,7 @@ class HostFacts:
     taps: bool
     taps_detail: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -167,7 +168,7 @@ def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
         return KvmVerdict(False, f"QEMU under KVM failed: {err[-1] if err else 'no output'}")
 
 
-def choose_accel(requested: str, verdict: KvmVerdict) -> tuple[str, str]:
+def choose_accel(requested: AccelSetting, verdict: KvmVerdict) -> tuple[Accel, str]:
     """kvm | tcg from the request and the probe, with the reason (pure)."""
     if requested == "tcg":
         return "tcg", "tcg requested"
@@ -181,7 +182,7 @@ def choose_accel(requested: str, verdict: KvmVerdict) -> tuple[str, str]:
     return "tcg", f"TCG, because {verdict.reason}"
 
 
-def resolve_accel(settings: Settings, log: Log = print) -> tuple[str, str]:
+def resolve_accel(settings: Settings, log: Log = print) -> tuple[Accel, str]:
     if settings.accel == "tcg":
         return "tcg", "tcg requested"
     return choose_accel(settings.accel, probe_kvm(settings, log))

@@ -12,9 +12,10 @@ from testbed.experiment.config import experiment_from_dict
 from testbed.experiment.policies import load_policies
 from testbed.progress import eta_seconds, fmt_seconds
 from testbed.run.folder import RunDir
-from testbed.run.loop import Fault, RunSummary, summary_text
+from testbed.run.loop import RunSummary, summary_text
 from testbed.run.merge import merge_runs, merged_name
 from testbed.run.repetition import window_script
+from testbed.run.session import Fault
 
 
 def experiment(**over):
