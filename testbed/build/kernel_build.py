@@ -534,9 +534,3 @@ def ensure_built(variant: str, settings: Settings, log: Log = print) -> Kernel:
             return build.build_stock(inputs)
         return build.build_patched(inputs)
 
-
-def cached_kernel(variant: str, settings: Settings) -> Kernel | None:
-    """The built kernel for the current inputs, or None (never builds)."""
-    if not SOURCE_TARBALL.exists():
-        return None
-    return _Build(settings, print).load(current_inputs(variant))

@@ -126,15 +126,13 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
     with contextlib.ExitStack() as stack:
         plan = None
         notes: dict[str, str] = {"accel": f"{assets.accel} ({assets.accel_reason})"}
-        if nic is not None and with_sender:
+        if nic is not None:  # a lone guest gets the same data plane, its peer's tap unused
             mode, why = choose_mode(dataplane_mode)
             plan = plan_dataplane(mode)
             notes["dataplane"] = f"{mode}: {why}; {plan.offload_note}"
             registry = settings.cache_dir / "dataplanes"
             sweep_stale(registry)
             stack.enter_context(DataPlane(plan, registry))
-        elif nic is not None:
-            plan = plan_dataplane("socket")  # lone guest: a listening socket, no peer
         started = time.monotonic()
         receiver = _boot(_spec(assets, settings, workdir, "receiver", 1, cpus, nic, plan,
                                "receiver", receiver_plugins, receiver_tcg_threads,
