@@ -217,3 +217,10 @@ def test_an_interrupt_still_shuts_the_guests_down(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_loop(tmp_path, world, experiment(["e1000"], repetitions=1))
     assert world.events[-1] == "shutdown 1"
+
+
+def test_summary_lists_failures():
+    s = RunSummary(Path("/r"), total=4, done=2, skipped=1, failed=[("c1", 0, "boom")])
+    text = summary_text(s, 12.3)
+    assert "4 total, 2 run now, 1 already done, 1 failed" in text
+    assert "c1 rep 0: boom" in text and not s.ok
