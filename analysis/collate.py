@@ -53,7 +53,7 @@ NETRX_CPU_THRESHOLD = 0.25
 
 
 class RawFiles:
-    """Names of a repetition's raw files (the layout is in testbed/results.py)."""
+    """Names of a repetition's raw files (the layout is in testbed/run/folder.py)."""
 
     NETPERF = "netperf.txt"
     PERF = "perf-stat.csv"
