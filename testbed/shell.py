@@ -5,6 +5,11 @@ Code that drives commands (the matrix loop, one repetition, builds) takes a
 resume and error paths are unit-tested with a fake shell. Two shells are real:
 `HostShell` here (subprocess on this machine) and `testbed.vm.guest.Guest`
 (SSH into a guest).
+
+Processes that live on with their own lifecycle are not commands and keep their
+subprocess.Popen where they are managed: QEMU (`testbed.vm.process`, and the
+streaming e1000 micro guest), a kernel build streaming into its log, the
+interactive ssh and pytest of `invoke shell` / `invoke test`.
 """
 
 from __future__ import annotations
