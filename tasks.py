@@ -94,6 +94,8 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
     s = settings_of(c)
     with user_errors():
         nic = nic_name(nic) if nic is not None else None
+        if accel is not None:
+            s = Settings.from_mapping({**s.as_invoke_config(), "accel": accel})  # checks it
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     # One folder per invocation: two shells at once must not share console logs or sockets.
     workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))
