@@ -2,6 +2,10 @@
 
 Settings live under the `netbed` namespace (see invoke.yaml); override them there,
 in ~/.invoke.yaml, or with INVOKE_NETBED_<KEY> environment variables.
+
+Each task imports the library it calls inside its body: `invoke --list` and
+`--help` then start in a second instead of loading pandas, matplotlib and Fabric.
+(There are no import cycles to dodge: `lint-imports` checks that.)
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 from invoke import Collection, Context, Exit, task
 
 from testbed.errors import NetbedError
-from testbed.settings import REPO_ROOT, Settings
+from testbed.run.folder import resolve_run
+from testbed.settings import CONFIGS_DIR, REPO_ROOT, Settings
 
 
 def settings_of(c: Context) -> Settings:
@@ -72,7 +77,8 @@ def setup(c, kernel=None):
 
 @task(help={
     "kernel": "distro (Debian's prebuilt), stock or patched; built on demand",
-    "nic": "data-plane NIC model: e1000, virtio or virtio-nocsum (default: none)",
+    "nic": "data-plane NIC model: e1000, virtio or virtio-nocsum (default: none); as root "
+           "on the experiments' tap + vnet_hdr data plane, else on a socket (no offloads)",
     "cpus": "number of vCPUs of the guest",
     "command": "run this command in the guest and exit with its status (default: a shell)",
     "with_sender": "also boot the sender guest on a private data plane (198.18.0.2)",
@@ -82,12 +88,14 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
-    from testbed.vm.qemu import NIC_MODELS
     from testbed.vm.topology import boot, prepare_assets
+    from testbed.vocabulary import nic_name
 
     s = settings_of(c)
-    if nic is not None and nic not in NIC_MODELS:
-        raise Exit(f"netbed: error: unknown NIC {nic!r}; use one of {', '.join(NIC_MODELS)}")
+    with user_errors():
+        nic = nic_name(nic) if nic is not None else None
+        if accel is not None:
+            s = Settings.from_mapping({**s.as_invoke_config(), "accel": accel})  # checks it
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     # One folder per invocation: two shells at once must not share console logs or sockets.
     workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))
@@ -98,6 +106,8 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
             with boot(assets, s, workdir / "guests", cpus=int(cpus), nic=nic,
                       with_sender=with_sender, memory_mb=int(memory) if memory else None,
                       log=say) as topo:
+                if "dataplane" in topo.notes:
+                    say(dataplane_line(topo.notes["dataplane"]))
                 guest = topo.receiver.ssh
                 if command is None:
                     say(f"interactive shell in {guest.name}; exit it to shut the guests down")
@@ -111,6 +121,16 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
         shutil.rmtree(workdir, ignore_errors=True)
     if status:
         raise Exit(code=status)
+
+
+def dataplane_line(note: str) -> str:
+    """What `invoke shell` says about the data NIC's attachment, so nobody probing the
+    guest mistakes a socket data plane (no vnet header, no offloads) for the tap one
+    experiments run on as root."""
+    if note.startswith("socket"):
+        return (f"data plane: {note}. NOT what experiments measure as root (tap with "
+                "vnet_hdr, where virtio has RX checksum offload): run as root to get it")
+    return f"data plane: {note} (as in experiments)"
 
 
 @task(help={
@@ -175,36 +195,26 @@ def build_kernel(c, variant="all", json_=False):
         print(json.dumps(built, indent=2, sort_keys=True))
 
 
-HOSTS_HELP = {
-    "hosts": "user@h1,user@h2[:port]: run shard i/N on host i over SSH, pull and merge",
-    "hosts_key": "SSH private key for --hosts (default: ssh agent, ~/.ssh/config, ~/.ssh keys)",
-    "hosts_dir": "per-run folders on the hosts go under this (relative to home, or absolute)",
-    "hosts_netbed": "netbed is already checked out and installed at this path on every host:"
-                    " ship nothing",
-    "hosts_no_install": "do not pip install the shipped checkout (the host's python has "
-                        "netbed's dependencies)",
-    "hosts_python": "python on the hosts (the venv is made from it)",
-    "hosts_cache_dir": "INVOKE_NETBED_CACHE_DIR on the hosts, e.g. to share one image cache",
-    "hosts_parallel": "how many hosts run at once (default: all)",
-}
-RUN_HELP = "run folder, run id under results/, or 'latest'"
+# `run` is a flag, not a positional argument: invoke hands a positional argument the
+# next word even when it is -h or --help, and those must mean help in every task.
+RUN_HELP = "run folder, run id under results/, or 'latest' (the default)"
 BASELINE_HELP = ("axis=value pairs to compare against "
                  "(default policy=default,kernel=stock,nic=e1000)")
 
 
-@task(positional=["run"], help={"run": RUN_HELP, "baseline": BASELINE_HELP})
+@task(help={"run": RUN_HELP, "baseline": BASELINE_HELP})
 def analyze(c, run=None, baseline=None):
     """Collate a run's raw files into tidy tables (<run>/analysis/) and print the comparison."""
     import analysis
 
     with user_errors():
-        path = analysis.resolve_run(run or "latest", settings_of(c).results_dir)
+        path = resolve_run(run or "latest", settings_of(c).results_dir)
         res = analysis.analyze_run(path, analysis.parse_baseline(baseline))
     print(res.text_table, end="")
     say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
 
 
-@task(positional=["run"], help={
+@task(help={
     "run": RUN_HELP,
     "compare": "another run (folder or id) to compare against, as the base",
     "baseline": BASELINE_HELP,
@@ -215,8 +225,8 @@ def report(c, run=None, compare=None, baseline=None):
 
     s = settings_of(c)
     with user_errors():
-        path = analysis.resolve_run(run or "latest", s.results_dir)
-        other = analysis.resolve_run(compare, s.results_dir) if compare else None
+        path = resolve_run(run or "latest", s.results_dir)
+        other = resolve_run(compare, s.results_dir) if compare else None
         paths = analysis.write_report(path, other, analysis.parse_baseline(baseline))
     print(paths.html)
     say(f"markdown: {paths.md}")
@@ -224,22 +234,17 @@ def report(c, run=None, compare=None, baseline=None):
 
 @task(help={
     "config": "experiment YAML (default: configs/quick.yaml); - reads it from standard input",
-    "resume": "run folder or id to resume: runs only the repetitions without a done marker",
+    "resume": "run folder, run id or 'latest' to resume: runs only the repetitions without "
+              "a done marker",
     "shard": "K/N: run a deterministic share of the cells (for CI runners)",
     "dry_run": "print the expanded cells and an estimated duration; boot nothing",
     "no_report": "skip the analysis tables and report at the end",
     "inject_fault": "testing only: hang:<cell-id> stops that cell's receiver (QMP stop)",
-    **HOSTS_HELP,
 })
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
-               inject_fault=None, hosts=None, hosts_key=None, hosts_dir="netbed-runs",
-               hosts_netbed=None, hosts_no_install=False, hosts_python="python3",
-               hosts_cache_dir=None, hosts_parallel=0):
+               inject_fault=None):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
-    if hosts:
-        return _run_on_hosts(c, config, hosts, hosts_key, hosts_dir, hosts_netbed,
-                             hosts_no_install, hosts_python, hosts_cache_dir,
-                             int(hosts_parallel), no_report, resume or shard or inject_fault)
+    import analysis
     from testbed.experiment.load import load_experiment
     from testbed.experiment.matrix import (
         cells_table,
@@ -248,17 +253,16 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
         format_duration,
         parse_shard,
     )
-    from testbed.run.loop import Fault, summary_text
-    from testbed.run.loop import run_matrix as run
-    from testbed.settings import CONFIGS_DIR
+    from testbed.experiment.matrix import shard as take_shard
+    from testbed.run.local import run_matrix as run_locally
+    from testbed.run.loop import summary_text
+    from testbed.run.session import Fault
 
     s = settings_of(c)
     path = Path(config) if config else CONFIGS_DIR / "quick.yaml"
     with user_errors():
         shard_spec = parse_shard(shard) if shard else None
         if dry_run:
-            from testbed.experiment.matrix import shard as take_shard
-
             exp = load_experiment(path)
             for warning in exp.warnings:
                 say(warning)
@@ -269,45 +273,56 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             print(f"{len(cells)} cells x {exp.repetitions} repetitions; estimated "
                   f"{format_duration(estimate_seconds(exp, cells))}")
             return
-        summary = run(s, None if resume else path, resume=resume, shard_spec=shard_spec,
-                      fault=Fault.parse(inject_fault), log=say)
+        summary = run_locally(s, None if resume else path, resume=resume, shard_spec=shard_spec,
+                              fault=Fault.parse(inject_fault), log=say)
     print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
     if not no_report and summary.done + summary.skipped > 0:
-        import analysis
-
         try:
             paths = analysis.write_report(summary.run_dir)  # analyses the run, then reports
             print((paths.html.parent / "comparison.txt").read_text(), end="")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
             raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
-                       f"{summary.run_dir}; retry with: invoke report {summary.run_dir}",
+                       f"{summary.run_dir}; retry with: invoke report --run {summary.run_dir}",
                        code=1) from None
     if not summary.ok:
         raise Exit(f"netbed: {len(summary.failed)} repetition(s) failed; see "
                    f"{summary.run_dir}/summary.txt", code=1)
 
 
-def _run_on_hosts(c, config, hosts, key, remote_dir, netbed_path, no_install, python,
-                  cache_dir, parallel, no_report, local_only) -> None:
-    """`run-matrix --hosts`: shards over SSH hosts, pulled back and merged (testbed.run.remote)."""
+# Long flags only: automatic short flags would give --hosts `-h`, which is help everywhere.
+@task(auto_shortflags=False, help={
+    "hosts": "user@h1,user@h2[:port]: host i of N runs shard i/N over SSH; pulled and merged",
+    "config": "experiment YAML (default: configs/quick.yaml)",
+    "key": "SSH private key (default: ssh agent, ~/.ssh/config, ~/.ssh keys)",
+    "remote_dir": "per-run folders on the hosts go under this (relative to home, or absolute)",
+    "netbed": "netbed is already checked out and installed at this path on every host: "
+              "ship nothing",
+    "no_install": "do not pip install the shipped checkout (the host's python has netbed's "
+                  "dependencies)",
+    "python": "python on the hosts (the venv is made from it)",
+    "cache_dir": "INVOKE_NETBED_CACHE_DIR on the hosts, e.g. to share one image cache",
+    "parallel": "how many hosts run at once (default: all)",
+    "no_report": "skip the analysis tables and report of the merged run",
+})
+def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", netbed=None,
+              no_install=False, python="python3", cache_dir=None, parallel=0,
+              no_report=False):
+    """Run an experiment over several (KVM) hosts by SSH: one shard each, pulled and merged."""
+    import analysis
     from testbed.run.remote import RemoteOptions, parse_hosts, run_on_hosts
-    from testbed.settings import CONFIGS_DIR
 
-    if local_only:
-        raise Exit("netbed: error: --hosts cannot be combined with --resume, --shard or "
-                   "--inject-fault (each host runs its own shard)", code=2)
+    if not hosts:
+        raise Exit("netbed: error: name the hosts: --hosts user@h1,user@h2[:port]", code=2)
     s = settings_of(c)
-    options = RemoteOptions(remote_root=remote_dir, netbed_path=netbed_path,
+    options = RemoteOptions(remote_root=remote_dir, netbed_path=netbed,
                             install=not no_install, python=python, key_filename=key,
-                            cache_dir=cache_dir, parallel=parallel or None)
+                            cache_dir=cache_dir, parallel=int(parallel) or None)
     with user_errors():
         summary = run_on_hosts(s, Path(config) if config else CONFIGS_DIR / "quick.yaml",
                                parse_hosts(hosts), options, log=say)
     print(summary.text(), end="")
     if not no_report and summary.merged is not None:
-        import analysis
-
         with user_errors():
             paths = analysis.write_report(summary.merged)
         say(f"report: {paths.html}")
@@ -326,7 +341,7 @@ def merge_results(c, runs=None, into=None):
 
     s = settings_of(c)
     with user_errors():
-        out = merge_runs([_run_path(s, r) for r in runs or []],
+        out = merge_runs([resolve_run(r, s.results_dir) for r in runs or []],
                          Path(into) if into else None, s.results_dir)
     say(f"merged {len(runs or [])} runs into {out}")
 
@@ -340,12 +355,7 @@ def build_cachemodel(c, force=False):
         print(build_plugin(settings_of(c), say, force=force))
 
 
-def _run_path(s: Settings, run: str) -> Path:
-    p = Path(run)
-    return p if p.is_dir() else s.results_dir / run
-
-
-ns = Collection(doctor, setup, shell, test, bench_boot, run_matrix, merge_results)
+ns = Collection(doctor, setup, shell, test, bench_boot, run_matrix, run_hosts, merge_results)
 ns.add_task(build_kernel)
 ns.add_task(analyze)
 ns.add_task(report)

@@ -10,6 +10,11 @@ Entry points for tasks.py:
 Both work on partial runs (failed or unfinished repetitions are listed, not
 hidden), on runs merged from shards (the layout is the same) and compare two
 runs on cells with equal axes.
+
+The package reads run folders only: it imports `testbed.formats` (the parsers),
+`testbed.run.folder` (the layout) and the base modules, never the code that
+runs guests (an import-linter contract in pyproject.toml holds it to that), and
+importing it changes no process state.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from analysis.compare import (
     is_headline,
     summarize,
 )
-from analysis.report import ReportPaths
+from analysis.plots import plot_all
+from analysis.report import ReportPaths, build_report
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
+from testbed.vocabulary import TABLE_AXES as AXES
 
 __all__ = [
     "AnalysisResult",
@@ -48,7 +55,6 @@ __all__ = [
     "compare_runs",
     "compare_to_baseline",
     "parse_baseline",
-    "resolve_run",
     "summarize",
     "write_report",
 ]
@@ -101,9 +107,6 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
 def write_report(run_dir: Path, compare_to: Path | None = None,
                  baseline: Mapping[str, object] | None = None, seed: int = 0) -> ReportPaths:
     """Analyse the run (and `compare_to` as the base run, if given) and write the report."""
-    from analysis.plots import plot_all
-    from analysis.report import build_report
-
     result = analyze_run(run_dir, baseline, seed)
     run_cmp = None
     if compare_to is not None:
@@ -117,29 +120,8 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
                         run_cmp, figures)
 
 
-def resolve_run(arg: str, results_dir: Path) -> Path:
-    """A run named on the command line: a path, a run id under results/, or "latest"."""
-    p = Path(arg).expanduser()
-    if p.is_dir():
-        return p
-    if arg == "latest":
-        runs = sorted(d for d in results_dir.glob("*") if (d / "cells.json").is_file()
-                      or (d / "cells").is_dir())
-        if not runs:
-            raise NetbedError(f"no runs in {results_dir}", hint="run `invoke run-matrix` first")
-        return runs[-1]
-    q = results_dir / arg
-    if q.is_dir():
-        return q
-    known = sorted(d.name for d in results_dir.glob("*") if d.is_dir())[-5:]
-    raise NetbedError(f"no run {arg!r} (neither a folder nor under {results_dir})",
-                      hint="give a path or a run id; recent runs: " + (", ".join(known) or "none"))
-
-
 def parse_baseline(text: str | None) -> dict[str, str] | None:
     """"policy=default,kernel=stock" -> {"policy": "default", "kernel": "stock"}."""
-    from analysis.collate import AXES
-
     if not text:
         return None
     out: dict[str, str] = {}

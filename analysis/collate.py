@@ -25,8 +25,8 @@ import pandas as pd
 from testbed.errors import NetbedError
 from testbed.formats import netperf, perfstat, procfs, reader
 from testbed.run.folder import RepDir, RunDir
+from testbed.vocabulary import TABLE_AXES as AXES
 
-AXES = ("kernel", "nic", "cpus", "policy", "workload", "message_size", "gro")
 ID_COLUMNS = ("run_id", "cell_id", "repetition", *AXES)
 TIDY_COLUMNS = (*ID_COLUMNS, "metric", "cpu", "value", "unit", "source", "status", "note")
 
@@ -53,7 +53,7 @@ NETRX_CPU_THRESHOLD = 0.25
 
 
 class RawFiles:
-    """Names of a repetition's raw files (the layout is in testbed/results.py)."""
+    """Names of a repetition's raw files (the layout is in testbed/run/folder.py)."""
 
     NETPERF = "netperf.txt"
     PERF = "perf-stat.csv"

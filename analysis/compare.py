@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.collate import AXES, cell_label
+from analysis.collate import cell_label
+from testbed.vocabulary import TABLE_AXES as AXES
 
 DEFAULT_BASELINE: dict[str, str] = {"policy": "default", "kernel": "stock", "nic": "e1000"}
 BOOTSTRAP = 2000

@@ -1,4 +1,5 @@
-"""PNG figures from the tidy table (matplotlib, Agg backend: no display needed).
+"""PNG figures from the tidy table (matplotlib figures without pyplot: no display and
+no global backend switch, so importing analysis leaves matplotlib's state alone).
 
 Each function draws from medians over repetitions with IQR whiskers (the same
 numbers the tables show), writes one PNG and returns its path, or None when the
@@ -11,14 +12,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from analysis.collate import AXES, cell_label
+from analysis.collate import cell_label
+from testbed.vocabulary import TABLE_AXES as AXES
 
 DPI = 100
 MAX_PANELS = 12
@@ -48,7 +47,8 @@ def plot_throughput(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     panels = panels[:MAX_PANELS]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axs = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    fig = Figure(figsize=(5.5 * cols, 3.8 * rows))
+    axs = fig.subplots(rows, cols, squeeze=False)
     for ax, (key, g) in zip(axs.flat, panels, strict=False):
         policies = list(dict.fromkeys(g["policy"].astype(str)))
         nics = list(dict.fromkeys(g["nic"].astype(str)))
@@ -93,9 +93,9 @@ def plot_locality(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     cells = sorted(df["cell"].unique())
     cpus = sorted(df["cpu"].unique(), key=int)
     present = [(m, t) for m, t in LOCALITY_METRICS if (df["metric"] == m).any()]
-    fig, axs = plt.subplots(1, len(present), figsize=(2.5 + 1.1 * len(cpus) * len(present) + 1,
-                                                      1.6 + 0.45 * len(cells)), squeeze=False,
-                            layout="constrained")
+    fig = Figure(figsize=(2.5 + 1.1 * len(cpus) * len(present) + 1, 1.6 + 0.45 * len(cells)),
+                 layout="constrained")
+    axs = fig.subplots(1, len(present), squeeze=False)
     for ax, (metric, title) in zip(axs.flat, present, strict=True):
         grid = (df[df["metric"] == metric].groupby(["cell", "cpu"])["value"].median()
                 .unstack("cpu").reindex(index=cells, columns=cpus))
@@ -131,8 +131,8 @@ def plot_counters(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     cols = min(2, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     cells = sorted(df["cell"].unique())
-    fig, axs = plt.subplots(rows, cols, figsize=(6 * cols, 0.9 + 0.35 * len(cells) * rows + rows),
-                            squeeze=False)
+    fig = Figure(figsize=(6 * cols, 0.9 + 0.35 * len(cells) * rows + rows))
+    axs = fig.subplots(rows, cols, squeeze=False)
     for ax, metric in zip(axs.flat, metrics, strict=False):
         g = df[df["metric"] == metric]
         meds, lo, hi = [], [], []
@@ -153,11 +153,10 @@ def plot_counters(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "counters.png")
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.collate import AXES, RawFiles, analysis_dir, cell_label
+from analysis.collate import RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from testbed.files import atomic_write_text
 from testbed.formats import offloads, perfstat
 from testbed.run.folder import RunDir
+from testbed.vocabulary import TABLE_AXES as AXES
 
 OFFLOAD_KEYS = ("rx-checksumming", "tx-checksumming", "generic-receive-offload",
                 "tcp-segmentation-offload")
@@ -86,9 +87,7 @@ def offload_facts(path: Path) -> dict[str, Any]:
         return {"rx_checksum_offload": "n/a", **{k: "n/a" for k in OFFLOAD_KEYS}}
     text = path.read_text()
     if "--- ethtool -k" in text:
-        from testbed.formats.offloads import parse_offloads
-
-        state = parse_offloads(text)
+        state = offloads.parse_offloads(text)
         return {"driver": state.driver, "rx_checksum_offload": state.rx_checksum_offload,
                 **{k: state.ethtool.get(k, "n/a") for k in OFFLOAD_KEYS}}
     feats = offloads.parse_ethtool_features(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from testbed.settings import Settings
 from testbed.vm.topology import boot, prepare_assets
+from testbed.vocabulary import nic_name
 
 
 def run_boot_benchmark(settings: Settings, kernel: str, nic: str, cpus: int, boots: int,
@@ -21,7 +22,7 @@ def run_boot_benchmark(settings: Settings, kernel: str, nic: str, cpus: int, boo
         assets = prepare_assets(settings, kernel, tmp, log)
         ready, total = [], []
         for i in range(boots):
-            with boot(assets, settings, tmp / f"boot{i}", cpus=cpus, nic=nic,  # type: ignore[arg-type]
+            with boot(assets, settings, tmp / f"boot{i}", cpus=cpus, nic=nic_name(nic),
                       with_sender=False, log=lambda m: None) as topo:
                 r = topo.receiver
                 ready.append(r.boot_seconds)

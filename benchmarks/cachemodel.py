@@ -43,6 +43,7 @@ from testbed.build import cachemodel_plugin as cmplugin
 from testbed.formats import cachemodel as cmfmt
 from testbed.settings import Settings
 from testbed.vm import cachemodel as cm
+from testbed.vocabulary import TCG_THREADS, TcgThreads
 
 ID = 70
 
@@ -59,7 +60,7 @@ class Workload:
         return f'{pre}time -f "nbtime %e" {timed}'
 
 
-SETUPS = {  # name -> (plugin loaded, TCG threads)
+SETUPS: dict[str, tuple[bool, TcgThreads]] = {  # name -> (plugin loaded, TCG threads)
     "plain": (False, "single"),
     "outside": (True, "single"),
     "after-region": (True, "single"),
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
         par = "nbbench_stream 8388608 32 & nbbench_stream 8388608 32 & wait"
         par_s = {}
-        for threads in ("multi", "single"):
+        for threads in TCG_THREADS:
             best = float("inf")
             for i in range(args.repeats):
                 run = cm.run_with_model(settings, f'time -f "nbtime %e" sh -c "{par}"',

@@ -43,10 +43,21 @@ class CommandError(NetbedError):
         super().__init__(msg, hint)
 
 
+class CommandTimeout(CommandError):
+    """A host command ran longer than its timeout and was killed."""
+
+    def __init__(self, command: str, seconds: float, output: str = "",
+                 hint: str | None = None) -> None:
+        self.seconds = seconds
+        super().__init__(command, None, output,
+                         hint=hint or f"it was stopped after {seconds:.0f} s")
+
+
 class GuestError(NetbedError):
     """A guest did not boot, hung, or dropped SSH; `console_log` points at its serial log."""
 
-    def __init__(self, message: str, console_log: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, console_log: str | None = None,
+                 hint: str | None = None) -> None:
         self.console_log = console_log
         if console_log:
             message = f"{message} (console log: {console_log})"

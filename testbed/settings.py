@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from testbed.errors import ConfigError
+from testbed.vocabulary import AccelSetting, KernelName
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = REPO_ROOT / "images"
@@ -20,8 +23,8 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: REPO_ROOT / ".cache")
     results_dir: Path = field(default_factory=lambda: REPO_ROOT / "results")
     qemu_binary: str = "qemu-system-x86_64"
-    default_kernel: str = "distro"
-    accel: str = "auto"  # auto | kvm | tcg
+    default_kernel: KernelName = "distro"
+    accel: AccelSetting = "auto"
     guest_memory_mb: int = 1024
     boot_timeout_s: float = 180.0
     ssh_timeout_s: float = 60.0
@@ -42,8 +45,18 @@ class Settings:
                     if not value.is_absolute():
                         value = REPO_ROOT / value
                 kwargs[f.name] = type(getattr(cls(), f.name))(value)
+        for name, allowed in CHOICES.items():
+            if name in kwargs and kwargs[name] not in allowed:
+                raise ConfigError(f"netbed setting {name}: {kwargs[name]!r} is not allowed",
+                                  hint=f"use one of {', '.join(allowed)} (invoke.yaml, "
+                                       f"~/.invoke.yaml or INVOKE_NETBED_{name.upper()})")
         return cls(**kwargs)
 
     def as_invoke_config(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
                 for f in fields(self)}
+
+
+# Settings with a fixed set of values, checked when read from invoke's config.
+CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),
+                                       "default_kernel": get_args(KernelName)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from testbed.errors import ConfigError
+
 KernelName = Literal["distro", "stock", "patched"]
 NicName = Literal["e1000", "virtio", "virtio-nocsum"]
 WorkloadName = Literal["TCP_STREAM", "TCP_MAERTS", "TCP_RR"]
@@ -23,6 +25,19 @@ KERNEL_NAMES: tuple[KernelName, ...] = get_args(KernelName)
 NIC_NAMES: tuple[NicName, ...] = get_args(NicName)
 WORKLOAD_NAMES: tuple[WorkloadName, ...] = get_args(WorkloadName)
 COUNTER_NAMES: tuple[CounterName, ...] = get_args(CounterName)
+TCG_THREADS: tuple[TcgThreads, ...] = get_args(TcgThreads)
 
 # The axes of an experiment matrix, in the order cell ids and tables use.
 AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "gro")
+# The same axes as columns of analysis tables: the workload splits into its name and
+# its message size (`Cell.flat()`).
+TABLE_AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "message_size",
+                               "gro")
+
+
+def nic_name(text: str) -> NicName:
+    """A NIC name typed on a command line, checked against the vocabulary."""
+    for name in NIC_NAMES:
+        if name == text:
+            return name
+    raise ConfigError(f"unknown NIC {text!r}", hint=f"use one of {', '.join(NIC_NAMES)}")

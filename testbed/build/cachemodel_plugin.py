@@ -23,15 +23,17 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
+from testbed.shell import HostShell
+from testbed.vocabulary import TcgThreads
 
 PLUGIN_DIR = REPO_ROOT / "cachemodel" / "plugin"
 PLUGIN_SOURCES = ("plugin.c", "model.c", "model.h")
@@ -41,7 +43,7 @@ HEADER_PATH = "include/qemu/qemu-plugin.h"
 # Memory-safe under MTTCG (one lock), but callbacks then follow host timing, not guest
 # memory order: c2c transfers came out 0.2-19% low. Accurate and repeatable counts need
 # `-accel tcg,thread=single` (cost measured by benchmarks/cachemodel.py, see README).
-RECOMMENDED_TCG_THREADS = "single"
+RECOMMENDED_TCG_THREADS: TcgThreads = "single"
 
 
 # Packages the build needs: package -> probe (see testbed.build.sysdeps).
@@ -165,11 +167,8 @@ def compile_command(sources: Sequence[Path], include_dirs: Sequence[Path], glib_
 
 # ---------------------------------------------------------------- build (effects)
 def run_command(cmd: list[str], cwd: Path | None = None, hint: str | None = None) -> str:
-    env = {**os.environ, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr, hint=hint)
-    return proc.stdout
+    shell = HostShell(cwd=cwd, env={"LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"})
+    return shell.run(cmd, hint=hint).stdout
 
 
 def installed_qemu_source() -> tuple[str, str]:
@@ -228,7 +227,7 @@ def fetch_plugin_header(settings: Settings, log: Log = print) -> Path:
 
 def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
     series = patches / "series"
-    applied = []
+    applied: list[str] = []
     if not series.is_file():
         return applied
     for line in series.read_text().splitlines():
@@ -237,19 +236,17 @@ def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
             continue
         section = patch_section((patches / name).read_text(errors="replace"), HEADER_PATH)
         if section:
-            proc = subprocess.run(["patch", "-p1", "--forward", "--batch"], cwd=tree,
-                                  input=section, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise CommandError(f"patch -p1 < {name} ({HEADER_PATH} only)", proc.returncode,
-                                   proc.stdout + proc.stderr)
+            res = HostShell(cwd=tree).run(["patch", "-p1", "--forward", "--batch"],
+                                          input=section, check=False)
+            if not res.ok:
+                raise CommandError(f"patch -p1 < {name} ({HEADER_PATH} only)", res.exit_code,
+                                   res.output)
             applied.append(name)
     return applied
 
 
 def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> Path:
     """Compile the plugin (once per source hash and QEMU version); returns the .so path."""
-    from testbed.build.sysdeps import ensure_packages
-
     ensure_packages(BUILD_PACKAGES, log)
     header_dir = fetch_plugin_header(settings, log)
     sources = {n: (PLUGIN_DIR / n).read_bytes() for n in PLUGIN_SOURCES}

@@ -7,10 +7,10 @@ same tree gives the same archive bytes (modulo mtimes, which we clamp).
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from testbed.errors import CommandError
+from testbed.shell import HostShell
 
 
 def clamp_mtimes(root: Path, epoch: int) -> None:
@@ -30,13 +30,11 @@ def pack_cpio(root: Path, out: Path) -> None:
         for n in dirs + files
     )
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        proc = subprocess.run(
-            ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0"],
-            input="\n".join(names).encode() + b"\n", stdout=f, stderr=subprocess.PIPE,
-            cwd=root,
-        )
-    if proc.returncode != 0:
+    res = HostShell(cwd=root).run(
+        ["cpio", "--quiet", "-o", "-H", "newc", "--reproducible", "-R", "0:0",
+         "--force-local", "-O", str(tmp.absolute())],
+        input="\n".join(names) + "\n", check=False)
+    if not res.ok:
         tmp.unlink(missing_ok=True)
-        raise CommandError("cpio -o -H newc", proc.returncode, proc.stderr.decode())
+        raise CommandError("cpio -o -H newc", res.exit_code, res.stderr)
     os.replace(tmp, out)

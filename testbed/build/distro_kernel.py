@@ -8,16 +8,16 @@ rootfs initramfs; the guest's init loads them with modprobe.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from testbed.build.cpio import pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages
-from testbed.errors import CommandError, NetbedError
+from testbed.errors import NetbedError
 from testbed.progress import Log
 from testbed.settings import Settings
+from testbed.shell import HostShell
 
 META_PACKAGE = "linux-image-amd64"
 # Bumped whenever what we extract changes, so old caches are not reused.
@@ -27,10 +27,7 @@ GUEST_MODULES = ("e1000", "virtio_net", "virtio_pci", "virtio_rng")
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr)
-    return proc.stdout
+    return HostShell(cwd=cwd).run(cmd).stdout
 
 
 def resolve_image_package() -> str:
@@ -51,7 +48,8 @@ def resolve_image_package() -> str:
 def module_closure(modules_root: Path, wanted: tuple[str, ...]) -> list[Path]:
     """The .ko files for `wanted` plus everything they depend on (via modinfo)."""
     by_name = {p.name.split(".ko")[0].replace("-", "_"): p for p in modules_root.rglob("*.ko*")}
-    todo, seen = [w.replace("-", "_") for w in wanted], {}
+    todo = [w.replace("-", "_") for w in wanted]
+    seen: dict[str, Path | None] = {}
     while todo:
         name = todo.pop()
         if name in seen:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from pathlib import Path
 from testbed.build.cpio import clamp_mtimes, pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, ensure_packages
-from testbed.errors import CommandError
 from testbed.progress import Log
 from testbed.settings import IMAGES_DIR, Settings
+from testbed.shell import HostShell
 
 RECIPE_DIR = IMAGES_DIR / "rootfs"
 TOOLS_DIR = IMAGES_DIR / "tools"
@@ -85,13 +84,6 @@ def mmdebstrap_command(settings: Settings, packages: list[str], target: Path) ->
     return cmd
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr)
-    return proc
-
-
 def _customize(root: Path) -> str:
     """Our init, sshd setup, static tools, trimming. Returns the sshd host public key."""
     shutil.copy2(RECIPE_DIR / "init", root / "init")
@@ -101,11 +93,13 @@ def _customize(root: Path) -> str:
     for old in (root / "etc" / "ssh").glob("ssh_host_*"):
         old.unlink()
     key = root / "etc" / "ssh" / "ssh_host_ed25519_key"
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "netbed-guest", "-f", str(key)])
+    HostShell().run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "netbed-guest",
+                     "-f", str(key)])
     bindir = root / "usr" / "local" / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     for src in sorted(TOOLS_DIR.glob("*.c")):
-        _run(["gcc", "-static", "-O2", "-pthread", "-o", str(bindir / src.stem), str(src)])
+        HostShell().run(["gcc", "-static", "-O2", "-pthread", "-o", str(bindir / src.stem),
+                         str(src)])
     for rel in TRIM_PATHS:
         target = root / rel
         if target.is_dir():
@@ -115,7 +109,8 @@ def _customize(root: Path) -> str:
 
 
 def _manifest(root: Path) -> dict[str, str]:
-    out = _run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}\t${Version}\n"])
+    out = HostShell().run(["chroot", str(root), "dpkg-query", "-W", "-f",
+                           "${Package}\t${Version}\n"])
     return dict(line.split("\t", 1) for line in out.stdout.splitlines() if "\t" in line)
 
 
@@ -139,8 +134,8 @@ def _build(settings: Settings, key: str, dest: Path, log: Log) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{key}-") as tmp_s:
         tmp = Path(tmp_s)
         root = tmp / "root"
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}
-        _run(mmdebstrap_command(settings, packages, root), env=env)
+        HostShell(env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}).run(
+            mmdebstrap_command(settings, packages, root))
         manifest = _manifest(root)
         host_key = _customize(root)
         clamp_mtimes(root, SOURCE_DATE_EPOCH)

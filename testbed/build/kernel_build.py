@@ -40,9 +40,10 @@ from typing import Any
 
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
+from testbed.errors import CommandError, ConfigError, NetbedError
 from testbed.files import atomic_write_json
 from testbed.settings import IMAGES_DIR, Settings
+from testbed.shell import HostShell
 
 Log = Callable[[str], None]
 
@@ -243,15 +244,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _output(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise MissingDependency(f"{cmd[0]} is not installed",
-                                hint=f"apt-get install {' '.join(sorted(BUILD_PACKAGES))}"
-                                ) from e
-    if proc.returncode != 0:
-        raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr)
-    return proc.stdout
+    return HostShell().run(cmd, hint=f"apt-get install {' '.join(sorted(BUILD_PACKAGES))}"
+                           ).stdout
 
 
 def source_version() -> str:
@@ -540,9 +534,3 @@ def ensure_built(variant: str, settings: Settings, log: Log = print) -> Kernel:
             return build.build_stock(inputs)
         return build.build_patched(inputs)
 
-
-def cached_kernel(variant: str, settings: Settings) -> Kernel | None:
-    """The built kernel for the current inputs, or None (never builds)."""
-    if not SOURCE_TARBALL.exists():
-        return None
-    return _Build(settings, print).load(current_inputs(variant))

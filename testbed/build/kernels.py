@@ -8,13 +8,15 @@ the host; its NIC drivers are modules, packed as an extra initramfs archive);
 
 from __future__ import annotations
 
+from testbed.build.distro_kernel import ensure_distro_kernel
 from testbed.build.kernel import Kernel
+from testbed.build.kernel_build import ensure_built
 from testbed.errors import NetbedError
 from testbed.progress import Log
 from testbed.settings import Settings
+from testbed.vocabulary import KERNEL_NAMES
 
-KERNEL_NAMES = ("distro", "stock", "patched")
-
+__all__ = ["KERNEL_NAMES", "check_kernel_name", "get_kernel"]
 
 
 def check_kernel_name(name: str) -> None:
@@ -27,9 +29,5 @@ def get_kernel(name: str, settings: Settings, log: Log = print) -> Kernel:
     """Return the named kernel, building or extracting it first when it is not cached."""
     check_kernel_name(name)
     if name == "distro":
-        from testbed.build.distro_kernel import ensure_distro_kernel
-
         return ensure_distro_kernel(settings, log)
-    from testbed.build.kernel_build import ensure_built
-
     return ensure_built(name, settings, log)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable
 
-from testbed.errors import CommandError, MissingDependency
+from testbed.errors import MissingDependency
+from testbed.shell import HostShell
 
 # What each capability needs: package -> a command (or file) that proves it is there.
 QEMU_PACKAGES = {"qemu-system-x86": "qemu-system-x86_64", "qemu-utils": "qemu-img"}
@@ -62,9 +62,6 @@ def ensure_packages(packages: dict[str, str], log: Log = print) -> None:
             hint=f"run as root: apt-get update && {line}",
         )
     log(f"installing Debian packages netbed needs: {', '.join(missing)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = HostShell(env={"DEBIAN_FRONTEND": "noninteractive"})
     for cmd in (apt_command("update", "-q"), apt_command(*apt_install_command(missing)[1:])):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr,
-                               hint="check that the Debian mirror is reachable")
+        apt.run(cmd, hint="check that the Debian mirror is reachable")

@@ -36,8 +36,8 @@ from pydantic import (
 )
 
 from testbed.experiment.policies import PolicySet, load_policies
-from testbed.experiment.runname import name_problem
 from testbed.experiment.yamlload import cut, shown
+from testbed.runname import name_problem
 from testbed.vocabulary import (
     AXES,
     CounterName,

@@ -21,7 +21,6 @@ from testbed.errors import ConfigError
 from testbed.experiment.config import AXES, Experiment, gro_word
 from testbed.experiment.matrix import expand_with_origin, unmatched_excludes
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
-from testbed.experiment.runname import name_from_file
 from testbed.experiment.yamlload import (
     MAX_FILE_BYTES,
     MAX_PROBLEM_LINES,
@@ -39,6 +38,7 @@ from testbed.experiment.yamlload import (
     unreadable_reason,
     validation_problems,
 )
+from testbed.runname import name_from_file
 
 EMPTY_HINT = "see configs/quick.yaml"
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Combination, Experiment
-from testbed.experiment.runname import MAX_SHARDS
+from testbed.runname import MAX_SHARDS
 from testbed.vocabulary import AXES
 
 Schedule = list[tuple[Cell, int]]

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from testbed.errors import NetbedError
+from testbed.vocabulary import WORKLOAD_NAMES
 
 # --------------------------------------------------------------------------- netperf
 
-WORKLOADS = ("TCP_STREAM", "TCP_MAERTS", "TCP_RR")
+WORKLOADS = WORKLOAD_NAMES  # what netperf_command accepts
 
 # Omni output selectors asked of every test. Unknown selectors would make netperf
 # fail, so this list only names selectors netperf 2.7 documents.
@@ -57,8 +58,10 @@ NETPERF_RR_SELECTORS: tuple[str, ...] = (
 class WorkloadLike(Protocol):
     """What the command builder needs of a workload (testbed.experiment.config's model has it)."""
 
-    name: str
-    message_size: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def message_size(self) -> int: ...
 
 
 def netperf_command(

@@ -19,13 +19,13 @@ from testbed.run.folder import RepDir
 from testbed.settings import Settings
 from testbed.vm.cachemodel import cachemodel_plugin_spec
 from testbed.vm.qemu import PluginSpec
-from testbed.vm.topology import Topology
+from testbed.vocabulary import TcgThreads
 
 CSV_NAME = "cachemodel-receiver.csv"
 
 
 def receiver_plugins(settings: Settings, workdir: Path,
-                     log: Log) -> tuple[tuple[PluginSpec, ...], str]:
+                     log: Log) -> tuple[tuple[PluginSpec, ...], TcgThreads]:
     """The receiver's `-plugin` and the TCG threading the model needs for exact counts."""
     plugin = build_plugin(settings, log)
     return (cachemodel_plugin_spec(plugin, workdir / CSV_NAME),), RECOMMENDED_TCG_THREADS
@@ -44,11 +44,12 @@ def window_blocks(text: str) -> str:
     if not ends:
         raise NetbedError("the cache model saw no end marker after the window's begin")
     keep = df[df["snapshot"].isin([start, ends[0]])].drop(columns="snapshot")
-    return keep.to_csv(index=False)
+    return str(keep.to_csv(index=False))
 
 
-def collect_window(topo: Topology, rep: RepDir) -> None:
-    csv = topo.receiver.spec.workdir / CSV_NAME
+def collect_window(workdir: Path, rep: RepDir) -> None:
+    """The repetition's window out of the CSV the receiver's plugin writes in `workdir`."""
+    csv = workdir / CSV_NAME
     if not csv.exists():
         raise NetbedError(f"the cache-model plugin wrote no CSV ({csv})")
     atomic_write_text(rep.file("cachemodel.csv"), window_blocks(csv.read_text()))

@@ -1,20 +1,26 @@
-"""Run directory layout, atomic writes and resume bookkeeping.
+"""The run folder: its layout, finding one by name, and resume bookkeeping.
 
 Layout of one run (the contract between the runner and `analysis/`):
 
     results/<run-id>/
       experiment.yaml          the experiment file exactly as run
+      policies.yaml            the policies file the experiment used (a copy)
+      run.json                 how the run was started: its shard (K/N) and config path
       cells.json               the expanded cells (list of Cell models as JSON)
       host.json                host facts (what `invoke doctor --json` prints)
-      versions.json            netbed commit, QEMU version, accel, kernel metadata
+      versions.json            netbed commit, QEMU version, accel, kernel metadata,
+                               image packages, data plane, guest PMU
+      summary.txt              counts and failures of the last session on this run
       cells/<cell-id>/rep-<n>/ one folder per cell and repetition:
           cell.json            the cell's axes plus repetition number
+          policy.json          the resolved policy (what was applied)
           netperf.txt          netperf omni keyval output (KEY=VALUE lines)
           perf-stat.csv        `perf stat -a -A -x<SEP>` output of the receiver
           proc-before/<name>   /proc snapshots (softirqs, interrupts, softnet_stat, snmp,
           proc-after/<name>      stat) taken right before and after the measured window
           reader-cpus.txt      where the reader ran: "<seconds> <cpu>" samples
           readback.json        policy state read back from the receiver
+          reader-affinity.txt  the reader's CPU affinity as read back
           offloads.txt         `ethtool -k` of the receiver's data NIC
           cachemodel.csv       cache-model counters (when counters include cachemodel)
           console-*.log        serial logs (kept for failures)
@@ -34,8 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from testbed.experiment.runname import run_folder_name
+from testbed.errors import NetbedError
 from testbed.files import atomic_write_json, now_iso
+from testbed.runname import run_folder_name
 
 DONE = "done"
 FAILED = "failed"
@@ -46,7 +53,7 @@ def new_run_id(name: str, shard: tuple[int, int] | None = None) -> str:
     """A sortable, readable id: <UTC time>-<experiment name>[-shardKofN].
 
     The naming rules (and the NAME_MAX check validation shares) are in
-    testbed.experiment.runname.
+    testbed.runname.
     """
     return run_folder_name(name, datetime.now(UTC), shard)
 
@@ -97,6 +104,23 @@ class RunDir:
     def versions_file(self) -> Path:
         return self.path / "versions.json"
 
+    @property
+    def policies_file(self) -> Path:
+        return self.path / "policies.yaml"
+
+    @property
+    def meta_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.txt"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space of a session (guests' consoles, keys); never part of results."""
+        return self.path / ".work"
+
     def rep(self, cell_id: str, repetition: int) -> RepDir:
         return RepDir(self.path / CELLS_DIR / cell_id / f"rep-{repetition}", cell_id, repetition)
 
@@ -123,3 +147,23 @@ class RunDir:
 
     def mark_failed(self, rep: RepDir, reason: str, info: dict[str, Any]) -> None:
         atomic_write_json(rep.path / FAILED, {"finished": now_iso(), "reason": reason, **info})
+
+
+def resolve_run(arg: str, results_dir: Path) -> Path:
+    """A run named on the command line: a folder, a run id under `results_dir`, or "latest"
+    (the newest run there)."""
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        return p
+    if arg == "latest":
+        runs = sorted(d for d in results_dir.glob("*") if (d / "cells.json").is_file()
+                      or (d / CELLS_DIR).is_dir())
+        if not runs:
+            raise NetbedError(f"no runs in {results_dir}", hint="run `invoke run-matrix` first")
+        return runs[-1]
+    q = results_dir / arg
+    if q.is_dir():
+        return q
+    known = sorted(d.name for d in results_dir.glob("*") if d.is_dir())[-5:]
+    raise NetbedError(f"no run {arg!r} (neither a folder nor under {results_dir})",
+                      hint="give a path or a run id; recent runs: " + (", ".join(known) or "none"))

@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_json, read_json
@@ -52,7 +53,7 @@ def merge_runs(inputs: list[Path], into: Path | None, results_dir: Path) -> Path
         shutil.copy2(runs[0].experiment_file, tmp / "experiment.yaml")
         if (runs[0].path / "policies.yaml").is_file():
             shutil.copy2(runs[0].path / "policies.yaml", tmp / "policies.yaml")
-        cells: dict[str, dict] = {}
+        cells: dict[str, dict[str, Any]] = {}
         done_in: dict[tuple[str, int], Path] = {}
         for run in runs:
             for cell in read_json(run.cells_file) if run.cells_file.is_file() else []:

@@ -21,20 +21,24 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
-import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from testbed.errors import NetbedError
-from testbed.run.folder import new_run_id
-from testbed.settings import REPO_ROOT, Settings
+from fabric import Connection
+from invoke.runners import Result
 
-Log = Callable[[str], None]
+from testbed.errors import NetbedError
+from testbed.experiment.load import load_experiment
+from testbed.progress import Log
+from testbed.run.folder import new_run_id
+from testbed.run.merge import merge_runs
+from testbed.settings import REPO_ROOT, Settings
+from testbed.shell import HostShell
 
 BUNDLE_NAME = "netbed.bundle"
 PID_FILE = "run.pid"
@@ -292,11 +296,11 @@ class HostsSummary:
 
 
 def _git(*args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc = HostShell(cwd=REPO_ROOT).run(["git", *args], check=False)
+    if not proc.ok:
         raise NetbedError(f"git {' '.join(args)} failed: {proc.stderr.strip()}",
                           hint="--hosts ships the checkout's commit: run it from a git checkout"
-                               " or pass --hosts-netbed PATH")
+                               " or pass --netbed PATH")
     return proc.stdout.strip()
 
 
@@ -319,8 +323,6 @@ class ConfigFiles:
 
 def config_files(config: Path) -> ConfigFiles:
     """Validate the experiment locally (fail before touching any host) and list its files."""
-    from testbed.experiment.load import load_experiment
-
     exp = load_experiment(config)
     files: list[tuple[Path, str]] = [(config, config.name)]
     if exp.policies_file:
@@ -350,9 +352,7 @@ class HostJob:
         self.plan: RemotePlan | None = None
         self.outcome = HostOutcome(assignment)
 
-    def _connect(self):
-        from fabric import Connection
-
+    def _connect(self) -> Connection:
         h = self.a.host
         return Connection(h.host, user=h.user, port=h.port,
                           connect_kwargs=self.options.connect_kwargs(),
@@ -361,15 +361,15 @@ class HostJob:
     def _say(self, msg: str) -> None:
         self.log(f"[{self.a.label}] {msg}")
 
-    def _run(self, c, cmd: str, what: str, stream: bool = False):
+    def _run(self, c: Connection, cmd: str, what: str, stream: bool = False) -> Result:
         """Run `cmd`; a failure raises NetbedError naming the step and the output."""
         kw: dict[str, object] = {"hide": True, "warn": True, "in_stream": False}
+        out = LinePrefixer(self.a.label, self.log)
         if stream:
-            out = LinePrefixer(self.a.label, self.log)
             kw.update(out_stream=out, err_stream=out)
-        res = c.run(cmd, **kw)
+        res: Result = c.run(cmd, **kw)
         if stream:
-            kw["out_stream"].flush()  # type: ignore[union-attr]
+            out.flush()
         if res.exited != 0 and not stream:
             tail = (res.stdout + res.stderr).strip()[-600:]
             raise NetbedError(f"{what} failed on {self.a.host} (exit {res.exited}): {tail}")
@@ -384,7 +384,7 @@ class HostJob:
             self._say(f"FAILED: {self.outcome.error}")
         return self.outcome
 
-    def _work(self, c) -> None:
+    def _work(self, c: Connection) -> None:
         q = shlex.quote
         root = self.options.remote_root.rstrip("/") or "/"
         wd = f"{root}/{self.run_tag}/{self.a.label}"
@@ -415,7 +415,7 @@ class HostJob:
         self.outcome.exit_code = res.exited
         self._pull(c, plan)
 
-    def _pull(self, c, plan: RemotePlan) -> None:
+    def _pull(self, c: Connection, plan: RemotePlan) -> None:
         if c.run(f"test -d {shlex.quote(plan.results)}", hide=True, warn=True,
                  in_stream=False).exited != 0:
             raise NetbedError(f"run-matrix exited {self.outcome.exit_code} without a run folder"
@@ -457,11 +457,8 @@ def _shipment(options: RemoteOptions, log: Log) -> Iterator[tuple[Path | None, s
 def run_on_hosts(settings: Settings, config: Path, hosts: list[HostSpec],
                  options: RemoteOptions, log: Log = print) -> HostsSummary:
     """Run `config` sharded over `hosts`, pull the shards back and merge what exists."""
-    from testbed.run.merge import merge_runs
 
     cfg = config_files(config)
-    from testbed.experiment.load import load_experiment
-
     tag = new_run_id(load_experiment(config).name)
     pulled_to = settings.results_dir / f"{tag}-hosts"
     assignments = assign_shards(hosts)

@@ -4,21 +4,25 @@ The receiver starts one background script that snapshots /proc, runs `perf stat`
 and the reader sampler for exactly the measured window, and snapshots /proc
 again; the sender runs netperf for the same window. Raw outputs are copied into
 the repetition folder as they are, so analysis can always be redone from them.
+Receiver and sender are `Shell`s, so a fake can stand in for a guest.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
-import shlex
+import tarfile
 import time
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
-from testbed.errors import GuestError, NetbedError
+from testbed.errors import GuestError
 from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
-from testbed.files import atomic_write_json, atomic_write_text
+from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from testbed.formats import netperf, perfstat, procfs, reader
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.formats.readback import (
@@ -31,8 +35,8 @@ from testbed.formats.readback import (
     reader_affinity_command,
 )
 from testbed.run.folder import RepDir
-from testbed.vm.guest import Guest
-from testbed.vm.topology import Topology
+from testbed.run.loop import PolicyMismatch
+from testbed.shell import Shell
 
 GUEST_DIR = "/tmp/netbed"
 RECEIVER_HOST = "198.18.0.1"
@@ -41,10 +45,6 @@ SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are b
 WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
 NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should close
 READER_WAIT_S = 60
-
-
-class PolicyMismatch(NetbedError):
-    """The receiver's state read back differs from what the policy asked: not retried."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,9 @@ class BootState:
     rx_queues: tuple[str, ...]
 
 
-def discover(topo: Topology) -> BootState:
+def discover(rx: Shell, data_mac: str) -> BootState:
     """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver."""
-    rx = topo.receiver.ssh
-    nic = parse_nic_info(rx.run(nic_info_command(topo.receiver.spec.data_mac)).stdout,
-                         topo.receiver.spec.data_mac)
+    nic = parse_nic_info(rx.run(nic_info_command(data_mac)).stdout, data_mac)
     irqs = tuple(find_nic_irqs(rx.run("cat /proc/interrupts").stdout, nic.irq_names))
     queues = tuple(rx.run(f"ls /sys/class/net/{nic.iface}/queues | grep '^rx-' || true")
                    .stdout.split())
@@ -110,23 +108,42 @@ def _reader_exists() -> str:
     return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver >/dev/null'
 
 
-def _fetch_window(rx: Guest, rep: RepDir) -> None:
+def fetch_window_command() -> str:
+    """The window's files as one base64-armoured tar stream (a shell's output is text)."""
+    return (f"tar -C {GUEST_DIR}/win --exclude=./finished -cf - . | base64 -w 0")
+
+
+def unpack_window(armoured: str, rep: RepDir) -> list[str]:
+    """Write the regular files of the window's tar stream into the repetition folder,
+    each atomically, byte for byte; returns their relative paths. Refuses names that
+    would leave the folder."""
+    written = []
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(armoured)), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            rel = PurePosixPath(member.name.removeprefix("./"))
+            if rel.is_absolute() or ".." in rel.parts:
+                raise GuestError(f"the window's tar stream names {member.name!r}")
+            data = tar.extractfile(member)
+            assert data is not None  # a regular file always has data
+            atomic_write_bytes(rep.path.joinpath(*rel.parts), data.read())
+            written.append(str(rel))
+    return written
+
+
+def _fetch_window(rx: Shell, rep: RepDir) -> None:
     """Copy the window's files: one tar stream over SSH, unpacked into the rep folder."""
-    listing = rx.run(f"cd {GUEST_DIR}/win && find . -type f | sort").stdout.split()
-    for rel in listing:
-        rel = rel.removeprefix("./")
-        if rel == "finished":
-            continue
-        text = rx.run(f"cat {shlex.quote(f'{GUEST_DIR}/win/{rel}')}").stdout
-        atomic_write_text(rep.path / rel, text)
+    unpack_window(rx.run(fetch_window_command()).stdout, rep)
 
 
-def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
+def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool) -> dict[str, object]:
-    """Measure one repetition into `rep`; raises GuestError on hangs or lost SSH."""
-    rx, tx = topo.receiver.ssh, topo.sender.ssh if topo.sender else None
-    if tx is None:
-        raise NetbedError("a measured cell needs the sender guest")
+    """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
+
+    Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
+    PolicyMismatch when the receiver's state differs from the policy.
+    """
     cachemodel = "cachemodel" in exp.counters
     atomic_write_json(rep.file("cell.json"),
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,11 +25,16 @@ from testbed.build.cachemodel_plugin import (
     build_plugin,
     run_command,
 )
+from testbed.build.kernels import get_kernel
+from testbed.build.newc import CpioEntry, encode_newc
 from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency
 from testbed.formats.cachemodel import MODES, read_snapshots, window
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
-from testbed.vm.qemu import PluginSpec
+from testbed.shell import HostShell
+from testbed.vm.process import free_port
+from testbed.vm.qemu import DirectBoot, PluginSpec, direct_boot_argv
+from testbed.vocabulary import TcgThreads
 
 
 def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int | bool
@@ -36,6 +45,8 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int
     if unknown:
         raise ConfigError(f"cachemodel: unknown parameter(s) {', '.join(unknown)}",
                           hint=f"known: {', '.join(sorted(known))}")
+    # Names are checked above; each value's type (int, or bool for dma) is the field's,
+    # which a **kwargs annotation cannot say per name.
     params = ModelParams(**model_params).validate()  # type: ignore[arg-type]
     for what, path in (("plugin", plugin_path), ("output", out_csv)):
         if "," in str(path):
@@ -65,15 +76,6 @@ class MicroRun:
     csv: Path | None
     cpu_s: float = 0.0  # QEMU's user + system CPU time: less sensitive to a busy host
 
-    def bench_lines(self, prefix: str = "nbbench_") -> list[dict[str, str]]:
-        """`key=value` fields of the benchmark lines the tools print."""
-        out = []
-        for line in self.console.splitlines():
-            line = line.strip()
-            if line.startswith(prefix):
-                name, *kv = line.split()
-                out.append({"tool": name, **dict(x.split("=", 1) for x in kv if "=" in x)})
-        return out
 
 
 def build_guest_tools(settings: Settings, log: Log = print) -> dict[str, Path]:
@@ -102,8 +104,6 @@ def micro_init(script: str) -> str:
 
 
 def build_micro_initrd(settings: Settings, script: str, tools: dict[str, Path]) -> Path:
-    from testbed.build.newc import CpioEntry, encode_newc
-
     if not BUSYBOX.is_file():
         raise MissingDependency(f"{BUSYBOX} not found", hint="apt-get install busybox-static")
     entries = [CpioEntry.directory(d) for d in ("bin", "dev", "proc", "sys", "usr", "usr/local",
@@ -124,52 +124,42 @@ def build_micro_initrd(settings: Settings, script: str, tools: dict[str, Path]) 
     return path
 
 
-def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: str,
-               plugins: Sequence[PluginSpec] = (), memory_mb: int = 512) -> list[str]:
-    """QEMU command line of a micro guest: TCG, serial on stdout, no devices (pure)."""
-    argv = [qemu, "-machine", "q35", "-accel", f"tcg,thread={tcg_threads}", "-cpu", "max",
-            "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-user-config",
-            "-display", "none", "-no-reboot", "-serial", "stdio",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"]
-    for p in plugins:
-        argv += ["-plugin", p.render()]
-    return argv
+MICRO_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"
+
+
+def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: TcgThreads,
+               plugins: Sequence[PluginSpec] = (), memory_mb: int = 512,
+               devices: Sequence[str] = ()) -> list[str]:
+    """QEMU command line of a micro guest: TCG, serial on stdout, only `devices` (pure)."""
+    return direct_boot_argv(DirectBoot(
+        name="micro", kernel=kernel, initrd=initrd, append=MICRO_APPEND, cpus=cpus,
+        memory_mb=memory_mb, accel="tcg", tcg_threads=tcg_threads, console=None,
+        devices=tuple(devices), plugins=tuple(plugins)), qemu)
 
 
 def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0) -> MicroRun:
     """Boot, wait for power-off, return the console; raise if the guest did not finish."""
-    import resource
-    import time
-
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:  # run() has killed QEMU already
-        out = (exc.stdout or b"").decode(errors="replace")
-        raise CommandError(argv, None, out,
-                           hint=f"the micro guest ran over {timeout_s:.0f} s") from exc
+    res = HostShell().run(argv, timeout=timeout_s, check=False,
+                          hint=f"the micro guest ran over {timeout_s:.0f} s")
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    console = (proc.stdout + proc.stderr).decode(errors="replace")
-    if proc.returncode != 0 or MICRO_DONE not in console:
-        raise CommandError(argv, proc.returncode, console,
+    console = res.output
+    if res.exit_code != 0 or MICRO_DONE not in console:
+        raise CommandError(argv, res.exit_code, console,
                            hint="the micro guest did not finish its script (see output)")
     return MicroRun(console, wall, csv, cpu)
 
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:
     """Debian's kernel, as the lead's image uses it (extracted once into the cache)."""
-    from testbed.build.kernels import get_kernel
-
     return get_kernel("distro", settings, log).bzimage
 
 
 def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int = 2,
-                   tcg_threads: str = RECOMMENDED_TCG_THREADS, plugin: bool = True,
+                   tcg_threads: TcgThreads = RECOMMENDED_TCG_THREADS, plugin: bool = True,
                    log: Log = print, **model_params: int | bool) -> MicroRun:
     """Run `script` in a micro guest, with the cache model unless plugin=False."""
     tools = build_guest_tools(settings, log)
@@ -204,13 +194,6 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
     """Boot an e1000 micro guest, send it `mbytes` MiB over TCP from the host (user-mode
     networking, hostfwd on 127.0.0.1), the whole receive in region 60; return the
     region's totals per mode. Used to measure what device (DMA) writes do to counts."""
-    import socket
-    import threading
-    import time
-
-    from testbed.build.kernels import get_kernel
-    from testbed.vm.process import free_port
-
     kernel = get_kernel("distro", settings, log)
     tools = build_guest_tools(settings, log)
     initrd = build_micro_initrd(settings, DMA_SCRIPT, tools)
@@ -222,9 +205,10 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
     csv.unlink(missing_ok=True)
     spec = cachemodel_plugin_spec(build_plugin(settings, log), csv, dma=dma)
     port = free_port()
-    argv = micro_argv(settings.qemu_binary, kernel.bzimage, both, 2, "single", [spec])
-    argv += ["-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:5001",
-             "-device", "e1000,netdev=n0"]
+    argv = micro_argv(settings.qemu_binary, kernel.bzimage, both, 2, "single", [spec],
+                      devices=["-netdev", f"user,id=n0,restrict=on,"
+                               f"hostfwd=tcp:127.0.0.1:{port}-:5001",
+                               "-device", "e1000,netdev=n0"])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     out: list[str] = []

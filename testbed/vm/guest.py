@@ -1,4 +1,4 @@
-"""Fabric connection to a booted guest: run, put, get.
+"""Fabric connection to a booted guest: a `Shell` (run), plus put and get.
 
 A key pair is generated per run (0600) and its public half passed on the kernel
 command line; the guest's host key is known from the image, so we verify it
@@ -9,9 +9,9 @@ remote command running.
 
 from __future__ import annotations
 
+import base64
 import logging
 import shlex
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 
 from testbed.errors import CommandError, GuestError
+from testbed.shell import HostShell, Result
 
 WATCHDOG_GRACE_S = 30
 # paramiko logs every refused connection while sshd starts as a traceback on stderr;
@@ -40,23 +41,11 @@ def make_keypair(directory: Path) -> KeyPair:
     directory.mkdir(parents=True, exist_ok=True)
     private = directory / "id_ed25519"
     if not private.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "netbed-run",
-                        "-f", str(private)], check=True, capture_output=True)
+        HostShell().run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "netbed-run",
+                         "-f", str(private)], hint="apt-get install openssh-client")
     private.chmod(0o600)
     pub = private.with_suffix(".pub").read_text().split()
     return KeyPair(private, pub[1])
-
-
-@dataclass(frozen=True)
-class RunResult:
-    command: str
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 def wrap_timeout(command: str, seconds: float) -> str:
@@ -65,7 +54,11 @@ def wrap_timeout(command: str, seconds: float) -> str:
 
 
 class Guest:
-    """SSH access to one guest through its 127.0.0.1 port forward."""
+    """SSH access to one guest through its 127.0.0.1 port forward; a `testbed.shell.Shell`.
+
+    `run` raises GuestError when the guest hangs (the command outlives its timeout)
+    or the SSH session drops, and CommandError for a non-zero status with `check`.
+    """
 
     def __init__(self, name: str, port: int, key: KeyPair, host_key_pub: str,
                  command_timeout: float = 600.0) -> None:
@@ -80,7 +73,7 @@ class Guest:
         )
         kind, blob = host_key_pub.split()[:2]
         self.conn.client.get_host_keys().add(f"[127.0.0.1]:{port}", kind,
-                                             paramiko.Ed25519Key(data=_b64(blob)))
+                                             paramiko.Ed25519Key(data=base64.b64decode(blob)))
         self.conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
 
     def wait_ssh(self, timeout: float) -> float:
@@ -99,7 +92,7 @@ class Guest:
         raise GuestError(f"guest {self.name}: SSH did not answer within {timeout:.0f} s: {last}")
 
     def run(self, command: str, timeout: float | None = None, check: bool = True,
-            pty: bool = False) -> RunResult:
+            pty: bool = False) -> Result:
         limit = timeout or self.command_timeout
         wrapped = wrap_timeout(command, limit)
         # Fabric's timeout starts only once the channel is open, and opening one to a
@@ -130,7 +123,7 @@ class Guest:
                              f"{command!r}: {exc}") from exc
         finally:
             watchdog.cancel()
-        result = RunResult(command, res.exited, res.stdout, res.stderr)
+        result = Result(command, res.exited, res.stdout, res.stderr)
         if check and not result.ok:
             if res.exited == 124:
                 raise GuestError(f"guest {self.name}: command timed out after {limit:.0f} s: "
@@ -158,9 +151,3 @@ class Guest:
         if command is not None:
             argv.append(command)
         return argv
-
-
-def _b64(blob: str) -> bytes:
-    import base64
-
-    return base64.b64decode(blob)

@@ -13,18 +13,22 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, write_newc
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import NetbedError
+from testbed.errors import CommandTimeout, NetbedError
 from testbed.progress import Log
 from testbed.settings import Settings
+from testbed.shell import HostShell
 from testbed.vm.dataplane import can_use_taps
+from testbed.vm.qemu import DirectBoot, direct_boot_argv
+from testbed.vocabulary import Accel, AccelSetting
 
 PROBE_MARKER = "NETBED-PROBE-OK"
 PROBE_TIMEOUT_S = 25.0
@@ -59,14 +63,14 @@ class HostFacts:
     taps: bool
     taps_detail: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def qemu_version(binary: str) -> str | None:
     if shutil.which(binary) is None:
         return None
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    out = HostShell().run([binary, "--version"], check=False).stdout
     m = re.search(r"version (\S+)", out)
     return m.group(1) if m else out.strip()
 
@@ -74,7 +78,7 @@ def qemu_version(binary: str) -> str | None:
 def qemu_has_plugins(binary: str) -> bool:
     if shutil.which(binary) is None:
         return False
-    out = subprocess.run([binary, "-help"], capture_output=True, text=True).stdout
+    out = HostShell().run([binary, "-help"], check=False).stdout
     return "-plugin" in out
 
 
@@ -107,12 +111,12 @@ def probe_archive(busybox: Path, out: Path) -> None:
     ])
 
 
-def probe_argv(qemu: str, kernel: Path, initrd: Path, accel: str, console: Path) -> list[str]:
-    cpu = ["-cpu", "host"] if accel == "kvm" else []
-    return [qemu, "-accel", accel, *cpu, "-m", "256", "-smp", "1", "-nodefaults",
-            "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kernel),
-            "-initrd", str(initrd), "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
-            "-serial", f"file:{console}"]
+def probe_argv(qemu: str, kernel: Path, initrd: Path, accel: Accel, console: Path) -> list[str]:
+    """The probe guest: one vCPU, the busybox initramfs, the console to a file (pure)."""
+    return direct_boot_argv(DirectBoot(
+        name="kvm-probe", kernel=kernel, initrd=initrd,
+        append="console=ttyS0 quiet panic=-1 rdinit=/init", cpus=1, memory_mb=256,
+        accel=accel, console=console), qemu)
 
 
 def _cache_key(settings: Settings) -> str:
@@ -140,8 +144,6 @@ def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True) -> K
 
 
 def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
-    from testbed.build.kernels import get_kernel
-
     ensure_packages({"busybox-static": BUSYBOX_STATIC}, log)
     kernel = get_kernel("distro", settings, log)
     log(f"probing KVM: booting a tiny guest under -accel kvm (timeout {PROBE_TIMEOUT_S:.0f} s)")
@@ -153,9 +155,8 @@ def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
                           console)
         start = time.monotonic()
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=PROBE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+            proc = HostShell().run(argv, timeout=PROBE_TIMEOUT_S, check=False)
+        except CommandTimeout:
             return KvmVerdict(False, f"a stock kernel did not boot under KVM within "
                                      f"{PROBE_TIMEOUT_S:.0f} s (hangs: modules "
                                      f"{', '.join(kvm_modules()) or '?'})")
@@ -167,7 +168,7 @@ def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
         return KvmVerdict(False, f"QEMU under KVM failed: {err[-1] if err else 'no output'}")
 
 
-def choose_accel(requested: str, verdict: KvmVerdict) -> tuple[str, str]:
+def choose_accel(requested: AccelSetting, verdict: KvmVerdict) -> tuple[Accel, str]:
     """kvm | tcg from the request and the probe, with the reason (pure)."""
     if requested == "tcg":
         return "tcg", "tcg requested"
@@ -181,7 +182,7 @@ def choose_accel(requested: str, verdict: KvmVerdict) -> tuple[str, str]:
     return "tcg", f"TCG, because {verdict.reason}"
 
 
-def resolve_accel(settings: Settings, log: Log = print) -> tuple[str, str]:
+def resolve_accel(settings: Settings, log: Log = print) -> tuple[Accel, str]:
     if settings.accel == "tcg":
         return "tcg", "tcg requested"
     return choose_accel(settings.accel, probe_kvm(settings, log))

@@ -1,7 +1,11 @@
-"""Guest spec -> QEMU argv (pure).
+"""Guest spec -> QEMU argv (pure): the one builder of every QEMU command line.
 
-The argv is a pure function of a `GuestSpec`, so every NIC model, accelerator and
-network attachment is unit-tested without starting anything. Running it is
+The argv is a pure function of a spec, so every NIC model, accelerator and
+network attachment is unit-tested without starting anything. `DirectBoot` is
+what every netbed guest shares (machine, accelerator, CPU model, direct kernel
+boot, serial console, TCG plugins); experiment guests (`GuestSpec`), the KVM
+probe (`testbed.vm.hostfacts`) and the cache model's micro guests
+(`testbed.vm.cachemodel`) all go through `direct_boot_argv`. Running an argv is
 `testbed.vm.process`'s job.
 """
 
@@ -9,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-NicModel = Literal["e1000", "virtio", "virtio-nocsum"]
-NIC_MODELS: tuple[str, ...] = ("e1000", "virtio", "virtio-nocsum")
-Accel = Literal["kvm", "tcg"]
+from testbed.vocabulary import NIC_NAMES, Accel, NicName, TcgThreads
+
 READY_MARKER = "NETBED-READY"
 
 # The guest kernel driver that each model binds to (checked by integration tests).
@@ -70,12 +72,12 @@ class GuestSpec:
     ssh_port: int
     workdir: Path  # console log, QMP socket, pid file live here
     ssh_pubkey_b64: str  # base64 blob of the run's ed25519 public key
-    nic: NicModel | None = None
+    nic: NicName | None = None
     data: DataAttachment | None = None
     data_ip: str | None = None  # CIDR, e.g. 198.18.0.1/24
     index: int = 0  # distinguishes MACs of guests in one run
     mgmt_net: str = "198.19.255.0/24"
-    tcg_threads: Literal["multi", "single"] = "multi"
+    tcg_threads: TcgThreads = "multi"
     extra_append: tuple[str, ...] = ()
     plugins: tuple[PluginSpec, ...] = field(default_factory=tuple)
     # UNIX socket paths must be < 108 bytes, and results folders can be deep: callers
@@ -108,14 +110,14 @@ class GuestSpec:
         return f"{base}.15/24"
 
 
-def nic_device_arg(model: NicModel, netdev: str, mac: str) -> str:
+def nic_device_arg(model: NicName, netdev: str, mac: str) -> str:
     if model == "e1000":
         return f"e1000,netdev={netdev},mac={mac}"
     if model == "virtio":
         return f"virtio-net-pci,netdev={netdev},mac={mac}"
     if model == "virtio-nocsum":
         return ",".join([f"virtio-net-pci,netdev={netdev},mac={mac}", *VIRTIO_NOCSUM_PROPS])
-    raise ValueError(f"unknown NIC model {model!r} (allowed: {', '.join(NIC_MODELS)})")
+    raise ValueError(f"unknown NIC model {model!r} (allowed: {', '.join(NIC_NAMES)})")
 
 
 def data_netdev_arg(attachment: DataAttachment) -> str:
@@ -139,21 +141,51 @@ def kernel_append(spec: GuestSpec) -> str:
     return " ".join(parts)
 
 
-def qemu_argv(spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
-    """The full QEMU command line for `spec` (pure)."""
-    if spec.accel == "kvm":
+@dataclass(frozen=True)
+class DirectBoot:
+    """What every netbed QEMU command line has: a q35 machine on one accelerator,
+    a kernel and initramfs booted directly, a serial console, no default devices."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    append: str
+    cpus: int
+    memory_mb: int
+    accel: Accel
+    tcg_threads: TcgThreads = "multi"
+    console: Path | None = None  # serial console to this file; None: to QEMU's stdout
+    devices: tuple[str, ...] = ()  # more arguments: QMP, netdevs and their devices
+    plugins: tuple[PluginSpec, ...] = ()
+
+
+def direct_boot_argv(boot: DirectBoot, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
+    """The QEMU command line for `boot` (pure)."""
+    if boot.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], ["-cpu", "host,pmu=on"]
     else:
-        accel, cpu = ["-accel", f"tcg,thread={spec.tcg_threads}"], ["-cpu", "max"]
-    mgmt_host = spec.mgmt_net.split("/")[0].rsplit(".", 1)[0] + ".2"
+        accel, cpu = ["-accel", f"tcg,thread={boot.tcg_threads}"], ["-cpu", "max"]
+    if boot.console is not None:
+        serial = ["-chardev", f"file,id=console,path={boot.console}",
+                  "-serial", "chardev:console"]
+    else:
+        serial = ["-serial", "stdio"]
     argv = [
-        qemu_binary, "-name", spec.name, "-machine", "q35", *accel, *cpu,
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mb),
+        qemu_binary, "-name", boot.name, "-machine", "q35", *accel, *cpu,
+        "-smp", str(boot.cpus), "-m", str(boot.memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
-        "-append", kernel_append(spec),
-        "-chardev", f"file,id=console,path={spec.console_log}",
-        "-serial", "chardev:console",
+        "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
+        "-append", boot.append, *serial, *boot.devices,
+    ]
+    for plugin in boot.plugins:
+        argv += ["-plugin", plugin.render()]
+    return argv
+
+
+def qemu_argv(spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
+    """The full QEMU command line of an experiment guest (pure)."""
+    mgmt_host = spec.mgmt_net.split("/")[0].rsplit(".", 1)[0] + ".2"
+    devices = [
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
         "-device", "virtio-rng-pci",
         "-netdev",
@@ -162,10 +194,12 @@ def qemu_argv(spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> list[
         "-device", f"virtio-net-pci,netdev=mgmt,mac={spec.mgmt_mac}",
     ]
     if spec.nic is not None and spec.data is not None:
-        argv += ["-netdev", data_netdev_arg(spec.data),
-                 "-device", nic_device_arg(spec.nic, "data", spec.data_mac)]
-    for plugin in spec.plugins:
-        argv += ["-plugin", plugin.render()]
-    return argv
+        devices += ["-netdev", data_netdev_arg(spec.data),
+                    "-device", nic_device_arg(spec.nic, "data", spec.data_mac)]
+    return direct_boot_argv(DirectBoot(
+        name=spec.name, kernel=spec.kernel, initrd=spec.initrd, append=kernel_append(spec),
+        cpus=spec.cpus, memory_mb=spec.memory_mb, accel=spec.accel,
+        tcg_threads=spec.tcg_threads, console=spec.console_log, devices=tuple(devices),
+        plugins=spec.plugins), qemu_binary)
 
 

@@ -32,7 +32,8 @@ from testbed.vm.dataplane import (
 )
 from testbed.vm.guest import Guest, KeyPair, make_keypair
 from testbed.vm.process import QemuProcess, free_port, short_socket_path
-from testbed.vm.qemu import GuestSpec, NicModel, PluginSpec
+from testbed.vm.qemu import GuestSpec, PluginSpec
+from testbed.vocabulary import Accel, AccelSetting, NicName, TcgThreads
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Assets:
     image: GuestImage
     initrd: Path
     key: KeyPair
-    accel: str
+    accel: Accel
     accel_reason: str
 
 
@@ -66,7 +67,7 @@ class Topology:
 
 
 def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
-                   log: Log = print, accel: str | None = None) -> Assets:
+                   log: Log = print, accel: AccelSetting | None = None) -> Assets:
     """Install, build or fetch whatever booting needs (each step cached)."""
     from testbed.vm.hostfacts import resolve_accel
 
@@ -80,8 +81,9 @@ def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
 
 
 def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: int,
-          cpus: int, nic: NicModel | None, plan: DataPlanePlan | None, role: str,
-          plugins: tuple[PluginSpec, ...], tcg_threads: str, memory_mb: int | None) -> GuestSpec:
+          cpus: int, nic: NicName | None, plan: DataPlanePlan | None, role: str,
+          plugins: tuple[PluginSpec, ...], tcg_threads: TcgThreads,
+          memory_mb: int | None) -> GuestSpec:
     attachment = None
     data_ip = None
     if plan is not None and nic is not None:
@@ -89,10 +91,10 @@ def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: i
         data_ip = f"{RECEIVER_IP if role == 'receiver' else SENDER_IP}/{PREFIX}"
     return GuestSpec(
         name=name, kernel=assets.kernel.bzimage, initrd=assets.initrd, cpus=cpus,
-        memory_mb=memory_mb or settings.guest_memory_mb, accel=assets.accel,  # type: ignore[arg-type]
+        memory_mb=memory_mb or settings.guest_memory_mb, accel=assets.accel,
         ssh_port=free_port(), workdir=workdir, ssh_pubkey_b64=assets.key.public_b64,
         nic=nic, data=attachment, data_ip=data_ip, index=index, plugins=plugins,
-        tcg_threads=tcg_threads,  # type: ignore[arg-type]
+        tcg_threads=tcg_threads,
         qmp_path=short_socket_path(name),
     )
 
@@ -115,24 +117,22 @@ def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack)
 
 @contextlib.contextmanager
 def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
-         nic: NicModel | None, with_sender: bool, sender_cpus: int = 2,
+         nic: NicName | None, with_sender: bool, sender_cpus: int = 2,
          dataplane_mode: str = "auto", receiver_plugins: tuple[PluginSpec, ...] = (),
-         receiver_tcg_threads: str = "multi", memory_mb: int | None = None,
+         receiver_tcg_threads: TcgThreads = "multi", memory_mb: int | None = None,
          log: Log = print) -> Iterator[Topology]:
     """Boot the receiver (and the sender on a private data plane) and yield them."""
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         plan = None
         notes: dict[str, str] = {"accel": f"{assets.accel} ({assets.accel_reason})"}
-        if nic is not None and with_sender:
+        if nic is not None:  # a lone guest gets the same data plane, its peer's tap unused
             mode, why = choose_mode(dataplane_mode)
             plan = plan_dataplane(mode)
             notes["dataplane"] = f"{mode}: {why}; {plan.offload_note}"
             registry = settings.cache_dir / "dataplanes"
             sweep_stale(registry)
             stack.enter_context(DataPlane(plan, registry))
-        elif nic is not None:
-            plan = plan_dataplane("socket")  # lone guest: a listening socket, no peer
         started = time.monotonic()
         receiver = _boot(_spec(assets, settings, workdir, "receiver", 1, cpus, nic, plan,
                                "receiver", receiver_plugins, receiver_tcg_threads,

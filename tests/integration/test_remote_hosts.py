@@ -1,4 +1,4 @@
-"""`invoke run-matrix --hosts` against an sshd this test starts on 127.0.0.1 with its own keys.
+"""`invoke run-hosts` against an sshd this test starts on 127.0.0.1 with its own keys.
 
 Two "hosts" are the same sshd (each assignment gets its own remote folder and
 shipped checkout); a third entry points at a closed port, so one host fails while
@@ -116,16 +116,16 @@ def test_hosts_run_shards_pull_back_and_merge_and_a_dead_host_fails_the_run(sshd
     dead = free_port()  # nothing listens here
     hosts = (f"{sshd.user}@127.0.0.1:{sshd.port},{sshd.user}@127.0.0.1:{sshd.port},"
              f"{sshd.user}@127.0.0.1:{dead}")
-    argv = [sys.executable, "-m", "invoke", "run-matrix", "--config", str(config),
-            "--no-report", "--hosts", hosts, "--hosts-key", str(sshd.key),
-            "--hosts-dir", str(remote_root), "--hosts-python", sys.executable,
-            "--hosts-cache-dir", str(Settings().cache_dir), "--hosts-parallel", "1"]
+    argv = [sys.executable, "-m", "invoke", "run-hosts", "--config", str(config),
+            "--no-report", "--hosts", hosts, "--key", str(sshd.key),
+            "--remote-dir", str(remote_root), "--python", sys.executable,
+            "--cache-dir", str(Settings().cache_dir), "--parallel", "1"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                           text=True).stdout.strip()  # what gets shipped (read before others commit)
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, "INVOKE_NETBED_RESULTS_DIR": str(results)})
-    print(f"--hosts run of 2 cells on 2 live + 1 dead host: {time.monotonic() - started:.0f} s")
+    print(f"run-hosts of 2 cells on 2 live + 1 dead host: {time.monotonic() - started:.0f} s")
     out = proc.stdout + proc.stderr
     print(out)
     assert proc.returncode == 1, out  # the dead host fails the run ...
@@ -156,10 +156,10 @@ def test_interrupt_stops_the_remote_run_and_its_guests(sshd, tmp_path):
     config.write_text(CONFIG)
     remote_root = tmp_path / "remote"
     log = tmp_path / "out.log"
-    argv = [sys.executable, "-m", "invoke", "run-matrix", "--config", str(config),
+    argv = [sys.executable, "-m", "invoke", "run-hosts", "--config", str(config),
             "--no-report", "--hosts", f"{sshd.user}@127.0.0.1:{sshd.port}",
-            "--hosts-key", str(sshd.key), "--hosts-dir", str(remote_root),
-            "--hosts-python", sys.executable, "--hosts-cache-dir", str(Settings().cache_dir)]
+            "--key", str(sshd.key), "--remote-dir", str(remote_root),
+            "--python", sys.executable, "--cache-dir", str(Settings().cache_dir)]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ,

@@ -15,7 +15,7 @@ from testbed.experiment.load import load_experiment
 from testbed.experiment.matrix import expand, shard
 from testbed.files import read_json
 from testbed.run.folder import RunDir
-from testbed.run.loop import run_matrix
+from testbed.run.local import run_matrix
 from testbed.run.merge import merge_runs
 from testbed.settings import Settings
 

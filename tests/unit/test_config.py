@@ -27,15 +27,15 @@ from testbed.experiment.load import (
 )
 from testbed.experiment.matrix import expand
 from testbed.experiment.policies import MAX_POLICY_NAME, load_policies
-from testbed.experiment.runname import (
+from testbed.experiment.yamlload import display_path
+from testbed.run.folder import new_run_id
+from testbed.runname import (
     MAX_NAME_BYTES,
     MAX_SHARDS,
     NAME_MAX,
     name_problem,
     run_folder_name,
 )
-from testbed.experiment.yamlload import display_path
-from testbed.run.folder import new_run_id
 from testbed.vocabulary import KERNEL_NAMES
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
@@ -415,8 +415,8 @@ def test_cli_refuses_with_status_2_and_no_traceback(tmp_path: Path) -> None:
 
 def test_runner_opens_the_run_with_the_validated_text_and_policies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run/loop.open_run keeps what validation read: the text, the resolved `~` path."""
-    from testbed.run.loop import open_run
+    """run/local.open_run keeps what validation read: the text, the resolved `~` path."""
+    from testbed.run.local import open_run
     from testbed.settings import Settings
 
     monkeypatch.setenv("HOME", str(tmp_path))

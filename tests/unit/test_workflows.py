@@ -127,7 +127,7 @@ def test_merge_waits_for_all_shards_merges_reports_and_compares_with_previous():
     script = runs_of(merge)
     assert "invoke merge-results" in script and "--runs" in script
     assert "gh run download" in script and "--name nightly-merged" in script
-    assert 'invoke report "$RUN" --compare "$PREVIOUS"' in script
+    assert 'invoke report --run "$RUN" --compare "$PREVIOUS"' in script
     assert merge["env"]["GH_TOKEN"] == "${{ github.token }}"
     assert wf["permissions"]["actions"] == "read"
     names = {u["with"]["name"] for u in uses(merge, "actions/upload-artifact")}

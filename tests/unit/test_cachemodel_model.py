@@ -1,13 +1,11 @@
-"""Cache model: the pure Python side, and model.c driven by traces (no QEMU).
+"""model.c, the cache model itself, driven by traces (no QEMU).
 
-The model tests compile cachemodel/plugin/model_trace.c (gcc, well under a second)
-and feed it synthetic access traces whose right answers follow from the cache
-geometry alone.
-"""
+The tests compile cachemodel/plugin/model_trace.c (gcc, well under a second) and
+feed it synthetic access traces whose right answers follow from the cache
+geometry alone."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from io import StringIO
@@ -16,172 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed.build import cachemodel_plugin as cmplugin
-from testbed.errors import ConfigError, NetbedError
-from testbed.formats import cachemodel as cmfmt
 from testbed.settings import REPO_ROOT
-from testbed.vm import cachemodel as cm
 
 LINE = 64
 L1D = 32 << 10
-
-
-# ---------------------------------------------------------------- markers
-def test_marker_bytes_encode_kind_and_id():
-    assert cmfmt.marker_bytes("begin", 5) == bytes([0x0F, 0x1F, 0x80, 0x05, 0x00, 0x10, 0x4E])
-    assert cmfmt.marker_bytes("end", 0xFFFFF) == bytes([0x0F, 0x1F, 0x80, 0xFF, 0xFF, 0x2F, 0x4E])
-    assert cmfmt.marker_bytes("snapshot", 1)[5] == 0x30
-
-
-@pytest.mark.parametrize(("kind", "marker_id"), [("start", 1), ("begin", -1), ("end", 1 << 20)])
-def test_bad_markers_are_refused(kind, marker_id):
-    with pytest.raises(NetbedError):
-        cmfmt.nbmark_command(kind, marker_id)
-
-
-def test_c_sources_use_the_same_marker_encoding():
-    """nbmark.c, the benchmarks and plugin.c must agree with marker_displacement()."""
-    tools = REPO_ROOT / "images" / "tools"
-    for src in [tools / "nbmark.c", *tools.glob("nbbench_*.c")]:
-        text = src.read_text()
-        assert "0x4E000000u | (kind & 0xfu) << 20 | (id & 0xfffffu)" in text, src
-        assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3" in text, src
-    plugin = (REPO_ROOT / "cachemodel" / "plugin" / "plugin.c").read_text()
-    assert "#define MARKER_MAGIC 0x4Eu" in plugin
-    assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3" in plugin
-    assert cmfmt.MARKER_KINDS == {"begin": 1, "end": 2, "snapshot": 3}
-
-
-def test_csv_event_names_match_the_model():
-    model_c = (REPO_ROOT / "cachemodel" / "plugin" / "model.c").read_text()
-    names = re.search(r"model_event_names\[EV_COUNT\] = \{(.*?)\};", model_c, re.S)
-    assert names is not None
-    assert tuple(re.findall(r'"(\w+)"', names.group(1))) == cmfmt.EVENTS
-
-
-# ---------------------------------------------------------------- parameters
-def test_plugin_spec_renders_qemu_72_syntax():
-    spec = cm.cachemodel_plugin_spec(Path("/c/libnetbed_cache.so"), Path("/r/cachemodel.csv"),
-                                     l2_size=0)
-    assert spec.render() == (
-        "file=/c/libnetbed_cache.so,out=/r/cachemodel.csv,l1d_size=32768,l1d_assoc=8,"
-        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on,dma=on,ddio=on")
-
-
-def test_plugin_spec_refuses_commas_and_unknown_parameters():
-    with pytest.raises(ConfigError, match="comma"):
-        cm.cachemodel_plugin_spec(Path("/a,b/x.so"), Path("/r/c.csv"))
-    with pytest.raises(ConfigError, match=r"unknown parameter.*l3_size"):
-        cm.cachemodel_plugin_spec(Path("/x.so"), Path("/r/c.csv"), l3_size=1)
-
-
-@pytest.mark.parametrize("bad", [dict(line=48), dict(l1d_size=48 << 10), dict(llc_assoc=0),
-                                 dict(l2_size=3 << 20)])
-def test_bad_geometry_names_the_parameter_and_a_fix(bad):
-    with pytest.raises(ConfigError) as exc:
-        cmplugin.ModelParams(**bad).validate()
-    assert next(iter(bad)).split("_")[0] in str(exc.value)
-    assert exc.value.hint
-
-
-def test_disabled_l2_needs_no_valid_l2_geometry():
-    cmplugin.ModelParams(l2_size=0, l2_assoc=0).validate()
-
-
-# ---------------------------------------------------------------- build helpers
-def test_sources_list_has_suite_updates_and_security():
-    text = cmplugin.deb_src_sources("http://deb.debian.org/debian/", "bookworm")
-    assert text.splitlines() == [
-        "deb-src http://deb.debian.org/debian bookworm main",
-        "deb-src http://deb.debian.org/debian bookworm-updates main",
-        "deb-src http://deb.debian.org/debian-security bookworm-security main",
-    ]
-
-
-def test_apt_options_keep_apt_off_the_system_configuration(tmp_path):
-    opts = cmplugin.apt_source_options(tmp_path, tmp_path / "s.list")
-    joined = " ".join(opts)
-    assert f"Dir::Etc::SourceList={tmp_path / 's.list'}" in joined
-    assert "Dir::Etc::SourceParts=/dev/null" in joined
-    assert f"Dir::State::Lists={tmp_path / 'lists'}" in joined
-    assert f"Dir::Cache={tmp_path / 'apt'}" in joined
-
-
-GIT_PATCH = """\
-From: someone
-Subject: two files
-
-diff --git a/plugins/loader.c b/plugins/loader.c
---- a/plugins/loader.c
-+++ b/plugins/loader.c
-@@ -1 +1 @@
--a
-+b
-diff --git a/include/qemu/qemu-plugin.h b/include/qemu/qemu-plugin.h
-index 1..2 100644
---- a/include/qemu/qemu-plugin.h
-+++ b/include/qemu/qemu-plugin.h
-@@ -1 +1 @@
--x
-+y
-"""
-
-
-def test_patch_section_extracts_only_the_header():
-    section = cmplugin.patch_section(GIT_PATCH, cmplugin.HEADER_PATH)
-    assert section is not None
-    assert "+++ b/include/qemu/qemu-plugin.h" in section and "+y" in section
-    assert "loader.c" not in section
-    assert cmplugin.patch_section(GIT_PATCH, "include/other.h") is None
-
-
-def test_plugin_key_changes_with_source_version_and_header():
-    base = cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
-    assert base != cmplugin.plugin_key({"a.c": b"2"}, b"h", "7.2", "-I/x")
-    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h2", "7.2", "-I/x")
-    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h", "8.0", "-I/x")
-    assert base == cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
-
-
-def test_micro_argv_loads_plugins_and_selects_tcg_threads():
-    spec = cm.cachemodel_plugin_spec(Path("/p.so"), Path("/o.csv"))
-    argv = cm.micro_argv("qemu", Path("/k"), Path("/i"), 2, "single", [spec])
-    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
-    assert argv[argv.index("-plugin") + 1].startswith("file=/p.so,out=/o.csv,")
-
-
-# ---------------------------------------------------------------- CSV
-CSV = """vcpu,mode,event,value,marker
-0,kernel,loads,10,begin:1
-0,user,loads,0,begin:1
-1,kernel,loads,5,begin:1
-1,user,loads,1,begin:1
-0,kernel,loads,20,end:1
-0,user,loads,7,end:1
-1,kernel,loads,5,end:1
-1,user,loads,4,end:1
-0,kernel,loads,30,end:1
-0,user,loads,9,end:1
-1,kernel,loads,6,end:1
-1,user,loads,4,end:1
-"""
-
-
-def test_snapshots_are_numbered_even_when_a_marker_repeats():
-    df = cmfmt.read_snapshots(CSV)
-    assert list(df["snapshot"].unique()) == [0, 1, 2]
-    assert cmfmt.window(df, "begin:1", "end:1", mode="user") == {"loads": 12}
-    assert cmfmt.window(df, "begin:1", "end:1", mode="kernel", vcpu=0) == {"loads": 20}
-
-
-def test_window_names_missing_markers():
-    with pytest.raises(NetbedError, match="snapshot:9"):
-        cmfmt.window(cmfmt.read_snapshots(CSV), "begin:1", "snapshot:9")
-
-
-def test_csv_with_wrong_columns_is_refused():
-    with pytest.raises(NetbedError, match="columns"):
-        cmfmt.read_snapshots("cpu,mode,event,value,marker\n0,user,loads,1,x\n")
 
 
 # ---------------------------------------------------------------- model.c via traces

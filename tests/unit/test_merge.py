@@ -1,4 +1,4 @@
-"""Pure parts of the runner: the measured-window script, fault specs, summaries, ETA, merge."""
+"""testbed.run.merge: joining shard runs into one run folder."""
 
 from __future__ import annotations
 
@@ -8,62 +8,8 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import NetbedError
-from testbed.experiment.load import experiment_from_dict
-from testbed.experiment.policies import load_policies
-from testbed.progress import eta_seconds, fmt_seconds
 from testbed.run.folder import RunDir
-from testbed.run.loop import Fault, RunSummary, summary_text
 from testbed.run.merge import merge_runs, merged_name
-from testbed.run.repetition import window_script
-
-
-def experiment(**over):
-    data = {"name": "t", "axes": {"kernel": ["distro"], "nic": ["e1000"], "cpus": [2],
-                                  "policy": ["default"], "workload": ["TCP_STREAM"],
-                                  "gro": ["on"]},
-            "repetitions": 1, "duration": 3, "warmup": 0, **over}
-    return experiment_from_dict(data, load_policies())
-
-
-def test_window_waits_for_the_reader_then_measures_between_snapshots():
-    script = window_script(experiment(), pmu=False, cachemodel=False)
-    order = [script.index(s) for s in ("until ", "proc-before", "perf", "wait",
-                                       "proc-after", "finished")]
-    assert order == sorted(order)
-    assert "-- sleep 3" in script  # perf stat spans exactly the window
-    assert "cycles" not in script  # no hardware events without a PMU
-    assert "nbmark" not in script
-
-
-def test_window_asks_for_hardware_events_with_a_pmu_and_marks_the_cache_model_region():
-    script = window_script(experiment(), pmu=True, cachemodel=True)
-    assert "cycles" in script and "LLC-load-misses" in script
-    assert script.index("nbmark begin 1") < script.index("perf stat") < \
-        script.index("nbmark end 1") < script.index("proc-after")
-
-
-@pytest.mark.parametrize("text", ["crash:x", "hang:", "hang", "x"])
-def test_bad_fault_specs_are_rejected(text):
-    with pytest.raises(NetbedError, match="hang:<cell-id>"):
-        Fault.parse(text)
-
-
-def test_fault_spec_parses():
-    assert Fault.parse("hang:cell-a") == Fault("cell-a", "hang")
-    assert Fault.parse(None) is None
-
-
-def test_summary_lists_failures():
-    s = RunSummary(Path("/r"), total=4, done=2, skipped=1, failed=[("c1", 0, "boom")])
-    text = summary_text(s, 12.3)
-    assert "4 total, 2 run now, 1 already done, 1 failed" in text
-    assert "c1 rep 0: boom" in text and not s.ok
-
-
-def test_eta_from_pace():
-    assert eta_seconds(0, 10, 5) is None
-    assert eta_seconds(2, 10.0, 3) == 15.0
-    assert fmt_seconds(None) == "?" and fmt_seconds(75) == "1m15s" and fmt_seconds(3700) == "1h01m"
 
 
 def make_run(root: Path, name: str, experiment_text: str, reps: dict[tuple[str, int], str]) -> Path:

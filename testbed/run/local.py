@@ -1,0 +1,89 @@
+"""A matrix run on this host: open (or resume) the run folder, then run the loop.
+
+`open_run` is where a run folder is born: the experiment and its policies are
+copied in, `run.json` records the shard, and `cells.json` the cells this run
+owns; a resumed run reads all of that back, so it runs exactly what it started.
+`run_matrix` wires the real collaborators (`testbed.run.session`) into the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from testbed.errors import NetbedError
+from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.load import load_experiment
+from testbed.experiment.matrix import expand, schedule, shard
+from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
+from testbed.files import atomic_write_json, atomic_write_text, read_json
+from testbed.progress import Log
+from testbed.run.folder import RunDir, new_run_id, resolve_run
+from testbed.run.loop import MatrixRunner, RunSummary, summary_text
+from testbed.run.provenance import Provenance, netbed_commit
+from testbed.run.session import ExperimentGuests, Fault
+from testbed.settings import Settings
+from testbed.vm.hostfacts import gather
+
+Shard = tuple[int, int]
+
+
+def open_run(settings: Settings, config: Path | None, resume: str | None,
+             shard_spec: Shard | None) -> tuple[RunDir, Experiment, list[Cell]]:
+    """A new run folder for `config`, or the existing one to resume; cells of this shard."""
+    if resume:
+        run = RunDir(resolve_run(resume, settings.results_dir))
+        if not run.experiment_file.is_file():
+            raise NetbedError(f"{run.path} is not a netbed run (no experiment.yaml)",
+                              hint=f"pass a folder or run id under {settings.results_dir}")
+        exp = load_experiment(run.experiment_file, _policies_of(run))
+        shard_spec = _shard_of(read_json(run.meta_file))
+    else:
+        if config is None:
+            raise NetbedError("run_matrix needs an experiment file or a run to resume")
+        exp = load_experiment(config)  # `-` reads standard input: keep the text validated
+        run = RunDir(settings.results_dir / new_run_id(exp.name, shard_spec))
+        run.path.mkdir(parents=True)
+        atomic_write_text(run.experiment_file, exp.source_text or "")
+        # the run carries its policies: the file validation resolved (`~`, relative paths)
+        shutil.copy2(exp.policies_path or DEFAULT_POLICIES_FILE, run.policies_file)
+        atomic_write_json(run.meta_file, {"shard": list(shard_spec) if shard_spec else None,
+                                          "config": str(config)})
+    cells = expand(exp)
+    if shard_spec:
+        cells = shard(cells, *shard_spec)
+    atomic_write_json(run.cells_file, [{**json.loads(c.model_dump_json()),
+                                        "cell_id": c.cell_id} for c in cells])
+    return run, exp, cells
+
+
+def _shard_of(meta: dict[str, object]) -> Shard | None:
+    value = meta.get("shard")
+    if isinstance(value, list) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _policies_of(run: RunDir) -> PolicySet | None:
+    return load_policies(run.policies_file) if run.policies_file.is_file() else None
+
+
+def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = None,
+               shard_spec: Shard | None = None, fault: Fault | None = None,
+               log: Log = print) -> RunSummary:
+    """Run (or resume) an experiment into its run folder; returns what happened."""
+    run, exp, cells = open_run(settings, config, resume, shard_spec)
+    for warning in exp.warnings:
+        log(warning)
+    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions} repetitions -> {run.path}")
+    started = time.monotonic()
+    provenance = Provenance(run, exp.counters, log)
+    guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
+    collaborators = guests.collaborators(
+        start=lambda: provenance.record_host(gather(settings, log=log), netbed_commit()))
+    summary = MatrixRunner(run, schedule(exp, cells), exp.retries, collaborators,
+                           log).execute()
+    atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
+    return summary

@@ -1,0 +1,106 @@
+"""The cache-model plugin from Python: its parameters and `-plugin` spec (testbed.vm.cachemodel,
+testbed.build.cachemodel_plugin), how it is built, and the micro guests' command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.build import cachemodel_plugin as cmplugin
+from testbed.errors import ConfigError
+from testbed.vm import cachemodel as cm
+
+LINE = 64
+L1D = 32 << 10
+
+
+# ---------------------------------------------------------------- parameters
+def test_plugin_spec_renders_qemu_72_syntax():
+    spec = cm.cachemodel_plugin_spec(Path("/c/libnetbed_cache.so"), Path("/r/cachemodel.csv"),
+                                     l2_size=0)
+    assert spec.render() == (
+        "file=/c/libnetbed_cache.so,out=/r/cachemodel.csv,l1d_size=32768,l1d_assoc=8,"
+        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on,dma=on,ddio=on")
+
+
+def test_plugin_spec_refuses_commas_and_unknown_parameters():
+    with pytest.raises(ConfigError, match="comma"):
+        cm.cachemodel_plugin_spec(Path("/a,b/x.so"), Path("/r/c.csv"))
+    with pytest.raises(ConfigError, match=r"unknown parameter.*l3_size"):
+        cm.cachemodel_plugin_spec(Path("/x.so"), Path("/r/c.csv"), l3_size=1)
+
+
+@pytest.mark.parametrize("bad", [dict(line=48), dict(l1d_size=48 << 10), dict(llc_assoc=0),
+                                 dict(l2_size=3 << 20)])
+def test_bad_geometry_names_the_parameter_and_a_fix(bad):
+    with pytest.raises(ConfigError) as exc:
+        cmplugin.ModelParams(**bad).validate()
+    assert next(iter(bad)).split("_")[0] in str(exc.value)
+    assert exc.value.hint
+
+
+def test_disabled_l2_needs_no_valid_l2_geometry():
+    cmplugin.ModelParams(l2_size=0, l2_assoc=0).validate()
+
+
+# ---------------------------------------------------------------- build helpers
+def test_sources_list_has_suite_updates_and_security():
+    text = cmplugin.deb_src_sources("http://deb.debian.org/debian/", "bookworm")
+    assert text.splitlines() == [
+        "deb-src http://deb.debian.org/debian bookworm main",
+        "deb-src http://deb.debian.org/debian bookworm-updates main",
+        "deb-src http://deb.debian.org/debian-security bookworm-security main",
+    ]
+
+
+def test_apt_options_keep_apt_off_the_system_configuration(tmp_path):
+    opts = cmplugin.apt_source_options(tmp_path, tmp_path / "s.list")
+    joined = " ".join(opts)
+    assert f"Dir::Etc::SourceList={tmp_path / 's.list'}" in joined
+    assert "Dir::Etc::SourceParts=/dev/null" in joined
+    assert f"Dir::State::Lists={tmp_path / 'lists'}" in joined
+    assert f"Dir::Cache={tmp_path / 'apt'}" in joined
+
+
+GIT_PATCH = """\
+From: someone
+Subject: two files
+
+diff --git a/plugins/loader.c b/plugins/loader.c
+--- a/plugins/loader.c
++++ b/plugins/loader.c
+@@ -1 +1 @@
+-a
++b
+diff --git a/include/qemu/qemu-plugin.h b/include/qemu/qemu-plugin.h
+index 1..2 100644
+--- a/include/qemu/qemu-plugin.h
++++ b/include/qemu/qemu-plugin.h
+@@ -1 +1 @@
+-x
++y
+"""
+
+
+def test_patch_section_extracts_only_the_header():
+    section = cmplugin.patch_section(GIT_PATCH, cmplugin.HEADER_PATH)
+    assert section is not None
+    assert "+++ b/include/qemu/qemu-plugin.h" in section and "+y" in section
+    assert "loader.c" not in section
+    assert cmplugin.patch_section(GIT_PATCH, "include/other.h") is None
+
+
+def test_plugin_key_changes_with_source_version_and_header():
+    base = cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"2"}, b"h", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h2", "7.2", "-I/x")
+    assert base != cmplugin.plugin_key({"a.c": b"1"}, b"h", "8.0", "-I/x")
+    assert base == cmplugin.plugin_key({"a.c": b"1"}, b"h", "7.2", "-I/x")
+
+
+def test_micro_argv_loads_plugins_and_selects_tcg_threads():
+    spec = cm.cachemodel_plugin_spec(Path("/p.so"), Path("/o.csv"))
+    argv = cm.micro_argv("qemu", Path("/k"), Path("/i"), 2, "single", [spec])
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    assert argv[argv.index("-plugin") + 1].startswith("file=/p.so,out=/o.csv,")

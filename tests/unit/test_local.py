@@ -1,0 +1,63 @@
+"""testbed.run.local: where a run folder is born, and how a resumed run finds its shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import NetbedError
+from testbed.experiment.policies import DEFAULT_POLICIES_FILE
+from testbed.run.local import open_run
+from testbed.settings import Settings
+
+CONFIG = """\
+name: tiny
+axes:
+  kernel: [distro]
+  nic: [e1000, virtio]
+  cpus: [2]
+  policy: [default, pin-same]
+  workload: [TCP_STREAM]
+  gro: [on]
+repetitions: 1
+duration: 2
+warmup: 0
+"""
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> Settings:
+    return Settings(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+
+
+def test_a_new_run_carries_its_experiment_policies_shard_and_cells(tmp_path, settings):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)
+    run, _, cells = open_run(settings, config, None, (2, 2))
+    assert run.path.parent == settings.results_dir and run.run_id.endswith("-tiny-shard2of2")
+    assert run.experiment_file.read_text() == CONFIG
+    assert run.policies_file.read_bytes() == DEFAULT_POLICIES_FILE.read_bytes()
+    assert json.loads(run.meta_file.read_text()) == {"shard": [2, 2], "config": str(config)}
+    assert 0 < len(cells) < 4  # a share of the 4 cells
+    assert [c["cell_id"] for c in json.loads(run.cells_file.read_text())] == \
+        [c.cell_id for c in cells]
+
+
+def test_a_resumed_run_keeps_its_shard_and_cells_whatever_is_passed(tmp_path, settings):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)
+    run, _, cells = open_run(settings, config, None, (1, 2))
+    config.write_text(CONFIG.replace("[e1000, virtio]", "[e1000]"))  # the file moved on
+    again, exp, resumed = open_run(settings, None, run.run_id, None)
+    assert again.path == run.path and exp.name == "tiny"
+    assert [c.cell_id for c in resumed] == [c.cell_id for c in cells]
+    latest, _, _ = open_run(settings, None, "latest", None)
+    assert latest.path == run.path
+
+
+def test_resuming_a_folder_that_is_not_a_run_says_so(tmp_path, settings):
+    (settings.results_dir / "stray").mkdir(parents=True)
+    with pytest.raises(NetbedError, match="not a netbed run"):
+        open_run(settings, None, "stray", None)

@@ -1,0 +1,77 @@
+"""testbed.run.provenance: versions.json written in one place, the guest PMU believed only
+when the guest shows one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from testbed.run.folder import RunDir
+from testbed.run.provenance import Provenance, guest_pmu_verdict, netbed_commit
+from testbed.shell import Result
+from testbed.vm.hostfacts import HostFacts, KvmVerdict
+
+
+class FakeShell:
+    def __init__(self, outputs: dict[str, str]) -> None:
+        self.outputs = outputs
+        self.commands: list[str] = []
+
+    def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
+        self.commands.append(command)
+        return Result(command, 0, self.outputs.get(command.split()[0] + " " +
+                                                   command.split()[1], ""), "")
+
+
+def facts(accel: str = "kvm", pmu: bool = True) -> HostFacts:
+    return HostFacts(hostname="h", kernel="6.1", cpu_model="x", cores=2, memory_gib=8.0,
+                     free_disk_gib=10.0, qemu_binary="qemu", qemu_version="7.2",
+                     qemu_plugins=True, kvm_device=True, kvm_modules=["kvm"],
+                     kvm=KvmVerdict(accel == "kvm", "probe booted"), accel=accel, pmu=pmu,
+                     pmu_detail="core PMU: cpu", root=True, taps=True, taps_detail="root")
+
+
+def versions(run: RunDir) -> dict[str, object]:
+    return json.loads(run.versions_file.read_text())
+
+
+def test_pmu_verdict_names_the_core_pmu_or_what_there_is():
+    assert guest_pmu_verdict(["breakpoint", "cpu", "software"]) == (True, "guest core PMU: cpu")
+    ok, why = guest_pmu_verdict(["software", "tracepoint"])
+    assert not ok and "software, tracepoint" in why and "software events only" in why
+
+
+def test_hardware_counters_are_valid_only_with_kvm_a_host_pmu_and_a_guest_pmu(tmp_path: Path):
+    run = RunDir(tmp_path)
+    prov = Provenance(run, ["software", "hardware"], log=lambda m: None)
+    prov.record_host(facts(), "abc")
+    assert versions(run)["hardware_counters_valid"] is True
+    prov.check_guest_pmu(FakeShell({"ls /sys/bus/event_source/devices": "software\n"}))
+    v = versions(run)
+    assert v["hardware_counters_valid"] is False and v["pmu_in_guest"] is False
+    assert "no core PMU in the guest" in v["pmu_detail"] and not prov.pmu
+    assert json.loads(run.host_file.read_text())["hostname"] == "h"
+
+
+def test_under_tcg_the_guest_is_not_even_asked(tmp_path: Path):
+    prov = Provenance(RunDir(tmp_path), ["hardware"], log=lambda m: None)
+    prov.record_host(facts(accel="tcg"), "abc")
+    shell = FakeShell({})
+    prov.check_guest_pmu(shell)
+    assert shell.commands == [] and versions(RunDir(tmp_path))["pmu_in_guest"] is False
+
+
+def test_the_first_data_plane_is_kept(tmp_path: Path):
+    prov = Provenance(RunDir(tmp_path), ["software"], log=lambda m: None)
+    prov.record_host(facts(), "abc")
+    prov.record_dataplane("tap: root")
+    prov.record_dataplane("socket: later")
+    assert versions(RunDir(tmp_path))["dataplane"] == "tap: root"
+
+
+def test_commit_is_marked_dirty_when_tracked_files_changed():
+    clean = FakeShell({"git rev-parse": "0123abc\n"})
+    assert netbed_commit(clean) == "0123abc"
+    dirty = FakeShell({"git rev-parse": "0123abc\n", "git status": " M tasks.py\n"})
+    assert netbed_commit(dirty) == "0123abc-dirty"
+    assert netbed_commit(FakeShell({})) == "unknown"
