@@ -35,7 +35,8 @@ def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (QEMU's bind fails loudly if we lose a race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def ready_line(console_text: str) -> str | None:
