@@ -163,8 +163,7 @@ def test_emergency_runs_once_even_if_deadline_and_second_signal_race():
 
 
 def test_importing_the_packages_installs_no_signal_handler():
-    code = ("import signal, analysis, testbed.vm.topology, testbed.vm.process, "
-            "testbed.run.loop\n"
+    code = ("import signal, analysis, testbed.vm.topology, testbed.vm.process\n"
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
             " signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
             " signal.set_wakeup_fd(-1))")
