@@ -5,7 +5,9 @@ no uplink (virtio keeps its checksum offload). Otherwise: QEMU's socket netdev o
 127.0.0.1, which carries no vnet header, so QEMU clears virtio's offloads and both
 NICs verify checksums in software: the plan records that so results can say it.
 Names carry a per-run tag so parallel runs never collide, and teardown always
-runs.
+runs, within a budget: a live data plane is registered with
+`testbed.vm.interrupts.TEARDOWN`, so an emergency (a second Ctrl-C) removes it
+after the QEMU processes are dead.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import json
 import os
 import secrets
 import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from testbed.errors import CommandError
+from testbed.vm.interrupts import TEARDOWN, Stage
 from testbed.vm.process import free_port
 from testbed.vm.qemu import DataAttachment, SocketAttachment, TapAttachment
 
@@ -27,6 +32,9 @@ Mode = Literal["tap", "socket"]
 RECEIVER_IP = "198.18.0.1"
 SENDER_IP = "198.18.0.2"
 PREFIX = 24
+# `ip` answers in milliseconds; these only bound a host that does not.
+SETUP_COMMAND_TIMEOUT_S = 20.0
+TEARDOWN_BUDGET_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -116,11 +124,35 @@ def sweep_stale(registry: Path) -> list[str]:
             continue
         if _alive(int(data.get("pid", 0))) and data.get("boot_id") == _boot_id():
             continue
-        for cmd in data.get("teardown", []):
-            subprocess.run(cmd, capture_output=True)
+        run_commands(data.get("teardown", []), TEARDOWN_BUDGET_S)
         entry.unlink(missing_ok=True)
         swept.append(entry.stem)
     return swept
+
+
+def run_commands(commands: Sequence[Sequence[str]], budget: float) -> list[str]:
+    """Run every command (failures tolerated: a device may already be gone) within
+    `budget` seconds in all; returns the commands that did not finish in time.
+
+    An interrupt during one command ends that command, not the removal: the rest
+    still run, then the interrupt goes on.
+    """
+    end = time.monotonic() + budget
+    late = []
+    interrupt: BaseException | None = None
+    for cmd in commands:
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            late.append(" ".join(cmd))
+        except OSError:
+            continue
+        except (KeyboardInterrupt, SystemExit) as exc:  # subprocess.run killed the command
+            late.append(" ".join(cmd))
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
+    return late
 
 
 def _boot_id() -> str:
@@ -134,6 +166,7 @@ class DataPlane:
     def __init__(self, plan: DataPlanePlan, registry: Path | None = None) -> None:
         self.plan = plan
         self.registry = registry
+        self._token: int | None = None
 
     @property
     def _entry(self) -> Path | None:
@@ -144,9 +177,17 @@ class DataPlane:
             self._entry.parent.mkdir(parents=True, exist_ok=True)
             self._entry.write_text(json.dumps({"pid": os.getpid(), "boot_id": _boot_id(),
                                                "teardown": self.plan.teardown}))
+        if self.plan.teardown:
+            self._token = TEARDOWN.register(Stage.DEVICES, f"data plane {self.plan.tag}",
+                                            self.close)
         try:
             for cmd in self.plan.setup:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True,
+                                          timeout=SETUP_COMMAND_TIMEOUT_S)
+                except subprocess.TimeoutExpired as exc:
+                    raise CommandError(list(cmd), None, f"no answer within {exc.timeout:.0f} s"
+                                       ) from None
                 if proc.returncode != 0:
                     raise CommandError(list(cmd), proc.returncode, proc.stderr)
         except BaseException:
@@ -157,11 +198,16 @@ class DataPlane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        for cmd in self.plan.teardown:
-            subprocess.run(cmd, capture_output=True)
-        if self._entry is not None:
-            self._entry.unlink(missing_ok=True)
+    def close(self, budget: float = TEARDOWN_BUDGET_S) -> None:
+        """Remove the devices (bounded by `budget` s); safe to call twice, from two threads."""
+        late = ["?"]
+        try:
+            late = run_commands(self.plan.teardown, budget)
+        finally:
+            TEARDOWN.unregister(self._token)
+            self._token = None
+            if self._entry is not None and not late:
+                self._entry.unlink(missing_ok=True)  # else the next run's sweep retries
 
 
 def choose_mode(requested: str = "auto") -> tuple[Mode, str]:

@@ -1,12 +1,15 @@
 """The lifecycle of QEMU processes: start, staged readiness, QMP, shutdown, and
 never leaving one behind.
 
-Every process started is registered so an exception, a Ctrl-C or interpreter
-exit cannot leave one behind; QEMU also dies with its parent (PDEATHSIG).
+Every process started is registered with `testbed.vm.interrupts.TEARDOWN`, so a
+signal kills it at once and interpreter exit cannot leave it behind; QEMU also
+dies with its parent (PDEATHSIG), which covers kill -9. Every step of stopping
+one has a deadline: QMP, the wait for a clean exit, the wait after SIGKILL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -16,19 +19,54 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from testbed.errors import GuestError
+from testbed.vm.interrupts import TEARDOWN, Stage, interrupted
 from testbed.vm.qemu import READY_MARKER, GuestSpec, qemu_argv
 
 
 def short_socket_path(name: str) -> Path:
-    """A fresh, short path for a UNIX socket (AF_UNIX paths are limited to 107 bytes)."""
+    """A fresh, short path for a UNIX socket (AF_UNIX paths are limited to 107 bytes).
+
+    The file is removed when its QEMU stops; sockets of processes that died without
+    cleaning up (kill -9) are swept here, the next time one is made.
+    """
     import tempfile
 
-    base = Path(tempfile.gettempdir()) / "netbed-sockets"
+    base = Path(tempfile.gettempdir()) / SOCKET_DIR
     base.mkdir(mode=0o700, exist_ok=True)
+    sweep_stale_sockets(base)
     return base / f"{os.getpid()}-{secrets.token_hex(4)}-{name}.sock"
+
+
+def socket_owner(path: Path) -> int | None:
+    """The pid in a socket name made by short_socket_path (pure)."""
+    m = re.fullmatch(r"(\d+)-[0-9a-f]+-.*\.sock", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_sockets(base: Path) -> list[Path]:
+    """Remove socket files whose owning process is gone; returns what was removed."""
+    removed = []
+    for path in base.glob("*.sock"):
+        owner = socket_owner(path)
+        if owner is not None and owner != os.getpid() and not _pid_alive(owner):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def free_port() -> int:
@@ -52,46 +90,55 @@ def console_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-_LIVE: dict[int, QemuProcess] = {}
 PR_SET_PDEATHSIG = 1
+# Teardown budgets: QMP answers in milliseconds; a QEMU that does not is stuck.
+QMP_TIMEOUT_S = 2.0
+SHUTDOWN_WAIT_S = 5.0
+KILL_WAIT_S = 2.0
+SOCKET_DIR = "netbed-sockets"
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
+    """prctl from libc, looked up here in the parent: the child between fork and exec
+    must not load libraries (another thread may hold the loader's lock)."""
+    import ctypes
+
+    try:
+        fn: Callable[..., int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_PRCTL = _resolve_prctl()
 
 
 def _die_with_parent() -> None:
     """In the child before exec: the kernel kills QEMU if we die, even by SIGKILL,
     which no atexit handler survives (a kill -9'd run must not leave guests behind)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _kill_all() -> None:
-    for proc in list(_LIVE.values()):
-        proc.kill()
+def _kill_registered() -> None:
+    TEARDOWN.run(Stage.PROCESSES, KILL_WAIT_S)
 
 
-atexit.register(_kill_all)
+atexit.register(_kill_registered)  # an exception or sys.exit: no QEMU outlives us
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    """SIGTERM: stop our guests, then unwind like an exit so context managers remove
-    tap devices and bridges too (a later run would sweep them, but why wait)."""
-    _kill_all()
-    raise SystemExit(128 + signum)
+async def _qmp_execute(path: str, command: str, timeout: float) -> object:
+    from qemu.qmp import QMPClient
 
-
-def _on_interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C: stop our guests first. invoke's runner swallows KeyboardInterrupt while a
-    remote command runs (it forwards it to the remote side, which a non-pty command
-    ignores), so killing QEMU is what makes the SSH session, and then the task, end."""
-    _kill_all()
-    signal.default_int_handler(signum, frame)  # type: ignore[arg-type]
-
-
-with contextlib.suppress(ValueError):  # not in the main thread: atexit still covers us
-    signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_interrupt)
+    client = QMPClient()
+    try:
+        async with asyncio.timeout(timeout):
+            await client.connect(path)
+            return await client.execute(command)
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.5):
+                await client.disconnect()
 
 
 class QemuProcess:
@@ -103,6 +150,7 @@ class QemuProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None
+        self._token: int | None = None
 
     def __enter__(self) -> QemuProcess:
         self.start()
@@ -119,11 +167,19 @@ class QemuProcess:
         self.spec.console_log.touch()
         log = open(self.spec.qemu_log, "wb")  # noqa: SIM115 - handed to the child
         self.started_at = time.monotonic()
-        self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
-        log.close()
-        _LIVE[self.popen.pid] = self
+        # Registered first: a signal right after the fork must find it (kill() does
+        # nothing until popen is set; shutdown() then kills it without asking).
+        self._token = TEARDOWN.register(Stage.PROCESSES, f"QEMU {self.spec.name}",
+                                        self.kill)
+        try:
+            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
+        except BaseException:
+            TEARDOWN.unregister(self._token)
+            raise
+        finally:
+            log.close()
 
     @property
     def alive(self) -> bool:
@@ -152,34 +208,35 @@ class QemuProcess:
             time.sleep(0.1)
         raise self._fail(f"no {READY_MARKER} line within {timeout:.0f} s")
 
-    def qmp(self, command: str, timeout: float = 5.0) -> object:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+    def qmp(self, command: str, timeout: float = QMP_TIMEOUT_S) -> object:
+        """One QMP command, connection included, within `timeout` seconds."""
+        return asyncio.run(_qmp_execute(str(self.spec.qmp_socket), command, timeout))
 
-        mon = QEMUMonitorProtocol(str(self.spec.qmp_socket))
-        try:
-            mon.connect()
-            return mon.cmd(command)
-        finally:
-            mon.close()
+    def shutdown(self, timeout: float = SHUTDOWN_WAIT_S) -> None:
+        """Ask QEMU to quit over QMP; kill it if it has not gone after `timeout`.
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask QEMU to quit over QMP; kill it if it has not gone after `timeout`."""
+        Bounded in all: QMP_TIMEOUT_S + timeout + KILL_WAIT_S. After an interrupt
+        there is nothing to ask: it is killed.
+        """
         if self.popen is None:
+            TEARDOWN.unregister(self._token)
             return
-        if self.alive:
+        if self.alive and not interrupted():
             with contextlib.suppress(Exception):
                 self.qmp("quit")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
         self.kill()
 
-    def kill(self) -> None:
+    def kill(self, wait: float = KILL_WAIT_S) -> None:
+        """SIGKILL the process group, wait up to `wait` s for it, forget it, drop its socket."""
         if self.popen is None:
             return
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=10)
-        _LIVE.pop(self.popen.pid, None)
+                self.popen.wait(timeout=wait)
+        TEARDOWN.unregister(self._token)
+        self._token = None
         self.spec.qmp_socket.unlink(missing_ok=True)

@@ -3,14 +3,15 @@
 This is the one place that turns (kernel, NIC, vCPUs) into running, SSH-reachable
 guests, so `invoke shell`, the runner, the benchmarks and the tests all boot the
 same way. Everything it starts (QEMU processes, taps, bridge) is torn down when
-the context exits, on success, failure or Ctrl-C.
+the context exits, on success, failure or Ctrl-C; booting installs the signal
+handling of `testbed.vm.interrupts`, which bounds that teardown in time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from testbed.vm.dataplane import (
     sweep_stale,
 )
 from testbed.vm.guest import Guest, KeyPair, make_keypair
+from testbed.vm.interrupts import install_signal_handlers, interrupted
 from testbed.vm.process import QemuProcess, free_port, short_socket_path
 from testbed.vm.qemu import GuestSpec, PluginSpec
 from testbed.vocabulary import Accel, AccelSetting, NicName, TcgThreads
@@ -64,6 +66,27 @@ class Topology:
     dataplane: DataPlanePlan | None
     assets: Assets
     notes: dict[str, str] = field(default_factory=dict)
+
+
+def ssh_to(spec: GuestSpec, assets: Assets, settings: Settings) -> Guest:
+    """The guest's SSH connection through its 127.0.0.1 port forward."""
+    return Guest(spec.name, spec.ssh_port, assets.key, assets.image.host_key_pub,
+                 settings.command_timeout_s)
+
+
+def tap_or_socket(requested: str) -> tuple[DataPlanePlan, str]:
+    """The data plane for a receiver/sender pair and why this mode was chosen."""
+    mode, why = choose_mode(requested)
+    return plan_dataplane(mode), why
+
+
+@dataclass(frozen=True)
+class BootEffects:
+    """What boot() does besides running QEMU (whose binary is a setting): the guest
+    connection and the data plane. Tests replace them to put an interrupt anywhere."""
+
+    connect: Callable[[GuestSpec, Assets, Settings], Guest] = ssh_to
+    dataplane: Callable[[str], tuple[DataPlanePlan, str]] = tap_or_socket
 
 
 def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
@@ -100,13 +123,11 @@ def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: i
 
 
 def _boot(spec: GuestSpec, assets: Assets, settings: Settings,
-          stack: contextlib.ExitStack) -> BootedGuest:
+          stack: contextlib.ExitStack, effects: BootEffects) -> BootedGuest:
     process = QemuProcess(spec, settings.qemu_binary)
     stack.callback(process.shutdown)
     process.start()
-    return BootedGuest(spec, process, Guest(spec.name, spec.ssh_port, assets.key,
-                                            assets.image.host_key_pub,
-                                            settings.command_timeout_s))
+    return BootedGuest(spec, process, effects.connect(spec, assets, settings))
 
 
 def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack) -> None:
@@ -120,28 +141,30 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
          nic: NicName | None, with_sender: bool, sender_cpus: int = 2,
          dataplane_mode: str = "auto", receiver_plugins: tuple[PluginSpec, ...] = (),
          receiver_tcg_threads: TcgThreads = "multi", memory_mb: int | None = None,
-         log: Log = print) -> Iterator[Topology]:
+         log: Log = print, effects: BootEffects = BootEffects()) -> Iterator[Topology]:
     """Boot the receiver (and the sender on a private data plane) and yield them."""
+    install_signal_handlers()
+    if interrupted():  # a caller that caught the interrupt must not boot again
+        raise KeyboardInterrupt
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         plan = None
         notes: dict[str, str] = {"accel": f"{assets.accel} ({assets.accel_reason})"}
         if nic is not None:  # a lone guest gets the same data plane, its peer's tap unused
-            mode, why = choose_mode(dataplane_mode)
-            plan = plan_dataplane(mode)
-            notes["dataplane"] = f"{mode}: {why}; {plan.offload_note}"
+            plan, why = effects.dataplane(dataplane_mode)
+            notes["dataplane"] = f"{plan.mode}: {why}; {plan.offload_note}"
             registry = settings.cache_dir / "dataplanes"
             sweep_stale(registry)
             stack.enter_context(DataPlane(plan, registry))
         started = time.monotonic()
         receiver = _boot(_spec(assets, settings, workdir, "receiver", 1, cpus, nic, plan,
                                "receiver", receiver_plugins, receiver_tcg_threads,
-                               memory_mb), assets, settings, stack)
+                               memory_mb), assets, settings, stack, effects)
         sender = None
         if with_sender:
             sender = _boot(_spec(assets, settings, workdir, "sender", 2, sender_cpus, nic,
                                  plan, "sender", (), "multi", memory_mb),
-                           assets, settings, stack)
+                           assets, settings, stack, effects)
         log(f"booting {'receiver + sender' if sender else 'guest'} "
             f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
             f"{assets.accel.upper()})")

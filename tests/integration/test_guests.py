@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from testbed.errors import GuestError
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.settings import REPO_ROOT
+from testbed.vm.interrupts import TEARDOWN_BOUND_S
 from testbed.vm.qemu import NIC_DRIVER
 from testbed.vm.topology import boot
 
@@ -90,30 +92,64 @@ def test_a_lone_shell_guest_has_the_data_plane_experiments_measure():
     assert "data plane: tap" in out.stderr and "(as in experiments)" in out.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupt_leaves_no_qemu_or_devices_behind(sig):
+def _reset_sigint() -> None:
+    """What a terminal gives: the default SIGINT (a background job inherits it ignored;
+    netbed handles both, but the test should not depend on how pytest was started)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGTERM,)],
+                         ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
+def test_interrupt_leaves_no_qemu_or_devices_behind(signals):
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "shell", "--nic", "e1000",
                              "--with-sender", "--command", "sleep 300"],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    seen = ""
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen += line
-        if "guests ready" in line:
-            break
-    assert "guests ready" in seen, seen
-    children = subprocess.run(["pgrep", "-P", str(proc.pid), "qemu-system"],
-                              capture_output=True, text=True).stdout.split()
-    assert len(children) == 2
-    cmdlines = " ".join(Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")
-                        for c in children)
-    taps = [t for t in links_named("nbt") if t in cmdlines]
-    assert len(taps) == 2
-    time.sleep(1)
-    os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
-    time.sleep(1)
-    assert [c for c in children if os.path.exists(f"/proc/{c}")] == []
+                            text=True, start_new_session=True, preexec_fn=_reset_sigint)
+    try:
+        deadline = time.monotonic() + 300
+        seen = ""
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen += line
+            if "guests ready" in line or not line:
+                break
+        assert "guests ready" in seen, seen
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "qemu-system"],
+                                  capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        cmdlines = " ".join(Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")
+                            for c in children)
+        taps = [t for t in links_named("nbt") if t in cmdlines]
+        assert len(taps) == 2
+        sockets = [Path(p) for p in re.findall(r"-qmp unix:([^,]+),", cmdlines)]
+        assert len(sockets) == 2 and all(p.exists() for p in sockets)
+        time.sleep(1)  # the guest command is running (any moment is fine: see test_interrupts)
+        sent = time.monotonic()
+        for sig in signals:
+            os.kill(proc.pid, sig)
+            time.sleep(0.1)
+        code = proc.wait(timeout=TEARDOWN_BOUND_S * 6)  # generous; the bound is asserted
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rest = proc.stderr.read()
+    print(f"{'+'.join(signal.Signals(s).name for s in signals)}: exit {code} "
+          f"after {elapsed:.2f} s")
+    assert code == 128 + signals[0], rest
+    assert elapsed <= TEARDOWN_BOUND_S, rest
+    assert _gone(lambda: [c for c in children if os.path.exists(f"/proc/{c}")])
     assert [t for t in taps if links_named(t)] == []
+    assert [p for p in sockets if p.exists()] == []
+
+
+def _gone(leftovers, wait: float = 5.0) -> bool:
+    """True once `leftovers()` is empty (a killed QEMU is a zombie until it is reaped)."""
+    end = time.monotonic() + wait
+    while leftovers():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True

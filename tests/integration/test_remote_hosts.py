@@ -35,6 +35,25 @@ pytestmark = pytest.mark.integration
 
 SSHD = "/usr/sbin/sshd"
 CONFIG = TINY_CONFIG.format(name="hoststest")
+# The interrupt test's run: its first window lasts this long, so once that cell has
+# started the run is certainly still going when the signal comes (no race with the clock).
+LONG_WINDOW_S = 600
+LONG_CONFIG = CONFIG.replace("duration: 2\n", f"duration: {LONG_WINDOW_S}\n")
+assert LONG_CONFIG != CONFIG
+
+
+def hosts_argv(config: Path, hosts: str, key: Path, remote_root: Path,
+               parallel: int | None = None) -> list[str]:
+    """The one place that spells the multi-host command line.
+
+    """
+    argv = [sys.executable, "-m", "invoke", "run-hosts", "--config", str(config),
+            "--no-report", "--hosts", hosts, "--key", str(key),
+            "--remote-dir", str(remote_root), "--python", sys.executable,
+            "--cache-dir", str(Settings().cache_dir)]
+    if parallel is not None:
+        argv += ["--parallel", str(parallel)]
+    return argv
 
 
 def free_port() -> int:
@@ -116,10 +135,7 @@ def test_hosts_run_shards_pull_back_and_merge_and_a_dead_host_fails_the_run(sshd
     dead = free_port()  # nothing listens here
     hosts = (f"{sshd.user}@127.0.0.1:{sshd.port},{sshd.user}@127.0.0.1:{sshd.port},"
              f"{sshd.user}@127.0.0.1:{dead}")
-    argv = [sys.executable, "-m", "invoke", "run-hosts", "--config", str(config),
-            "--no-report", "--hosts", hosts, "--key", str(sshd.key),
-            "--remote-dir", str(remote_root), "--python", sys.executable,
-            "--cache-dir", str(Settings().cache_dir), "--parallel", "1"]
+    argv = hosts_argv(config, hosts, sshd.key, remote_root, parallel=1)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                           text=True).stdout.strip()  # what gets shipped (read before others commit)
     started = time.monotonic()
@@ -151,29 +167,35 @@ def test_hosts_run_shards_pull_back_and_merge_and_a_dead_host_fails_the_run(sshd
 
 
 def test_interrupt_stops_the_remote_run_and_its_guests(sshd, tmp_path):
-    """Ctrl-C locally must not leave a run-matrix (or QEMU) running on a host."""
+    """Ctrl-C locally must not leave a run-matrix (or QEMU) running on a host.
+
+    The signal is sent once the remote run has begun its first repetition (its
+    offloads.txt is written just before the window opens) of a cell whose window lasts
+    LONG_WINDOW_S: from then on the run cannot finish before the signal arrives.
+    """
     config = tmp_path / "hoststest.yaml"
-    config.write_text(CONFIG)
+    config.write_text(LONG_CONFIG)
     remote_root = tmp_path / "remote"
     log = tmp_path / "out.log"
-    argv = [sys.executable, "-m", "invoke", "run-hosts", "--config", str(config),
-            "--no-report", "--hosts", f"{sshd.user}@127.0.0.1:{sshd.port}",
-            "--key", str(sshd.key), "--remote-dir", str(remote_root),
-            "--python", sys.executable, "--cache-dir", str(Settings().cache_dir)]
+    argv = hosts_argv(config, f"{sshd.user}@127.0.0.1:{sshd.port}", sshd.key, remote_root)
     with log.open("w") as out:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ,
-                                     "INVOKE_NETBED_RESULTS_DIR": str(tmp_path / "results")})
+                                     "INVOKE_NETBED_RESULTS_DIR": str(tmp_path / "results")},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 300
-        while "booting receiver" not in log.read_text():
+        deadline = time.monotonic() + 600
+        while not list(remote_root.glob("*/*/results/*/cells/*/rep-*/offloads.txt")):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+            time.sleep(0.2)
         (pid_file,) = remote_root.glob("*/*/run.pid")
         remote_pid = int(pid_file.read_text())
+        assert Path(f"/proc/{remote_pid}").exists()
+        sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=180) == 130, log.read_text()
+        print(f"local exit {time.monotonic() - sent:.1f} s after SIGINT")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -184,3 +206,5 @@ def test_interrupt_stops_the_remote_run_and_its_guests(sshd, tmp_path):
     leftover = subprocess.run(["pgrep", "-f", f"qemu-system.*{remote_root}"],
                               capture_output=True, text=True).stdout.split()
     assert leftover == [], text
+    # the interrupted repetition is not marked done: a resume would redo it
+    assert not list(remote_root.glob("*/*/results/*/cells/*/rep-*/done")), text
