@@ -168,7 +168,8 @@ def test_importing_the_packages_installs_no_signal_handler():
             " signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
             " signal.set_wakeup_fd(-1))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120,  # SIGINT as a terminal gives it, whatever ours is
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert out.stdout.split() == ["True", "True", "-1"], out.stderr
 
 
