@@ -86,3 +86,55 @@ def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
             if (b.index[-1], ev) in tot.index}
 
 
+
+
+# ---------------------------------------------------------------- attribution tables
+# Written by the plugin (sites=, c2c=) when the last region of a window closes, and
+# copied into the repetition folder under these names. See model.h.
+SITES_FILE = "cachemodel-sites.csv"
+C2C_FILE = "cachemodel-c2c.csv"
+SITE_EVENTS = tuple(e for e in EVENTS if e not in ("instructions", "invalidations_received"))
+SITES_COLUMNS = ("window", "pc", "vcpu", "mode", "data", *SITE_EVENTS)
+C2C_COLUMNS = ("window", "line", "vcpu", "pc", "owner_vcpu", "owner_pc", "count")
+DATA_KINDS = ("cpu", "device")
+
+
+def _hex(v: str) -> int:
+    return int(v, 16)
+
+
+def _read_table(text: str, columns: tuple[str, ...], hex_cols: tuple[str, ...],
+                source: str) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise NetbedError(f"{source}: does not parse: {exc}",
+                          hint="the cache-model plugin writes it; was it cut short?") from exc
+    if tuple(df.columns) != columns:
+        raise NetbedError(f"{source}: columns {list(df.columns)}",
+                          hint=f"expected {','.join(columns)} (plugin/reader mismatch?)")
+    try:
+        for col in columns:
+            if col in hex_cols:
+                df[col] = df[col].map(_hex).astype("uint64")
+            elif col not in ("mode", "data"):
+                df[col] = df[col].astype("int64")
+    except (ValueError, OverflowError) as exc:
+        raise NetbedError(f"{source}: bad value in column {col!r}: {exc}",
+                          hint="the file is damaged; rerun the cell") from exc
+    return df
+
+
+def read_sites(text: str, source: str = SITES_FILE) -> pd.DataFrame:
+    """Per-instruction counters of one window (columns SITES_COLUMNS, pc as uint64)."""
+    df = _read_table(text, SITES_COLUMNS, ("pc",), source)
+    bad = sorted(set(df["data"]) - set(DATA_KINDS)) + sorted(set(df["mode"]) - set(MODES))
+    if bad:
+        raise NetbedError(f"{source}: unknown mode/data value(s) {bad}",
+                          hint=f"modes {MODES}, data {DATA_KINDS}")
+    return df
+
+
+def read_c2c(text: str, source: str = C2C_FILE) -> pd.DataFrame:
+    """c2c records of one window: (line, requesting vcpu/pc, owner vcpu/pc) -> count."""
+    return _read_table(text, C2C_COLUMNS, ("line", "pc", "owner_pc"), source)
