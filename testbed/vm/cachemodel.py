@@ -40,7 +40,6 @@ from testbed.formats.symbols import (
 )
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
-from testbed.shell import HostShell
 from testbed.vm.process import free_port
 from testbed.vm.qemu import DirectBoot, PluginSpec, direct_boot_argv
 from testbed.vocabulary import TcgThreads
@@ -102,6 +101,14 @@ class MicroRun:
     cpu_s: float = 0.0  # QEMU's user + system CPU time: less sensitive to a busy host
     sites: Path | None = None  # attribution tables (attribution=True)
     c2c: Path | None = None
+    marks: tuple[float, ...] = ()  # QEMU CPU seconds at each CPU_MARK console line
+
+    def marked_cpu_s(self) -> float:
+        """QEMU CPU seconds between the first two CPU_MARK lines."""
+        if len(self.marks) < 2:
+            raise GuestError(f"the micro guest printed {len(self.marks)} {CPU_MARK} line(s)",
+                             hint=f"echo {CPU_MARK} before and after the workload")
+        return self.marks[1] - self.marks[0]
 
 
 
@@ -200,20 +207,50 @@ def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: Tc
         devices=tuple(devices), plugins=tuple(plugins)), qemu)
 
 
+CPU_MARK = "NBCPU-MARK"  # a console line: the host notes QEMU's CPU time right then
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a running process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0) -> MicroRun:
-    """Boot, wait for power-off, return the console; raise if the guest did not finish."""
+    """Boot, wait for power-off, return the console; raise if the guest did not finish.
+
+    Each console line CPU_MARK makes the host note QEMU's CPU time then (MicroRun.marks):
+    a workload's cost on a shared host, which wall or guest time is not."""
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    res = HostShell().run(argv, timeout=timeout_s, check=False,
-                          hint=f"the micro guest ran over {timeout_s:.0f} s")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    out: list[str] = []
+    marks: list[float] = []
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            if CPU_MARK in line:
+                marks.append(proc_cpu_seconds(proc.pid))
+            out.append(line)
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    console = res.output
-    if res.exit_code != 0 or MICRO_DONE not in console:
-        raise CommandError(argv, res.exit_code, console,
-                           hint="the micro guest did not finish its script (see output)")
-    return MicroRun(console, wall, csv, cpu)
+    console = "".join(out)
+    if code != 0 or MICRO_DONE not in console:
+        raise CommandError(argv, code, console,
+                           hint=f"the micro guest did not finish its script within "
+                                f"{timeout_s:.0f} s (see output)")
+    return MicroRun(console, wall, csv, cpu, marks=tuple(marks))
 
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:
