@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dma", action="store_true", help="also the DMA bias experiment")
     ap.add_argument("--dma-only", action="store_true", help="only the DMA bias experiment")
     ap.add_argument("--dma-mib", type=int, default=16, help="MiB sent in the DMA experiment")
+    ap.add_argument("--plugin-so", type=Path, default=None,
+                    help="measure this plugin build instead (e.g. one without attribution: "
+                         "then the set-ups run without it and inside+attr is skipped)")
     args = ap.parse_args(argv)
     settings = Settings()
     if args.dma_only:
@@ -144,11 +147,15 @@ def main(argv: list[str] | None = None) -> None:
             for setup, (plugin, threads, attr) in SETUPS.items():
                 if setup == "inside-multi" and (wl.name != "stream" or not args.multi):
                     continue
+                if args.plugin_so is not None and setup == "inside+attr":
+                    continue
+                attr = attr and args.plugin_so is None
                 best, best_cpu = float("inf"), float("inf")
                 for i in range(args.repeats):
                     run = cm.run_with_model(settings, wl.script(setup), tmp / f"{wl.name}{i}",
                                             plugin=plugin, tcg_threads=threads,
-                                            attribution=attr, log=quiet)
+                                            attribution=attr, log=quiet,
+                                            plugin_path=args.plugin_so)
                     best, best_cpu = min(best, nbtime(run)), min(best_cpu, run.marked_cpu_s())
                     if setup == "inside" and run.csv is not None:
                         df = cmfmt.read_snapshots(run.csv.read_text())
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                 mips = instructions / t / 1e6 if t else float("nan")
                 print(f"  {setup:13s} {cpu[setup]:8.2f}s {cpu[setup] / cpu['plain']:8.2f}x "
                       f"{t:10.2f}s {mips:13.0f}")
+            if "inside+attr" not in cpu:  # --plugin-so: the model alone
+                cpu["inside+attr"] = cpu["inside"]
             for setup in ("inside+attr", "after-region", "outside"):
                 worst[setup] = max(worst.get(setup, 0.0), cpu[setup] / cpu["plain"])
             attr_cost.append(cpu["inside+attr"] / cpu["inside"])

@@ -261,9 +261,10 @@ def micro_kernel(settings: Settings, log: Log = print) -> Path:
 def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int = 2,
                    tcg_threads: TcgThreads = RECOMMENDED_TCG_THREADS, plugin: bool = True,
                    attribution: bool = False, log: Log = print,
-                   **model_params: int | bool) -> MicroRun:
+                   plugin_path: Path | None = None, **model_params: int | bool) -> MicroRun:
     """Run `script` in a micro guest, with the cache model unless plugin=False;
-    `attribution` also writes the per-instruction and c2c tables of the last window."""
+    `attribution` also writes the per-instruction and c2c tables of the last window;
+    `plugin_path` replaces the plugin built from the tree (e.g. an older build)."""
     tools = build_guest_tools(settings, log)
     initrd = build_micro_initrd(settings, script, tools)
     kernel = micro_kernel(settings, log)
@@ -277,7 +278,8 @@ def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int 
         for f in (csv, sites, c2c):
             if f is not None:
                 f.unlink(missing_ok=True)
-        plugins.append(cachemodel_plugin_spec(build_plugin(settings, log), csv, sites_csv=sites,
+        so = plugin_path or build_plugin(settings, log)
+        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites,
                                               c2c_csv=c2c, **model_params))
     run = run_micro(micro_argv(settings.qemu_binary, kernel, initrd, cpus, tcg_threads, plugins),
                     csv)
