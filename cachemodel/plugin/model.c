@@ -232,7 +232,6 @@ void model_free(model *m)
         free(m->cpu[i].l2.e);
     }
     for (size_t i = 0; i < m->nsites; i++) {
-        free(m->sites[i]->cnt);
         free(m->sites[i]);
     }
     free(m->sites);
@@ -309,10 +308,9 @@ model_site *model_site_get(model *m, uint64_t pc, int mode)
     if ((m->nsites + 1) * 2 > m->site_idx.cap) {
         site_reindex(m);
     }
-    model_site key = {pc, mode, NULL};
     size_t at;
-    HINDEX_FIND(&m->site_idx, site_hash(&key), m->sites[rec]->pc == pc && m->sites[rec]->mode == mode,
-                at);
+    HINDEX_FIND(&m->site_idx, mix(pc * 2 + (uint64_t)mode),
+                m->sites[rec]->pc == pc && m->sites[rec]->mode == mode, at);
     if (m->site_idx.slot[at]) {
         return m->sites[m->site_idx.slot[at] - 1];
     }
@@ -320,10 +318,10 @@ model_site *model_site_get(model *m, uint64_t pc, int mode)
         m->sites_cap = m->sites_cap ? m->sites_cap * 2 : 1024;
         m->sites = realloc(m->sites, m->sites_cap * sizeof(*m->sites));
     }
-    model_site *s = calloc(1, sizeof(*s));
+    model_site *s =
+        calloc(1, sizeof(*s) + (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
     s->pc = pc;
     s->mode = mode;
-    s->cnt = calloc((size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT, sizeof(uint64_t));
     m->sites[m->nsites++] = s;
     m->site_idx.slot[at] = (uint32_t)m->nsites;
     return s;

@@ -62,7 +62,7 @@ extern const char *const model_data_names[DATA_COUNT];
 typedef struct model_site {
     uint64_t pc;
     int mode;
-    uint64_t *cnt; /* ncpus * DATA_COUNT * EV_COUNT */
+    uint64_t cnt[]; /* ncpus * DATA_COUNT * EV_COUNT, in the same allocation */
 } model_site;
 
 /* The site of `pc` (created on first use; not for the hot path: a hash lookup). */
