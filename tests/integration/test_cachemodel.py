@@ -46,7 +46,8 @@ def settings_() -> Settings:
 
 
 def boot(settings: Settings, workdir: Path, threads: str = "single") -> pd.DataFrame:
-    run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads)
+    # with attribution on, as the runner uses the plugin
+    run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads, attribution=True)
     assert run.csv is not None
     return cmfmt.read_snapshots(run.csv.read_text())
 
