@@ -1,9 +1,9 @@
 """Where the cache model's misses are: per guest symbol, device vs CPU data, c2c lines.
 
 Inputs per repetition (written by the runner when the cache model counts, see
-testbed/run/cachemodel_window.py): `cachemodel-sites.csv` (counters per guest
+testbed/run/cachemodel_window.py): `cachemodel-sites.csv.gz` (counters per guest
 instruction address, vCPU, mode and data kind), `cachemodel-c2c.csv` (cache-to-cache
-transfers per line, requesting and owning instruction and vCPU) and
+transfers per line, requesting and owning instruction and vCPU; .gz too) and
 `cachemodel-symbols.json` naming the symbol tables in `<run>/symbols/`.
 
 Outputs in `<run>/analysis/`: `symbols.parquet` + `symbols.csv` (tidy: run, cell and
@@ -114,16 +114,18 @@ class _Tables:
 
 def _rep_attribution(rep: RepDir, tables: _Tables
                      ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    sites_path = rep.file(cmfmt.SITES_FILE)
-    if not rep.is_done or not sites_path.is_file():
+    if not rep.is_done:
+        return None
+    sites_text = cmfmt.stored_text(rep.path, cmfmt.SITES_FILE)
+    if sites_text is None:
         return None
     ref_path = rep.file(symfmt.SYMBOLS_REF)
     ref: dict[str, Any] = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
     kernel = tables.get(ref.get("kernel"), str(ref_path))
     user = tables.get(ref.get("user"), str(ref_path))
-    sites = cmfmt.read_sites(sites_path.read_text(), str(sites_path))
-    c2c_path = rep.file(cmfmt.C2C_FILE)
-    c2c = (cmfmt.read_c2c(c2c_path.read_text(), str(c2c_path)) if c2c_path.is_file()
+    sites = cmfmt.read_sites(sites_text, str(rep.file(cmfmt.SITES_FILE)))
+    c2c_text = cmfmt.stored_text(rep.path, cmfmt.C2C_FILE)
+    c2c = (cmfmt.read_c2c(c2c_text, str(rep.file(cmfmt.C2C_FILE))) if c2c_text is not None
            else pd.DataFrame(columns=list(cmfmt.C2C_COLUMNS)))
     return symbol_rows(sites, kernel, user), c2c_line_rows(c2c, kernel, user)
 

@@ -7,7 +7,9 @@ and cachemodel/plugin/plugin.c.
 
 from __future__ import annotations
 
+import gzip
 from io import StringIO
+from pathlib import Path
 
 import pandas as pd
 
@@ -93,6 +95,9 @@ def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
 # copied into the repetition folder under these names. See model.h.
 SITES_FILE = "cachemodel-sites.csv"
 C2C_FILE = "cachemodel-c2c.csv"
+# In a repetition folder they are kept gzip-compressed (a window's sites table of a
+# receiver is ~10 MB of CSV, ~1.5 MB compressed); readers accept either form.
+STORED_SUFFIX = ".gz"
 SITE_EVENTS = tuple(e for e in EVENTS if e not in ("instructions", "invalidations_received"))
 SITES_COLUMNS = ("window", "pc", "vcpu", "mode", "data", *SITE_EVENTS)
 C2C_COLUMNS = ("window", "line", "vcpu", "pc", "owner_vcpu", "owner_pc", "count")
@@ -133,6 +138,19 @@ def read_sites(text: str, source: str = SITES_FILE) -> pd.DataFrame:
         raise NetbedError(f"{source}: unknown mode/data value(s) {bad}",
                           hint=f"modes {MODES}, data {DATA_KINDS}")
     return df
+
+
+def stored_text(folder: Path, name: str) -> str | None:
+    """A table kept in a repetition folder as `name.gz` (or plain `name`); None if absent."""
+    gz = folder / (name + STORED_SUFFIX)
+    if gz.is_file():
+        try:
+            return gzip.decompress(gz.read_bytes()).decode()
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise NetbedError(f"{gz}: not a readable gzip file: {exc}",
+                              hint="rerun the cell to recreate it") from exc
+    plain = folder / name
+    return plain.read_text() if plain.is_file() else None
 
 
 def read_c2c(text: str, source: str = C2C_FILE) -> pd.DataFrame:

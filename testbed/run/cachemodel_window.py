@@ -22,7 +22,14 @@ from typing import Any
 from testbed.build.cachemodel_plugin import RECOMMENDED_TCG_THREADS, build_plugin
 from testbed.errors import GuestError, NetbedError
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats.cachemodel import C2C_FILE, SITES_FILE, read_c2c, read_sites, read_snapshots
+from testbed.formats.cachemodel import (
+    C2C_FILE,
+    SITES_FILE,
+    STORED_SUFFIX,
+    read_c2c,
+    read_sites,
+    read_snapshots,
+)
 from testbed.formats.symbols import (
     KALLSYMS_COMMAND,
     SYMBOLS_DIR,
@@ -123,6 +130,7 @@ def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = 
             raise NetbedError(f"{name} holds window(s) {sorted(got)}, the measured one is "
                               f"{want}", hint="the plugin writes it at the window's end; "
                                               "the cell is retried")
-        atomic_write_text(rep.file(name), table)
+        atomic_write_bytes(rep.file(name + STORED_SUFFIX),
+                           gzip.compress(table.encode(), compresslevel=6, mtime=0))
     if symbols is not None:
         atomic_write_json(rep.file(SYMBOLS_REF), symbols)

@@ -56,7 +56,9 @@ def make_run(tmp: Path) -> Path:
             (rep / "cell.json").write_text(json.dumps(
                 {"kernel": "distro", "nic": "e1000", "cpus": 2, "policy": policy,
                  "workload": {"name": "TCP_STREAM", "message_size": 16384}, "gro": True}))
-            (rep / cmfmt.SITES_FILE).write_text(sites_csv(r + 1, loads))
+            # stored compressed by the runner; a plain file is read as well
+            (rep / (cmfmt.SITES_FILE + ".gz")).write_bytes(
+                gzip.compress(sites_csv(r + 1, loads).encode()))
             (rep / cmfmt.C2C_FILE).write_text(c2c_csv(r + 1))
             (rep / symfmt.SYMBOLS_REF).write_text(json.dumps(
                 {"kernel": f"{symfmt.SYMBOLS_DIR}/{name}", "user": None}))
@@ -137,7 +139,8 @@ def test_window_tables_are_copied_when_they_belong_to_the_measured_window(tmp_pa
     (work / cmfmt.C2C_FILE).write_text(c2c_csv(2))
     rep = run.start_rep("c", 0)
     cw.collect_window(work, rep, {"kernel": "symbols/x.txt.gz"})
-    assert rep.file(cmfmt.SITES_FILE).read_text() == sites_csv(2, 5)
+    assert cmfmt.stored_text(rep.path, cmfmt.SITES_FILE) == sites_csv(2, 5)
+    assert rep.file(cmfmt.SITES_FILE + ".gz").is_file()
     assert json.loads(rep.file(symfmt.SYMBOLS_REF).read_text())["kernel"] == "symbols/x.txt.gz"
     (work / cmfmt.SITES_FILE).write_text(sites_csv(1, 5))  # a stale table
     with pytest.raises(NetbedError, match=r"window\(s\) \[1\], the measured one is 2"):
