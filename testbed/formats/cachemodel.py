@@ -110,23 +110,21 @@ def _hex(v: str) -> int:
 
 def _read_table(text: str, columns: tuple[str, ...], hex_cols: tuple[str, ...],
                 source: str) -> pd.DataFrame:
+    text_cols = {c: str for c in (*hex_cols, "mode", "data") if c in columns}
+    ints = {c: "int64" for c in columns if c not in text_cols}
     try:
-        df = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        head = pd.read_csv(StringIO(text), nrows=0)
+        if tuple(head.columns) != columns:
+            raise NetbedError(f"{source}: columns {list(head.columns)}",
+                              hint=f"expected {','.join(columns)} (plugin/reader mismatch?)")
+        df = pd.read_csv(StringIO(text), dtype={**text_cols, **ints}, keep_default_na=False)
+        for col in hex_cols:
+            df[col] = df[col].map(_hex).astype("uint64")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError,
+            OverflowError) as exc:
         raise NetbedError(f"{source}: does not parse: {exc}",
-                          hint="the cache-model plugin writes it; was it cut short?") from exc
-    if tuple(df.columns) != columns:
-        raise NetbedError(f"{source}: columns {list(df.columns)}",
-                          hint=f"expected {','.join(columns)} (plugin/reader mismatch?)")
-    try:
-        for col in columns:
-            if col in hex_cols:
-                df[col] = df[col].map(_hex).astype("uint64")
-            elif col not in ("mode", "data"):
-                df[col] = df[col].astype("int64")
-    except (ValueError, OverflowError) as exc:
-        raise NetbedError(f"{source}: bad value in column {col!r}: {exc}",
-                          hint="the file is damaged; rerun the cell") from exc
+                          hint="the cache-model plugin writes it; was it cut short? "
+                               "rerun the cell") from exc
     return df
 
 

@@ -168,3 +168,14 @@ def test_kernel_symbols_are_read_once_and_stored_by_content(tmp_path):
     assert cw.record_kernel_symbols(shell, tmp_path) == ref
     with pytest.raises(NetbedError):
         cw.record_kernel_symbols(FakeShell("!!not base64!!"), tmp_path)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("window,pc\n1,0x1\n", "columns"),
+    (HEAD + "\n1,0xzz,0,kernel,cpu,1,1,1,1,1,1,1,1\n", "does not parse"),
+    (HEAD + "\n1,0x10,0,kernel,cpu,1,x,1,1,1,1,1,1\n", "does not parse"),
+    (HEAD + "\n1,0x10,0,kernel,disk,1,1,1,1,1,1,1,1\n", "unknown mode/data"),
+])
+def test_damaged_sites_tables_are_refused_with_their_name(text, match):
+    with pytest.raises(NetbedError, match=match):
+        cmfmt.read_sites(text, "rep-0/cachemodel-sites.csv")
