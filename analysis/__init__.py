@@ -43,6 +43,7 @@ from analysis.compare import (
 )
 from analysis.plots import plot_all
 from analysis.report import ReportPaths, build_report
+from analysis.symbols import write_attribution_tables
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.vocabulary import TABLE_AXES as AXES
@@ -100,6 +101,8 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
     atomic_write_text(summary_csv, summary.to_csv(index=False))
     atomic_write_text(comparison_csv, comparison.table.to_csv(index=False))
     atomic_write_text(comparison_txt, format_table(comparison))
+    # cache-model attribution (analysis/symbols.py): symbols.parquet/.csv, c2c_lines.csv
+    write_attribution_tables(run_dir)
     return AnalysisResult(run_dir, tidy, summary, comparison, tables, summary_csv,
                           comparison_csv, comparison_txt, facts)
 

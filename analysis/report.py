@@ -22,6 +22,7 @@ import pandas as pd
 
 from analysis.collate import RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
+from analysis.symbols import report_sections as cachemodel_sections
 from testbed.files import atomic_write_text
 from testbed.formats import offloads, perfstat
 from testbed.run.folder import RunDir
@@ -289,6 +290,9 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
     sections = _sections(prov, baseline_cmp, run_cmp, key_summary(summary))
+    # cache-model attribution (analysis/symbols.py), right after the figures
+    at = next((i + 1 for i, s in enumerate(sections) if s[1] == "figures"), len(sections))
+    sections[at:at] = cachemodel_sections(run_dir)
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, render_html(prov, sections, figures))
     atomic_write_text(md_path, render_md(prov, sections, figures, out))

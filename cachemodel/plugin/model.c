@@ -28,17 +28,33 @@ const char *const model_event_names[EV_COUNT] = {
 };
 const char *const model_mode_names[MODE_COUNT] = {"kernel", "user"};
 
+const char *const model_data_names[DATA_COUNT] = {"cpu", "device"};
+
 enum { ST_I = 0, ST_S = 1, ST_E = 2, ST_M = 3 };
+#define KEY_DEV 4ull /* line last written by a device (DMA), not by a CPU */
 
 typedef struct {
-    uint64_t key;   /* line address << 2 | ST_* state; state ST_I means empty */
+    uint64_t key;   /* line address << 3 | dev << 2 | ST_* state; state ST_I means empty */
     uint64_t stamp; /* LRU: larger is more recent */
     uint64_t sum;   /* digest of the line's bytes when a CPU last touched it here */
+    model_site *writer; /* attribution: the store that made this copy Modified */
 } entry;
 
 static inline uint8_t state_of(const entry *e) { return (uint8_t)(e->key & 3); }
-static inline uint64_t tag_of(const entry *e) { return e->key >> 2; }
+static inline int dev_of(const entry *e) { return (e->key & KEY_DEV) ? DATA_DEVICE : DATA_CPU; }
+static inline uint64_t tag_of(const entry *e) { return e->key >> 3; }
 static inline void set_state(entry *e, uint8_t st) { e->key = (e->key & ~3ull) | st; }
+static inline void set_dev(entry *e, int data)
+{
+    e->key = (e->key & ~KEY_DEV) | (data == DATA_DEVICE ? KEY_DEV : 0);
+}
+/* What a line carries between levels: digest, device flag, writer. */
+static inline void copy_data(entry *to, const entry *from)
+{
+    to->key = (to->key & ~KEY_DEV) | (from->key & KEY_DEV);
+    to->sum = from->sum;
+    to->writer = from->writer;
+}
 
 typedef struct {
     entry *e;
@@ -65,12 +81,32 @@ typedef struct {
     uint64_t cnt[MODE_COUNT][EV_COUNT];
 } cpu_state;
 
+/* c2c line table: one record per (line, requesting site and CPU, owner site and CPU). */
+typedef struct {
+    uint64_t line;
+    model_site *req, *own;
+    int req_cpu, own_cpu;
+    uint64_t n;
+} c2c_rec;
+
+/* Open-addressing index (slot value: record number + 1, 0 = empty). */
+typedef struct {
+    uint32_t *slot;
+    size_t cap; /* power of two */
+} hindex;
+
 struct model {
     model_config cfg;
     unsigned line_shift;
     bool has_l2;
     cache llc;
     cpu_state *cpu;
+    model_site **sites;
+    size_t nsites, sites_cap;
+    hindex site_idx;
+    c2c_rec *c2c;
+    size_t nc2c, c2c_cap;
+    hindex c2c_idx;
 };
 
 static bool is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
@@ -132,9 +168,9 @@ static inline entry *set_of(const cache *c, uint64_t line)
 static inline entry *lookup(const cache *c, uint64_t line)
 {
     entry *s = set_of(c, line);
-    uint64_t want = line << 2;
+    uint64_t want = line << 3;
     for (uint32_t w = 0; w < c->ways; w++) {
-        if ((s[w].key & ~3ull) == want && (s[w].key & 3)) {
+        if ((s[w].key & ~7ull) == want && (s[w].key & 3)) {
             return &s[w];
         }
     }
@@ -143,8 +179,9 @@ static inline entry *lookup(const cache *c, uint64_t line)
 
 static inline void touch(cache *c, entry *e) { e->stamp = ++c->clock; }
 
-/* Insert `line`; returns the evicted entry's copy in *victim (state ST_I if none). */
-static entry *insert(cache *c, uint64_t line, uint8_t state, entry *victim)
+/* Insert `line` with `data`'s digest, device flag and writer; the evicted entry's
+ * copy goes to *victim (state ST_I if none). */
+static entry *insert(cache *c, uint64_t line, uint8_t state, const entry *data, entry *victim)
 {
     entry *s = set_of(c, line);
     entry *v = &s[0];
@@ -160,7 +197,8 @@ static entry *insert(cache *c, uint64_t line, uint8_t state, entry *victim)
     if (victim) {
         *victim = *v;
     }
-    v->key = line << 2 | state;
+    v->key = line << 3 | state;
+    copy_data(v, data);
     touch(c, v);
     return v;
 }
@@ -193,6 +231,13 @@ void model_free(model *m)
         free(m->cpu[i].l1.e);
         free(m->cpu[i].l2.e);
     }
+    for (size_t i = 0; i < m->nsites; i++) {
+        free(m->sites[i]);
+    }
+    free(m->sites);
+    free(m->site_idx.slot);
+    free(m->c2c);
+    free(m->c2c_idx.slot);
     free(m->cpu);
     free(m->llc.e);
     free(m);
@@ -210,12 +255,199 @@ void model_clear_caches(model *m)
     }
 }
 
-static uint8_t private_state(const model *m, int cpu, uint64_t line)
+/* ---------------------------------------------------------------- attribution */
+static inline uint64_t mix(uint64_t x)
 {
-    const entry *e = lookup(&m->cpu[cpu].l1, line);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+
+/* Find (or the empty slot for) a key; `eq(i)` tells whether record i matches. */
+#define HINDEX_FIND(ix, hash, eq_expr, out_slot)                                            \
+    do {                                                                                  \
+        size_t _i = (size_t)(hash) & ((ix)->cap - 1);                                     \
+        for (;;) {                                                                        \
+            uint32_t _v = (ix)->slot[_i];                                                 \
+            if (_v == 0) {                                                                \
+                break;                                                                    \
+            }                                                                             \
+            size_t rec = _v - 1;                                                          \
+            (void)rec;                                                                    \
+            if (eq_expr) {                                                                \
+                break;                                                                    \
+            }                                                                             \
+            _i = (_i + 1) & ((ix)->cap - 1);                                              \
+        }                                                                                 \
+        (out_slot) = _i;                                                                  \
+    } while (0)
+
+static uint64_t site_hash(const model_site *s) { return mix(s->pc * 2 + (uint64_t)s->mode); }
+
+static uint64_t c2c_hash(const c2c_rec *r)
+{
+    return mix(r->line ^ mix((uint64_t)(uintptr_t)r->req + (uint64_t)r->req_cpu * 977) ^
+               mix((uint64_t)(uintptr_t)r->own * 31 + (uint64_t)r->own_cpu));
+}
+
+static void site_reindex(model *m)
+{
+    free(m->site_idx.slot);
+    m->site_idx.cap = m->site_idx.cap ? m->site_idx.cap * 2 : 1024;
+    m->site_idx.slot = calloc(m->site_idx.cap, sizeof(uint32_t));
+    for (size_t i = 0; i < m->nsites; i++) {
+        size_t at;
+        HINDEX_FIND(&m->site_idx, site_hash(m->sites[i]), false, at);
+        m->site_idx.slot[at] = (uint32_t)(i + 1);
+    }
+}
+
+model_site *model_site_get(model *m, uint64_t pc, int mode)
+{
+    if ((m->nsites + 1) * 2 > m->site_idx.cap) {
+        site_reindex(m);
+    }
+    size_t at;
+    HINDEX_FIND(&m->site_idx, mix(pc * 2 + (uint64_t)mode),
+                m->sites[rec]->pc == pc && m->sites[rec]->mode == mode, at);
+    if (m->site_idx.slot[at]) {
+        return m->sites[m->site_idx.slot[at] - 1];
+    }
+    if (m->nsites == m->sites_cap) {
+        m->sites_cap = m->sites_cap ? m->sites_cap * 2 : 1024;
+        m->sites = realloc(m->sites, m->sites_cap * sizeof(*m->sites));
+    }
+    model_site *s =
+        calloc(1, sizeof(*s) + (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
+    s->pc = pc;
+    s->mode = mode;
+    m->sites[m->nsites++] = s;
+    m->site_idx.slot[at] = (uint32_t)m->nsites;
+    return s;
+}
+
+static inline void site_add(const model *m, model_site *s, int cpu, int data, int ev)
+{
+    if (s) {
+        s->cnt[((size_t)cpu * DATA_COUNT + (size_t)data) * EV_COUNT + (size_t)ev]++;
+    }
+}
+
+static void c2c_reindex(model *m)
+{
+    free(m->c2c_idx.slot);
+    m->c2c_idx.cap = m->c2c_idx.cap ? m->c2c_idx.cap * 2 : 1024;
+    m->c2c_idx.slot = calloc(m->c2c_idx.cap, sizeof(uint32_t));
+    for (size_t i = 0; i < m->nc2c; i++) {
+        size_t at;
+        HINDEX_FIND(&m->c2c_idx, c2c_hash(&m->c2c[i]), false, at);
+        m->c2c_idx.slot[at] = (uint32_t)(i + 1);
+    }
+}
+
+static void c2c_record(model *m, uint64_t line, model_site *req, int req_cpu, model_site *own,
+                       int own_cpu)
+{
+    if ((m->nc2c + 1) * 2 > m->c2c_idx.cap) {
+        c2c_reindex(m);
+    }
+    c2c_rec key = {line, req, own, req_cpu, own_cpu, 0};
+    size_t at;
+    HINDEX_FIND(&m->c2c_idx, c2c_hash(&key),
+                m->c2c[rec].line == line && m->c2c[rec].req == req &&
+                    m->c2c[rec].own == own && m->c2c[rec].req_cpu == req_cpu &&
+                    m->c2c[rec].own_cpu == own_cpu,
+                at);
+    if (m->c2c_idx.slot[at]) {
+        m->c2c[m->c2c_idx.slot[at] - 1].n++;
+        return;
+    }
+    if (m->nc2c == m->c2c_cap) {
+        m->c2c_cap = m->c2c_cap ? m->c2c_cap * 2 : 1024;
+        m->c2c = realloc(m->c2c, m->c2c_cap * sizeof(*m->c2c));
+    }
+    key.n = 1;
+    m->c2c[m->nc2c++] = key;
+    m->c2c_idx.slot[at] = (uint32_t)m->nc2c;
+}
+
+void model_sites_clear(model *m)
+{
+    for (size_t i = 0; i < m->nsites; i++) {
+        memset(m->sites[i]->cnt, 0,
+               (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
+    }
+    m->nc2c = 0;
+    if (m->c2c_idx.slot) {
+        memset(m->c2c_idx.slot, 0, m->c2c_idx.cap * sizeof(uint32_t));
+    }
+}
+
+static bool site_event(int ev)
+{
+    return ev != EV_INSTRUCTIONS && ev != EV_INVALIDATIONS_RECEIVED;
+}
+
+void model_write_sites(const model *m, FILE *f, unsigned long window)
+{
+    fprintf(f, "window,pc,vcpu,mode,data");
+    for (int ev = 0; ev < EV_COUNT; ev++) {
+        if (site_event(ev)) {
+            fprintf(f, ",%s", model_event_names[ev]);
+        }
+    }
+    fputc('\n', f);
+    for (size_t i = 0; i < m->nsites; i++) {
+        const model_site *s = m->sites[i];
+        for (int cpu = 0; cpu < m->cfg.ncpus; cpu++) {
+            for (int d = 0; d < DATA_COUNT; d++) {
+                const uint64_t *c = s->cnt + ((size_t)cpu * DATA_COUNT + (size_t)d) * EV_COUNT;
+                bool any = false;
+                for (int ev = 0; ev < EV_COUNT; ev++) {
+                    any |= c[ev] != 0;
+                }
+                if (!any) {
+                    continue;
+                }
+                fprintf(f, "%lu,0x%llx,%d,%s,%s", window, (unsigned long long)s->pc, cpu,
+                        model_mode_names[s->mode], model_data_names[d]);
+                for (int ev = 0; ev < EV_COUNT; ev++) {
+                    if (site_event(ev)) {
+                        fprintf(f, ",%llu", (unsigned long long)c[ev]);
+                    }
+                }
+                fputc('\n', f);
+            }
+        }
+    }
+}
+
+void model_write_c2c(const model *m, FILE *f, unsigned long window)
+{
+    fprintf(f, "window,line,vcpu,pc,owner_vcpu,owner_pc,count\n");
+    for (size_t i = 0; i < m->nc2c; i++) {
+        const c2c_rec *r = &m->c2c[i];
+        fprintf(f, "%lu,0x%llx,%d,0x%llx,%d,0x%llx,%llu\n", window,
+                (unsigned long long)(r->line << m->line_shift), r->req_cpu,
+                (unsigned long long)(r->req ? r->req->pc : 0), r->own_cpu,
+                (unsigned long long)(r->own ? r->own->pc : 0), (unsigned long long)r->n);
+    }
+}
+
+/* ---------------------------------------------------------------- coherence */
+static entry *private_entry(const model *m, int cpu, uint64_t line)
+{
+    entry *e = lookup(&m->cpu[cpu].l1, line);
     if (!e && m->has_l2) {
         e = lookup(&m->cpu[cpu].l2, line);
     }
+    return e;
+}
+
+static uint8_t private_state(const model *m, int cpu, uint64_t line)
+{
+    const entry *e = private_entry(m, cpu, line);
     return e ? state_of(e) : ST_I;
 }
 
@@ -245,38 +477,38 @@ static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
     }
 }
 
-static void llc_fill(model *m, uint64_t line, uint64_t sum)
+static void llc_fill(model *m, uint64_t line, const entry *data)
 {
     entry *e = lookup(&m->llc, line);
     if (e) {
         touch(&m->llc, e);
+        copy_data(e, data);
     } else {
-        e = insert(&m->llc, line, ST_S, NULL);
+        insert(&m->llc, line, ST_S, data, NULL);
     }
-    e->sum = sum;
 }
 
 /* A line leaves CPU `cpu`'s L2: dirty data goes to the LLC unless L1 still holds it. */
 static void l2_evicted(model *m, int cpu, const entry *v)
 {
     if (state_of(v) == ST_M && !lookup(&m->cpu[cpu].l1, tag_of(v))) {
-        llc_fill(m, tag_of(v), v->sum);
+        llc_fill(m, tag_of(v), v);
     }
 }
 
-static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state, uint64_t sum)
+static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state, const entry *data)
 {
     entry victim;
-    insert(&m->cpu[cpu].l2, line, state, &victim)->sum = sum;
+    insert(&m->cpu[cpu].l2, line, state, data, &victim);
     if (state_of(&victim) != ST_I) {
         l2_evicted(m, cpu, &victim);
     }
 }
 
-static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, uint64_t sum)
+static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, const entry *data)
 {
     entry victim;
-    insert(&m->cpu[cpu].l1, line, state, &victim)->sum = sum;
+    insert(&m->cpu[cpu].l1, line, state, data, &victim);
     uint8_t vst = state_of(&victim);
     for (int i = 0; vst != ST_I && i < MODEL_MEMO_SLOTS; i++) {
         if (tag_of(&victim) == m->cpu[cpu].memo[i].line) {
@@ -290,21 +522,23 @@ static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, uint64_t su
         entry *e2 = lookup(&m->cpu[cpu].l2, tag_of(&victim));
         if (e2) {
             set_state(e2, vst);
-            e2->sum = victim.sum;
+            copy_data(e2, &victim);
         } else {
-            fill_l2(m, cpu, tag_of(&victim), vst, victim.sum);
+            fill_l2(m, cpu, tag_of(&victim), vst, &victim);
         }
     } else if (vst == ST_M) {
-        llc_fill(m, tag_of(&victim), victim.sum);
+        llc_fill(m, tag_of(&victim), &victim);
     }
 }
 
-static void invalidate_others(model *m, int cpu, int mode, uint64_t line)
+static void invalidate_others(model *m, int cpu, int mode, uint64_t line, model_site *site,
+                              int data)
 {
     for (int o = 0; o < m->cfg.ncpus; o++) {
         if (o != cpu && private_state(m, o, line) != ST_I) {
             set_private_state(m, o, line, ST_I);
             m->cpu[cpu].cnt[mode][EV_INVALIDATIONS_SENT]++;
+            site_add(m, site, cpu, data, EV_INVALIDATIONS_SENT);
             m->cpu[o].cnt[m->cpu[o].last_mode][EV_INVALIDATIONS_RECEIVED]++;
         }
     }
@@ -316,13 +550,12 @@ static void invalidate_others(model *m, int cpu, int mode, uint64_t line)
  * only an invisible writer can have done: then every private copy is dropped and,
  * with DDIO (as on Intel server parts), the LLC keeps the new data; without, the
  * LLC copy goes too.  Stores cannot be checked (their own bytes changed the line).
+ * The line is then marked as written by a device until a CPU stores to it, so
+ * accesses are attributed as data=device or data=cpu.
  */
 static const entry *recorded(const model *m, int cpu, uint64_t line)
 {
-    const entry *e = lookup(&m->cpu[cpu].l1, line);
-    if (!e && m->has_l2) {
-        e = lookup(&m->cpu[cpu].l2, line);
-    }
+    const entry *e = private_entry(m, cpu, line);
     if (e) {
         return e;
     }
@@ -331,10 +564,7 @@ static const entry *recorded(const model *m, int cpu, uint64_t line)
         if (o == cpu) {
             continue;
         }
-        const entry *x = lookup(&m->cpu[o].l1, line);
-        if (!x && m->has_l2) {
-            x = lookup(&m->cpu[o].l2, line);
-        }
+        const entry *x = private_entry(m, o, line);
         if (x && state_of(x) == ST_M) {
             return x;
         }
@@ -343,14 +573,17 @@ static const entry *recorded(const model *m, int cpu, uint64_t line)
     return clean ? clean : lookup(&m->llc, line);
 }
 
-static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t sum)
+static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t sum,
+                         model_site *site)
 {
     m->cpu[cpu].cnt[mode][EV_DEVICE_WRITES]++;
+    site_add(m, site, cpu, DATA_DEVICE, EV_DEVICE_WRITES);
     for (int o = 0; o < m->cfg.ncpus; o++) {
         set_private_state(m, o, line, ST_I);
     }
     if (m->cfg.ddio) {
-        llc_fill(m, line, sum);
+        entry d = {.key = KEY_DEV, .sum = sum, .writer = NULL};
+        llc_fill(m, line, &d);
     } else {
         entry *l = lookup(&m->llc, line);
         if (l) {
@@ -359,51 +592,97 @@ static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t su
     }
 }
 
-static void access_line(model *m, int cpu, int mode, uint64_t line, bool store, uint64_t sum,
-                        bool check)
+/* One line of an access; returns whether the line was last written by a device. */
+static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, uint64_t sum,
+                       bool check, model_site *site)
 {
     cpu_state *c = &m->cpu[cpu];
     uint64_t *k = c->cnt[mode];
+    int data = DATA_CPU;
 
     if (check && !store) {
         const entry *r = recorded(m, cpu, line);
         if (r && r->sum != MODEL_SUM_UNKNOWN && r->sum != sum) {
-            device_write(m, cpu, mode, line, sum);
+            device_write(m, cpu, mode, line, sum, site);
+            data = DATA_DEVICE;
         }
     }
     entry *e = lookup(&c->l1, line);
 
     if (e) { /* L1 hit: the common, cheap path */
+        data = dev_of(e);
         touch(&c->l1, e);
-        if (store && state_of(e) != ST_M) {
-            if (state_of(e) == ST_S) {
-                invalidate_others(m, cpu, mode, line);
+        if (store) {
+            if (state_of(e) != ST_M) {
+                if (state_of(e) == ST_S) {
+                    invalidate_others(m, cpu, mode, line, site, data);
+                }
+                set_private_state(m, cpu, line, ST_M);
             }
-            set_private_state(m, cpu, line, ST_M);
+            set_dev(e, DATA_CPU);
+            e->writer = site;
         }
         e->sum = sum;
-        return;
+        return data;
     }
-    k[EV_L1D_MISSES]++;
 
     if (m->has_l2 && (e = lookup(&c->l2, line))) {
+        data = dev_of(e);
+        k[EV_L1D_MISSES]++;
+        site_add(m, site, cpu, data, EV_L1D_MISSES);
         touch(&c->l2, e);
         uint8_t st = state_of(e);
-        if (store && st != ST_M) {
-            if (st == ST_S) {
-                invalidate_others(m, cpu, mode, line);
+        if (store) {
+            if (st != ST_M) {
+                if (st == ST_S) {
+                    invalidate_others(m, cpu, mode, line, site, data);
+                }
+                st = ST_M;
+                set_state(e, ST_M);
             }
-            st = ST_M;
-            set_state(e, ST_M);
+            set_dev(e, DATA_CPU);
+            e->writer = site;
         }
         e->sum = sum;
-        fill_l1(m, cpu, line, st, sum);
-        return;
+        fill_l1(m, cpu, line, st, e);
+        return data;
     }
-    k[EV_L2_MISSES]++;
 
-    bool other_has = false, other_dirty = false;
+    /* private miss: where is the line?  (the data flag comes with it) */
+    bool other_has = false;
+    const entry *owner = NULL;
+    int owner_cpu = -1;
+    entry *l = lookup(&m->llc, line);
     for (int o = 0; o < m->cfg.ncpus; o++) {
+        if (o == cpu) {
+            continue;
+        }
+        entry *x = private_entry(m, o, line);
+        if (!x) {
+            continue;
+        }
+        if (!other_has) {
+            data |= dev_of(x);
+        }
+        other_has = true;
+        if (state_of(x) == ST_M) {
+            owner = x;
+            owner_cpu = o;
+        }
+    }
+    if (!other_has && l) {
+        data |= dev_of(l);
+    }
+    k[EV_L1D_MISSES]++;
+    k[EV_L2_MISSES]++;
+    site_add(m, site, cpu, data, EV_L1D_MISSES);
+    site_add(m, site, cpu, data, EV_L2_MISSES);
+    if (owner) {
+        k[EV_C2C_TRANSFERS]++;
+        site_add(m, site, cpu, data, EV_C2C_TRANSFERS);
+        c2c_record(m, line, site, cpu, owner->writer, owner_cpu);
+    }
+    for (int o = 0; other_has && o < m->cfg.ncpus; o++) {
         if (o == cpu) {
             continue;
         }
@@ -411,38 +690,37 @@ static void access_line(model *m, int cpu, int mode, uint64_t line, bool store, 
         if (so == ST_I) {
             continue;
         }
-        other_has = true;
-        other_dirty |= so == ST_M;
         if (store) {
             set_private_state(m, o, line, ST_I);
             k[EV_INVALIDATIONS_SENT]++;
+            site_add(m, site, cpu, data, EV_INVALIDATIONS_SENT);
             m->cpu[o].cnt[m->cpu[o].last_mode][EV_INVALIDATIONS_RECEIVED]++;
         } else if (so != ST_S) {
             set_private_state(m, o, line, ST_S); /* M: data written back to LLC below */
         }
     }
-    if (other_dirty) {
-        k[EV_C2C_TRANSFERS]++;
-    }
-    entry *l = lookup(&m->llc, line);
+    entry now = {.key = (!store && data == DATA_DEVICE) ? KEY_DEV : 0, .sum = sum,
+                 .writer = store ? site : NULL};
     if (l) {
         touch(&m->llc, l);
+        copy_data(l, &now);
     } else {
         if (!other_has) {
             k[EV_LLC_MISSES]++;
+            site_add(m, site, cpu, data, EV_LLC_MISSES);
         }
-        l = insert(&m->llc, line, ST_S, NULL);
+        insert(&m->llc, line, ST_S, &now, NULL);
     }
-    l->sum = sum;
     uint8_t st = store ? ST_M : (other_has ? ST_S : ST_E);
     if (m->has_l2) {
-        fill_l2(m, cpu, line, st, sum);
+        fill_l2(m, cpu, line, st, &now);
     }
-    fill_l1(m, cpu, line, st, sum);
+    fill_l1(m, cpu, line, st, &now);
+    return data;
 }
 
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
-                  const uint64_t *sums, int slot)
+                  const uint64_t *sums, int slot, model_site *site)
 {
     cpu_state *c = &m->cpu[cpu];
     memo_t *mm = &c->memo[slot];
@@ -450,19 +728,25 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     uint64_t last = (paddr + (size ? size : 1) - 1) >> m->line_shift;
     bool check = sums != NULL;
     uint64_t s0 = check ? sums[0] : 0, s1 = check ? sums[1] : 0;
+    int ev = store ? EV_STORES : EV_LOADS;
 
     c->last_mode = mode;
-    c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
+    c->cnt[mode][ev]++;
     if (first == last && mm->valid && first == mm->line && (mm->m || !store)) {
         /* L1 hit on a line just used: already recent, state unchanged */
         if (store || !check || mm->entry->sum == s0 || mm->entry->sum == MODEL_SUM_UNKNOWN) {
+            site_add(m, site, cpu, dev_of(mm->entry), ev);
             mm->entry->sum = s0;
+            if (store) {
+                mm->entry->writer = site;
+            }
             return;
         }
     }
-    access_line(m, cpu, mode, first, store, s0, check);
+    int data = access_line(m, cpu, mode, first, store, s0, check, site);
+    site_add(m, site, cpu, data, ev);
     if (last != first) {
-        access_line(m, cpu, mode, last, store, s1, check);
+        access_line(m, cpu, mode, last, store, s1, check, site);
     }
     entry *e = lookup(&c->l1, last);
     mm->line = last;
@@ -471,15 +755,17 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     mm->entry = e;
 }
 
-bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot)
+bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, model_site *site)
 {
     cpu_state *c = &m->cpu[cpu];
     memo_t *mm = &c->memo[slot];
     if (!mm->valid || (store && !mm->m)) {
         return false;
     }
+    int ev = store ? EV_STORES : EV_LOADS;
     c->last_mode = mode;
-    c->cnt[mode][store ? EV_STORES : EV_LOADS]++;
+    c->cnt[mode][ev]++;
+    site_add(m, site, cpu, dev_of(mm->entry), ev);
     if (store) {
         mm->entry->sum = MODEL_SUM_UNKNOWN;
     }

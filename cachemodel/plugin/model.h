@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* Order is the CSV order; names in model_event_names[]. */
 enum model_event {
@@ -46,6 +47,39 @@ typedef struct {
 
 typedef struct model model;
 
+/*
+ * Attribution.  A site is one guest instruction address (pc): the plugin gets one
+ * per instruction at translation time, so the hot path only adds to counters it
+ * already holds a pointer to; symbols are resolved after the window, on the host.
+ * Counters: cnt[(cpu * DATA_COUNT + data) * EV_COUNT + event] for the events
+ * charged to the accessing CPU (loads, stores, misses, c2c, invalidations sent,
+ * device writes).  `data`: was the line last written by a device (DMA) or a CPU
+ * when this access found it.
+ */
+enum model_data { DATA_CPU, DATA_DEVICE, DATA_COUNT };
+extern const char *const model_data_names[DATA_COUNT];
+
+typedef struct model_site {
+    uint64_t pc;
+    int mode;
+    uint64_t cnt[]; /* ncpus * DATA_COUNT * EV_COUNT, in the same allocation */
+} model_site;
+
+/* The site of `pc` (created on first use; not for the hot path: a hash lookup). */
+model_site *model_site_get(model *m, uint64_t pc, int mode);
+/* Zero every site's counters and the c2c line table (start of a window). */
+void model_sites_clear(model *m);
+/*
+ * CSV of the sites with non-zero counters:
+ *   window,pc,vcpu,mode,data,<event columns except instructions and invalidations_received>
+ * and of the c2c table, one row per (line, requesting site/cpu, owner site/cpu):
+ *   window,line,vcpu,pc,owner_vcpu,owner_pc,count
+ * (line: physical address of the line; owner_pc: the instruction whose store made
+ * the owner's copy dirty, 0 if not known).
+ */
+void model_write_sites(const model *m, FILE *f, unsigned long window);
+void model_write_c2c(const model *m, FILE *f, unsigned long window);
+
 /* NULL when the configuration is usable, else a message naming the bad parameter. */
 const char *model_config_error(const model_config *cfg);
 model *model_new(const model_config *cfg);
@@ -53,6 +87,7 @@ void model_free(model *m);
 
 /*
  * One data access by `cpu` in `mode`; may span two lines (counted as one access).
+ * `site`: where the access is attributed (NULL: nowhere).
  * `sums`: digests of the first and last line's bytes right after the access, used
  * to notice device writes; NULL turns that detection off.  `slot` (0..
  * MODEL_MEMO_SLOTS-1): where the model remembers this line for
@@ -60,7 +95,7 @@ void model_free(model *m);
  */
 #define MODEL_MEMO_SLOTS 2
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
-                  const uint64_t *sums, int slot);
+                  const uint64_t *sums, int slot, model_site *site);
 /*
  * Digest value meaning "content not known" (a store the caller did not digest):
  * never reported as a device write.  Callers map a real digest of 0 to 1.
@@ -73,7 +108,7 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
  * the line is still in this CPU's L1 in a state that allows the access (no
  * lookup, no digest check); false means: call model_access().
  */
-bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot);
+bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, model_site *site);
 /*
  * After repeated stores the previous line's digest is unknown; the caller digests
  * that line once it moves on and records it here, so the next load can still tell

@@ -3,7 +3,11 @@
  * (tests/unit/test_cachemodel.py compiles and runs it; no QEMU involved).
  *
  *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
- *               [llc_size=B] [llc_assoc=W] [line=B]  < trace
+ *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]  < trace
+ *
+ * Any access line may start with `@<pc> `: the access is attributed to that
+ * instruction address (as the plugin does); sites=/c2c= write the attribution
+ * tables (model_write_sites / model_write_c2c, window 1) at the end.
  *
  * Trace lines:  <cpu> <k|u> <l|s> <paddr> [size [digest]]   one access; with a digest
  *                                   (of the line's bytes after the access) device
@@ -23,6 +27,7 @@
 int main(int argc, char **argv)
 {
     model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2, true};
+    const char *sites_path = NULL, *c2c_path = NULL;
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
         if (!eq) {
@@ -31,7 +36,9 @@ int main(int argc, char **argv)
         }
         *eq = '\0';
         unsigned long long v = strtoull(eq + 1, NULL, 0);
-        if (!strcmp(argv[i], "ncpus")) cfg.ncpus = (int)v;
+        if (!strcmp(argv[i], "sites")) sites_path = eq + 1;
+        else if (!strcmp(argv[i], "c2c")) c2c_path = eq + 1;
+        else if (!strcmp(argv[i], "ncpus")) cfg.ncpus = (int)v;
         else if (!strcmp(argv[i], "l1d_size")) cfg.l1d.size = v;
         else if (!strcmp(argv[i], "l1d_assoc")) cfg.l1d.ways = (uint32_t)v;
         else if (!strcmp(argv[i], "l2_size")) cfg.l2.size = v;
@@ -51,10 +58,18 @@ int main(int argc, char **argv)
         return 2;
     }
     model *m = model_new(&cfg);
-    char line[256];
+    char buf[256];
     int lineno = 0;
-    while (fgets(line, sizeof(line), stdin)) {
+    while (fgets(buf, sizeof(buf), stdin)) {
         lineno++;
+        char *line = buf;
+        model_site *site = NULL;
+        unsigned long long pc = 0;
+        if (line[0] == '@') {
+            char *end;
+            pc = strtoull(line + 1, &end, 0); /* unsigned: kernel addresses */
+            line = end + strspn(end, " ");
+        }
         int cpu;
         char mode, rw;
         unsigned long long a, b, c, rep = 1, digest = 0;
@@ -65,18 +80,20 @@ int main(int argc, char **argv)
         }
         if (line[0] == 'R' && sscanf(line + 1, "%d %c %c %lli", &cpu, &mode, &rw, &a) == 4) {
             int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
-            if (!model_repeat_access(m, cpu, mo, rw == 's', 0)) {
-                model_access(m, cpu, mo, a, 8, rw == 's', NULL, 0);
+            site = buf[0] == '@' ? model_site_get(m, pc, mo) : NULL;
+            if (!model_repeat_access(m, cpu, mo, rw == 's', 0, site)) {
+                model_access(m, cpu, mo, a, 8, rw == 's', NULL, 0, site);
             }
         } else if (!strncmp(line, "clear", 5)) {
             model_clear_caches(m);
         } else if (line[0] == 'S' &&
                    sscanf(line + 1, "%d %c %c %lli %lli %lli %lli", &cpu, &mode, &rw, &a, &b, &c,
                           &rep) >= 6) {
+            int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
+            site = buf[0] == '@' ? model_site_get(m, pc, mo) : NULL;
             for (unsigned long long r = 0; r < rep; r++) {
                 for (unsigned long long off = 0; off < b; off += c) {
-                    model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a + off, 8,
-                                 rw == 's', NULL, 0);
+                    model_access(m, cpu, mo, a + off, 8, rw == 's', NULL, 0, site);
                 }
             }
         } else if ((fields = sscanf(line, "%d %c %c %lli %u %lli", &cpu, &mode, &rw, &a, &size,
@@ -86,8 +103,9 @@ int main(int argc, char **argv)
                 fprintf(stderr, "line %d: cpu %d out of range\n", lineno, cpu);
                 return 2;
             }
-            model_access(m, cpu, mode == 'k' ? MODE_KERNEL : MODE_USER, a, size, rw == 's',
-                         fields == 6 ? sums : NULL, 0);
+            int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
+            site = buf[0] == '@' ? model_site_get(m, pc, mo) : NULL;
+            model_access(m, cpu, mo, a, size, rw == 's', fields == 6 ? sums : NULL, 0, site);
         } else {
             fprintf(stderr, "line %d: cannot parse: %s", lineno, line);
             return 2;
@@ -101,6 +119,19 @@ int main(int argc, char **argv)
                        (unsigned long long)model_counter(m, cpu, mo, ev));
             }
         }
+    }
+    for (int i = 0; i < 2; i++) {
+        const char *path = i ? c2c_path : sites_path;
+        if (!path) {
+            continue;
+        }
+        FILE *f = fopen(path, "w");
+        if (!f) {
+            perror(path);
+            return 2;
+        }
+        (i ? model_write_c2c : model_write_sites)(m, f, 1);
+        fclose(f);
     }
     model_free(m);
     return 0;

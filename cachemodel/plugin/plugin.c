@@ -28,6 +28,13 @@
  * data address would be wrong for copy_to_user (a kernel instruction storing to a
  * user address must count as kernel).
  *
+ * Attribution (sites=<csv>, c2c=<csv>): every instruction gets a model_site when it
+ * is translated (a hash lookup per translation, none per execution); its pointer
+ * rides in the memory callback's udata (low bit: mode), so the hot path adds to
+ * counters it already holds.  Counters are zeroed when the first region opens and
+ * written (atomically replaced) when the last one closes, with the window's
+ * number; symbols are resolved on the host afterwards (testbed/formats/symbols.py).
+ *
  * Threading: one global spinlock around the model, so multi-threaded TCG is
  * correct but interleaving (and so the counts) depends on host scheduling;
  * `-accel tcg,thread=single` makes runs repeatable.
@@ -59,6 +66,9 @@ static int open_regions;
 static int counting; /* read without the lock by callbacks: __atomic */
 static int armed;    /* code translated from now on gets memory callbacks */
 static char lock_flag;
+/* Attribution (sites=, c2c=): per-instruction counters, written at each window's end. */
+static char *sites_path, *c2c_path;
+static unsigned long windows_closed;
 
 /*
  * Guest-physical address lookup cache.  qemu_plugin_hwaddr_phys_addr() searches
@@ -179,6 +189,22 @@ static inline bool is_counting(void) { return __atomic_load_n(&counting, __ATOMI
 
 static inline int mode_of(uint64_t pc) { return (pc >> 63) ? MODE_KERNEL : MODE_USER; }
 
+/* Replace `path` with the output of `write` (window n): readers never see half a file. */
+static void write_table(const char *path, void (*write)(const model *, FILE *, unsigned long),
+                        unsigned long n)
+{
+    g_autofree char *tmp = g_strdup_printf("%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        warn("netbed-cache: cannot write the attribution table\n");
+        return;
+    }
+    write(M, f, n);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        warn("netbed-cache: cannot write the attribution table\n");
+    }
+}
+
 /* Caller holds the lock. */
 static void snapshot(const char *marker)
 {
@@ -201,7 +227,8 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
         return;
     }
-    int mode = (int)(uintptr_t)udata;
+    int mode = (int)((uintptr_t)udata & 1);
+    model_site *site = (model_site *)((uintptr_t)udata & ~(uintptr_t)1);
     unsigned size = 1u << qemu_plugin_mem_size_shift(info);
     bool store = qemu_plugin_mem_is_store(info);
     uint64_t vline = vaddr / line_bytes;
@@ -215,7 +242,7 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
      */
     recent_lines *r = &recent[vcpu];
     int slot = vline == r->vline[0] ? 0 : vline == r->vline[1] ? 1 : -1;
-    if (slot >= 0 && !crosses && model_repeat_access(M, (int)vcpu, mode, store, slot)) {
+    if (slot >= 0 && !crosses && model_repeat_access(M, (int)vcpu, mode, store, slot, site)) {
         r->mru = slot;
         return;
     }
@@ -243,7 +270,7 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
         model_set_memo_sum(M, (int)vcpu, slot, line_digest(r->host[slot]));
     }
     model_access(M, (int)vcpu, mode, pa, size, store,
-                 dma_detect && phys_cache_on ? sums : NULL, slot);
+                 dma_detect && phys_cache_on ? sums : NULL, slot, site);
     unlock();
     r->vline[slot] = crosses ? UINT64_MAX : vline;
     r->host[slot] = crosses ? NULL : l0;
@@ -280,6 +307,9 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
             if (cold_start) {
                 model_clear_caches(M);
             }
+            if (sites_path) {
+                model_sites_clear(M);
+            }
             forget_recent_lines(model_ncpus(M)); /* mappings may have changed meanwhile */
             __atomic_store_n(&counting, 1, __ATOMIC_RELAXED);
             if (!armed) {
@@ -292,8 +322,17 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
             g_autofree char *msg =
                 g_strdup_printf("netbed-cache: vcpu %u: end:%u with no open region\n", vcpu, id);
             qemu_plugin_outs(msg);
-        } else if (--open_regions == 0 && !always_on) {
-            __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
+        } else if (--open_regions == 0) {
+            if (!always_on) {
+                __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
+            }
+            windows_closed++;
+            if (sites_path) {
+                write_table(sites_path, model_write_sites, windows_closed);
+            }
+            if (c2c_path) {
+                write_table(c2c_path, model_write_c2c, windows_closed);
+            }
         }
         snapshot(name);
     } else {
@@ -332,9 +371,16 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
                                                    (void *)(uintptr_t)disp);
         }
         if (instrument) {
-            int mode = mode_of(qemu_plugin_insn_vaddr(insn));
+            uint64_t pc = qemu_plugin_insn_vaddr(insn);
+            int mode = mode_of(pc);
+            uintptr_t site = 0;
+            if (sites_path) {
+                lock();
+                site = (uintptr_t)model_site_get(M, pc, mode);
+                unlock();
+            }
             qemu_plugin_register_vcpu_mem_cb(insn, vcpu_mem, QEMU_PLUGIN_CB_NO_REGS,
-                                             QEMU_PLUGIN_MEM_RW, (void *)(uintptr_t)mode);
+                                             QEMU_PLUGIN_MEM_RW, (void *)(site | (uintptr_t)mode));
         }
     }
     if (instrument && n) {
@@ -419,6 +465,10 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         bool is_num = parse_size(val, &v);
         if (!strcmp(key, "out")) {
             out_path = val;
+        } else if (!strcmp(key, "sites")) {
+            sites_path = g_strdup(val);
+        } else if (!strcmp(key, "c2c")) {
+            c2c_path = g_strdup(val);
         } else if (!strcmp(key, "cold") || !strcmp(key, "always") || !strcmp(key, "dma") ||
                    !strcmp(key, "ddio")) {
             bool b;
@@ -445,7 +495,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         } else if (!strcmp(key, "line")) {
             cfg.line = (uint32_t)v;
         } else {
-            return fail("netbed-cache: unknown argument %s (known: out, l1d_size, l1d_assoc, "
+            return fail("netbed-cache: unknown argument %s (known: out, sites, c2c, l1d_size, l1d_assoc, "
                         "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always, dma, "
                         "ddio)%s\n",
                         key, "");
@@ -461,6 +511,10 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     }
     if (!out_path) {
         return fail("netbed-cache: missing out=<csv path>%s%s\n", "", "");
+    }
+    if (c2c_path && !sites_path) {
+        return fail("netbed-cache: c2c=%s needs sites=<csv path> too (the c2c table names "
+                    "instruction sites)%s\n", c2c_path, "");
     }
     out = fopen(out_path, "a");
     if (!out) {

@@ -7,7 +7,9 @@ and cachemodel/plugin/plugin.c.
 
 from __future__ import annotations
 
+import gzip
 from io import StringIO
+from pathlib import Path
 
 import pandas as pd
 
@@ -86,3 +88,69 @@ def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
             if (b.index[-1], ev) in tot.index}
 
 
+
+
+# ---------------------------------------------------------------- attribution tables
+# Written by the plugin (sites=, c2c=) when the last region of a window closes, and
+# copied into the repetition folder under these names. See model.h.
+SITES_FILE = "cachemodel-sites.csv"
+C2C_FILE = "cachemodel-c2c.csv"
+# In a repetition folder they are kept gzip-compressed (a window's sites table of a
+# receiver is ~10 MB of CSV, ~1.5 MB compressed); readers accept either form.
+STORED_SUFFIX = ".gz"
+SITE_EVENTS = tuple(e for e in EVENTS if e not in ("instructions", "invalidations_received"))
+SITES_COLUMNS = ("window", "pc", "vcpu", "mode", "data", *SITE_EVENTS)
+C2C_COLUMNS = ("window", "line", "vcpu", "pc", "owner_vcpu", "owner_pc", "count")
+DATA_KINDS = ("cpu", "device")
+
+
+def _hex(v: str) -> int:
+    return int(v, 16)
+
+
+def _read_table(text: str, columns: tuple[str, ...], hex_cols: tuple[str, ...],
+                source: str) -> pd.DataFrame:
+    text_cols = {c: str for c in (*hex_cols, "mode", "data") if c in columns}
+    ints = {c: "int64" for c in columns if c not in text_cols}
+    try:
+        head = pd.read_csv(StringIO(text), nrows=0)
+        if tuple(head.columns) != columns:
+            raise NetbedError(f"{source}: columns {list(head.columns)}",
+                              hint=f"expected {','.join(columns)} (plugin/reader mismatch?)")
+        df = pd.read_csv(StringIO(text), dtype={**text_cols, **ints}, keep_default_na=False)
+        for col in hex_cols:
+            df[col] = df[col].map(_hex).astype("uint64")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError,
+            OverflowError) as exc:
+        raise NetbedError(f"{source}: does not parse: {exc}",
+                          hint="the cache-model plugin writes it; was it cut short? "
+                               "rerun the cell") from exc
+    return df
+
+
+def read_sites(text: str, source: str = SITES_FILE) -> pd.DataFrame:
+    """Per-instruction counters of one window (columns SITES_COLUMNS, pc as uint64)."""
+    df = _read_table(text, SITES_COLUMNS, ("pc",), source)
+    bad = sorted(set(df["data"]) - set(DATA_KINDS)) + sorted(set(df["mode"]) - set(MODES))
+    if bad:
+        raise NetbedError(f"{source}: unknown mode/data value(s) {bad}",
+                          hint=f"modes {MODES}, data {DATA_KINDS}")
+    return df
+
+
+def stored_text(folder: Path, name: str) -> str | None:
+    """A table kept in a repetition folder as `name.gz` (or plain `name`); None if absent."""
+    gz = folder / (name + STORED_SUFFIX)
+    if gz.is_file():
+        try:
+            return gzip.decompress(gz.read_bytes()).decode()
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise NetbedError(f"{gz}: not a readable gzip file: {exc}",
+                              hint="rerun the cell to recreate it") from exc
+    plain = folder / name
+    return plain.read_text() if plain.is_file() else None
+
+
+def read_c2c(text: str, source: str = C2C_FILE) -> pd.DataFrame:
+    """c2c records of one window: (line, requesting vcpu/pc, owner vcpu/pc) -> count."""
+    return _read_table(text, C2C_COLUMNS, ("line", "pc", "owner_pc"), source)

@@ -14,11 +14,16 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.progress import Log
-from testbed.run.cachemodel_window import collect_window, receiver_plugins
+from testbed.run.cachemodel_window import (
+    collect_window,
+    receiver_plugins,
+    record_kernel_symbols,
+)
 from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import Collaborators
 from testbed.run.provenance import Provenance
@@ -52,6 +57,7 @@ class Booted:
 
     topo: Topology
     state: BootState
+    symbols: dict[str, Any] | None = None  # the receiver's symbol table (cache model)
 
 
 class ExperimentGuests:
@@ -102,7 +108,10 @@ class ExperimentGuests:
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:
             self.provenance.record_dataplane(topo.notes.get("dataplane"))
             self.provenance.check_guest_pmu(topo.receiver.ssh)
-            booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac))
+            symbols = (record_kernel_symbols(topo.receiver.ssh, self.run.path)
+                       if self.cachemodel else None)
+            booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac),
+                            symbols)
             if self.fault and self.fault.cell_id == cell.cell_id:
                 self.log(f"fault injection: stopping the receiver's vCPUs for {cell.cell_id}")
                 topo.receiver.process.qmp("stop")
@@ -116,7 +125,7 @@ class ExperimentGuests:
         info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
                               cell, resolved, rep, self.provenance.pmu)
         if self.cachemodel:
-            collect_window(topo.receiver.spec.workdir, rep)
+            collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return info
 
     def keep_logs(self, rep: RepDir) -> None:

@@ -8,6 +8,8 @@ apart from the full guest image.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import os
 import resource
@@ -28,18 +30,31 @@ from testbed.build.cachemodel_plugin import (
 from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, encode_newc
 from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency
-from testbed.formats.cachemodel import MODES, read_snapshots, window
+from testbed.formats.cachemodel import C2C_FILE, MODES, SITES_FILE, read_snapshots, window
+from testbed.formats.symbols import (
+    KALLSYMS_COMMAND,
+    SymbolTable,
+    decompress_table,
+    merge,
+    parse_nm,
+)
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
-from testbed.shell import HostShell
 from testbed.vm.process import free_port
 from testbed.vm.qemu import DirectBoot, PluginSpec, direct_boot_argv
 from testbed.vocabulary import TcgThreads
 
 
-def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int | bool
+def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path | None = None,
+                           c2c_csv: Path | None = None, **model_params: int | bool
                            ) -> PluginSpec:
-    """The `-plugin` for one guest; `model_params` are ModelParams fields."""
+    """The `-plugin` for one guest; `model_params` are ModelParams fields.
+
+    `sites_csv` turns attribution on: per-instruction counters of each window, and
+    with `c2c_csv` the c2c line records (cachemodel/README.md, Attribution)."""
+    if c2c_csv is not None and sites_csv is None:
+        raise ConfigError("cachemodel: a c2c table needs the sites table too",
+                          hint="pass sites_csv as well")
     known = {f.name for f in fields(ModelParams)}
     unknown = sorted(set(model_params) - known)
     if unknown:
@@ -48,12 +63,15 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int
     # Names are checked above; each value's type (int, or bool for dma) is the field's,
     # which a **kwargs annotation cannot say per name.
     params = ModelParams(**model_params).validate()  # type: ignore[arg-type]
-    for what, path in (("plugin", plugin_path), ("output", out_csv)):
+    extra = tuple((k, str(v)) for k, v in (("sites", sites_csv), ("c2c", c2c_csv))
+                  if v is not None)
+    for what, path in (("plugin", plugin_path), ("output", out_csv), *extra):
         if "," in str(path):
             raise ConfigError(f"cachemodel: {what} path {path} contains a comma",
                               hint="QEMU's -plugin option splits on commas: use another "
                                    "directory (results_dir / cache_dir)")
-    return PluginSpec(Path(plugin_path), (("out", str(out_csv)), *params.plugin_args()))
+    return PluginSpec(Path(plugin_path),
+                      (("out", str(out_csv)), *extra, *params.plugin_args()))
 
 
 
@@ -63,6 +81,12 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, **model_params: int
 # the full guest image. The tools are the same images/tools/*.c the image installs.
 TOOLS_DIR = REPO_ROOT / "images" / "tools"
 GUEST_TOOLS = ("nbmark", "nbbench_stream", "nbbench_pingpong")
+# Micro-guest-only tools (not in the image): known code for the attribution test.
+MICRO_TOOLS_DIR = REPO_ROOT / "cachemodel" / "guest"
+MICRO_TOOLS = ("nbbench_attrib",)
+# Each micro tool is linked static, non-PIE, at its own address, so a user address
+# names one tool's function unambiguously (testbed.formats.symbols).
+TOOL_BASE, TOOL_STRIDE = 0x10000000, 0x1000000
 BUSYBOX = Path("/bin/busybox")
 MICRO_DONE = "NBMICRO-DONE"
 
@@ -75,25 +99,71 @@ class MicroRun:
     wall_s: float
     csv: Path | None
     cpu_s: float = 0.0  # QEMU's user + system CPU time: less sensitive to a busy host
+    sites: Path | None = None  # attribution tables (attribution=True)
+    c2c: Path | None = None
+    marks: tuple[float, ...] = ()  # QEMU CPU seconds at each CPU_MARK console line
 
+    def marked_cpu_s(self) -> float:
+        """QEMU CPU seconds between the first two CPU_MARK lines."""
+        if len(self.marks) < 2:
+            raise GuestError(f"the micro guest printed {len(self.marks)} {CPU_MARK} line(s)",
+                             hint=f"echo {CPU_MARK} before and after the workload")
+        return self.marks[1] - self.marks[0]
+
+
+
+def tool_compile_command(src: Path, out: Path, index: int) -> list[str]:
+    """gcc command of micro tool number `index`: static, non-PIE, at its own base (pure)."""
+    base = TOOL_BASE + index * TOOL_STRIDE
+    return ["gcc", "-static", "-no-pie", "-O2", "-pthread", f"-Wl,-Ttext-segment={base:#x}",
+            "-o", str(out), str(src)]
+
+
+def guest_tool_sources() -> dict[str, Path]:
+    return {**{n: TOOLS_DIR / f"{n}.c" for n in GUEST_TOOLS},
+            **{n: MICRO_TOOLS_DIR / f"{n}.c" for n in MICRO_TOOLS}}
 
 
 def build_guest_tools(settings: Settings, log: Log = print) -> dict[str, Path]:
-    """Static binaries of the guest tools, cached by source hash."""
+    """Static binaries of the guest tools, cached by source hash and link command."""
     out: dict[str, Path] = {}
-    for name in GUEST_TOOLS:
-        src = TOOLS_DIR / f"{name}.c"
-        key = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    for index, (name, src) in enumerate(guest_tool_sources().items()):
+        probe = tool_compile_command(src, Path("OUT"), index)
+        key = hashlib.sha256(src.read_bytes() + " ".join(probe).encode()).hexdigest()[:16]
         binary = settings.cache_dir / "cachemodel" / "tools" / f"{name}-{key}"
         if not binary.is_file():
             log(f"compiling guest tool {name}")
             binary.parent.mkdir(parents=True, exist_ok=True)
             tmp = binary.with_name(binary.name + f".{os.getpid()}")
-            run_command(["gcc", "-static", "-O2", "-pthread", "-o", str(tmp), str(src)],
-                 hint="static builds need libc6-dev")
+            run_command(tool_compile_command(src, tmp, index),
+                        hint="static builds need libc6-dev")
             os.replace(tmp, binary)
         out[name] = binary
     return out
+
+
+def tool_symbols(tools: dict[str, Path]) -> SymbolTable:
+    """Function symbols of the micro tools (`nm -S`), named `<tool>:<function>`."""
+    return merge(parse_nm(run_command(["nm", "-S", "--defined-only", str(path)]), name,
+                          source=str(path)) for name, path in sorted(tools.items()))
+
+
+# The micro guest prints its kernel's text symbols on the console between these lines
+# (gzip + base64: a few seconds of serial output), so attribution can resolve them.
+KALLSYMS_BEGIN, KALLSYMS_END = "NBKALLSYMS-BEGIN", "NBKALLSYMS-END"
+KALLSYMS_DUMP = (f"echo {KALLSYMS_BEGIN}; {KALLSYMS_COMMAND} | gzip -c | base64; "
+                 f"echo {KALLSYMS_END}\n")
+
+
+def console_kallsyms(console: str) -> str:
+    """The kallsyms text a micro guest printed with KALLSYMS_DUMP (pure)."""
+    try:
+        body = console.split(KALLSYMS_BEGIN, 1)[1].split(KALLSYMS_END, 1)[0]
+    except IndexError as exc:
+        raise GuestError("the micro guest printed no kernel symbols",
+                         hint="put KALLSYMS_DUMP in its script") from exc
+    b64 = "".join(line.strip() for line in body.splitlines())
+    return decompress_table(base64.b64decode(b64), "micro guest console")
 
 
 def micro_init(script: str) -> str:
@@ -137,20 +207,50 @@ def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: Tc
         devices=tuple(devices), plugins=tuple(plugins)), qemu)
 
 
+CPU_MARK = "NBCPU-MARK"  # a console line: the host notes QEMU's CPU time right then
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a running process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0) -> MicroRun:
-    """Boot, wait for power-off, return the console; raise if the guest did not finish."""
+    """Boot, wait for power-off, return the console; raise if the guest did not finish.
+
+    Each console line CPU_MARK makes the host note QEMU's CPU time then (MicroRun.marks):
+    a workload's cost on a shared host, which wall or guest time is not."""
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    res = HostShell().run(argv, timeout=timeout_s, check=False,
-                          hint=f"the micro guest ran over {timeout_s:.0f} s")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    out: list[str] = []
+    marks: list[float] = []
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            if CPU_MARK in line:
+                marks.append(proc_cpu_seconds(proc.pid))
+            out.append(line)
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    console = res.output
-    if res.exit_code != 0 or MICRO_DONE not in console:
-        raise CommandError(argv, res.exit_code, console,
-                           hint="the micro guest did not finish its script (see output)")
-    return MicroRun(console, wall, csv, cpu)
+    console = "".join(out)
+    if code != 0 or MICRO_DONE not in console:
+        raise CommandError(argv, code, console,
+                           hint=f"the micro guest did not finish its script within "
+                                f"{timeout_s:.0f} s (see output)")
+    return MicroRun(console, wall, csv, cpu, marks=tuple(marks))
 
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:
@@ -160,20 +260,30 @@ def micro_kernel(settings: Settings, log: Log = print) -> Path:
 
 def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int = 2,
                    tcg_threads: TcgThreads = RECOMMENDED_TCG_THREADS, plugin: bool = True,
-                   log: Log = print, **model_params: int | bool) -> MicroRun:
-    """Run `script` in a micro guest, with the cache model unless plugin=False."""
+                   attribution: bool = False, log: Log = print,
+                   plugin_path: Path | None = None, **model_params: int | bool) -> MicroRun:
+    """Run `script` in a micro guest, with the cache model unless plugin=False;
+    `attribution` also writes the per-instruction and c2c tables of the last window;
+    `plugin_path` replaces the plugin built from the tree (e.g. an older build)."""
     tools = build_guest_tools(settings, log)
     initrd = build_micro_initrd(settings, script, tools)
     kernel = micro_kernel(settings, log)
-    csv = None
+    csv = sites = c2c = None
     plugins: list[PluginSpec] = []
     if plugin:
         workdir.mkdir(parents=True, exist_ok=True)
         csv = workdir / "cachemodel.csv"
-        csv.unlink(missing_ok=True)
-        plugins.append(cachemodel_plugin_spec(build_plugin(settings, log), csv, **model_params))
-    return run_micro(micro_argv(settings.qemu_binary, kernel, initrd, cpus, tcg_threads, plugins),
-                     csv)
+        if attribution:
+            sites, c2c = workdir / SITES_FILE, workdir / C2C_FILE
+        for f in (csv, sites, c2c):
+            if f is not None:
+                f.unlink(missing_ok=True)
+        so = plugin_path or build_plugin(settings, log)
+        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites,
+                                              c2c_csv=c2c, **model_params))
+    run = run_micro(micro_argv(settings.qemu_binary, kernel, initrd, cpus, tcg_threads, plugins),
+                    csv)
+    return dataclasses.replace(run, sites=sites, c2c=c2c)
 
 
 E1000_KO = "kernel/drivers/net/ethernet/intel/e1000/e1000.ko"

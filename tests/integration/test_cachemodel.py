@@ -9,13 +9,16 @@ same window is counted as kernel and left out of these checks).
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from analysis.symbols import c2c_line_rows, symbol_rows
 from testbed.formats import cachemodel as cmfmt
+from testbed.formats import symbols as symfmt
 from testbed.settings import Settings
 from testbed.vm import cachemodel as cm
 
@@ -43,7 +46,8 @@ def settings_() -> Settings:
 
 
 def boot(settings: Settings, workdir: Path, threads: str = "single") -> pd.DataFrame:
-    run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads)
+    # with attribution on, as the runner uses the plugin
+    run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads, attribution=True)
     assert run.csv is not None
     return cmfmt.read_snapshots(run.csv.read_text())
 
@@ -141,3 +145,78 @@ def test_device_writes_of_received_packets_are_noticed(settings_, tmp_path):
     assert 0.9 * lines <= on["kernel"]["device_writes"] <= 1.2 * lines
     assert off["kernel"]["device_writes"] == 0
     assert on["user"]["device_writes"] <= 0.01 * lines
+
+
+# ---------------------------------------------------------------- attribution
+# One window around known code: two functions of a static guest tool ping-ponging a
+# line (nbbench_attrib, cachemodel/guest/), and the kernel copying through a pipe.
+PIPE_BYTES = 1 << 20
+ATTR_SCRIPT = cm.KALLSYMS_DUMP + f"""\
+nbmark begin 90
+nbbench_attrib pingpong {WRITES} 0 1 91
+nbbench_attrib pipe {PIPE_BYTES} 92
+nbmark end 90
+"""
+COPY_SYMBOL = re.compile(r"copy_user|copy_to_user|copy_from_user|memcpy|movs")
+
+
+@pytest.fixture(scope="module")
+def attributed(settings_: Settings, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    run = cm.run_with_model(settings_, ATTR_SCRIPT, tmp_path_factory.mktemp("attr"),
+                            attribution=True)
+    assert run.csv is not None and run.sites is not None and run.c2c is not None
+    kernel = symfmt.parse_kallsyms(cm.console_kallsyms(run.console), "micro guest")
+    user = cm.tool_symbols(cm.build_guest_tools(settings_))
+    sites = cmfmt.read_sites(run.sites.read_text())
+    c2c = cmfmt.read_c2c(run.c2c.read_text())
+    return (sites, symbol_rows(sites, kernel, user), c2c_line_rows(c2c, kernel, user),
+            cmfmt.read_snapshots(run.csv.read_text()))
+
+
+def test_attribution_adds_up_to_the_model_counters(attributed):
+    sites, _, _, snaps = attributed
+    for mode in cmfmt.MODES:
+        win = cmfmt.window(snaps, "begin:90", "end:90", mode=mode)
+        got = sites[sites["mode"] == mode]
+        for event in cmfmt.SITE_EVENTS:
+            assert int(got[event].sum()) == win[event], (mode, event)
+
+
+def test_pingpong_misses_are_attributed_to_its_two_functions(attributed):
+    _, rows, _, _ = attributed
+    c2c = rows[(rows["event"] == "c2c_transfers") & (rows["mode"] == "user")]
+    by = c2c.groupby("symbol")["value"].sum()
+    print("user c2c by symbol:", by.sort_values(ascending=False).head(5).to_dict())
+    ping, pong = by.get("nbbench_attrib:ping_side", 0), by.get("nbbench_attrib:pong_side", 0)
+    assert ping + pong >= 0.95 * WRITES
+    assert min(ping, pong) >= 0.4 * WRITES
+
+
+def test_c2c_line_table_names_both_sides_and_cpus(attributed):
+    _, _, lines, _ = attributed
+    top = lines[lines["rank"] == 1]
+    print(top.to_string())
+    assert abs(int(top["line_c2c"].iloc[0]) - WRITES) <= 0.05 * WRITES
+    for side in ("requester", "owner"):
+        s = top[top["side"] == side]
+        sides = s.groupby("symbol")["count"].sum()
+        assert set(sides[sides >= 0.4 * WRITES].index) == {
+            "nbbench_attrib:ping_side", "nbbench_attrib:pong_side"}, side
+        cpus = s.groupby("symbol")["vcpu"].first()
+        assert cpus["nbbench_attrib:ping_side"] == 0 and cpus["nbbench_attrib:pong_side"] == 1
+
+
+def test_pipe_copies_are_attributed_to_the_kernel_copy_routine(attributed):
+    _, rows, _, _ = attributed
+    kernel = rows[rows["mode"] == "kernel"]
+    stores = kernel[kernel["event"] == "stores"].groupby("symbol")["value"].sum()
+    best = stores.sort_values(ascending=False)
+    print("kernel stores by symbol:", best.head(5).to_dict())
+    assert COPY_SYMBOL.search(best.index[0]), best.index[0]
+    # the pipe moves PIPE_BYTES in and out: at least one store per 8 bytes each way
+    assert best.iloc[0] >= 2 * PIPE_BYTES // 8
+    # no device wrote these buffers (QEMU helpers' own writes, e.g. page-table A/D
+    # bits, look like device writes to the model: README, DMA)
+    copy = kernel[(kernel["symbol"] == best.index[0]) & (kernel["event"] == "stores")]
+    assert copy[copy["data"] == "device"]["value"].sum() <= 0.01 * best.iloc[0]

@@ -104,3 +104,44 @@ def test_micro_argv_loads_plugins_and_selects_tcg_threads():
     argv = cm.micro_argv("qemu", Path("/k"), Path("/i"), 2, "single", [spec])
     assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert argv[argv.index("-plugin") + 1].startswith("file=/p.so,out=/o.csv,")
+
+
+# ---------------------------------------------------------------- attribution plumbing
+def test_attribution_tables_are_plugin_arguments():
+    spec = cm.cachemodel_plugin_spec(Path("/c/p.so"), Path("/r/c.csv"),
+                                     sites_csv=Path("/r/s.csv"), c2c_csv=Path("/r/x.csv"))
+    assert spec.render().startswith("file=/c/p.so,out=/r/c.csv,sites=/r/s.csv,c2c=/r/x.csv,")
+    with pytest.raises(ConfigError, match="needs the sites table"):
+        cm.cachemodel_plugin_spec(Path("/c/p.so"), Path("/r/c.csv"), c2c_csv=Path("/r/x.csv"))
+    with pytest.raises(ConfigError, match="comma"):
+        cm.cachemodel_plugin_spec(Path("/c/p.so"), Path("/r/c.csv"), sites_csv=Path("/a,b"))
+
+
+def test_micro_tools_are_static_non_pie_at_addresses_of_their_own():
+    cmds = [cm.tool_compile_command(Path(f"/s/{i}.c"), Path("/o"), i) for i in range(4)]
+    bases = {next(a for a in c if a.startswith("-Wl,-Ttext-segment=")) for c in cmds}
+    assert len(bases) == 4
+    assert all("-static" in c and "-no-pie" in c for c in cmds)
+    assert set(cm.guest_tool_sources()) >= {"nbmark", "nbbench_attrib"}
+
+
+def test_kernel_symbols_are_read_back_from_the_console():
+    import base64
+    import gzip
+
+    text = "ffffffff81000000 T _text\n"
+    b64 = base64.encodebytes(gzip.compress(text.encode())).decode().replace("\n", "\r\n")
+    console = f"boot noise\r\n{cm.KALLSYMS_BEGIN}\r\n{b64}{cm.KALLSYMS_END}\r\nmore\r\n"
+    assert cm.console_kallsyms(console) == text
+    with pytest.raises(Exception, match="no kernel symbols"):
+        cm.console_kallsyms("nothing here")
+
+
+def test_cpu_time_of_a_process_is_read_from_proc():
+    import os
+
+    assert cm.proc_cpu_seconds(os.getpid()) > 0
+    run = cm.MicroRun("", 1.0, None, marks=(1.5, 4.0))
+    assert run.marked_cpu_s() == 2.5
+    with pytest.raises(Exception, match="NBCPU-MARK"):
+        cm.MicroRun("", 1.0, None).marked_cpu_s()
