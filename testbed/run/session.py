@@ -26,7 +26,7 @@ from testbed.run.repetition import BootState, discover, run_repetition
 from testbed.settings import Settings
 from testbed.vm.qemu import PluginSpec
 from testbed.vm.topology import Assets, Topology, boot, prepare_assets
-from testbed.vocabulary import TcgThreads
+from testbed.vocabulary import AccelSetting, TcgThreads
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,16 @@ class ExperimentGuests:
 
     @property
     def cachemodel(self) -> bool:
-        return "cachemodel" in self.exp.counters
+        """The counter plan decides (auto under TCG, or asked for); without a plan (a
+        session built in a test), the experiment's own words."""
+        plan = self.provenance.plan
+        return plan.cachemodel if plan is not None else "cachemodel" in self.exp.counters
+
+    @property
+    def accel(self) -> AccelSetting | None:
+        """TCG for every cell when the cache model was asked for on a KVM host."""
+        plan = self.provenance.plan
+        return "tcg" if plan is not None and plan.force_tcg else None
 
     def collaborators(self, start: Callable[[], None]) -> Collaborators[Booted]:
         """The loop's collaborators; `start` runs once before the first repetition."""
@@ -82,7 +91,8 @@ class ExperimentGuests:
 
     def _assets_for(self, kernel: str) -> Assets:
         if kernel not in self.assets:
-            assets = prepare_assets(self.settings, kernel, self.run.work_dir, self.log)
+            assets = prepare_assets(self.settings, kernel, self.run.work_dir, self.log,
+                                    accel=self.accel)
             self.assets[kernel] = assets
             self.provenance.record_assets(kernel, assets)
         return self.assets[kernel]
@@ -114,7 +124,8 @@ class ExperimentGuests:
             raise NetbedError("a measured cell needs the sender guest")
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
-                              cell, resolved, rep, self.provenance.pmu)
+                              cell, resolved, rep, self.provenance.pmu,
+                              cachemodel=self.cachemodel)
         if self.cachemodel:
             collect_window(topo.receiver.spec.workdir, rep)
         return info

@@ -159,7 +159,7 @@ def test_defaults_and_source(policies) -> None:
     assert exp.name == "minimal"
     assert exp.source == FIXTURES / "good" / "minimal.yaml"
     assert exp.policies is policies
-    assert (exp.order, exp.retries, exp.counters) == ("interleaved", 2, ["software"])
+    assert (exp.order, exp.retries, exp.counters) == ("interleaved", 2, ["auto"])
     assert [c.cell_id for c in expand(exp)] == [
         "distro-virtio-c2-default-TCP_STREAM-16384-gro_on"]
 
