@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from testbed.run.folder import RunDir
 import pytest
 
 from testbed.errors import ConfigError
+from testbed.run.folder import RunDir
 from testbed.run.provenance import (
     Provenance,
     counter_plan,
