@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.answer import answer_report_sections
 from analysis.collate import (
     TablePaths,
     analysis_dir,
@@ -116,8 +117,9 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
         atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
                           run_cmp.table.to_csv(index=False))
     figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")
+    lead = answer_report_sections(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
     return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
-                        run_cmp, figures)
+                        run_cmp, figures, lead=lead)
 
 
 def parse_baseline(text: str | None) -> dict[str, str] | None:

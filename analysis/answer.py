@@ -28,15 +28,19 @@ has no throughput effects. No figure whose interval includes 1 is worded as an e
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
 LEVEL = 0.95
@@ -308,6 +312,33 @@ def _sentences(ans: Answer) -> list[str]:
     return out
 
 
+def _span(*columns: pd.Series) -> str:
+    values = [int(v) for c in columns for v in c]
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo} to {hi}"
+
+
+def headline(ans: Answer) -> str:
+    """The section's opening sentence: the interaction verdicts, then what was detected."""
+    parts = []
+    i = ans.interactions
+    if i.empty:
+        parts.append("Whether locality matters more without checksum offload cannot be "
+                     "answered from this run (it needs e1000 and virtio or virtio-notso "
+                     "cells with `default` and the same policy).")
+    else:
+        counts = i["verdict"].value_counts()
+        parts.append("Locality matters more without checksum offload: " + ", ".join(
+            f"{k} in {v} of {len(i)} comparisons" for k, v in counts.items()) + ".")
+    e = ans.effects
+    if not e.empty:
+        parts.append(f"Against their NIC's own default, {int(e['detected'].sum())} of "
+                     f"{len(e)} policy comparisons show a change whose 95% CI excludes "
+                     f"no change (n = {_span(e['n_policy'], e['n_default'])} repetitions "
+                     "per cell).")
+    return " ".join(parts)
+
+
 def effects_table(ans: Answer) -> pd.DataFrame:
     """The effects as the report shows them: one row per NIC, kernel, policy and metric."""
     if ans.effects.empty:
@@ -343,8 +374,9 @@ METHOD_NOTE = ("Ratios are of geometric means over repetitions; 95% CIs are Welc
 def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:
     """(title, kind, payload) rows for analysis.report, in the order they are read."""
     out: list[tuple[str, str, object]] = [
-        ("The answer", "text", " ".join(ans.sentences[:1]) if ans.sentences else ""),
-        ("The answer: in sentences", "pre", "\n".join(ans.sentences)),
+        ("The answer", "text", headline(ans)),
+        ("The answer: in sentences", "pre",
+         "\n".join(textwrap.fill(s, 100, subsequent_indent="    ") for s in ans.sentences)),
         ("The answer: policy vs its NIC's default", "table", effects_table(ans)),
         ("The answer: e1000 effect / offloading NIC effect (interaction)", "table",
          interactions_table(ans)),
@@ -353,6 +385,34 @@ def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:
     if ans.figure is not None:
         out.append(("The answer: figure", "figure", ans.figure))
     return out
+
+
+def cache_source_note(versions: Mapping[str, Any]) -> str:
+    """Where this run's cache numbers come from, as versions.json records it."""
+    counters = versions.get("counters")
+    if not isinstance(counters, Mapping):
+        return ("Cache numbers: source not recorded (a run from before `counters: auto`); "
+                "cache.* rows come from the cache model, perf.* rows from perf.")
+    source = counters.get("cache_source", "unknown")
+    said = {"cachemodel": "the cache model (TCG plugin: private L1D/L2 per vCPU, shared LLC)",
+            "hardware": "hardware PMU events in the guest",
+            "software": "nowhere: software events only, so no cache numbers"}
+    notes = counters.get("notes") or []
+    return (f"Cache numbers come from {said.get(str(source), str(source))}."
+            + "".join(f" {n}." for n in notes if isinstance(n, str)))
+
+
+def answer_report_sections(run_dir: Path, tidy: pd.DataFrame, plots_dir: Path,
+                           ) -> list[tuple[str, str, object]]:
+    """The section for a run folder: the answer, its figure, and the cache source."""
+    try:
+        versions = json.loads(RunDir(Path(run_dir)).versions_file.read_text())
+    except (OSError, ValueError):
+        versions = {}
+    ans = build_answer(tidy)
+    ans.notes.append(cache_source_note(versions if isinstance(versions, dict) else {}))
+    ans.figure = plot_answer(ans, plots_dir)
+    return answer_sections(ans)
 
 
 def plot_answer(ans: Answer, out_dir: Path) -> Path | None:
@@ -364,6 +424,7 @@ def plot_answer(ans: Answer, out_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     nics = list(dict.fromkeys(e["nic"]))
     labels = list(dict.fromkeys(e["metric"]))
@@ -390,6 +451,8 @@ def plot_answer(ans: Answer, out_dir: Path) -> Path | None:
         ax.set_xticks(range(len(policies)), policies, rotation=30)
         ax.set_title(nic)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axs[0][0].set_ylabel("policy / default (95% CI)")
     axs[0][-1].legend(fontsize=7)
     fig.tight_layout()
