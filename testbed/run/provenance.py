@@ -172,6 +172,12 @@ class Provenance:
         self.versions["accel"] = assets.accel
         self._write()
 
+    def record_plugin(self, plugin_path: str) -> None:
+        """The cache-model plugin of this run: its build folder names its source hash."""
+        if self.versions.get("cachemodel_plugin") != plugin_path:
+            self.versions["cachemodel_plugin"] = plugin_path
+            self._write()
+
     def record_dataplane(self, note: str | None) -> None:
         """The data plane of the first boot (all boots of a session share the mode)."""
         if self.versions.get("dataplane") is None:

@@ -107,6 +107,8 @@ class ExperimentGuests:
         threads: TcgThreads = "multi"
         if self.cachemodel:
             plugins, threads = receiver_plugins(self.settings, workdir, self.log)
+            # plugin-<key>/: the key hashes the plugin's sources, QEMU's header and flags
+            self.provenance.record_plugin(plugins[0].path.parent.name if plugins else "")
         with boot(assets, self.settings, workdir, cpus=cell.cpus, nic=cell.nic,
                   with_sender=True, receiver_plugins=plugins, receiver_tcg_threads=threads,
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:

@@ -44,7 +44,7 @@ def test_report_says_what_failed_and_where_numbers_came_from(
         assert "NOT counted" in text  # no PMU: said, not hidden
         assert "samples per repetition" in text
         assert "rx-checksumming" in text  # offload read-back
-        assert "kernel=stock is not in this run" in text  # baseline fallback note
+        assert "against policy=default with its own NIC, kernel" in text  # baseline note
         assert "Against the other run" in text
 
 
@@ -117,3 +117,20 @@ def test_the_answer_opens_both_reports(report: analysis.ReportPaths) -> None:
     assert html_heads[0] == "The answer"
     assert report.figures[0].name == "answer.png"
     assert "Cache numbers" in md and "Welch t" in md
+
+
+def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> None:
+    import json
+
+    from testbed.errors import NetbedError
+
+    run, other = tmp_path / RUN.name, tmp_path / "other"
+    shutil.copytree(RUN, run)
+    shutil.copytree(RUN, other)
+    v = json.loads((other / "versions.json").read_text())
+    (other / "versions.json").write_text(json.dumps({**v, "qemu_version": "QEMU 9.0"}))
+    with pytest.raises(NetbedError, match="differ: QEMU") as e:
+        analysis.write_report(run, compare_to=other)
+    assert "--force" in (e.value.hint or "")
+    paths = analysis.write_report(run, compare_to=other, force=True)
+    assert "warning: runs differ: QEMU" in paths.md.read_text()
