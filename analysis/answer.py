@@ -162,14 +162,22 @@ def _values(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose_metrics(tidy: pd.DataFrame) -> list[tuple[str, str, str, str]]:
-    """(kind, label, workload kind, metric) for each METRICS row the run has (first found)."""
-    present = set(tidy["metric"].dropna().unique())
+    """(kind, label, workload kind, metric): for each METRICS row and each workload kind
+    (bulk, rr) the run has, the first name with values in that kind's cells. A bulk
+    cell's cache counters come per KB, an RR cell's per transaction, as collate gives."""
+    kinds = tidy["workload"].dropna().astype(str).map(_workload_kind)
+    present = {wk: set(tidy.loc[kinds == wk, "metric"].dropna().unique())
+               for wk in ("bulk", "rr")}
     out = []
     for kind, label, wk, names in METRICS:
-        for name in names:
-            if name in present:
-                out.append((kind, label, wk, name))
-                break
+        for this in ("bulk", "rr") if wk == "any" else (wk,):
+            name = next((n for n in names if n in present[this]), None)
+            if name is None:
+                continue
+            shown = label
+            if name.endswith(".per_trans"):
+                shown = label.replace(" per KB", " per transaction")
+            out.append((kind, shown, this, name))
     return out
 
 
@@ -205,7 +213,7 @@ def build_answer(tidy: pd.DataFrame) -> Answer:
             rate_reps_exist = True
         for key, new in sorted(samples.items()):
             axes = dict(zip(AXES, key, strict=True))
-            if wk != "any" and _workload_kind(axes["workload"]) != wk:
+            if _workload_kind(axes["workload"]) != wk:
                 continue
             if axes["policy"] != DEFAULT_POLICY:
                 base = samples.get(_key({**axes, "policy": DEFAULT_POLICY}))

@@ -80,17 +80,19 @@ def test_one_repetition_gives_no_interval_and_zeros_give_no_ratio():
 
 
 def tidy_run(rng: np.random.Generator, effects: dict[tuple[str, str], float],
-             plugin: bool = True, kernel: str = "patched") -> pd.DataFrame:
-    """A synthetic tidy table: c2c per KB and throughput for TCP_STREAM cells."""
+             plugin: bool = True, kernel: str = "patched",
+             workload: str = "TCP_STREAM") -> pd.DataFrame:
+    """A synthetic tidy table: c2c per KB (per transaction for RR) and throughput."""
     rows = []
+    per = ".per_trans" if workload == "TCP_RR" else ".per_kb"
     for (nic, policy), effect in effects.items():
-        cell_id = f"{kernel}-{nic}-2cpu-{policy}-TCP_STREAM-gro_on"
+        cell_id = f"{kernel}-{nic}-2cpu-{policy}-{workload}-gro_on"
         for rep in range(1, N + 1):
             ids = {"run_id": "r", "cell_id": cell_id, "repetition": rep, "kernel": kernel,
-                   "nic": nic, "cpus": 2, "policy": policy, "workload": "TCP_STREAM",
+                   "nic": nic, "cpus": 2, "policy": policy, "workload": workload,
                    "message_size": 16384, "gro": True, "cpu": "all", "status": "ok",
                    "note": ""}
-            rows.append({**ids, "metric": "cache.c2c_transfers.per_kb", "unit": "1/KB",
+            rows.append({**ids, "metric": "cache.c2c_transfers" + per, "unit": "1/KB",
                          "source": "derived", "value": draw(rng, 2.0 * effect, 1)[0]})
             if plugin:
                 rows.append({**ids, "metric": "cache.c2c_transfers", "unit": "count",
@@ -145,3 +147,12 @@ def test_sections_and_figure(tmp_path):
     titles = [t for t, _, _ in answer_sections(ans)]
     assert titles[0] == "The answer" and "The answer: figure" in titles
     assert plot_answer(Answer(pd.DataFrame(), pd.DataFrame(), pd.DataFrame()), tmp_path) is None
+
+
+def test_rr_cells_are_answered_per_transaction_beside_bulk_cells_per_kb():
+    rng = np.random.default_rng(9)
+    ans = build_answer(pd.concat([tidy_run(rng, EFFECTS),
+                                  tidy_run(rng, EFFECTS, workload="TCP_RR")]))
+    by = ans.effects.groupby("workload")["metric"].agg(set).to_dict()
+    assert by == {"TCP_STREAM": {"c2c transfers per KB"},
+                  "TCP_RR": {"c2c transfers per transaction"}}
