@@ -198,8 +198,8 @@ def build_kernel(c, variant="all", json_=False):
 # `run` is a flag, not a positional argument: invoke hands a positional argument the
 # next word even when it is -h or --help, and those must mean help in every task.
 RUN_HELP = "run folder, run id under results/, or 'latest' (the default)"
-BASELINE_HELP = ("axis=value pairs to compare against "
-                 "(default policy=default,kernel=stock,nic=e1000)")
+BASELINE_HELP = ("axis=value pairs to compare against (default policy=default: each cell "
+                 "against the default policy of its own NIC, kernel and other axes)")
 
 
 @task(help={"run": RUN_HELP, "baseline": BASELINE_HELP})
@@ -218,8 +218,10 @@ def analyze(c, run=None, baseline=None):
     "run": RUN_HELP,
     "compare": "another run (folder or id) to compare against, as the base",
     "baseline": BASELINE_HELP,
+    "force": "compare with --compare even when the runs differ in QEMU, cache-model "
+             "plugin, kernel build or image (the report lists the differences)",
 })
-def report(c, run=None, compare=None, baseline=None):
+def report(c, run=None, compare=None, baseline=None, force=False):
     """Write <run>/analysis/report.html (self-contained) and report.md."""
     import analysis
 
@@ -227,7 +229,8 @@ def report(c, run=None, compare=None, baseline=None):
     with user_errors():
         path = resolve_run(run or "latest", s.results_dir)
         other = resolve_run(compare, s.results_dir) if compare else None
-        paths = analysis.write_report(path, other, analysis.parse_baseline(baseline))
+        paths = analysis.write_report(path, other, analysis.parse_baseline(baseline),
+                                      force=force)
     print(paths.html)
     say(f"markdown: {paths.md}")
 

@@ -19,6 +19,7 @@ importing it changes no process state.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.answer import answer_report_sections
 from analysis.collate import (
     TablePaths,
     analysis_dir,
@@ -39,6 +41,7 @@ from analysis.compare import (
     compare_to_baseline,
     format_table,
     is_headline,
+    run_differences,
     summarize,
 )
 from analysis.plots import plot_all
@@ -46,12 +49,14 @@ from analysis.report import ReportPaths, build_report
 from analysis.symbols import write_attribution_tables
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
+from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
 __all__ = [
     "AnalysisResult",
     "ReportPaths",
     "analyze_run",
+    "check_comparable",
     "collate_run",
     "compare_runs",
     "compare_to_baseline",
@@ -107,20 +112,46 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
                           comparison_csv, comparison_txt, facts)
 
 
+def check_comparable(run_dir: Path, other: Path, force: bool = False) -> list[str]:
+    """Differences in QEMU, plugin, kernel build or image between two runs: NetbedError
+    unless `force`, else returned as warnings for the report."""
+    diffs = run_differences(_versions(Path(other)), _versions(Path(run_dir)))
+    if diffs and not force:
+        raise NetbedError(f"runs {Path(other).name} and {Path(run_dir).name} differ: "
+                          + "; ".join(diffs),
+                          hint="their numbers are not comparable as they stand; pass "
+                               "--force to compare anyway (the report says what differs)")
+    return [f"warning: runs differ: {d}" for d in diffs]
+
+
+def _versions(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(RunDir(run_dir).versions_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_report(run_dir: Path, compare_to: Path | None = None,
-                 baseline: Mapping[str, object] | None = None, seed: int = 0) -> ReportPaths:
-    """Analyse the run (and `compare_to` as the base run, if given) and write the report."""
+                 baseline: Mapping[str, object] | None = None, seed: int = 0,
+                 force: bool = False) -> ReportPaths:
+    """Analyse the run (and `compare_to` as the base run, if given) and write the report.
+    Two runs that differ in QEMU, plugin, kernel build or image are refused unless
+    `force` (then the comparison's notes say what differs)."""
+    warnings = check_comparable(run_dir, compare_to, force) if compare_to is not None else []
     result = analyze_run(run_dir, baseline, seed)
     run_cmp = None
     if compare_to is not None:
         other = collate_run(Path(compare_to))
         headline = sorted(m for m in result.tidy["metric"].dropna().unique() if is_headline(m))
         run_cmp = compare_runs(other, result.tidy, metrics=headline, seed=seed)
+        run_cmp.notes[:0] = warnings
         atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
                           run_cmp.table.to_csv(index=False))
     figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")
+    lead = answer_report_sections(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
     return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
-                        run_cmp, figures)
+                        run_cmp, figures, lead=lead)
 
 
 def parse_baseline(text: str | None) -> dict[str, str] | None:

@@ -24,7 +24,15 @@ from scipy import stats
 from analysis.collate import cell_label
 from testbed.vocabulary import TABLE_AXES as AXES
 
-DEFAULT_BASELINE: dict[str, str] = {"policy": "default", "kernel": "stock", "nic": "e1000"}
+# Each cell against the `default` policy of its own NIC, kernel and other axes: a global
+# baseline (one NIC, one kernel) lets NIC differences drown policy effects. `--baseline
+# policy=default,nic=e1000` (any axis=value pairs) compares across an axis instead.
+DEFAULT_BASELINE: dict[str, str] = {"policy": "default"}
+
+# What two runs compared with each other must share (versions.json keys), and why.
+RUN_IDENTITY: tuple[tuple[str, str], ...] = (
+    ("qemu_version", "QEMU"), ("cachemodel_plugin", "cache-model plugin"),
+    ("kernels", "kernel build"), ("image", "guest image"))
 BOOTSTRAP = 2000
 ALPHA = 0.05
 
@@ -219,6 +227,9 @@ def compare_to_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | Non
     """Each cell against the cell that has the baseline's axis values and the same
     other axes (per run; use compare_runs for two runs)."""
     base, notes = resolve_baseline(tidy, baseline)
+    if baseline is None:
+        notes.insert(0, "baseline: each cell against policy=default with its own NIC, kernel "
+                        "and other axes (choose another with --baseline axis=value,...)")
     vals = _values(tidy)
     if metrics is not None:
         vals = vals[vals["metric"].isin(list(metrics))]
@@ -251,6 +262,30 @@ def compare_to_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | Non
         if not rows:
             notes.append("no cell had a matching baseline cell")
     return Comparison(pd.DataFrame(rows), notes, alpha)
+
+
+def run_differences(versions_a: Mapping[str, object], versions_b: Mapping[str, object],
+                    ) -> list[str]:
+    """What differs between two runs' versions.json in QEMU, plugin, kernel build or image
+    (pure); a key only one run recorded is a difference too, a key neither has is not."""
+    out = []
+    for key, what in RUN_IDENTITY:
+        a, b = versions_a.get(key), versions_b.get(key)
+        if a is None and b is None:
+            continue
+        if key == "kernels" and isinstance(a, Mapping) and isinstance(b, Mapping):
+            for name in sorted(set(a) & set(b)):
+                if a[name] != b[name]:
+                    out.append(f"{what} {name}: {_short(a[name])} vs {_short(b[name])}")
+            continue
+        if a != b:
+            out.append(f"{what}: {_short(a)} vs {_short(b)}")
+    return out
+
+
+def _short(v: object, width: int = 80) -> str:
+    text = "not recorded" if v is None else str(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def compare_runs(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame,

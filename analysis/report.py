@@ -242,6 +242,8 @@ def render_html(prov: Provenance, sections: list[tuple[str, str, Any]],
             parts.append(_table_html(payload, index=kind == "table-index"))
         elif kind == "figures":
             parts += [_img_html(p) for p in figures] or ["<p class='note'>(no figures)</p>"]
+        elif kind == "figure":  # one figure of a section (analysis.answer)
+            parts.append(_img_html(payload))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -274,6 +276,8 @@ def render_md(prov: Provenance, sections: list[tuple[str, str, Any]], figures: l
             parts.append(_md_table(payload, index=kind == "table-index"))
         elif kind == "figures":
             parts += [f"![{p.stem}]({p.relative_to(base).as_posix()})\n" for p in figures]
+        elif kind == "figure":  # one figure of a section (analysis.answer)
+            parts.append(f"![{payload.stem}]({payload.relative_to(base).as_posix()})\n")
     return "\n".join(parts)
 
 
@@ -286,17 +290,20 @@ class ReportPaths:
 
 def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int], Any],
                  summary: pd.DataFrame, baseline_cmp: Comparison, run_cmp: Comparison | None,
-                 figures: list[Path]) -> ReportPaths:
+                 figures: list[Path], lead: list[tuple[str, str, Any]] | None = None,
+                 ) -> ReportPaths:
+    """`lead`: sections that open the report, before anything else (analysis.answer)."""
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
-    sections = _sections(prov, baseline_cmp, run_cmp, key_summary(summary))
+    sections = [*(lead or []), *_sections(prov, baseline_cmp, run_cmp, key_summary(summary))]
     # cache-model attribution (analysis/symbols.py), right after the figures
     at = next((i + 1 for i, s in enumerate(sections) if s[1] == "figures"), len(sections))
     sections[at:at] = cachemodel_sections(run_dir)
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, render_html(prov, sections, figures))
     atomic_write_text(md_path, render_md(prov, sections, figures, out))
-    return ReportPaths(html_path, md_path, figures)
+    lead_figures = [p for _, kind, p in lead or [] if kind == "figure"]
+    return ReportPaths(html_path, md_path, [*lead_figures, *figures])
 
 
 __all__ = ["AXES", "ReportPaths", "build_report", "gather_provenance", "pmu_verdict"]

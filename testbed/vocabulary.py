@@ -13,9 +13,9 @@ from typing import Literal, get_args
 from testbed.errors import ConfigError
 
 KernelName = Literal["distro", "stock", "patched"]
-NicName = Literal["e1000", "virtio", "virtio-nocsum"]
+NicName = Literal["e1000", "virtio", "virtio-nocsum", "virtio-notso"]
 WorkloadName = Literal["TCP_STREAM", "TCP_MAERTS", "TCP_RR"]
-CounterName = Literal["software", "hardware", "cachemodel"]
+CounterName = Literal["auto", "software", "hardware", "cachemodel"]
 OrderName = Literal["sequential", "interleaved", "random"]
 Accel = Literal["kvm", "tcg"]
 AccelSetting = Literal["auto", "kvm", "tcg"]

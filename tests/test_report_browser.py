@@ -31,7 +31,9 @@ window.addEventListener('error', function (e) {
 }, true);
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
+  var h2 = document.querySelector('h2');
   var r = {errors: window.__errors, title: document.title,
+           first_h2: h2 ? h2.textContent : null,
            images: imgs.map(function (i) {
              return {complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}; })};
   var d = document.createElement('pre');
@@ -64,7 +66,8 @@ def test_report_loads_and_images_render(tmp_path: Path) -> None:
     r = probe(paths.html, tmp_path)
     assert r["errors"] == []
     assert r["title"].startswith("netbed report")
-    assert len(r["images"]) == len(paths.figures) == 3
+    assert r["first_h2"] == "The answer"  # the answer opens the report
+    assert len(r["images"]) == len(paths.figures) == 4  # the answer's figure + 3
     for img in r["images"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0
 

@@ -195,7 +195,7 @@ def _default_nics() -> list[NicName]:
 
 
 def _default_counters() -> list[CounterName]:
-    return ["software"]
+    return ["auto"]
 
 
 def _as_list(v: Any) -> Any:
@@ -327,6 +327,10 @@ class Experiment(BaseModel):
     def _unique_counters(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("counters lists a value twice")
+        if "auto" in v and len(v) > 1:
+            raise ValueError("`auto` chooses the sources itself (TCG: cache model; KVM: "
+                             "hardware events where the guest has a PMU, else software); "
+                             "write `counters: [auto]` or name the sources without it")
         return v
 
     @property

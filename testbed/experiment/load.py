@@ -185,6 +185,10 @@ def _size_problems(exp: Experiment, src: Source) -> list[Problem]:
 def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[Problem]:
     """Cross checks pydantic cannot do alone: sizes, duplicates, policies fit every cell."""
     problems = _size_problems(exp, src)
+    if {"hardware", "cachemodel"} <= set(exp.counters):
+        problems.append(src.problem(("counters",), "hardware events need KVM and the cache "
+                                    "model needs TCG: one run cannot have both; use "
+                                    "`counters: [auto]` or choose one"))
     for axis in AXES:  # duplicates would make two identical cells
         values = getattr(exp.axes, axis)
         seen: set[Any] = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from testbed.errors import NetbedError
@@ -22,17 +23,19 @@ from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log
 from testbed.run.folder import RunDir, new_run_id, resolve_run
 from testbed.run.loop import MatrixRunner, RunSummary, summary_text
-from testbed.run.provenance import Provenance, netbed_commit
+from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
-from testbed.vm.hostfacts import gather
+from testbed.vm.hostfacts import HostFacts, gather
 
 Shard = tuple[int, int]
 
 
 def open_run(settings: Settings, config: Path | None, resume: str | None,
-             shard_spec: Shard | None) -> tuple[RunDir, Experiment, list[Cell]]:
-    """A new run folder for `config`, or the existing one to resume; cells of this shard."""
+             shard_spec: Shard | None, check: Callable[[Experiment], None] = lambda e: None,
+             ) -> tuple[RunDir, Experiment, list[Cell]]:
+    """A new run folder for `config`, or the existing one to resume; cells of this shard.
+    `check` sees a new run's experiment before its folder is made (host-dependent checks)."""
     if resume:
         run = RunDir(resolve_run(resume, settings.results_dir))
         if not run.experiment_file.is_file():
@@ -44,6 +47,7 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
         if config is None:
             raise NetbedError("run_matrix needs an experiment file or a run to resume")
         exp = load_experiment(config)  # `-` reads standard input: keep the text validated
+        check(exp)
         run = RunDir(settings.results_dir / new_run_id(exp.name, shard_spec))
         run.path.mkdir(parents=True)
         atomic_write_text(run.experiment_file, exp.source_text or "")
@@ -73,8 +77,17 @@ def _policies_of(run: RunDir) -> PolicySet | None:
 def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = None,
                shard_spec: Shard | None = None, fault: Fault | None = None,
                log: Log = print) -> RunSummary:
-    """Run (or resume) an experiment into its run folder; returns what happened."""
-    run, exp, cells = open_run(settings, config, resume, shard_spec)
+    """Run (or resume) an experiment into its run folder; returns what happened.
+
+    The counter plan is decided from the host's facts before the run folder is made,
+    so a config this host cannot count (`hardware` without a PMU) leaves nothing."""
+    facts: list[HostFacts] = []
+
+    def check_host(exp: Experiment) -> None:
+        facts.append(gather(settings, log=log))
+        counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
+
+    run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     for warning in exp.warnings:
         log(warning)
     log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions} repetitions -> {run.path}")
@@ -82,7 +95,8 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     provenance = Provenance(run, exp.counters, log)
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
     collaborators = guests.collaborators(
-        start=lambda: provenance.record_host(gather(settings, log=log), netbed_commit()))
+        start=lambda: provenance.record_host(facts[0] if facts else gather(settings, log=log),
+                                             netbed_commit()))
     summary = MatrixRunner(run, schedule(exp, cells), exp.retries, collaborators,
                            log).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))

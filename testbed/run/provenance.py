@@ -9,8 +9,10 @@ still says what its finished repetitions ran on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from testbed.errors import ConfigError
 from testbed.files import atomic_write_json, read_json
 from testbed.progress import Log
 from testbed.run.folder import RunDir
@@ -43,6 +45,85 @@ def guest_pmu_verdict(event_sources: list[str]) -> tuple[bool, str]:
                    f"{', '.join(event_sources) or 'none'}); software events only")
 
 
+CacheSource = Literal["cachemodel", "hardware", "software"]
+AUTO_HINT = "use `counters: [auto]` (the default): it picks what this host can count"
+
+
+@dataclass(frozen=True)
+class CounterPlan:
+    """Where a run's counters come from, decided once from the config and the host.
+
+    Software events (/proc, perf software events) are always counted. `cache_source`
+    says where cache numbers come from: the cache model (TCG plugin), hardware events
+    (a core PMU in the guest, confirmed at the first boot) or nowhere (software).
+    `force_tcg`: the cache model was asked for on a KVM host, so every cell runs under
+    TCG. `notes` are the sentences the plan, versions.json and the report print.
+    """
+
+    cachemodel: bool
+    hardware: bool
+    force_tcg: bool
+    cache_source: CacheSource
+    notes: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cache_source": self.cache_source, "cachemodel": self.cachemodel,
+                "hardware": self.hardware, "force_tcg": self.force_tcg,
+                "notes": list(self.notes)}
+
+    def without_guest_pmu(self, detail: str) -> CounterPlan:
+        """The plan after the booted receiver showed no core PMU: software events only."""
+        note = f"hardware cache events unavailable: {detail}"
+        return CounterPlan(False, False, self.force_tcg,
+                           "cachemodel" if self.cachemodel else "software",
+                           (*self.notes, note))
+
+
+def counter_plan(counters: Sequence[str], accel: str, host_pmu: bool) -> CounterPlan:
+    """Decide the counter sources (pure); ConfigError when the host cannot count them.
+
+    `auto`: under TCG the cache model; under KVM hardware events when the host has a
+    core PMU (the booted receiver confirms it), else software events only. `hardware`
+    needs KVM and a PMU and is refused otherwise, before anything boots. `cachemodel`
+    on a KVM host runs the cells under TCG (the plugin is a TCG feature) and says so.
+    """
+    wanted = set(counters)
+    if "auto" in wanted and len(wanted) > 1:
+        raise ConfigError("counters: `auto` chooses the sources itself; it cannot be "
+                          f"combined with {', '.join(sorted(wanted - {'auto'}))}",
+                          hint="write `counters: [auto]`, or name the sources without auto")
+    notes: list[str] = []
+    if "auto" in wanted:
+        if accel != "kvm":
+            return CounterPlan(True, False, False, "cachemodel",
+                               ("counters auto: TCG, so cache numbers come from the cache "
+                                "model (software events too)",))
+        if host_pmu:
+            return CounterPlan(False, True, False, "hardware",
+                               ("counters auto: KVM with a host PMU, so cache numbers come "
+                                "from hardware events if the booted receiver sees a core "
+                                "PMU",))
+        return CounterPlan(False, False, False, "software",
+                           ("counters auto: KVM without a PMU, so software events only (no "
+                            "cache numbers); the cache model needs TCG: "
+                            "`counters: [cachemodel]` runs the cells under TCG",))
+    if "hardware" in wanted and (accel != "kvm" or not host_pmu):
+        why = "this host runs guests under TCG" if accel != "kvm" else \
+            "this host has no core PMU"
+        raise ConfigError(f"counters: hardware needs a PMU in the guest, but {why}",
+                          hint=AUTO_HINT)
+    force_tcg = "cachemodel" in wanted and accel == "kvm"
+    if force_tcg:
+        notes.append("counters cachemodel on a KVM host: every cell runs under TCG "
+                     "(the cache model is a TCG plugin)")
+    source: CacheSource = ("cachemodel" if "cachemodel" in wanted
+                           else "hardware" if "hardware" in wanted else "software")
+    if source == "software":
+        notes.append("counters software: no cache numbers")
+    return CounterPlan("cachemodel" in wanted, "hardware" in wanted, force_tcg, source,
+                       tuple(notes))
+
+
 class Provenance:
     """Owns host.json and versions.json of one run folder."""
 
@@ -52,21 +133,33 @@ class Provenance:
         self.log = log
         self.versions: dict[str, Any] = {}
         self.pmu = False  # hardware counters may be asked for in the guest
+        self.plan: CounterPlan | None = None
 
     def _write(self) -> None:
         atomic_write_json(self.run.versions_file, self.versions)
 
+    def decide(self, facts: HostFacts) -> CounterPlan:
+        """The counter plan for this host (ConfigError before anything boots)."""
+        self.plan = counter_plan(self.counters, facts.accel, facts.pmu)
+        return self.plan
+
     def record_host(self, facts: HostFacts, commit: str) -> None:
         """The start of a session: host facts and what is known before any boot."""
-        self.pmu = facts.pmu and facts.accel == "kvm"
+        plan = self.plan or self.decide(facts)
+        self.pmu = plan.hardware and facts.pmu and facts.accel == "kvm"
         atomic_write_json(self.run.host_file, facts.to_dict())
         self.versions = {
             "netbed_commit": commit, "qemu_version": facts.qemu_version,
-            "accel": facts.accel, "accel_reason": facts.kvm.reason,
+            "accel": "tcg" if plan.force_tcg else facts.accel,
+            "accel_reason": ("forced by counters: cachemodel" if plan.force_tcg
+                             else facts.kvm.reason),
             "pmu_in_guest": self.pmu,
-            "hardware_counters_valid": self.pmu and "hardware" in self.counters,
+            "hardware_counters_valid": self.pmu,
+            "counters": plan.as_dict(),
             "kernels": {}, "image": None, "dataplane": None,
         }
+        for note in plan.notes:
+            self.log(f"note: {note}")
         self._write()
 
     def record_assets(self, kernel: str, assets: Assets) -> None:
@@ -78,6 +171,12 @@ class Provenance:
                                   "packages": {p: pkgs.get(p) for p in IMAGE_PACKAGES_RECORDED}}
         self.versions["accel"] = assets.accel
         self._write()
+
+    def record_plugin(self, plugin_path: str) -> None:
+        """The cache-model plugin of this run: its build folder names its source hash."""
+        if self.versions.get("cachemodel_plugin") != plugin_path:
+            self.versions["cachemodel_plugin"] = plugin_path
+            self._write()
 
     def record_dataplane(self, note: str | None) -> None:
         """The data plane of the first boot (all boots of a session share the mode)."""
@@ -96,6 +195,9 @@ class Provenance:
         self.versions["pmu_detail"] = detail
         if not ok:
             self.pmu = False
+            if self.plan is not None:
+                self.plan = self.plan.without_guest_pmu(detail)
+                self.versions["counters"] = self.plan.as_dict()
             self.versions.update(pmu_in_guest=False, hardware_counters_valid=False)
             self.log(f"note: {detail}")
         self._write()

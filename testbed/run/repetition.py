@@ -138,13 +138,15 @@ def _fetch_window(rx: Shell, rep: RepDir) -> None:
 
 
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
-                   resolved: ResolvedPolicy, rep: RepDir, pmu: bool) -> dict[str, object]:
+                   resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
+                   cachemodel: bool | None = None) -> dict[str, object]:
     """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
 
     Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
     PolicyMismatch when the receiver's state differs from the policy.
     """
-    cachemodel = "cachemodel" in exp.counters
+    if cachemodel is None:  # the session's counter plan decides (counters: auto)
+        cachemodel = "cachemodel" in exp.counters
     atomic_write_json(rep.file("cell.json"),
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
                        "repetition": rep.repetition})

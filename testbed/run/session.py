@@ -31,7 +31,7 @@ from testbed.run.repetition import BootState, discover, run_repetition
 from testbed.settings import Settings
 from testbed.vm.qemu import PluginSpec
 from testbed.vm.topology import Assets, Topology, boot, prepare_assets
-from testbed.vocabulary import TcgThreads
+from testbed.vocabulary import AccelSetting, TcgThreads
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,16 @@ class ExperimentGuests:
 
     @property
     def cachemodel(self) -> bool:
-        return "cachemodel" in self.exp.counters
+        """The counter plan decides (auto under TCG, or asked for); without a plan (a
+        session built in a test), the experiment's own words."""
+        plan = self.provenance.plan
+        return plan.cachemodel if plan is not None else "cachemodel" in self.exp.counters
+
+    @property
+    def accel(self) -> AccelSetting | None:
+        """TCG for every cell when the cache model was asked for on a KVM host."""
+        plan = self.provenance.plan
+        return "tcg" if plan is not None and plan.force_tcg else None
 
     def collaborators(self, start: Callable[[], None]) -> Collaborators[Booted]:
         """The loop's collaborators; `start` runs once before the first repetition."""
@@ -88,7 +97,8 @@ class ExperimentGuests:
 
     def _assets_for(self, kernel: str) -> Assets:
         if kernel not in self.assets:
-            assets = prepare_assets(self.settings, kernel, self.run.work_dir, self.log)
+            assets = prepare_assets(self.settings, kernel, self.run.work_dir, self.log,
+                                    accel=self.accel)
             self.assets[kernel] = assets
             self.provenance.record_assets(kernel, assets)
         return self.assets[kernel]
@@ -103,6 +113,8 @@ class ExperimentGuests:
         threads: TcgThreads = "multi"
         if self.cachemodel:
             plugins, threads = receiver_plugins(self.settings, workdir, self.log)
+            # plugin-<key>/: the key hashes the plugin's sources, QEMU's header and flags
+            self.provenance.record_plugin(plugins[0].path.parent.name if plugins else "")
         with boot(assets, self.settings, workdir, cpus=cell.cpus, nic=cell.nic,
                   with_sender=True, receiver_plugins=plugins, receiver_tcg_threads=threads,
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:
@@ -123,7 +135,8 @@ class ExperimentGuests:
             raise NetbedError("a measured cell needs the sender guest")
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
-                              cell, resolved, rep, self.provenance.pmu)
+                              cell, resolved, rep, self.provenance.pmu,
+                              cachemodel=self.cachemodel)
         if self.cachemodel:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return info

@@ -25,10 +25,13 @@ from .conftest import links_named, our_qemu_pids
 pytestmark = pytest.mark.integration
 
 # Offload expected over tap + vnet_hdr (as root): only plain virtio keeps RX checksum offload.
-EXPECTED_RX_CSUM_OFFLOAD = {"e1000": False, "virtio": True, "virtio-nocsum": False}
+EXPECTED_RX_CSUM_OFFLOAD = {"e1000": False, "virtio": True, "virtio-nocsum": False,
+                            "virtio-notso": True}
+# virtio-net feature bits the guest negotiated for taking TSO frames (GUEST_TSO4/6).
+VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6 = 7, 8
 
 
-@pytest.mark.parametrize("nic", ["e1000", "virtio", "virtio-nocsum"])
+@pytest.mark.parametrize("nic", ["e1000", "virtio", "virtio-nocsum", "virtio-notso"])
 def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, workdir):
     if os.geteuid() != 0:
         pytest.skip("tap data plane needs root")
@@ -40,6 +43,10 @@ def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, work
         assert state.rx_checksum_offload is EXPECTED_RX_CSUM_OFFLOAD[nic]
         if nic == "e1000":
             assert state.ethtool["rx-checksumming"] == "off"
+        if nic.startswith("virtio"):  # TSO frames into the guest only for plain virtio
+            bits = state.virtio_features or ""
+            tso = [bits[b] == "1" for b in (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6)]
+            assert tso == [nic == "virtio"] * 2, bits
         assert topo.dataplane is not None and topo.dataplane.mode == "tap"
         bridge = topo.dataplane.bridge
         assert links_named(bridge)

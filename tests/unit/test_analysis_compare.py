@@ -88,12 +88,42 @@ def synthetic_tidy(effects: dict[tuple[str, str, str], float], reps: int = 6,
     return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
 
 
+GLOBAL = {"policy": "default", "kernel": "stock", "nic": "e1000"}  # the old default
+
+
+def test_by_default_each_cell_is_compared_with_its_own_nic_and_kernels_default() -> None:
+    tidy = synthetic_tidy({("stock", "e1000", "default"): 1.0,
+                           ("stock", "e1000", "pin-same"): 1.2,
+                           ("stock", "virtio", "default"): 2.0,
+                           ("stock", "virtio", "pin-same"): 2.1,
+                           ("patched", "virtio", "default"): 2.0,
+                           ("patched", "virtio", "wake-local"): 1.8})
+    t = cmp.compare_to_baseline(tidy, n_boot=200).table.set_index("cell_id")
+    assert t["base_cell_id"].to_dict() == {
+        "stock-e1000-pin-same": "stock-e1000-default",
+        "stock-virtio-pin-same": "stock-virtio-default",
+        "patched-virtio-wake-local": "patched-virtio-default"}
+
+
+def test_run_differences_name_qemu_plugin_kernel_build_and_image() -> None:
+    a = {"qemu_version": "7.2", "cachemodel_plugin": "plugin-aa", "image": {"key": "i1"},
+         "kernels": {"patched": {"release": "6.1", "patch_sha": "x"}}, "accel": "tcg"}
+    assert cmp.run_differences(a, dict(a)) == []
+    b = {**a, "qemu_version": "8.0", "cachemodel_plugin": "plugin-bb", "image": {"key": "i2"},
+         "kernels": {"patched": {"release": "6.1", "patch_sha": "y"}}, "accel": "kvm"}
+    diffs = cmp.run_differences(a, b)
+    assert [d.split(":")[0] for d in diffs] == ["QEMU", "cache-model plugin",
+                                                "kernel build patched", "guest image"]
+    assert cmp.run_differences({}, {}) == []
+    assert cmp.run_differences({}, {"qemu_version": "8.0"}) == ["QEMU: not recorded vs 8.0"]
+
+
 def test_baseline_matches_cells_on_the_other_axes() -> None:
     tidy = synthetic_tidy({("stock", "e1000", "default"): 1.0,
                            ("stock", "e1000", "pin-same"): 1.2,
                            ("patched", "e1000", "default"): 0.9,
                            ("stock", "virtio", "default"): 2.0})
-    comp = cmp.compare_to_baseline(tidy, n_boot=500)
+    comp = cmp.compare_to_baseline(tidy, GLOBAL, n_boot=500)
     assert comp.notes == []
     t = comp.table.set_index("cell_id")
     assert set(t.index) == {"stock-e1000-pin-same", "patched-e1000-default",
@@ -112,7 +142,7 @@ def test_baseline_falls_back_and_says_so() -> None:
                            ("distro", "virtio", "rfs"): 1.1,
                            ("distro", "e1000", "default"): 0.5,
                            ("distro", "e1000", "rfs"): 0.6})
-    comp = cmp.compare_to_baseline(tidy, n_boot=200)
+    comp = cmp.compare_to_baseline(tidy, GLOBAL, n_boot=200)
     assert any("kernel=stock is not in this run" in n for n in comp.notes)
     t = comp.table.set_index("cell_id")["base_cell_id"].to_dict()
     assert t == {"distro-virtio-default": "distro-e1000-default",

@@ -29,7 +29,7 @@ def test_html_is_self_contained(report: analysis.ReportPaths) -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
     assert "<script" not in text.lower()
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', text)
-    assert len(srcs) == len(report.figures) == 3
+    assert len(srcs) == len(report.figures) == 4  # the answer's figure + 3
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -44,14 +44,14 @@ def test_report_says_what_failed_and_where_numbers_came_from(
         assert "NOT counted" in text  # no PMU: said, not hidden
         assert "samples per repetition" in text
         assert "rx-checksumming" in text  # offload read-back
-        assert "kernel=stock is not in this run" in text  # baseline fallback note
+        assert "against policy=default with its own NIC, kernel" in text  # baseline note
         assert "Against the other run" in text
 
 
 def test_markdown_links_existing_figures(report: analysis.ReportPaths) -> None:
     md = report.md.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 3
+    assert len(links) == 4
     for link in links:
         assert (report.md.parent / link).is_file()
 
@@ -106,3 +106,31 @@ def test_offload_facts_reads_the_runner_format(tmp_path: Path) -> None:
     plain = RUN.parent.parent / "raw" / "guest-distro-e1000" / "offloads.txt"
     assert offload_facts(plain)["rx-checksumming"] == "off"
     assert offload_facts(tmp_path / "missing.txt")["rx_checksum_offload"] == "n/a"
+
+
+def test_the_answer_opens_both_reports(report: analysis.ReportPaths) -> None:
+    md = report.md.read_text()
+    first = re.findall(r"^## (.*)$", md, re.M)
+    assert first[0] == "The answer"
+    assert first.index("The answer: figure") < first.index("Status")
+    html_heads = re.findall(r"<h2>(.*?)</h2>", report.html.read_text())
+    assert html_heads[0] == "The answer"
+    assert report.figures[0].name == "answer.png"
+    assert "Cache numbers" in md and "Welch t" in md
+
+
+def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> None:
+    import json
+
+    from testbed.errors import NetbedError
+
+    run, other = tmp_path / RUN.name, tmp_path / "other"
+    shutil.copytree(RUN, run)
+    shutil.copytree(RUN, other)
+    v = json.loads((other / "versions.json").read_text())
+    (other / "versions.json").write_text(json.dumps({**v, "qemu_version": "QEMU 9.0"}))
+    with pytest.raises(NetbedError, match="differ: QEMU") as e:
+        analysis.write_report(run, compare_to=other)
+    assert "--force" in (e.value.hint or "")
+    paths = analysis.write_report(run, compare_to=other, force=True)
+    assert "warning: runs differ: QEMU" in paths.md.read_text()

@@ -159,7 +159,7 @@ def test_defaults_and_source(policies) -> None:
     assert exp.name == "minimal"
     assert exp.source == FIXTURES / "good" / "minimal.yaml"
     assert exp.policies is policies
-    assert (exp.order, exp.retries, exp.counters) == ("interleaved", 2, ["software"])
+    assert (exp.order, exp.retries, exp.counters) == ("interleaved", 2, ["auto"])
     assert [c.cell_id for c in expand(exp)] == [
         "distro-virtio-c2-default-TCP_STREAM-16384-gro_on"]
 
@@ -194,10 +194,13 @@ def test_experiment_dump_is_loadable_again(policies) -> None:
 def test_quick_yaml_loads_and_expands() -> None:
     exp = load_experiment(REPO / "configs" / "quick.yaml")
     cells = expand(exp)
-    assert len(cells) == 8
+    assert len(cells) == 14  # the study in small (issue #12)
     assert {c.nic for c in cells} == {"e1000", "virtio"}
-    assert {c.policy for c in cells} == {"default", "pin-same", "pin-cross", "rfs"}
-    assert exp.repetitions == 2 and exp.duration <= 10
+    assert {c.kernel for c in cells} == {"patched"}
+    assert {c.policy for c in cells} == {"default", "pin-same", "pin-cross", "rfs",
+                                         "wake-local"}
+    assert {c.workload.name for c in cells} == {"TCP_STREAM", "TCP_RR"}
+    assert exp.repetitions >= 3 and exp.duration <= 10 and exp.counters == ["auto"]
 
 
 def test_full_yaml_loads_and_expands() -> None:

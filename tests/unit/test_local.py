@@ -61,3 +61,21 @@ def test_resuming_a_folder_that_is_not_a_run_says_so(tmp_path, settings):
     (settings.results_dir / "stray").mkdir(parents=True)
     with pytest.raises(NetbedError, match="not a netbed run"):
         open_run(settings, None, "stray", None)
+
+
+def test_hardware_counters_on_a_host_without_pmu_are_refused_before_any_folder(
+        tmp_path, settings, monkeypatch):
+    from testbed.errors import ConfigError
+    from testbed.run import local
+    from tests.unit.test_provenance import facts
+
+    config = tmp_path / "hw.yaml"
+    config.write_text(CONFIG + "counters: [software, hardware]\n")
+    monkeypatch.setattr(local, "gather", lambda s, log=print: facts(accel="kvm", pmu=False))
+    booted: list[object] = []
+    monkeypatch.setattr(local, "ExperimentGuests", lambda *a, **k: booted.append(a))
+    with pytest.raises(ConfigError, match="no core PMU") as e:
+        local.run_matrix(settings, config, log=lambda m: None)
+    assert "counters: [auto]" in (e.value.hint or "")
+    assert not settings.results_dir.exists() or not any(settings.results_dir.iterdir())
+    assert booted == []

@@ -6,8 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from testbed.errors import ConfigError
 from testbed.run.folder import RunDir
-from testbed.run.provenance import Provenance, guest_pmu_verdict, netbed_commit
+from testbed.run.provenance import (
+    Provenance,
+    counter_plan,
+    guest_pmu_verdict,
+    netbed_commit,
+)
 from testbed.shell import Result
 from testbed.vm.hostfacts import HostFacts, KvmVerdict
 
@@ -54,7 +62,7 @@ def test_hardware_counters_are_valid_only_with_kvm_a_host_pmu_and_a_guest_pmu(tm
 
 
 def test_under_tcg_the_guest_is_not_even_asked(tmp_path: Path):
-    prov = Provenance(RunDir(tmp_path), ["hardware"], log=lambda m: None)
+    prov = Provenance(RunDir(tmp_path), ["auto"], log=lambda m: None)
     prov.record_host(facts(accel="tcg"), "abc")
     shell = FakeShell({})
     prov.check_guest_pmu(shell)
@@ -75,3 +83,57 @@ def test_commit_is_marked_dirty_when_tracked_files_changed():
     dirty = FakeShell({"git rev-parse": "0123abc\n", "git status": " M tasks.py\n"})
     assert netbed_commit(dirty) == "0123abc-dirty"
     assert netbed_commit(FakeShell({})) == "unknown"
+
+
+@pytest.mark.parametrize("accel,pmu,source,cachemodel,hardware", [
+    ("tcg", False, "cachemodel", True, False),
+    ("tcg", True, "cachemodel", True, False),
+    ("kvm", True, "hardware", False, True),
+    ("kvm", False, "software", False, False),
+])
+def test_auto_picks_the_cache_source_from_the_host(accel, pmu, source, cachemodel, hardware):
+    plan = counter_plan(["auto"], accel, pmu)
+    assert (plan.cache_source, plan.cachemodel, plan.hardware, plan.force_tcg) == \
+        (source, cachemodel, hardware, False)
+    assert plan.notes and "auto" in plan.notes[0]
+    if source == "software":
+        assert "needs TCG" in plan.notes[0]
+
+
+@pytest.mark.parametrize("accel,pmu,why", [("tcg", True, "TCG"), ("kvm", False, "no core PMU")])
+def test_hardware_without_a_pmu_is_refused_with_auto_as_the_fix(accel, pmu, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        counter_plan(["software", "hardware"], accel, pmu)
+    assert "counters: [auto]" in (e.value.hint or "")
+
+
+def test_cachemodel_on_kvm_forces_tcg_and_says_so():
+    plan = counter_plan(["cachemodel"], "kvm", True)
+    assert plan.force_tcg and plan.cachemodel and plan.cache_source == "cachemodel"
+    assert any("under TCG" in n for n in plan.notes)
+    assert not counter_plan(["cachemodel"], "tcg", False).force_tcg
+
+
+def test_auto_mixed_with_a_source_is_refused():
+    with pytest.raises(ConfigError, match="auto"):
+        counter_plan(["auto", "software"], "tcg", False)
+
+
+def test_versions_say_where_cache_numbers_come_from(tmp_path: Path):
+    run = RunDir(tmp_path)
+    notes: list[str] = []
+    prov = Provenance(run, ["auto"], log=notes.append)
+    prov.record_host(facts(accel="kvm", pmu=True), "abc")
+    assert versions(run)["counters"]["cache_source"] == "hardware"
+    prov.check_guest_pmu(FakeShell({"ls /sys/bus/event_source/devices": "software\n"}))
+    c = versions(run)["counters"]
+    assert c["cache_source"] == "software" and not c["hardware"]
+    assert "no core PMU in the guest" in c["notes"][-1] and notes
+
+
+def test_cachemodel_forced_on_kvm_is_recorded_as_tcg(tmp_path: Path):
+    run = RunDir(tmp_path)
+    Provenance(run, ["cachemodel"], log=lambda m: None).record_host(facts(), "abc")
+    v = versions(run)
+    assert v["accel"] == "tcg" and "cachemodel" in v["accel_reason"]
+    assert v["counters"]["force_tcg"] is True

@@ -60,7 +60,8 @@ def test_no_data_nic_without_attachment():
 
 
 @pytest.mark.parametrize(("model", "device"), [
-    ("e1000", "e1000,"), ("virtio", "virtio-net-pci,"), ("virtio-nocsum", "virtio-net-pci,")])
+    ("e1000", "e1000,"), ("virtio", "virtio-net-pci,"), ("virtio-nocsum", "virtio-net-pci,"),
+    ("virtio-notso", "virtio-net-pci,")])
 def test_data_nic_models(model, device):
     argv = qemu_argv(spec(nic=model, data=TapAttachment("nbt1r"), data_ip="198.18.0.1/24"))
     devices = arg_after(argv, "-device")
@@ -70,6 +71,11 @@ def test_data_nic_models(model, device):
     if model == "virtio-nocsum":
         for prop in ("csum=off", "guest_csum=off", "guest_tso4=off", "host_tso4=off"):
             assert prop in data[0].split(",")
+    elif model == "virtio-notso":  # checksum offload kept, no TSO/GSO frames into the guest
+        props = data[0].split(",")
+        assert "guest_csum=on" in props and "csum=off" not in props
+        for prop in ("guest_tso4=off", "guest_tso6=off", "guest_ufo=off"):
+            assert prop in props
     else:
         assert "csum=off" not in data[0]
 
@@ -106,7 +112,7 @@ def test_plugins_render_with_arguments():
 
 
 def test_unknown_nic_model_is_rejected():
-    with pytest.raises(ValueError, match="allowed: e1000, virtio, virtio-nocsum"):
+    with pytest.raises(ValueError, match="allowed: e1000, virtio, virtio-nocsum, virtio-notso"):
         nic_device_arg("rtl8139", "data", "52:54:00:00:00:00")  # type: ignore[arg-type]
 
 

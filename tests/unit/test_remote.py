@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -175,6 +176,7 @@ def test_config_files_validates_locally_and_lists_the_policies_file(tmp_path):
     cfg = config_files(tmp_path / "e.yaml")
     assert cfg.name == "e.yaml"
     assert [rel for _, rel in cfg.files] == ["e.yaml", "pol/p.yaml"]
-    (tmp_path / "bad.yaml").write_text(exp.replace("repetitions: 2", "repetitions: two"))
+    (tmp_path / "bad.yaml").write_text(re.sub(r"^repetitions: \d+", "repetitions: two", exp,
+                                                flags=re.M))
     with pytest.raises(NetbedError):
         config_files(tmp_path / "bad.yaml")

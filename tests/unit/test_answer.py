@@ -1,0 +1,158 @@
+"""analysis.answer: the answer's statistics on synthetic data at the repetitions quick.yaml
+uses (n = 3 per cell; 95% Welch t intervals on log values), and its wording."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.answer import (
+    Answer,
+    answer_sections,
+    build_answer,
+    interaction_verdict,
+    log_contrast,
+    plot_answer,
+)
+from analysis.collate import TIDY_COLUMNS
+
+N = 3  # repetitions per cell in configs/quick.yaml
+SIGMA = 0.05  # log-normal spread between repetitions (5%)
+
+
+def draw(rng: np.random.Generator, median: float, n: int = N, sigma: float = SIGMA) -> list[float]:
+    return list(median * np.exp(rng.normal(0, sigma, n)))
+
+
+def interaction_claim(rng: np.random.Generator, e1000_effect: float, virtio_effect: float,
+                      sigmas: tuple[float, ...] = (SIGMA,) * 4) -> str:
+    new, base = draw(rng, 100 * e1000_effect, sigma=sigmas[0]), draw(rng, 100, sigma=sigmas[1])
+    o_new = draw(rng, 50 * virtio_effect, sigma=sigmas[2])
+    o_base = draw(rng, 50, sigma=sigmas[3])
+    r = log_contrast([new, base, o_new, o_base], [1, -1, -1, 1])
+    return interaction_verdict(r, log_contrast([new, base], [1, -1]))
+
+
+def test_a_known_interaction_is_confirmed_in_most_seeds():
+    rng = np.random.default_rng(1)
+    verdicts = [interaction_claim(rng, 0.7, 0.95) for _ in range(400)]
+    assert verdicts.count("confirmed") / len(verdicts) >= 0.8
+    assert "refuted" not in verdicts
+
+
+@pytest.mark.parametrize("sigmas", [(SIGMA,) * 4, (0.02, 0.08, 0.05, 0.03)])
+def test_without_an_interaction_a_claim_is_made_in_at_most_5_percent(sigmas):
+    rng = np.random.default_rng(2)
+    verdicts = [interaction_claim(rng, 0.8, 0.8, sigmas) for _ in range(4000)]
+    false = sum(v != "not detectable with this many repetitions" for v in verdicts)
+    # 5% nominal; the slack is ~3 standard errors of a 4000-draw estimate
+    assert false / len(verdicts) <= 0.05 + 0.01, false / len(verdicts)
+
+
+def test_a_simple_effect_without_change_is_claimed_in_at_most_5_percent():
+    rng = np.random.default_rng(3)
+    claims = sum(log_contrast([draw(rng, 10), draw(rng, 10)], [1, -1]).detected
+                 for _ in range(4000))
+    assert claims / 4000 <= 0.06
+
+
+def test_a_percentile_bootstrap_at_n3_would_claim_far_more_often():
+    """Why not the bootstrap: at n = 3 its interval is too narrow (documents the choice)."""
+    rng = np.random.default_rng(4)
+    claims = 0
+    for _ in range(400):
+        a, b = np.array(draw(rng, 10)), np.array(draw(rng, 10))
+        boot = (np.exp(np.log(rng.choice(a, (1000, N))).mean(1)) /
+                np.exp(np.log(rng.choice(b, (1000, N))).mean(1)))
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        claims += lo > 1 or hi < 1
+    assert claims / 400 > 0.10
+
+
+def test_one_repetition_gives_no_interval_and_zeros_give_no_ratio():
+    r = log_contrast([[2.0], [1.0, 1.1]], [1, -1])
+    assert r.ratio == pytest.approx(2 / math.sqrt(1.1)) and math.isnan(r.lo)
+    assert not r.detected and "no CI" in r.pct()
+    assert math.isnan(log_contrast([[0.0, 1.0], [1.0, 1.0]], [1, -1]).ratio)
+
+
+def tidy_run(rng: np.random.Generator, effects: dict[tuple[str, str], float],
+             plugin: bool = True, kernel: str = "patched",
+             workload: str = "TCP_STREAM") -> pd.DataFrame:
+    """A synthetic tidy table: c2c per KB (per transaction for RR) and throughput."""
+    rows = []
+    per = ".per_trans" if workload == "TCP_RR" else ".per_kb"
+    for (nic, policy), effect in effects.items():
+        cell_id = f"{kernel}-{nic}-2cpu-{policy}-{workload}-gro_on"
+        for rep in range(1, N + 1):
+            ids = {"run_id": "r", "cell_id": cell_id, "repetition": rep, "kernel": kernel,
+                   "nic": nic, "cpus": 2, "policy": policy, "workload": workload,
+                   "message_size": 16384, "gro": True, "cpu": "all", "status": "ok",
+                   "note": ""}
+            rows.append({**ids, "metric": "cache.c2c_transfers" + per, "unit": "1/KB",
+                         "source": "derived", "value": draw(rng, 2.0 * effect, 1)[0]})
+            if plugin:
+                rows.append({**ids, "metric": "cache.c2c_transfers", "unit": "count",
+                             "source": "cachemodel", "value": 1e6})
+            rows.append({**ids, "metric": "throughput", "unit": "10^6bits/s",
+                         "source": "netperf", "value": draw(rng, 300.0, 1)[0]})
+    return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+
+
+EFFECTS = {("e1000", "default"): 1.0, ("e1000", "pin-same"): 0.6, ("e1000", "wake-local"): 1.0,
+           ("virtio-notso", "default"): 1.0, ("virtio-notso", "pin-same"): 0.95,
+           ("virtio-notso", "wake-local"): 1.0}
+
+
+def test_the_answer_confirms_a_planted_interaction_and_states_no_throughput_effect():
+    ans = build_answer(tidy_run(np.random.default_rng(5), EFFECTS))
+    pin = ans.interactions[(ans.interactions["policy"] == "pin-same")
+                           & (ans.interactions["metric"] == "c2c transfers per KB")]
+    assert list(pin["verdict"]) == ["confirmed"]
+    assert list(pin["contrast"]) == ["e1000 / virtio-notso"]
+    # every repetition had the plugin: rates are not taken from them
+    assert "throughput" not in set(ans.effects["metric"])
+    assert any("No throughput" in n for n in ans.notes)
+    text = "\n".join(ans.sentences)
+    assert "pin-same has lower c2c transfers per KB than default" in text
+    assert "n = 3 vs 3" in text
+
+
+def test_wording_never_claims_an_effect_whose_ci_includes_no_change():
+    ans = build_answer(tidy_run(np.random.default_rng(6), EFFECTS, plugin=False))
+    for s, (_, r) in zip(ans.sentences, ans.effects.iterrows(), strict=False):
+        if r["ci_lo"] <= 1 <= r["ci_hi"]:
+            assert "no change detected" in s
+        else:
+            assert "no change detected" not in s
+    assert "throughput" in set(ans.effects["metric"])  # plugin-free: rates are used
+
+
+def test_patched_default_is_compared_with_stock_default():
+    rng = np.random.default_rng(7)
+    both = pd.concat([tidy_run(rng, EFFECTS), tidy_run(rng, {("e1000", "default"): 1.0},
+                                                       kernel="stock")])
+    ans = build_answer(both)
+    assert list(ans.patch["contrast"]) == ["patched-default / stock-default"]
+    assert any(s.startswith("The patch switched off") for s in ans.sentences)
+
+
+def test_sections_and_figure(tmp_path):
+    ans = build_answer(tidy_run(np.random.default_rng(8), EFFECTS))
+    ans.figure = plot_answer(ans, tmp_path)
+    assert ans.figure is not None and ans.figure.stat().st_size > 1000
+    titles = [t for t, _, _ in answer_sections(ans)]
+    assert titles[0] == "The answer" and "The answer: figure" in titles
+    assert plot_answer(Answer(pd.DataFrame(), pd.DataFrame(), pd.DataFrame()), tmp_path) is None
+
+
+def test_rr_cells_are_answered_per_transaction_beside_bulk_cells_per_kb():
+    rng = np.random.default_rng(9)
+    ans = build_answer(pd.concat([tidy_run(rng, EFFECTS),
+                                  tidy_run(rng, EFFECTS, workload="TCP_RR")]))
+    by = ans.effects.groupby("workload")["metric"].agg(set).to_dict()
+    assert by == {"TCP_STREAM": {"c2c transfers per KB"},
+                  "TCP_RR": {"c2c transfers per transaction"}}
