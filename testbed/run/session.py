@@ -101,6 +101,7 @@ class ExperimentGuests:
                   with_sender=True, receiver_plugins=plugins, receiver_tcg_threads=threads,
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:
             self.provenance.record_dataplane(topo.notes.get("dataplane"))
+            self.provenance.record_placement(topo.placement)  # h-repeat (#11)
             self.provenance.check_guest_pmu(topo.receiver.ssh)
             booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac))
             if self.fault and self.fault.cell_id == cell.cell_id:
