@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis import repeatability
 from analysis.collate import RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from testbed.files import atomic_write_text
@@ -288,7 +289,11 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
                  figures: list[Path]) -> ReportPaths:
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
-    sections = _sections(prov, baseline_cmp, run_cmp, key_summary(summary))
+    keys = repeatability.with_cv(key_summary(summary), tidy)  # h-repeat (#11): CV, drift
+    extra, drift_figures = repeatability.report_parts(run_dir, tidy, out / "plots")
+    sections = repeatability.insert_after_key_table(
+        _sections(prov, baseline_cmp, run_cmp, keys), extra)
+    figures = [*figures, *drift_figures]
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, render_html(prov, sections, figures))
     atomic_write_text(md_path, render_md(prov, sections, figures, out))

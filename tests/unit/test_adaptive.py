@@ -43,7 +43,7 @@ def test_before_min_nothing_stops_even_if_steady() -> None:
 def test_a_noisy_cell_goes_on_until_max() -> None:
     noisy = [100, 150, 80, 130, 60]
     assert decide(RULE, "c", 5, noisy, "throughput").reason is None
-    assert decide(RULE, "c", 8, noisy + [120, 70, 140], "throughput").reason == "max-reached"
+    assert decide(RULE, "c", 8, [*noisy, 120, 70, 140], "throughput").reason == "max-reached"
 
 
 def test_failed_repetitions_count_as_attempts_but_give_no_value() -> None:
