@@ -145,6 +145,10 @@ class MatrixRunner(Generic[Booted]):
         rule = plan.rule
         for round_no in range(rule.min, rule.max):
             stops = self.decisions(plan, round_no)
+            if round_no == rule.min and not any(x.values for x in stops.values()):
+                self.log(f"note: no repetition recorded the metric "
+                         f"{plan.metric or 'throughput'}; adaptive rounds run every cell "
+                         "to max")
             open_cells = [c for c in plan.order(round_no) if stops[c.cell_id].reason is None]
             if not open_cells:
                 break

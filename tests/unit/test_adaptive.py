@@ -180,3 +180,18 @@ def test_resume_takes_the_same_decisions(tmp_path: Path) -> None:
     _, stopping = run_adaptive(tmp_path, again, exp)
     assert again.measured == [("e1000", 6)]
     assert sorted(v["repetitions"] for v in stopping["cells"].values()) == [5, 8]
+
+
+def test_a_metric_never_recorded_runs_to_max_and_says_so(tmp_path: Path) -> None:
+    exp = experiment({"min": 5, "max": 6, "metric": "window.throughput"}, nics=["e1000"])
+    world = Noisy({"e1000": STEADY})
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    cells = expand(exp)
+    lines: list[str] = []
+    MatrixRunner(run, schedule(exp, cells), 0, Collaborators(boot=world.boot,
+                 measure=world.measure), lines.append, adaptive_plan(exp, cells)).execute()
+    stopping = json.loads((run.path / "stopping.json").read_text())
+    (only,) = stopping["cells"].values()
+    assert only["reason"] == "max-reached" and only["cv"] is None and only["values"] == 0
+    assert any("no repetition recorded the metric window.throughput" in x for x in lines)
