@@ -75,3 +75,19 @@ def test_commit_is_marked_dirty_when_tracked_files_changed():
     dirty = FakeShell({"git rev-parse": "0123abc\n", "git status": " M tasks.py\n"})
     assert netbed_commit(dirty) == "0123abc-dirty"
     assert netbed_commit(FakeShell({})) == "unknown"
+
+
+def test_placement_is_recorded_in_versions_and_host(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    prov = Provenance(run, ["software"], lambda m: None)
+    prov.record_host(facts("tcg", pmu=False), "abc")
+    record = {"mode": "disjoint", "host_cpus": [0, 1], "note": "receiver on 0; sender on 1",
+              "guests": {"receiver": "0", "sender": "1"},
+              "threads": {"receiver": {"CPU 0/TCG": "0", "qemu-system-x86": "0"}}}
+    prov.record_placement(record)
+    assert versions(run)["placement"] == record
+    host = json.loads(run.host_file.read_text())
+    assert host["placement"]["guests"] == {"receiver": "0", "sender": "1"}
+    assert "threads" not in host["placement"] and host["hostname"] == "h"
+    prov.record_placement({})  # a lone guest without placement changes nothing
+    assert versions(run)["placement"] == record
