@@ -211,11 +211,14 @@ def apply(pid: int, cpus: Sequence[int], proc: Path = Path("/proc")) -> list[Thr
 
 
 def summary(threads: Sequence[ThreadAffinity]) -> dict[str, str]:
-    """Thread name -> its CPUs as read back, for the record (names repeat: CPU lists joined)."""
-    out: dict[str, set[str]] = {}
+    """'name (N threads)' -> the CPUs they may use, as read back (distinct lists joined)."""
+    cpus: dict[str, set[str]] = {}
+    count: dict[str, int] = {}
     for t in threads:
-        out.setdefault(t.name, set()).add(cpu_list_text(t.cpus))
-    return {name: " | ".join(sorted(v)) for name, v in sorted(out.items())}
+        cpus.setdefault(t.name, set()).add(cpu_list_text(t.cpus))
+        count[t.name] = count.get(t.name, 0) + 1
+    return {(name if count[name] == 1 else f"{name} ({count[name]} threads)"):
+            " | ".join(sorted(v)) for name, v in sorted(cpus.items())}
 
 
 @dataclass(frozen=True)
@@ -241,3 +244,23 @@ def place_guests(mode: PlacementMode, processes: Sequence[PlacedProcess],
         seen = apply(proc.pid, p.of(proc.name)) if p.pins else read_back(proc.pid)
         threads[proc.name] = summary(seen)
     return {**p.to_dict(), "threads": threads}
+
+
+def confirm(record: dict[str, object], processes: Sequence[PlacedProcess]) -> dict[str, object]:
+    """Read the placement back again once the guests are up (QEMU starts threads while
+    booting; they inherit the affinity) and fail if any thread is off its host CPUs."""
+    guests = record.get("guests")
+    if not isinstance(guests, dict):
+        return record
+    threads: dict[str, dict[str, str]] = {}
+    for proc in processes:
+        seen = read_back(proc.pid)
+        want = parse_cpu_list(str(guests.get(proc.name, "")))
+        wrong = [t for t in seen if t.cpus != want]
+        if record.get("mode") != "shared" and wrong:
+            raise GuestError(f"QEMU {proc.name} (pid {proc.pid}): threads off host CPUs "
+                             f"{cpu_list_text(want)} after boot: "
+                             + ", ".join(f"{t.name}/{t.tid} on {cpu_list_text(t.cpus)}"
+                                         for t in wrong))
+        threads[proc.name] = summary(seen)
+    return {**record, "threads": threads, "read_back": "after boot"}

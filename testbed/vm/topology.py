@@ -138,12 +138,17 @@ def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack)
     stack.callback(booted.ssh.close)
 
 
+def _placed(receiver: BootedGuest,
+            sender: BootedGuest | None) -> list[placement.PlacedProcess]:
+    return [placement.PlacedProcess(b.spec.name, b.process.popen.pid, b.spec.cpus + 1)
+            for b in (receiver, sender) if b is not None and b.process.popen is not None]
+
+
 def _place(settings: Settings, receiver: BootedGuest,
            sender: BootedGuest | None) -> dict[str, object]:
     """Pin the started QEMU processes as the `host_placement` setting says (#11)."""
-    procs = [placement.PlacedProcess(b.spec.name, b.process.popen.pid, b.spec.cpus + 1)
-             for b in (receiver, sender) if b is not None and b.process.popen is not None]
-    return placement.place_guests(placement.placement_mode(settings.host_placement), procs)
+    return placement.place_guests(placement.placement_mode(settings.host_placement),
+                                  _placed(receiver, sender))
 
 
 @contextlib.contextmanager
@@ -175,7 +180,7 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
             sender = _boot(_spec(assets, settings, workdir, "sender", 2, sender_cpus, nic,
                                  plan, "sender", (), "multi", memory_mb),
                            assets, settings, stack, effects)
-        placement = _place(settings, receiver, sender)  # h-repeat (#11): host placement
+        placement_record = _place(settings, receiver, sender)  # h-repeat (#11)
         log(f"booting {'receiver + sender' if sender else 'guest'} "
             f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
             f"{assets.accel.upper()})")
@@ -183,6 +188,7 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
         if sender is not None:
             _await(sender, settings, stack)
         log(f"guests ready in {time.monotonic() - started:.1f} s")
-        notes["placement"] = str(placement["note"])
+        placement_record = placement.confirm(placement_record, _placed(receiver, sender))
+        notes["placement"] = str(placement_record["note"])
         yield Topology(receiver, sender, plan if with_sender else None, assets, notes,
-                       placement)
+                       placement_record)

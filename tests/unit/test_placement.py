@@ -87,3 +87,15 @@ def test_read_back_from_a_proc_tree(tmp_path: Path) -> None:
 def test_read_back_of_this_process_matches_its_affinity() -> None:
     mine = pl.read_back(os.getpid())
     assert mine and mine[0].cpus == os.sched_getaffinity(0)
+
+
+def test_confirm_rereads_and_refuses_threads_off_their_cpus() -> None:
+    me = pl.PlacedProcess("receiver", os.getpid(), 3)
+    mine = pl.cpu_list_text(os.sched_getaffinity(0))
+    ok = pl.confirm({"mode": "disjoint", "guests": {"receiver": mine}, "note": ""}, [me])
+    assert ok["read_back"] == "after boot" and "receiver" in ok["threads"]  # type: ignore[operator]
+    other = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(pl.GuestError):
+        pl.confirm({"mode": "disjoint", "guests": {"receiver": str(other)}, "note": ""}, [me])
+    # shared: nothing was pinned, so nothing to refuse
+    pl.confirm({"mode": "shared", "guests": {"receiver": str(other)}, "note": ""}, [me])
