@@ -28,8 +28,8 @@ def two_qemus(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     try:
         for name in ("receiver", "sender"):
             procs.append(subprocess.Popen(
-                ["qemu-system-x86_64", "-name", f"{name},debug-threads=on", "-machine", "q35", "-accel",
-                 "tcg,thread=multi", "-smp", "2", "-m", "128", "-S", "-nodefaults",
+                ["qemu-system-x86_64", "-name", f"{name},debug-threads=on", "-machine", "q35",
+                 "-accel", "tcg,thread=multi", "-smp", "2", "-m", "128", "-S", "-nodefaults",
                  "-display", "none", "-monitor", f"unix:{tmp_path}/{name}.mon,server,nowait"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 20
