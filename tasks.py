@@ -273,7 +273,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             if shard_spec:
                 cells = take_shard(cells, *shard_spec)
             print(cells_table(exp, cells))
-            print(f"{len(cells)} cells x {exp.repetitions} repetitions; estimated "
+            print(f"{len(cells)} cells x {exp.repetitions_text()}; estimated "
                   f"{format_duration(estimate_seconds(exp, cells))}")
             return
         summary = run_locally(s, None if resume else path, resume=resume, shard_spec=shard_spec,

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis import repeatability
 from analysis.collate import RawFiles, analysis_dir, cell_label
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from analysis.symbols import report_sections as cachemodel_sections
@@ -295,7 +296,11 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     """`lead`: sections that open the report, before anything else (analysis.answer)."""
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
-    sections = [*(lead or []), *_sections(prov, baseline_cmp, run_cmp, key_summary(summary))]
+    keys = repeatability.with_cv(key_summary(summary), tidy)  # h-repeat (#11): CV, drift
+    extra, drift_figures = repeatability.report_parts(run_dir, tidy, out / "plots")
+    sections = [*(lead or []), *repeatability.insert_after_key_table(
+        _sections(prov, baseline_cmp, run_cmp, keys), extra)]
+    figures = [*figures, *drift_figures]
     # cache-model attribution (analysis/symbols.py), right after the figures
     at = next((i + 1 for i, s in enumerate(sections) if s[1] == "figures"), len(sections))
     sections[at:at] = cachemodel_sections(run_dir)

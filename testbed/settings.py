@@ -31,6 +31,8 @@ class Settings:
     command_timeout_s: float = 600.0
     debian_mirror: str = "http://deb.debian.org/debian"
     debian_suite: str = "bookworm"
+    # How the guests' QEMU processes use the host CPUs (testbed.vm.placement).
+    host_placement: str = "shared"
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> Settings:
@@ -59,4 +61,5 @@ class Settings:
 
 # Settings with a fixed set of values, checked when read from invoke's config.
 CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),
-                                       "default_kernel": get_args(KernelName)}
+                                       "default_kernel": get_args(KernelName),
+                                       "host_placement": ("shared", "disjoint")}

@@ -28,9 +28,11 @@ from typing import Annotated, Any
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
     Strict,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -47,8 +49,19 @@ from testbed.vocabulary import (
     WorkloadName,
 )
 
-__all__ = ["AXES", "DEFAULT_MESSAGE_SIZE", "MAX_CPUS", "Axes", "Cell", "Combination",
-           "Experiment", "Limits", "Workload", "WorkloadMatch"]
+__all__ = [
+    "AXES",
+    "DEFAULT_MESSAGE_SIZE",
+    "MAX_CPUS",
+    "AdaptiveRepetitions",
+    "Axes",
+    "Cell",
+    "Combination",
+    "Experiment",
+    "Limits",
+    "Workload",
+    "WorkloadMatch",
+]
 
 # Send size for the bulk workloads (netperf -m), request = response size for RR.
 DEFAULT_MESSAGE_SIZE: dict[str, int] = {"TCP_STREAM": 16384, "TCP_MAERTS": 16384, "TCP_RR": 1}
@@ -287,6 +300,49 @@ class Limits(BaseModel):
                       description="cells x repetitions")
 
 
+MIN_ADAPTIVE_REPETITIONS = 5
+Fraction = Annotated[float, Strict(), Field(gt=0, lt=1)]
+
+
+class AdaptiveRepetitions(BaseModel):
+    """`repetitions: {min: 5, max: 12, target_cv: 0.05, metric: window.throughput}` (#11).
+
+    After `min` rounds, further rounds run over the cells whose coefficient of
+    variation of `metric` (sample sd / mean over the repetitions so far) is above
+    `target_cv`, until it is within target or `max` repetitions are reached. The
+    metric is a tidy-table name recorded with each repetition; left out, it is
+    `window.throughput` where the repetitions record it and netperf's `throughput`
+    otherwise.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: Int = Field(default=MIN_ADAPTIVE_REPETITIONS, ge=MIN_ADAPTIVE_REPETITIONS,
+                     description="a CV from fewer than 5 repetitions is too noisy to stop on")
+    max: Int = Field(default=12, ge=MIN_ADAPTIVE_REPETITIONS)
+    target_cv: Fraction = 0.05
+    metric: Text | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> AdaptiveRepetitions:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min}); "
+                             f"write e.g. {{min: {self.min}, max: {max(self.min, 12)}}}")
+        return self
+
+
+def _repetitions_form(value: Any) -> str:
+    return "@adaptive" if isinstance(value, dict | AdaptiveRepetitions) else "@fixed"
+
+
+# One error for one mistake: a mapping is checked as the adaptive form only. Tags start
+# with '@' so error paths can drop them (testbed.experiment.yamlload).
+Repetitions = Annotated[
+    Annotated[Annotated[int, Strict(), Field(ge=1)], Tag("@fixed")]
+    | Annotated[AdaptiveRepetitions, Tag("@adaptive")],
+    Discriminator(_repetitions_form)]
+
+
 class Experiment(BaseModel):
     """A whole experiment file, validated; `source`, `policies_path` say where it came from."""
 
@@ -297,7 +353,8 @@ class Experiment(BaseModel):
     axes: Axes = Field(default_factory=Axes)
     include: list[Combination] = Field(default_factory=list, max_length=MAX_ENTRIES)
     exclude: list[Combination] = Field(default_factory=list, max_length=MAX_ENTRIES)
-    repetitions: Int = Field(default=3, ge=1)
+    repetitions: Repetitions = Field(
+        default=3, description="a number, or {min, max, target_cv, metric} (adaptive)")
     duration: Int = Field(default=10, ge=1, le=3600, description="measured seconds per rep")
     warmup: Int = Field(default=2, ge=0, le=600, description="seconds before measuring")
     order: OrderName = "interleaved"
@@ -332,6 +389,34 @@ class Experiment(BaseModel):
                              "hardware events where the guest has a PMU, else software); "
                              "write `counters: [auto]` or name the sources without it")
         return v
+
+    @property
+    def adaptive(self) -> AdaptiveRepetitions | None:
+        """The adaptive stopping rule, or None for a fixed number of repetitions."""
+        return self.repetitions if isinstance(self.repetitions, AdaptiveRepetitions) else None
+
+    @property
+    def min_repetitions(self) -> int:
+        """Repetitions every cell gets (all of them for a fixed number)."""
+        a = self.adaptive
+        return a.min if a else self._fixed()
+
+    @property
+    def max_repetitions(self) -> int:
+        """The most repetitions a cell may get (what limits and --dry-run estimates use)."""
+        a = self.adaptive
+        return a.max if a else self._fixed()
+
+    def _fixed(self) -> int:
+        assert isinstance(self.repetitions, int)
+        return self.repetitions
+
+    def repetitions_text(self) -> str:
+        a = self.adaptive
+        if a is None:
+            return f"{self.repetitions} repetitions"
+        return (f"{a.min}-{a.max} repetitions (adaptive: more while CV of "
+                f"{a.metric or 'throughput'} > {a.target_cv:g})")
 
     @property
     def source(self) -> Path | None:

@@ -170,10 +170,11 @@ def _size_problems(exp: Experiment, src: Source) -> list[Problem]:
     """Bounds that keep a dry run fast and a schedule in memory; each says how to raise it."""
     lim = exp.limits
     out: list[Problem] = []
-    if exp.repetitions > lim.repetitions:
-        out.append(src.problem(("repetitions",), f"{exp.repetitions} is more than the limit of "
+    reps = exp.max_repetitions  # adaptive: the most a cell may get
+    if reps > lim.repetitions:
+        out.append(src.problem(("repetitions",), f"{reps} is more than the limit of "
                                f"{lim.repetitions}; if you mean it, raise it with "
-                               f"`limits: {{repetitions: {exp.repetitions}}}`"))
+                               f"`limits: {{repetitions: {reps}}}`"))
     size = exp.axes.size()
     if size > lim.cells:
         out.append(src.problem(("axes",), f"the axes make {size} combinations, more than the "
@@ -205,9 +206,9 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
     if not cells:
         return [src.problem(("exclude",), "the matrix is empty: exclude removes every "
                             "combination")]
-    runs = len(cells) * exp.repetitions
+    runs = len(cells) * exp.max_repetitions
     if runs > exp.limits.runs:
-        return [src.problem(("repetitions",), f"{len(cells)} cells x {exp.repetitions} "
+        return [src.problem(("repetitions",), f"{len(cells)} cells x {exp.max_repetitions} "
                             f"repetitions = {runs} runs, more than the limit of "
                             f"{exp.limits.runs}; if you mean it, raise it with "
                             f"`limits: {{runs: {runs}}}`")]

@@ -123,7 +123,24 @@ def _shuffled(items: list[Cell], rng: random.Random) -> list[Cell]:
     return out
 
 
-def schedule(exp: Experiment, cells: Sequence[Cell]) -> Schedule:
+def round_order(exp: Experiment, cells: Sequence[Cell], round_no: int) -> list[Cell]:
+    """The cells in the order round `round_no` runs them (interleaved or random order).
+
+    random: the permutation of round r is the r-th drawn from the seed's stream, so
+    the rounds an adaptive run adds after its first ones are as reproducible (and
+    resume alike) as the first ones.
+    """
+    cells = list(cells)
+    if exp.order != "random":
+        return cells
+    rng = random.Random(exp.seed)
+    order = cells
+    for _ in range(round_no + 1):
+        order = _shuffled(cells, rng)
+    return order
+
+
+def schedule(exp: Experiment, cells: Sequence[Cell], repetitions: int | None = None) -> Schedule:
     """(cell, repetition) pairs in run order; repetitions count from 0.
 
     sequential: every repetition of a cell, then the next cell (fewest boots).
@@ -131,9 +148,13 @@ def schedule(exp: Experiment, cells: Sequence[Cell]) -> Schedule:
     of a shared host spreads over all cells instead of biasing the last ones.
     random: interleaved rounds, each round in a seeded random order
     (deterministic for a seed; a different permutation per round).
+
+    With adaptive repetitions this is the first `min` rounds every cell gets; the
+    loop adds rounds (`round_order`) for the cells still above target. Pass
+    `repetitions` (e.g. `exp.max_repetitions`) for the longest possible schedule.
     """
     cells = list(cells)
-    reps = range(exp.repetitions)
+    reps = range(exp.min_repetitions if repetitions is None else repetitions)
     if exp.order == "sequential":
         return [(c, r) for c in cells for r in reps]
     if exp.order == "interleaved":
@@ -210,7 +231,7 @@ def estimate_seconds(exp: Experiment, cells: Sequence[Cell], boot_seconds: float
     `rep_overhead_seconds` covers policy apply/read-back, /proc snapshots and
     copying results; retries are not counted (an estimate, not a promise).
     """
-    sched = schedule(exp, cells)
+    sched = schedule(exp, cells, exp.max_repetitions)  # adaptive: the most it may take
     per_rep = exp.warmup + exp.duration + rep_overhead_seconds
     return count_boots(sched, reuse) * boot_seconds + len(sched) * per_rep
 
@@ -234,9 +255,10 @@ def cells_table(exp: Experiment, cells: Sequence[Cell]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    runs = len(cells) * exp.repetitions
+    runs = len(cells) * exp.max_repetitions
     lines.append("")
-    lines.append(f"{exp.name}: {len(cells)} cells x {exp.repetitions} repetitions = {runs} runs, "
+    lines.append(f"{exp.name}: {len(cells)} cells x {exp.repetitions_text()} = "
+                 f"{'at most ' if exp.adaptive else ''}{runs} runs, "
                  f"order {exp.order}" + (f" (seed {exp.seed})" if exp.order == "random" else "")
                  + f", {exp.warmup} s warmup + {exp.duration} s measured each")
     return "\n".join(lines)

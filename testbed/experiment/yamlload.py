@@ -456,8 +456,11 @@ def validation_problems(src: Source, err: ValidationError,
     """pydantic's errors -> one Problem per error, with position, path and what is allowed."""
     problems: list[Problem] = []
     for e in err.errors(include_url=False):
-        loc = prefix + tuple(e["loc"])
+        # h-repeat (#11): drop tagged-union branch names ('@...') from inner positions
         kind = e["type"]
+        raw = tuple(e["loc"])
+        inner, last = (raw[:-1], raw[-1:]) if kind == "extra_forbidden" else (raw, ())
+        loc = prefix + tuple(p for p in inner if not str(p).startswith("@")) + last
         inp = e.get("input")
         if kind == "extra_forbidden":
             parent = loc[:-1]

@@ -17,12 +17,13 @@ from pathlib import Path
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.load import load_experiment
-from testbed.experiment.matrix import expand, schedule, shard
+from testbed.experiment.matrix import expand, round_order, schedule, shard
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
 from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log
+from testbed.run.adaptive import Rule
 from testbed.run.folder import RunDir, new_run_id, resolve_run
-from testbed.run.loop import MatrixRunner, RunSummary, summary_text
+from testbed.run.loop import AdaptivePlan, MatrixRunner, RunSummary, summary_text
 from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
@@ -74,6 +75,15 @@ def _policies_of(run: RunDir) -> PolicySet | None:
     return load_policies(run.policies_file) if run.policies_file.is_file() else None
 
 
+def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
+    """The loop's adaptive rounds for `repetitions: {min, max, target_cv, metric}` (#11)."""
+    a = exp.adaptive
+    if a is None:
+        return None
+    return AdaptivePlan(Rule(a.min, a.max, a.target_cv), a.metric,
+                        lambda r: round_order(exp, cells, r))
+
+
 def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = None,
                shard_spec: Shard | None = None, fault: Fault | None = None,
                log: Log = print) -> RunSummary:
@@ -90,7 +100,7 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     for warning in exp.warnings:
         log(warning)
-    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions} repetitions -> {run.path}")
+    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text()} -> {run.path}")
     started = time.monotonic()
     provenance = Provenance(run, exp.counters, log)
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
@@ -98,6 +108,6 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
         start=lambda: provenance.record_host(facts[0] if facts else gather(settings, log=log),
                                              netbed_commit()))
     summary = MatrixRunner(run, schedule(exp, cells), exp.retries, collaborators,
-                           log).execute()
+                           log, adaptive_plan(exp, cells)).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
     return summary

@@ -23,7 +23,16 @@ from typing import Generic, TypeVar
 
 from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.experiment.config import Cell
+from testbed.files import atomic_write_json
 from testbed.progress import Log, Progress
+from testbed.run.adaptive import (
+    OPTIONAL_STOPPING_NOTE,
+    STOPPING_FILE,
+    Rule,
+    Stop,
+    decide,
+    done_value,
+)
 from testbed.run.bootcache import BootCache
 from testbed.run.folder import RepDir, RunDir
 
@@ -71,16 +80,31 @@ class Collaborators(Generic[Booted]):
     key: Callable[[Cell], Hashable] = boot_key
 
 
+@dataclass(frozen=True)
+class AdaptivePlan:
+    """Adaptive repetitions: the rule, its metric, and each round's cells in run order.
+
+    `order(r)` gives all cells in the order round r runs them; the loop keeps those
+    still above target. `metric` None: window.throughput where recorded, else throughput.
+    """
+
+    rule: Rule
+    metric: str | None
+    order: Callable[[int], Sequence[Cell]]
+
+
 class MatrixRunner(Generic[Booted]):
     """Runs the scheduled repetitions of one run folder that are not done yet."""
 
     def __init__(self, run: RunDir, items: Sequence[tuple[Cell, int]], retries: int,
-                 collaborators: Collaborators[Booted], log: Log = print) -> None:
+                 collaborators: Collaborators[Booted], log: Log = print,
+                 adaptive: AdaptivePlan | None = None) -> None:
         self.run = run
         self.items = list(items)
         self.retries = retries
         self.c = collaborators
         self.log = log
+        self.adaptive = adaptive
 
     def execute(self) -> RunSummary:
         summary = RunSummary(self.run.path, total=len(self.items))
@@ -90,13 +114,60 @@ class MatrixRunner(Generic[Booted]):
             self.log(f"resuming: {summary.skipped} of {len(self.items)} repetitions already "
                      "done")
         self.c.start()
-        if not todo:
+        if not todo and self.adaptive is None:
             return summary
         progress = Progress(len(self.items), summary.skipped, self.log)
         with BootCache(self.c.boot, self.c.key) as guests:
             for cell, rep_no in todo:
                 self._repetition(guests, cell, rep_no, summary, progress)
+            if self.adaptive is not None:
+                self._adaptive_rounds(self.adaptive, guests, summary, progress)
         return summary
+
+    def decisions(self, plan: AdaptivePlan, before: int) -> dict[str, Stop]:
+        """Each cell's stopping decision from its repetitions 0..before-1 (done or failed)."""
+        out = {}
+        for cell in plan.order(0):
+            attempted, values, used = 0, [], plan.metric or "throughput"
+            for r in range(before):
+                rep = self.run.rep(cell.cell_id, r)
+                if rep.is_done or rep.is_failed:
+                    attempted += 1
+                used, value = done_value(rep, plan.metric)
+                if value is not None:
+                    values.append(value)
+            out[cell.cell_id] = decide(plan.rule, cell.cell_id, attempted, values, used)
+        return out
+
+    def _adaptive_rounds(self, plan: AdaptivePlan, guests: BootCache[Cell, Booted],
+                         summary: RunSummary, progress: Progress) -> None:
+        """Rounds min..max-1 over the cells still above target; then why each stopped."""
+        rule = plan.rule
+        for round_no in range(rule.min, rule.max):
+            stops = self.decisions(plan, round_no)
+            if round_no == rule.min and not any(x.values for x in stops.values()):
+                self.log(f"note: no repetition recorded the metric "
+                         f"{plan.metric or 'throughput'}; adaptive rounds run every cell "
+                         "to max")
+            open_cells = [c for c in plan.order(round_no) if stops[c.cell_id].reason is None]
+            if not open_cells:
+                break
+            self.log(f"adaptive round {round_no + 1}/{rule.max}: {len(open_cells)} cell(s) "
+                     f"above CV {rule.target_cv:g}: "
+                     + ", ".join(f"{c.cell_id} ({_pct(stops[c.cell_id].cv)})"
+                                 for c in open_cells))
+            summary.total += len(open_cells)
+            progress.total += len(open_cells)
+            for cell in open_cells:
+                if self.run.rep(cell.cell_id, round_no).is_done:
+                    summary.skipped += 1
+                    continue
+                self._repetition(guests, cell, round_no, summary, progress)
+        final = self.decisions(plan, rule.max)
+        atomic_write_json(self.run.path / STOPPING_FILE, {
+            "adaptive": True, "min": rule.min, "max": rule.max,
+            "target_cv": rule.target_cv, "metric": plan.metric, "note": OPTIONAL_STOPPING_NOTE,
+            "cells": {k: v.to_dict() for k, v in final.items()}})
 
     def _repetition(self, guests: BootCache[Cell, Booted], cell: Cell, rep_no: int,
                     summary: RunSummary, progress: Progress) -> None:
@@ -131,6 +202,10 @@ class MatrixRunner(Generic[Booted]):
         self.run.mark_failed(rep, reason, {"attempts": attempts})
         summary.failed.append((rep.cell_id, rep.repetition, _first_line(reason)))
         self.log(f"{rep.cell_id} rep {rep.repetition} FAILED: {_first_line(reason)}")
+
+
+def _pct(value: float | None) -> str:
+    return "CV n/a" if value is None else f"CV {100 * value:.1f}%"
 
 
 def _first_line(exc: object) -> str:

@@ -184,6 +184,20 @@ class Provenance:
             self.versions["dataplane"] = note
             self._write()
 
+    def record_placement(self, placement: dict[str, Any]) -> None:
+        """The host placement of the guests' QEMU processes, as read back from /proc (#11).
+
+        versions.json keeps the last boot's record (plan + threads read back); host.json
+        the plan alone, so the report can say where the guests ran."""
+        if not placement:
+            return
+        self.versions["placement"] = placement
+        self._write()
+        host = read_json(self.run.host_file) if self.run.host_file.is_file() else {}
+        plan = {k: placement.get(k) for k in ("mode", "host_cpus", "guests", "note")}
+        if host.get("placement") != plan:
+            atomic_write_json(self.run.host_file, {**host, "placement": plan})
+
     def check_guest_pmu(self, receiver: Shell) -> None:
         """A host PMU is not a guest PMU: KVM may not pass one through (kvm enable_pmu=0,
         a nested host without a vPMU). Count hardware events only where the guest has one,

@@ -21,6 +21,7 @@ from testbed.build.kernels import get_kernel
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.progress import Log
 from testbed.settings import Settings
+from testbed.vm import placement
 from testbed.vm.dataplane import (
     PREFIX,
     RECEIVER_IP,
@@ -66,6 +67,7 @@ class Topology:
     dataplane: DataPlanePlan | None
     assets: Assets
     notes: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, object] = field(default_factory=dict)  # testbed.vm.placement record
 
 
 def ssh_to(spec: GuestSpec, assets: Assets, settings: Settings) -> Guest:
@@ -136,6 +138,19 @@ def _await(booted: BootedGuest, settings: Settings, stack: contextlib.ExitStack)
     stack.callback(booted.ssh.close)
 
 
+def _placed(receiver: BootedGuest,
+            sender: BootedGuest | None) -> list[placement.PlacedProcess]:
+    return [placement.PlacedProcess(b.spec.name, b.process.popen.pid, b.spec.cpus + 1)
+            for b in (receiver, sender) if b is not None and b.process.popen is not None]
+
+
+def _place(settings: Settings, receiver: BootedGuest,
+           sender: BootedGuest | None) -> dict[str, object]:
+    """Pin the started QEMU processes as the `host_placement` setting says (#11)."""
+    return placement.place_guests(placement.placement_mode(settings.host_placement),
+                                  _placed(receiver, sender))
+
+
 @contextlib.contextmanager
 def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
          nic: NicName | None, with_sender: bool, sender_cpus: int = 2,
@@ -165,6 +180,7 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
             sender = _boot(_spec(assets, settings, workdir, "sender", 2, sender_cpus, nic,
                                  plan, "sender", (), "multi", memory_mb),
                            assets, settings, stack, effects)
+        placement_record = _place(settings, receiver, sender)  # h-repeat (#11)
         log(f"booting {'receiver + sender' if sender else 'guest'} "
             f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
             f"{assets.accel.upper()})")
@@ -172,4 +188,7 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
         if sender is not None:
             _await(sender, settings, stack)
         log(f"guests ready in {time.monotonic() - started:.1f} s")
-        yield Topology(receiver, sender, plan if with_sender else None, assets, notes)
+        placement_record = placement.confirm(placement_record, _placed(receiver, sender))
+        notes["placement"] = str(placement_record["note"])
+        yield Topology(receiver, sender, plan if with_sender else None, assets, notes,
+                       placement_record)

@@ -29,7 +29,7 @@ def test_html_is_self_contained(report: analysis.ReportPaths) -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
     assert "<script" not in text.lower()
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', text)
-    assert len(srcs) == len(report.figures) == 4  # the answer's figure + 3
+    assert len(srcs) == len(report.figures) == 5  # the answer's figure + 3 + the drift plot (#11)
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -51,7 +51,7 @@ def test_report_says_what_failed_and_where_numbers_came_from(
 def test_markdown_links_existing_figures(report: analysis.ReportPaths) -> None:
     md = report.md.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 4
+    assert len(links) == 5
     for link in links:
         assert (report.md.parent / link).is_file()
 

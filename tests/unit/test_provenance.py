@@ -137,3 +137,19 @@ def test_cachemodel_forced_on_kvm_is_recorded_as_tcg(tmp_path: Path):
     v = versions(run)
     assert v["accel"] == "tcg" and "cachemodel" in v["accel_reason"]
     assert v["counters"]["force_tcg"] is True
+
+
+def test_placement_is_recorded_in_versions_and_host(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    prov = Provenance(run, ["software"], lambda m: None)
+    prov.record_host(facts("tcg", pmu=False), "abc")
+    record = {"mode": "disjoint", "host_cpus": [0, 1], "note": "receiver on 0; sender on 1",
+              "guests": {"receiver": "0", "sender": "1"},
+              "threads": {"receiver": {"CPU 0/TCG": "0", "qemu-system-x86": "0"}}}
+    prov.record_placement(record)
+    assert versions(run)["placement"] == record
+    host = json.loads(run.host_file.read_text())
+    assert host["placement"]["guests"] == {"receiver": "0", "sender": "1"}
+    assert "threads" not in host["placement"] and host["hostname"] == "h"
+    prov.record_placement({})  # a lone guest without placement changes nothing
+    assert versions(run)["placement"] == record
