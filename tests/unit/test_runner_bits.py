@@ -14,7 +14,7 @@ from testbed.progress import eta_seconds, fmt_seconds
 from testbed.run.folder import RunDir
 from testbed.run.loop import Fault, RunSummary, summary_text
 from testbed.run.merge import merge_runs, merged_name
-from testbed.run.repetition import window_script
+from testbed.run.window import window_script
 
 
 def experiment(**over):
