@@ -27,7 +27,7 @@ from testbed.experiment.nicstate import (
 )
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_json, atomic_write_text
-from testbed.formats import netperf
+from testbed.formats import netperf, payload
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.run.folder import RepDir
 from testbed.run.window import GUEST_DIR, NETPERF_TAIL_S, WINDOW_LEAD_S, window_script
@@ -63,18 +63,37 @@ def discover(topo: Topology) -> BootState:
 
 
 def _fetch_window(rx: Guest, rep: RepDir) -> None:
-    """Copy the window's files: one tar stream over SSH, unpacked into the rep folder."""
+    """Copy the window's files: text through `cat`, compressed ones (the trace) with SFTP."""
     listing = rx.run(f"cd {GUEST_DIR}/win && find . -type f | sort").stdout.split()
     for rel in listing:
         rel = rel.removeprefix("./")
         if rel == "finished":
             continue
+        if rel.endswith(".gz"):
+            tmp = rep.path / f".{rel}.part"
+            rx.get(f"{GUEST_DIR}/win/{rel}", tmp)
+            tmp.replace(rep.path / rel)
+            continue
         text = rx.run(f"cat {shlex.quote(f'{GUEST_DIR}/win/{rel}')}").stdout
         atomic_write_text(rep.path / rel, text)
 
 
+def _prepare_payload(topo: Topology, cell: Cell, kind: str) -> payload.Payload:
+    """The fill file on the guest(s) that send payload; its provenance as they report it."""
+    size = int(cell.workload.message_size)
+    chosen = payload.random_fill(size) if kind == "random-fill" else payload.netperf_default(size)
+    guests = {"sender": topo.sender, "receiver": topo.receiver}
+    for side in payload.sending_sides(cell.workload.name):
+        booted = guests[side]
+        assert booted is not None
+        out = booted.ssh.run(payload.make_fill_command(chosen), timeout=300).stdout
+        chosen = payload.parse_fill_provenance(chosen, out)
+    return chosen
+
+
 def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
-                   resolved: ResolvedPolicy, rep: RepDir, pmu: bool) -> dict[str, object]:
+                   resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
+                   payload_kind: str = "random-fill") -> dict[str, object]:
     """Measure one repetition into `rep`; raises GuestError on hangs or lost SSH."""
     rx, tx = topo.receiver.ssh, topo.sender.ssh if topo.sender else None
     if tx is None:
@@ -90,10 +109,15 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     atomic_write_text(rep.file("offloads.txt"), rx.run(OFFLOAD_SCRIPT).stdout)
     offloads = parse_offloads(rep.file("offloads.txt").read_text())
     remote_cpu = netserver_cpu(resolved)
+    fill = _prepare_payload(topo, cell, payload_kind)
+    atomic_write_json(rep.file(payload.RAW), fill.as_dict())
+    fill_global = payload.netperf_global_args(fill, cell.workload.name)
+    fill_test = payload.netperf_test_args(fill)
     if exp.warmup > 0:
-        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu),
+        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu,
+                                       global_args=fill_global, test_args=fill_test),
                timeout=exp.warmup + 60)
-    script = window_script(exp, pmu, cachemodel)
+    script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
            f"{script}NETBED_EOF")
     rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "
@@ -101,7 +125,8 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     started = time.monotonic()
     netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
     np_res = tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
-                                             remote_cpu),
+                                             remote_cpu, global_args=fill_global,
+                                             test_args=fill_test),
                      timeout=netperf_seconds + 90, check=False)
     if np_res.exit_code == 124:
         raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")

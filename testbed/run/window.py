@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from testbed.experiment.config import Experiment
 from testbed.experiment.nicstate import reader_affinity_command
-from testbed.formats import perfstat, procfs, reader
+from testbed.formats import nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
 
 GUEST_DIR = "/tmp/netbed"
+RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
 PERF_FILE = "perf-stat.csv"
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
 WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
@@ -18,42 +19,91 @@ NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should cl
 READER_WAIT_S = 60
 
 
-def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
+def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | None = None,
+                  local_ip: str = RECEIVER_IP, tracing: bool | None = None) -> str:
     """The receiver's measured-window script (pure).
 
     It waits until netserver's data process (the reader) exists, that is until
-    netperf's test is running, lets the connection ramp for a moment, then takes
-    /proc snapshots around `perf stat` and the reader sampler for exactly the
-    window. netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the
-    window lies inside the transfer whatever the SSH latency to the sender.
-    `nbmark` brackets the window when the cache model runs.
+    netperf's test is running, lets the connection ramp for a moment, arms the
+    tracepoints, then runs `perf stat -a -A` over an inner script that is the
+    window itself. Inside perf's counting, nested from the outside in: the cache
+    model's `nbmark` markers, the units (the data connection's tcp_info, the data
+    NIC's statistics), the /proc snapshots, the trace, and the reader sampler with
+    `sleep duration` in the middle. Each read is stamped (guest monotonic clock)
+    before and after, so analysis knows the window's length and how far each
+    source's edges lie from the units' (`window.skew`).
+
+    netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the window
+    lies inside the transfer whatever the SSH latency to the sender. Tracing is
+    kept out of cache-model windows (its own memory accesses would be counted):
+    `tracing=None` means "on unless the cache model runs".
     """
     d = GUEST_DIR
+    w = f"{d}/win"
+    tracing = (not cachemodel) if tracing is None else tracing
     events = perfstat.perf_events(pmu)
-    perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
+    perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}",
+                                      command=("sh", f"{d}/inner.sh"))
     sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
     polls = int(READER_WAIT_S / 0.1)
+    nbst = stamps.stamp_function(f"{w}/{stamps.RAW}")
+    units_before = [f"{tcpinfo.ss_command(local_ip)} > {w}/{tcpinfo.RAW_BEFORE}"]
+    units_after = [f"{tcpinfo.ss_command(local_ip)} > {w}/{tcpinfo.RAW_AFTER}"]
+    if iface:
+        units_before.append(f"{{ {nicstats.nicstats_command(iface)}; }} "
+                            f"> {w}/{nicstats.RAW_BEFORE}")
+        units_after.append(f"{{ {nicstats.nicstats_command(iface)}; }} "
+                           f"> {w}/{nicstats.RAW_AFTER}")
+    inner = [nbst, "nbst perf-begin"]
+    if cachemodel:
+        inner += ["nbst mark-begin-start", "nbmark begin 1", "nbst mark-begin"]
+    inner += ["nbst units-before-start", *units_before, "nbst units-before",
+              "nbst proc-before-start", procfs.proc_snapshot_command(f"{w}/proc-before"),
+              "nbst proc-before"]
+    if tracing:
+        inner += ["nbst trace-on-start", trace.on_command(w), "nbst trace-on"]
+    inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
+              f"sleep {exp.duration:g}", "wait"]
+    if tracing:
+        inner += ["nbst trace-off-start", trace.off_command(), "nbst trace-off"]
+    inner += ["nbst proc-after-start", procfs.proc_snapshot_command(f"{w}/proc-after"),
+              "nbst proc-after",
+              "nbst units-after-start", *units_after, "nbst units-after"]
+    if cachemodel:
+        inner += ["nbst mark-end-start", "nbmark end 1", "nbst mark-end"]
+    inner.append("nbst perf-end")
     lines = [
-        f"rm -rf {d}/win && mkdir -p {d}/win",
+        f"rm -rf {w} && mkdir -p {w}",
         f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
         f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
-        f"> {d}/win/error; break; fi; sleep 0.1; done",
+        f"> {w}/error; break; fi; sleep 0.1; done",
         f"sleep {WINDOW_LEAD_S:g}",
-        f"{reader_affinity_command().strip()} > {d}/win/reader-affinity.txt 2>&1",
-        procfs.proc_snapshot_command(f"{d}/win/proc-before"),
+        f"{{ {reader_affinity_command().strip()}; }} > {w}/reader-affinity.txt 2>&1",
+        f"pid=$({_reader_pid()})",
+        f"echo \"$pid\" > {w}/reader-pid.txt",
     ]
-    if cachemodel:
-        lines.append("nbmark begin 1")
+    if tracing and iface:
+        lines.append(trace.setup_command(iface, w))
+    elif tracing:
+        lines.append(f"echo 'no data NIC named: tracing needs its interface' "
+                     f"> {w}/{trace.RAW_UNSUPPORTED}")
+    else:
+        why = ("tracing is kept out of cache-model windows (the tracer's own memory "
+               "accesses would be counted)" if cachemodel else "tracing turned off")
+        lines.append(f"echo '{why}' > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
-        f"( {perf} ) 2> {d}/win/perf.err &",
-        f"( {sampler} ) > {d}/win/reader-cpus.txt 2> {d}/win/sampler.err &",
-        "wait",
+        f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
+        f"( {perf} ) 2> {w}/perf.err",
+        f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",
     ]
-    if cachemodel:
-        lines.append("nbmark end 1")
-    lines += [procfs.proc_snapshot_command(f"{d}/win/proc-after"),
-              f"mv {d}/{PERF_FILE} {d}/win/{PERF_FILE} 2>/dev/null; touch {d}/win/finished"]
+    if tracing and iface:
+        lines.append(trace.collect_command(w))
+    lines.append(f"touch {w}/finished")
     return "\n".join(lines) + "\n"
+
+
+def _reader_pid() -> str:
+    return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver'
 
 
 def _reader_exists() -> str:

@@ -14,7 +14,6 @@ from testbed.progress import eta_seconds, fmt_seconds
 from testbed.run.folder import RunDir
 from testbed.run.loop import Fault, RunSummary, summary_text
 from testbed.run.merge import merge_runs, merged_name
-from testbed.run.window import window_script
 
 
 def experiment(**over):
@@ -23,23 +22,6 @@ def experiment(**over):
                                   "gro": ["on"]},
             "repetitions": 1, "duration": 3, "warmup": 0, **over}
     return experiment_from_dict(data, load_policies())
-
-
-def test_window_waits_for_the_reader_then_measures_between_snapshots():
-    script = window_script(experiment(), pmu=False, cachemodel=False)
-    order = [script.index(s) for s in ("until ", "proc-before", "perf", "wait",
-                                       "proc-after", "finished")]
-    assert order == sorted(order)
-    assert "-- sleep 3" in script  # perf stat spans exactly the window
-    assert "cycles" not in script  # no hardware events without a PMU
-    assert "nbmark" not in script
-
-
-def test_window_asks_for_hardware_events_with_a_pmu_and_marks_the_cache_model_region():
-    script = window_script(experiment(), pmu=True, cachemodel=True)
-    assert "cycles" in script and "LLC-load-misses" in script
-    assert script.index("nbmark begin 1") < script.index("perf stat") < \
-        script.index("nbmark end 1") < script.index("proc-after")
 
 
 @pytest.mark.parametrize("text", ["crash:x", "hang:", "hang", "x"])
