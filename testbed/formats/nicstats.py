@@ -1,28 +1,19 @@
 """The data NIC's own statistics (sysfs), read at the window's edges: command, raw files, parser.
 
 Raw files: `nicstats-before.txt` and `nicstats-after.txt`, "<name> <value>" lines
-of /sys/class/net/<iface>/statistics/<name>. The driver counts frames as they come
-off the wire, before GRO merges them, so `rx_packets` is frames (not skbs) and
-`rx_bytes` includes the Ethernet header (driver-dependent: e1000 and virtio_net
-count the frame without FCS).
+of /sys/class/net/<iface>/statistics/<name>, written by the guest tool `nbsnap`.
+The driver counts frames as they come off the wire, before GRO merges them, so
+`rx_packets` is frames (not skbs) and `rx_bytes` includes the Ethernet header
+(driver-dependent: e1000 and virtio_net count the frame without FCS).
 """
 
 from __future__ import annotations
-
-import shlex
 
 from testbed.errors import NetbedError
 
 RAW_BEFORE = "nicstats-before.txt"
 RAW_AFTER = "nicstats-after.txt"
 STATS = ("rx_bytes", "rx_packets", "rx_dropped", "rx_errors", "tx_bytes", "tx_packets")
-
-
-def nicstats_command(iface: str) -> str:
-    """Shell builtins only (`read`, `echo`): no fork, so the read costs microseconds."""
-    base = f"/sys/class/net/{iface}/statistics"
-    return (f"for n in {' '.join(STATS)}; do read -r v < {shlex.quote(base)}/$n "
-            f"&& echo \"$n $v\"; done")
 
 
 def parse_nicstats(text: str) -> dict[str, int]:

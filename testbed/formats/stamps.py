@@ -1,8 +1,7 @@
 """When each read of the window happened: guest monotonic stamps, raw file and alignment.
 
 Raw file: `stamps.txt`, "<label> <nanoseconds>" lines, CLOCK_MONOTONIC of the
-guest (ktime_get, the "now at" line of /proc/timer_list, read with shell builtins
-so a stamp forks nothing; tracefs's `mono` clock is the same clock).
+guest, written by the guest tool `nbsnap` (tracefs's `mono` clock is the same clock).
 
 Every read at the window's edges is bracketed by two stamps, `<what>-start` and
 `<what>`, so the moment of the read is known within their difference. The units
@@ -29,16 +28,6 @@ BRACKETS: dict[str, tuple[str, str]] = {
 }
 
 
-def stamp_function(path: str) -> str:
-    """A POSIX shell function `nbst LABEL` appending "LABEL <ns>" to `path`.
-
-    /proc/timer_list's third line is "now at <ns> nsecs" (ktime_get); dash's
-    `read` takes it byte by byte, so the kernel formats only the header record.
-    """
-    return ("nbst() { { read -r _; read -r _; read -r _ _ nbns _; } < /proc/timer_list; "
-            f'echo "$1 $nbns" >> {path}; }}')
-
-
 def parse_stamps(text: str) -> dict[str, int]:
     """"<label> <ns>" lines -> {label: ns}; a label seen twice keeps its first stamp."""
     out: dict[str, int] = {}
@@ -49,7 +38,7 @@ def parse_stamps(text: str) -> dict[str, int]:
         if len(parts) != 2 or not parts[1].isdigit():
             raise NetbedError(f"{RAW} line {number}: expected '<label> <nanoseconds>', "
                               f"got {line!r}",
-                              hint="is /proc/timer_list readable in the guest (root)?")
+                              hint="the file should come from nbsnap")
         out.setdefault(parts[0], int(parts[1]))
     return out
 

@@ -1,8 +1,11 @@
-"""The data connection's own counters: `ss -tin` (its `tcp_info`), raw files and parser.
+"""The data connection's own counters (its `tcp_info`): raw files and parser.
 
-Raw files: `tcpinfo-before.txt` and `tcpinfo-after.txt`, `ss -tin` output for the
-established TCP connections on the receiver's data-plane address, as ss printed
-it. The payload of the test connection is its `bytes_received` (what the reader's
+Raw files: `tcpinfo-before.txt` and `tcpinfo-after.txt`, written by the guest tool
+`nbsnap` (images/tools/nbsnap.c) from a netlink sock_diag dump, one line per
+established TCP connection: "local=<addr>:<port> peer=<addr>:<port> key=value ..."
+with tcp_info's bytes_acked, bytes_received, bytes_sent, segs_in, segs_out,
+data_segs_in, data_segs_out (the numbers `ss -tin` prints under the same names).
+The payload of the test connection is its `bytes_received` (what the reader's
 socket took in; STREAM and RR requests) or `bytes_acked` (what it sent and the
 peer acknowledged; MAERTS), counted by the kernel per connection, so unlike
 IpExt InOctets it carries no headers and no other interface's traffic.
@@ -11,7 +14,6 @@ IpExt InOctets it carries no headers and no other interface's traffic.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 
 from testbed.errors import NetbedError
@@ -25,14 +27,9 @@ COUNTERS = ("bytes_sent", "bytes_acked", "bytes_received", "segs_out", "segs_in"
             "data_segs_out", "data_segs_in")
 
 
-def ss_command(local_ip: str) -> str:
-    """`ss -tin` for established connections on `local_ip` (one fork: ss itself)."""
-    return f"ss -tin state established src {shlex.quote(local_ip)}"
-
-
 @dataclass(frozen=True)
 class Connection:
-    """One TCP connection as `ss -tin` showed it: its addresses and counters."""
+    """One TCP connection: its addresses and counters."""
 
     local: str
     peer: str
@@ -43,32 +40,24 @@ class Connection:
         return int(self.local.rpartition(":")[2])
 
 
-_ADDR_RE = re.compile(r"^\S+:\d+$")
-_COUNTER_RE = re.compile(r"\b(" + "|".join(COUNTERS) + r"):(\d+)\b")
+_FIELD_RE = re.compile(r"(\w+)=(\S+)")
 
 
-def parse_ss(text: str) -> list[Connection]:
-    """`ss -tin [state established]` output -> connections.
-
-    ss prints a header, then per connection one line with the queues and the two
-    addresses (the state column is absent when a state filter is given) and an
-    indented line of `key:value` details. Lines that fit neither are skipped, so a
-    warning from ss does not hide the connections.
-    """
+def parse_tcpinfo(text: str) -> list[Connection]:
+    """nbsnap's lines -> connections; a line without local= and peer= is an error."""
     conns: list[Connection] = []
-    pending: tuple[str, str] | None = None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith(("Recv-Q", "State", "Netid")):
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
             continue
-        if not line[0].isspace():
-            addrs = [t for t in line.split() if _ADDR_RE.match(t)]
-            pending = (addrs[-2], addrs[-1]) if len(addrs) >= 2 else None
-            continue
-        if pending is None:
-            continue
-        counters = {k: int(v) for k, v in _COUNTER_RE.findall(line)}
-        conns.append(Connection(pending[0], pending[1], counters))
-        pending = None
+        fields = dict(_FIELD_RE.findall(line))
+        if "local" not in fields or "peer" not in fields:
+            raise NetbedError(f"tcp_info line {number}: no local=/peer= in {line[:200]!r}",
+                              hint="the file should come from nbsnap (images/tools/nbsnap.c)")
+        try:
+            counters = {k: int(fields[k]) for k in COUNTERS if k in fields}
+        except ValueError as exc:
+            raise NetbedError(f"tcp_info line {number}: {exc}") from exc
+        conns.append(Connection(fields["local"], fields["peer"], counters))
     return conns
 
 
@@ -85,7 +74,7 @@ def data_connection(conns: list[Connection]) -> Connection | None:
 
 @dataclass(frozen=True)
 class ConnectionDelta:
-    """What the data connection did between two `ss -tin` snapshots."""
+    """What the data connection did between two tcp_info snapshots."""
 
     local: str
     peer: str
@@ -96,21 +85,22 @@ class ConnectionDelta:
         receiver ("out": bytes_acked, MAERTS)."""
         key = "bytes_acked" if direction == "out" else "bytes_received"
         if key not in self.delta:
-            raise NetbedError(f"ss -tin showed no {key} for {self.local} -> {self.peer}",
-                              hint="iproute2's ss prints it since 4.x; is ss too old?")
+            raise NetbedError(f"tcp_info has no {key} for {self.local} -> {self.peer}",
+                              hint="the kernel reports it since Linux 4.1/4.6")
         return self.delta[key]
 
 
 def connection_delta(before_text: str, after_text: str) -> ConnectionDelta:
     """The data connection's counters after minus before (the same connection in both)."""
-    after = data_connection(parse_ss(after_text))
+    after = data_connection(parse_tcpinfo(after_text))
     if after is None:
-        raise NetbedError("the window's closing ss -tin shows no data connection",
+        raise NetbedError("the window's closing tcp_info snapshot shows no data connection",
                           hint="did netperf's test end before the window closed?")
-    match = [c for c in parse_ss(before_text) if (c.local, c.peer) == (after.local, after.peer)]
+    match = [c for c in parse_tcpinfo(before_text)
+             if (c.local, c.peer) == (after.local, after.peer)]
     if not match:
         raise NetbedError(f"data connection {after.local} -> {after.peer} is missing from "
-                          "the window's opening ss -tin",
+                          "the window's opening tcp_info snapshot",
                           hint="the window opened before netperf's data connection existed")
     before = match[0]
     delta = {k: after.counters[k] - before.counters[k] for k in after.counters

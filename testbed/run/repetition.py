@@ -93,7 +93,8 @@ def _prepare_payload(topo: Topology, cell: Cell, kind: str) -> payload.Payload:
 
 def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
-                   payload_kind: str = "random-fill") -> dict[str, object]:
+                   payload_kind: str = "random-fill",
+                   tracing: bool | None = None) -> dict[str, object]:
     """Measure one repetition into `rep`; raises GuestError on hangs or lost SSH."""
     rx, tx = topo.receiver.ssh, topo.sender.ssh if topo.sender else None
     if tx is None:
@@ -117,7 +118,7 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
         tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu,
                                        global_args=fill_global, test_args=fill_test),
                timeout=exp.warmup + 60)
-    script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface)
+    script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface, tracing=tracing)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
            f"{script}NETBED_EOF")
     rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from testbed.experiment.config import Experiment
 from testbed.experiment.nicstate import reader_affinity_command
-from testbed.formats import nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
+from testbed.formats import perfstat, reader, trace
 
 GUEST_DIR = "/tmp/netbed"
 RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
@@ -17,6 +17,7 @@ SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are b
 WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
 NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should close
 READER_WAIT_S = 60
+SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
 
 
 def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | None = None,
@@ -25,13 +26,16 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
 
     It waits until netserver's data process (the reader) exists, that is until
     netperf's test is running, lets the connection ramp for a moment, arms the
-    tracepoints, then runs `perf stat -a -A` over an inner script that is the
-    window itself. Inside perf's counting, nested from the outside in: the cache
-    model's `nbmark` markers, the units (the data connection's tcp_info, the data
-    NIC's statistics), the /proc snapshots, the trace, and the reader sampler with
-    `sleep duration` in the middle. Each read is stamped (guest monotonic clock)
-    before and after, so analysis knows the window's length and how far each
-    source's edges lie from the units' (`window.skew`).
+    tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads done by a
+    process already running, so each costs system calls, not a fork: `ss` and
+    `cat` took 0.7-0.8 s each under TCG), then runs `perf stat -a -A` over an
+    inner script that is the window itself. Inside perf's counting, nested from
+    the outside in: the cache model's markers, the units (every established TCP
+    connection's tcp_info, the data NIC's statistics), the /proc snapshots, the
+    trace, and the reader sampler with `sleep duration` in the middle. nbsnap
+    stamps each read before and after (guest monotonic clock), so analysis knows
+    the window's length and how far each source's edges lie from the units'
+    (`window.skew`).
 
     netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the window
     lies inside the transfer whatever the SSH latency to the sender. Tracing is
@@ -46,32 +50,24 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                                       command=("sh", f"{d}/inner.sh"))
     sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
     polls = int(READER_WAIT_S / 0.1)
-    nbst = stamps.stamp_function(f"{w}/{stamps.RAW}")
-    units_before = [f"{tcpinfo.ss_command(local_ip)} > {w}/{tcpinfo.RAW_BEFORE}"]
-    units_after = [f"{tcpinfo.ss_command(local_ip)} > {w}/{tcpinfo.RAW_AFTER}"]
-    if iface:
-        units_before.append(f"{{ {nicstats.nicstats_command(iface)}; }} "
-                            f"> {w}/{nicstats.RAW_BEFORE}")
-        units_after.append(f"{{ {nicstats.nicstats_command(iface)}; }} "
-                           f"> {w}/{nicstats.RAW_AFTER}")
-    inner = [nbst, "nbst perf-begin"]
+    traced = tracing and bool(iface)
+    inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
+             'snap() { echo "$*" >&3; read -r ack <&4; '
+             f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
+             "snap stamp perf-begin"]
     if cachemodel:
-        inner += ["nbst mark-begin-start", "nbmark begin 1", "nbst mark-begin"]
-    inner += ["nbst units-before-start", *units_before, "nbst units-before",
-              "nbst proc-before-start", procfs.proc_snapshot_command(f"{w}/proc-before"),
-              "nbst proc-before"]
-    if tracing:
-        inner += ["nbst trace-on-start", trace.on_command(w), "nbst trace-on"]
+        inner.append("snap mark begin")
+    inner += ["snap units before", "snap proc before"]
+    if traced:
+        inner.append(f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] || snap trace on")
     inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
               f"sleep {exp.duration:g}", "wait"]
-    if tracing:
-        inner += ["nbst trace-off-start", trace.off_command(), "nbst trace-off"]
-    inner += ["nbst proc-after-start", procfs.proc_snapshot_command(f"{w}/proc-after"),
-              "nbst proc-after",
-              "nbst units-after-start", *units_after, "nbst units-after"]
+    if traced:
+        inner.append(f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] || snap trace off")
+    inner += ["snap proc after", "snap units after"]
     if cachemodel:
-        inner += ["nbst mark-end-start", "nbmark end 1", "nbst mark-end"]
-    inner.append("nbst perf-end")
+        inner.append("snap mark end")
+    inner += ["snap stamp perf-end", "echo quit >&3; read -r ack <&4"]
     lines = [
         f"rm -rf {w} && mkdir -p {w}",
         f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
@@ -81,8 +77,10 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         f"{{ {reader_affinity_command().strip()}; }} > {w}/reader-affinity.txt 2>&1",
         f"pid=$({_reader_pid()})",
         f"echo \"$pid\" > {w}/reader-pid.txt",
+        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
+        f"nbsnap {w} {iface or 'none'} < {d}/snap.in > {d}/snap.out 2>> {w}/{SNAP_ERRORS} &",
     ]
-    if tracing and iface:
+    if traced and iface:
         lines.append(trace.setup_command(iface, w))
     elif tracing:
         lines.append(f"echo 'no data NIC named: tracing needs its interface' "
@@ -96,7 +94,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         f"( {perf} ) 2> {w}/perf.err",
         f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",
     ]
-    if tracing and iface:
+    if traced and iface:
         lines.append(trace.collect_command(w))
     lines.append(f"touch {w}/finished")
     return "\n".join(lines) + "\n"

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
 from testbed.experiment.config import experiment_from_dict
 from testbed.experiment.policies import load_policies
-from testbed.formats import stamps
 from testbed.run.window import window_script
 
 
@@ -36,26 +29,33 @@ def test_window_waits_for_the_reader_then_runs_perf_over_the_inner_window():
     assert "nbmark" not in script
 
 
-def test_inner_window_nests_every_source_inside_perf_and_stamps_each_read():
-    text = inner(window_script(experiment(), pmu=True, cachemodel=False, iface="eth1")) + "\n"
-    labels = ["perf-begin", "units-before-start", "tcpinfo-before", "nicstats-before",
-              "units-before", "proc-before-start", "proc-before", "trace-on", "sleep 3",
-              "trace-off", "proc-after", "units-after-start", "tcpinfo-after",
-              "nicstats-after", "units-after", "perf-end"]
-    pos = [text.index(f"nbst {lb}\n") if not lb.startswith(("tcp", "nic", "sleep"))
-           else text.index(lb) for lb in labels]
+def test_inner_window_nests_every_source_inside_perf_through_nbsnap():
+    text = inner(window_script(experiment(), pmu=True, cachemodel=False, iface="eth1"))
+    steps = ["snap stamp perf-begin", "snap units before", "snap proc before",
+             "snap trace on", "sleep 3", "snap trace off", "snap proc after",
+             "snap units after", "snap stamp perf-end", "echo quit"]
+    pos = [text.index(s) for s in steps]
     assert pos == sorted(pos)
-    assert "/sys/class/net/eth1/statistics/$n" in text
+    assert "mark" not in text
+    # no fork between the edges and the sleep: only builtins and nbsnap's FIFO
+    edge = text[text.index("snap stamp perf-begin"):text.index("( if command -v nbsample")]
+    assert all(ln.startswith(("snap ", "[ -e ")) for ln in edge.splitlines())
+
+
+def test_nbsnap_is_started_before_perf_on_the_data_nic():
+    script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
+    assert script.index("mkfifo") < script.index("nbsnap /tmp/netbed/win eth1") < \
+        script.index("perf stat")
 
 
 def test_cache_model_marks_enclose_the_units_and_tracing_stays_out():
     script = window_script(experiment(), pmu=True, cachemodel=True, iface="eth1")
     text = inner(script)
     assert "cycles" in script and "LLC-load-misses" in script
-    assert (text.index("nbmark begin 1") < text.index("nbst units-before-start")
-            < text.index("nbst units-after") < text.index("nbmark end 1")
-            < text.index("nbst perf-end"))
-    assert "tracing_on" not in text and "events/net" not in script
+    assert (text.index("snap mark begin") < text.index("snap units before")
+            < text.index("snap units after") < text.index("snap mark end")
+            < text.index("snap stamp perf-end"))
+    assert "trace on" not in text and "events/net" not in script
     assert "kept out of cache-model windows" in script  # the reason, as a raw file
 
 
@@ -70,20 +70,10 @@ def test_trace_filters_expand_the_reader_pid_and_name_the_nic():
 def test_without_an_interface_there_is_no_trace_and_the_reason_is_kept():
     script = window_script(experiment(), pmu=False, cachemodel=False)
     assert "events/net" not in script and "trace-unsupported" in script
-    assert "nicstats" not in script and "tcpinfo-before.txt" in script
+    assert "snap trace" not in script
 
 
 def test_reader_affinity_goes_to_its_file_whichever_branch_runs():
     script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
     line = next(ln for ln in script.splitlines() if "reader-affinity.txt" in ln)
     assert line.startswith("{ ") and "; } > /tmp/netbed/win/reader-affinity.txt" in line
-
-
-@pytest.mark.skipif(shutil.which("dash") is None or not Path("/proc/timer_list").exists(),
-                    reason="needs dash and /proc/timer_list (root)")
-def test_stamp_function_reads_the_monotonic_clock_with_builtins(tmp_path: Path):
-    out = tmp_path / "stamps.txt"
-    script = f"{stamps.stamp_function(str(out))}\nnbst a\nnbst b\n"
-    subprocess.run(["dash", "-c", script], check=True)
-    got = stamps.parse_stamps(out.read_text())
-    assert set(got) == {"a", "b"} and 0 < got["a"] <= got["b"]
