@@ -19,8 +19,8 @@ Events and why each (Linux 6.1 semantics):
   irq-context flag says softirq or not); its `target_cpu` is the task's previous
   CPU. The placement is `sched:sched_wakeup`'s `target_cpu`.
 - `sched:sched_switch` says where the reader runs and when it sleeps.
-All are filtered in the kernel (data NIC; the reader's pid), so the buffer holds
-only what the reduction needs.
+All are filtered in the kernel (data NIC; netserver's processes), so the buffer
+holds little more than the reduction needs; the reduction picks the reader by pid.
 """
 
 from __future__ import annotations
@@ -42,23 +42,27 @@ EVENTS = ("net/netif_receive_skb", "napi/napi_poll", "sched/sched_waking",
           "sched/sched_wakeup", "sched/sched_switch")
 
 
-def _filters(iface: str, pid_var: str) -> dict[str, str]:
-    """Each event's filter as one shell word (the reader's pid expands at run time)."""
+READER_COMM = "netserver"  # the reader is netserver's data process; its pid picks it out
+
+
+def _filters(iface: str) -> dict[str, str]:
+    """Each event's filter as one shell word. The sched events are filtered on the
+    reader's command name, so the trace can be armed before the reader exists."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", iface):
         raise NetbedError(f"interface name {iface!r} cannot go into a trace filter")
-    pid = f"${pid_var}"
+    c = READER_COMM
     return {
         "net/netif_receive_skb": f"'name == \"{iface}\"'",
         "napi/napi_poll": f"'dev_name == \"{iface}\"'",
-        "sched/sched_waking": f'"pid == {pid}"',
-        "sched/sched_wakeup": f'"pid == {pid}"',
-        "sched/sched_switch": f'"prev_pid == {pid} || next_pid == {pid}"',
+        "sched/sched_waking": f"'comm == \"{c}\"'",
+        "sched/sched_wakeup": f"'comm == \"{c}\"'",
+        "sched/sched_switch": f"'prev_comm == \"{c}\" || next_comm == \"{c}\"'",
     }
 
 
-def setup_command(iface: str, out_dir: str, pid_var: str = "pid") -> str:
+def setup_command(iface: str, out_dir: str) -> str:
     """Shell lines that arm (not start) the trace; on any failure they write the reason
-    to `<out_dir>/trace-unsupported` and leave tracing off. `$<pid_var>` is the reader."""
+    to `<out_dir>/trace-unsupported` and leave tracing off."""
     t = TRACEFS
     unsup = f"{out_dir}/{RAW_UNSUPPORTED}"
     lines = [
@@ -71,7 +75,7 @@ def setup_command(iface: str, out_dir: str, pid_var: str = "pid") -> str:
         f"  echo {BUFFER_KB_PER_CPU} > {t}/buffer_size_kb "
         f"|| nbtrace_fail 'cannot size the trace buffer'",
     ]
-    for event, flt in _filters(iface, pid_var).items():
+    for event, flt in _filters(iface).items():
         d = f"{t}/events/{event}"
         lines += [
             f"  if [ ! -d {d} ]; then nbtrace_fail 'kernel has no tracepoint {event}';",

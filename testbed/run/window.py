@@ -15,7 +15,9 @@ RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.data
 PERF_FILE = "perf-stat.csv"
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
 WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
-NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should close
+# netperf keeps sending this long after the window should close: the window opens
+# ~2 s after the reader appears under TCG (lead, perf stat's own start ~1.2 s).
+NETPERF_TAIL_S = 5
 READER_WAIT_S = 60
 SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
 
@@ -68,18 +70,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     if cachemodel:
         inner.append("snap mark end")
     inner += ["snap stamp perf-end", "echo quit >&3; read -r ack <&4"]
-    lines = [
-        f"rm -rf {w} && mkdir -p {w}",
-        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
-        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
-        f"> {w}/error; break; fi; sleep 0.1; done",
-        f"sleep {WINDOW_LEAD_S:g}",
-        f"{{ {reader_affinity_command().strip()}; }} > {w}/reader-affinity.txt 2>&1",
-        f"pid=$({_reader_pid()})",
-        f"echo \"$pid\" > {w}/reader-pid.txt",
-        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
-        f"nbsnap {w} {iface or 'none'} < {d}/snap.in > {d}/snap.out 2>> {w}/{SNAP_ERRORS} &",
-    ]
+    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
+    lines = [f"rm -rf {w} && mkdir -p {w}", up.format("start")]
     if traced and iface:
         lines.append(trace.setup_command(iface, w))
     elif tracing:
@@ -90,8 +82,24 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                "accesses would be counted)" if cachemodel else "tracing turned off")
         lines.append(f"echo '{why}' > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
+        f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
+        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
+        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
+        f"> {w}/error; break; fi; sleep 0.1; done",
+        up.format("reader"),
+        f"sleep {WINDOW_LEAD_S:g}",
+        f"{{ {reader_affinity_command().strip()}; }} > {w}/reader-affinity.txt 2>&1",
+        f"pid=$({_reader_pid()})",
+        f"echo \"$pid\" > {w}/reader-pid.txt",
+        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
+        f"nbsnap {w} {iface or 'none'} \"$pid\" < {d}/snap.in > {d}/snap.out "
+        f"2>> {w}/{SNAP_ERRORS} &",
+    ]
+    lines += [
+        up.format("armed"),
         f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
         f"( {perf} ) 2> {w}/perf.err",
+        up.format("perf-done"),
         f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",
     ]
     if traced and iface:
@@ -105,4 +113,5 @@ def _reader_pid() -> str:
 
 
 def _reader_exists() -> str:
-    return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver >/dev/null'
+    return ('d=$(pgrep -o -x netserver) && r=$(pgrep -n -x -P "$d" netserver) '
+            '&& [ "$r" != "$old" ]')

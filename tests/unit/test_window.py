@@ -21,8 +21,10 @@ def inner(script: str) -> str:
 
 def test_window_waits_for_the_reader_then_runs_perf_over_the_inner_window():
     script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
-    order = [script.index(s) for s in ("until ", "reader-pid.txt", "events/net/netif_receive_skb",
-                                       "perf stat", "trace.txt.gz", "finished")]
+    # the trace is armed before the wait (its sched filters name netserver, not a pid)
+    order = [script.index(s) for s in ("events/net/netif_receive_skb", "old=", "until ",
+                                       "reader-pid.txt", "perf stat", "trace.txt.gz",
+                                       "finished")]
     assert order == sorted(order)
     assert "-- sh /tmp/netbed/inner.sh" in script  # perf counts exactly the inner window
     assert "cycles" not in script  # no hardware events without a PMU
@@ -59,11 +61,12 @@ def test_cache_model_marks_enclose_the_units_and_tracing_stays_out():
     assert "kept out of cache-model windows" in script  # the reason, as a raw file
 
 
-def test_trace_filters_expand_the_reader_pid_and_name_the_nic():
+def test_trace_filters_name_the_nic_and_the_readers_command():
     script = window_script(experiment(), pmu=False, cachemodel=False, iface="enp0s3")
     assert "echo 'name == \"enp0s3\"' > /sys/kernel/tracing/events/net/netif_receive_skb/filter" \
         in script
-    assert 'echo "prev_pid == $pid || next_pid == $pid" >' in script
+    assert "echo 'prev_comm == \"netserver\" || next_comm == \"netserver\"' >" in script
+    assert 'nbsnap /tmp/netbed/win enp0s3 "$pid"' in script
     assert "echo mono > /sys/kernel/tracing/trace_clock" in script
 
 
