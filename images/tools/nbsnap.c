@@ -15,6 +15,8 @@
  *   trace on|off   write 1/0 to /sys/kernel/tracing/tracing_on; stamped "trace-on|off"
  *   mark begin|end the cache model's marker NOP (id 1, as nbmark); stamped "mark-..."
  *   quit
+ * Several commands may share a line, separated by ';': done back to back, answered
+ * once ("ok", or "error <what failed>").
  *
  * tcpinfo lines: "local=<addr>:<port> peer=<addr>:<port> bytes_acked=N
  * bytes_received=N bytes_sent=N segs_in=N segs_out=N data_segs_in=N data_segs_out=N"
@@ -257,9 +259,46 @@ static int tracing(int on)
 	return rc;
 }
 
+/* One command; 0 on success, -1 on failure, -2 when it is not a command. */
+static int run_command(const char *text)
+{
+	char cmd[32] = "", arg[160] = "", label[200];
+	int rc = 0;
+
+	if (sscanf(text, "%31s %159s", cmd, arg) < 1)
+		return 0;
+	if (!strcmp(cmd, "stamp") && arg[0]) {
+		stamp(arg);
+		return 0;
+	}
+	if (!strcmp(cmd, "trace") && strcmp(arg, "on") && strcmp(arg, "off"))
+		return -2;
+	if (!strcmp(cmd, "mark") && strcmp(arg, "begin") && strcmp(arg, "end"))
+		return -2;
+	if (strcmp(cmd, "units") && strcmp(cmd, "proc") && strcmp(cmd, "trace") &&
+	    strcmp(cmd, "mark"))
+		return -2;
+	if (!arg[0])
+		return -2;
+	snprintf(label, sizeof(label), "%s-%s-start", cmd, arg);
+	stamp(label);
+	errno = 0;
+	if (!strcmp(cmd, "units"))
+		rc = units(arg);
+	else if (!strcmp(cmd, "proc"))
+		rc = proc_snapshot(arg);
+	else if (!strcmp(cmd, "trace"))
+		rc = tracing(!strcmp(arg, "on"));
+	else
+		marker(!strcmp(arg, "begin") ? 1 : 2);
+	label[strlen(label) - 6] = '\0';
+	stamp(label);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
-	char line[256], label[200];
+	char line[512];
 
 	if (argc != 4) {
 		fprintf(stderr, "usage: nbsnap OUTDIR IFACE READER_PID (commands on stdin)\n");
@@ -269,50 +308,32 @@ int main(int argc, char **argv)
 	iface = argv[2];
 	reader = (pid_t)atoi(argv[3]);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	/* A line may hold several commands separated by ';', done back to back and
+	 * answered once: the edge of the window costs one round trip, not one each. */
 	while (fgets(line, sizeof(line), stdin)) {
-		char cmd[32] = "", arg[160] = "";
-		int rc = 0;
+		char errors[512] = "";
+		char *save = NULL, *part;
 
 		line[strcspn(line, "\n")] = '\0';
-		if (sscanf(line, "%31s %159s", cmd, arg) < 1)
-			continue;
-		if (!strcmp(cmd, "quit")) {
+		if (!strcmp(line, "quit")) {
 			printf("ok quit\n");
 			return 0;
-		} else if (!strcmp(cmd, "stamp") && arg[0]) {
-			stamp(arg);
-		} else if (!strcmp(cmd, "units") && arg[0]) {
-			snprintf(label, sizeof(label), "units-%s-start", arg);
-			stamp(label);
-			rc = units(arg);
-			label[strlen(label) - 6] = '\0';
-			stamp(label);
-		} else if (!strcmp(cmd, "proc") && arg[0]) {
-			snprintf(label, sizeof(label), "proc-%s-start", arg);
-			stamp(label);
-			rc = proc_snapshot(arg);
-			label[strlen(label) - 6] = '\0';
-			stamp(label);
-		} else if (!strcmp(cmd, "trace") && (!strcmp(arg, "on") || !strcmp(arg, "off"))) {
-			snprintf(label, sizeof(label), "trace-%s-start", arg);
-			stamp(label);
-			rc = tracing(!strcmp(arg, "on"));
-			label[strlen(label) - 6] = '\0';
-			stamp(label);
-		} else if (!strcmp(cmd, "mark") && (!strcmp(arg, "begin") || !strcmp(arg, "end"))) {
-			snprintf(label, sizeof(label), "mark-%s-start", arg);
-			stamp(label);
-			marker(!strcmp(arg, "begin") ? 1 : 2);
-			label[strlen(label) - 6] = '\0';
-			stamp(label);
-		} else {
-			printf("error unknown command: %s\n", line);
-			continue;
 		}
-		if (rc)
-			printf("error %s: %s\n", line, strerror(errno ? errno : EIO));
+		for (part = strtok_r(line, ";", &save); part; part = strtok_r(NULL, ";", &save)) {
+			int rc = run_command(part);
+
+			if (rc == -2 || rc == -1) {
+				size_t used = strlen(errors);
+
+				snprintf(errors + used, sizeof(errors) - used, "%s%s: %s",
+					 used ? "; " : "", part,
+					 rc == -2 ? "unknown command" : strerror(errno ? errno : EIO));
+			}
+		}
+		if (errors[0])
+			printf("error %s\n", errors);
 		else
-			printf("ok %s\n", line);
+			printf("ok\n");
 	}
 	return 0;
 }

@@ -30,7 +30,14 @@ from testbed.files import atomic_write_json, atomic_write_text
 from testbed.formats import netperf, payload
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.run.folder import RepDir
-from testbed.run.window import GUEST_DIR, NETPERF_TAIL_S, WINDOW_LEAD_S, window_script
+from testbed.run.window import (
+    GUEST_DIR,
+    NETPERF_TAIL_S,
+    WINDOW_ARMED,
+    WINDOW_LEAD_S,
+    window_problems,
+    window_script,
+)
 from testbed.vm.guest import Guest
 from testbed.vm.topology import Topology
 
@@ -121,8 +128,11 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface, tracing=tracing)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
            f"{script}NETBED_EOF")
-    rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "
-           f"> {GUEST_DIR}/window.log 2>&1 &")
+    rx.run(f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED}; "
+           f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &")
+    # netperf starts only once the window is armed (trace, the warm-up's reader noted)
+    rx.run(f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
+           f"[ $i -gt 600 ] && exit 1; sleep 0.1; done", timeout=120)
     started = time.monotonic()
     netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
     np_res = tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
@@ -143,6 +153,9 @@ def run_repetition(topo: Topology, boot: BootState, exp: Experiment, cell: Cell,
     _fetch_window(rx, rep)
     if rep.file("error").exists():
         raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
+    problems = window_problems(rep.path)
+    if problems:
+        raise GuestError("measurement window: " + "; ".join(problems))
     affinity = rep.file("reader-affinity.txt")
     readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
     atomic_write_json(rep.file("readback.json"),

@@ -6,6 +6,8 @@ receiver counts is read by this one script, at the window's two edges.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from testbed.experiment.config import Experiment
 from testbed.experiment.nicstate import reader_affinity_command
 from testbed.formats import perfstat, reader, trace
@@ -19,6 +21,7 @@ WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
 # ~2 s after the reader appears under TCG (lead, perf stat's own start ~1.2 s).
 NETPERF_TAIL_S = 5
 READER_WAIT_S = 60
+WINDOW_ARMED = "armed"  # touched once the trace is armed: the sender may start netperf
 SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
 
 
@@ -56,20 +59,24 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
              'snap() { echo "$*" >&3; read -r ack <&4; '
              f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
-             "snap stamp perf-begin"]
-    if cachemodel:
-        inner.append("snap mark begin")
-    inner += ["snap units before", "snap proc before"]
+             ]
+    # One line per edge, done by nbsnap back to back (one round trip each), nested
+    # from the outside in: perf's edge, the cache model's marker, the units, the
+    # trace, the /proc snapshot; the sampler and the sleep in the middle.
+    mark = cachemodel
+    trace_on = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='; trace on'"
+    trace_off = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='trace off; '"
     if traced:
-        inner.append(f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] || snap trace on")
+        inner.append(trace_on)
+    inner.append('snap "stamp perf-begin; ' + ("mark begin; " if mark else "") + "units before"
+                 + ('${t}' if traced else "") + '; proc before"')
     inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
               f"sleep {exp.duration:g}", "wait"]
     if traced:
-        inner.append(f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] || snap trace off")
-    inner += ["snap proc after", "snap units after"]
-    if cachemodel:
-        inner.append("snap mark end")
-    inner += ["snap stamp perf-end", "echo quit >&3; read -r ack <&4"]
+        inner.append(trace_off)
+    inner.append('snap "proc after; ' + ('${t}' if traced else "") + "units after; "
+                 + ("mark end; " if mark else "") + 'stamp perf-end"')
+    inner.append("echo quit >&3; read -r ack <&4")
     up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
     lines = [f"rm -rf {w} && mkdir -p {w}", up.format("start")]
     if traced and iface:
@@ -83,6 +90,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         lines.append(f"echo '{why}' > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
         f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
+        f"touch {w}/{WINDOW_ARMED}",
         f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
         f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
         f"> {w}/error; break; fi; sleep 0.1; done",
@@ -96,7 +104,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         f"2>> {w}/{SNAP_ERRORS} &",
     ]
     lines += [
-        up.format("armed"),
+        up.format("nbsnap"),
         f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
         f"( {perf} ) 2> {w}/perf.err",
         up.format("perf-done"),
@@ -106,6 +114,20 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         lines.append(trace.collect_command(w))
     lines.append(f"touch {w}/finished")
     return "\n".join(lines) + "\n"
+
+
+def window_problems(folder: Path) -> list[str]:
+    """Why a fetched window cannot be used (empty when it can): nbsnap's complaints and
+    missing edge reads. A kernel that cannot trace is not a problem here: that gives
+    `not-supported` rows, and the repetition stands."""
+    problems = []
+    errors = folder / SNAP_ERRORS
+    if errors.is_file() and errors.read_text().strip():
+        problems.append("nbsnap: " + " | ".join(errors.read_text().strip().splitlines()[:3]))
+    for name in ("stamps.txt", "tcpinfo-before.txt", "tcpinfo-after.txt", PERF_FILE):
+        if not (folder / name).is_file():
+            problems.append(f"no {name}")
+    return problems
 
 
 def _reader_pid() -> str:
