@@ -38,17 +38,24 @@ def _stats(values: pd.Series) -> tuple[float, float, float]:
     return float(med), float(med - q1), float(q3 - med)
 
 
-THROUGHPUT_METRICS = ("window.throughput", "netperf.throughput")
+THROUGHPUT_METRICS = (("window.throughput", "window.transaction_rate"),
+                      ("netperf.throughput", "netperf.transaction_rate"))
 
 
 def plot_throughput(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     """Throughput per policy (x) and NIC (bars), one panel per other varying axes.
 
-    The window's payload rate where the run has it; netperf's own (a longer run)
-    only for runs made before window units, and the axis says which."""
+    The window's own rate where the run has it (payload 10^6bits/s; transactions/s
+    for TCP_RR); netperf's (a longer run) only for runs made before window units.
+    """
     df = pd.DataFrame()
-    for metric in THROUGHPUT_METRICS:
-        df = _ok(tidy[(tidy["metric"] == metric) & (tidy["cpu"] == "all")])
+    label = ""
+    for stream_metric, rr_metric in THROUGHPUT_METRICS:
+        rows = tidy[(tidy["cpu"] == "all") & (
+            ((tidy["metric"] == stream_metric) & (tidy["workload"] != "TCP_RR")) |
+            ((tidy["metric"] == rr_metric) & (tidy["workload"] == "TCP_RR")))]
+        df = _ok(rows)
+        label = stream_metric.split(".")[0]
         if not df.empty:
             break
     if df.empty:
@@ -76,14 +83,14 @@ def plot_throughput(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
                 xs.append(j + (i - (len(nics) - 1) / 2) * width)
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=nic)
         ax.set_xticks(range(len(policies)), policies, rotation=20)
-        ax.set_ylabel(f"{metric} ({g['unit'].iloc[0]})")
+        ax.set_ylabel(f"{g['metric'].iloc[0]} ({g['unit'].iloc[0]})", fontsize=8)
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(" ".join(f"{a}={k}" for a, k in zip(panel_axes, key, strict=False)) or
                      "throughput", fontsize=9)
         ax.legend(title="nic", fontsize=8)
     for ax in list(axs.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"{metric}: median over repetitions, whiskers = IQR")
+    fig.suptitle(f"Throughput ({label}): median over repetitions, whiskers = IQR")
     fig.tight_layout()
     return _save(fig, out_dir / "throughput.png")
 

@@ -31,10 +31,13 @@ from testbed.vm.topology import boot, prepare_assets
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
-def test_device_write_coverage_needs_a_non_repeating_payload() -> None:
+@pytest.mark.parametrize("nic", ["e1000", "virtio"])
+def test_device_write_coverage_needs_a_non_repeating_payload(nic: str) -> None:
+    """e1000 must reach 90%; virtio's figure is printed and explained in cachemodel/README.md
+    (its receive buffers are page fragments that move through memory, not a fixed ring)."""
     settings = Settings()
     exp = experiment_from_dict(
-        {"name": "coverage", "axes": {"kernel": ["distro"], "nic": ["e1000"], "cpus": [2],
+        {"name": "coverage", "axes": {"kernel": ["distro"], "nic": [nic], "cpus": [2],
                                       "policy": ["pin-irq"], "workload": ["TCP_STREAM"],
                                       "gro": ["on"]},
          "repetitions": 1, "duration": 3, "warmup": 1, "counters": ["cachemodel"]},
@@ -45,7 +48,8 @@ def test_device_write_coverage_needs_a_non_repeating_payload() -> None:
         tmp = Path(tmp_s)
         assets = prepare_assets(settings, "distro", tmp / "assets")
         plugins, threads = receiver_plugins(settings, tmp / "guests", print)
-        with boot(assets, settings, tmp / "guests", cpus=2, nic="e1000", with_sender=True,
+        with boot(assets, settings, tmp / "guests", cpus=2, nic=nic,  # type: ignore[arg-type]
+                  with_sender=True,
                   receiver_plugins=plugins, receiver_tcg_threads=threads) as topo:
             state = discover(topo)
             for kind in ("netperf-default", "random-fill"):
@@ -58,12 +62,14 @@ def test_device_write_coverage_needs_a_non_repeating_payload() -> None:
                 df = pd.DataFrame(collate_rep(rep)[0])
                 got[kind] = df[df["cpu"] == "all"].set_index("metric")
     for kind, df in got.items():
-        print(kind, {m: (round(float(df.loc[m, "value"]), 3), df.loc[m, "note"])
+        print(nic, kind, {m: (round(float(df.loc[m, "value"]), 3), df.loc[m, "note"])
                      for m in ("cache.device_write_coverage", "cache.device_writes",
                                "window.kbytes", "window.netperf_ratio")})
     default = got["netperf-default"].loc["cache.device_write_coverage", "value"]
     fill = got["random-fill"].loc["cache.device_write_coverage", "value"]
     assert got["random-fill"].loc["locality.processing_on_reader_cpu", "status"] == \
         "not-supported"  # tracing is kept out of cache-model windows, and says so
-    assert default < 0.5
-    assert fill >= 0.9
+    assert fill > default
+    if nic == "e1000":
+        assert default < 0.5
+        assert fill >= 0.9
