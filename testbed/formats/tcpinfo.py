@@ -41,6 +41,7 @@ class Connection:
 
 
 _FIELD_RE = re.compile(r"(\w+)=(\S+)")
+_ADDR_RE = re.compile(r".+:\d{1,5}")
 
 
 def parse_tcpinfo(text: str) -> list[Connection]:
@@ -50,8 +51,9 @@ def parse_tcpinfo(text: str) -> list[Connection]:
         if not line.strip():
             continue
         fields = dict(_FIELD_RE.findall(line))
-        if "local" not in fields or "peer" not in fields:
-            raise NetbedError(f"tcp_info line {number}: no local=/peer= in {line[:200]!r}",
+        if not all(_ADDR_RE.fullmatch(fields.get(k, "")) for k in ("local", "peer")):
+            raise NetbedError(f"tcp_info line {number}: no local=/peer= <address>:<port> in "
+                              f"{line[:200]!r}",
                               hint="the file should come from nbsnap (images/tools/nbsnap.c)")
         try:
             counters = {k: int(fields[k]) for k in COUNTERS if k in fields}

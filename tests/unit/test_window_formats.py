@@ -3,14 +3,16 @@ on output captured from guests (tests/fixtures/raw/guest-window)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from testbed.errors import NetbedError
-from testbed.formats import nicstats, payload, stamps
+from testbed.formats import nicstats, payload, stamps, tcpinfo, trace
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "raw" / "guest-window"
 
@@ -99,3 +101,38 @@ def test_fill_command_makes_the_file_once_and_reports_its_digest(tmp_path: Path)
 def test_fill_provenance_without_digest_is_an_error():
     with pytest.raises(NetbedError, match="no sha256"):
         payload.parse_fill_provenance(payload.random_fill(16384), "{}")
+
+
+# Raw files can be truncated or garbled (a guest that died mid-write): the parsers must
+# answer with a NetbedError naming the problem, never another exception. Seeded, so a
+# failure reproduces.
+SAMPLES = ["local=1.2.3.4:5 peer=6.7.8.9:10 bytes_received=12",
+           "local=1.2.3.4:5 peer=6.7.8.9:10 bytes_received=x", "local=:", "peer=a:b",
+           "local=a:b peer=c:d",
+           "units-before 12", "units-after 5", "units-before-start x", "rx_packets 7",
+           "rx_packets", "  netserver-1 [000] ..s1. 1.000000: napi_poll: x",
+           "  <idle>-0 [001] d.s3. 2.000000: sched_waking: comm=netserver pid=1 target_cpu=9",
+           "  <idle>-0 [001] d..2. 2.000000: sched_switch: prev_pid=1 prev_state=S ==>"]
+
+
+def garbled(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randrange(8)):
+        line = rng.choice(SAMPLES)
+        cut = rng.randrange(len(line) + 1)
+        lines.append(line[:cut] if rng.random() < 0.5 else line)
+        if rng.random() < 0.2:
+            lines.append("".join(chr(rng.randrange(32, 0x250)) for _ in range(rng.randrange(20))))
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_window_parsers_fail_only_with_netbed_errors(seed: int):
+    rng = random.Random(seed)
+    a, b = garbled(rng), garbled(rng)
+    for call in (lambda: tcpinfo.connection_delta(a, b), lambda: nicstats.nicstats_delta(a, b),
+                 lambda: stamps.alignment(stamps.parse_stamps(a))):
+        with contextlib.suppress(NetbedError):
+            call()
+    loc = trace.reduce_trace(trace.parse_trace((a + "\n" + b).splitlines()), "eth0", None)
+    assert loc.processing_on_reader_cpu is None or 0 <= loc.processing_on_reader_cpu <= 1
