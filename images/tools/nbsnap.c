@@ -7,6 +7,7 @@
  *                            with one line "ok <command>" (or "error <why>") on stdout:
  *
  *   stamp LABEL    append "LABEL <ns>" to OUTDIR/stamps.txt (CLOCK_MONOTONIC)
+ *   reader PID     the reader whose sockets `units` reads (replaces the argument)
  *   units LABEL    tcp_info of the reader PID's established TCP sockets (borrowed with
  *                  pidfd_getfd, so no sock_diag module is needed) into OUTDIR/tcpinfo-LABEL.txt, the data NIC's sysfs statistics into
  *                  OUTDIR/nicstats-LABEL.txt; stamped "units-LABEL-start"/"units-LABEL"
@@ -270,6 +271,10 @@ static int run_command(const char *text)
 	if (!strcmp(cmd, "stamp") && arg[0]) {
 		stamp(arg);
 		return 0;
+	}
+	if (!strcmp(cmd, "reader") && arg[0]) {
+		reader = (pid_t)atoi(arg);
+		return reader > 0 ? 0 : -2;
 	}
 	if (!strcmp(cmd, "trace") && strcmp(arg, "on") && strcmp(arg, "off"))
 		return -2;

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from testbed.experiment.config import Experiment
-from testbed.experiment.nicstate import reader_affinity_command
+from testbed.experiment.nicstate import ABSENT
 from testbed.formats import perfstat, reader, trace
 
 GUEST_DIR = "/tmp/netbed"
@@ -90,22 +90,27 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         lines.append(f"echo '{why}' > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
         f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
+        # nbsnap starts now, before netperf, and learns the reader's pid later: after the
+        # reader appears nothing forks but perf (forks took seconds under load)
+        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
+        f"nbsnap {w} {iface or 'none'} 0 < {d}/snap.in > {d}/snap.out "
+        f"2>> {w}/{SNAP_ERRORS} &",
+        f"exec 3>{d}/snap.in 4<{d}/snap.out",
+        f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
         f"touch {w}/{WINDOW_ARMED}",
         f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
         f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
         f"> {w}/error; break; fi; sleep 0.1; done",
+        "pid=$r",
         up.format("reader"),
         f"sleep {WINDOW_LEAD_S:g}",
-        f"{{ {reader_affinity_command().strip()}; }} > {w}/reader-affinity.txt 2>&1",
-        f"pid=$({_reader_pid()})",
-        f"echo \"$pid\" > {w}/reader-pid.txt",
-        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
-        f"nbsnap {w} {iface or 'none'} \"$pid\" < {d}/snap.in > {d}/snap.out "
-        f"2>> {w}/{SNAP_ERRORS} &",
-    ]
-    lines += [
+        # builtins only: the reader's allowed CPUs, for the policy read-back
+        f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
+        f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; done < /proc/$pid/status; '
+        f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
+        f'echo "$pid" > {w}/reader-pid.txt',
+        'echo "reader $pid" >&3; read -r ack <&4',
         up.format("nbsnap"),
-        f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
         f"( {perf} ) 2> {w}/perf.err",
         up.format("perf-done"),
         f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",

@@ -67,7 +67,11 @@ def test_trace_filters_name_the_nic_and_the_readers_command():
     assert "echo 'name == \"enp0s3\"' > /sys/kernel/tracing/events/net/netif_receive_skb/filter" \
         in script
     assert "echo 'prev_comm == \"netserver\" || next_comm == \"netserver\"' >" in script
-    assert 'nbsnap /tmp/netbed/win enp0s3 "$pid"' in script
+    assert "nbsnap /tmp/netbed/win enp0s3 0 <" in script
+    # the reader's pid reaches nbsnap over its FIFO: no fork once the reader exists
+    after = script[script.index("pid=$r"):script.index("perf stat")]
+    assert 'echo "reader $pid" >&3' in after
+    assert not any(w in after for w in ("pgrep", "sed ", "cat ", "mkfifo", "$("))
     assert "echo mono > /sys/kernel/tracing/trace_clock" in script
 
 
@@ -81,6 +85,7 @@ def test_reader_affinity_goes_to_its_file_whichever_branch_runs():
     script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
     line = next(ln for ln in script.splitlines() if "reader-affinity.txt" in ln)
     assert line.startswith("{ ") and "; } > /tmp/netbed/win/reader-affinity.txt" in line
+    assert "Cpus_allowed_list:" in line and "/proc/$pid/status" in line
 
 
 def test_window_problems_name_nbsnap_errors_and_missing_reads(tmp_path):
