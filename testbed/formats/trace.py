@@ -82,7 +82,7 @@ def setup_command(iface: str, out_dir: str) -> str:
             f"  else echo {flt} > {d}/filter && echo 1 > {d}/enable "
             f"|| nbtrace_fail 'cannot filter or enable {event}'; fi",
         ]
-    lines += ["fi", f"[ -e {unsup} ] && echo 0 > {t}/events/enable 2>/dev/null"]
+    lines += ["fi", f"if [ -e {unsup} ]; then echo 0 > {t}/events/enable 2>/dev/null; fi"]
     return "\n".join(lines)
 
 
