@@ -129,7 +129,7 @@ def check_raw_files_parse(rep: Path) -> None:
     assert readback["offloads"]["rx_checksum_offload"] is False
     policy = json.loads((rep / "policy.json").read_text())
     if policy["name"] == "pin-cross":
-        assert netperf.raw["REMOTE_CPU_BIND"] == str(policy["reader_cpu"])
+        assert result.raw["REMOTE_CPU_BIND"] == str(policy["reader_cpu"])
 
 
 def test_a_hanging_guest_fails_its_cell_and_the_next_cell_still_runs(tmp_path: Path):
