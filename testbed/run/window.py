@@ -6,6 +6,7 @@ receiver counts is read by this one script, at the window's two edges.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from testbed.experiment.config import Experiment
@@ -82,12 +83,12 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     if traced and iface:
         lines.append(trace.setup_command(iface, w))
     elif tracing:
-        lines.append(f"echo 'no data NIC named: tracing needs its interface' "
+        lines.append("echo 'no data NIC named: tracing needs its interface' "
                      f"> {w}/{trace.RAW_UNSUPPORTED}")
     else:
         why = ("tracing is kept out of cache-model windows (the tracer's own memory "
                "accesses would be counted)" if cachemodel else "tracing turned off")
-        lines.append(f"echo '{why}' > {w}/{trace.RAW_UNSUPPORTED}")
+        lines.append(f"echo {shlex.quote(why)} > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
         f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
         # nbsnap starts now, before netperf, and learns the reader's pid later: after the

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
+import pytest
+
 from testbed.experiment.config import experiment_from_dict
 from testbed.experiment.policies import load_policies
 from testbed.run.window import window_script
@@ -100,3 +105,20 @@ def test_window_problems_name_nbsnap_errors_and_missing_reads(tmp_path):
     (tmp_path / "tcpinfo-after.txt").unlink()
     got = window_problems(tmp_path)
     assert got == ["nbsnap: units after -> error units after: EIO", "no tcpinfo-after.txt"]
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash (the guest's /bin/sh)")
+@pytest.mark.parametrize("pmu", [False, True])
+@pytest.mark.parametrize("cachemodel", [False, True])
+@pytest.mark.parametrize("iface", [None, "eth1"])
+@pytest.mark.parametrize("tracing", [None, False, True])
+def test_every_variant_of_the_window_script_is_valid_shell(tmp_path, pmu, cachemodel, iface,
+                                                           tracing):
+    script = window_script(experiment(), pmu=pmu, cachemodel=cachemodel, iface=iface,
+                           tracing=tracing)
+    (tmp_path / "w.sh").write_text(script)
+    (tmp_path / "inner.sh").write_text(inner(script))
+    for name in ("w.sh", "inner.sh"):
+        res = subprocess.run(["dash", "-n", str(tmp_path / name)], capture_output=True,
+                             text=True)
+        assert res.returncode == 0, (name, res.stderr)
