@@ -31,13 +31,18 @@ from testbed.vm.topology import boot, prepare_assets
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
-@pytest.mark.parametrize("nic", ["e1000", "virtio"])
-def test_device_write_coverage_needs_a_non_repeating_payload(nic: str) -> None:
-    """e1000 must reach 90%; virtio's figure is printed and explained in cachemodel/README.md
-    (its receive buffers are page fragments that move through memory, not a fixed ring)."""
+@pytest.mark.parametrize(("kernel", "nic"), [("stock", "e1000"), ("distro", "e1000"),
+                                            ("stock", "virtio")])
+def test_device_write_coverage_needs_a_non_repeating_payload(kernel: str, nic: str) -> None:
+    """With the random fill e1000 reaches 90% on every kernel. netperf's default payload is
+    missed where freshly allocated pages are not zeroed (the stock kernel); Debian's kernel
+    zeroes them (init_on_alloc), so every device write changes bytes there. virtio's figures
+    are printed and explained in cachemodel/README.md."""
     settings = Settings()
+    if kernel != "distro" and not any((settings.cache_dir / "kernels").glob(f"{kernel}-*")):
+        pytest.skip(f"the {kernel} kernel is not built (invoke build-kernel)")
     exp = experiment_from_dict(
-        {"name": "coverage", "axes": {"kernel": ["distro"], "nic": [nic], "cpus": [2],
+        {"name": "coverage", "axes": {"kernel": [kernel], "nic": [nic], "cpus": [2],
                                       "policy": ["pin-irq"], "workload": ["TCP_STREAM"],
                                       "gro": ["on"]},
          "repetitions": 1, "duration": 3, "warmup": 1, "counters": ["cachemodel"]},
@@ -46,7 +51,7 @@ def test_device_write_coverage_needs_a_non_repeating_payload(nic: str) -> None:
     got: dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory(prefix="netbed-cov-") as tmp_s:
         tmp = Path(tmp_s)
-        assets = prepare_assets(settings, "distro", tmp / "assets")
+        assets = prepare_assets(settings, kernel, tmp / "assets")
         plugins, threads = receiver_plugins(settings, tmp / "guests", print)
         with boot(assets, settings, tmp / "guests", cpus=2, nic=nic,  # type: ignore[arg-type]
                   with_sender=True,
@@ -62,14 +67,14 @@ def test_device_write_coverage_needs_a_non_repeating_payload(nic: str) -> None:
                 df = pd.DataFrame(collate_rep(rep)[0])
                 got[kind] = df[df["cpu"] == "all"].set_index("metric")
     for kind, df in got.items():
-        print(nic, kind, {m: (round(float(df.loc[m, "value"]), 3), df.loc[m, "note"])
+        print(kernel, nic, kind, {m: (round(float(df.loc[m, "value"]), 3), df.loc[m, "note"])
                      for m in ("cache.device_write_coverage", "cache.device_writes",
                                "window.kbytes", "window.netperf_ratio")})
     default = got["netperf-default"].loc["cache.device_write_coverage", "value"]
     fill = got["random-fill"].loc["cache.device_write_coverage", "value"]
     assert got["random-fill"].loc["locality.processing_on_reader_cpu", "status"] == \
         "not-supported"  # tracing is kept out of cache-model windows, and says so
-    assert fill > default
     if nic == "e1000":
-        assert default < 0.5
         assert fill >= 0.9
+    if (kernel, nic) == ("stock", "e1000"):
+        assert default < 0.5
