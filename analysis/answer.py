@@ -53,10 +53,10 @@ OFFLOAD_NICS = ("virtio-notso", "virtio")
 # for the counters and the work) where the run has them, else what collate gives today.
 # kind: "rate" (needs plugin-free repetitions), "latency" (RR only, plugin-free), "cache".
 METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("rate", "throughput", "bulk", ("window.throughput", "throughput")),
-    ("rate", "transaction rate", "rr", ("window.transaction_rate", "transaction_rate")),
-    ("latency", "latency p50", "rr", ("latency_p50",)),
-    ("latency", "latency p99", "rr", ("latency_p99",)),
+    ("rate", "throughput", "bulk", ("window.throughput", "netperf.throughput", "throughput")),
+    ("rate", "transaction rate", "rr", ("window.transaction_rate", "netperf.transaction_rate", "transaction_rate")),
+    ("latency", "latency p50", "rr", ("netperf.latency_p50", "latency_p50")),
+    ("latency", "latency p99", "rr", ("netperf.latency_p99", "latency_p99")),
     ("cache", "c2c transfers per KB", "any",
      ("cache.c2c_transfers.per_window_kb", "cache.c2c_transfers.per_kb",
       "cache.c2c_transfers.per_trans")),
@@ -165,8 +165,10 @@ def choose_metrics(tidy: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     """(kind, label, workload kind, metric): for each METRICS row and each workload kind
     (bulk, rr) the run has, the first name with values in that kind's cells. A bulk
     cell's cache counters come per KB, an RR cell's per transaction, as collate gives."""
-    kinds = tidy["workload"].dropna().astype(str).map(_workload_kind)
-    present = {wk: set(tidy.loc[kinds == wk, "metric"].dropna().unique())
+    # only measured values count: an old run has window.* rows, but as not-supported
+    ok = tidy[(tidy["status"] == "ok") & tidy["value"].notna()]
+    kinds = ok["workload"].dropna().astype(str).map(_workload_kind)
+    present = {wk: set(ok.loc[kinds == wk, "metric"].dropna().unique())
                for wk in ("bulk", "rr")}
     out = []
     for kind, label, wk, names in METRICS:

@@ -22,8 +22,9 @@ from typing import Any
 
 import pandas as pd
 
+from analysis import window_metrics
 from testbed.errors import NetbedError
-from testbed.formats import netperf, perfstat, procfs, reader
+from testbed.formats import netperf, nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
 from testbed.run.folder import RepDir, RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
@@ -47,9 +48,11 @@ PER_UNIT_METRICS = (
     "irq.nic",
 )
 CACHE_PER_UNIT_PREFIX = "cache."
+# Counters that are per-packet costs: also divided by the data NIC's frames.
+PER_PACKET_METRICS = ("irq.nic", "softirq.NET_RX", "perf.context-switches", "stat.ctxt",
+                      "cache.device_writes")
+CACHE_LINE = 64
 PARALLEL_MIN_REPS = 64
-# A CPU "ran NET_RX" when it carried at least this share of the window's NET_RX.
-NETRX_CPU_THRESHOLD = 0.25
 
 
 class RawFiles:
@@ -61,6 +64,7 @@ class RawFiles:
     READBACK = "readback.json"
     OFFLOADS = "offloads.txt"
     CACHEMODEL = "cachemodel.csv"
+    READER_PID = "reader-pid.txt"
     FAILED = "failed"
 
 
@@ -144,14 +148,17 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out.add("rep.status", "all", 1.0, "", "runner")
     cell = _read_json_or_none(rep.file("cell.json")) or {}
     workload = str((cell.get("workload") or {}).get("name", "")).upper()
-    moved = _collate_netperf(rep, out, workload)
+    request_size = (cell.get("workload") or {}).get("message_size")
+    netperf_rate = _collate_netperf(rep, out, workload)
     netrx = _collate_proc(rep, out, facts)
     cpus = None if netrx is None else [c for c in netrx["cpu"] if c != "all"]
-    reader = _collate_reader(rep, out, cpus)
+    _collate_reader(rep, out, cpus)
     _collate_perf(rep, out)
     _collate_cachemodel(rep, out)
-    _derive_locality(out, netrx, reader)
-    _derive_per_unit(out, moved)
+    units = _collate_window(rep, out, workload, request_size, netperf_rate)
+    _collate_trace(rep, out)
+    _derive_per_unit(out, units, workload)
+    _derive_coverage(out, units)
     return out.rows, facts
 
 
@@ -159,17 +166,20 @@ def _error(out: _Rows, metric: str, source: str, exc: Exception | str) -> None:
     out.add(metric, "all", math.nan, "", source, "error", str(exc).splitlines()[0][:300])
 
 
-def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float] | None:
-    """netperf rows; returns ("KB", kilobytes moved) or ("trans", transactions)."""
+def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> float | None:
+    """netperf's own rows, all named `netperf.*`: they cover netperf's whole run
+    (lead, window, tail), not the window, so nothing is divided by them.
+    Returns netperf's rate (10^6bits/s, or trans/s for RR) to compare with the window's."""
     path = rep.file(RawFiles.NETPERF)
     try:
         res = netperf.parse_netperf(path.read_text())
     except (OSError, NetbedError) as exc:
-        _error(out, "throughput", "netperf", exc)
+        _error(out, "netperf.throughput", "netperf", exc)
         return None
     units = res.throughput_units
     thr = res.get("THROUGHPUT")
-    out.add("throughput", "all", thr if thr is not None else math.nan, units, "netperf")
+    out.add("netperf.throughput", "all", thr if thr is not None else math.nan, units,
+            "netperf")
     simple = {
         "ELAPSED_TIME": ("elapsed", "s"),
         "TRANSACTION_RATE": ("transaction_rate", "trans/s"),
@@ -186,13 +196,13 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float
     }
     for key, (metric, unit) in simple.items():
         if key in res.values:
-            out.add(metric, "all", res.values[key], unit, "netperf")
+            out.add(f"netperf.{metric}", "all", res.values[key], unit, "netperf")
     # netperf prints -1 where it could not measure CPU utilisation: not a zero.
     for key, metric in (("LOCAL_CPU_UTIL", "cpu_util_sender"),
                         ("REMOTE_CPU_UTIL", "cpu_util_receiver")):
         if key in res.values:
             v = res.values[key]
-            out.add(metric, "all", v if v >= 0 else math.nan, "%", "netperf",
+            out.add(f"netperf.{metric}", "all", v if v >= 0 else math.nan, "%", "netperf",
                     "ok" if v >= 0 else "not-supported")
     elapsed = res.get("ELAPSED_TIME")
     if thr is None or not elapsed or not units:
@@ -200,16 +210,14 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> tuple[str, float
     try:
         kind, factor = netperf.netperf_units_factor(units)
     except NetbedError as exc:
-        _error(out, "bytes", "derived", exc)
+        _error(out, "netperf.kbytes", "derived", exc)
         return None
     if kind == "trans" or workload == "TCP_RR":
         rate = thr if kind == "trans" else res.values.get("TRANSACTION_RATE", math.nan)
-        trans = rate * elapsed
-        out.add("transactions", "all", trans, "trans", "derived")
-        return ("trans", trans)
-    kb = thr * factor * elapsed / 1024
-    out.add("kbytes", "all", kb, "KB", "derived")
-    return ("KB", kb)
+        out.add("netperf.transactions", "all", rate * elapsed, "trans", "derived")
+        return rate
+    out.add("netperf.kbytes", "all", thr * factor * elapsed / 1024, "KB", "derived")
+    return thr * factor * 8 / 1e6
 
 
 def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFrame | None:
@@ -275,6 +283,7 @@ def _add_shares(out: _Rows, metric: str, frame: pd.DataFrame) -> None:
 
 def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
                     ) -> reader.ReaderSamples | None:
+    # The sampler stays as a cross-check of the trace's reader placement.
     """Reader samples per CPU and their shares; CPUs the reader was never seen on
     (the online CPUs are those of /proc/softirqs) get an explicit share of 0."""
     path = rep.file(RawFiles.READER)
@@ -378,49 +387,79 @@ def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
         out.add(f"cache.{event}", "all", float(g["value"].sum()), "count", "cachemodel")
 
 
-def _derive_locality(out: _Rows, netrx: pd.DataFrame | None,
-                     reader: reader.ReaderSamples | None) -> None:
-    """Locality of the receive path in two numbers, both in [0, 1]:
-
-    - netrx_on_reader_cpu: share of NET_RX softirqs that ran where the reader
-      was, weighted by the reader's own time per CPU (sum_c r_c * n_c); with a
-      pinned reader it is simply the NET_RX share of the reader's CPU.
-    - reader_on_netrx_cpus: share of the reader's samples on CPUs that carried
-      at least NETRX_CPU_THRESHOLD of the NET_RX work.
-    """
-    if netrx is None or reader is None or reader.total == 0:
-        return
-    per_cpu = netrx[netrx["cpu"] != "all"]
-    total = per_cpu["value"].sum()
-    if total <= 0:
-        return
-    n = dict(zip(per_cpu["cpu"], per_cpu["value"] / total, strict=True))
-    r = reader.shares()
-    out.add("locality.netrx_on_reader_cpu", "all",
-            float(sum(share * n.get(cpu, 0.0) for cpu, share in r.items())), "fraction",
-            "derived")
-    hot = {cpu for cpu, share in n.items() if share >= NETRX_CPU_THRESHOLD}
-    out.add("locality.reader_on_netrx_cpus", "all",
-            float(sum(share for cpu, share in r.items() if cpu in hot)), "fraction", "derived",
-            note=f"NET_RX CPUs: {','.join(sorted(hot, key=int))}")
+def _collate_window(rep: RepDir, out: _Rows, workload: str, request_size: Any,
+                    netperf_rate: float | None) -> window_metrics.Units | None:
+    texts: dict[str, str | None] = {}
+    for name in (stamps.RAW, tcpinfo.RAW_BEFORE, tcpinfo.RAW_AFTER, nicstats.RAW_BEFORE,
+                 nicstats.RAW_AFTER):
+        path = rep.file(name)
+        texts[name] = path.read_text() if path.is_file() else None
+    size = int(request_size) if isinstance(request_size, int | float) else None
+    rows, units = window_metrics.window_rows(texts, workload, size)
+    rows += window_metrics.rate_rows(units, netperf_rate, workload)
+    for r in rows:
+        out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
+    return units
 
 
-def _derive_per_unit(out: _Rows, moved: tuple[str, float] | None) -> None:
-    if not moved or not moved[1] or moved[1] <= 0:
-        return
-    kind, amount = moved
-    suffix, unit = (".per_kb", "1/KB") if kind == "KB" else (".per_trans", "1/trans")
+def _collate_trace(rep: RepDir, out: _Rows) -> None:
+    unsupported = rep.file(trace.RAW_UNSUPPORTED)
+    gz, stats = rep.file(trace.RAW_TRACE), rep.file(trace.RAW_STATS)
+    readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
+    pid_file = rep.file(RawFiles.READER_PID)
+    pid_text = pid_file.read_text().strip() if pid_file.is_file() else ""
+    rows = window_metrics.trace_rows(
+        gz.read_bytes() if gz.is_file() else None,
+        stats.read_text() if stats.is_file() else "",
+        unsupported.read_text() if unsupported.is_file() else None,
+        readback.get("iface") if isinstance(readback.get("iface"), str) else None,
+        int(pid_text) if pid_text.isdigit() else None)
+    for r in rows:
+        out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
+
+
+def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
+    """Counters per unit of work done in the same window: per KB of payload
+    (STREAM/MAERTS) or per transaction (RR), and per data-NIC frame for the
+    per-packet costs. Without window units (runs made before them) the ratios are
+    not-supported rows: netperf's totals cover a longer run and are never used."""
+    rr = workload == "TCP_RR"
+    suffix, unit = (".per_trans", "1/trans") if rr else (".per_kb", "1/KB")
+    amount = None if units is None else (units.transactions if rr else units.kbytes)
+    packets = None if units is None else units.packets
     new = []
     for row in out.rows:
         if row["cpu"] != "all":
             continue
         m = row["metric"]
         if m in PER_UNIT_METRICS or (m.startswith(CACHE_PER_UNIT_PREFIX) and m.count(".") == 1):
-            status = row["status"]
-            value = row["value"] / amount if status == "ok" else math.nan
-            new.append((m + suffix, value, status))
-    for metric, value, status in new:
-        out.add(metric, "all", value, unit, "derived", status)
+            new.append((m + suffix, unit, row, amount))
+            if m in PER_PACKET_METRICS:
+                new.append((m + ".per_packet", "1/frame", row, packets))
+    for metric, u, row, base in new:
+        if base is None or not base > 0:
+            why = ("no window units in this repetition" if units is None
+                   else "no work counted in the window")
+            out.add(metric, "all", math.nan, u, "derived", "not-supported", why)
+        elif row["status"] != "ok":
+            out.add(metric, "all", math.nan, u, "derived", row["status"], row["note"])
+        else:
+            out.add(metric, "all", row["value"] / base, u, "derived")
+
+
+def _derive_coverage(out: _Rows, units: window_metrics.Units | None) -> None:
+    """cache.device_write_coverage: device writes the cache model noticed per payload
+    line received (window.kbytes x 1024 / 64)."""
+    dw = [r for r in out.rows if r["metric"] == "cache.device_writes" and r["cpu"] == "all"]
+    if not dw:
+        return
+    if units is None or not units.kbytes:
+        out.add("cache.device_write_coverage", "all", math.nan, "fraction", "derived",
+                "not-supported", "no window payload bytes to compare with")
+        return
+    lines = units.kbytes * 1024 / CACHE_LINE
+    out.add("cache.device_write_coverage", "all", dw[0]["value"] / lines, "fraction",
+            "derived", dw[0]["status"], f"of {lines:.0f} payload lines")
 
 
 def collate_run(run_dir: Path) -> pd.DataFrame:

@@ -38,13 +38,17 @@ ALPHA = 0.05
 
 # Metrics the text table and report lead with (when present in the run).
 KEY_METRICS: tuple[str, ...] = (
-    "throughput",
-    "transaction_rate",
-    "latency_p50",
-    "latency_p99",
-    "cpu_util_receiver",
-    "locality.netrx_on_reader_cpu",
-    "locality.reader_on_netrx_cpus",
+    "window.throughput",
+    "netperf.throughput",
+    "window.transaction_rate",
+    "netperf.transaction_rate",
+    "netperf.latency_p50",
+    "netperf.latency_p99",
+    "netperf.cpu_util_receiver",
+    "locality.processing_on_reader_cpu",
+    "locality.irq_on_reader_cpu",
+    "wakeups.on_waker_cpu",
+    "wakeups.from_softirq",
     "reader.samples",
     "perf.context-switches.per_kb",
     "perf.cpu-migrations.per_kb",
@@ -56,7 +60,8 @@ KEY_METRICS: tuple[str, ...] = (
     "cache.llc_misses.per_kb",
     "cache.c2c_transfers.per_kb",
     "cache.c2c_transfers.per_trans",
-    "retrans_sender",
+    "cache.device_write_coverage",
+    "netperf.retrans_sender",
 )
 
 
@@ -67,8 +72,9 @@ def is_headline(metric: str) -> bool:
     table and the summary; comparing them all would multiply the work by ~10
     for numbers nobody reads without normalisation.
     """
-    return (metric in KEY_METRICS or metric.startswith(("locality.", "latency_", "cpu_util_",
-                                                        "retrans_"))
+    return (metric in KEY_METRICS or metric.startswith(("locality.", "wakeups.", "window.",
+                                                        "netperf.latency_", "netperf.cpu_util_",
+                                                        "netperf.retrans_"))
             or metric.endswith((".per_kb", ".per_trans")))
 
 

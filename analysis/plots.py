@@ -37,9 +37,26 @@ def _stats(values: pd.Series) -> tuple[float, float, float]:
     return float(med), float(med - q1), float(q3 - med)
 
 
+THROUGHPUT_METRICS = (("window.throughput", "window.transaction_rate"),
+                      ("netperf.throughput", "netperf.transaction_rate"))
+
+
 def plot_throughput(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Throughput per policy (x) and NIC (bars), one panel per other varying axes."""
-    df = _ok(tidy[(tidy["metric"] == "throughput") & (tidy["cpu"] == "all")])
+    """Throughput per policy (x) and NIC (bars), one panel per other varying axes.
+
+    The window's own rate where the run has it (payload 10^6bits/s; transactions/s
+    for TCP_RR); netperf's (a longer run) only for runs made before window units.
+    """
+    df = pd.DataFrame()
+    label = ""
+    for stream_metric, rr_metric in THROUGHPUT_METRICS:
+        rows = tidy[(tidy["cpu"] == "all") & (
+            ((tidy["metric"] == stream_metric) & (tidy["workload"] != "TCP_RR")) |
+            ((tidy["metric"] == rr_metric) & (tidy["workload"] == "TCP_RR")))]
+        df = _ok(rows)
+        label = stream_metric.split(".")[0]
+        if not df.empty:
+            break
     if df.empty:
         return None
     panel_axes = _varying(df, ("policy", "nic"))
@@ -66,14 +83,14 @@ def plot_throughput(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
                 xs.append(j + (i - (len(nics) - 1) / 2) * width)
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=nic)
         ax.set_xticks(range(len(policies)), policies, rotation=20)
-        ax.set_ylabel(f"throughput ({g['unit'].iloc[0]})")
+        ax.set_ylabel(f"{g['metric'].iloc[0]} ({g['unit'].iloc[0]})", fontsize=8)
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(" ".join(f"{a}={k}" for a, k in zip(panel_axes, key, strict=False)) or
                      "throughput", fontsize=9)
         ax.legend(title="nic", fontsize=8)
     for ax in list(axs.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle("Throughput: median over repetitions, whiskers = IQR")
+    fig.suptitle(f"Throughput ({label}): median over repetitions, whiskers = IQR")
     fig.tight_layout()
     return _save(fig, out_dir / "throughput.png")
 
@@ -112,6 +129,42 @@ def plot_locality(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     fig.colorbar(im, ax=list(axs.flat), shrink=0.8, label="share of the window (median)")
     fig.suptitle("Where the receive path ran", fontsize=10)
     return _save(fig, out_dir / "locality.png")
+
+
+JOINT_METRICS = (("locality.processing_on_reader_cpu", "processing on reader's CPU"),
+                 ("locality.irq_on_reader_cpu", "NIC poll on reader's CPU"),
+                 ("wakeups.on_waker_cpu", "wake-ups placed on waker's CPU"),
+                 ("wakeups.from_softirq", "wake-ups from softirq"))
+
+
+def plot_joint_locality(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Co-location and wake-up placement measured from the trace, per cell (0..1)."""
+    names = [m for m, _ in JOINT_METRICS]
+    df = _ok(tidy[tidy["metric"].isin(names) & (tidy["cpu"] == "all")])
+    if df.empty:
+        return None
+    label_axes = _varying(df, ()) or ["policy"]
+    df = df.assign(cell=df.apply(lambda r: cell_label(r, label_axes), axis=1))
+    cells = sorted(df["cell"].unique())
+    present = [(m, t) for m, t in JOINT_METRICS if (df["metric"] == m).any()]
+    fig = Figure(figsize=(2.5 + 2.6 * len(present), 1.4 + 0.35 * len(cells)),
+                 layout="constrained")
+    axs = fig.subplots(1, len(present), squeeze=False)
+    for i, (ax, (metric, title)) in enumerate(zip(axs.flat, present, strict=True)):
+        g = df[df["metric"] == metric]
+        meds, lo, hi = [], [], []
+        for c in cells:
+            v = g[g["cell"] == c]["value"]
+            m, dl, dh = _stats(v) if not v.empty else (math.nan, 0.0, 0.0)
+            meds.append(m)
+            lo.append(dl)
+            hi.append(dh)
+        ax.barh(range(len(cells)), meds, xerr=[lo, hi], capsize=3, color="tab:green")
+        ax.set_yticks(range(len(cells)), cells if i == 0 else [""] * len(cells), fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("Measured from kernel tracepoints (median, whiskers = IQR)", fontsize=10)
+    return _save(fig, out_dir / "joint-locality.png")
 
 
 COUNTER_METRICS = ("perf.context-switches", "perf.cpu-migrations", "perf.cache-misses",
@@ -163,6 +216,6 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def plot_all(tidy: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Every figure that has data, in report order."""
-    made = [plot_throughput(tidy, out_dir), plot_locality(tidy, out_dir),
-            plot_counters(tidy, out_dir)]
+    made = [plot_throughput(tidy, out_dir), plot_joint_locality(tidy, out_dir),
+            plot_locality(tidy, out_dir), plot_counters(tidy, out_dir)]
     return [p for p in made if p is not None]

@@ -31,7 +31,7 @@ from analysis.collate import cell_label
 from testbed.files import read_json
 from testbed.run.folder import RunDir
 
-DEFAULT_METRICS = ("window.throughput", "throughput")
+DEFAULT_METRICS = ("window.throughput", "netperf.throughput", "throughput")
 GOAL_CV = 0.05
 GOAL_CV_MODEL = 0.02  # cache-model counts per window KB (deterministic model, #11)
 STOPPING_FILE = "stopping.json"  # written by the run's adaptive loop

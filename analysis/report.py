@@ -139,6 +139,100 @@ def reader_verdict(tidy: pd.DataFrame) -> str:
     return text
 
 
+# One sentence per metric the report leads with: what it counts, from where, over what.
+METRIC_EXPLANATIONS: dict[str, str] = {
+    "window.seconds": "Length of the measured window, between the two reads of the units "
+                      "(guest monotonic clock).",
+    "window.kbytes": "Payload KB the data connection moved inside the window, from its own "
+                     "tcp_info (bytes_received; bytes_acked for MAERTS), no headers.",
+    "window.packets": "Frames the data NIC received inside the window (sysfs rx_packets, "
+                      "counted before GRO merges them).",
+    "window.throughput": "Payload rate inside the window (10^6bits/s): window.kbytes over "
+                         "window.seconds.",
+    "window.transactions": "Request/response transactions inside the window: request bytes "
+                           "received over the request size.",
+    "window.transaction_rate": "window.transactions over window.seconds.",
+    "window.skew": "Worst distance (ms) between the units' reads and the edges of any other "
+                   "source (perf stat, /proc snapshots, trace, cache-model markers).",
+    "window.netperf_ratio": "Window rate over netperf's own rate; netperf's covers its whole "
+                            "run (lead, window and tail), so they differ when the window is "
+                            "slower or faster than the rest (the cache model slows it).",
+    "netperf.throughput": "netperf's own result over its whole run (longer than the window): "
+                          "never used to normalise counters.",
+    "netperf.transaction_rate": "netperf's own transaction rate over its whole run.",
+    "locality.processing_on_reader_cpu": "Share of received bytes (netif_receive_skb, after "
+                                         "RPS/RFS, weighted by len) processed on the CPU where "
+                                         "the reader was running or last ran at that moment.",
+    "locality.irq_on_reader_cpu": "Share of packets polled from the data NIC (napi_poll, "
+                                  "weighted by work) on the reader's CPU at that moment.",
+    "wakeups.count": "Wake-ups of the sleeping reader in the trace window (sched_waking "
+                     "followed by sched_wakeup; wakings of a reader still awake not counted).",
+    "wakeups.on_waker_cpu": "Share of those wake-ups that placed the reader "
+                            "(sched_wakeup.target_cpu) on the CPU that woke it.",
+    "wakeups.from_softirq": "Share of those wake-ups raised in softirq context (the "
+                            "receive path's data-ready callback).",
+    "cache.device_write_coverage": "Device writes the cache model noticed per payload line "
+                                   "received (window.kbytes x 1024 / 64); near 1 when the "
+                                   "payload does not repeat.",
+    "share.netrx / share.nic_irq / share.reader": "Per-CPU shares of NET_RX softirqs, NIC "
+                                                  "interrupts and reader samples (marginals, "
+                                                  "not co-location).",
+    "*.per_kb / *.per_trans / *.per_packet": "A counter of the window divided by the "
+                                             "window's own payload KB, transactions or "
+                                             "data-NIC frames.",
+}
+
+
+def explanations(tidy: pd.DataFrame) -> pd.DataFrame:
+    """One sentence per key metric; those this run lacks say "not available"."""
+    present = set(tidy["metric"].dropna())
+    ok = set(tidy[tidy["status"] == "ok"]["metric"].dropna())
+    rows = []
+    for name, text in METRIC_EXPLANATIONS.items():
+        pattern = "*" in name or "/" in name
+        state = "" if pattern or name in ok else (
+            " (not available in this run)" if name in present else " (not in this run)")
+        rows.append({"metric": name, "meaning": text + state})
+    return pd.DataFrame(rows)
+
+
+def window_checks(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Repetitions whose window rate and netperf's differ by more than 25%, or whose
+    sources lie more than 50 ms from the units' reads: visible, not hidden."""
+    from analysis.window_metrics import RATE_MISMATCH, SKEW_LIMIT_MS
+
+    all_ = tidy[(tidy["cpu"] == "all") & (tidy["status"] == "ok")]
+    ratio = all_[all_["metric"] == "window.netperf_ratio"]
+    skew = all_[all_["metric"] == "window.skew"]
+    rows = []
+    for _, r in ratio[(ratio["value"] - 1).abs() > RATE_MISMATCH].iterrows():
+        rows.append({"cell": r["cell_id"], "repetition": r["repetition"],
+                     "check": "window vs netperf rate", "value": f"{r['value']:.2f}x",
+                     "note": r["note"]})
+    for _, r in skew[skew["value"] > SKEW_LIMIT_MS].iterrows():
+        rows.append({"cell": r["cell_id"], "repetition": r["repetition"],
+                     "check": "window skew", "value": f"{r['value']:.0f} ms", "note": r["note"]})
+    return pd.DataFrame(rows)
+
+
+def window_verdict(tidy: pd.DataFrame) -> str:
+    all_ = tidy[(tidy["cpu"] == "all") & (tidy["status"] == "ok")]
+    ratio = all_[all_["metric"] == "window.netperf_ratio"]["value"]
+    skew = all_[all_["metric"] == "window.skew"]["value"]
+    if ratio.empty and skew.empty:
+        return ("This run has no window units (made before they existed): per-KB and "
+                "per-transaction figures are not available, and netperf's own totals are "
+                "not used in their place.")
+    text = ""
+    if not skew.empty:
+        text += (f"Window sources lie {skew.median():.1f} ms (median; max {skew.max():.1f} ms) "
+                 "from the units' reads. ")
+    if not ratio.empty:
+        text += (f"Window rate / netperf rate: median {ratio.median():.2f} "
+                 f"(range {ratio.min():.2f}-{ratio.max():.2f}, {len(ratio)} repetitions).")
+    return text
+
+
 def key_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Wide table: one row per cell, key metrics as "median [q1, q3] (n)" strings."""
     if summary.empty:
@@ -197,7 +291,8 @@ def _kernels(versions: dict[str, Any]) -> pd.DataFrame:
 
 
 def _sections(prov: Provenance, baseline_cmp: Comparison, run_cmp: Comparison | None,
-              keys: pd.DataFrame) -> list[tuple[str, str, Any]]:
+              keys: pd.DataFrame, tidy: pd.DataFrame | None = None,
+              ) -> list[tuple[str, str, Any]]:
     """Report body as (title, kind, payload) so HTML and Markdown say the same things."""
     n_failed = int((prov.failures["status"] == "failed").sum())
     n_incomplete = int((prov.failures["status"] != "failed").sum())
@@ -208,7 +303,13 @@ def _sections(prov: Provenance, baseline_cmp: Comparison, run_cmp: Comparison | 
     if run_cmp is not None:
         out.append(("Against the other run", "pre", format_table(run_cmp)))
     out.append(("Key metrics per cell (median [q1, q3] n)", "table-index", keys))
+    if tidy is not None:
+        out.append(("The measured window", "text", window_verdict(tidy)))
+        out.append(("Repetitions to read with care (window vs netperf > 25%, skew > 50 ms)",
+                    "table", window_checks(tidy)))
     out.append(("Figures", "figures", None))
+    if tidy is not None:
+        out.append(("What the metrics mean", "table", explanations(tidy)))
     out.append(("Failures", "table", prov.failures))
     if prov.not_started:
         out.append(("Cells not started", "pre", "\n".join(prov.not_started)))
@@ -299,7 +400,7 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     keys = repeatability.with_cv(key_summary(summary), tidy)  # h-repeat (#11): CV, drift
     extra, drift_figures = repeatability.report_parts(run_dir, tidy, out / "plots")
     sections = [*(lead or []), *repeatability.insert_after_key_table(
-        _sections(prov, baseline_cmp, run_cmp, keys), extra)]
+        _sections(prov, baseline_cmp, run_cmp, keys, tidy), extra)]
     figures = [*figures, *drift_figures]
     # cache-model attribution (analysis/symbols.py), right after the figures
     at = next((i + 1 for i, s in enumerate(sections) if s[1] == "figures"), len(sections))

@@ -31,7 +31,7 @@ from testbed.run.local import run_matrix
 from testbed.settings import Settings
 
 GOAL_CV = 0.05
-METRICS = ("window.throughput", "throughput")
+METRICS = ("window.throughput", "netperf.throughput", "throughput")
 
 EXPERIMENT = """\
 name: repeatability-{placement}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,15 +72,18 @@ def netperf_command(
     remote_cpu: int | None,
     local_cpu: int | None = None,
     timeout_margin: float = 30,
+    global_args: Sequence[str] = (),
+    test_args: Sequence[str] = (),
 ) -> str:
     """The netperf client command run on the SENDER VM against netserver on the receiver.
 
     `-T local,remote` binds netserver's data process on the receiver (the reader
     whose location the policies control); `-c -C` asks both sides for CPU
-    utilisation; the classic test names run as omni "migrated" tests, which
-    accept `-k` output selectors and print KEY=VALUE lines. The whole command is
-    wrapped in `timeout` because Fabric's timeout closes the channel but leaves
-    the remote process running.
+    utilisation; `global_args`/`test_args` go before/after `--` (the payload's
+    `-F` fill file and `-W` send width, testbed.formats.payload); the classic
+    test names run as omni "migrated" tests, which accept `-k` output selectors
+    and print KEY=VALUE lines. The whole command is wrapped in `timeout` because
+    Fabric's timeout closes the channel but leaves the remote process running.
     """
     name = workload.name.upper()
     if name not in WORKLOADS:
@@ -103,6 +107,7 @@ def netperf_command(
         local = "" if local_cpu is None else str(int(local_cpu))
         remote = "" if remote_cpu is None else str(int(remote_cpu))
         glob += ["-T", f"{local},{remote}"]
+    glob += list(global_args)
     if name == "TCP_STREAM":
         test = ["-m", str(size)]
     elif name == "TCP_MAERTS":
@@ -111,7 +116,7 @@ def netperf_command(
         test = ["-m", f"{size},{size}"]
     else:
         test = ["-r", f"{size},{size}"]
-    test += ["-k", ",".join(selectors)]
+    test += [*test_args, "-k", ",".join(selectors)]
     limit = seconds + max(1, math.ceil(timeout_margin))
     argv = ["timeout", "-k", "5", str(limit), *glob, "--", *test]
     return shlex.join(argv)

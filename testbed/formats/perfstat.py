@@ -49,8 +49,10 @@ def perf_stat_command(
     sep: str = PERF_SEPARATOR,
     output: str | None = None,
     timeout_margin: float = 30,
+    command: Sequence[str] = (),
 ) -> str:
-    """`perf stat -a -A -x<sep>` over a `sleep` of the measured window.
+    """`perf stat -a -A -x<sep>` over a `sleep` of the measured window, or over
+    `command` (which should last `duration`: the measured window's own script).
 
     perf writes its table to stderr; with `output` it writes to that file instead
     (`-o`), which keeps it apart from perf's own warnings.
@@ -71,7 +73,7 @@ def perf_stat_command(
     argv = ["perf", "stat", "-a", "-A", f"-x{sep}"]
     if output:
         argv += ["-o", output]
-    argv += ["-e", ",".join(events), "--", "sleep", f"{duration:g}"]
+    argv += ["-e", ",".join(events), "--", *(command or ("sleep", f"{duration:g}"))]
     limit = math.ceil(duration) + max(1, math.ceil(timeout_margin))
     return shlex.join(["timeout", "-k", "5", str(limit), *argv])
 

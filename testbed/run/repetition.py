@@ -23,7 +23,7 @@ from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats import netperf, perfstat, procfs, reader
+from testbed.formats import netperf, payload
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.formats.readback import (
     NicInfo,
@@ -32,19 +32,20 @@ from testbed.formats.readback import (
     parse_nic_info,
     parse_readback,
     readback_commands,
-    reader_affinity_command,
 )
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
+from testbed.run.window import (
+    GUEST_DIR,
+    NETPERF_TAIL_S,
+    WINDOW_ARMED,
+    WINDOW_LEAD_S,
+    window_problems,
+    window_script,
+)
 from testbed.shell import Shell
 
-GUEST_DIR = "/tmp/netbed"
 RECEIVER_HOST = "198.18.0.1"
-PERF_FILE = "perf-stat.csv"
-SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
-WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
-NETPERF_TAIL_S = 2  # netperf keeps sending this long after the window should close
-READER_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -64,48 +65,6 @@ def discover(rx: Shell, data_mac: str) -> BootState:
                    .stdout.split())
     rx.run("pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1")
     return BootState(nic, irqs, queues)
-
-
-def window_script(exp: Experiment, pmu: bool, cachemodel: bool) -> str:
-    """The receiver's measured-window script (pure).
-
-    It waits until netserver's data process (the reader) exists, that is until
-    netperf's test is running, lets the connection ramp for a moment, then takes
-    /proc snapshots around `perf stat` and the reader sampler for exactly the
-    window. netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the
-    window lies inside the transfer whatever the SSH latency to the sender.
-    `nbmark` brackets the window when the cache model runs.
-    """
-    d = GUEST_DIR
-    events = perfstat.perf_events(pmu)
-    perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}")
-    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
-    polls = int(READER_WAIT_S / 0.1)
-    lines = [
-        f"rm -rf {d}/win && mkdir -p {d}/win",
-        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
-        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
-        f"> {d}/win/error; break; fi; sleep 0.1; done",
-        f"sleep {WINDOW_LEAD_S:g}",
-        f"{reader_affinity_command().strip()} > {d}/win/reader-affinity.txt 2>&1",
-        procfs.proc_snapshot_command(f"{d}/win/proc-before"),
-    ]
-    if cachemodel:
-        lines.append("nbmark begin 1")
-    lines += [
-        f"( {perf} ) 2> {d}/win/perf.err &",
-        f"( {sampler} ) > {d}/win/reader-cpus.txt 2> {d}/win/sampler.err &",
-        "wait",
-    ]
-    if cachemodel:
-        lines.append("nbmark end 1")
-    lines += [procfs.proc_snapshot_command(f"{d}/win/proc-after"),
-              f"mv {d}/{PERF_FILE} {d}/win/{PERF_FILE} 2>/dev/null; touch {d}/win/finished"]
-    return "\n".join(lines) + "\n"
-
-
-def _reader_exists() -> str:
-    return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver >/dev/null'
 
 
 def fetch_window_command() -> str:
@@ -137,9 +96,21 @@ def _fetch_window(rx: Shell, rep: RepDir) -> None:
     unpack_window(rx.run(fetch_window_command()).stdout, rep)
 
 
+def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Payload:
+    """The fill file on the guest(s) that send payload; its provenance as they report it."""
+    size = int(cell.workload.message_size)
+    chosen = payload.random_fill(size) if kind == "random-fill" else payload.netperf_default(size)
+    shells = {"sender": tx, "receiver": rx}
+    for side in payload.sending_sides(cell.workload.name):
+        out = shells[side].run(payload.make_fill_command(chosen), timeout=300).stdout
+        chosen = payload.parse_fill_provenance(chosen, out)
+    return chosen
+
+
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
-                   cachemodel: bool | None = None) -> dict[str, object]:
+                   cachemodel: bool | None = None, payload_kind: str = "random-fill",
+                   tracing: bool | None = None) -> dict[str, object]:
     """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
 
     Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
@@ -157,18 +128,27 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     atomic_write_text(rep.file("offloads.txt"), rx.run(OFFLOAD_SCRIPT).stdout)
     offloads = parse_offloads(rep.file("offloads.txt").read_text())
     remote_cpu = netserver_cpu(resolved)
+    fill = _prepare_payload(rx, tx, cell, payload_kind)
+    atomic_write_json(rep.file(payload.RAW), fill.as_dict())
+    fill_global = payload.netperf_global_args(fill, cell.workload.name)
+    fill_test = payload.netperf_test_args(fill)
     if exp.warmup > 0:
-        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu),
+        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu,
+                                       global_args=fill_global, test_args=fill_test),
                timeout=exp.warmup + 60)
-    script = window_script(exp, pmu, cachemodel)
+    script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface, tracing=tracing)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
            f"{script}NETBED_EOF")
-    rx.run(f"rm -f {GUEST_DIR}/win/finished; nohup sh {GUEST_DIR}/window.sh "
-           f"> {GUEST_DIR}/window.log 2>&1 &")
+    rx.run(f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED}; "
+           f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &")
+    # netperf starts only once the window is armed (trace, the warm-up's reader noted)
+    rx.run(f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
+           f"[ $i -gt 600 ] && exit 1; sleep 0.1; done", timeout=120)
     started = time.monotonic()
     netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
     np_res = tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
-                                             remote_cpu),
+                                             remote_cpu, global_args=fill_global,
+                                             test_args=fill_test),
                      timeout=netperf_seconds + 90, check=False)
     if np_res.exit_code == 124:
         raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")
@@ -184,6 +164,9 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     _fetch_window(rx, rep)
     if rep.file("error").exists():
         raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
+    problems = window_problems(rep.path)
+    if problems:
+        raise GuestError("measurement window: " + "; ".join(problems))
     affinity = rep.file("reader-affinity.txt")
     readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
     atomic_write_json(rep.file("readback.json"),

@@ -83,8 +83,9 @@ def synthetic_tidy(effects: dict[tuple[str, str, str], float], reps: int = 6,
                     "note": ""}
             rows.append({**base, "metric": "rep.status", "value": 1.0, "unit": "",
                          "status": "ok"})
-            rows.append({**base, "metric": "throughput", "value": rng.normal(100 * effect, 1),
-                         "unit": "10^6bits/s", "status": "ok"})
+            rows.append({**base, "metric": "netperf.throughput",
+                         "value": rng.normal(100 * effect, 1), "unit": "10^6bits/s",
+                         "status": "ok"})
     return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
 
 
@@ -159,7 +160,7 @@ def test_summarize_counts_failed_reps() -> None:
     tidy = synthetic_tidy({("stock", "e1000", "default"): 1.0}, reps=4)
     bad = tidy.iloc[[0]].assign(repetition=5, status="failed", value=math.nan)
     s = cmp.summarize(pd.concat([tidy, bad]), n_boot=200)
-    row = s[s.metric == "throughput"].iloc[0]
+    row = s[s.metric == "netperf.throughput"].iloc[0]
     assert row["n"] == 4 and row["n_failed"] == 1
     assert row["q1"] <= row["median"] <= row["q3"]
     assert row["ci_lo"] <= row["median"] <= row["ci_hi"]
@@ -176,7 +177,7 @@ def test_compare_two_runs_on_matching_cells(tmp_path: Path) -> None:
                 line = f"THROUGHPUT={float(line.split('=')[1]) * 1.5:.2f}"
             lines.append(line)
         f.write_text("\n".join(lines) + "\n")
-    comp = cmp.compare_runs(collate_run(RUN), collate_run(b), metrics=["throughput"],
+    comp = cmp.compare_runs(collate_run(RUN), collate_run(b), metrics=["netperf.throughput"],
                             n_boot=300)
     t = comp.table.set_index("policy")
     assert t.loc["pin-same", "pct"] == pytest.approx(50, abs=0.1)

@@ -1,0 +1,87 @@
+"""When each read of the window happened: guest monotonic stamps, raw file and alignment.
+
+Raw file: `stamps.txt`, "<label> <nanoseconds>" lines, CLOCK_MONOTONIC of the
+guest, written by the guest tool `nbsnap` (tracefs's `mono` clock is the same clock).
+
+Every read at the window's edges is bracketed by two stamps, `<what>-start` and
+`<what>`, so the moment of the read is known within their difference. The units
+(the data connection's tcp_info, the NIC's statistics) define the window; every
+other source (perf stat, /proc, the trace, the cache model's markers) is compared
+with it and the worst distance is reported as `window.skew`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.errors import NetbedError
+
+RAW = "stamps.txt"
+
+# (begin label, end label) of each source; every label has a "-start" twin.
+UNITS = ("units-before", "units-after")
+BRACKETS: dict[str, tuple[str, str]] = {
+    "perf": ("perf-begin", "perf-end"),
+    "proc": ("proc-before", "proc-after"),
+    "trace": ("trace-on", "trace-off"),
+    "cachemodel": ("mark-begin", "mark-end"),
+}
+
+
+def parse_stamps(text: str) -> dict[str, int]:
+    """"<label> <ns>" lines -> {label: ns}; a label seen twice keeps its first stamp."""
+    out: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise NetbedError(f"{RAW} line {number}: expected '<label> <nanoseconds>', "
+                              f"got {line!r}",
+                              hint="the file should come from nbsnap")
+        out.setdefault(parts[0], int(parts[1]))
+    return out
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The window's length and how far each source's edges lie from the units'."""
+
+    seconds: float
+    read_ms: float  # the longest units read (start to end stamp)
+    offsets_ms: dict[str, float]  # source -> worst |edge - units edge|
+
+    @property
+    def skew_ms(self) -> float:
+        return max([self.read_ms / 2, *self.offsets_ms.values()])
+
+    @property
+    def worst(self) -> str:
+        if not self.offsets_ms or self.read_ms / 2 >= max(self.offsets_ms.values()):
+            return "units read"
+        return max(self.offsets_ms, key=lambda k: self.offsets_ms[k])
+
+
+def _moment(stamps: dict[str, int], label: str) -> tuple[float, float]:
+    """(middle, half width) of a read, in ns; an unbracketed label is a point."""
+    end = stamps[label]
+    start = stamps.get(f"{label}-start", end)
+    return (start + end) / 2, (end - start) / 2
+
+
+def alignment(stamps: dict[str, int]) -> Alignment:
+    """Window length from the units' reads and each present source's distance to them."""
+    missing = [lb for lb in UNITS if lb not in stamps]
+    if missing:
+        raise NetbedError(f"{RAW} lacks {', '.join(missing)}",
+                          hint="the window script did not finish its unit reads")
+    (b, bw), (e, ew) = _moment(stamps, UNITS[0]), _moment(stamps, UNITS[1])
+    if e <= b:
+        raise NetbedError(f"{RAW}: the window closes before it opens ({b:.0f} >= {e:.0f} ns)")
+    offsets: dict[str, float] = {}
+    for source, (lb_begin, lb_end) in BRACKETS.items():
+        if lb_begin in stamps and lb_end in stamps:
+            sb, _ = _moment(stamps, lb_begin)
+            se, _ = _moment(stamps, lb_end)
+            offsets[source] = max(abs(sb - b), abs(se - e)) / 1e6
+    return Alignment((e - b) / 1e9, 2 * max(bw, ew) / 1e6, offsets)

@@ -1,0 +1,145 @@
+"""The receiver's measured window: one guest shell script, built here (pure).
+
+Every number of a repetition must describe the same seconds, so everything the
+receiver counts is read by this one script, at the window's two edges.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from testbed.experiment.config import Experiment
+from testbed.formats import perfstat, reader, trace
+from testbed.formats.readback import ABSENT
+
+GUEST_DIR = "/tmp/netbed"
+RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
+PERF_FILE = "perf-stat.csv"
+SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
+WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
+# netperf keeps sending this long after the window should close: the window opens
+# ~2 s after the reader appears under TCG (lead, perf stat's own start ~1.2 s).
+NETPERF_TAIL_S = 5
+READER_WAIT_S = 60
+WINDOW_ARMED = "armed"  # touched once the trace is armed: the sender may start netperf
+SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
+
+
+def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | None = None,
+                  local_ip: str = RECEIVER_IP, tracing: bool | None = None) -> str:
+    """The receiver's measured-window script (pure).
+
+    It waits until netserver's data process (the reader) exists, that is until
+    netperf's test is running, lets the connection ramp for a moment, arms the
+    tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads done by a
+    process already running, so each costs system calls, not a fork: `ss` and
+    `cat` took 0.7-0.8 s each under TCG), then runs `perf stat -a -A` over an
+    inner script that is the window itself. Inside perf's counting, nested from
+    the outside in: the cache model's markers, the units (every established TCP
+    connection's tcp_info, the data NIC's statistics), the /proc snapshots, the
+    trace, and the reader sampler with `sleep duration` in the middle. nbsnap
+    stamps each read before and after (guest monotonic clock), so analysis knows
+    the window's length and how far each source's edges lie from the units'
+    (`window.skew`).
+
+    netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the window
+    lies inside the transfer whatever the SSH latency to the sender. Tracing is
+    kept out of cache-model windows (its own memory accesses would be counted):
+    `tracing=None` means "on unless the cache model runs".
+    """
+    d = GUEST_DIR
+    w = f"{d}/win"
+    tracing = (not cachemodel) if tracing is None else tracing
+    events = perfstat.perf_events(pmu)
+    perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}",
+                                      command=("sh", f"{d}/inner.sh"))
+    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    polls = int(READER_WAIT_S / 0.1)
+    traced = tracing and bool(iface)
+    inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
+             'snap() { echo "$*" >&3; read -r ack <&4; '
+             f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
+             ]
+    # One line per edge, done by nbsnap back to back (one round trip each), nested
+    # from the outside in: perf's edge, the cache model's marker, the units, the
+    # trace, the /proc snapshot; the sampler and the sleep in the middle.
+    mark = cachemodel
+    trace_on = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='; trace on'"
+    trace_off = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='trace off; '"
+    if traced:
+        inner.append(trace_on)
+    inner.append('snap "stamp perf-begin; ' + ("mark begin; " if mark else "") + "units before"
+                 + ('${t}' if traced else "") + '; proc before"')
+    inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
+              f"sleep {exp.duration:g}", "wait"]
+    if traced:
+        inner.append(trace_off)
+    inner.append('snap "proc after; ' + ('${t}' if traced else "") + "units after; "
+                 + ("mark end; " if mark else "") + 'stamp perf-end"')
+    inner.append("echo quit >&3; read -r ack <&4")
+    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
+    lines = [f"rm -rf {w} && mkdir -p {w}", up.format("start")]
+    if traced and iface:
+        lines.append(trace.setup_command(iface, w))
+    elif tracing:
+        lines.append("echo 'no data NIC named: tracing needs its interface' "
+                     f"> {w}/{trace.RAW_UNSUPPORTED}")
+    else:
+        why = ("tracing is kept out of cache-model windows (the tracer's own memory "
+               "accesses would be counted)" if cachemodel else "tracing turned off")
+        lines.append(f"echo {shlex.quote(why)} > {w}/{trace.RAW_UNSUPPORTED}")
+    lines += [
+        f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
+        # nbsnap starts now, before netperf, and learns the reader's pid later: after the
+        # reader appears nothing forks but perf (forks took seconds under load)
+        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
+        f"nbsnap {w} {iface or 'none'} 0 < {d}/snap.in > {d}/snap.out "
+        f"2>> {w}/{SNAP_ERRORS} &",
+        f"exec 3>{d}/snap.in 4<{d}/snap.out",
+        f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
+        f"touch {w}/{WINDOW_ARMED}",
+        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
+        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
+        f"> {w}/error; break; fi; sleep 0.1; done",
+        "pid=$r",
+        up.format("reader"),
+        f"sleep {WINDOW_LEAD_S:g}",
+        # builtins only: the reader's allowed CPUs, for the policy read-back
+        f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
+        f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; done < /proc/$pid/status; '
+        f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
+        f'echo "$pid" > {w}/reader-pid.txt',
+        'echo "reader $pid" >&3; read -r ack <&4',
+        up.format("nbsnap"),
+        f"( {perf} ) 2> {w}/perf.err",
+        up.format("perf-done"),
+        f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",
+    ]
+    if traced and iface:
+        lines.append(trace.collect_command(w))
+    lines.append(f"touch {w}/finished")
+    return "\n".join(lines) + "\n"
+
+
+def window_problems(folder: Path) -> list[str]:
+    """Why a fetched window cannot be used (empty when it can): nbsnap's complaints and
+    missing edge reads. A kernel that cannot trace is not a problem here: that gives
+    `not-supported` rows, and the repetition stands."""
+    problems = []
+    errors = folder / SNAP_ERRORS
+    if errors.is_file() and errors.read_text().strip():
+        problems.append("nbsnap: " + " | ".join(errors.read_text().strip().splitlines()[:3]))
+    for name in ("stamps.txt", "tcpinfo-before.txt", "tcpinfo-after.txt", PERF_FILE):
+        if not (folder / name).is_file():
+            problems.append(f"no {name}")
+    return problems
+
+
+def _reader_pid() -> str:
+    return 'd=$(pgrep -o -x netserver) && pgrep -n -x -P "$d" netserver'
+
+
+def _reader_exists() -> str:
+    return ('d=$(pgrep -o -x netserver) && r=$(pgrep -n -x -P "$d" netserver) '
+            '&& [ "$r" != "$old" ]')

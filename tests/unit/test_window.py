@@ -1,0 +1,124 @@
+"""The measured-window script (testbed.run.window): order of reads, tracing, stamps."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from testbed.experiment.load import experiment_from_dict
+from testbed.experiment.policies import load_policies
+from testbed.run.window import window_script
+
+
+def experiment(**over):
+    data = {"name": "t", "axes": {"kernel": ["distro"], "nic": ["e1000"], "cpus": [2],
+                                  "policy": ["default"], "workload": ["TCP_STREAM"],
+                                  "gro": ["on"]},
+            "repetitions": 1, "duration": 3, "warmup": 0, **over}
+    return experiment_from_dict(data, load_policies())
+
+
+def inner(script: str) -> str:
+    return script.split("<<'NETBED_INNER'\n", 1)[1].split("\nNETBED_INNER", 1)[0]
+
+
+def test_window_waits_for_the_reader_then_runs_perf_over_the_inner_window():
+    script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
+    # the trace is armed before the wait (its sched filters name netserver, not a pid)
+    order = [script.index(s) for s in ("events/net/netif_receive_skb", "old=", "until ",
+                                       "reader-pid.txt", "perf stat", "trace.txt.gz",
+                                       "finished")]
+    assert order == sorted(order)
+    assert "-- sh /tmp/netbed/inner.sh" in script  # perf counts exactly the inner window
+    assert "cycles" not in script  # no hardware events without a PMU
+    assert "nbmark" not in script
+
+
+def test_inner_window_nests_every_source_inside_perf_through_nbsnap():
+    text = inner(window_script(experiment(), pmu=True, cachemodel=False, iface="eth1"))
+    lines = text.splitlines()
+    opening = next(ln for ln in lines if "perf-begin" in ln)
+    closing = next(ln for ln in lines if "perf-end" in ln)
+    assert opening == 'snap "stamp perf-begin; units before${t}; proc before"'
+    assert closing == 'snap "proc after; ${t}units after; stamp perf-end"'
+    assert "t='; trace on'" in text and "t='trace off; '" in text
+    assert text.index(opening) < text.index("sleep 3") < text.index(closing)
+    assert "mark" not in text
+    # between the edges and the sleep: no fork, only builtins and one FIFO round trip
+    for ln in lines[:lines.index(opening) + 1]:
+        assert ln.startswith(("exec 3>", "snap", "[ -e "))
+
+
+def test_nbsnap_is_started_before_perf_on_the_data_nic():
+    script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
+    assert script.index("mkfifo") < script.index("nbsnap /tmp/netbed/win eth1") < \
+        script.index("perf stat")
+
+
+def test_cache_model_marks_enclose_the_units_and_tracing_stays_out():
+    script = window_script(experiment(), pmu=True, cachemodel=True, iface="eth1")
+    text = inner(script)
+    assert "cycles" in script and "LLC-load-misses" in script
+    assert 'snap "stamp perf-begin; mark begin; units before; proc before"' in text
+    assert 'snap "proc after; units after; mark end; stamp perf-end"' in text
+    assert "trace on" not in text and "events/net" not in script
+    assert "kept out of cache-model windows" in script  # the reason, as a raw file
+
+
+def test_trace_filters_name_the_nic_and_the_readers_command():
+    script = window_script(experiment(), pmu=False, cachemodel=False, iface="enp0s3")
+    assert "echo 'name == \"enp0s3\"' > /sys/kernel/tracing/events/net/netif_receive_skb/filter" \
+        in script
+    assert "echo 'prev_comm == \"netserver\" || next_comm == \"netserver\"' >" in script
+    assert "nbsnap /tmp/netbed/win enp0s3 0 <" in script
+    # the reader's pid reaches nbsnap over its FIFO: no fork once the reader exists
+    after = script[script.index("pid=$r"):script.index("perf stat")]
+    assert 'echo "reader $pid" >&3' in after
+    assert not any(w in after for w in ("pgrep", "sed ", "cat ", "mkfifo", "$("))
+    assert "echo mono > /sys/kernel/tracing/trace_clock" in script
+
+
+def test_without_an_interface_there_is_no_trace_and_the_reason_is_kept():
+    script = window_script(experiment(), pmu=False, cachemodel=False)
+    assert "events/net" not in script and "trace-unsupported" in script
+    assert "snap trace" not in script
+
+
+def test_reader_affinity_goes_to_its_file_whichever_branch_runs():
+    script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
+    line = next(ln for ln in script.splitlines() if "reader-affinity.txt" in ln)
+    assert line.startswith("{ ") and "; } > /tmp/netbed/win/reader-affinity.txt" in line
+    assert "Cpus_allowed_list:" in line and "/proc/$pid/status" in line
+
+
+def test_window_problems_name_nbsnap_errors_and_missing_reads(tmp_path):
+    from testbed.run.window import window_problems
+
+    for name in ("stamps.txt", "tcpinfo-before.txt", "tcpinfo-after.txt", "perf-stat.csv"):
+        (tmp_path / name).write_text("x\n")
+    assert window_problems(tmp_path) == []
+    (tmp_path / "trace-unsupported").write_text("kernel has no tracepoint napi/napi_poll\n")
+    assert window_problems(tmp_path) == []  # not-supported rows later, not a failure
+    (tmp_path / "nbsnap-errors.txt").write_text("units after -> error units after: EIO\n")
+    (tmp_path / "tcpinfo-after.txt").unlink()
+    got = window_problems(tmp_path)
+    assert got == ["nbsnap: units after -> error units after: EIO", "no tcpinfo-after.txt"]
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash (the guest's /bin/sh)")
+@pytest.mark.parametrize("pmu", [False, True])
+@pytest.mark.parametrize("cachemodel", [False, True])
+@pytest.mark.parametrize("iface", [None, "eth1"])
+@pytest.mark.parametrize("tracing", [None, False, True])
+def test_every_variant_of_the_window_script_is_valid_shell(tmp_path, pmu, cachemodel, iface,
+                                                           tracing):
+    script = window_script(experiment(), pmu=pmu, cachemodel=cachemodel, iface=iface,
+                           tracing=tracing)
+    (tmp_path / "w.sh").write_text(script)
+    (tmp_path / "inner.sh").write_text(inner(script))
+    for name in ("w.sh", "inner.sh"):
+        res = subprocess.run(["dash", "-n", str(tmp_path / name)], capture_output=True,
+                             text=True)
+        assert res.returncode == 0, (name, res.stderr)
