@@ -54,7 +54,8 @@ OFFLOAD_NICS = ("virtio-notso", "virtio")
 # kind: "rate" (needs plugin-free repetitions), "latency" (RR only, plugin-free), "cache".
 METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("rate", "throughput", "bulk", ("window.throughput", "netperf.throughput", "throughput")),
-    ("rate", "transaction rate", "rr", ("window.transaction_rate", "netperf.transaction_rate", "transaction_rate")),
+    ("rate", "transaction rate", "rr",
+     ("window.transaction_rate", "netperf.transaction_rate", "transaction_rate")),
     ("latency", "latency p50", "rr", ("netperf.latency_p50", "latency_p50")),
     ("latency", "latency p99", "rr", ("netperf.latency_p99", "latency_p99")),
     ("cache", "c2c transfers per KB", "any",
