@@ -52,7 +52,7 @@ Booted = tuple[Topology, BootState]
 def booted(settings: Settings, tmp: Path, kernel: str) -> Iterator[Booted]:
     assets = prepare_assets(settings, kernel, tmp / "assets")
     with boot(assets, settings, tmp / "guests", cpus=2, nic="e1000", with_sender=True) as topo:
-        yield topo, discover(topo)
+        yield topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac)
 
 
 def measure(b: Booted, tmp: Path, kernel: str, workload: str, policy: str) -> pd.DataFrame:
@@ -60,7 +60,10 @@ def measure(b: Booted, tmp: Path, kernel: str, workload: str, policy: str) -> pd
     cell = expand(exp)[0]
     run = RunDir(tmp / f"run-{policy}-{workload}")
     rep = run.start_rep(cell.cell_id, 1)
-    run_repetition(b[0], b[1], exp, cell, exp.policies.resolve(policy, 2), rep, pmu=False)
+    topo = b[0]
+    assert topo.sender is not None
+    run_repetition(topo.receiver.ssh, topo.sender.ssh, b[1], exp, cell,
+                   exp.policies.resolve(policy, 2), rep, pmu=False)
     run.mark_done(rep, {})
     rows, _ = collate_rep(rep)
     df = pd.DataFrame(rows)
