@@ -7,6 +7,8 @@ notices a device write by a change of a line's bytes) sees almost none of them:
 measured 0.09 of the payload lines on the stock kernel. With a random fill file and a
 wide send ring the stream repeats every 4 MiB: 1.01. Debian's kernel zeroes freshly
 allocated pages (init_on_alloc), so there even the default payload is seen (1.16).
+virtio on the stock kernel: 0.009 with the default payload, 0.84 with the fill
+(cachemodel/README.md says why it stays below 1).
 One boot with the cache-model plugin on the receiver per case, two repetitions
 (default payload, then the random fill) through the runner's code. `slow`: the model
 runs the receiver at a fraction of plain TCG speed.
@@ -78,7 +80,10 @@ def test_device_write_coverage_needs_a_non_repeating_payload(kernel: str, nic: s
     fill = got["random-fill"].loc["cache.device_write_coverage", "value"]
     assert got["random-fill"].loc["locality.processing_on_reader_cpu", "status"] == \
         "not-supported"  # tracing is kept out of cache-model windows, and says so
+    # measured: stock e1000 0.09 -> 1.01; distro e1000 1.16 -> 1.09; stock virtio 0.009 -> 0.84
     if nic == "e1000":
         assert fill >= 0.9
-    if (kernel, nic) == ("stock", "e1000"):
+    else:
+        assert fill >= 0.7  # below 1: page fragments cycle through more than the caches hold
+    if kernel == "stock":
         assert default < 0.5
