@@ -67,6 +67,7 @@ typedef struct {
     uint64_t line;
     entry *entry;
     bool valid, m;
+    int data; /* the line's data kind, kept here so repeats need not read the entry */
 } memo_t;
 
 typedef struct {
@@ -735,7 +736,7 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     if (first == last && mm->valid && first == mm->line && (mm->m || !store)) {
         /* L1 hit on a line just used: already recent, state unchanged */
         if (store || !check || mm->entry->sum == s0 || mm->entry->sum == MODEL_SUM_UNKNOWN) {
-            site_add(m, site, cpu, dev_of(mm->entry), ev);
+            site_add(m, site, cpu, mm->data, ev);
             mm->entry->sum = s0;
             if (store) {
                 mm->entry->writer = site;
@@ -752,6 +753,7 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     mm->line = last;
     mm->valid = e != NULL;
     mm->m = e && state_of(e) == ST_M;
+    mm->data = e ? dev_of(e) : DATA_CPU;
     mm->entry = e;
 }
 
@@ -765,7 +767,7 @@ bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, mode
     int ev = store ? EV_STORES : EV_LOADS;
     c->last_mode = mode;
     c->cnt[mode][ev]++;
-    site_add(m, site, cpu, dev_of(mm->entry), ev);
+    site_add(m, site, cpu, mm->data, ev);
     if (store) {
         mm->entry->sum = MODEL_SUM_UNKNOWN;
     }
