@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -321,6 +322,9 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
     options = RemoteOptions(remote_root=remote_dir, netbed_path=netbed,
                             install=not no_install, python=python, key_filename=key,
                             cache_dir=cache_dir, parallel=int(parallel) or None)
+    # Started with `&`, a process inherits SIGINT ignored and Python installs no handler;
+    # this task boots no guests (which would install netbed's), so take Ctrl-C back here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with user_errors():
         summary = run_on_hosts(s, Path(config) if config else CONFIGS_DIR / "quick.yaml",
                                parse_hosts(hosts), options, log=say)
