@@ -24,7 +24,7 @@ from typing import Literal
 
 from testbed.errors import CommandError
 from testbed.vm.interrupts import TEARDOWN, Stage
-from testbed.vm.process import free_port
+from testbed.vm.process import free_port, pid_alive
 from testbed.vm.qemu import DataAttachment, SocketAttachment, TapAttachment
 
 Mode = Literal["tap", "socket"]
@@ -100,16 +100,6 @@ def plan_dataplane(mode: Mode, tag: str | None = None, port: int | None = None) 
                          teardown, "tap with vnet_hdr: virtio keeps checksum offload")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale(registry: Path) -> list[str]:
     """Remove devices left by runs that died without cleaning up (kill -9, power loss).
 
@@ -122,7 +112,7 @@ def sweep_stale(registry: Path) -> list[str]:
             data = json.loads(entry.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(int(data.get("pid", 0))) and data.get("boot_id") == _boot_id():
+        if pid_alive(int(data.get("pid", 0))) and data.get("boot_id") == _boot_id():
             continue
         run_commands(data.get("teardown", []), TEARDOWN_BUDGET_S)
         entry.unlink(missing_ok=True)

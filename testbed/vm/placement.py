@@ -24,12 +24,13 @@ Modes:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 from testbed.errors import GuestError
+from testbed.formats.readback import fmt_cpulist
 
 PlacementMode = Literal["shared", "disjoint"]
 PLACEMENT_MODES: tuple[PlacementMode, ...] = get_args(PlacementMode)
@@ -57,7 +58,7 @@ class Placement:
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "host_cpus": list(self.host_cpus),
-                "guests": {name: cpu_list_text(c) for name, c in self.cpus},
+                "guests": {name: fmt_cpulist(c) for name, c in self.cpus},
                 "note": self.note}
 
 
@@ -104,22 +105,8 @@ def plan(host_cpus: Sequence[int], guests: Sequence[str], mode: PlacementMode,
     for g, share in zip(guests, _shares(len(cpus), w), strict=True):
         out.append((g, cpus[start:start + share]))
         start += share
-    text = "; ".join(f"{g} on host CPUs {cpu_list_text(c)}" for g, c in out)
+    text = "; ".join(f"{g} on host CPUs {fmt_cpulist(c)}" for g, c in out)
     return Placement(mode, cpus, tuple(out), f"whole QEMU processes on disjoint CPUs: {text}")
-
-
-def cpu_list_text(cpus: Iterable[int]) -> str:
-    """(0, 1, 2, 5) -> '0-2,5' (the kernel's list format)."""
-    out: list[str] = []
-    values = sorted(set(cpus))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
@@ -204,8 +191,8 @@ def apply(pid: int, cpus: Sequence[int], proc: Path = Path("/proc")) -> list[Thr
     seen = read_back(pid, proc)
     wrong = [t for t in seen if t.cpus != want]
     if wrong:
-        raise GuestError(f"could not pin QEMU pid {pid} to host CPUs {cpu_list_text(want)}: "
-                         + ", ".join(f"{t.name}/{t.tid} on {cpu_list_text(t.cpus)}"
+        raise GuestError(f"could not pin QEMU pid {pid} to host CPUs {fmt_cpulist(want)}: "
+                         + ", ".join(f"{t.name}/{t.tid} on {fmt_cpulist(t.cpus)}"
                                      for t in wrong))
     return seen
 
@@ -215,7 +202,7 @@ def summary(threads: Sequence[ThreadAffinity]) -> dict[str, str]:
     cpus: dict[str, set[str]] = {}
     count: dict[str, int] = {}
     for t in threads:
-        cpus.setdefault(t.name, set()).add(cpu_list_text(t.cpus))
+        cpus.setdefault(t.name, set()).add(fmt_cpulist(t.cpus))
         count[t.name] = count.get(t.name, 0) + 1
     return {(name if count[name] == 1 else f"{name} ({count[name]} threads)"):
             " | ".join(sorted(v)) for name, v in sorted(cpus.items())}
@@ -259,8 +246,8 @@ def confirm(record: dict[str, object], processes: Sequence[PlacedProcess]) -> di
         wrong = [t for t in seen if t.cpus != want]
         if record.get("mode") != "shared" and wrong:
             raise GuestError(f"QEMU {proc.name} (pid {proc.pid}): threads off host CPUs "
-                             f"{cpu_list_text(want)} after boot: "
-                             + ", ".join(f"{t.name}/{t.tid} on {cpu_list_text(t.cpus)}"
+                             f"{fmt_cpulist(want)} after boot: "
+                             + ", ".join(f"{t.name}/{t.tid} on {fmt_cpulist(t.cpus)}"
                                          for t in wrong))
         threads[proc.name] = summary(seen)
     return {**record, "threads": threads, "read_back": "after boot"}

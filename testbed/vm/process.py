@@ -47,7 +47,8 @@ def socket_owner(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +63,7 @@ def sweep_stale_sockets(base: Path) -> list[Path]:
     removed = []
     for path in base.glob("*.sock"):
         owner = socket_owner(path)
-        if owner is not None and owner != os.getpid() and not _pid_alive(owner):
+        if owner is not None and owner != os.getpid() and not pid_alive(owner):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)

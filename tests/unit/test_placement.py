@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.formats.readback import fmt_cpulist
 from testbed.vm import placement as pl
 
 
@@ -57,7 +58,7 @@ def test_bad_plans_are_refused() -> None:
                                             ("1,3-4\n", {1, 3, 4}), ("", set())])
 def test_cpu_lists_round_trip(text: str, cpus: set[int]) -> None:
     assert pl.parse_cpu_list(text) == cpus
-    assert pl.parse_cpu_list(pl.cpu_list_text(cpus)) == cpus
+    assert pl.parse_cpu_list(fmt_cpulist(cpus)) == cpus
 
 
 def test_bad_cpu_range() -> None:
@@ -91,7 +92,7 @@ def test_read_back_of_this_process_matches_its_affinity() -> None:
 
 def test_confirm_rereads_and_refuses_threads_off_their_cpus() -> None:
     me = pl.PlacedProcess("receiver", os.getpid(), 3)
-    mine = pl.cpu_list_text(os.sched_getaffinity(0))
+    mine = fmt_cpulist(os.sched_getaffinity(0))
     ok = pl.confirm({"mode": "disjoint", "guests": {"receiver": mine}, "note": ""}, [me])
     assert ok["read_back"] == "after boot" and "receiver" in ok["threads"]  # type: ignore[operator]
     other = max(os.sched_getaffinity(0)) + 1
