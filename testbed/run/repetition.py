@@ -35,10 +35,12 @@ from testbed.formats.readback import (
 )
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
+from testbed.run.traffic import run_until_window_closes
 from testbed.run.window import (
     GUEST_DIR,
-    NETPERF_TAIL_S,
+    NETPERF_CAP_S,
     WINDOW_ARMED,
+    WINDOW_CLOSED,
     WINDOW_LEAD_S,
     window_problems,
     window_script,
@@ -69,7 +71,8 @@ def discover(rx: Shell, data_mac: str) -> BootState:
 
 def fetch_window_command() -> str:
     """The window's files as one base64-armoured tar stream (a shell's output is text)."""
-    return (f"tar -C {GUEST_DIR}/win --exclude=./finished -cf - . | base64 -w 0")
+    return (f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
+            f"-cf - . | base64 -w 0")
 
 
 def unpack_window(armoured: str, rep: RepDir) -> list[str]:
@@ -139,24 +142,25 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface, tracing=tracing)
     rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
            f"{script}NETBED_EOF")
-    rx.run(f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED}; "
+    rx.run(f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
+           f"{GUEST_DIR}/win/{WINDOW_CLOSED}; "
            f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &")
     # netperf starts only once the window is armed (trace, the warm-up's reader noted)
     rx.run(f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
            f"[ $i -gt 600 ] && exit 1; sleep 0.1; done", timeout=120)
-    started = time.monotonic()
-    netperf_seconds = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_TAIL_S
-    np_res = tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_seconds,
-                                             remote_cpu, global_args=fill_global,
-                                             test_args=fill_test),
-                     timeout=netperf_seconds + 90, check=False)
-    if np_res.exit_code == 124:
-        raise GuestError(f"netperf ran past its duration plus margin ({exp.duration} s)")
-    atomic_write_text(rep.file("netperf.txt"), np_res.stdout + np_res.stderr)
-    if np_res.exit_code != 0:
-        raise GuestError(f"netperf failed with status {np_res.exit_code}: "
-                         f"{(np_res.stdout + np_res.stderr).strip()[-300:]}")
-    deadline = started + netperf_seconds + 60
+    netperf_cap = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_CAP_S
+    traffic = run_until_window_closes(
+        rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
+                                        global_args=fill_global, test_args=fill_test),
+        cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
+        reader_pid_file=f"{GUEST_DIR}/win/reader-pid.txt", cap_s=netperf_cap)
+    if traffic.exit_code == 124:
+        raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
+    atomic_write_text(rep.file("netperf.txt"), traffic.output)
+    if traffic.exit_code != 0:
+        raise GuestError(f"netperf failed with status {traffic.exit_code}: "
+                         f"{traffic.output.strip()[-300:]}")
+    deadline = time.monotonic() + 120
     while rx.run(f"test -e {GUEST_DIR}/win/finished", check=False).exit_code != 0:
         if time.monotonic() > deadline:
             raise GuestError("the receiver's measurement window did not finish")
@@ -179,4 +183,5 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                              f"{resolved.name!r}: " + "; ".join(problems))
     result = netperf.parse_netperf(rep.file("netperf.txt").read_text())
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
-            "rx_checksum_offload": offloads.rx_checksum_offload}
+            "rx_checksum_offload": offloads.rx_checksum_offload,
+            "netperf_stopped_by": traffic.stopped_by}

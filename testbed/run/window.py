@@ -18,11 +18,12 @@ RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.data
 PERF_FILE = "perf-stat.csv"
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
 WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
-# netperf keeps sending this long after the window should close: the window opens
-# ~2 s after the reader appears under TCG (lead, perf stat's own start ~1.2 s).
-NETPERF_TAIL_S = 5
+# netperf runs until the window has closed (testbed.run.traffic stops it); this caps
+# it when something goes wrong: the reader's wait, the window, a slow model's edges.
+NETPERF_CAP_S = 180
 READER_WAIT_S = 60
 WINDOW_ARMED = "armed"  # touched once the trace is armed: the sender may start netperf
+WINDOW_CLOSED = "closed"  # touched once perf (and with it every edge read) has ended
 SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
 
 
@@ -43,8 +44,9 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     the window's length and how far each source's edges lie from the units'
     (`window.skew`).
 
-    netperf runs WINDOW_LEAD_S + duration + NETPERF_TAIL_S seconds, so the window
-    lies inside the transfer whatever the SSH latency to the sender. Tracing is
+    netperf runs until the window has closed (WINDOW_CLOSED; testbed.run.traffic
+    then stops it), so the window lies inside the transfer however slowly the
+    receiver runs. Tracing is
     kept out of cache-model windows (its own memory accesses would be counted):
     `tracing=None` means "on unless the cache model runs".
     """
@@ -114,6 +116,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         up.format("nbsnap"),
         f"( {perf} ) 2> {w}/perf.err",
         up.format("perf-done"),
+        f"touch {w}/{WINDOW_CLOSED}",
         f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",
     ]
     if traced and iface:

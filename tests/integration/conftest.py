@@ -25,9 +25,6 @@ duration: 2
 warmup: 0
 order: sequential
 retries: 1
-# the loop under test, not the cache model (counters: auto would pick it under TCG;
-# its windows are tested in the slow tier)
-counters: [software]
 """
 
 

@@ -36,9 +36,6 @@ duration: 2
 warmup: 0
 order: sequential
 retries: {retries}
-# the loop under test, not the cache model (counters: auto would pick it under TCG;
-# its windows are tested in the slow tier)
-counters: [software]
 """
 
 

@@ -200,8 +200,7 @@ def test_quick_yaml_loads_and_expands() -> None:
     assert {c.policy for c in cells} == {"default", "pin-same", "pin-cross", "rfs",
                                          "wake-local"}
     assert {c.workload.name for c in cells} == {"TCP_STREAM", "TCP_RR"}
-    # software until #12 fixes pin-cross windows under the cache model; then [auto]
-    assert exp.repetitions >= 3 and exp.duration <= 10 and exp.counters == ["software"]
+    assert exp.repetitions >= 3 and exp.duration <= 10 and exp.counters == ["auto"]
 
 
 def test_full_yaml_loads_and_expands() -> None:

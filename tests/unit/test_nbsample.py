@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from testbed.formats import reader
 from testbed.settings import IMAGES_DIR
+from tests.unit.fake_netserver import fake_netserver as spinning_netserver
 
 pytestmark = pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("dash")),
                                 reason="needs gcc and dash")
@@ -20,20 +20,8 @@ pytestmark = pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("dash"
 @pytest.fixture
 def fake_netserver(tmp_path: Path):
     """A binary named netserver whose child, also netserver, spins like a data process."""
-    fake = tmp_path / "netserver"
-    shutil.copy(shutil.which("dash"), fake)
-    parent = subprocess.Popen([str(fake), "-c", f"{fake} -c 'while :; do :; done' & wait"])
-    child = None
-    for _ in range(100):
-        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True)
-        if out.stdout.split():
-            child = int(out.stdout.split()[0])
-            break
-        time.sleep(0.05)
-    yield child
-    subprocess.run(["pkill", "-P", str(parent.pid)])
-    parent.kill()
-    parent.wait()
+    with spinning_netserver(tmp_path) as child:
+        yield child
 
 
 def test_nbsample_samples_the_data_process_at_the_asked_rate(tmp_path: Path, fake_netserver):

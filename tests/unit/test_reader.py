@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from testbed.formats import reader
+from tests.unit.fake_netserver import fake_netserver
 
 GUEST = Path(__file__).resolve().parent.parent / "fixtures" / "raw" / "guest-distro-e1000"
 
@@ -42,23 +42,10 @@ def test_parse_reader_samples() -> None:
 def test_reader_sampler_finds_the_netserver_child(tmp_path: Path) -> None:
     """Runs the real sampler script against a stand-in: a shell binary named
     `netserver` whose child (also `netserver`) spins, like netserver's data process."""
-    fake = tmp_path / "netserver"
-    shutil.copy(shutil.which("dash"), fake)
-    parent = subprocess.Popen([str(fake), "-c", f"{fake} -c 'while :; do :; done' & wait"])
-    try:
-        for _ in range(50):
-            if subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True).stdout:
-                break
-            time.sleep(0.05)
+    with fake_netserver(tmp_path) as child:
         out = subprocess.run(["bash", "-c", reader.reader_sampler_command(1.5, 0.1)],
                              capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
-        child = int(subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True,
-                                   text=True).stdout.split()[0])
-    finally:
-        subprocess.run(["pkill", "-P", str(parent.pid)])
-        parent.kill()
-        parent.wait()
     samples = reader.parse_reader_samples(out.stdout)
     assert samples.pids == [child]
     assert samples.total >= 1  # how many depends on host load; where is what matters
