@@ -25,8 +25,8 @@ from testbed.files import read_json
 from testbed.run.folder import RepDir
 
 StopReason = Literal["within-target", "max-reached", "fixed"]
-# The throughput the netperf record carries today; window.throughput when a
-# repetition records it (the window metrics).
+# `done` records the window's own rate (testbed.formats.windowrates); netperf's
+# throughput is the fallback for repetitions recorded before it did.
 DEFAULT_METRICS = ("window.throughput", "throughput")
 STOPPING_FILE = "stopping.json"
 

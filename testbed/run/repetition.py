@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from testbed.errors import GuestError
+from testbed.errors import GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats import netperf, payload
+from testbed.formats import netperf, payload, stamps, tcpinfo
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.formats.readback import (
     NicInfo,
@@ -33,6 +33,7 @@ from testbed.formats.readback import (
     parse_readback,
     readback_commands,
 )
+from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
 from testbed.run.traffic import run_until_window_closes
@@ -184,4 +185,16 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     result = netperf.parse_netperf(rep.file("netperf.txt").read_text())
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
-            "netperf_stopped_by": traffic.stopped_by}
+            "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}
+
+
+def _window_rates(rep: RepDir, cell: Cell) -> dict[str, float]:
+    """The window's own rates for `done` (the adaptive rule reads them); none when the
+    window's files cannot say, which analysis then reports with the reason."""
+    try:
+        return window_rates(rep.file(stamps.RAW).read_text(),
+                            rep.file(tcpinfo.RAW_BEFORE).read_text(),
+                            rep.file(tcpinfo.RAW_AFTER).read_text(),
+                            cell.workload.name, int(cell.workload.message_size))
+    except (OSError, NetbedError):
+        return {}

@@ -130,3 +130,30 @@ def test_report_shows_window_checks_and_explains_metrics(tmp_path: Path):
     assert "1.31x" in md  # the RR repetition, flagged
     assert "locality.processing_on_reader_cpu" in md and "weighted by len" in md
     assert any(p.name == "joint-locality.png" for p in paths.figures)
+
+
+def test_the_done_record_rates_are_the_analysis_window_rates(tidy: pd.DataFrame):
+    """The adaptive rule reads `done` during the run: its window rates (formats.windowrates)
+    must be the figures analysis derives from the same files."""
+    from testbed.formats import stamps
+    from testbed.formats.windowrates import window_rates
+
+    for cell, workload, size in ((CROSS, "TCP_STREAM", 16384), (RFS, "TCP_STREAM", 16384),
+                                 (RR, "TCP_RR", 1)):
+        texts = [(rep(cell) / name).read_text()
+                 for name in (stamps.RAW, tcpinfo.RAW_BEFORE, tcpinfo.RAW_AFTER)]
+        rates = window_rates(*texts, workload, size)
+        assert rates["window.throughput"] == pytest.approx(val(tidy, cell, "window.throughput"))
+        if workload == "TCP_RR":
+            assert rates["window.transaction_rate"] == pytest.approx(
+                val(tidy, cell, "window.transaction_rate"))
+        else:
+            assert "window.transaction_rate" not in rates
+
+
+def test_done_record_rates_refuse_files_that_cannot_say():
+    from testbed.errors import NetbedError
+    from testbed.formats.windowrates import window_rates
+
+    with pytest.raises(NetbedError):
+        window_rates("", "", "", "TCP_STREAM", 16384)
