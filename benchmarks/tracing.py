@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.kernel}/{args.nic}/{args.policy}/{args.workload}, {args.duration} s windows, "
           f"{args.rounds} rounds, {assets.accel.upper()}: median {rate} without tracing "
           f"{off:.1f}, with {on:.1f}: tracing costs {100 * (1 - on / off):+.1f}%")
+    # each round's pair ran back to back: their ratio cancels drift between rounds
+    ratios = sorted(a / b for a, b in zip(got[True], got[False], strict=True) if b > 0)
+    if ratios:
+        print(f"paired rounds, with/without: median {statistics.median(ratios):.2f}x "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x, n={len(ratios)}); "
+              f"host load average now {Path('/proc/loadavg').read_text().split()[0]}")
     base = statistics.median(tracers["none"])
     for mode, values in tracers.items():
         med = statistics.median(values)
