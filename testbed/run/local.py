@@ -100,14 +100,17 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     for warning in exp.warnings:
         log(warning)
-    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text()} -> {run.path}")
-    started = time.monotonic()
+    if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
+        facts.append(gather(settings, log=log))
     provenance = Provenance(run, exp.counters, log)
+    provenance.decide(facts[0])
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
+    plain = guests.plain_repetitions
+    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text(plain)} -> {run.path}")
+    started = time.monotonic()
     collaborators = guests.collaborators(
-        start=lambda: provenance.record_host(facts[0] if facts else gather(settings, log=log),
-                                             netbed_commit()))
-    summary = MatrixRunner(run, schedule(exp, cells), exp.retries, collaborators,
+        start=lambda: provenance.record_host(facts[0], netbed_commit()))
+    summary = MatrixRunner(run, schedule(exp, cells, plain=plain), exp.retries, collaborators,
                            log, adaptive_plan(exp, cells)).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
     return summary
