@@ -108,5 +108,11 @@ def test_a_cache_model_run_schedules_plain_repetitions_and_a_resume_keeps_them(
     if accel == "tcg":
         assert {r for _, r in seen[-1][4:]} == {1}  # rep-1 of every cell, after rep-0s
         assert any("1 repetitions + 1 plain (no plugin)" in line for line in lines)
+    meta = json.loads((summary.run_dir / "run.json").read_text())
+    assert meta["plain_repetitions"] == (1 if accel == "tcg" else 0)
     local.run_matrix(settings, None, resume=summary.run_dir.name, log=lines.append)
-    assert seen[-1] == seen[0]  # the resumed run decides the same plan
+    assert seen[-1] == seen[0]  # the resumed run keeps its plan
+    # a run from before plain repetitions (no key in run.json) resumes without them
+    (summary.run_dir / "run.json").write_text(json.dumps({"shard": None, "config": "x"}))
+    local.run_matrix(settings, None, resume=summary.run_dir.name, log=lines.append)
+    assert len(seen[-1]) == 4
