@@ -256,6 +256,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
         expand,
         format_duration,
         parse_shard,
+        planned_plain,
     )
     from testbed.experiment.matrix import shard as take_shard
     from testbed.run.local import run_matrix as run_locally
@@ -274,7 +275,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             if shard_spec:
                 cells = take_shard(cells, *shard_spec)
             print(cells_table(exp, cells))
-            print(f"{len(cells)} cells x {exp.repetitions_text()}; estimated "
+            print(f"{len(cells)} cells x {exp.repetitions_text(planned_plain(exp))}; estimated "
                   f"{format_duration(estimate_seconds(exp, cells))}")
             return
         summary = run_locally(s, None if resume else path, resume=resume, shard_spec=shard_spec,

@@ -31,6 +31,7 @@ from analysis.answer import answer_report_sections
 from analysis.collate import (
     TablePaths,
     analysis_dir,
+    by_kind,
     collate_run,
     collate_run_with_facts,
     write_tables,
@@ -97,9 +98,10 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
     run_dir = Path(run_dir)
     tidy, facts = collate_run_with_facts(run_dir)
     tables = write_tables(run_dir, tidy)
-    summary = summarize(tidy, seed=seed)
+    view = by_kind(tidy)  # plain repetitions' rates, instrumented ones' cache counts
+    summary = summarize(view, seed=seed)
     headline = sorted(m for m in tidy["metric"].dropna().unique() if is_headline(m))
-    comparison = compare_to_baseline(tidy, baseline, metrics=headline, seed=seed)
+    comparison = compare_to_baseline(view, baseline, metrics=headline, seed=seed)
     out = analysis_dir(run_dir)
     summary_csv, comparison_csv, comparison_txt = (out / "summary.csv", out / "comparison.csv",
                                                    out / "comparison.txt")
@@ -144,11 +146,12 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     if compare_to is not None:
         other = collate_run(Path(compare_to))
         headline = sorted(m for m in result.tidy["metric"].dropna().unique() if is_headline(m))
-        run_cmp = compare_runs(other, result.tidy, metrics=headline, seed=seed)
+        run_cmp = compare_runs(by_kind(other), by_kind(result.tidy), metrics=headline,
+                               seed=seed)
         run_cmp.notes[:0] = warnings
         atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
                           run_cmp.table.to_csv(index=False))
-    figures = plot_all(result.tidy, analysis_dir(run_dir) / "plots")
+    figures = plot_all(by_kind(result.tidy), analysis_dir(run_dir) / "plots")
     lead = answer_report_sections(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
     return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
                         run_cmp, figures, lead=lead)

@@ -21,9 +21,16 @@ the direction of the e1000 effect), *refuted* when it says the opposite, and *no
 detectable with this many repetitions* when it includes 1.
 
 Throughput and transaction rate under the cache model measure the plugin's speed as
-much as the guest's: rate and latency effects are taken only from repetitions that
-ran without the plugin (no cache-model rows); when a run has none, the answer says it
-has no throughput effects. No figure whose interval includes 1 is worded as an effect.
+much as the guest's, and cache-model windows are not traced: rate, latency, locality
+and wake-up effects are taken only from the plain repetitions (booted without the
+plugin; `analysis.collate.instrumented_reps` tells them apart), cache counters only
+from the instrumented ones (from every repetition in a run without the plugin, e.g.
+hardware events under KVM). When a run has no plain repetitions, the answer says it
+has no throughput effects. Locality and wake-up placement are shares (0 to 1, often
+exactly 0 or 1), so they are compared as differences in percentage points with a
+Welch t interval on the values themselves, not as ratios. Every sentence says its n;
+one repetition on a side gives a point estimate and says it has no interval. No
+figure whose interval includes no change is worded as an effect.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.collate import instrumented_reps
 from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
@@ -51,7 +59,8 @@ OFFLOAD_NICS = ("virtio-notso", "virtio")
 
 # What each answer row reads, by preference: the window metrics (one measured window
 # for the counters and the work) where the run has them, else what collate gives today.
-# kind: "rate" (needs plugin-free repetitions), "latency" (RR only, plugin-free), "cache".
+# kind: "rate" (plain repetitions), "latency" (RR only, plain), "cache" (instrumented),
+# "share" (plain; a fraction compared as a difference, see SHARES).
 METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("rate", "throughput", "bulk", ("window.throughput", "netperf.throughput", "throughput")),
     ("rate", "transaction rate", "rr",
@@ -68,6 +77,12 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("cache.llc_misses.per_window_kb", "cache.llc_misses.per_kb",
       "cache.llc_misses.per_trans", "perf.LLC-load-misses.per_kb")),
 )
+# Where the receive path ran (tracepoints; plain repetitions only): label, metric.
+SHARES: tuple[tuple[str, str], ...] = (
+    ("processing on the reader's CPU", "locality.processing_on_reader_cpu"),
+    ("wake-ups placed on the waking CPU", "wakeups.on_waker_cpu"),
+)
+PLAIN_KINDS = ("rate", "latency", "share")
 GROUP_AXES = tuple(a for a in AXES if a not in ("policy",))
 
 
@@ -94,6 +109,50 @@ class Ratio:
 
 
 NAN_RATIO = Ratio(math.nan, math.nan, math.nan, ())
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Mean difference new - base of a share (0..1) with its 95% Welch interval."""
+
+    diff: float
+    lo: float
+    hi: float
+    n: tuple[int, int]
+    new_mean: float
+    base_mean: float
+
+    @property
+    def detected(self) -> bool:
+        return not math.isnan(self.lo) and (self.lo > 0 or self.hi < 0)
+
+    def pp(self) -> str:
+        if math.isnan(self.diff):
+            return "n/a"
+        if math.isnan(self.lo):
+            return f"{self.diff * 100:+.0f} pp (no CI)"
+        return f"{self.diff * 100:+.0f} pp [{self.lo * 100:+.0f}, {self.hi * 100:+.0f}]"
+
+
+def diff_contrast(new: Sequence[float], base: Sequence[float],
+                  level: float = LEVEL) -> Difference:
+    """mean(new) - mean(base) with a Welch t interval (pure); fewer than two values on a
+    side give the point estimate without an interval, never a zero-width one."""
+    a = np.asarray([v for v in new if v is not None and not math.isnan(v)], dtype=float)
+    b = np.asarray([v for v in base if v is not None and not math.isnan(v)], dtype=float)
+    n = (len(a), len(b))
+    if not len(a) or not len(b):
+        return Difference(math.nan, math.nan, math.nan, n, math.nan, math.nan)
+    est = float(a.mean() - b.mean())
+    if min(n) < 2:
+        return Difference(est, math.nan, math.nan, n, float(a.mean()), float(b.mean()))
+    terms = [float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)]
+    se2 = sum(terms)
+    if se2 == 0:
+        return Difference(est, est, est, n, float(a.mean()), float(b.mean()))
+    df = se2 ** 2 / (terms[0] ** 2 / (len(a) - 1) + terms[1] ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
+    return Difference(est, est - half, est + half, n, float(a.mean()), float(b.mean()))
 
 
 def log_contrast(groups: Sequence[Sequence[float]], signs: Sequence[int],
@@ -145,16 +204,13 @@ class Answer:
     sentences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     figure: Path | None = None
+    locality: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _workload_kind(workload: str) -> str:
     return "rr" if str(workload).upper().endswith("_RR") else "bulk"
 
 
-def _plugin_reps(tidy: pd.DataFrame) -> set[tuple[str, str, int]]:
-    """Repetitions that ran under the cache-model plugin (they have its rows)."""
-    cm = tidy[tidy["source"] == "cachemodel"]
-    return set(zip(cm["run_id"], cm["cell_id"], cm["repetition"].astype(int), strict=True))
 
 
 def _values(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -185,12 +241,15 @@ def choose_metrics(tidy: pd.DataFrame) -> list[tuple[str, str, str, str]]:
 
 
 def _samples(vals: pd.DataFrame, metric: str, plugin: set[tuple[str, str, int]],
-             plugin_free: bool) -> dict[tuple[str, ...], list[float]]:
+             plain: bool) -> dict[tuple[str, ...], list[float]]:
+    """Values per cell: `plain` takes only repetitions without the plugin; otherwise
+    (cache counters) only those under it, when the run has any."""
     m = vals[vals["metric"] == metric]
     out: dict[tuple[str, ...], list[float]] = {}
     for row in m.itertuples(index=False):
         rec = row._asdict()
-        if plugin_free and (rec["run_id"], rec["cell_id"], int(rec["repetition"])) in plugin:
+        under = (str(rec["run_id"]), str(rec["cell_id"]), int(rec["repetition"])) in plugin
+        if under if plain else (plugin and not under):
             continue
         key = tuple(str(rec[a]) for a in AXES)
         out.setdefault(key, []).append(float(rec["value"]))
@@ -204,15 +263,15 @@ def _key(axes: dict[str, str]) -> tuple[str, ...]:
 def build_answer(tidy: pd.DataFrame) -> Answer:
     """Effects vs each NIC's default, the checksum interaction and the patch (pure)."""
     vals = _values(tidy)
-    plugin = _plugin_reps(tidy)
+    plugin = instrumented_reps(tidy)
     notes = []
     chosen = choose_metrics(tidy)
     effects, inter, patch = [], [], []
     rate_reps_exist = False
     for kind, label, wk, metric in chosen:
-        plugin_free = kind in ("rate", "latency")
-        samples = _samples(vals, metric, plugin, plugin_free)
-        if plugin_free and samples:
+        plain = kind in PLAIN_KINDS
+        samples = _samples(vals, metric, plugin, plain)
+        if plain and samples:
             rate_reps_exist = True
         for key, new in sorted(samples.items()):
             axes = dict(zip(AXES, key, strict=True))
@@ -223,6 +282,7 @@ def build_answer(tidy: pd.DataFrame) -> Answer:
                 if base:
                     r = log_contrast([new, base], [1, -1])
                     effects.append({**axes, "metric": label, "source": metric,
+                                    "repetitions": _kind_word(plain, plugin),
                                     "n_policy": len(new), "n_default": len(base),
                                     "ratio": r.ratio, "ci_lo": r.lo, "ci_hi": r.hi,
                                     "detected": r.detected})
@@ -236,20 +296,62 @@ def build_answer(tidy: pd.DataFrame) -> Answer:
                                   "metric": label, "n": "/".join(map(str, r.n)),
                                   "ratio": r.ratio, "ci_lo": r.lo, "ci_hi": r.hi,
                                   "detected": r.detected})
+    locality = _locality(vals, plugin)
+    n_plain = len(_finished(tidy) - plugin)
     if not any(k == "rate" for k, *_ in chosen) or not rate_reps_exist:
         notes.append("No throughput or transaction-rate effects: every repetition ran under "
                      "the cache-model plugin, whose own speed such rates would measure (they "
                      "are taken only from repetitions without the plugin).")
     elif plugin:
-        notes.append("Throughput, transaction-rate and latency effects come only from "
-                     "repetitions without the cache-model plugin.")
+        notes.append(f"Throughput, transaction-rate, latency, locality and wake-up effects "
+                     f"come only from the {n_plain} plain repetitions (booted without the "
+                     f"cache-model plugin); cache counters only from the {len(plugin)} "
+                     "instrumented ones. Each row's n counts its own kind.")
     if not any(k == "cache" for k, *_ in chosen):
         notes.append("No cache counters in this run (no cache model, no hardware PMU): "
                      "cache effects cannot be stated.")
+    if locality.empty and plugin and not n_plain:
+        notes.append("No locality or wake-up placement: cache-model windows are not traced "
+                     "(the tracer's own memory accesses would be counted) and this run has "
+                     "no plain repetitions.")
     eff = pd.DataFrame(effects)
-    ans = Answer(eff, pd.DataFrame(inter), pd.DataFrame(patch), notes=notes)
+    ans = Answer(eff, pd.DataFrame(inter), pd.DataFrame(patch), notes=notes,
+                 locality=locality)
     ans.sentences = _sentences(ans)
     return ans
+
+
+def _finished(tidy: pd.DataFrame) -> set[tuple[str, str, int]]:
+    done = tidy[(tidy["metric"] == "rep.status") & (tidy["status"] == "ok")]
+    return set(zip(done["run_id"].astype(str), done["cell_id"].astype(str),
+                   done["repetition"].astype(int), strict=True))
+
+
+def _kind_word(plain: bool, plugin: set[tuple[str, str, int]]) -> str:
+    if not plugin:
+        return "all"
+    return "plain" if plain else "instrumented"
+
+
+def _locality(vals: pd.DataFrame, plugin: set[tuple[str, str, int]]) -> pd.DataFrame:
+    """Each policy's share against its NIC's default, in percentage points (plain reps)."""
+    rows = []
+    for label, metric in SHARES:
+        samples = _samples(vals, metric, plugin, plain=True)
+        for key, new in sorted(samples.items()):
+            axes = dict(zip(AXES, key, strict=True))
+            if axes["policy"] == DEFAULT_POLICY:
+                continue
+            base = samples.get(_key({**axes, "policy": DEFAULT_POLICY}))
+            if not base:
+                continue
+            d = diff_contrast(new, base)
+            rows.append({**axes, "metric": label, "source": metric,
+                         "repetitions": _kind_word(True, plugin),
+                         "n_policy": d.n[0], "n_default": d.n[1], "policy_share": d.new_mean,
+                         "default_share": d.base_mean, "diff": d.diff, "ci_lo": d.lo,
+                         "ci_hi": d.hi, "detected": d.detected})
+    return pd.DataFrame(rows)
 
 
 def _interactions(samples: dict[tuple[str, ...], list[float]], axes: dict[str, str],
@@ -270,6 +372,22 @@ def _interactions(samples: dict[tuple[str, ...], list[float]], axes: dict[str, s
     return out
 
 
+def _n_text(n_new: int, n_base: int, kind: str) -> str:
+    """"n = 3 vs 3" with the kind of repetitions, and why one repetition gives no CI."""
+    what = {"plain": " plain repetitions (no plugin)",
+            "instrumented": " instrumented repetitions (cache model)"}.get(kind, "")
+    text = f"n = {n_new} vs {n_base}{what}"
+    if min(n_new, n_base) < 2:
+        text += "; one repetition on a side gives no interval"
+    return text
+
+
+def _n_joined(n: str) -> str:
+    """"n = 3/3/1/1" for a contrast of several cells, saying when a side is one repetition."""
+    ones = "1" in str(n).split("/")
+    return f"n = {n}" + ("; one repetition on a side gives no interval" if ones else "")
+
+
 def _fmt(ratio: float, lo: float, hi: float) -> str:
     return Ratio(ratio, lo, hi, ()).pct()
 
@@ -287,15 +405,33 @@ def _sentences(ans: Answer) -> list[str]:
                    "needs a `default` cell with the same kernel, vCPUs, workload and GRO).")
     else:
         for _, r in eff.iterrows():
-            n = f"n = {r['n_policy']} vs {r['n_default']}"
+            n = _n_text(r["n_policy"], r["n_default"], r.get("repetitions", "all"))
             change = _fmt(r["ratio"], r["ci_lo"], r["ci_hi"])
-            if r["detected"]:
+            if min(r["n_policy"], r["n_default"]) < 2 and not math.isnan(r["ratio"]):
+                out.append(f"{r['nic']} ({_where(r)}): {r['policy']} vs default, "
+                           f"{r['metric']}: {change}, a point estimate with no interval, so "
+                           f"no effect can be claimed ({n}).")
+            elif r["detected"]:
                 word = "higher" if r["ratio"] > 1 else "lower"
                 out.append(f"{r['nic']} ({_where(r)}): {r['policy']} has {word} {r['metric']} "
                            f"than default: {change} ({n}).")
             else:
                 out.append(f"{r['nic']} ({_where(r)}): {r['policy']} vs default, "
                            f"{r['metric']}: no change detected, {change} ({n}).")
+    for _, r in ans.locality.iterrows():
+        n = _n_text(r["n_policy"], r["n_default"], r["repetitions"])
+        d = Difference(r["diff"], r["ci_lo"], r["ci_hi"], (r["n_policy"], r["n_default"]),
+                       r["policy_share"], r["default_share"])
+        shares = (f"{r['policy_share'] * 100:.0f}% vs {r['default_share'] * 100:.0f}% for "
+                  f"default")
+        if math.isnan(d.lo):
+            verdict = "a point estimate with no interval, so no effect can be claimed"
+        elif d.detected:
+            verdict = "a change"
+        else:
+            verdict = "no change detected"
+        out.append(f"{r['nic']} ({_where(r)}): {r['policy']}, {r['metric']}: {shares}, "
+                   f"{d.pp()}: {verdict} ({n}).")
     for _, r in ans.interactions.iterrows():
         verdict = r["verdict"]
         claim = {"confirmed": "locality matters more without checksum offload: confirmed",
@@ -305,7 +441,8 @@ def _sentences(ans: Answer) -> list[str]:
                      "detectable with this many repetitions")
         out.append(f"{r['policy']} ({r['kernel']} kernel, {r['workload']}), {r['metric']}: "
                    f"effect on {r['contrast']} = "
-                   f"{_fmt(r['ratio'], r['ci_lo'], r['ci_hi'])} (n = {r['n']}); {claim}.")
+                   f"{_fmt(r['ratio'], r['ci_lo'], r['ci_hi'])} ({_n_joined(r['n'])}); "
+                   f"{claim}.")
     wl = eff[(eff["policy"] == "wake-local")] if not eff.empty else eff
     if wl.empty:
         out.append("The patch: no wake-local cell in this run.")
@@ -319,7 +456,7 @@ def _sentences(ans: Answer) -> list[str]:
         change = _fmt(r["ratio"], r["ci_lo"], r["ci_hi"])
         what = "differs from" if r["detected"] else "is not detectably different from"
         out.append(f"The patch switched off ({r['nic']}, {r['workload']}, {r['metric']}): "
-                   f"patched-default {what} stock-default, {change} (n = {r['n']}).")
+                   f"patched-default {what} stock-default, {change} ({_n_joined(r['n'])}).")
     return out
 
 
@@ -362,7 +499,26 @@ def effects_table(ans: Answer) -> pd.DataFrame:
                                zip(e["ratio"], e["ci_lo"], e["ci_hi"], strict=True)],
         "n policy/default": [f"{a}/{b}" for a, b in
                              zip(e["n_policy"], e["n_default"], strict=True)],
+        "repetitions": e.get("repetitions", "all"),
         "source": e["source"]})
+
+
+def locality_table(ans: Answer) -> pd.DataFrame:
+    """Where the receive path ran, per policy against its NIC's default (plain reps)."""
+    lo = ans.locality
+    if lo.empty:
+        return lo
+    return pd.DataFrame({
+        "kernel": lo["kernel"], "nic": lo["nic"], "workload": lo["workload"],
+        "policy": lo["policy"], "metric": lo["metric"],
+        "policy / default": [f"{a * 100:.0f}% / {b * 100:.0f}%" for a, b in
+                             zip(lo["policy_share"], lo["default_share"], strict=True)],
+        "difference, 95% CI": [Difference(d, a, b, (0, 0), math.nan, math.nan).pp()
+                               for d, a, b in zip(lo["diff"], lo["ci_lo"], lo["ci_hi"],
+                                                  strict=True)],
+        "n policy/default": [f"{a}/{b}" for a, b in
+                             zip(lo["n_policy"], lo["n_default"], strict=True)],
+        "repetitions": lo["repetitions"], "source": lo["source"]})
 
 
 def interactions_table(ans: Answer) -> pd.DataFrame:
@@ -378,8 +534,11 @@ def interactions_table(ans: Answer) -> pd.DataFrame:
 
 
 METHOD_NOTE = ("Ratios are of geometric means over repetitions; 95% CIs are Welch t "
-               "intervals on log values (honest at n = 3, unlike a percentile bootstrap). "
-               "An interval that includes no change is never worded as an effect.")
+               "intervals on log values (honest at n = 3, unlike a percentile bootstrap); "
+               "shares (locality, wake-up placement) are compared as differences in "
+               "percentage points with a Welch t interval. One repetition on a side gives "
+               "no interval, and the row says so. An interval that includes no change is "
+               "never worded as an effect.")
 
 
 def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:
@@ -391,6 +550,8 @@ def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:
         ("The answer: policy vs its NIC's default", "table", effects_table(ans)),
         ("The answer: e1000 effect / offloading NIC effect (interaction)", "table",
          interactions_table(ans)),
+        ("The answer: where the receive path ran (policy vs its NIC's default)", "table",
+         locality_table(ans)),
         ("The answer: how to read it", "text", " ".join([METHOD_NOTE, *ans.notes])),
     ]
     if ans.figure is not None:

@@ -6,6 +6,13 @@ failed or never finished shows up as a `rep.status` row with that status (and
 the reason in `note`), never as zeros; a counter the CPU could not count stays
 `not-supported` with a NaN value; a raw file that will not parse gives `error`
 rows for that source while the rest of the repetition is still used.
+
+Each finished repetition also says whether it ran under the cache-model plugin
+(`rep.instrumented`, 1 or 0; from `done`'s `plugin`, or for runs from before plain
+repetitions inferred from a cachemodel.csv). Under the plugin the guest runs at the
+model's speed and is not traced, so `by_kind` is the view the statistics use: in a
+run with both kinds, cache.* from the instrumented repetitions and everything else
+(rates, latency, locality, software counters) from the plain ones.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import pandas as pd
 from analysis import window_metrics
 from testbed.errors import NetbedError
 from testbed.formats import netperf, nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
-from testbed.run.folder import RepDir, RunDir
+from testbed.run.folder import DONE, RepDir, RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
 ID_COLUMNS = ("run_id", "cell_id", "repetition", *AXES)
@@ -53,6 +60,7 @@ PER_PACKET_METRICS = ("irq.nic", "softirq.NET_RX", "perf.context-switches", "sta
                       "cache.device_writes")
 CACHE_LINE = 64
 PARALLEL_MIN_REPS = 64
+INSTRUMENTED = "rep.instrumented"  # 1: under the cache-model plugin; 0: plain
 
 
 class RawFiles:
@@ -146,6 +154,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 "no done/failed marker: interrupted or still running")
         return out.rows, facts
     out.add("rep.status", "all", 1.0, "", "runner")
+    _collate_instrumented(rep, out)
     cell = _read_json_or_none(rep.file("cell.json")) or {}
     workload = str((cell.get("workload") or {}).get("name", "")).upper()
     request_size = (cell.get("workload") or {}).get("message_size")
@@ -160,6 +169,64 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _derive_per_unit(out, units, workload)
     _derive_coverage(out, units)
     return out.rows, facts
+
+
+def _collate_instrumented(rep: RepDir, out: _Rows) -> None:
+    """Whether the window ran under the cache-model plugin: `done` says so since plain
+    repetitions exist; before that, a repetition with cachemodel.csv did."""
+    done = _read_json_or_none(rep.path / DONE) or {}
+    plugin = done.get("plugin") if isinstance(done, dict) else None
+    if isinstance(plugin, bool):
+        out.add(INSTRUMENTED, "all", float(plugin), "", "runner",
+                note="done: plugin " + ("on" if plugin else "off (plain)"))
+    else:
+        has = rep.file(RawFiles.CACHEMODEL).is_file()
+        out.add(INSTRUMENTED, "all", float(has), "", "runner",
+                note="inferred: cachemodel.csv " + ("present" if has else "absent"))
+
+
+def _rep_keys(rows: pd.DataFrame) -> set[tuple[str, str, int]]:
+    return set(zip(rows["run_id"].astype(str), rows["cell_id"].astype(str),
+                   rows["repetition"].astype(int), strict=True))
+
+
+def instrumented_reps(tidy: pd.DataFrame) -> set[tuple[str, str, int]]:
+    """(run, cell, repetition) of the repetitions that ran under the cache-model plugin:
+    by their `rep.instrumented` row, or (a tidy table from before it) by cache-model rows."""
+    marks = tidy[tidy["metric"] == INSTRUMENTED]
+    found = _rep_keys(marks[marks["value"] == 1])
+    known = _rep_keys(marks)
+    cm = tidy[tidy["source"] == "cachemodel"]
+    return found | {k for k in _rep_keys(cm) if k not in known}
+
+
+def plain_reps(tidy: pd.DataFrame) -> set[tuple[str, str, int]]:
+    """Finished repetitions that ran without the plugin (every one, in a run without it)."""
+    done = tidy[(tidy["metric"] == "rep.status") & (tidy["status"] == "ok")]
+    return _rep_keys(done) - instrumented_reps(tidy)
+
+
+def is_cache_metric(metric: str) -> bool:
+    """Numbers of the cache model (and their per-unit forms): valid under the plugin."""
+    return metric.startswith(CACHE_PER_UNIT_PREFIX)
+
+
+def by_kind(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The rows the statistics should use: in a run with both instrumented and plain
+    repetitions, instrumented ones keep only cache.* (and rep.*) rows and plain ones
+    everything else; a run with one kind only is returned as it is."""
+    inst = instrumented_reps(tidy)
+    if not inst or not plain_reps(tidy):
+        return tidy
+    keys = pd.Series(list(zip(tidy["run_id"].astype(str), tidy["cell_id"].astype(str),
+                              tidy["repetition"].astype("Int64").fillna(-1).astype(int),
+                              strict=True)), index=tidy.index)
+    under = keys.isin(inst)
+    metric = tidy["metric"].astype(str)
+    cache = metric.str.startswith(CACHE_PER_UNIT_PREFIX)
+    rep_rows = metric.str.startswith("rep.")
+    keep = rep_rows | (under & cache) | (~under & ~cache)
+    return tidy[keep]
 
 
 def _error(out: _Rows, metric: str, source: str, exc: Exception | str) -> None:

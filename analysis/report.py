@@ -21,7 +21,14 @@ from typing import Any
 import pandas as pd
 
 from analysis import repeatability
-from analysis.collate import RawFiles, analysis_dir, cell_label
+from analysis.collate import (
+    RawFiles,
+    analysis_dir,
+    by_kind,
+    cell_label,
+    instrumented_reps,
+    plain_reps,
+)
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from analysis.symbols import report_sections as cachemodel_sections
 from testbed.files import atomic_write_text
@@ -196,6 +203,30 @@ def explanations(tidy: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def kinds_verdict(tidy: pd.DataFrame) -> str:
+    """Which repetitions ran under the cache-model plugin, and which numbers the tables
+    take from which kind (collate.by_kind)."""
+    inst, plain = instrumented_reps(tidy), plain_reps(tidy)
+    if not inst:
+        return (f"All {len(plain)} finished repetitions ran without the cache-model plugin: "
+                "every number comes from them.")
+    per_cell = pd.Series([c for _, c, _ in plain]).value_counts()
+    if not plain:
+        return (f"All {len(inst)} finished repetitions ran under the cache-model plugin: "
+                "their throughput, rates and latency time the model as much as the guest "
+                "(the answer takes no such effects from them), and they were not traced "
+                "(no locality or wake-up rows).")
+    n = (f"{per_cell.min()}" if per_cell.min() == per_cell.max()
+         else f"{per_cell.min()}-{per_cell.max()}")
+    one = (" One plain repetition per cell gives no interval or spread for those numbers."
+           if per_cell.max() == 1 else "")
+    return (f"{len(inst)} repetitions ran under the cache-model plugin (instrumented) and "
+            f"{len(plain)} without it (plain: {n} per cell, traced). The tables and figures "
+            "take cache.* figures from the instrumented repetitions only and everything else "
+            "(throughput, transaction rate, latency, locality, wake-ups, software counters) "
+            f"from the plain ones only; n in each row counts the kind it comes from.{one}")
+
+
 def window_checks(tidy: pd.DataFrame) -> pd.DataFrame:
     """Repetitions whose window rate and netperf's differ by more than 25%, or whose
     sources lie more than 50 ms from the units' reads: visible, not hidden."""
@@ -299,6 +330,9 @@ def _sections(prov: Provenance, baseline_cmp: Comparison, run_cmp: Comparison | 
     status = (f"{n_failed} failed and {n_incomplete} incomplete repetition(s); "
               f"{len(prov.not_started)} cell(s) of cells.json not started.")
     out: list[tuple[str, str, Any]] = [("Status", "text", status)]
+    if tidy is not None:
+        out.append(("Repetitions with and without the cache-model plugin", "text",
+                    kinds_verdict(tidy)))
     out.append(("Against the baseline", "pre", format_table(baseline_cmp)))
     if run_cmp is not None:
         out.append(("Against the other run", "pre", format_table(run_cmp)))
@@ -397,8 +431,9 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     """`lead`: sections that open the report, before anything else (analysis.answer)."""
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
-    keys = repeatability.with_cv(key_summary(summary), tidy)  # h-repeat (#11): CV, drift
-    extra, drift_figures = repeatability.report_parts(run_dir, tidy, out / "plots")
+    view = by_kind(tidy)  # each number from the repetitions that measure it truly
+    keys = repeatability.with_cv(key_summary(summary), view)  # h-repeat (#11): CV, drift
+    extra, drift_figures = repeatability.report_parts(run_dir, view, out / "plots")
     sections = [*(lead or []), *repeatability.insert_after_key_table(
         _sections(prov, baseline_cmp, run_cmp, keys, tidy), extra)]
     figures = [*figures, *drift_figures]

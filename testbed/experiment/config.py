@@ -360,6 +360,9 @@ class Experiment(BaseModel):
     order: OrderName = "interleaved"
     seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
     counters: list[CounterName] = Field(default_factory=_default_counters, min_length=1)
+    plain_repetitions: Int = Field(
+        default=1, ge=0, le=1000,
+        description="plugin-less repetitions per cell when the cache model counts")
     retries: Int = Field(default=2, ge=0, le=20)
     memory_mb: Int | None = Field(default=None, ge=128, le=65536)
     policies_file: Text | None = None
@@ -407,16 +410,26 @@ class Experiment(BaseModel):
         a = self.adaptive
         return a.max if a else self._fixed()
 
+    @property
+    def may_use_cachemodel(self) -> bool:
+        """Whether the counters can resolve to the cache model (auto does on TCG hosts):
+        then every cell also gets `plain_repetitions` without the plugin."""
+        return bool({"auto", "cachemodel"} & set(self.counters))
+
     def _fixed(self) -> int:
         assert isinstance(self.repetitions, int)
         return self.repetitions
 
-    def repetitions_text(self) -> str:
+    def repetitions_text(self, plain: int | None = None) -> str:
+        """How many repetitions a cell gets; `plain` (when the cache model counts) adds
+        the plugin-less ones."""
         a = self.adaptive
-        if a is None:
-            return f"{self.repetitions} repetitions"
-        return (f"{a.min}-{a.max} repetitions (adaptive: more while CV of "
+        text = (f"{self.repetitions} repetitions" if a is None else
+                f"{a.min}-{a.max} repetitions (adaptive: more while CV of "
                 f"{a.metric or 'throughput'} > {a.target_cv:g})")
+        if plain:
+            text += f" + {plain} plain (no plugin)"
+        return text
 
     @property
     def source(self) -> Path | None:

@@ -206,9 +206,12 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
     if not cells:
         return [src.problem(("exclude",), "the matrix is empty: exclude removes every "
                             "combination")]
-    runs = len(cells) * exp.max_repetitions
+    plain = exp.plain_repetitions if exp.may_use_cachemodel else 0  # plugin-less ones
+    runs = len(cells) * (exp.max_repetitions + plain)
     if runs > exp.limits.runs:
-        return [src.problem(("repetitions",), f"{len(cells)} cells x {exp.max_repetitions} "
+        reps = (f"({exp.max_repetitions} + {plain} plain)" if plain
+                else str(exp.max_repetitions))
+        return [src.problem(("repetitions",), f"{len(cells)} cells x {reps} "
                             f"repetitions = {runs} runs, more than the limit of "
                             f"{exp.limits.runs}; if you mean it, raise it with "
                             f"`limits: {{runs: {runs}}}`")]

@@ -140,7 +140,8 @@ def round_order(exp: Experiment, cells: Sequence[Cell], round_no: int) -> list[C
     return order
 
 
-def schedule(exp: Experiment, cells: Sequence[Cell], repetitions: int | None = None) -> Schedule:
+def schedule(exp: Experiment, cells: Sequence[Cell], repetitions: int | None = None,
+             plain: int = 0) -> Schedule:
     """(cell, repetition) pairs in run order; repetitions count from 0.
 
     sequential: every repetition of a cell, then the next cell (fewest boots).
@@ -152,15 +153,40 @@ def schedule(exp: Experiment, cells: Sequence[Cell], repetitions: int | None = N
     With adaptive repetitions this is the first `min` rounds every cell gets; the
     loop adds rounds (`round_order`) for the cells still above target. Pass
     `repetitions` (e.g. `exp.max_repetitions`) for the longest possible schedule.
+
+    `plain` > 0 (the run counts with the cache model): that many plugin-less
+    repetitions per cell follow, numbered from `exp.max_repetitions` on
+    (`plain_numbers`), in the same order rule (sequential: cell by cell;
+    otherwise rounds, each in `round_order`). They come last, so the plugin's boots
+    and the plain boots each serve a whole run of cells.
     """
     cells = list(cells)
     reps = range(exp.min_repetitions if repetitions is None else repetitions)
     if exp.order == "sequential":
-        return [(c, r) for c in cells for r in reps]
-    if exp.order == "interleaved":
-        return [(c, r) for r in reps for c in cells]
-    rng = random.Random(exp.seed)
-    return [(c, r) for r in reps for c in _shuffled(cells, rng)]
+        main = [(c, r) for c in cells for r in reps]
+    elif exp.order == "interleaved":
+        main = [(c, r) for r in reps for c in cells]
+    else:
+        rng = random.Random(exp.seed)
+        main = [(c, r) for r in reps for c in _shuffled(cells, rng)]
+    extra = plain_numbers(exp, plain)
+    if exp.order == "sequential":
+        return main + [(c, r) for c in cells for r in extra]
+    return main + [(c, r) for r in extra for c in round_order(exp, cells, r)]
+
+
+def plain_numbers(exp: Experiment, plain: int) -> range:
+    """Repetition numbers of the plugin-less repetitions: after every number the
+    instrumented ones may take (adaptive: after `max`), so the two never collide and a
+    resumed run finds each where it was."""
+    return range(exp.max_repetitions, exp.max_repetitions + plain)
+
+
+def planned_plain(exp: Experiment) -> int:
+    """Plain repetitions per cell a plan or estimate should count: the experiment's
+    `plain_repetitions` when its counters may resolve to the cache model (auto on a TCG
+    host, or cachemodel), else none. The run itself decides from the host."""
+    return exp.plain_repetitions if exp.may_use_cachemodel else 0
 
 
 def _stable_hash(text: str) -> int:
@@ -204,11 +230,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 Reuse = Literal["none", "cell", "guest"]
 
 
-def count_boots(sched: Schedule, reuse: Reuse = "cell") -> int:
+def count_boots(sched: Schedule, reuse: Reuse = "cell", plain_from: int | None = None) -> int:
     """Guest-pair boots the schedule needs.
 
     none: every repetition boots; cell: consecutive repetitions of one cell share a
     boot; guest: consecutive cells with the same kernel/nic/cpus share a boot.
+    Repetitions numbered from `plain_from` on run without the plugin: another boot.
     """
     if reuse == "none":
         return len(sched)
@@ -216,8 +243,8 @@ def count_boots(sched: Schedule, reuse: Reuse = "cell") -> int:
         (lambda c: c.cell_id) if reuse == "cell" else (lambda c: c.boot_key))
     boots = 0
     previous: Hashable = object()
-    for cell, _ in sched:
-        k = key(cell)
+    for cell, rep in sched:
+        k = (key(cell), plain_from is not None and rep >= plain_from)
         if k != previous:
             boots += 1
             previous = k
@@ -225,15 +252,22 @@ def count_boots(sched: Schedule, reuse: Reuse = "cell") -> int:
 
 
 def estimate_seconds(exp: Experiment, cells: Sequence[Cell], boot_seconds: float = 25.0, *,
-                     rep_overhead_seconds: float = 8.0, reuse: Reuse = "cell") -> float:
+                     rep_overhead_seconds: float = 8.0, reuse: Reuse = "guest",
+                     plain: int | None = None) -> float:
     """Rough wall time: boots (as the order allows reuse) + (warmup + duration + overhead) per rep.
 
     `rep_overhead_seconds` covers policy apply/read-back, /proc snapshots and
-    copying results; retries are not counted (an estimate, not a promise).
+    copying results; retries are not counted (an estimate, not a promise). `plain`
+    (default: `planned_plain`) adds the plugin-less repetitions and their boots.
+    `reuse` defaults to "guest": the loop keeps a booted pair across the cells of one
+    kernel/NIC/vCPUs (testbed.run.bootcache).
     """
-    sched = schedule(exp, cells, exp.max_repetitions)  # adaptive: the most it may take
+    plain = planned_plain(exp) if plain is None else plain
+    # adaptive: the most it may take
+    sched = schedule(exp, cells, exp.max_repetitions, plain=plain)
     per_rep = exp.warmup + exp.duration + rep_overhead_seconds
-    return count_boots(sched, reuse) * boot_seconds + len(sched) * per_rep
+    return (count_boots(sched, reuse, exp.max_repetitions) * boot_seconds
+            + len(sched) * per_rep)
 
 
 def format_duration(seconds: float) -> str:
@@ -255,9 +289,15 @@ def cells_table(exp: Experiment, cells: Sequence[Cell]) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    runs = len(cells) * exp.max_repetitions
+    plain = planned_plain(exp)
+    runs = len(cells) * (exp.max_repetitions + plain)
     lines.append("")
-    lines.append(f"{exp.name}: {len(cells)} cells x {exp.repetitions_text()} = "
+    if plain:
+        lines.append(f"plain: {plain} repetition(s) per cell booted without the cache-model "
+                     f"plugin (traced; numbered from rep-{exp.max_repetitions}), run only "
+                     "when the counters resolve to the cache model (auto on a TCG host, or "
+                     "cachemodel)")
+    lines.append(f"{exp.name}: {len(cells)} cells x {exp.repetitions_text(plain)} = "
                  f"{'at most ' if exp.adaptive else ''}{runs} runs, "
                  f"order {exp.order}" + (f" (seed {exp.seed})" if exp.order == "random" else "")
                  + f", {exp.warmup} s warmup + {exp.duration} s measured each")

@@ -1,8 +1,9 @@
 """A matrix run on this host: open (or resume) the run folder, then run the loop.
 
 `open_run` is where a run folder is born: the experiment and its policies are
-copied in, `run.json` records the shard, and `cells.json` the cells this run
-owns; a resumed run reads all of that back, so it runs exactly what it started.
+copied in, `run.json` records the shard (and, once the host's counter plan is known,
+the plain repetitions per cell), and `cells.json` the cells this run owns; a resumed
+run reads all of that back, so it runs exactly what it started.
 `run_matrix` wires the real collaborators (`testbed.run.session`) into the loop.
 """
 
@@ -71,6 +72,18 @@ def _shard_of(meta: dict[str, object]) -> Shard | None:
     return None
 
 
+def _plain_of(run: RunDir, resumed: bool, planned: int) -> int:
+    """Plain repetitions per cell: a new run records what its host's plan gives in
+    run.json; a resumed run keeps what it started with (none for a run from before plain
+    repetitions existed), so a resume adds no work the run never had."""
+    meta = read_json(run.meta_file)
+    if resumed:
+        value = meta.get("plain_repetitions", 0)
+        return value if isinstance(value, int) else 0
+    atomic_write_json(run.meta_file, {**meta, "plain_repetitions": planned})
+    return planned
+
+
 def _policies_of(run: RunDir) -> PolicySet | None:
     return load_policies(run.policies_file) if run.policies_file.is_file() else None
 
@@ -100,14 +113,17 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     for warning in exp.warnings:
         log(warning)
-    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text()} -> {run.path}")
-    started = time.monotonic()
+    if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
+        facts.append(gather(settings, log=log))
     provenance = Provenance(run, exp.counters, log)
+    provenance.decide(facts[0])
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
+    plain = _plain_of(run, resume is not None, guests.plain_repetitions)
+    log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text(plain)} -> {run.path}")
+    started = time.monotonic()
     collaborators = guests.collaborators(
-        start=lambda: provenance.record_host(facts[0] if facts else gather(settings, log=log),
-                                             netbed_commit()))
-    summary = MatrixRunner(run, schedule(exp, cells), exp.retries, collaborators,
+        start=lambda: provenance.record_host(facts[0], netbed_commit()))
+    summary = MatrixRunner(run, schedule(exp, cells, plain=plain), exp.retries, collaborators,
                            log, adaptive_plan(exp, cells)).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
     return summary

@@ -11,6 +11,11 @@ moment resumes exactly the missing work. A guest that fails to boot, hangs or
 drops SSH (GuestError, CommandError, OSError) is rebooted and retried `retries`
 times; then the repetition is marked failed and the matrix goes on. A policy
 that reads back wrong (PolicyMismatch) fails at once: a reboot would not fix it.
+
+Plain repetitions (`Collaborators.plain` says which numbers) are the plugin-less
+companions of a cache-model run: booted without the plugin, so they get their own
+boots (the boot cache keys on the kind too) and run after every instrumented
+repetition, adaptive rounds included, so each kind of boot serves a whole stretch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from testbed.run.bootcache import BootCache
 from testbed.run.folder import RepDir, RunDir
 
 Booted = TypeVar("Booted")
+Slot = tuple[Cell, bool]  # a cell and whether its guests boot plain (without the plugin)
 # Failures a reboot may cure: the guest did not boot, hung, or dropped SSH.
 RETRIED = (GuestError, CommandError, OSError)
 
@@ -67,17 +73,21 @@ def boot_key(cell: Cell) -> Hashable:
 class Collaborators(Generic[Booted]):
     """What the loop needs from the world.
 
-    boot: a context manager that boots the guests for a cell and stops them on exit.
-    measure: one repetition on booted guests into its folder; returns `done`'s info.
+    boot: a context manager that boots the guests for a cell and stops them on exit;
+      its second argument says "plain": boot without the cache-model plugin.
+    measure: one repetition on booted guests into its folder; returns `done`'s info
+      (the guests know how they were booted).
     start: called once before the first repetition (provenance).
     keep_logs: copy the guests' logs into a repetition that went wrong.
+    plain: whether repetition number r is a plain (plugin-less) one.
     """
 
-    boot: Callable[[Cell], AbstractContextManager[Booted]]
+    boot: Callable[[Cell, bool], AbstractContextManager[Booted]]
     measure: Callable[[Booted, Cell, RepDir], dict[str, object]]
     start: Callable[[], None] = lambda: None
     keep_logs: Callable[[RepDir], None] = lambda rep: None
     key: Callable[[Cell], Hashable] = boot_key
+    plain: Callable[[int], bool] = lambda rep_no: False
 
 
 @dataclass(frozen=True)
@@ -117,12 +127,22 @@ class MatrixRunner(Generic[Booted]):
         if not todo and self.adaptive is None:
             return summary
         progress = Progress(len(self.items), summary.skipped, self.log)
-        with BootCache(self.c.boot, self.c.key) as guests:
-            for cell, rep_no in todo:
+        plain = [(c, r) for c, r in todo if self.c.plain(r)]
+        main = [(c, r) for c, r in todo if not self.c.plain(r)]
+        with BootCache(self._boot, self._key) as guests:
+            for cell, rep_no in main:
                 self._repetition(guests, cell, rep_no, summary, progress)
             if self.adaptive is not None:
                 self._adaptive_rounds(self.adaptive, guests, summary, progress)
+            for cell, rep_no in plain:
+                self._repetition(guests, cell, rep_no, summary, progress)
         return summary
+
+    def _boot(self, slot: Slot) -> AbstractContextManager[Booted]:
+        return self.c.boot(*slot)
+
+    def _key(self, slot: Slot) -> Hashable:
+        return (self.c.key(slot[0]), slot[1])
 
     def decisions(self, plan: AdaptivePlan, before: int) -> dict[str, Stop]:
         """Each cell's stopping decision from its repetitions 0..before-1 (done or failed)."""
@@ -139,7 +159,7 @@ class MatrixRunner(Generic[Booted]):
             out[cell.cell_id] = decide(plan.rule, cell.cell_id, attempted, values, used)
         return out
 
-    def _adaptive_rounds(self, plan: AdaptivePlan, guests: BootCache[Cell, Booted],
+    def _adaptive_rounds(self, plan: AdaptivePlan, guests: BootCache[Slot, Booted],
                          summary: RunSummary, progress: Progress) -> None:
         """Rounds min..max-1 over the cells still above target; then why each stopped."""
         rule = plan.rule
@@ -169,15 +189,16 @@ class MatrixRunner(Generic[Booted]):
             "target_cv": rule.target_cv, "metric": plan.metric, "note": OPTIONAL_STOPPING_NOTE,
             "cells": {k: v.to_dict() for k, v in final.items()}})
 
-    def _repetition(self, guests: BootCache[Cell, Booted], cell: Cell, rep_no: int,
+    def _repetition(self, guests: BootCache[Slot, Booted], cell: Cell, rep_no: int,
                     summary: RunSummary, progress: Progress) -> None:
         """One repetition, with its retries; records done or failed."""
         attempts = 0
         while True:
-            progress.start(f"{cell.cell_id} rep {rep_no}")
+            progress.start(f"{cell.cell_id} rep {rep_no}"
+                           + (" (plain)" if self.c.plain(rep_no) else ""))
             rep = self.run.start_rep(cell.cell_id, rep_no)
             try:
-                info = self.c.measure(guests.get(cell), cell, rep)
+                info = self.c.measure(guests.get((cell, self.c.plain(rep_no))), cell, rep)
                 self.run.mark_done(rep, {"attempts": attempts + 1, **info})
                 summary.done += 1
                 progress.finish(_describe(info))

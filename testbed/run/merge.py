@@ -87,7 +87,14 @@ def merge_runs(inputs: list[Path], into: Path | None, results_dir: Path) -> Path
             data["shards"] = [s["run"] for s in shards]
             atomic_write_json(tmp / name, data)
         atomic_write_json(tmp / "shards.json", shards)
+        # plain (plugin-less) repetitions per cell, as the shards recorded them: a resume
+        # of the merged run redoes the ones that failed (testbed.run.local)
+        plain = [read_json(r.meta_file).get("plain_repetitions", 0)
+                 for r in runs if r.meta_file.is_file()]
         atomic_write_json(tmp / "run.json", {"shard": None,
-                                             "merged_from": [str(r.path) for r in runs]})
+                                             "merged_from": [str(r.path) for r in runs],
+                                             "plain_repetitions": max(
+                                                 [p for p in plain if isinstance(p, int)],
+                                                 default=0)})
         tmp.rename(out)
     return out

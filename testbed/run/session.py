@@ -5,6 +5,11 @@ attaches the cache model when the experiment counts with it, boots receiver and
 sender, records the data plane, checks the guest's PMU, finds the data NIC and
 starts netserver; `measure` runs one repetition and, with the cache model, cuts
 its window out of the plugin's CSV. `Fault` is the test hook that hangs a cell.
+
+When the cache model counts, a cell's plain repetitions (`is_plain`: numbers from
+`exp.max_repetitions` on, testbed.experiment.matrix.plain_numbers) boot without the
+plugin and measure as a software-counter run would: tracing on, no markers. Their
+`done` says `"plugin": false`, an instrumented one's `"plugin": true`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Booted:
     topo: Topology
     state: BootState
     symbols: dict[str, Any] | None = None  # the receiver's symbol table (cache model)
+    plugin: bool = False  # the receiver runs under the cache-model plugin
 
 
 class ExperimentGuests:
@@ -93,7 +99,17 @@ class ExperimentGuests:
     def collaborators(self, start: Callable[[], None]) -> Collaborators[Booted]:
         """The loop's collaborators; `start` runs once before the first repetition."""
         return Collaborators(boot=self.boot, measure=self.measure, start=start,
-                             keep_logs=self.keep_logs)
+                             keep_logs=self.keep_logs, plain=self.is_plain)
+
+    @property
+    def plain_repetitions(self) -> int:
+        """Plugin-less repetitions per cell this run schedules (none without the model)."""
+        return self.exp.plain_repetitions if self.cachemodel else 0
+
+    def is_plain(self, rep_no: int) -> bool:
+        """Repetition `rep_no` is a plain one: the cache model counts and the number lies
+        after every instrumented one (testbed.experiment.matrix.plain_numbers)."""
+        return self.cachemodel and rep_no >= self.exp.max_repetitions
 
     def _assets_for(self, kernel: str) -> Assets:
         if kernel not in self.assets:
@@ -104,14 +120,17 @@ class ExperimentGuests:
         return self.assets[kernel]
 
     @contextlib.contextmanager
-    def boot(self, cell: Cell) -> Iterator[Booted]:
+    def boot(self, cell: Cell, plain: bool = False) -> Iterator[Booted]:
+        """Receiver and sender for `cell`; the receiver under the cache-model plugin when
+        the model counts, unless `plain`."""
         assets = self._assets_for(cell.kernel)
         workdir = self.guests_dir
         if workdir.exists():
             shutil.rmtree(workdir)
         plugins: tuple[PluginSpec, ...] = ()
         threads: TcgThreads = "multi"
-        if self.cachemodel:
+        plugin = self.cachemodel and not plain
+        if plugin:
             plugins, threads = receiver_plugins(self.settings, workdir, self.log)
             # plugin-<key>/: the key hashes the plugin's sources, QEMU's header and flags
             self.provenance.record_plugin(plugins[0].path.parent.name if plugins else "")
@@ -122,9 +141,9 @@ class ExperimentGuests:
             self.provenance.record_placement(topo.placement)  # h-repeat (#11)
             self.provenance.check_guest_pmu(topo.receiver.ssh)
             symbols = (record_kernel_symbols(topo.receiver.ssh, self.run.path)
-                       if self.cachemodel else None)
+                       if plugin else None)
             booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac),
-                            symbols)
+                            symbols, plugin)
             if self.fault and self.fault.cell_id == cell.cell_id:
                 self.log(f"fault injection: stopping the receiver's vCPUs for {cell.cell_id}")
                 topo.receiver.process.qmp("stop")
@@ -135,12 +154,13 @@ class ExperimentGuests:
         if topo.sender is None:
             raise NetbedError("a measured cell needs the sender guest")
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
+        # tracing follows the window's rule: on unless the plugin counts this window
         info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
                               cell, resolved, rep, self.provenance.pmu,
-                              cachemodel=self.cachemodel)
-        if self.cachemodel:
+                              cachemodel=booted.plugin)
+        if booted.plugin:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
-        return info
+        return {**info, "plugin": booted.plugin}
 
     def keep_logs(self, rep: RepDir) -> None:
         """Serial and QEMU logs of the guests, kept with a repetition that went wrong."""

@@ -25,6 +25,7 @@ duration: 2
 warmup: 0
 order: sequential
 retries: 1
+plain_repetitions: 0  # plugin-less repetitions: tests/integration/test_plain_repetitions.py
 """
 
 

@@ -36,6 +36,7 @@ duration: 2
 warmup: 0
 order: sequential
 retries: {retries}
+plain_repetitions: 0
 """
 
 

@@ -93,7 +93,7 @@ def test_adaptive_form_schedules_min_and_estimates_with_max() -> None:
     assert len(schedule(exp, cells, exp.max_repetitions)) == 12 * len(cells)
     fixed12 = experiment(12)
     assert estimate_seconds(exp, cells) == estimate_seconds(fixed12, cells)
-    assert "at most 24 runs" in cells_table(exp, cells)
+    assert "at most 26 runs" in cells_table(exp, cells)  # + 1 plain per cell (auto)
 
 
 @pytest.mark.parametrize("bad", [{"min": 4}, {"min": 6, "max": 5}, {"target_cv": 0},
@@ -121,8 +121,8 @@ class Noisy:
         self.measured: list[tuple[str, int]] = []
 
     @contextlib.contextmanager
-    def boot(self, cell: Cell) -> Iterator[str]:
-        yield cell.nic
+    def boot(self, cell: Cell, plain: bool = False) -> Iterator[str]:
+        yield cell.nic + (" plain" if plain else "")
 
     def measure(self, guest: str, cell: Cell, rep: RepDir) -> dict[str, object]:
         self.measured.append((cell.nic, rep.repetition))

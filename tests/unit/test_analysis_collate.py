@@ -247,3 +247,57 @@ def test_readback_irqs_from_nicstate_readback() -> None:
     assert c.readback_irqs({"irqs": [23]}) == ["23"]
     assert c.readback_irqs({"irq_affinity": {}}) is None
     assert c.readback_irqs({}) is None
+
+
+def test_each_repetition_says_whether_it_ran_under_the_plugin(run_copy: Path) -> None:
+    """`done`'s plugin flag decides; an old run's repetitions are judged by cachemodel.csv."""
+    import json
+
+    shutil.copy(FIX / "raw" / "cachemodel" / "cachemodel.csv",
+                run_copy / "cells" / PIN_SAME / "rep-1" / "cachemodel.csv")
+    df = c.collate_run(run_copy)
+    marks = df[df.metric == c.INSTRUMENTED]
+    assert set(marks["note"]) == {"inferred: cachemodel.csv present",
+                                  "inferred: cachemodel.csv absent"}
+    assert val(df, PIN_SAME, 1, c.INSTRUMENTED) == 1.0
+    assert val(df, DEFAULT, 1, c.INSTRUMENTED) == 0.0
+    # a new run's done says so; it wins over the files present
+    done = run_copy / "cells" / PIN_SAME / "rep-1" / "done"
+    done.write_text(json.dumps({**json.loads(done.read_text()), "plugin": False}))
+    df = c.collate_run(run_copy)
+    assert val(df, PIN_SAME, 1, c.INSTRUMENTED) == 0.0
+    assert row(df, PIN_SAME, 1, c.INSTRUMENTED)["note"] == "done: plugin off (plain)"
+    # failed or unfinished repetitions get no mark: they measured nothing
+    assert len(df[df.metric == c.INSTRUMENTED]) == len(
+        df[(df.metric == "rep.status") & (df.status == "ok")])
+
+
+def test_by_kind_takes_cache_rows_from_instrumented_reps_and_the_rest_from_plain(
+        run_copy: Path) -> None:
+    import json
+
+    for cell in (PIN_SAME, DEFAULT):
+        shutil.copy(FIX / "raw" / "cachemodel" / "cachemodel.csv",
+                    run_copy / "cells" / cell / "rep-1" / "cachemodel.csv")
+        done = run_copy / "cells" / cell / "rep-1" / "done"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "plugin": True}))
+    df = c.collate_run(run_copy)
+    inst = c.instrumented_reps(df)
+    assert {(cell, r) for _, cell, r in inst} == {(PIN_SAME, 1), (DEFAULT, 1)}
+    assert c.plain_reps(df) and not c.plain_reps(df) & inst
+    view = c.by_kind(df)
+    keys = list(zip(view.cell_id, view.repetition, strict=True))
+    under = pd.Series([(cell, r) in {(PIN_SAME, 1), (DEFAULT, 1)} for cell, r in keys],
+                      index=view.index)
+    metric = view.metric.astype(str)
+    # instrumented reps: only cache.* and rep.* rows; plain reps: no cache.* rows at all
+    assert set(metric[under & ~metric.str.startswith("rep.")].str.split(".").str[0]) == \
+        {"cache"}
+    assert not metric[~under].str.startswith("cache.").any()
+    assert (metric[under] == "netperf.throughput").sum() == 0
+    assert (metric[~under] == "netperf.throughput").sum() > 0
+    # one kind only (an old cache-model run, or a run without the model): unchanged
+    old = df[~df.cell_id.isin([PIN_SAME, DEFAULT]) | (df.repetition == 1)]
+    old = old[~old.metric.eq(c.INSTRUMENTED)]
+    only_inst = old[old.cell_id.isin([PIN_SAME, DEFAULT])]
+    pd.testing.assert_frame_equal(c.by_kind(only_inst), only_inst)

@@ -137,3 +137,21 @@ def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> 
     assert "--force" in (e.value.hint or "")
     paths = analysis.write_report(run, compare_to=other, force=True)
     assert "warning: runs differ: QEMU" in paths.md.read_text()
+
+
+def test_the_report_says_which_kind_of_repetition_each_number_comes_from():
+    import numpy as np
+
+    from analysis.report import kinds_verdict
+    from tests.unit.test_answer import mixed_run
+
+    one = kinds_verdict(mixed_run(np.random.default_rng(0), 1, {"default": 0.0,
+                                                                  "pin-same": 1.0}))
+    assert one.startswith("6 repetitions ran under the cache-model plugin (instrumented) and "
+                          "2 without it (plain: 1 per cell, traced)")
+    assert "One plain repetition per cell gives no interval" in one
+    none = kinds_verdict(mixed_run(np.random.default_rng(0), 0, {}))
+    assert none.startswith("All 6 finished repetitions ran under the cache-model plugin")
+    plain = mixed_run(np.random.default_rng(0), 2, {"default": 0.0, "pin-same": 1.0})
+    plain = plain[plain["repetition"] >= 3]
+    assert kinds_verdict(plain).startswith("All 4 finished repetitions ran without")

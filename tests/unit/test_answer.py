@@ -156,3 +156,79 @@ def test_rr_cells_are_answered_per_transaction_beside_bulk_cells_per_kb():
     by = ans.effects.groupby("workload")["metric"].agg(set).to_dict()
     assert by == {"TCP_STREAM": {"c2c transfers per KB"},
                   "TCP_RR": {"c2c transfers per transaction"}}
+
+
+def mixed_run(rng: np.random.Generator, plain: int, locality: dict[str, float]) -> pd.DataFrame:
+    """Instrumented repetitions 0..N-1 (cache model: c2c planted 0.6x for pin-same, their
+    throughput a tenth of the truth and unequal) and `plain` repetitions after them (no
+    plugin: true throughput, equal for both policies, and a locality share)."""
+    rows = []
+    for policy, c2c, slow in (("default", 1.0, 30.0), ("pin-same", 0.6, 10.0)):
+        cell_id = f"patched-e1000-2cpu-{policy}-TCP_STREAM-gro_on"
+        for rep in range(N + plain):
+            under = rep < N
+            ids = {"run_id": "r", "cell_id": cell_id, "repetition": rep, "kernel": "patched",
+                   "nic": "e1000", "cpus": 2, "policy": policy, "workload": "TCP_STREAM",
+                   "message_size": 16384, "gro": True, "cpu": "all", "status": "ok",
+                   "note": ""}
+            rows.append({**ids, "metric": "rep.status", "unit": "", "source": "runner",
+                         "value": 1.0})
+            rows.append({**ids, "metric": "rep.instrumented", "unit": "", "source": "runner",
+                         "value": float(under)})
+            rows.append({**ids, "metric": "window.throughput", "unit": "10^6bits/s",
+                         "source": "window",
+                         "value": draw(rng, slow if under else 300.0, 1)[0]})
+            if under:
+                rows.append({**ids, "metric": "cache.c2c_transfers.per_kb", "unit": "1/KB",
+                             "source": "derived", "value": draw(rng, 2.0 * c2c, 1)[0]})
+            else:
+                rows.append({**ids, "metric": "locality.processing_on_reader_cpu",
+                             "unit": "fraction", "source": "trace",
+                             "value": locality[policy]
+                             + (rng.normal(0, 0.01) if plain > 1 else 0.0)})
+    return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+
+
+def test_rates_and_locality_come_from_plain_reps_and_cache_from_instrumented_ones():
+    ans = build_answer(mixed_run(np.random.default_rng(10), 1,
+                                 {"default": 0.0, "pin-same": 1.0}))
+    e = ans.effects.set_index("metric")
+    tp, c2c = e.loc["throughput"], e.loc["c2c transfers per KB"]
+    # the plain throughput is equal for both policies; the instrumented 10 vs 30 is ignored
+    assert (tp["n_policy"], tp["n_default"], tp["repetitions"]) == (1, 1, "plain")
+    assert tp["ratio"] == pytest.approx(1.0, rel=0.2) and math.isnan(tp["ci_lo"])
+    assert (c2c["n_policy"], c2c["n_default"], c2c["repetitions"]) == (N, N, "instrumented")
+    assert c2c["ratio"] == pytest.approx(0.6, rel=0.15) and c2c["detected"]
+    loc = ans.locality.iloc[0]
+    assert (loc["policy"], loc["n_policy"], loc["diff"]) == ("pin-same", 1, pytest.approx(1.0,
+                                                                                          abs=0.05))
+    text = "\n".join(ans.sentences)
+    # n = 1: a point estimate, said to have no interval, never worded as an effect
+    tp_line = next(s for s in ans.sentences if "throughput" in s)
+    assert "no interval" in tp_line and "n = 1 vs 1 plain repetitions (no plugin)" in tp_line
+    assert "higher throughput" not in tp_line and "lower throughput" not in tp_line
+    loc_line = next(s for s in ans.sentences if "processing on the reader's CPU" in s)
+    assert "100% vs 0% for default" in loc_line and "no interval" in loc_line
+    assert "n = 3 vs 3 instrumented repetitions (cache model)" in text
+    assert any("from the 2 plain repetitions" in n for n in ans.notes)
+    titles = [t for t, _, _ in answer_sections(ans)]
+    assert "The answer: where the receive path ran (policy vs its NIC's default)" in titles
+
+
+def test_two_plain_reps_give_intervals_for_rates_and_locality():
+    ans = build_answer(mixed_run(np.random.default_rng(11), 2,
+                                 {"default": 0.2, "pin-same": 0.9}))
+    tp = ans.effects.set_index("metric").loc["throughput"]
+    assert (tp["n_policy"], tp["n_default"]) == (2, 2) and not math.isnan(tp["ci_lo"])
+    loc = ans.locality.iloc[0]
+    assert loc["detected"] and loc["ci_lo"] > 0.5
+    line = next(s for s in ans.sentences if "processing on the reader's CPU" in s)
+    assert ": a change (n = 2 vs 2 plain" in line and "pp [" in line
+
+
+def test_a_run_all_under_the_plugin_has_no_rates_and_says_why_no_locality():
+    tidy = mixed_run(np.random.default_rng(12), 0, {})
+    ans = build_answer(tidy)
+    assert "throughput" not in set(ans.effects["metric"]) and ans.locality.empty
+    assert any("No throughput" in n for n in ans.notes)
+    assert any("not traced" in n for n in ans.notes)

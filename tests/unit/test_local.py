@@ -79,3 +79,40 @@ def test_hardware_counters_on_a_host_without_pmu_are_refused_before_any_folder(
     assert "counters: [auto]" in (e.value.hint or "")
     assert not settings.results_dir.exists() or not any(settings.results_dir.iterdir())
     assert booted == []
+
+
+@pytest.mark.parametrize(("accel", "expected"), [("tcg", 4 * 2), ("kvm", 4 * 1)])
+def test_a_cache_model_run_schedules_plain_repetitions_and_a_resume_keeps_them(
+        tmp_path, settings, monkeypatch, accel, expected):
+    from testbed.run import local
+    from testbed.run.loop import RunSummary
+    from tests.unit.test_provenance import facts
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)  # counters auto, plain_repetitions 1 by default
+    monkeypatch.setattr(local, "gather", lambda s, log=print: facts(accel=accel, pmu=False))
+    seen: list[list[tuple[str, int]]] = []
+
+    class Runner:
+        def __init__(self, run, items, retries, collaborators, log, adaptive):
+            seen.append([(c.cell_id, r) for c, r in items])
+            self.run, self.plain = run, collaborators.plain
+
+        def execute(self) -> RunSummary:
+            return RunSummary(self.run.path, total=len(seen[-1]))
+
+    monkeypatch.setattr(local, "MatrixRunner", Runner)
+    lines: list[str] = []
+    summary = local.run_matrix(settings, config, log=lines.append)
+    assert len(seen[-1]) == expected
+    if accel == "tcg":
+        assert {r for _, r in seen[-1][4:]} == {1}  # rep-1 of every cell, after rep-0s
+        assert any("1 repetitions + 1 plain (no plugin)" in line for line in lines)
+    meta = json.loads((summary.run_dir / "run.json").read_text())
+    assert meta["plain_repetitions"] == (1 if accel == "tcg" else 0)
+    local.run_matrix(settings, None, resume=summary.run_dir.name, log=lines.append)
+    assert seen[-1] == seen[0]  # the resumed run keeps its plan
+    # a run from before plain repetitions (no key in run.json) resumes without them
+    (summary.run_dir / "run.json").write_text(json.dumps({"shard": None, "config": "x"}))
+    local.run_matrix(settings, None, resume=summary.run_dir.name, log=lines.append)
+    assert len(seen[-1]) == 4

@@ -18,6 +18,7 @@ from testbed.experiment.matrix import expand, schedule
 from testbed.experiment.policies import load_policies
 from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import (
+    AdaptivePlan,
     Collaborators,
     MatrixRunner,
     PolicyMismatch,
@@ -27,13 +28,15 @@ from testbed.run.loop import (
 from testbed.shell import Result
 
 
-def experiment(nics: list[str], repetitions: int = 2, retries: int = 1):
+def experiment(nics: list[str], repetitions: object = 2, retries: int = 1,
+               policies: tuple[str, ...] = ("default",), order: str = "sequential",
+               plain: int = 1):
     return experiment_from_dict({
         "name": "t", "axes": {"kernel": ["distro"], "nic": nics, "cpus": [2],
-                              "policy": ["default"], "workload": ["TCP_STREAM"],
+                              "policy": list(policies), "workload": ["TCP_STREAM"],
                               "gro": ["on"]},
         "repetitions": repetitions, "retries": retries, "duration": 3, "warmup": 0,
-        "order": "sequential"}, load_policies())
+        "order": order, "plain_repetitions": plain}, load_policies())
 
 
 @dataclass
@@ -43,6 +46,7 @@ class FakeGuest:
     number: int
     failures: list[Exception]  # raised by the next run() calls, in order
     closed: bool = False
+    plain: bool = False  # booted without the cache-model plugin
 
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
         assert not self.closed, "a command ran on guests that were shut down"
@@ -60,13 +64,14 @@ class World:
     events: list[str] = field(default_factory=list)
     guests: list[FakeGuest] = field(default_factory=list)
     measured: list[tuple[str, int, int]] = field(default_factory=list)  # cell, rep, guest
+    plain_from: int | None = None  # repetition numbers from here on are plain
 
     @contextlib.contextmanager
-    def boot(self, cell: Cell) -> Iterator[FakeGuest]:
-        self.events.append(f"boot {cell.nic}")
+    def boot(self, cell: Cell, plain: bool = False) -> Iterator[FakeGuest]:
+        self.events.append(f"boot {cell.nic}" + (" plain" if plain else ""))
         if self.boot_failures:
             raise self.boot_failures.pop(0)
-        guest = FakeGuest(len(self.guests) + 1, self.guest_failures)
+        guest = FakeGuest(len(self.guests) + 1, self.guest_failures, plain=plain)
         self.guests.append(guest)
         try:
             yield guest
@@ -78,23 +83,31 @@ class World:
         out = guest.run("netperf -H 198.18.0.1").stdout
         (rep.path / "netperf.txt").write_text(out)
         self.measured.append((cell.nic, rep.repetition, guest.number))
-        return {"throughput": float(out.split()[1]), "units": "10^6bits/s"}
+        return {"throughput": float(out.split()[1]), "units": "10^6bits/s",
+                "plugin": not guest.plain}
 
     def keep_logs(self, rep: RepDir) -> None:
         (rep.path / "console-receiver.log").write_text("console\n")
         self.events.append(f"logs {rep.cell_id} {rep.repetition}")
 
     def collaborators(self) -> Collaborators[FakeGuest]:
+        plain_from = self.plain_from
         return Collaborators(boot=self.boot, measure=self.measure,
                              start=lambda: self.events.append("start"),
-                             keep_logs=self.keep_logs)
+                             keep_logs=self.keep_logs,
+                             plain=lambda r: plain_from is not None and r >= plain_from)
 
 
-def run_loop(tmp_path: Path, world: World, exp, log: list[str] | None = None) -> RunSummary:
+def run_loop(tmp_path: Path, world: World, exp, log: list[str] | None = None,
+             plain: int = 0, adaptive: AdaptivePlan | None = None) -> RunSummary:
+    """The loop over `exp`'s schedule; `plain` > 0: a cache-model run with that many plain
+    repetitions per cell (numbered from max_repetitions, as the session numbers them)."""
     run = RunDir(tmp_path / "run")
     lines = log if log is not None else []
-    runner = MatrixRunner(run, schedule(exp, expand(exp)), exp.retries, world.collaborators(),
-                          log=lines.append)
+    if plain:
+        world.plain_from = exp.max_repetitions
+    runner = MatrixRunner(run, schedule(exp, expand(exp), plain=plain), exp.retries,
+                          world.collaborators(), log=lines.append, adaptive=adaptive)
     return runner.execute()
 
 
@@ -225,3 +238,77 @@ def test_summary_lists_failures():
     text = summary_text(s, 12.3)
     assert "4 total, 2 run now, 1 already done, 1 failed" in text
     assert "c1 rep 0: boom" in text and not s.ok
+
+
+# ------------------------------------------------------------- plain (plugin-less) repetitions
+
+
+def test_plain_repetitions_boot_without_the_plugin_after_every_instrumented_one(tmp_path):
+    world = World()
+    exp = experiment(["e1000", "virtio"], repetitions=2, policies=("default", "rfs"))
+    summary = run_loop(tmp_path, world, exp, plain=1)
+    assert summary.ok and summary.done == 4 * 3 and summary.total == 12
+    # one plugin boot and one plain boot per NIC: the cells of a NIC share each
+    assert world.events == ["start", "boot e1000", "shutdown 1", "boot virtio", "shutdown 2",
+                            "boot e1000 plain", "shutdown 3", "boot virtio plain",
+                            "shutdown 4"]
+    assert [(nic, r) for nic, r, g in world.measured if g in (3, 4)] == [
+        ("e1000", 2), ("e1000", 2), ("virtio", 2), ("virtio", 2)]
+    for cell in expand(exp):
+        assert [status(tmp_path, cell.cell_id, r)["plugin"] for r in range(3)] == \
+            [True, True, False]
+
+
+def test_interleaved_plain_rounds_share_their_boots_too(tmp_path):
+    world = World()
+    exp = experiment(["e1000", "virtio"], repetitions=2, policies=("default", "rfs"),
+                     order="interleaved", plain=2)
+    run_loop(tmp_path, world, exp, plain=2)
+    boots = [e for e in world.events if e.startswith("boot")]
+    assert boots == ["boot e1000", "boot virtio"] * 2 + ["boot e1000 plain",
+                                                          "boot virtio plain"] * 2
+
+
+def test_resume_runs_only_the_missing_plain_repetitions(tmp_path):
+    exp = experiment(["e1000", "virtio"], repetitions=1)
+    run = RunDir(tmp_path / "run")
+    e1000, virtio = cell_id(exp, "e1000"), cell_id(exp, "virtio")
+    for cid, rep in ((e1000, 0), (virtio, 0), (e1000, 1)):
+        run.mark_done(run.start_rep(cid, rep), {"attempts": 1, "plugin": rep == 0})
+    world = World()
+    lines: list[str] = []
+    summary = run_loop(tmp_path, world, exp, lines, plain=1)
+    assert (summary.skipped, summary.done, summary.total) == (3, 1, 4)
+    assert world.events == ["start", "boot virtio plain", "shutdown 1"]
+    assert status(tmp_path, virtio, 1)["plugin"] is False
+
+
+def test_a_failed_plain_repetition_is_retried_on_a_fresh_plain_boot(tmp_path):
+    exp = experiment(["e1000"], repetitions=1)
+    run_loop(tmp_path, World(), exp, plain=1)  # both kinds, cleanly
+    hang = GuestError("guest receiver: command timed out")
+    world2 = World(guest_failures=[hang])
+    run = RunDir(tmp_path / "run")
+    cid = cell_id(exp, "e1000")
+    (run.rep(cid, 1).path / "done").unlink()  # the plain one again, now hanging once
+    summary = run_loop(tmp_path, world2, exp, plain=1)
+    assert summary.ok and world2.events == ["start", "boot e1000 plain", f"logs {cid} 1",
+                                            "shutdown 1", "boot e1000 plain", "shutdown 2"]
+    assert status(tmp_path, cid, 1)["attempts"] == 2
+
+
+def test_adaptive_rounds_run_before_the_plain_repetitions(tmp_path):
+    from testbed.run.local import adaptive_plan
+
+    class Noisy(World):
+        def measure(self, guest: FakeGuest, cell: Cell, rep: RepDir) -> dict[str, object]:
+            info = super().measure(guest, cell, rep)
+            return {**info, "throughput": 900.0 + 50 * (rep.repetition % 2)}
+
+    exp = experiment(["e1000"], repetitions={"min": 5, "max": 6, "target_cv": 0.01})
+    world = Noisy()
+    run_loop(tmp_path, world, exp, plain=1, adaptive=adaptive_plan(exp, expand(exp)))
+    # CV above target after 5: the adaptive round (rep 5) runs, then the plain one (rep 6)
+    assert [r for _, r, _ in world.measured] == [0, 1, 2, 3, 4, 5, 6]
+    assert world.events == ["start", "boot e1000", "shutdown 1", "boot e1000 plain",
+                            "shutdown 2"]

@@ -197,7 +197,35 @@ def test_estimate_arithmetic(policies) -> None:
                warmup=2, order="sequential")
     cells = expand(exp)
     # 2 boots x 20 s + 6 reps x (2 + 10 + 5) s
-    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0) == 40 + 6 * 17
+    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0, plain=0) == 40 + 6 * 17
+    # counters auto may mean the cache model: one plain repetition per cell, each NIC
+    # booted once more without the plugin: 4 boots, 8 repetitions
+    assert exp.counters == ["auto"] and exp.plain_repetitions == 1
+    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0) == 80 + 8 * 17
+    software = _exp(policies, axes={"nic": ["e1000", "virtio"]}, repetitions=3, duration=10,
+                    warmup=2, order="sequential", counters=["software"])
+    assert estimate_seconds(software, cells, 20.0, rep_overhead_seconds=5.0) == 40 + 6 * 17
+
+
+def test_plain_repetitions_come_last_numbered_after_the_instrumented_ones(policies) -> None:
+    for order in ("sequential", "interleaved", "random"):
+        exp = _exp(policies, axes={"nic": ["e1000", "virtio"], "policy": ["default", "rfs"]},
+                   repetitions=2, order=order, plain_repetitions=2)
+        cells = expand(exp)
+        sched = schedule(exp, cells, plain=2)
+        assert len(sched) == 4 * 4
+        main, plain = sched[:8], sched[8:]
+        assert {r for _, r in main} == {0, 1} and {r for _, r in plain} == {2, 3}
+        assert sorted((c.cell_id, r) for c, r in plain) == sorted(
+            (c.cell_id, r) for c in cells for r in (2, 3))
+        assert schedule(exp, cells) == main  # without plain: as before
+        if order == "interleaved":  # rounds: every cell's plain rep 2 before any rep 3
+            assert [r for _, r in plain] == [2, 2, 2, 2, 3, 3, 3, 3]
+        # each kind boots its own guests, once per NIC run of cells
+        assert count_boots(sched, "guest", plain_from=2) == \
+            count_boots(main, "guest") + count_boots(plain, "guest")
+    adaptive = _exp(policies, repetitions={"min": 5, "max": 7})
+    assert [r for _, r in schedule(adaptive, expand(adaptive), plain=1)][-1] == 7
 
 
 def test_quick_fits_in_15_minutes_by_estimate() -> None:
@@ -224,7 +252,13 @@ def test_cells_table_is_plain_text(policies) -> None:
     assert lines[2].split()[:7] == ["1", "distro", "e1000", "2", "default",
                                     "TCP_STREAM-16384", "on"]
     assert "\x1b" not in table
-    assert lines[-1].startswith("t: 4 cells x 2 repetitions = 8 runs, order random (seed 9)")
+    assert lines[-1].startswith("t: 4 cells x 2 repetitions + 1 plain (no plugin) = 12 runs, "
+                                "order random (seed 9)")
+    assert lines[-2].startswith("plain: 1 repetition(s) per cell booted without")
+    software = _exp(policies, axes={"nic": ["e1000", "virtio"], "policy": ["default", "rfs"]},
+                    repetitions=2, counters=["software"])
+    assert cells_table(software, expand(software)).splitlines()[-1].startswith(
+        "t: 4 cells x 2 repetitions = 8 runs")
 
 
 # ------------------------------------------------------------------ expansion = the definition

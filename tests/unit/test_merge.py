@@ -66,3 +66,15 @@ def test_merge_refuses_overlapping_or_foreign_runs_and_leaves_nothing(tmp_path: 
 
 def test_merged_name_strips_shard_suffix():
     assert merged_name(["20260101T000000Z-full-shard3of8"]) == "20260101T000000Z-full-merged"
+
+
+def test_merge_keeps_the_plain_repetitions_the_shards_ran(tmp_path: Path):
+    a = make_run(tmp_path, "a", "name: x\n", {("c1", 0): "done", ("c1", 1): "failed"})
+    b = make_run(tmp_path, "b", "name: x\n", {("c2", 0): "done", ("c2", 1): "done"})
+    for run in (a, b):
+        (run / "run.json").write_text(json.dumps({"shard": None, "plain_repetitions": 1}))
+    out = merge_runs([a, b], tmp_path / "m", tmp_path)
+    assert json.loads((out / "run.json").read_text())["plain_repetitions"] == 1
+    old = merge_runs([make_run(tmp_path, "o", "name: x\n", {("c1", 0): "done"})],
+                     tmp_path / "m2", tmp_path)  # shards from before: none recorded
+    assert json.loads((old / "run.json").read_text())["plain_repetitions"] == 0

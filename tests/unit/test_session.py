@@ -41,3 +41,54 @@ def test_the_counter_plan_decides_plugin_and_accelerator(tmp_path):
     assert guests.cachemodel and guests.accel is None  # auto under TCG: the cache model
     prov.decide(facts(accel="kvm", pmu=True))
     assert not guests.cachemodel and guests.accel is None
+
+
+def _guests(tmp_path, text: str, accel: str):
+    from pathlib import Path
+
+    from testbed.experiment.load import loads_experiment
+    from testbed.run.folder import RunDir
+    from testbed.run.provenance import Provenance
+    from testbed.run.session import ExperimentGuests
+    from testbed.settings import Settings
+    from tests.unit.test_provenance import facts
+
+    exp = loads_experiment(text, Path("p.yaml"))
+    prov = Provenance(RunDir(tmp_path), exp.counters, log=lambda m: None)
+    prov.decide(facts(accel=accel, pmu=accel == "kvm"))
+    return ExperimentGuests(Settings(), RunDir(tmp_path), exp, prov, log=lambda m: None)
+
+
+def test_plain_repetitions_follow_the_instrumented_ones_only_under_the_cache_model(tmp_path):
+    tcg = _guests(tmp_path, "name: p\nrepetitions: 3\nplain_repetitions: 2\n", "tcg")
+    assert tcg.plain_repetitions == 2
+    assert [tcg.is_plain(r) for r in range(6)] == [False] * 3 + [True] * 3
+    assert tcg.collaborators(start=lambda: None).plain(3)
+    kvm = _guests(tmp_path, "name: p\nrepetitions: 3\nplain_repetitions: 2\n", "kvm")
+    assert kvm.plain_repetitions == 0 and not kvm.is_plain(4)  # no plugin: nothing to add
+    adaptive = _guests(tmp_path, "name: p\nrepetitions: {min: 5, max: 8}\n", "tcg")
+    assert not adaptive.is_plain(7) and adaptive.is_plain(8)  # after every adaptive round
+
+
+def test_a_plain_boot_measures_without_the_plugin_and_says_so(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from testbed.experiment.matrix import expand
+    from testbed.run import session
+    from testbed.run.folder import RunDir
+
+    guests = _guests(tmp_path, "name: p\n", "tcg")
+    calls: list[dict[str, object]] = []
+    collected: list[object] = []
+    monkeypatch.setattr(session, "run_repetition",
+                        lambda *a, **k: calls.append(k) or {"throughput": 1.0})
+    monkeypatch.setattr(session, "collect_window", lambda *a: collected.append(a))
+    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
+    topo = SimpleNamespace(receiver=node, sender=node)
+    rep = RunDir(tmp_path).start_rep("c", 0)
+    cell = expand(guests.exp)[0]
+    plain = guests.measure(session.Booted(topo, None, None, plugin=False), cell, rep)
+    assert plain == {"throughput": 1.0, "plugin": False}
+    assert calls[-1]["cachemodel"] is False and collected == []  # tracing on, no markers
+    inst = guests.measure(session.Booted(topo, None, {}, plugin=True), cell, rep)
+    assert inst["plugin"] is True and calls[-1]["cachemodel"] is True and len(collected) == 1
