@@ -363,6 +363,10 @@ class Experiment(BaseModel):
     plain_repetitions: Int = Field(
         default=1, ge=0, le=1000,
         description="plugin-less repetitions per cell when the cache model counts")
+    tracing: Bool = Field(
+        default=True,
+        description="in-guest tracepoints for locality and wake-ups (never in cache-model "
+                    "windows); off saves their cost and gives not-supported rows")
     retries: Int = Field(default=2, ge=0, le=20)
     memory_mb: Int | None = Field(default=None, ge=128, le=65536)
     policies_file: Text | None = None
@@ -373,6 +377,11 @@ class Experiment(BaseModel):
     _policies_path: Path | None = PrivateAttr(default=None)
     _policies: PolicySet | None = PrivateAttr(default=None)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("tracing", mode="before")
+    @classmethod
+    def _tracing(cls, v: Any) -> Any:
+        return _gro_bool(v)
 
     @field_validator("name")
     @classmethod

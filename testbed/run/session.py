@@ -154,10 +154,11 @@ class ExperimentGuests:
         if topo.sender is None:
             raise NetbedError("a measured cell needs the sender guest")
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
-        # tracing follows the window's rule: on unless the plugin counts this window
+        # tracing: the config's switch, and never where the plugin counts this window
         info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
                               cell, resolved, rep, self.provenance.pmu,
-                              cachemodel=booted.plugin)
+                              cachemodel=booted.plugin,
+                              tracing=self.exp.tracing and not booted.plugin)
         if booted.plugin:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return {**info, "plugin": booted.plugin}

@@ -89,6 +89,26 @@ def test_a_plain_boot_measures_without_the_plugin_and_says_so(tmp_path, monkeypa
     cell = expand(guests.exp)[0]
     plain = guests.measure(session.Booted(topo, None, None, plugin=False), cell, rep)
     assert plain == {"throughput": 1.0, "plugin": False}
-    assert calls[-1]["cachemodel"] is False and collected == []  # tracing on, no markers
+    assert calls[-1]["cachemodel"] is False and collected == []  # no markers
+    assert calls[-1]["tracing"] is True
     inst = guests.measure(session.Booted(topo, None, {}, plugin=True), cell, rep)
     assert inst["plugin"] is True and calls[-1]["cachemodel"] is True and len(collected) == 1
+    assert calls[-1]["tracing"] is False  # the tracer's accesses would be counted
+
+
+def test_tracing_off_in_the_config_reaches_every_window(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from testbed.experiment.matrix import expand
+    from testbed.run import session
+    from testbed.run.folder import RunDir
+
+    guests = _guests(tmp_path, "name: p\ntracing: off\n", "tcg")
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(session, "run_repetition",
+                        lambda *a, **k: calls.append(k) or {"throughput": 1.0})
+    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
+    topo = SimpleNamespace(receiver=node, sender=node)
+    guests.measure(session.Booted(topo, None, None, plugin=False),
+                   expand(guests.exp)[0], RunDir(tmp_path).start_rep("c", 0))
+    assert calls[-1]["tracing"] is False
