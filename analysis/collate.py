@@ -167,7 +167,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
     _collate_trace(rep, out)
     _derive_per_unit(out, units, workload)
-    _derive_coverage(out, units)
+    _derive_coverage(out, units, workload)
     return out.rows, facts
 
 
@@ -514,11 +514,18 @@ def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: s
             out.add(metric, "all", row["value"] / base, u, "derived")
 
 
-def _derive_coverage(out: _Rows, units: window_metrics.Units | None) -> None:
+def _derive_coverage(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
     """cache.device_write_coverage: device writes the cache model noticed per payload
-    line received (window.kbytes x 1024 / 64)."""
+    line received (window.kbytes x 1024 / 64). Only bulk receive (TCP_STREAM) says
+    something: in MAERTS the measured guest sends (no payload arrives by DMA) and in
+    RR the payload is a few bytes against descriptors and headers."""
     dw = [r for r in out.rows if r["metric"] == "cache.device_writes" and r["cpu"] == "all"]
     if not dw:
+        return
+    if workload.upper() != "TCP_STREAM":
+        out.add("cache.device_write_coverage", "all", math.nan, "fraction", "derived",
+                "not-supported", f"{workload or 'unknown workload'}: only bulk receive "
+                "(TCP_STREAM) has payload lines arriving by DMA to compare with")
         return
     if units is None or not units.kbytes:
         out.add("cache.device_write_coverage", "all", math.nan, "fraction", "derived",
