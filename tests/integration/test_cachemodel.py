@@ -21,6 +21,7 @@ from testbed.formats import cachemodel as cmfmt
 from testbed.formats import symbols as symfmt
 from testbed.settings import Settings
 from testbed.vm import cachemodel as cm
+from testbed.vocabulary import TcgThreads
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -45,7 +46,7 @@ def settings_() -> Settings:
     return Settings()
 
 
-def boot(settings: Settings, workdir: Path, threads: str = "single") -> pd.DataFrame:
+def boot(settings: Settings, workdir: Path, threads: TcgThreads = "single") -> pd.DataFrame:
     # with attribution on, as the runner uses the plugin
     run = cm.run_with_model(settings, SCRIPT, workdir, tcg_threads=threads, attribution=True)
     assert run.csv is not None

@@ -68,7 +68,7 @@ def test_device_write_coverage_needs_a_non_repeating_payload(kernel: str, nic: s
                 run_repetition(topo.receiver.ssh, topo.sender.ssh, state, exp, cell,
                                exp.policies.resolve("pin-irq", 2), rep, pmu=False,
                                payload_kind=kind)
-                collect_window(topo, rep)
+                collect_window(topo.receiver.spec.workdir, rep)
                 run.mark_done(rep, {})
                 df = pd.DataFrame(collate_rep(rep)[0])
                 got[kind] = df[df["cpu"] == "all"].set_index("metric")
