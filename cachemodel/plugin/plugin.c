@@ -623,6 +623,14 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(out, "vcpu,mode,event,value,marker\n");
         fflush(out);
     }
+#if !NB_HOST_POINTERS
+    if (dma_detect) {
+        warn("netbed-cache: plugin API >= 4 build with dma=on: device-write detection reads "
+             "lines with qemu_plugin_read_memory_vaddr, and the ping-pong validation FAILS "
+             "with it under QEMU 10.0 (c2c 9-896 of 2000; see cachemodel/README.md); "
+             "dma=off passes\n");
+    }
+#endif
     line_bytes = cfg.line;
     M = model_new(&cfg);
 #if NB_HOST_POINTERS
