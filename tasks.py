@@ -356,11 +356,34 @@ def merge_results(c, runs=None, into=None):
 
 @task(help={"force": "recompile even when a plugin for these sources is cached"})
 def build_cachemodel(c, force=False):
-    """Build the cache-model TCG plugin against the installed QEMU's header; print its path."""
+    """Build the cache-model TCG plugin against the selected QEMU's header (setting `qemu`);
+    print its path."""
     from testbed.build.cachemodel_plugin import build_plugin
 
     with user_errors():
         print(build_plugin(settings_of(c), say, force=force))
+
+
+@task(help={"json": "print the manifest (version, packages, sha256 of each .deb) as JSON"})
+def build_qemu(c, json_=False):
+    """Fetch and unpack the bookworm-backports QEMU into the cache (once), beside the host's.
+
+    Select it with `qemu: backport` in invoke.yaml or INVOKE_NETBED_QEMU=backport; the
+    host's QEMU and apt configuration are left as they are.
+    """
+    from testbed.build.qemu_backport import ensure_backport, read_manifest
+
+    s = settings_of(c)
+    with user_errors():
+        install = ensure_backport(s, say)
+    manifest = read_manifest(s)
+    assert manifest is not None
+    if json_:
+        print(manifest.to_json(), end="")
+        return
+    print(f"QEMU {install.version}: {install.binary}")
+    for deb in manifest.debs:
+        print(f"  {deb.package} {deb.version}  sha256 {deb.sha256}")
 
 
 ns = Collection(doctor, setup, shell, test, bench_boot, run_matrix, run_hosts, merge_results)
@@ -368,4 +391,5 @@ ns.add_task(build_kernel)
 ns.add_task(analyze)
 ns.add_task(report)
 ns.add_task(build_cachemodel)
+ns.add_task(build_qemu)
 ns.configure({"netbed": Settings().as_invoke_config()})

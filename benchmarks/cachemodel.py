@@ -27,7 +27,11 @@ minimum is the least disturbed run. The boot's own cost (outside any region) is
 shown as QEMU CPU seconds for the whole run. Last, what thread=single costs
 without the plugin: two streams in parallel on two vCPUs, single vs multi.
 
-    python -m benchmarks.cachemodel [--repeats N] [--quick] [--dma-only]
+    python -m benchmarks.cachemodel [--repeats N] [--quick] [--dma-only] [--qemu backport]
+
+--qemu picks the QEMU (netbed setting `qemu`): `system` (the host's, 7.2 on bookworm)
+or `backport` (bookworm-backports' 10.0 unpacked in the cache; the plugin is then
+built for its API 4, where line contents are read with qemu_plugin_read_memory_vaddr).
 
 --dma (also part of the default run) quantifies what device writes do to the
 counts: a guest with QEMU's e1000 receives a TCP stream from the host (user-mode
@@ -45,8 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.build import cachemodel_plugin as cmplugin
+from testbed.build.qemu_backport import resolve_qemu
 from testbed.formats import cachemodel as cmfmt
-from testbed.settings import Settings
+from testbed.settings import CHOICES, Settings
 from testbed.vm import cachemodel as cm
 from testbed.vocabulary import TCG_THREADS, TcgThreads
 
@@ -125,14 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plugin-so", type=Path, default=None,
                     help="measure this plugin build instead (e.g. one without attribution: "
                          "then the set-ups run without it and inside+attr is skipped)")
+    ap.add_argument("--qemu", choices=CHOICES["qemu"],
+                    default=os.environ.get("INVOKE_NETBED_QEMU", "system"),
+                    help="which QEMU (netbed setting qemu; default INVOKE_NETBED_QEMU or "
+                         "system)")
     args = ap.parse_args(argv)
-    settings = Settings()
+    settings = Settings(qemu=args.qemu)
     if args.dma_only:
         dma_bias(settings, args.dma_mib)
         return
     cmplugin.build_plugin(settings)
     cm.build_guest_tools(settings)
     quiet = lambda m: None  # noqa: E731
+    qemu = resolve_qemu(settings)
+    print(f"QEMU: {qemu.kind} {qemu.version or qemu.binary}")
     print(f"host load average at start: {os.getloadavg()[0]:.1f} (2 cores, shared); "
           "slowdowns are ratios of QEMU CPU time (user+sys) over the workload")
     worst: dict[str, float] = {}

@@ -23,6 +23,10 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: REPO_ROOT / ".cache")
     results_dir: Path = field(default_factory=lambda: REPO_ROOT / "results")
     qemu_binary: str = "qemu-system-x86_64"
+    # Which QEMU starts guests: `system` (qemu_binary, the host's apt-installed one) or
+    # `backport` (Debian's bookworm-backports build, unpacked into the cache on first
+    # use; testbed.build.qemu_backport).
+    qemu: str = "system"
     default_kernel: KernelName = "distro"
     accel: AccelSetting = "auto"
     guest_memory_mb: int = 1024
@@ -62,4 +66,5 @@ class Settings:
 # Settings with a fixed set of values, checked when read from invoke's config.
 CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),
                                        "default_kernel": get_args(KernelName),
-                                       "host_placement": ("shared", "disjoint")}
+                                       "host_placement": ("shared", "disjoint"),
+                                       "qemu": ("system", "backport")}

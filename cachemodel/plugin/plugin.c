@@ -1,6 +1,8 @@
 /*
- * netbed cache model as a QEMU (7.2, plugin API v1) TCG plugin: the glue between
- * QEMU's instrumentation and the pure model in model.c.
+ * netbed cache model as a QEMU TCG plugin: the glue between QEMU's instrumentation
+ * and the pure model in model.c.  It builds for plugin API 1 (QEMU 7.2) and API >= 4
+ * (QEMU 10.0, which loads only API >= 2): see "Line contents" below for the one
+ * place they differ in substance.
  *
  * Regions of interest: the guest tool nbmark executes `nopl disp32(%rax)`
  * (0f 1f 80 <disp32>) with disp32 = 0x4E000000 | kind << 20 | id.  The plugin spots
@@ -70,8 +72,27 @@ static char lock_flag;
 static char *sites_path, *c2c_path;
 static unsigned long windows_closed;
 
+#if QEMU_PLUGIN_VERSION >= 4
+#define NB_HOST_POINTERS 0
+#elif QEMU_PLUGIN_VERSION == 1
+#define NB_HOST_POINTERS 1
+#else
+#error "netbed-cache builds for plugin API 1 (QEMU 7.2) or >= 4 (QEMU 10: read_memory_vaddr)"
+#endif
+
 /*
- * Guest-physical address lookup cache.  qemu_plugin_hwaddr_phys_addr() searches
+ * Line contents (DMA digests).  API 1: QEMU's struct qemu_plugin_hwaddr holds the
+ * host address of the accessed byte (mirrored below), so a line is read in place.
+ * API >= 2 dropped it (the struct holds the physical address and the memory region);
+ * API 4 added qemu_plugin_read_memory_vaddr, which copies guest memory by virtual
+ * address through QEMU's debug path (a page-table walk per call).  A remembered line
+ * is then its virtual address, read again later on the same vCPU: with a different
+ * address space loaded by then (a context switch between two of its accesses, with
+ * no other access in between) the bytes would be another process's.  Between a
+ * user store and a switch the kernel touches many lines, so the memo is digested
+ * long before.
+ *
+ * Guest-physical address lookup cache (API 1 only).  qemu_plugin_hwaddr_phys_addr() searches
  * QEMU's RAM blocks on every call (~18 ns here, a third of the plugin's cost on a
  * streaming loop).  The host address backing a guest RAM page never changes while
  * the VM runs, so (host page -> guest-physical page) can be cached per vCPU with
@@ -80,6 +101,7 @@ static unsigned long windows_closed;
  * We build against the installed version's header, and the first PHYS_CHECKS hits
  * are checked against the API; a mismatch turns the cache off for good.
  */
+#if NB_HOST_POINTERS
 struct hwaddr_mirror_72 {
     bool is_io;
     bool is_store;
@@ -101,11 +123,24 @@ typedef struct {
     uint64_t phys_page;
 } phys_slot;
 static phys_slot *phys_cache; /* [max_vcpus][PHYS_CACHE_SIZE] */
+#endif
+/* Where a line's bytes are: a host pointer (API 1) or its guest-virtual address. */
+typedef struct {
+#if NB_HOST_POINTERS
+    const uint8_t *host; /* NULL: nothing */
+#else
+    uint64_t vaddr;
+    bool valid;
+#endif
+} line_ref;
 /* Per vCPU: the virtual lines the model remembers in its memo slots (model.h). */
 typedef struct {
     uint64_t vline[MODEL_MEMO_SLOTS];       /* UINT64_MAX: nothing */
-    const uint8_t *host[MODEL_MEMO_SLOTS];  /* the line's bytes in QEMU's mapping */
+    line_ref bytes[MODEL_MEMO_SLOTS];       /* where the line's bytes are */
     int mru;                                /* slot used last */
+#if !NB_HOST_POINTERS
+    GByteArray *buf;                        /* read_memory_vaddr's destination */
+#endif
 } recent_lines;
 static recent_lines *recent; /* [max_vcpus] */
 _Static_assert(MODEL_MEMO_SLOTS == 2, "vcpu_mem picks slots for exactly two lines");
@@ -115,12 +150,14 @@ static void forget_recent_lines(int ncpus)
     for (int i = 0; i < ncpus; i++) {
         for (int j = 0; j < MODEL_MEMO_SLOTS; j++) {
             recent[i].vline[j] = UINT64_MAX;
-            recent[i].host[j] = NULL;
+            recent[i].bytes[j] = (line_ref){0};
         }
     }
 }
+#if NB_HOST_POINTERS
 static int phys_cache_on = 1;
 static long phys_checks_left = PHYS_CHECKS;
+#endif
 
 /* Plugin messages reach QEMU's log only with `-d plugin`: say it on stderr too. */
 static void warn(const char *msg)
@@ -129,6 +166,13 @@ static void warn(const char *msg)
     fputs(msg, stderr);
 }
 
+#if !NB_HOST_POINTERS
+/* API >= 2: the physical address is a field of QEMU's hwaddr record (no search). */
+static inline uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
+{
+    return qemu_plugin_hwaddr_phys_addr(hw);
+}
+#else
 static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
 {
     if (!__atomic_load_n(&phys_cache_on, __ATOMIC_RELAXED)) {
@@ -163,6 +207,7 @@ static uint64_t phys_addr(unsigned vcpu, struct qemu_plugin_hwaddr *hw)
     slot->phys_page = pa >> 12;
     return pa;
 }
+#endif
 
 /* Not cryptographic: a mix that changes when any 8 bytes of the line change. */
 static inline uint64_t line_digest(const uint8_t *p)
@@ -174,6 +219,61 @@ static inline uint64_t line_digest(const uint8_t *p)
         h ^= h >> 29;
     }
     return h == MODEL_SUM_UNKNOWN ? 1 : h;
+}
+
+/*
+ * Digests of the line(s) an access touched: sums[0] for the line of `vaddr`, sums[1]
+ * for the next one when the access crosses into it.  False (sums left unknown) when
+ * the bytes cannot be read.
+ */
+static bool access_digests(unsigned vcpu, struct qemu_plugin_hwaddr *hw, uint64_t vaddr,
+                           uint64_t pa, unsigned size, uint64_t sums[2], line_ref *ref)
+{
+    unsigned off = (unsigned)(pa & (line_bytes - 1));
+    bool two = off + size > line_bytes;
+#if NB_HOST_POINTERS
+    if (!__atomic_load_n(&phys_cache_on, __ATOMIC_RELAXED)) {
+        return false;
+    }
+    /* the bytes now in guest RAM, read through QEMU's host mapping */
+    const uint8_t *l0 = (const uint8_t *)((struct hwaddr_mirror_72 *)hw)->v.ram.hostaddr - off;
+    ref->host = l0;
+#else
+    uint64_t v0 = vaddr - (vaddr & (line_bytes - 1));
+    GByteArray *buf = recent[vcpu].buf;
+    if (!qemu_plugin_read_memory_vaddr(v0, buf, line_bytes * (two ? 2 : 1))) {
+        return false;
+    }
+    const uint8_t *l0 = buf->data;
+    ref->vaddr = v0;
+    ref->valid = true;
+#endif
+    sums[0] = line_digest(l0);
+    sums[1] = two ? line_digest(l0 + line_bytes) : sums[0];
+    return true;
+}
+
+/* Digest of a remembered line now, or MODEL_SUM_UNKNOWN. */
+static uint64_t ref_digest(unsigned vcpu, line_ref ref)
+{
+#if NB_HOST_POINTERS
+    return ref.host ? line_digest(ref.host) : MODEL_SUM_UNKNOWN;
+#else
+    GByteArray *buf = recent[vcpu].buf;
+    if (!ref.valid || !qemu_plugin_read_memory_vaddr(ref.vaddr, buf, line_bytes)) {
+        return MODEL_SUM_UNKNOWN;
+    }
+    return line_digest(buf->data);
+#endif
+}
+
+static inline bool ref_valid(line_ref ref)
+{
+#if NB_HOST_POINTERS
+    return ref.host != NULL;
+#else
+    return ref.valid;
+#endif
 }
 
 static inline void lock(void)
@@ -255,25 +355,17 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     }
     uint64_t pa = phys_addr(vcpu, hw);
     uint64_t sums[2] = {MODEL_SUM_UNKNOWN, MODEL_SUM_UNKNOWN};
-    const uint8_t *l0 = NULL;
-    if (dma_detect && __atomic_load_n(&phys_cache_on, __ATOMIC_RELAXED)) {
-        /* digest of the bytes now in guest RAM, read through QEMU's host mapping */
-        const uint8_t *host = ((struct hwaddr_mirror_72 *)hw)->v.ram.hostaddr;
-        l0 = host - (pa & (line_bytes - 1));
-        sums[0] = line_digest(l0);
-        sums[1] = ((pa & (line_bytes - 1)) + size > line_bytes) ? line_digest(l0 + line_bytes)
-                                                                : sums[0];
-    }
+    line_ref ref = {0};
+    bool have_sums = dma_detect && access_digests(vcpu, hw, vaddr, pa, size, sums, &ref);
     lock();
-    if (r->host[slot] && model_memo_sum_unknown(M, (int)vcpu, slot)) {
+    if (ref_valid(r->bytes[slot]) && model_memo_sum_unknown(M, (int)vcpu, slot)) {
         /* stores went by the fast path: record what they left before moving on */
-        model_set_memo_sum(M, (int)vcpu, slot, line_digest(r->host[slot]));
+        model_set_memo_sum(M, (int)vcpu, slot, ref_digest(vcpu, r->bytes[slot]));
     }
-    model_access(M, (int)vcpu, mode, pa, size, store,
-                 dma_detect && phys_cache_on ? sums : NULL, slot, site);
+    model_access(M, (int)vcpu, mode, pa, size, store, have_sums ? sums : NULL, slot, site);
     unlock();
     r->vline[slot] = crosses ? UINT64_MAX : vline;
-    r->host[slot] = crosses ? NULL : l0;
+    r->bytes[slot] = crosses ? (line_ref){0} : ref;
     r->mru = slot;
 }
 
@@ -349,7 +441,14 @@ static bool marker_disp(struct qemu_plugin_insn *insn, uint32_t *disp)
     if (qemu_plugin_insn_size(insn) != 7) {
         return false;
     }
+#if QEMU_PLUGIN_VERSION >= 3
+    uint8_t b[7];
+    if (qemu_plugin_insn_data(insn, b, sizeof(b)) != sizeof(b)) {
+        return false;
+    }
+#else
     const uint8_t *b = qemu_plugin_insn_data(insn);
+#endif
     if (b[0] != 0x0f || b[1] != 0x1f || b[2] != 0x80 || b[6] != MARKER_MAGIC) {
         return false;
     }
@@ -524,11 +623,26 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(out, "vcpu,mode,event,value,marker\n");
         fflush(out);
     }
+#if !NB_HOST_POINTERS
+    if (dma_detect) {
+        warn("netbed-cache: plugin API >= 4 build with dma=on: device-write detection reads "
+             "lines with qemu_plugin_read_memory_vaddr, and the ping-pong validation FAILS "
+             "with it under QEMU 10.0 (c2c 9-896 of 2000; see cachemodel/README.md); "
+             "dma=off passes\n");
+    }
+#endif
     line_bytes = cfg.line;
     M = model_new(&cfg);
+#if NB_HOST_POINTERS
     phys_cache = g_new0(phys_slot, (gsize)cfg.ncpus * PHYS_CACHE_SIZE);
+#endif
     recent = g_new0(recent_lines, (gsize)cfg.ncpus);
     forget_recent_lines(cfg.ncpus);
+#if !NB_HOST_POINTERS
+    for (int i = 0; i < cfg.ncpus; i++) {
+        recent[i].buf = g_byte_array_sized_new(2 * cfg.line);
+    }
+#endif
     plugin_id = id;
     counting = armed = always_on;
     register_callbacks(id);

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from testbed.build.qemu_backport import BACKPORT_SUITE, BACKPORT_VERSION
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import CommandError, ConfigError, MissingDependency, NetbedError
+from testbed.errors import CommandError, ConfigError, MissingDependency
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
 from testbed.shell import HostShell
@@ -109,11 +110,15 @@ class ModelParams:
 # ---------------------------------------------------------------- build (pure parts)
 def deb_src_sources(mirror: str, suite: str) -> str:
     """A one-line-style sources list with deb-src for suite, -updates and -security."""
+    return deb_src_lines(mirror, (suite, f"{suite}-updates", f"{suite}-security"))
+
+
+def deb_src_lines(mirror: str, suites: Sequence[str]) -> str:
+    """deb-src lines for `suites` (a -security suite lives under <mirror>-security)."""
     base = mirror.rstrip("/")
     security = base + "-security" if base.endswith("/debian") else base
-    return (f"deb-src {base} {suite} main\n"
-            f"deb-src {base} {suite}-updates main\n"
-            f"deb-src {security} {suite}-security main\n")
+    return "".join(f"deb-src {security if s.endswith('-security') else base} {s} main\n"
+                   for s in suites)
 
 
 def apt_source_options(state: Path, sources_list: Path) -> list[str]:
@@ -125,6 +130,7 @@ def apt_source_options(state: Path, sources_list: Path) -> list[str]:
         "-o", f"Dir::Cache={state / 'apt'}",
         "-o", "APT::Get::List-Cleanup=0",
         "-o", "DPkg::Lock::Timeout=600",
+        "-o", "APT::Sandbox::User=root",
     ]
 
 
@@ -183,10 +189,52 @@ def installed_qemu_source() -> tuple[str, str]:
     return package, version
 
 
-def fetch_plugin_header(settings: Settings, log: Log = print) -> Path:
-    """Directory holding the installed QEMU's qemu-plugin.h (fetched once, then cached)."""
+@dataclass(frozen=True)
+class QemuSource:
+    """The Debian source package whose qemu-plugin.h a plugin build uses, and the
+    suites whose deb-src carry it."""
+
+    package: str
+    version: str
+    suites: tuple[str, ...]
+
+
+def qemu_source(settings: Settings) -> QemuSource:
+    """The source of the QEMU the `qemu` setting selects (no download)."""
+    if settings.qemu == "backport":
+        return QemuSource("qemu", BACKPORT_VERSION, (BACKPORT_SUITE,))
     package, version = installed_qemu_source()
-    dest = settings.cache_dir / "cachemodel" / f"header-{package}-{version.replace(':', '_')}"
+    s = settings.debian_suite
+    return QemuSource(package, version, (s, f"{s}-updates", f"{s}-security"))
+
+
+def header_dir(settings: Settings, source: QemuSource) -> Path:
+    return (settings.cache_dir / "cachemodel"
+            / f"header-{source.package}-{source.version.replace(':', '_')}")
+
+
+_API = re.compile(r"(?m)^#define QEMU_PLUGIN_VERSION (\d+)")
+
+
+def plugin_api_version(header_text: str) -> int | None:
+    """The plugin API version a qemu-plugin.h declares (7.2: 1; 10.0: 4). QEMU 10 loads
+    only plugins built for API >= 2, and plugin.c picks its code paths by it."""
+    m = _API.search(header_text)
+    return int(m.group(1)) if m else None
+
+
+def cached_plugin_api(settings: Settings, source: QemuSource) -> int | None:
+    """The API version from the cached header of `source`, None if not fetched yet."""
+    h = header_dir(settings, source) / "qemu-plugin.h"
+    return plugin_api_version(h.read_text(errors="replace")) if h.is_file() else None
+
+
+def fetch_plugin_header(settings: Settings, log: Log = print,
+                        source: QemuSource | None = None) -> Path:
+    """Directory holding the selected QEMU's qemu-plugin.h (fetched once, then cached)."""
+    source = source or qemu_source(settings)
+    package, version = source.package, source.version
+    dest = header_dir(settings, source)
     if (dest / "done").is_file():
         return dest
     log(f"fetching {HEADER_PATH} from Debian source package {package}={version} (once)")
@@ -194,30 +242,38 @@ def fetch_plugin_header(settings: Settings, log: Log = print) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".header-") as tmp_s:
         tmp = Path(tmp_s)
         sources_list = tmp / "sources.list"
-        sources_list.write_text(deb_src_sources(settings.debian_mirror, settings.debian_suite))
+        sources_list.write_text(deb_src_lines(settings.debian_mirror, source.suites))
         for sub in ("lists/partial", "apt/archives/partial", "dl"):
             (tmp / sub).mkdir(parents=True)
         opts = apt_source_options(tmp, sources_list)
         hint = ("the Debian mirror must carry this exact source version; check "
                 "`apt-cache policy qemu-system-x86` and settings.debian_mirror")
         run_command(["apt-get", *opts, "-q", "update"], hint=hint)
-        run_command(["apt-get", *opts, "-q", "source", "--download-only", f"{package}={version}"],
-             cwd=tmp / "dl", hint=hint)
+        # The debian.tar (patches) may be missing from a mirror that has the orig
+        # tarball: then the header is taken unpatched, and source.txt says so.
+        got = HostShell(cwd=tmp / "dl", env={"LC_ALL": "C"}).run(
+            ["apt-get", *opts, "-q", "source", "--download-only", f"{package}={version}"],
+            check=False)
         origs = sorted((tmp / "dl").glob("*.orig.tar.*"))
         debs = sorted((tmp / "dl").glob("*.debian.tar.*"))
-        if not origs or not debs:
-            raise NetbedError(f"apt-get source left no orig/debian tarballs in {tmp / 'dl'}",
-                              hint="a non-3.0 (quilt) source package is not supported")
+        if not origs:
+            raise CommandError(f"apt-get source --download-only {package}={version}",
+                               got.exit_code, got.output, hint=hint)
         run_command(["tar", "-xf", str(origs[0]), "--wildcards", f"*/{HEADER_PATH}"], cwd=tmp)
         header = next(tmp.glob(f"*/{HEADER_PATH}"))
         tree = Path(str(header)[: -len(HEADER_PATH)])
-        run_command(["tar", "-xf", str(debs[0]), "debian/patches"], cwd=tmp)
-        applied = _apply_header_patches(tmp / "debian" / "patches", tree)
+        if debs:
+            run_command(["tar", "-xf", str(debs[0]), "debian/patches"], cwd=tmp)
+            applied = _apply_header_patches(tmp / "debian" / "patches", tree)
+            patches = ", ".join(applied) or "none"
+        else:
+            patches = ("NOT CHECKED: the mirror gave no debian.tar "
+                       f"(apt-get source: {got.output.strip().splitlines()[-1:]})")
         out = tmp / "out"
         out.mkdir()
         shutil.copy2(header, out / "qemu-plugin.h")
         (out / "source.txt").write_text(
-            f"{package} {version}\npatches applied to the header: {applied or 'none'}\n")
+            f"{package} {version}\npatches applied to the header: {patches}\n")
         (out / "done").write_text("ok\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -246,14 +302,15 @@ def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
 
 
 def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> Path:
-    """Compile the plugin (once per source hash and QEMU version); returns the .so path."""
+    """Compile the plugin for the QEMU the `qemu` setting selects (once per source hash
+    and QEMU version); returns the .so path."""
     ensure_packages(BUILD_PACKAGES, log)
-    header_dir = fetch_plugin_header(settings, log)
+    source = qemu_source(settings)
+    headers = fetch_plugin_header(settings, log, source)
     sources = {n: (PLUGIN_DIR / n).read_bytes() for n in PLUGIN_SOURCES}
     cflags = run_command(["pkg-config", "--cflags", "glib-2.0"]).strip()
     libs = run_command(["pkg-config", "--libs", "glib-2.0"]).strip()
-    _, version = installed_qemu_source()
-    key = plugin_key(sources, (header_dir / "qemu-plugin.h").read_bytes(), version, cflags)
+    key = plugin_key(sources, (headers / "qemu-plugin.h").read_bytes(), source.version, cflags)
     dest = settings.cache_dir / "cachemodel" / f"plugin-{key}"
     so = dest / PLUGIN_NAME
     if so.is_file() and not force:
@@ -261,9 +318,10 @@ def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> P
     log(f"compiling the cache-model plugin into {so}")
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / f".{PLUGIN_NAME}.{os.getpid()}"
-    run_command(compile_command([PLUGIN_DIR / n for n in PLUGIN_SOURCES], [header_dir, PLUGIN_DIR],
+    run_command(compile_command([PLUGIN_DIR / n for n in PLUGIN_SOURCES], [headers, PLUGIN_DIR],
                          cflags, libs, tmp),
-         hint="the plugin must compile cleanly against the installed QEMU's header")
+         hint=f"the plugin must compile cleanly against {source.package} "
+                      f"{source.version}'s header")
     os.replace(tmp, so)
     return so
 

@@ -29,6 +29,7 @@ from testbed.build.cachemodel_plugin import (
 )
 from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, encode_newc
+from testbed.build.qemu_backport import resolve_qemu
 from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency
 from testbed.formats.cachemodel import C2C_FILE, MODES, SITES_FILE, read_snapshots, window
 from testbed.formats.symbols import (
@@ -41,7 +42,7 @@ from testbed.formats.symbols import (
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
 from testbed.vm.process import free_port
-from testbed.vm.qemu import DirectBoot, PluginSpec, direct_boot_argv
+from testbed.vm.qemu import DirectBoot, PluginSpec, Qemu, direct_boot_argv
 from testbed.vocabulary import TcgThreads
 
 
@@ -197,7 +198,7 @@ def build_micro_initrd(settings: Settings, script: str, tools: dict[str, Path]) 
 MICRO_APPEND = "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"
 
 
-def micro_argv(qemu: str, kernel: Path, initrd: Path, cpus: int, tcg_threads: TcgThreads,
+def micro_argv(qemu: Qemu, kernel: Path, initrd: Path, cpus: int, tcg_threads: TcgThreads,
                plugins: Sequence[PluginSpec] = (), memory_mb: int = 512,
                devices: Sequence[str] = ()) -> list[str]:
     """QEMU command line of a micro guest: TCG, serial on stdout, only `devices` (pure)."""
@@ -281,8 +282,8 @@ def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int 
         so = plugin_path or build_plugin(settings, log)
         plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites,
                                               c2c_csv=c2c, **model_params))
-    run = run_micro(micro_argv(settings.qemu_binary, kernel, initrd, cpus, tcg_threads, plugins),
-                    csv)
+    run = run_micro(micro_argv(resolve_qemu(settings, log), kernel, initrd, cpus, tcg_threads,
+                               plugins), csv)
     return dataclasses.replace(run, sites=sites, c2c=c2c)
 
 
@@ -315,7 +316,7 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
     csv.unlink(missing_ok=True)
     spec = cachemodel_plugin_spec(build_plugin(settings, log), csv, dma=dma)
     port = free_port()
-    argv = micro_argv(settings.qemu_binary, kernel.bzimage, both, 2, "single", [spec],
+    argv = micro_argv(resolve_qemu(settings, log), kernel.bzimage, both, 2, "single", [spec],
                       devices=["-netdev", f"user,id=n0,restrict=on,"
                                f"hostfwd=tcp:127.0.0.1:{port}-:5001",
                                "-device", "e1000,netdev=n0"])

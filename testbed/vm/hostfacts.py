@@ -19,15 +19,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.build.cachemodel_plugin import cached_plugin_api, qemu_source
 from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, write_newc
+from testbed.build.qemu_backport import resolve_qemu
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import CommandTimeout, NetbedError
+from testbed.errors import CommandTimeout, MissingDependency, NetbedError
 from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.shell import HostShell
 from testbed.vm.dataplane import can_use_taps
-from testbed.vm.qemu import DirectBoot, direct_boot_argv
+from testbed.vm.qemu import DirectBoot, Qemu, direct_boot_argv, qemu_head
 from testbed.vocabulary import Accel, AccelSetting
 
 PROBE_MARKER = "NETBED-PROBE-OK"
@@ -62,23 +64,33 @@ class HostFacts:
     root: bool
     taps: bool
     taps_detail: str
+    # Which QEMU the `qemu` setting selects (system | backport), and the plugin API
+    # version of its qemu-plugin.h (None until a plugin build fetched the header).
+    qemu_kind: str = "system"
+    qemu_plugin_api: int | None = None
+    qemu_plugin_api_detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def qemu_version(binary: str) -> str | None:
-    if shutil.which(binary) is None:
+def _runnable(qemu: Qemu) -> bool:
+    binary = qemu if isinstance(qemu, str) else qemu.binary
+    return shutil.which(binary) is not None
+
+
+def qemu_version(qemu: Qemu) -> str | None:
+    if not _runnable(qemu):
         return None
-    out = HostShell().run([binary, "--version"], check=False).stdout
+    out = HostShell().run([*qemu_head(qemu), "--version"], check=False).stdout
     m = re.search(r"version (\S+)", out)
     return m.group(1) if m else out.strip()
 
 
-def qemu_has_plugins(binary: str) -> bool:
-    if shutil.which(binary) is None:
+def qemu_has_plugins(qemu: Qemu) -> bool:
+    if not _runnable(qemu):
         return False
-    out = HostShell().run([binary, "-help"], check=False).stdout
+    out = HostShell().run([*qemu_head(qemu), "-help"], check=False).stdout
     return "-plugin" in out
 
 
@@ -111,7 +123,7 @@ def probe_archive(busybox: Path, out: Path) -> None:
     ])
 
 
-def probe_argv(qemu: str, kernel: Path, initrd: Path, accel: Accel, console: Path) -> list[str]:
+def probe_argv(qemu: Qemu, kernel: Path, initrd: Path, accel: Accel, console: Path) -> list[str]:
     """The probe guest: one vCPU, the busybox initramfs, the console to a file (pure)."""
     return direct_boot_argv(DirectBoot(
         name="kvm-probe", kernel=kernel, initrd=initrd,
@@ -122,7 +134,7 @@ def probe_argv(qemu: str, kernel: Path, initrd: Path, accel: Accel, console: Pat
 def _cache_key(settings: Settings) -> str:
     boot_id = Path("/proc/sys/kernel/random/boot_id")
     bid = boot_id.read_text().strip() if boot_id.exists() else "unknown"
-    return f"{bid}:{platform.release()}:{qemu_version(settings.qemu_binary)}"
+    return f"{bid}:{platform.release()}:{qemu_version(resolve_qemu(settings))}"
 
 
 def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True) -> KvmVerdict:
@@ -151,7 +163,7 @@ def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
         tmp = Path(tmp_s)
         probe_archive(Path(BUSYBOX_STATIC), tmp / "probe.cpio")
         console = tmp / "console.log"
-        argv = probe_argv(settings.qemu_binary, kernel.bzimage, tmp / "probe.cpio", "kvm",
+        argv = probe_argv(resolve_qemu(settings, log), kernel.bzimage, tmp / "probe.cpio", "kvm",
                           console)
         start = time.monotonic()
         try:
@@ -197,7 +209,9 @@ def gather(settings: Settings, log: Log = print, probe: bool = True) -> HostFact
     cpu_model = next((line.split(":", 1)[1].strip() for line in
                       Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.machine())
-    version = qemu_version(settings.qemu_binary)
+    qemu = resolve_qemu(settings, log)
+    version = qemu_version(qemu)
+    api, api_detail = plugin_api(settings)
     if probe and version:
         verdict = probe_kvm(settings, log)
     else:
@@ -209,12 +223,36 @@ def gather(settings: Settings, log: Log = print, probe: bool = True) -> HostFact
     return HostFacts(
         hostname=platform.node(), kernel=platform.release(), cpu_model=cpu_model,
         cores=os.cpu_count() or 1, memory_gib=round(mem_kib / 2**20, 1),
-        free_disk_gib=round(usage.free / 2**30, 1), qemu_binary=settings.qemu_binary,
-        qemu_version=version, qemu_plugins=qemu_has_plugins(settings.qemu_binary),
+        free_disk_gib=round(usage.free / 2**30, 1), qemu_binary=qemu.binary,
+        qemu_version=version, qemu_plugins=qemu_has_plugins(qemu),
         kvm_device=os.path.exists("/dev/kvm"), kvm_modules=kvm_modules(), kvm=verdict,
         accel=f"{accel}", pmu=pmu, pmu_detail=pmu_detail, root=os.geteuid() == 0,
-        taps=taps, taps_detail=taps_detail,
+        taps=taps, taps_detail=taps_detail, qemu_kind=qemu.kind,
+        qemu_plugin_api=api, qemu_plugin_api_detail=api_detail,
     )
+
+
+def plugin_api(settings: Settings) -> tuple[int | None, str]:
+    """The selected QEMU's plugin API version, from the qemu-plugin.h of its exact
+    Debian source version (cached by the plugin build; nothing is fetched here)."""
+    try:
+        source = qemu_source(settings)
+    except MissingDependency as exc:
+        return None, str(exc)
+    api = cached_plugin_api(settings, source)
+    if api is None:
+        return None, (f"unknown: the header of {source.package} {source.version} is not "
+                      "fetched yet (invoke build-cachemodel fetches it)")
+    return api, f"from {source.package} {source.version}'s qemu-plugin.h"
+
+
+def plugin_api_row(api: int | None, detail: str) -> str:
+    """doctor's line on the plugin API (pure). QEMU 10 loads only API >= 2 plugins;
+    netbed's plugin builds for both."""
+    if api is None:
+        return detail
+    level = ">= 2, as QEMU 10 requires" if api >= 2 else "< 2: QEMU 10 would refuse it"
+    return f"{api} ({level}); {detail}"
 
 
 def facts_table(facts: HostFacts) -> list[tuple[str, str]]:
@@ -225,8 +263,10 @@ def facts_table(facts: HostFacts) -> list[tuple[str, str]]:
         ("cpu", f"{facts.cpu_model}, {facts.cores} cores"),
         ("memory", f"{facts.memory_gib} GiB"),
         ("free disk (cache)", f"{facts.free_disk_gib} GiB"),
-        ("qemu", f"{facts.qemu_version or 'not installed'} ({facts.qemu_binary})"),
+        ("qemu", f"{facts.qemu_version or 'not installed'} ({facts.qemu_kind}: "
+                 f"{facts.qemu_binary})"),
         ("tcg plugins", "yes" if facts.qemu_plugins else "no"),
+        ("plugin api", plugin_api_row(facts.qemu_plugin_api, facts.qemu_plugin_api_detail)),
         ("/dev/kvm", f"{'present' if facts.kvm_device else 'absent'}; modules: "
                      f"{', '.join(facts.kvm_modules) or 'none'}"),
         ("accelerator", f"{facts.accel.upper()}, {accel_why}"),

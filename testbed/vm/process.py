@@ -24,7 +24,7 @@ from pathlib import Path
 
 from testbed.errors import GuestError
 from testbed.vm.interrupts import TEARDOWN, Stage, interrupted
-from testbed.vm.qemu import READY_MARKER, GuestSpec, qemu_argv
+from testbed.vm.qemu import READY_MARKER, GuestSpec, Qemu, qemu_argv
 
 
 def short_socket_path(name: str) -> Path:
@@ -145,7 +145,7 @@ async def _qmp_execute(path: str, command: str, timeout: float) -> object:
 class QemuProcess:
     """One running QEMU; a context manager that always leaves nothing behind."""
 
-    def __init__(self, spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> None:
+    def __init__(self, spec: GuestSpec, qemu_binary: Qemu = "qemu-system-x86_64") -> None:
         self.spec = spec
         self.argv = qemu_argv(spec, qemu_binary)
         self.popen: subprocess.Popen[bytes] | None = None

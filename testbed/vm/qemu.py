@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.build.qemu_backport import QemuInstall
 from testbed.vocabulary import NIC_NAMES, Accel, NicName, TcgThreads
 
 READY_MARKER = "NETBED-READY"
@@ -169,7 +170,17 @@ class DirectBoot:
     plugins: tuple[PluginSpec, ...] = ()
 
 
-def direct_boot_argv(boot: DirectBoot, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
+# A QEMU to start: a binary name/path (the host's), or a QemuInstall (binary, firmware
+# dirs passed as -L, environment) such as the unpacked backport.
+Qemu = str | QemuInstall
+
+
+def qemu_head(qemu: Qemu) -> list[str]:
+    """The command line's start: environment, binary and -L firmware dirs (pure)."""
+    return [qemu] if isinstance(qemu, str) else qemu.argv_head()
+
+
+def direct_boot_argv(boot: DirectBoot, qemu_binary: Qemu = "qemu-system-x86_64") -> list[str]:
     """The QEMU command line for `boot` (pure)."""
     if boot.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], ["-cpu", "host,pmu=on"]
@@ -181,7 +192,7 @@ def direct_boot_argv(boot: DirectBoot, qemu_binary: str = "qemu-system-x86_64") 
     else:
         serial = ["-serial", "stdio"]
     argv = [
-        qemu_binary, "-name", boot.name, "-machine", "q35", *accel, *cpu,
+        *qemu_head(qemu_binary), "-name", boot.name, "-machine", "q35", *accel, *cpu,
         "-smp", str(boot.cpus), "-m", str(boot.memory_mb),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
@@ -192,7 +203,7 @@ def direct_boot_argv(boot: DirectBoot, qemu_binary: str = "qemu-system-x86_64") 
     return argv
 
 
-def qemu_argv(spec: GuestSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
+def qemu_argv(spec: GuestSpec, qemu_binary: Qemu = "qemu-system-x86_64") -> list[str]:
     """The full QEMU command line of an experiment guest (pure)."""
     mgmt_host = spec.mgmt_net.split("/")[0].rsplit(".", 1)[0] + ".2"
     devices = [

@@ -18,6 +18,7 @@ from pathlib import Path
 from testbed.build.images import GuestImage, ensure_image, ensure_initrd
 from testbed.build.kernel import Kernel
 from testbed.build.kernels import get_kernel
+from testbed.build.qemu_backport import resolve_qemu
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.progress import Log
 from testbed.settings import Settings
@@ -126,7 +127,7 @@ def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: i
 
 def _boot(spec: GuestSpec, assets: Assets, settings: Settings,
           stack: contextlib.ExitStack, effects: BootEffects) -> BootedGuest:
-    process = QemuProcess(spec, settings.qemu_binary)
+    process = QemuProcess(spec, resolve_qemu(settings))
     stack.callback(process.shutdown)
     process.start()
     return BootedGuest(spec, process, effects.connect(spec, assets, settings))

@@ -1,0 +1,275 @@
+"""A second QEMU beside the system's: Debian's bookworm-backports build, unpacked.
+
+The host keeps its apt-installed QEMU (7.2 on bookworm) as the default and the
+fallback. The backport (10.0) is fetched with apt pointed at a sources list and
+state directories of ours (`-o` options; the system's apt configuration is never
+read or edited), its .debs unpacked with `dpkg-deb -x` into
+`<cache_dir>/qemu/<version>/root`, and started from there: its firmware through
+`-L`, its modules through `QEMU_MODULE_DIR`, and any library the host lacks (or
+has too old) from the same tree through `LD_LIBRARY_PATH`. Which packages that
+takes is apt's own answer: a simulated install (`apt-get -s`) against the host's
+dpkg status lists exactly what is missing.
+
+`manifest.json`, written last, records version, packages and the sha256 of each
+.deb; its presence makes the step idempotent. Pure parts (commands, the
+simulation parser, the launch description) are unit-tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.build.sysdeps import ensure_packages
+from testbed.errors import ConfigError, NetbedError
+from testbed.progress import Log
+from testbed.settings import CHOICES, Settings
+from testbed.shell import HostShell
+
+BACKPORT_SUITE = "bookworm-backports"
+BACKPORT_VERSION = "1:10.0.2+ds-2+deb13u1~bpo12+1"
+# What we ask apt for; its simulation adds what they depend on that the host lacks.
+ROOT_PACKAGES = ("qemu-system-x86",)
+SYSTEM_BINARY = "qemu-system-x86_64"
+# Firmware search order given to QEMU with -L, before its compiled-in path
+# (/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu, the host's files).
+FIRMWARE_SUBDIRS = ("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu")
+MODULE_SUBDIR = "usr/lib/x86_64-linux-gnu/qemu"
+LIBRARY_SUBDIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class QemuInstall:
+    """How to start one QEMU: binary, firmware dirs (-L) and environment.
+
+    `system` is the host's apt-installed QEMU (binary on PATH, nothing else);
+    `backport` is an unpacked tree in the cache.
+    """
+
+    binary: str
+    version: str = ""
+    firmware_dirs: tuple[Path, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    kind: str = "system"
+
+    def argv_head(self) -> list[str]:
+        """The start of every command line: the environment (through env(1), which
+        execs QEMU, so the pid stays QEMU's), the binary, then -L per firmware dir."""
+        head = ["env", *(f"{k}={v}" for k, v in self.env)] if self.env else []
+        head.append(self.binary)
+        for d in self.firmware_dirs:
+            head += ["-L", str(d)]
+        return head
+
+
+@dataclass(frozen=True)
+class DebFile:
+    package: str
+    version: str
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    suite: str
+    debs: tuple[DebFile, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data: dict[str, Any] = json.loads(text)
+        return cls(version=data["version"], suite=data["suite"],
+                   debs=tuple(DebFile(**d) for d in data["debs"]))
+
+
+# ---------------------------------------------------------------- pure parts
+def binary_sources(mirror: str, suite: str, backports: str = BACKPORT_SUITE) -> str:
+    """deb lines for the base suite (+updates, +security) and the backports suite:
+    apt needs the base to resolve dependencies as the host would."""
+    base = mirror.rstrip("/")
+    security = base + "-security" if base.endswith("/debian") else base
+    return (f"deb {base} {suite} main\n"
+            f"deb {base} {suite}-updates main\n"
+            f"deb {security} {suite}-security main\n"
+            f"deb {base} {backports} main\n")
+
+
+def apt_options(state: Path, sources_list: Path) -> list[str]:
+    """apt options that use only our sources list and our own state and archive dirs.
+
+    The host's dpkg status stays the reference (so the simulation says what the host
+    lacks); nothing is installed. `APT::Sandbox::User=root` because our directories are
+    root's, not `_apt`'s.
+    """
+    return [
+        "-o", f"Dir::Etc::SourceList={sources_list}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={state / 'lists'}",
+        "-o", f"Dir::Cache={state / 'cache'}",
+        "-o", f"Dir::Cache::Archives={state / 'archives'}",
+        "-o", "APT::Get::List-Cleanup=0",
+        "-o", "APT::Sandbox::User=root",
+    ]
+
+
+def simulate_command(opts: Sequence[str], version: str, suite: str = BACKPORT_SUITE,
+                     packages: Sequence[str] = ROOT_PACKAGES) -> list[str]:
+    """apt's plan for installing the backport over this host (prints, changes nothing).
+    `-t suite` lets apt take the dependencies from the backports suite too."""
+    return ["apt-get", *opts, "-s", "-q", "--no-install-recommends", "-t", suite, "install",
+            *(f"{p}={version}" for p in packages)]
+
+
+_INST = re.compile(r"^Inst (\S+) (?:\[[^\]]*\] )?\((\S+) ")
+
+
+def parse_simulation(text: str) -> list[tuple[str, str]]:
+    """(package, version) of every `Inst` line of `apt-get -s install`."""
+    out: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        m = _INST.match(line)
+        if m:
+            out.append((m.group(1), m.group(2)))
+    return out
+
+
+def download_command(opts: Sequence[str], packages: Sequence[tuple[str, str]]) -> list[str]:
+    return ["apt-get", *opts, "-q", "download", *(f"{p}={v}" for p, v in packages)]
+
+
+def unpack_command(deb: Path, root: Path) -> list[str]:
+    return ["dpkg-deb", "-x", str(deb), str(root)]
+
+
+def install_dir(cache_dir: Path, version: str) -> Path:
+    return cache_dir / "qemu" / version.replace(":", "_")
+
+
+def launch_description(root: Path, version: str, library_dirs: Sequence[Path]) -> QemuInstall:
+    """The unpacked tree as a QemuInstall (pure: existence is the caller's concern)."""
+    env: list[tuple[str, str]] = [("QEMU_MODULE_DIR", str(root / MODULE_SUBDIR))]
+    if library_dirs:
+        env.append(("LD_LIBRARY_PATH", ":".join(str(d) for d in library_dirs)))
+    return QemuInstall(binary=str(root / "usr/bin" / SYSTEM_BINARY), version=version,
+                       firmware_dirs=tuple(root / d for d in FIRMWARE_SUBDIRS),
+                       env=tuple(env), kind="backport")
+
+
+def qemu_packages(packages: Sequence[tuple[str, str]]) -> list[str]:
+    return [p for p, _ in packages if p.startswith("qemu-")]
+
+
+# ---------------------------------------------------------------- effects
+def _library_dirs(root: Path) -> list[Path]:
+    """Dirs of the tree holding shared libraries (the backport's own deps)."""
+    return [root / d for d in LIBRARY_SUBDIRS
+            if (root / d).is_dir() and any((root / d).glob("*.so*"))]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run(cmd: list[str], cwd: Path | None = None, hint: str | None = None) -> str:
+    shell = HostShell(cwd=cwd, env={"LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"})
+    return shell.run(cmd, hint=hint).stdout
+
+
+def load_backport(settings: Settings, version: str = BACKPORT_VERSION) -> QemuInstall | None:
+    """The unpacked backport if it is complete (manifest written), else None."""
+    dest = install_dir(settings.cache_dir, version)
+    if not (dest / MANIFEST).is_file():
+        return None
+    root = dest / "root"
+    return launch_description(root, version, _library_dirs(root))
+
+
+def read_manifest(settings: Settings, version: str = BACKPORT_VERSION) -> Manifest | None:
+    path = install_dir(settings.cache_dir, version) / MANIFEST
+    return Manifest.from_json(path.read_text()) if path.is_file() else None
+
+
+def ensure_backport(settings: Settings, log: Log = print,
+                    version: str = BACKPORT_VERSION) -> QemuInstall:
+    """Fetch and unpack the backport once; afterwards only read its manifest."""
+    found = load_backport(settings, version)
+    if found is not None:
+        return found
+    ensure_packages({"dpkg-dev": "dpkg-deb", "apt": "apt-get"}, log)
+    dest = install_dir(settings.cache_dir, version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"fetching QEMU {version} from {BACKPORT_SUITE} into {dest} (once; the host's "
+        "QEMU and apt configuration stay as they are)")
+    hint = (f"the Debian mirror ({settings.debian_mirror}) must carry {BACKPORT_SUITE} "
+            f"with qemu-system-x86={version}")
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".backport-") as tmp_s:
+        tmp = Path(tmp_s)
+        sources = tmp / "sources.list"
+        sources.write_text(binary_sources(settings.debian_mirror, settings.debian_suite))
+        for sub in ("lists/partial", "cache", "archives/partial", "debs", "out/root"):
+            (tmp / sub).mkdir(parents=True)
+        opts = apt_options(tmp, sources)
+        _run(["apt-get", *opts, "-q", "update"], hint=hint)
+        plan = parse_simulation(_run(simulate_command(opts, version), hint=hint))
+        if not qemu_packages(plan):
+            raise NetbedError(f"apt plans no QEMU package for qemu-system-x86={version}",
+                              hint="is that version already installed system-wide? then use "
+                                   "qemu: system")
+        log("packages: " + ", ".join(f"{p} {v}" for p, v in plan))
+        _run(download_command(opts, plan), cwd=tmp / "debs", hint=hint)
+        debs: list[DebFile] = []
+        for deb in sorted((tmp / "debs").glob("*.deb")):
+            _run(unpack_command(deb, tmp / "out" / "root"))
+            name, ver = deb.name.split("_")[:2]
+            debs.append(DebFile(name, ver.replace("%3a", ":"), deb.name, _sha256(deb)))
+        if len(debs) != len(plan):
+            raise NetbedError(f"apt downloaded {len(debs)} of {len(plan)} packages",
+                              hint=hint)
+        out = tmp / "out"
+        (out / MANIFEST).write_text(
+            Manifest(version=version, suite=BACKPORT_SUITE, debs=tuple(debs)).to_json())
+        if dest.exists():
+            shutil.rmtree(dest)
+        out.rename(dest)
+    installed = load_backport(settings, version)
+    assert installed is not None
+    _run([*installed.argv_head(), "--version"],
+         hint="the unpacked QEMU does not start: a library may be missing (ldd on it)")
+    return installed
+
+
+def system_qemu(settings: Settings) -> QemuInstall:
+    return QemuInstall(binary=settings.qemu_binary, kind="system")
+
+
+def resolve_qemu(settings: Settings, log: Log = print) -> QemuInstall:
+    """The QEMU the `qemu` setting selects, fetched on first use."""
+    if settings.qemu == "system":
+        return system_qemu(settings)
+    if settings.qemu == "backport":
+        return ensure_backport(settings, log)
+    raise ConfigError(f"netbed setting qemu: {settings.qemu!r} is not allowed",
+                      hint=f"use one of {', '.join(CHOICES['qemu'])}")
+
+
+def known_qemu(settings: Settings) -> QemuInstall | None:
+    """Like resolve_qemu without fetching: None when the backport is not unpacked yet."""
+    if settings.qemu == "backport":
+        return load_backport(settings)
+    return system_qemu(settings)
