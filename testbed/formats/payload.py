@@ -25,8 +25,11 @@ RAW = "payload.json"
 # netperf copies the remote fill file's name into a 32-byte control-message field.
 REMOTE_NAME_LIMIT = 31
 FILL_PATH = "/tmp/nbfill"
-FILL_BYTES = 8 * 1024 * 1024
-SEND_WIDTH = 256  # x 16 KiB sends = a 4 MiB period, against e1000's 512 KiB ring
+FILL_BYTES = 32 * 1024 * 1024
+# x 16 KiB sends = a 16 MiB period: long against e1000's 512 KiB ring and against the
+# socket's receive queue (tcp_rmem max 6 MiB), whose pages are recycled too: with a
+# 4 MiB period e1000's coverage fell to 0.76 in a window that received 12 MB (2026-11-29)
+SEND_WIDTH = 1024
 
 
 @dataclass(frozen=True)
