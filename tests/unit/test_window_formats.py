@@ -65,11 +65,11 @@ def test_alignment_needs_both_unit_reads_in_order():
 
 def test_fill_file_recipe_and_netperf_arguments():
     p = payload.random_fill(16384)
-    assert p.period_bytes == 4 * 1024 * 1024
+    assert p.period_bytes == 16 * 1024 * 1024
     assert payload.netperf_global_args(p, "TCP_STREAM") == ["-F", "/tmp/nbfill"]
     assert payload.netperf_global_args(p, "TCP_MAERTS") == ["-F", ",/tmp/nbfill"]
     assert payload.netperf_global_args(p, "TCP_RR") == ["-F", "/tmp/nbfill,/tmp/nbfill"]
-    assert payload.netperf_test_args(p) == ["-W", "256,"]
+    assert payload.netperf_test_args(p) == ["-W", "1024,"]
     assert payload.sending_sides("TCP_MAERTS") == ("receiver",)
     d = payload.netperf_default(16384)
     assert d.period_bytes == 8
