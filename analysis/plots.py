@@ -152,19 +152,27 @@ def plot_joint_locality(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     axs = fig.subplots(1, len(present), squeeze=False)
     for i, (ax, (metric, title)) in enumerate(zip(axs.flat, present, strict=True)):
         g = df[df["metric"] == metric]
-        meds, lo, hi = [], [], []
-        for c in cells:
-            v = g[g["cell"] == c]["value"]
-            m, dl, dh = _stats(v) if not v.empty else (math.nan, 0.0, 0.0)
-            meds.append(m)
-            lo.append(dl)
-            hi.append(dh)
+        meds, lo, hi = _per_cell(g, cells)
         ax.barh(range(len(cells)), meds, xerr=[lo, hi], capsize=3, color="tab:green")
         ax.set_yticks(range(len(cells)), cells if i == 0 else [""] * len(cells), fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_title(title, fontsize=9)
     fig.suptitle("Measured from kernel tracepoints (median, whiskers = IQR)", fontsize=10)
     return _save(fig, out_dir / "joint-locality.png")
+
+
+def _per_cell(g: pd.DataFrame, cells: list[str]) -> tuple[list[float], list[float],
+                                                          list[float]]:
+    """Median and whisker lengths of each cell's values, in `cells` order (NaN, no whisker,
+    for a cell without values)."""
+    meds, lo, hi = [], [], []
+    for c in cells:
+        v = g[g["cell"] == c]["value"]
+        m, dl, dh = _stats(v) if not v.empty else (math.nan, 0.0, 0.0)
+        meds.append(m)
+        lo.append(dl)
+        hi.append(dh)
+    return meds, lo, hi
 
 
 COUNTER_METRICS = ("perf.context-switches", "perf.cpu-migrations", "perf.cache-misses",
@@ -188,13 +196,7 @@ def plot_counters(tidy: pd.DataFrame, out_dir: Path) -> Path | None:
     axs = fig.subplots(rows, cols, squeeze=False)
     for ax, metric in zip(axs.flat, metrics, strict=False):
         g = df[df["metric"] == metric]
-        meds, lo, hi = [], [], []
-        for c in cells:
-            v = g[g["cell"] == c]["value"]
-            m, dl, dh = _stats(v) if not v.empty else (math.nan, 0.0, 0.0)
-            meds.append(m)
-            lo.append(dl)
-            hi.append(dh)
+        meds, lo, hi = _per_cell(g, cells)
         ax.barh(range(len(cells)), meds, xerr=[lo, hi], capsize=3, color="tab:orange")
         ax.set_yticks(range(len(cells)), cells, fontsize=8)
         ax.set_title(f"{metric} ({g['unit'].iloc[0]})", fontsize=9)
