@@ -14,7 +14,6 @@ import io
 import json
 import math
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -42,7 +41,7 @@ from testbed.run.window import (
     NETPERF_CAP_S,
     WINDOW_ARMED,
     WINDOW_CLOSED,
-    WINDOW_LEAD_S,
+    lead_seconds,
     window_problems,
     window_script,
 )
@@ -70,9 +69,51 @@ def discover(rx: Shell, data_mac: str) -> BootState:
     return BootState(nic, irqs, queues)
 
 
+SECTION = "@@netbed-section@@"  # between the outputs of one command's parts
+FINISH_WAIT_S = 120  # after the window closed: perf's end, the trace's collection
+NOT_FINISHED = 3  # fetch_window_command's status when the window never finished
+
+
+def prepare_command(*parts: str) -> str:
+    """Several guest scripts in one SSH round trip (each costs 0.2-0.7 s under TCG), their
+    outputs split by SECTION lines (pure). Each part runs in its own subshell, so one
+    part's `set -eu` stays its own; the first part that fails ends the command with
+    its status, so a failed policy write is never followed by reading back."""
+    body = []
+    for i, part in enumerate(parts):
+        if i:
+            body.append(f"echo '{SECTION}'")
+        body.append(f"(\n{part.rstrip()}\n)\nrc=$?; [ $rc -eq 0 ] || exit $rc")
+    return "\n".join(body) + "\n"
+
+
+def split_sections(text: str, count: int) -> list[str]:
+    """The outputs of `prepare_command`'s parts after the first (pure); `count` of them."""
+    pieces = text.split(SECTION + "\n")
+    if len(pieces) != count + 1:
+        raise GuestError(f"expected {count + 1} parts of output, got {len(pieces)}: "
+                         f"{text.strip()[-300:]!r}")
+    return pieces[1:]
+
+
+def start_window_command(script: str) -> str:
+    """Write the window script, start it detached, and return once it is armed (pure)."""
+    return (f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
+            f"{script}NETBED_EOF\n"
+            f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
+            f"{GUEST_DIR}/win/{WINDOW_CLOSED}\n"
+            f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &\n"
+            f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
+            f"[ $i -gt 600 ] && exit 1; sleep 0.1; done\n")
+
+
 def fetch_window_command() -> str:
-    """The window's files as one base64-armoured tar stream (a shell's output is text)."""
-    return (f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
+    """Once the window has finished, its files as one base64-armoured tar stream (a
+    shell's output is text); status NOT_FINISHED if it does not finish in time (pure)."""
+    polls = int(FINISH_WAIT_S * 10)
+    return (f"i=0; until [ -e {GUEST_DIR}/win/finished ]; do i=$((i + 1)); "
+            f"[ $i -gt {polls} ] && exit {NOT_FINISHED}; sleep 0.1; done; "
+            f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
             f"-cf - . | base64 -w 0")
 
 
@@ -93,11 +134,6 @@ def unpack_window(armoured: str, rep: RepDir) -> list[str]:
             atomic_write_bytes(rep.path.joinpath(*rel.parts), data.read())
             written.append(str(rel))
     return written
-
-
-def _fetch_window(rx: Shell, rep: RepDir) -> None:
-    """Copy the window's files: one tar stream over SSH, unpacked into the rep folder."""
-    unpack_window(rx.run(fetch_window_command()).stdout, rep)
 
 
 def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Payload:
@@ -126,47 +162,42 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
                        "repetition": rep.repetition})
     atomic_write_json(rep.file("policy.json"), resolved.as_dict())
-    rx.run(apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro))
-    readback_text = rx.run(readback_commands(boot.nic.iface, boot.irqs,
-                                             resolved.sysctl_keys)).stdout
-    atomic_write_text(rep.file("offloads.txt"), rx.run(OFFLOAD_SCRIPT).stdout)
-    offloads = parse_offloads(rep.file("offloads.txt").read_text())
+    applied = rx.run(prepare_command(
+        apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
+        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT))
+    readback_text, offloads_text = split_sections(applied.stdout, 2)
+    atomic_write_text(rep.file("offloads.txt"), offloads_text)
+    offloads = parse_offloads(offloads_text)
     remote_cpu = netserver_cpu(resolved)
     fill = _prepare_payload(rx, tx, cell, payload_kind)
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
     fill_test = payload.netperf_test_args(fill)
-    if exp.warmup > 0:
-        tx.run(netperf.netperf_command(RECEIVER_HOST, cell.workload, exp.warmup, remote_cpu,
-                                       global_args=fill_global, test_args=fill_test),
-               timeout=exp.warmup + 60)
-    script = window_script(exp, pmu, cachemodel, iface=boot.nic.iface, tracing=tracing)
-    rx.run(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
-           f"{script}NETBED_EOF")
-    rx.run(f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
-           f"{GUEST_DIR}/win/{WINDOW_CLOSED}; "
-           f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &")
-    # netperf starts only once the window is armed (trace, the warm-up's reader noted)
-    rx.run(f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
-           f"[ $i -gt 600 ] && exit 1; sleep 0.1; done", timeout=120)
-    netperf_cap = exp.duration + math.ceil(WINDOW_LEAD_S) + NETPERF_CAP_S
+    # netperf starts only once the window is armed (trace, the previous reader noted);
+    # the warm-up is the measured connection's own traffic before the window opens
+    rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
+                                              tracing=tracing)), timeout=120)
+    netperf_cap = exp.duration + math.ceil(lead_seconds(exp)) + NETPERF_CAP_S
     traffic = run_until_window_closes(
         rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
                                         global_args=fill_global, test_args=fill_test),
         cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-        reader_pid_file=f"{GUEST_DIR}/win/reader-pid.txt", cap_s=netperf_cap)
+        reader_pid_file=f"{GUEST_DIR}/win/reader-pid.txt", cap_s=netperf_cap,
+        earliest_close_s=lead_seconds(exp) + exp.duration)
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
     atomic_write_text(rep.file("netperf.txt"), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}: "
                          f"{traffic.output.strip()[-300:]}")
-    deadline = time.monotonic() + 120
-    while rx.run(f"test -e {GUEST_DIR}/win/finished", check=False).exit_code != 0:
-        if time.monotonic() > deadline:
-            raise GuestError("the receiver's measurement window did not finish")
-        time.sleep(0.5)
-    _fetch_window(rx, rep)
+    fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+    if fetched.exit_code == NOT_FINISHED:
+        raise GuestError("the receiver's measurement window did not finish within "
+                         f"{FINISH_WAIT_S} s of the window's close")
+    if not fetched.ok:
+        raise GuestError(f"fetching the window's files failed ({fetched.exit_code}): "
+                         f"{fetched.stderr.strip()[-300:]}")
+    unpack_window(fetched.stdout, rep)
     if rep.file("error").exists():
         raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
     problems = window_problems(rep.path)

@@ -17,7 +17,7 @@ GUEST_DIR = "/tmp/netbed"
 RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
 PERF_FILE = "perf-stat.csv"
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
-WINDOW_LEAD_S = 0.5  # connection ramp before the window opens
+WINDOW_LEAD_S = 0.5  # the least connection ramp before the window opens
 # netperf runs until the window has closed (testbed.run.traffic stops it); this caps
 # it when something goes wrong: the reader's wait, the window, a slow model's edges.
 NETPERF_CAP_S = 180
@@ -32,7 +32,9 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     """The receiver's measured-window script (pure).
 
     It waits until netserver's data process (the reader) exists, that is until
-    netperf's test is running, lets the connection ramp for a moment, arms the
+    netperf's test is running, lets the connection ramp for the warm-up (at least
+    WINDOW_LEAD_S; the warm-up is traffic of the measured connection itself, which
+    costs no second netperf start, SSH round trip and connection set-up), arms the
     tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads done by a
     process already running, so each costs system calls, not a fork: `ss` and
     `cat` took 0.7-0.8 s each under TCG), then runs `perf stat -a -A` over an
@@ -106,7 +108,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         f"> {w}/error; break; fi; sleep 0.1; done",
         "pid=$r",
         up.format("reader"),
-        f"sleep {WINDOW_LEAD_S:g}",
+        f"sleep {lead_seconds(exp):g}",
         # builtins only: the reader's allowed CPUs, for the policy read-back
         f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
         f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; done < /proc/$pid/status; '
@@ -123,6 +125,11 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         lines.append(trace.collect_command(w))
     lines.append(f"touch {w}/finished")
     return "\n".join(lines) + "\n"
+
+
+def lead_seconds(exp: Experiment) -> float:
+    """Traffic on the measured connection before the window opens: the config's warm-up."""
+    return max(WINDOW_LEAD_S, float(exp.warmup))
 
 
 def window_problems(folder: Path) -> list[str]:

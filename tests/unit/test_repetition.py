@@ -10,8 +10,16 @@ import tarfile
 import pytest
 
 from testbed.errors import GuestError
+from testbed.run import repetition
 from testbed.run.folder import RunDir
-from testbed.run.repetition import fetch_window_command, unpack_window
+from testbed.run.repetition import (
+    NOT_FINISHED,
+    fetch_window_command,
+    prepare_command,
+    split_sections,
+    start_window_command,
+    unpack_window,
+)
 from testbed.run.window import GUEST_DIR
 from testbed.shell import HostShell
 
@@ -44,3 +52,46 @@ def test_a_tar_stream_that_leaves_the_folder_is_refused(tmp_path):
     with pytest.raises(GuestError, match="escape"):
         unpack_window(base64.b64encode(buf.getvalue()).decode(), rep)
     assert not (tmp_path / "run" / "cells" / "c" / "escape").exists()
+
+
+def sh(command: str) -> tuple[int, str]:
+    res = HostShell().run(["sh", "-c", command], check=False)
+    return res.exit_code, res.stdout
+
+
+def test_one_round_trip_runs_the_parts_in_order_and_splits_their_outputs():
+    code, out = sh(prepare_command("set -eu\necho applied", "echo a=1\necho b=2",
+                                   "echo offloads"))
+    assert code == 0
+    assert split_sections(out, 2) == ["a=1\nb=2\n", "offloads\n"]
+
+
+def test_a_failing_part_stops_the_round_trip_with_its_status_and_set_e_stays_inside():
+    # a policy write that fails must not be followed by reading back a half-applied state
+    code, out = sh(prepare_command("set -eu\nfalse\necho not reached", "echo readback"))
+    assert code == 1 and "readback" not in out and "not reached" not in out
+    # a part without set -e runs on past its own failing command, as it did alone
+    code, out = sh(prepare_command("false\necho went on", "echo second"))
+    assert code == 0 and split_sections(out, 1) == ["second\n"]
+
+
+def test_missing_sections_are_a_guest_error_not_a_silent_misparse():
+    with pytest.raises(GuestError, match="expected 3 parts"):
+        split_sections("a=1\n", 2)
+
+
+def test_a_window_that_never_finishes_gives_its_own_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(repetition, "FINISH_WAIT_S", 0.2)
+    (tmp_path / "win").mkdir()
+    cmd = repetition.fetch_window_command().replace(f"{GUEST_DIR}/win", str(tmp_path / "win"))
+    code, out = sh(cmd)
+    assert code == NOT_FINISHED and out == ""
+
+
+def test_the_window_starts_detached_and_the_command_returns_once_it_is_armed(tmp_path):
+    script = "touch /tmp/netbed/win/armed\nsleep 30\n"
+    cmd = start_window_command(script).replace(GUEST_DIR, str(tmp_path))
+    (tmp_path / "win").mkdir()
+    res = HostShell().run(["timeout", "10", "sh", "-c", cmd], check=False)
+    assert res.exit_code == 0
+    assert (tmp_path / "window.sh").read_text() == script.replace(GUEST_DIR, str(tmp_path))

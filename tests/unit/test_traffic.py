@@ -6,6 +6,9 @@ time; netperf ends on its own cap, or some time after the side that sends got SI
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import pytest
 
 from testbed.errors import GuestError
@@ -44,35 +47,53 @@ class Guest:
     def __init__(self, world: World, side: str) -> None:
         self.world, self.side = world, side
         self.commands: list[str] = []
+        self.times: list[float] = []
 
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
         w = self.world
         self.commands.append(command)
+        self.times.append(w.now)
         w.now += 0.05  # an SSH round trip
         out, code = "", 0
         if command.startswith("mkdir -p /tmp/netbed && rm -f"):
             assert self.side == "sender" and "nohup sh -c" in command
             w.started_at = w.now
-        elif command == traffic.status_command():
-            out = f"{w.exit_code}\n" if w.netperf_ended() else ""
-        elif command.startswith("test -e"):
-            code = 0 if w.now >= w.window_closes_at else 1
-        elif "kill -INT" in command:
+            return Result(command, 0, "", "")
+        if "kill -INT" in command:
             w.signals.append((self.side, command))
             if w.signalled_at is None:
                 w.signalled_at = w.now
-        elif command.startswith("cat /tmp/netbed/netperf.out"):
-            out = "THROUGHPUT=300.5\n"
+            if self.side == "receiver":
+                return Result(command, 0, "", "")
+        if f"[ -e {CLOSED} ]" in command:
+            assert self.side == "receiver"
+            self.wait(command, lambda: w.now >= w.window_closes_at)
+            code = 0 if w.now >= w.window_closes_at else 1
+        elif "netperf.rc ]; then cat" in command:
+            assert self.side == "sender"
+            self.wait(command, w.netperf_ended)
+            if w.netperf_ended():
+                out = f"{w.exit_code}\n{traffic.OUTPUT_MARK}\nTHROUGHPUT=300.5\n"
         else:
             raise AssertionError(f"unexpected command {command!r}")
         return Result(command, code, out, "")
 
+    def wait(self, command: str, done: Callable[[], bool]) -> None:
+        """A bounded in-guest wait: `until ...; [ $i -gt N ]` polls every 0.1 s."""
+        m = re.search(r"\[ \$i -gt (\d+) \]", command)
+        for _ in range(int(m.group(1)) if m else 0):
+            if done():
+                return
+            self.world.sleep(0.1)
 
-def run(world: World, workload: str = "TCP_STREAM") -> tuple[traffic.TrafficOutcome, Guest, Guest]:
+
+def run(world: World, workload: str = "TCP_STREAM",
+        earliest_close_s: float = 0.0) -> tuple[traffic.TrafficOutcome, Guest, Guest]:
     rx, tx = Guest(world, "receiver"), Guest(world, "sender")
     outcome = traffic.run_until_window_closes(
         rx, tx, "timeout 216 netperf -l 186", workload, closed_file=CLOSED,
-        reader_pid_file=PID, cap_s=186, clock=lambda: world.now, sleep=world.sleep)
+        reader_pid_file=PID, cap_s=186, earliest_close_s=earliest_close_s,
+        clock=lambda: world.now)
     return outcome, rx, tx
 
 
@@ -82,8 +103,17 @@ def test_netperf_is_stopped_once_the_window_has_closed_however_slow_the_window()
     outcome, _, _ = run(world)
     assert outcome == traffic.TrafficOutcome(0, "THROUGHPUT=300.5\n", "window-closed")
     assert world.signalled_at is not None and world.signalled_at >= 40.0
-    assert world.signals == [("sender", "pkill -INT -x netperf || true")]
-    assert world.now < 40.0 + 3  # polled, not slept through
+    assert len(world.signals) == 1 and world.signals[0][0] == "sender"
+    assert world.signals[0][1].startswith("pkill -INT -x netperf || true; ")
+    assert world.now < 40.0 + 1.5  # waited in the guest: noticed within a poll, not a period
+
+
+def test_a_closed_window_and_netperfs_end_are_noticed_in_few_round_trips():
+    world = World(window_closes_at=10.0, netperf_cap=186.0, stops_after_signal=0.3)
+    _, rx, tx = run(world)
+    # about one wait per WAIT_S, not one call per poll; then one stop-and-wait call
+    assert len(rx.commands) <= 10 / traffic.WAIT_S + 2
+    assert len(tx.commands) <= len(rx.commands) + 2
 
 
 def test_maerts_stops_the_reader_on_the_receiver_not_netperf():
@@ -130,3 +160,18 @@ def test_the_start_command_detaches_netperf_and_records_its_status():
     cmd = traffic.start_command("timeout 40 netperf -H 198.18.0.1 -- -k 'A,B'")
     assert cmd.endswith("&") and "nohup sh -c" in cmd
     assert "echo $? > /tmp/netbed/netperf.rc" in cmd and "'\"'\"'A,B'\"'\"'" in cmd
+
+
+def test_the_receiver_runs_nothing_of_ours_before_the_window_can_close():
+    world = World(window_closes_at=9.0, netperf_cap=186.0)
+    outcome, rx, _ = run(world, earliest_close_s=8.0)
+    assert outcome.stopped_by == "window-closed"
+    assert rx.times and min(rx.times) >= 8.0  # the sender's wait covered warm-up + window
+    assert world.now < 9.0 + 1.5
+
+
+def test_netperf_failing_during_the_first_wait_is_seen_at_once():
+    world = World(window_closes_at=30.0, netperf_cap=2.0, exit_code=2)
+    outcome, rx, _ = run(world, earliest_close_s=20.0)
+    assert outcome == traffic.TrafficOutcome(2, "THROUGHPUT=300.5\n", "own-clock")
+    assert rx.commands == [] and world.now < 3.0

@@ -122,3 +122,13 @@ def test_every_variant_of_the_window_script_is_valid_shell(tmp_path, pmu, cachem
         res = subprocess.run(["dash", "-n", str(tmp_path / name)], capture_output=True,
                              text=True)
         assert res.returncode == 0, (name, res.stderr)
+
+
+@pytest.mark.parametrize(("warmup", "lead"), [(0, "sleep 0.5\n"), (2, "sleep 2\n")])
+def test_the_warmup_is_the_measured_connections_traffic_before_the_window_opens(warmup, lead):
+    # no second netperf: the window waits for the reader, then lets it run `warmup` s
+    # (at least the connection's ramp) before perf and the first edge read
+    script = window_script(experiment(warmup=warmup), pmu=False, cachemodel=False,
+                           iface="eth1")
+    outer = script.split("<<'NETBED_INNER'", 1)[0] + script.split("\nNETBED_INNER", 1)[1]
+    assert outer.index("pid=$r") < outer.index(lead) < outer.index("perf stat")
