@@ -8,15 +8,22 @@ TCP_STREAM, N repetitions of each cell, back to back) through the real runner
 into a run folder, then prints each cell's CV of the metrics its repetitions
 recorded (netperf's throughput; window.throughput where the run records it),
 with the host's load average and host CPU busy share over the run: the machine
-is shared, so every figure comes with the load it was measured under.
+is shared, so every figure comes with the load it was measured under. With the
+counters on `auto` under TCG the run has instrumented repetitions (cache model)
+and `--plain` plugin-less ones; the run is then collated and the CVs are printed
+per kind: window throughput of each kind, and the cache model's counts per window
+KB of the instrumented ones. `--icount shift=auto` runs the guests under QEMU's
+-icount (the `tcg_icount` setting) to measure that lever.
 
-Goal (printed, never asserted): CV <= 5% for window throughput on a 2-core host.
+Goal (printed, never asserted): CV <= 5% for window throughput, <= 2% for the
+cache model's counts per window KB, on a 2-core host.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -24,6 +31,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pandas as pd
+
+from analysis.collate import collate_run
+from analysis.repeatability import cv_table
 from testbed.files import read_json
 from testbed.run.adaptive import cv
 from testbed.run.folder import RunDir
@@ -36,13 +47,14 @@ METRICS = ("window.throughput", "netperf.throughput", "throughput")
 EXPERIMENT = """\
 name: repeatability-{placement}
 axes:
-  kernel: [distro]
+  kernel: [{kernel}]
   nic: [{nics}]
   cpus: [2]
   policy: [default]
   workload: [TCP_STREAM]
   gro: [on]
 repetitions: {repetitions}
+plain_repetitions: {plain}
 duration: {duration}
 warmup: {warmup}
 order: sequential
@@ -82,25 +94,53 @@ class Result:
     host_busy: float
     placement_record: object
     values: dict[tuple[str, str], list[float]]
+    by_kind: list[dict[str, object]]  # (cell, kind, metric, n, mean, cv) from the tidy table
+
+
+KIND_METRICS = {
+    "plain": ("window.throughput", "netperf.throughput"),
+    "instrumented": ("window.throughput", "cache.instructions.per_kb", "cache.loads.per_kb",
+                     "cache.l1d_misses.per_kb", "cache.l2_misses.per_kb",
+                     "cache.llc_misses.per_kb", "cache.c2c_transfers.per_kb",
+                     "cache.device_writes.per_kb"),
+}
+
+
+def cv_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
+    """CV per cell, kind of repetition (instrumented or plain) and metric (pure)."""
+    kinds = tidy[tidy["metric"] == "rep.instrumented"][["cell_id", "repetition", "value"]]
+    kinds = kinds.assign(kind=kinds["value"].map(lambda v: "instrumented" if v else "plain"))
+    df = tidy.merge(kinds[["cell_id", "repetition", "kind"]], on=["cell_id", "repetition"])
+    rows: list[dict[str, object]] = []
+    for kind, metrics in KIND_METRICS.items():
+        sub = df[df["kind"] == kind]
+        for _, row in cv_table(sub, list(metrics)).iterrows():
+            rows.append({"cell": row["cell_id"], "kind": kind, "metric": row["metric"],
+                         "n": int(row["n"]), "mean": float(row["mean"]),
+                         "cv": float(row["cv"]), "goal": float(row["goal"])})
+    return rows
 
 
 def run(settings: Settings, placement: str, nics: list[str], repetitions: int,
-        duration: int, warmup: int) -> Result:
-    s = replace(settings, host_placement=placement)
+        duration: int, warmup: int, *, kernel: str = "distro", plain: int = 0,
+        icount: str = "") -> Result:
+    s = replace(settings, host_placement=placement, tcg_icount=icount)
     with tempfile.TemporaryDirectory(prefix="netbed-repeat-") as tmp:
         config = Path(tmp) / "experiment.yaml"
         config.write_text(EXPERIMENT.format(placement=placement, nics=", ".join(nics),
                                             repetitions=repetitions, duration=duration,
-                                            warmup=warmup))
+                                            warmup=warmup, kernel=kernel, plain=plain))
         load_before = os.getloadavg()
         busy0, total0 = cpu_busy()
         started = time.monotonic()
         summary = run_matrix(s, config, log=lambda m: print(f"  {m}", flush=True))
         busy1, total1 = cpu_busy()
     versions = read_json(RunDir(summary.run_dir).versions_file)
-    return Result(placement, str(summary.run_dir), time.monotonic() - started, load_before,
+    return Result(placement + (f" icount {icount}" if icount else ""), str(summary.run_dir),
+                  time.monotonic() - started, load_before,
                   os.getloadavg(), (busy1 - busy0) / max(1, total1 - total0),
-                  versions.get("placement"), values_of(summary.run_dir))
+                  versions.get("placement"), values_of(summary.run_dir),
+                  cv_by_kind(collate_run(summary.run_dir)))
 
 
 def report(result: Result) -> str:
@@ -118,6 +158,17 @@ def report(result: Result) -> str:
         lines.append(f"  {cell:<52} {metric:<18} {len(vs):>2} {statistics.fmean(vs):>9.1f} "
                      f"{'n/a' if c is None else f'{100 * c:.1f}%':>7}  {mark}   "
                      f"values: {', '.join(f'{v:.0f}' for v in vs)}")
+    if result.by_kind:
+        lines.append("  by kind of repetition (tidy table; goal 5%, cache.*.per_kb 2%):")
+        lines.append(f"  {'cell':<52} {'kind':<12} {'metric':<28} {'n':>2} {'mean':>11} "
+                     f"{'CV':>7}")
+        for r in result.by_kind:
+            c = float(str(r["cv"]))
+            verdict = "" if math.isnan(c) else ("met" if c <= float(str(r["goal"]))
+                                                else "NOT met")
+            lines.append(f"  {r['cell']!s:<52} {r['kind']!s:<12} {r['metric']!s:<28} "
+                         f"{r['n']!s:>2} {float(str(r['mean'])):>11.4g} "
+                         f"{'n/a' if math.isnan(c) else f'{100 * c:.1f}%':>7}  {verdict}")
     return "\n".join(lines)
 
 
@@ -129,12 +180,17 @@ def main() -> None:
     p.add_argument("--repetitions", type=int, default=5, help="repetitions per cell")
     p.add_argument("--duration", type=int, default=10, help="measured seconds per repetition")
     p.add_argument("--warmup", type=int, default=2, help="seconds before measuring")
+    p.add_argument("--kernel", default="distro", help="guest kernel (distro, stock, patched)")
+    p.add_argument("--plain", type=int, default=0,
+                   help="plain (plugin-less) repetitions per cell when the cache model counts")
+    p.add_argument("--icount", default="", help="QEMU -icount for the guests, e.g. shift=auto")
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args()
     results = []
     for placement in a.placement or ["shared", "disjoint"]:
         print(f"== placement {placement}", flush=True)
-        res = run(Settings(), placement, a.nics.split(","), a.repetitions, a.duration, a.warmup)
+        res = run(Settings(), placement, a.nics.split(","), a.repetitions, a.duration, a.warmup,
+                  kernel=a.kernel, plain=a.plain, icount=a.icount)
         results.append(res)
         print(report(res), flush=True)
     if a.json:

@@ -6,6 +6,7 @@ and `INVOKE_NETBED_*` variables override these; library code takes a Settings.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
@@ -37,6 +38,9 @@ class Settings:
     debian_suite: str = "bookworm"
     # How the guests' QEMU processes use the host CPUs (testbed.vm.placement).
     host_placement: str = "shared"
+    # QEMU -icount under TCG ("" off; e.g. "shift=auto", "shift=7"): guest time follows
+    # the instructions executed, not the host clock (#11). Forces one TCG thread per guest.
+    tcg_icount: str = ""
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> Settings:
@@ -56,12 +60,19 @@ class Settings:
                 raise ConfigError(f"netbed setting {name}: {kwargs[name]!r} is not allowed",
                                   hint=f"use one of {', '.join(allowed)} (invoke.yaml, "
                                        f"~/.invoke.yaml or INVOKE_NETBED_{name.upper()})")
+        icount = str(kwargs.get("tcg_icount", ""))
+        if icount and not ICOUNT_RE.fullmatch(icount):
+            raise ConfigError(f"netbed setting tcg_icount: {icount!r} is not allowed",
+                              hint="use '' (off), shift=auto or shift=N (0-10), optionally "
+                                   "with ,sleep=on|off or ,align=on|off (QEMU's -icount)")
         return cls(**kwargs)
 
     def as_invoke_config(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v)
                 for f in fields(self)}
 
+
+ICOUNT_RE = re.compile(r"shift=(auto|[0-9]|10)(,sleep=(on|off))?(,align=(on|off))?")
 
 # Settings with a fixed set of values, checked when read from invoke's config.
 CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),

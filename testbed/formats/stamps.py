@@ -8,6 +8,15 @@ Every read at the window's edges is bracketed by two stamps, `<what>-start` and
 (the data connection's tcp_info, the NIC's statistics) define the window; every
 other source (perf stat, /proc, the trace, the cache model's markers) is compared
 with it and the worst distance is reported as `window.skew`.
+
+A read's moment is the middle of its bracket, except for the cache model's markers,
+whose moments are known exactly from the plugin (cachemodel/plugin/plugin.c,
+`vcpu_marker`): at `begin` the vCPU stalls while the plugin writes its "before"
+snapshot and only then starts counting, so counting starts at the bracket's end;
+at `end` it stops counting as the marker executes and then stalls while it writes
+the snapshot and the attribution tables (80-240 ms under TCG), so counting stops at
+the bracket's start. The stall lies inside perf's window: under the model perf's
+edges are that much farther from the units than the model's.
 """
 
 from __future__ import annotations
@@ -62,6 +71,17 @@ class Alignment:
         return max(self.offsets_ms, key=lambda k: self.offsets_ms[k])
 
 
+# source -> (begin, end) edge rule: "middle" of the bracket, or its "start" / "end"
+EDGE_RULES: dict[str, tuple[str, str]] = {"cachemodel": ("end", "start")}
+
+
+def _edge(stamps: dict[str, int], label: str, rule: str) -> float:
+    """The moment of one edge read, in ns, by its source's rule."""
+    end = stamps[label]
+    start = stamps.get(f"{label}-start", end)
+    return {"start": float(start), "end": float(end)}.get(rule, (start + end) / 2)
+
+
 def _moment(stamps: dict[str, int], label: str) -> tuple[float, float]:
     """(middle, half width) of a read, in ns; an unbracketed label is a point."""
     end = stamps[label]
@@ -81,7 +101,8 @@ def alignment(stamps: dict[str, int]) -> Alignment:
     offsets: dict[str, float] = {}
     for source, (lb_begin, lb_end) in BRACKETS.items():
         if lb_begin in stamps and lb_end in stamps:
-            sb, _ = _moment(stamps, lb_begin)
-            se, _ = _moment(stamps, lb_end)
+            rule_begin, rule_end = EDGE_RULES.get(source, ("middle", "middle"))
+            sb = _edge(stamps, lb_begin, rule_begin)
+            se = _edge(stamps, lb_end, rule_end)
             offsets[source] = max(abs(sb - b), abs(se - e)) / 1e6
     return Alignment((e - b) / 1e9, 2 * max(bw, ew) / 1e6, offsets)

@@ -184,6 +184,13 @@ class Provenance:
             self.versions["dataplane"] = note
             self._write()
 
+    def record_guest_clock(self, icount_note: str | None) -> None:
+        """How guest time ran: the host clock (TCG's default, KVM) or QEMU's -icount (#11)."""
+        value = icount_note or "host clock"
+        if self.versions.get("guest_clock") != value:
+            self.versions["guest_clock"] = value
+            self._write()
+
     def record_placement(self, placement: dict[str, Any]) -> None:
         """The host placement of the guests' QEMU processes, as read back from /proc (#11).
 

@@ -138,6 +138,7 @@ class ExperimentGuests:
                   with_sender=True, receiver_plugins=plugins, receiver_tcg_threads=threads,
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:
             self.provenance.record_dataplane(topo.notes.get("dataplane"))
+            self.provenance.record_guest_clock(topo.notes.get("tcg_icount"))
             self.provenance.record_placement(topo.placement)  # h-repeat (#11)
             self.provenance.check_guest_pmu(topo.receiver.ssh)
             symbols = (record_kernel_symbols(topo.receiver.ssh, self.run.path)

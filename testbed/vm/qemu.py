@@ -87,6 +87,7 @@ class GuestSpec:
     index: int = 0  # distinguishes MACs of guests in one run
     mgmt_net: str = "198.19.255.0/24"
     tcg_threads: TcgThreads = "multi"
+    icount: str = ""  # QEMU -icount value under TCG ("" off); implies thread=single
     extra_append: tuple[str, ...] = ()
     plugins: tuple[PluginSpec, ...] = field(default_factory=tuple)
     # UNIX socket paths must be < 108 bytes, and results folders can be deep: callers
@@ -165,6 +166,7 @@ class DirectBoot:
     memory_mb: int
     accel: Accel
     tcg_threads: TcgThreads = "multi"
+    icount: str = ""  # QEMU -icount value under TCG ("" off); implies thread=single
     console: Path | None = None  # serial console to this file; None: to QEMU's stdout
     devices: tuple[str, ...] = ()  # more arguments: QMP, netdevs and their devices
     plugins: tuple[PluginSpec, ...] = ()
@@ -185,7 +187,11 @@ def direct_boot_argv(boot: DirectBoot, qemu_binary: Qemu = "qemu-system-x86_64")
     if boot.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], ["-cpu", "host,pmu=on"]
     else:
-        accel, cpu = ["-accel", f"tcg,thread={boot.tcg_threads}"], ["-cpu", "max"]
+        # -icount needs one TCG thread (QEMU refuses it with multi-threaded TCG)
+        threads = "single" if boot.icount else boot.tcg_threads
+        accel, cpu = ["-accel", f"tcg,thread={threads}"], ["-cpu", "max"]
+        if boot.icount:
+            accel += ["-icount", boot.icount]
     if boot.console is not None:
         serial = ["-chardev", f"file,id=console,path={boot.console}",
                   "-serial", "chardev:console"]
@@ -220,7 +226,8 @@ def qemu_argv(spec: GuestSpec, qemu_binary: Qemu = "qemu-system-x86_64") -> list
     return direct_boot_argv(DirectBoot(
         name=spec.name, kernel=spec.kernel, initrd=spec.initrd, append=kernel_append(spec),
         cpus=spec.cpus, memory_mb=spec.memory_mb, accel=spec.accel,
-        tcg_threads=spec.tcg_threads, console=spec.console_log, devices=tuple(devices),
+        tcg_threads=spec.tcg_threads, icount=spec.icount, console=spec.console_log,
+        devices=tuple(devices),
         plugins=spec.plugins), qemu_binary)
 
 

@@ -121,6 +121,7 @@ def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: i
         ssh_port=free_port(), workdir=workdir, ssh_pubkey_b64=assets.key.public_b64,
         nic=nic, data=attachment, data_ip=data_ip, index=index, plugins=plugins,
         tcg_threads=tcg_threads,
+        icount=settings.tcg_icount if assets.accel == "tcg" else "",
         qmp_path=short_socket_path(name),
     )
 
@@ -166,6 +167,9 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
     with contextlib.ExitStack() as stack:
         plan = None
         notes: dict[str, str] = {"accel": f"{assets.accel} ({assets.accel_reason})"}
+        if settings.tcg_icount and assets.accel == "tcg":
+            notes["tcg_icount"] = (f"-icount {settings.tcg_icount}, one TCG thread per guest "
+                                   "(guest time follows instructions, not the host clock)")
         if nic is not None:  # a lone guest gets the same data plane, its peer's tap unused
             plan, why = effects.dataplane(dataplane_mode)
             notes["dataplane"] = f"{plan.mode}: {why}; {plan.offload_note}"

@@ -36,6 +36,13 @@ def test_tcg_is_multithreaded_with_max_cpu():
     assert arg_after(argv, "-m") == ["1024"]
 
 
+def test_icount_makes_tcg_single_threaded_with_deterministic_guest_time():
+    argv = qemu_argv(spec(icount="shift=auto"))
+    assert arg_after(argv, "-accel") == ["tcg,thread=single"]
+    assert arg_after(argv, "-icount") == ["shift=auto"]
+    assert "-icount" not in qemu_argv(spec())
+
+
 def test_kvm_uses_host_cpu_with_pmu():
     argv = qemu_argv(spec(accel="kvm"))
     assert arg_after(argv, "-accel") == ["kvm"]

@@ -47,7 +47,9 @@ def test_missing_and_failed_values_are_left_out() -> None:
 
 
 def test_model_counts_have_the_tighter_goal() -> None:
-    assert rp.goal_for("cachemodel.l1d_misses.per_kb") == 0.02
+    assert rp.goal_for("cache.l1d_misses.per_kb") == 0.02  # the model's rows are cache.*
+    assert rp.goal_for("cache.c2c_transfers.per_trans") == 0.02
+    assert rp.goal_for("cache.l1d_misses") == 0.05  # a window's raw count tracks its rate
     assert rp.goal_for("window.throughput") == 0.05
 
 
@@ -129,3 +131,21 @@ def test_key_table_gets_cv_and_marks() -> None:
     out = rp.with_cv(keys, t)
     assert out.iloc[0, 0].endswith("CV 0.0%")
     assert "CV 30.0% > 5% !" in out.iloc[1, 0]
+
+
+def test_the_benchmark_splits_cvs_by_kind_of_repetition() -> None:
+    # reps 0-2 under the model (slow window, counts per KB), reps 3-5 plain
+    from benchmarks.repeatability import cv_by_kind
+
+    rate = tidy({"e1000": [50, 60, 40, 400, 404, 396]}, "window.throughput")
+    per_kb = tidy({"e1000": [100, 101, 99, 0, 0, 0]}, "cache.l1d_misses.per_kb")
+    per_kb = per_kb[per_kb["repetition"] < 3]  # plain windows have no model counts
+    kind = tidy({"e1000": [1, 1, 1, 0, 0, 0]}, "rep.instrumented")
+    rows = {(r["kind"], r["metric"]): r
+            for r in cv_by_kind(pd.concat([rate, per_kb, kind], ignore_index=True))}
+    assert rows[("plain", "window.throughput")]["n"] == 3
+    assert rows[("plain", "window.throughput")]["cv"] == pytest.approx(0.01)
+    assert rows[("instrumented", "window.throughput")]["cv"] == pytest.approx(0.2)
+    assert rows[("instrumented", "cache.l1d_misses.per_kb")]["cv"] == pytest.approx(0.01)
+    assert rows[("instrumented", "cache.l1d_misses.per_kb")]["goal"] == 0.02
+    assert ("plain", "cache.l1d_misses.per_kb") not in rows

@@ -21,3 +21,16 @@ def test_settings_with_fixed_choices_are_checked(key, value):
     with pytest.raises(ConfigError, match=f"INVOKE_NETBED_{key.upper()}"):
         Settings.from_mapping({key: value})
     assert Settings.from_mapping({"accel": "tcg"}).accel == "tcg"
+
+
+@pytest.mark.parametrize("value", ["", "shift=auto", "shift=7", "shift=auto,sleep=off",
+                                   "shift=0,align=on"])
+def test_icount_setting_takes_qemus_forms(value):
+    assert Settings.from_mapping({"tcg_icount": value}).tcg_icount == value
+
+
+@pytest.mark.parametrize("value", ["auto", "shift=11", "shift=7 -S", "shift=auto;reboot"])
+def test_bad_icount_is_refused_with_the_forms_it_takes(value):
+    # the value lands on QEMU's command line: nothing beyond QEMU's own forms passes
+    with pytest.raises(ConfigError, match="shift=auto or shift=N"):
+        Settings.from_mapping({"tcg_icount": value})

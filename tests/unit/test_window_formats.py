@@ -54,6 +54,26 @@ def test_alignment_measures_each_source_against_the_units_reads():
     assert "cachemodel" not in a.offsets_ms
 
 
+def test_cache_model_edges_are_where_the_plugin_starts_and_stops_counting():
+    # captured from a cache-model repetition (patched e1000 TCP_STREAM, rep 1, TCG): the
+    # plugin stalls the vCPU 84 ms at begin (snapshot, then counting) and 235 ms at end
+    # (counting stops, then snapshot and tables)
+    text = "\n".join([
+        "perf-begin 9000000000",
+        "mark-begin-start 9001600000", "mark-begin 9085300000",
+        "units-before-start 9086100000", "units-before 9111100000",
+        "proc-before-start 9111600000", "proc-before 9150000000",
+        "proc-after-start 12583300000", "proc-after 12605400000",
+        "units-after-start 12606100000", "units-after 12648500000",
+        "mark-end-start 12649000000", "mark-end 12884100000", "perf-end 12884600000"])
+    a = stamps.alignment(stamps.parse_stamps(text))
+    # units at 9098.6 and 12627.3 ms; counting from 9085.3 to 12649.0 ms
+    assert a.offsets_ms["cachemodel"] == pytest.approx(21.7)
+    # the middles of the brackets would have said 55 and 138.3 ms
+    assert a.offsets_ms["perf"] == pytest.approx(257.3)  # the end stall is inside perf's
+    assert a.worst == "perf"
+
+
 def test_alignment_needs_both_unit_reads_in_order():
     with pytest.raises(NetbedError, match="units-after"):
         stamps.alignment({"units-before": 1})
