@@ -252,13 +252,17 @@ def count_boots(sched: Schedule, reuse: Reuse = "cell", plain_from: int | None =
 
 
 def estimate_seconds(exp: Experiment, cells: Sequence[Cell], boot_seconds: float = 25.0, *,
-                     rep_overhead_seconds: float = 8.0, reuse: Reuse = "guest",
-                     plain: int | None = None) -> float:
+                     rep_overhead_seconds: float = 6.0, model_extra_seconds: float = 5.5,
+                     reuse: Reuse = "guest", plain: int | None = None) -> float:
     """Rough wall time: boots (as the order allows reuse) + (warmup + duration + overhead) per rep.
 
-    `rep_overhead_seconds` covers policy apply/read-back, /proc snapshots and
-    copying results; retries are not counted (an estimate, not a promise). `plain`
-    (default: `planned_plain`) adds the plugin-less repetitions and their boots.
+    `rep_overhead_seconds` covers policy apply/read-back, the window's edges and
+    copying results (measured ~6 s under TCG, 2026-11-29); a repetition under the
+    cache model takes `model_extra_seconds` more (its slower guest and the plugin's
+    stalls at the marks: ~15.5 s against ~10 s for quick.yaml's 1 s warm-up and 3 s
+    window). Retries are not counted (an estimate, not a promise). `plain` (default:
+    `planned_plain`) adds the plugin-less repetitions and their boots; when there
+    are any, the others are counted as instrumented.
     `reuse` defaults to "guest": the loop keeps a booted pair across the cells of one
     kernel/NIC/vCPUs (testbed.run.bootcache).
     """
@@ -266,8 +270,9 @@ def estimate_seconds(exp: Experiment, cells: Sequence[Cell], boot_seconds: float
     # adaptive: the most it may take
     sched = schedule(exp, cells, exp.max_repetitions, plain=plain)
     per_rep = exp.warmup + exp.duration + rep_overhead_seconds
+    instrumented = len(cells) * exp.max_repetitions if plain else 0
     return (count_boots(sched, reuse, exp.max_repetitions) * boot_seconds
-            + len(sched) * per_rep)
+            + len(sched) * per_rep + instrumented * model_extra_seconds)
 
 
 def format_duration(seconds: float) -> str:

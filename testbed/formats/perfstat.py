@@ -50,12 +50,16 @@ def perf_stat_command(
     output: str | None = None,
     timeout_margin: float = 30,
     command: Sequence[str] = (),
+    control: tuple[str, str] | None = None,
 ) -> str:
     """`perf stat -a -A -x<sep>` over a `sleep` of the measured window, or over
     `command` (which should last `duration`: the measured window's own script).
 
     perf writes its table to stderr; with `output` it writes to that file instead
-    (`-o`), which keeps it apart from perf's own warnings.
+    (`-o`), which keeps it apart from perf's own warnings. With `control` (a
+    control FIFO and an ack FIFO) perf starts with its events disabled (`-D -1`)
+    and counts only between the `enable` and `disable` its command writes there,
+    so perf can start (seconds in a slow guest) before the window opens.
     """
     if not events:
         raise NetbedError("perf_stat_command needs at least one event", hint="use perf_events()")
@@ -73,6 +77,8 @@ def perf_stat_command(
     argv = ["perf", "stat", "-a", "-A", f"-x{sep}"]
     if output:
         argv += ["-o", output]
+    if control:
+        argv += ["-D", "-1", "--control", f"fifo:{control[0]},{control[1]}"]
     argv += ["-e", ",".join(events), "--", *(command or ("sleep", f"{duration:g}"))]
     limit = math.ceil(duration) + max(1, math.ceil(timeout_margin))
     return shlex.join(["timeout", "-k", "5", str(limit), *argv])

@@ -59,10 +59,16 @@ def start_command(netperf_command: str) -> str:
 
 
 def _wait_until(test: str, seconds: float) -> str:
-    """Poll `test` in the guest every 0.1 s for at most `seconds` (pure): an SSH round trip
-    costs 0.2-0.7 s under TCG, so the host waits inside the guest, not between calls."""
-    return (f"i=0; until {test}; do i=$((i + 1)); [ $i -gt {int(seconds * 10)} ] && break; "
-            f"sleep 0.1; done")
+    """Poll `test` in the guest every 0.1 s for at most `seconds` of the guest's clock
+    (pure): an SSH round trip costs 0.2-0.7 s under TCG, so the host waits inside the
+    guest, not between calls. The bound reads /proc/uptime (centiseconds, builtins
+    only) rather than counting polls: in a busy TCG guest each `sleep 0.1` took up
+    to 0.18 s, so 40 polls lasted 7-8 s instead of 4."""
+    cs = int(seconds * 100)
+    # "1234.05" -> 123405; the 1 in front of the decimals keeps "05" from reading as octal
+    now = 'read -r u _ < /proc/uptime; u=$((${u%.*} * 100 + 1${u#*.} - 100))'
+    return (f"{now}; end=$((u + {cs})); until {test}; do {now}; "
+            f"[ $u -ge $end ] && break; sleep 0.1; done")
 
 
 def status_command(wait_s: float = 0.0) -> str:

@@ -16,6 +16,8 @@ from testbed.formats.readback import ABSENT
 GUEST_DIR = "/tmp/netbed"
 RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
 PERF_FILE = "perf-stat.csv"
+PERF_CTL = "perf.ctl"  # perf's control FIFO: `enable` / `disable` (perf stat --control)
+PERF_ACK = "perf.ack"  # perf answers `ack` there once it has done so
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
 WINDOW_LEAD_S = 0.5  # the least connection ramp before the window opens
 # netperf runs until the window has closed (testbed.run.traffic stops it); this caps
@@ -31,48 +33,76 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                   local_ip: str = RECEIVER_IP, tracing: bool | None = None) -> str:
     """The receiver's measured-window script (pure).
 
-    It waits until netserver's data process (the reader) exists, that is until
-    netperf's test is running, lets the connection ramp for the warm-up (at least
-    WINDOW_LEAD_S; the warm-up is traffic of the measured connection itself, which
-    costs no second netperf start, SSH round trip and connection set-up), arms the
-    tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads done by a
-    process already running, so each costs system calls, not a fork: `ss` and
-    `cat` took 0.7-0.8 s each under TCG), then runs `perf stat -a -A` over an
-    inner script that is the window itself. Inside perf's counting, nested from
-    the outside in: the cache model's markers, the units (every established TCP
-    connection's tcp_info, the data NIC's statistics), the /proc snapshots, the
-    trace, and the reader sampler with `sleep duration` in the middle. nbsnap
+    It arms the tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads
+    done by a process already running, so each costs system calls, not a fork: `ss`
+    and `cat` took 0.7-0.8 s each under TCG) and `perf stat -a -A` with its events
+    disabled over an inner script, and says it is armed (netperf may start). perf's
+    start costs 1-3 s in a guest slowed by the cache-model plugin, so it now overlaps
+    netperf's start instead of delaying the window. The inner script waits until
+    netserver's data process (the reader) exists, lets the connection ramp for the
+    warm-up (at least WINDOW_LEAD_S; the warm-up is traffic of the measured
+    connection itself, which costs no second netperf start, SSH round trip and
+    connection set-up), and then is the window. Nested from the outside in: perf's
+    counting (enabled and disabled through its control FIFO, each between two
+    stamps), the cache model's markers, the units (every established TCP
+    connection's tcp_info, the data NIC's statistics), the trace, the /proc
+    snapshots, and the reader sampler with `sleep duration` in the middle. The
+    markers sit right against the units because reads inside a region run ~10x
+    slower (measured: a units read 350-700 ms inside, 10-60 ms outside), so the
+    model's counts and the units describe the same seconds within ~20 ms; perf's
+    window then also holds the plugin's stalls at the markers (80-600 ms), which
+    is why analysis takes perf's and /proc's figures from plain repetitions. nbsnap
     stamps each read before and after (guest monotonic clock), so analysis knows
     the window's length and how far each source's edges lie from the units'
     (`window.skew`).
 
     netperf runs until the window has closed (WINDOW_CLOSED; testbed.run.traffic
     then stops it), so the window lies inside the transfer however slowly the
-    receiver runs. Tracing is
-    kept out of cache-model windows (its own memory accesses would be counted):
-    `tracing=None` means "on unless the cache model runs".
+    receiver runs. Tracing is kept out of cache-model windows (its own memory
+    accesses would be counted): `tracing=None` means "on unless the cache model runs".
     """
     d = GUEST_DIR
     w = f"{d}/win"
     tracing = (not cachemodel) if tracing is None else tracing
     events = perfstat.perf_events(pmu)
+    lead = lead_seconds(exp)
     perf = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}",
-                                      command=("sh", f"{d}/inner.sh"))
+                                      command=("sh", f"{d}/inner.sh"),
+                                      control=(f"{d}/{PERF_CTL}", f"{d}/{PERF_ACK}"),
+                                      timeout_margin=30 + READER_WAIT_S + lead)
     sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
     polls = int(READER_WAIT_S / 0.1)
     traced = tracing and bool(iface)
+    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
     inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
              'snap() { echo "$*" >&3; read -r ack <&4; '
              f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
-             ]
-    # One line per edge, done by nbsnap back to back (one round trip each), nested
-    # from the outside in: perf's edge, the cache model's marker, the units, the
-    # trace, the /proc snapshot; the sampler and the sleep in the middle.
+             # read-write opens never block; perf holds both FIFOs open from its start
+             f"exec 5<>{d}/{PERF_CTL} 6<>{d}/{PERF_ACK}",
+             'perf_ctl() { echo "$1" >&5; read -r pack <&6; }',
+             f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
+             f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
+             f"> {w}/error; echo quit >&3; read -r ack <&4; exit 0; fi; sleep 0.1; done",
+             "pid=$r",
+             up.format("reader"),
+             f"sleep {lead:g}",
+             # builtins only: the reader's allowed CPUs, for the policy read-back
+             f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
+             f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; '
+             f"done < /proc/$pid/status; "
+             f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
+             f'echo "$pid" > {w}/reader-pid.txt',
+             'echo "reader $pid" >&3; read -r ack <&4',
+             up.format("nbsnap")]
+    # One line per edge, done by nbsnap back to back (one round trip each); perf's
+    # enable/disable between two of them, so its edge is bracketed by two stamps.
     mark = cachemodel
     trace_on = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='; trace on'"
     trace_off = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='trace off; '"
     if traced:
         inner.append(trace_on)
+    inner.append('snap "stamp perf-begin-start"')
+    inner.append("perf_ctl enable")
     inner.append('snap "stamp perf-begin; ' + ("mark begin; " if mark else "") + "units before"
                  + ('${t}' if traced else "") + '; proc before"')
     inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
@@ -80,9 +110,10 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     if traced:
         inner.append(trace_off)
     inner.append('snap "proc after; ' + ('${t}' if traced else "") + "units after; "
-                 + ("mark end; " if mark else "") + 'stamp perf-end"')
+                 + ("mark end; " if mark else "") + 'stamp perf-end-start"')
+    inner.append("perf_ctl disable")
+    inner.append('snap "stamp perf-end"')
     inner.append("echo quit >&3; read -r ack <&4")
-    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
     lines = [f"rm -rf {w} && mkdir -p {w}", up.format("start")]
     if traced and iface:
         lines.append(trace.setup_command(iface, w))
@@ -94,29 +125,20 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                "accesses would be counted)" if cachemodel else "tracing turned off")
         lines.append(f"echo {shlex.quote(why)} > {w}/{trace.RAW_UNSUPPORTED}")
     lines += [
-        f"old=$({_reader_pid()})",  # a data process left from the warm-up is not the reader
+        # a data process left from an earlier test is not the reader
+        f"old=$({_reader_pid()}); export old",
         # nbsnap starts now, before netperf, and learns the reader's pid later: after the
-        # reader appears nothing forks but perf (forks took seconds under load)
-        f"rm -f {d}/snap.in {d}/snap.out && mkfifo {d}/snap.in {d}/snap.out",
+        # reader appears nothing forks (forks took seconds under load)
+        f"rm -f {d}/snap.in {d}/snap.out {d}/{PERF_CTL} {d}/{PERF_ACK} && "
+        f"mkfifo {d}/snap.in {d}/snap.out {d}/{PERF_CTL} {d}/{PERF_ACK}",
         f"nbsnap {w} {iface or 'none'} 0 < {d}/snap.in > {d}/snap.out "
         f"2>> {w}/{SNAP_ERRORS} &",
         f"exec 3>{d}/snap.in 4<{d}/snap.out",
         f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
+        f"( {perf} ) 2> {w}/perf.err &",
+        "perf_job=$!",
         f"touch {w}/{WINDOW_ARMED}",
-        f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
-        f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
-        f"> {w}/error; break; fi; sleep 0.1; done",
-        "pid=$r",
-        up.format("reader"),
-        f"sleep {lead_seconds(exp):g}",
-        # builtins only: the reader's allowed CPUs, for the policy read-back
-        f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
-        f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; done < /proc/$pid/status; '
-        f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
-        f'echo "$pid" > {w}/reader-pid.txt',
-        'echo "reader $pid" >&3; read -r ack <&4',
-        up.format("nbsnap"),
-        f"( {perf} ) 2> {w}/perf.err",
+        "wait $perf_job",
         up.format("perf-done"),
         f"touch {w}/{WINDOW_CLOSED}",
         f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null",

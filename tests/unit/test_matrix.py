@@ -201,7 +201,11 @@ def test_estimate_arithmetic(policies) -> None:
     # counters auto may mean the cache model: one plain repetition per cell, each NIC
     # booted once more without the plugin: 4 boots, 8 repetitions
     assert exp.counters == ["auto"] and exp.plain_repetitions == 1
-    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0) == 80 + 8 * 17
+    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0,
+                            model_extra_seconds=0.0) == 80 + 8 * 17
+    # and the 6 instrumented ones take longer under the model
+    assert estimate_seconds(exp, cells, 20.0, rep_overhead_seconds=5.0,
+                            model_extra_seconds=4.0) == 80 + 8 * 17 + 6 * 4
     software = _exp(policies, axes={"nic": ["e1000", "virtio"]}, repetitions=3, duration=10,
                     warmup=2, order="sequential", counters=["software"])
     assert estimate_seconds(software, cells, 20.0, rep_overhead_seconds=5.0) == 40 + 6 * 17

@@ -7,6 +7,9 @@ time; netperf ends on its own cap, or some time after the side that sends got SI
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +18,7 @@ from testbed.errors import GuestError
 from testbed.run import traffic
 from testbed.shell import Result
 
+SH = shutil.which("dash") or "sh"  # the guest's /bin/sh is dash
 CLOSED = "/tmp/netbed/win/closed"
 PID = "/tmp/netbed/win/reader-pid.txt"
 
@@ -79,9 +83,9 @@ class Guest:
         return Result(command, code, out, "")
 
     def wait(self, command: str, done: Callable[[], bool]) -> None:
-        """A bounded in-guest wait: `until ...; [ $i -gt N ]` polls every 0.1 s."""
-        m = re.search(r"\[ \$i -gt (\d+) \]", command)
-        for _ in range(int(m.group(1)) if m else 0):
+        """A bounded in-guest wait: polls every 0.1 s until `end` (centiseconds of uptime)."""
+        m = re.search(r"end=\$\(\(u \+ (\d+)\)\)", command)  # centiseconds
+        for _ in range(int(m.group(1)) // 10 if m else 0):
             if done():
                 return
             self.world.sleep(0.1)
@@ -175,3 +179,29 @@ def test_netperf_failing_during_the_first_wait_is_seen_at_once():
     outcome, rx, _ = run(world, earliest_close_s=20.0)
     assert outcome == traffic.TrafficOutcome(2, "THROUGHPUT=300.5\n", "own-clock")
     assert rx.commands == [] and world.now < 3.0
+
+
+@pytest.mark.parametrize(("uptime", "centis"), [("1234.05", 123405), ("87.90", 8790),
+                                              ("0.09", 9), ("5.00", 500)])
+def test_the_guest_clock_is_read_in_centiseconds_without_octal_surprises(tmp_path, uptime,
+                                                                         centis):
+    fake = tmp_path / "uptime"
+    fake.write_text(f"{uptime} 5.00\n")
+    cmd = traffic.wait_closed_command("/nonexistent", 0.0).split("; end=")[0]
+    res = subprocess.run([SH, "-c", cmd.replace("/proc/uptime", str(fake)) + '; echo "$u"'],
+                         capture_output=True, text=True, timeout=10)
+    assert res.stdout.strip() == str(centis), res.stderr
+
+
+def test_a_guest_wait_ends_on_the_event_or_after_its_time(tmp_path):
+    closed = tmp_path / "closed"
+    start = time.monotonic()
+    res = subprocess.run([SH, "-c", traffic.wait_closed_command(str(closed), 0.4)],
+                         timeout=10)
+    waited = time.monotonic() - start
+    assert res.returncode == 1 and 0.3 <= waited < 3
+    closed.touch()
+    start = time.monotonic()
+    res = subprocess.run([SH, "-c", traffic.wait_closed_command(str(closed), 5.0)],
+                         timeout=10)
+    assert res.returncode == 0 and time.monotonic() - start < 1

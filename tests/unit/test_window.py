@@ -24,14 +24,16 @@ def inner(script: str) -> str:
     return script.split("<<'NETBED_INNER'\n", 1)[1].split("\nNETBED_INNER", 1)[0]
 
 
-def test_window_waits_for_the_reader_then_runs_perf_over_the_inner_window():
+def test_perf_starts_disabled_before_netperf_and_the_inner_script_waits_for_the_reader():
     script = window_script(experiment(), pmu=False, cachemodel=False, iface="eth1")
-    # the trace is armed before the wait (its sched filters name netserver, not a pid)
+    # the trace is armed before the wait (its sched filters name netserver, not a pid);
+    # perf starts (slowly, in a slow guest) before `armed` lets netperf start
     order = [script.index(s) for s in ("events/net/netif_receive_skb", "old=", "until ",
-                                       "reader-pid.txt", "perf stat", "trace.txt.gz",
-                                       "finished")]
+                                       "reader-pid.txt", "perf stat", "/win/armed",
+                                       "wait $perf_job", "trace.txt.gz", "finished")]
     assert order == sorted(order)
-    assert "-- sh /tmp/netbed/inner.sh" in script  # perf counts exactly the inner window
+    assert "-D -1 --control fifo:/tmp/netbed/perf.ctl,/tmp/netbed/perf.ack" in script
+    assert "-- sh /tmp/netbed/inner.sh" in script  # perf counts only inside the inner window
     assert "cycles" not in script  # no hardware events without a PMU
     assert "nbmark" not in script
 
@@ -39,16 +41,19 @@ def test_window_waits_for_the_reader_then_runs_perf_over_the_inner_window():
 def test_inner_window_nests_every_source_inside_perf_through_nbsnap():
     text = inner(window_script(experiment(), pmu=True, cachemodel=False, iface="eth1"))
     lines = text.splitlines()
-    opening = next(ln for ln in lines if "perf-begin" in ln)
-    closing = next(ln for ln in lines if "perf-end" in ln)
-    assert opening == 'snap "stamp perf-begin; units before${t}; proc before"'
-    assert closing == 'snap "proc after; ${t}units after; stamp perf-end"'
+    begin = lines.index('snap "stamp perf-begin-start"')
+    end = lines.index('snap "stamp perf-end"')
+    # perf's counting is switched between two stamps, right against the units' reads
+    assert lines[begin + 1:begin + 3] == [
+        "perf_ctl enable", 'snap "stamp perf-begin; units before${t}; proc before"']
+    assert lines[end - 2:end] == [
+        'snap "proc after; ${t}units after; stamp perf-end-start"', "perf_ctl disable"]
     assert "t='; trace on'" in text and "t='trace off; '" in text
-    assert text.index(opening) < text.index("sleep 3") < text.index(closing)
+    assert begin < lines.index("sleep 3") < end
     assert "mark" not in text
-    # between the edges and the sleep: no fork, only builtins and one FIFO round trip
-    for ln in lines[:lines.index(opening) + 1]:
-        assert ln.startswith(("exec 3>", "snap", "[ -e "))
+    # from the reader's pid to the opened window: no fork, only builtins and FIFO round trips
+    for ln in lines[lines.index("pid=$r"):begin + 3]:
+        assert not any(w in ln for w in ("pgrep", "sed ", "cat ", "mkfifo", "$(")), ln
 
 
 def test_nbsnap_is_started_before_perf_on_the_data_nic():
@@ -61,8 +66,10 @@ def test_cache_model_marks_enclose_the_units_and_tracing_stays_out():
     script = window_script(experiment(), pmu=True, cachemodel=True, iface="eth1")
     text = inner(script)
     assert "cycles" in script and "LLC-load-misses" in script
+    # the markers sit right against the units (reads inside a region are slow), inside
+    # perf's counting
     assert 'snap "stamp perf-begin; mark begin; units before; proc before"' in text
-    assert 'snap "proc after; units after; mark end; stamp perf-end"' in text
+    assert 'snap "proc after; units after; mark end; stamp perf-end-start"' in text
     assert "trace on" not in text and "events/net" not in script
     assert "kept out of cache-model windows" in script  # the reason, as a raw file
 
@@ -74,7 +81,8 @@ def test_trace_filters_name_the_nic_and_the_readers_command():
     assert "echo 'prev_comm == \"netserver\" || next_comm == \"netserver\"' >" in script
     assert "nbsnap /tmp/netbed/win enp0s3 0 <" in script
     # the reader's pid reaches nbsnap over its FIFO: no fork once the reader exists
-    after = script[script.index("pid=$r"):script.index("perf stat")]
+    text = inner(script)
+    after = text[text.index("pid=$r"):text.index("perf_ctl enable")]
     assert 'echo "reader $pid" >&3' in after
     assert not any(w in after for w in ("pgrep", "sed ", "cat ", "mkfifo", "$("))
     assert "echo mono > /sys/kernel/tracing/trace_clock" in script
@@ -130,5 +138,5 @@ def test_the_warmup_is_the_measured_connections_traffic_before_the_window_opens(
     # (at least the connection's ramp) before perf and the first edge read
     script = window_script(experiment(warmup=warmup), pmu=False, cachemodel=False,
                            iface="eth1")
-    outer = script.split("<<'NETBED_INNER'", 1)[0] + script.split("\nNETBED_INNER", 1)[1]
-    assert outer.index("pid=$r") < outer.index(lead) < outer.index("perf stat")
+    text = inner(script)
+    assert text.index("pid=$r") < text.index(lead) < text.index("perf_ctl enable")
