@@ -77,10 +77,13 @@ def values_of(run_dir: Path) -> dict[tuple[str, str], list[float]]:
         if not rep.is_done:
             continue
         info = read_json(rep.file("done"))
+        # a run under the cache model has two kinds of repetition: keep them apart
+        plugin = info.get("plugin")
+        kind = "" if not isinstance(plugin, bool) else (" (model)" if plugin else " (plain)")
         for metric in METRICS:
             v = info.get(metric)
             if isinstance(v, int | float) and not isinstance(v, bool):
-                out.setdefault((rep.cell_id, metric), []).append(float(v))
+                out.setdefault((rep.cell_id, metric + kind), []).append(float(v))
     return out
 
 
@@ -151,11 +154,11 @@ def report(result: Result) -> str:
     rec = result.placement_record
     if isinstance(rec, dict):
         lines.append(f"  as read back: {rec.get('note')}")
-    lines.append(f"  {'cell':<52} {'metric':<18} {'n':>2} {'mean':>9} {'CV':>7}  goal <= 5%")
+    lines.append(f"  {'cell':<52} {'metric':<26} {'n':>2} {'mean':>9} {'CV':>7}  goal <= 5%")
     for (cell, metric), vs in sorted(values.items()):
         c = cv(vs)
         mark = "" if c is None else ("met" if c <= GOAL_CV else "NOT met")
-        lines.append(f"  {cell:<52} {metric:<18} {len(vs):>2} {statistics.fmean(vs):>9.1f} "
+        lines.append(f"  {cell:<52} {metric:<26} {len(vs):>2} {statistics.fmean(vs):>9.1f} "
                      f"{'n/a' if c is None else f'{100 * c:.1f}%':>7}  {mark}   "
                      f"values: {', '.join(f'{v:.0f}' for v in vs)}")
     if result.by_kind:

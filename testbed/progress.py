@@ -38,6 +38,9 @@ class Progress:
         self.ran = 0
         self.log = log
         self.started = time.monotonic()
+        # the first repetition of a session carries one-off work (kernel build, image,
+        # plugin, first boot: minutes on a fresh clone), so the pace is taken after it
+        self.first_finished: float | None = None
         self.current = ""
         self.bar = None
         if use_terminal if use_terminal is not None else sys.stdout.isatty():
@@ -59,7 +62,10 @@ class Progress:
     def finish(self, outcome: str) -> None:
         self.done += 1
         self.ran += 1
-        eta = eta_seconds(self.ran, time.monotonic() - self.started, self.total - self.done)
+        now = time.monotonic()
+        if self.first_finished is None:
+            self.first_finished = now
+        eta = eta_seconds(self.ran - 1, now - self.first_finished, self.total - self.done)
         if self.bar is not None:
             self.bar.console.print(f"{self.current}: {outcome}")
             self.bar.update(self.task, completed=self.done)

@@ -11,6 +11,7 @@ import gzip
 from io import StringIO
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from testbed.errors import NetbedError
@@ -118,8 +119,9 @@ def _read_table(text: str, columns: tuple[str, ...], hex_cols: tuple[str, ...],
             raise NetbedError(f"{source}: columns {list(head.columns)}",
                               hint=f"expected {','.join(columns)} (plugin/reader mismatch?)")
         df = pd.read_csv(StringIO(text), dtype={**text_cols, **ints}, keep_default_na=False)
-        for col in hex_cols:
-            df[col] = df[col].map(_hex).astype("uint64")
+        for col in hex_cols:  # a list comprehension: element-wise .map was 7 s per run
+            df[col] = np.fromiter((_hex(v) for v in df[col].tolist()), dtype=np.uint64,
+                                  count=len(df))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError,
             OverflowError) as exc:
         raise NetbedError(f"{source}: does not parse: {exc}",
@@ -131,7 +133,8 @@ def _read_table(text: str, columns: tuple[str, ...], hex_cols: tuple[str, ...],
 def read_sites(text: str, source: str = SITES_FILE) -> pd.DataFrame:
     """Per-instruction counters of one window (columns SITES_COLUMNS, pc as uint64)."""
     df = _read_table(text, SITES_COLUMNS, ("pc",), source)
-    bad = sorted(set(df["data"]) - set(DATA_KINDS)) + sorted(set(df["mode"]) - set(MODES))
+    bad = (sorted(set(df["data"].unique()) - set(DATA_KINDS))
+           + sorted(set(df["mode"].unique()) - set(MODES)))
     if bad:
         raise NetbedError(f"{source}: unknown mode/data value(s) {bad}",
                           hint=f"modes {MODES}, data {DATA_KINDS}")

@@ -39,6 +39,12 @@ VIRTIO_NOTSO_PROPS = (
 )
 
 
+# Under -icount the secondary vCPU's delay-loop calibration fails ("calibrate_delay_direct()
+# failed") and its bring-up stalls for minutes (measured: no console line after CPU #1 in
+# 180 s); a fixed lpj (the 1 GHz virtual TSC at HZ=250, as the boot CPU measures it) and a
+# trusted TSC let both guests boot (~30 s under shift=auto).
+ICOUNT_APPEND = ("lpj=3999972", "tsc=reliable")
+
 @dataclass(frozen=True)
 class TapAttachment:
     """Data plane over a host tap device (with vnet_hdr: virtio keeps its offloads)."""
@@ -150,6 +156,8 @@ def kernel_append(spec: GuestSpec) -> str:
     if spec.nic is not None and spec.data is not None:
         parts += [f"netbed.data_mac={spec.data_mac}", f"netbed.data_ip={spec.data_ip}"]
     parts += list(spec.extra_append)
+    if spec.icount and spec.accel == "tcg":
+        parts += list(ICOUNT_APPEND)
     return " ".join(parts)
 
 

@@ -40,7 +40,10 @@ def test_icount_makes_tcg_single_threaded_with_deterministic_guest_time():
     argv = qemu_argv(spec(icount="shift=auto"))
     assert arg_after(argv, "-accel") == ["tcg,thread=single"]
     assert arg_after(argv, "-icount") == ["shift=auto"]
+    # without a fixed lpj the second vCPU's bring-up stalls under -icount
+    assert "lpj=3999972" in arg_after(argv, "-append")[0]
     assert "-icount" not in qemu_argv(spec())
+    assert "lpj=" not in arg_after(qemu_argv(spec()), "-append")[0]
 
 
 def test_kvm_uses_host_cpu_with_pmu():
