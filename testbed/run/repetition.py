@@ -35,7 +35,7 @@ from testbed.formats.readback import (
 from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
-from testbed.run.traffic import run_until_window_closes
+from testbed.run.traffic import run_until_window_closes, wait_until
 from testbed.run.window import (
     GUEST_DIR,
     NETPERF_CAP_S,
@@ -71,6 +71,7 @@ def discover(rx: Shell, data_mac: str) -> BootState:
 
 SECTION = "@@netbed-section@@"  # between the outputs of one command's parts
 FINISH_WAIT_S = 120  # after the window closed: perf's end, the trace's collection
+ARMED_WAIT_S = 60  # the window script's set-up until netperf may start
 NOT_FINISHED = 3  # fetch_window_command's status when the window never finished
 
 
@@ -98,21 +99,21 @@ def split_sections(text: str, count: int) -> list[str]:
 
 def start_window_command(script: str) -> str:
     """Write the window script, start it detached, and return once it is armed (pure)."""
+    armed = f"{GUEST_DIR}/win/{WINDOW_ARMED}"
     return (f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
             f"{script}NETBED_EOF\n"
             f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
             f"{GUEST_DIR}/win/{WINDOW_CLOSED}\n"
             f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &\n"
-            f"i=0; until [ -e {GUEST_DIR}/win/{WINDOW_ARMED} ]; do i=$((i + 1)); "
-            f"[ $i -gt 600 ] && exit 1; sleep 0.1; done\n")
+            f"{wait_until(f'[ -e {armed} ]', ARMED_WAIT_S)}; [ -e {armed} ] || exit 1\n")
 
 
 def fetch_window_command() -> str:
     """Once the window has finished, its files as one base64-armoured tar stream (a
     shell's output is text); status NOT_FINISHED if it does not finish in time (pure)."""
-    polls = int(FINISH_WAIT_S * 10)
-    return (f"i=0; until [ -e {GUEST_DIR}/win/finished ]; do i=$((i + 1)); "
-            f"[ $i -gt {polls} ] && exit {NOT_FINISHED}; sleep 0.1; done; "
+    finished = f"{GUEST_DIR}/win/finished"
+    return (f"{wait_until(f'[ -e {finished} ]', FINISH_WAIT_S)}; "
+            f"[ -e {finished} ] || exit {NOT_FINISHED}; "
             f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
             f"-cf - . | base64 -w 0")
 

@@ -58,7 +58,7 @@ def start_command(netperf_command: str) -> str:
             f"nohup sh -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 &")
 
 
-def _wait_until(test: str, seconds: float) -> str:
+def wait_until(test: str, seconds: float) -> str:
     """Poll `test` in the guest every 0.1 s for at most `seconds` of the guest's clock
     (pure): an SSH round trip costs 0.2-0.7 s under TCG, so the host waits inside the
     guest, not between calls. The bound reads /proc/uptime (centiseconds, builtins
@@ -74,14 +74,14 @@ def _wait_until(test: str, seconds: float) -> str:
 def status_command(wait_s: float = 0.0) -> str:
     """Once netperf has ended: its exit status, OUTPUT_MARK and its output; nothing while it
     runs (after waiting up to `wait_s` for it to end)."""
-    wait = _wait_until(f"[ -s {NETPERF_RC} ]", wait_s) + "; " if wait_s > 0 else ""
+    wait = wait_until(f"[ -s {NETPERF_RC} ]", wait_s) + "; " if wait_s > 0 else ""
     return (f"{wait}if [ -s {NETPERF_RC} ]; then cat {NETPERF_RC}; echo {OUTPUT_MARK}; "
             f"cat {NETPERF_OUT} 2>/dev/null; fi; true")
 
 
 def wait_closed_command(closed_file: str, wait_s: float = WAIT_S) -> str:
     """Status 0 as soon as the window has closed, 1 after `wait_s` if it has not."""
-    return _wait_until(f"[ -e {closed_file} ]", wait_s) + f"; [ -e {closed_file} ]"
+    return wait_until(f"[ -e {closed_file} ]", wait_s) + f"; [ -e {closed_file} ]"
 
 
 def stop_command(workload: str, reader_pid_file: str) -> tuple[str, str]:
