@@ -77,9 +77,9 @@ EDGE_RULES: dict[str, tuple[str, str]] = {"cachemodel": ("end", "start")}
 
 def _edge(stamps: dict[str, int], label: str, rule: str) -> float:
     """The moment of one edge read, in ns, by its source's rule."""
-    end = stamps[label]
-    start = stamps.get(f"{label}-start", end)
-    return {"start": float(start), "end": float(end)}.get(rule, (start + end) / 2)
+    if rule == "middle":
+        return _moment(stamps, label)[0]
+    return float(stamps[label] if rule == "end" else stamps.get(f"{label}-start", stamps[label]))
 
 
 def _moment(stamps: dict[str, int], label: str) -> tuple[float, float]:
