@@ -126,8 +126,8 @@ def cv_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
 
 def run(settings: Settings, placement: str, nics: list[str], repetitions: int,
         duration: int, warmup: int, *, kernel: str = "distro", plain: int = 0,
-        icount: str = "") -> Result:
-    s = replace(settings, host_placement=placement, tcg_icount=icount)
+        icount: str = "", sender: str = "guest") -> Result:
+    s = replace(settings, host_placement=placement, tcg_icount=icount, sender=sender)
     with tempfile.TemporaryDirectory(prefix="netbed-repeat-") as tmp:
         config = Path(tmp) / "experiment.yaml"
         config.write_text(EXPERIMENT.format(placement=placement, nics=", ".join(nics),
@@ -139,7 +139,8 @@ def run(settings: Settings, placement: str, nics: list[str], repetitions: int,
         summary = run_matrix(s, config, log=lambda m: print(f"  {m}", flush=True))
         busy1, total1 = cpu_busy()
     versions = read_json(RunDir(summary.run_dir).versions_file)
-    return Result(placement + (f" icount {icount}" if icount else ""), str(summary.run_dir),
+    return Result(placement + f", sender {sender}" + (f", icount {icount}" if icount else ""),
+                  str(summary.run_dir),
                   time.monotonic() - started, load_before,
                   os.getloadavg(), (busy1 - busy0) / max(1, total1 - total0),
                   versions.get("placement"), values_of(summary.run_dir),
@@ -187,15 +188,18 @@ def main() -> None:
     p.add_argument("--plain", type=int, default=0,
                    help="plain (plugin-less) repetitions per cell when the cache model counts")
     p.add_argument("--icount", default="", help="QEMU -icount for the guests, e.g. shift=auto")
+    p.add_argument("--sender", action="append", choices=("guest", "netns"),
+                   help="what sends the traffic (default: guest; give both to compare)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args()
     results = []
     for placement in a.placement or ["shared", "disjoint"]:
-        print(f"== placement {placement}", flush=True)
-        res = run(Settings(), placement, a.nics.split(","), a.repetitions, a.duration, a.warmup,
-                  kernel=a.kernel, plain=a.plain, icount=a.icount)
-        results.append(res)
-        print(report(res), flush=True)
+        for sender in a.sender or ["guest"]:
+            print(f"== placement {placement}, sender {sender}", flush=True)
+            res = run(Settings(), placement, a.nics.split(","), a.repetitions, a.duration,
+                      a.warmup, kernel=a.kernel, plain=a.plain, icount=a.icount, sender=sender)
+            results.append(res)
+            print(report(res), flush=True)
     if a.json:
         a.json.write_text(json.dumps([{**asdict(r), "values": {
             f"{c}|{m}": v for (c, m), v in r.values.items()}} for r in results],

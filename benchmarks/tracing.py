@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         assets = prepare_assets(settings, args.kernel, tmp / "assets")
         with boot(assets, settings, tmp / "guests", cpus=2, nic=args.nic,
                   with_sender=True, log=lambda m: None) as topo:
-            assert topo.sender is not None
-            rx, tx = topo.receiver.ssh, topo.sender.ssh
+            rx, tx = topo.receiver.ssh, topo.sender_shell
             state = discover(rx, topo.receiver.spec.data_mac)
             for i in range(args.rounds):
                 for tracing in ((False, True) if i % 2 == 0 else (True, False)):
@@ -100,8 +99,7 @@ PERF_EVENTS = ("net:netif_receive_skb", "napi:napi_poll", "sched:sched_waking",
 def compare_tracers(topo: Topology, iface: str, rounds: int, seconds: int,
                     ) -> dict[str, list[float]]:
     """netperf's rate with no tracer, tracefs, and perf record (same events and filters)."""
-    assert topo.sender is not None
-    rx, tx = topo.receiver.ssh, topo.sender.ssh
+    rx, tx = topo.receiver.ssh, topo.sender_shell
     filters = trace._filters(iface)
     perf_args = " ".join(f"-e {ev} --filter {filters[ev.replace(':', '/')]}"
                          for ev in PERF_EVENTS)

@@ -38,6 +38,10 @@ class Settings:
     debian_suite: str = "bookworm"
     # How the guests' QEMU processes use the host CPUs (testbed.vm.placement).
     host_placement: str = "shared"
+    # What sends the test traffic: `guest` (a second QEMU guest) or `netns` (netperf as a
+    # host process in a network namespace on the data-plane bridge; needs the tap data
+    # plane, i.e. root; testbed.vm.netns).
+    sender: str = "guest"
     # QEMU -icount under TCG ("" off; e.g. "shift=auto", "shift=7"): guest time follows
     # the instructions executed, not the host clock (#11). Forces one TCG thread per guest.
     tcg_icount: str = ""
@@ -78,4 +82,5 @@ ICOUNT_RE = re.compile(r"shift=(auto|[0-9]|10)(,sleep=(on|off))?(,align=(on|off)
 CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),
                                        "default_kernel": get_args(KernelName),
                                        "host_placement": ("shared", "disjoint"),
-                                       "qemu": ("system", "backport")}
+                                       "qemu": ("system", "backport"),
+                                       "sender": ("guest", "netns")}

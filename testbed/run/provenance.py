@@ -184,6 +184,13 @@ class Provenance:
             self.versions["dataplane"] = note
             self._write()
 
+    def record_sender(self, note: str | None) -> None:
+        """What sent the test traffic: a sender guest or a native netperf in a namespace
+        (#11); the last boot's, like the placement."""
+        if note is not None and self.versions.get("sender") != note:
+            self.versions["sender"] = note
+            self._write()
+
     def record_guest_clock(self, icount_note: str | None) -> None:
         """How guest time ran: the host clock (TCG's default, KVM) or QEMU's -icount (#11)."""
         value = icount_note or "host clock"

@@ -138,6 +138,7 @@ class ExperimentGuests:
                   with_sender=True, receiver_plugins=plugins, receiver_tcg_threads=threads,
                   memory_mb=self.exp.memory_mb, log=self.log) as topo:
             self.provenance.record_dataplane(topo.notes.get("dataplane"))
+            self.provenance.record_sender(topo.notes.get("sender"))
             self.provenance.record_guest_clock(topo.notes.get("tcg_icount"))
             self.provenance.record_placement(topo.placement)  # h-repeat (#11)
             self.provenance.check_guest_pmu(topo.receiver.ssh)
@@ -152,11 +153,9 @@ class ExperimentGuests:
 
     def measure(self, booted: Booted, cell: Cell, rep: RepDir) -> dict[str, object]:
         topo = booted.topo
-        if topo.sender is None:
-            raise NetbedError("a measured cell needs the sender guest")
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         # tracing: the config's switch, and never where the plugin counts this window
-        info = run_repetition(topo.receiver.ssh, topo.sender.ssh, booted.state, self.exp,
+        info = run_repetition(topo.receiver.ssh, topo.sender_shell, booted.state, self.exp,
                               cell, resolved, rep, self.provenance.pmu,
                               cachemodel=booted.plugin,
                               tracing=self.exp.tracing and not booted.plugin)

@@ -36,6 +36,7 @@ from testbed.shell import Shell
 GUEST_DIR = "/tmp/netbed"
 NETPERF_OUT = f"{GUEST_DIR}/netperf.out"
 NETPERF_RC = f"{GUEST_DIR}/netperf.rc"
+NETPERF_PID = f"{GUEST_DIR}/netperf.pid"  # the `timeout` wrapping netperf (its parent)
 OUTPUT_MARK = "@@netbed-netperf-output@@"
 WAIT_S = 2.0  # one bounded wait inside the guest: ends as soon as what it waits for happens
 STOP_GRACE_S = 60.0  # after the stop signal: netperf's final exchange under a slow receiver
@@ -52,9 +53,12 @@ class TrafficOutcome:
 
 
 def start_command(netperf_command: str) -> str:
-    """Start netperf detached from the SSH session; its status lands in NETPERF_RC."""
-    body = f"{netperf_command} > {NETPERF_OUT} 2>&1; echo $? > {NETPERF_RC}"
-    return (f"mkdir -p {GUEST_DIR} && rm -f {NETPERF_OUT} {NETPERF_RC} && "
+    """Start netperf detached from the SSH session; its status lands in NETPERF_RC and the
+    pid of the `timeout` that wraps it in NETPERF_PID, so the stop reaches this netperf
+    only (a native sender shares the host's process table with any other netperf)."""
+    body = (f"{netperf_command} > {NETPERF_OUT} 2>&1 & echo $! > {NETPERF_PID}; "
+            f"wait $!; echo $? > {NETPERF_RC}")
+    return (f"mkdir -p {GUEST_DIR} && rm -f {NETPERF_OUT} {NETPERF_RC} {NETPERF_PID} && "
             f"nohup sh -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 &")
 
 
@@ -85,10 +89,15 @@ def wait_closed_command(closed_file: str, wait_s: float = WAIT_S) -> str:
 
 
 def stop_command(workload: str, reader_pid_file: str) -> tuple[str, str]:
-    """(which guest, command) that ends the test: SIGINT to the side that sends."""
+    """(which guest, command) that ends the test: SIGINT to the side that sends.
+
+    The sender's signal goes to netperf itself, the child of its `timeout`: signalled,
+    `timeout` would pass it on but also arm its 5 s kill, too short for the final
+    exchange with a receiver slowed by the cache model."""
     if workload.upper() == "TCP_MAERTS":
         return "receiver", f'p=$(cat {reader_pid_file} 2>/dev/null) && kill -INT "$p" || true'
-    return "sender", "pkill -INT -x netperf || true"
+    return "sender", (f'p=$(cat {NETPERF_PID} 2>/dev/null) && '
+                      f'pkill -INT -x -P "$p" netperf || true')
 
 
 def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload: str, *,

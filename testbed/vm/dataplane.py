@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 from testbed.errors import CommandError
 from testbed.vm.interrupts import TEARDOWN, Stage
@@ -150,10 +150,26 @@ def _boot_id() -> str:
     return p.read_text().strip() if p.exists() else ""
 
 
-class DataPlane:
+class DevicePlan(Protocol):
+    """Host devices to create and remove: a data plane, or a sender namespace on it."""
+
+    @property
+    def tag(self) -> str: ...
+
+    @property
+    def setup(self) -> tuple[tuple[str, ...], ...]: ...
+
+    @property
+    def teardown(self) -> tuple[tuple[str, ...], ...]: ...
+
+
+PlanT = TypeVar("PlanT", bound=DevicePlan)
+
+
+class DataPlane(Generic[PlanT]):
     """Creates the plan's devices on enter and removes them on exit, whatever happened."""
 
-    def __init__(self, plan: DataPlanePlan, registry: Path | None = None) -> None:
+    def __init__(self, plan: PlanT, registry: Path | None = None) -> None:
         self.plan = plan
         self.registry = registry
         self._token: int | None = None
@@ -162,13 +178,13 @@ class DataPlane:
     def _entry(self) -> Path | None:
         return self.registry / f"{self.plan.tag}.json" if self.registry else None
 
-    def __enter__(self) -> DataPlanePlan:
+    def __enter__(self) -> PlanT:
         if self._entry is not None and self.plan.teardown:
             self._entry.parent.mkdir(parents=True, exist_ok=True)
             self._entry.write_text(json.dumps({"pid": os.getpid(), "boot_id": _boot_id(),
                                                "teardown": self.plan.teardown}))
         if self.plan.teardown:
-            self._token = TEARDOWN.register(Stage.DEVICES, f"data plane {self.plan.tag}",
+            self._token = TEARDOWN.register(Stage.DEVICES, f"devices {self.plan.tag}",
                                             self.close)
         try:
             for cmd in self.plan.setup:

@@ -22,6 +22,10 @@ installs a handler at all. Hence:
 - Second signal, or the deadline passing first: the emergency teardown kills the
   QEMU processes, then removes taps and bridges, in that order, each step with a
   budget, and exits with 128 + the first signal's number.
+- Once an interrupted program reaches its exit functions, the teardown is done and
+  further signals are ignored: CPython's finalization puts SIG_DFL back for every
+  signal with a Python handler, so a second Ctrl-C landing there would kill the
+  process by the signal (status -2, not 130) after a complete cleanup.
 
 Whoever creates something an emergency must undo registers it in `TEARDOWN`
 (QEMU processes at stage PROCESSES, data planes at stage DEVICES) and removes it
@@ -30,6 +34,7 @@ when it has undone it itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import itertools
@@ -204,6 +209,7 @@ class _Installation:
         self.controller: InterruptController | None = None
         self.wakeup_w: int | None = None
         self.watcher: threading.Thread | None = None
+        self.at_exit_registered = False
         self.lock = threading.Lock()
 
 
@@ -242,6 +248,13 @@ def _handler(signum: int, _frame: FrameType | None) -> None:
         raise exc
 
 
+def _ignore_signals_once_interrupted() -> None:
+    """Exit function: after an interrupt nothing is left to do but exit (see above)."""
+    if interrupted():
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def install_signal_handlers() -> bool:
     """Install the SIGINT/SIGTERM handling described above; idempotent.
 
@@ -261,6 +274,9 @@ def install_signal_handlers() -> bool:
                 target=_watch, args=(r, _INSTALLED.controller), daemon=True,
                 name="netbed-signal-watcher")
             _INSTALLED.watcher.start()
+        if not _INSTALLED.at_exit_registered:
+            atexit.register(_ignore_signals_once_interrupted)
+            _INSTALLED.at_exit_registered = True
         # (Re)claim the wakeup fd: asyncio's add_signal_handler, for one, replaces it.
         signal.set_wakeup_fd(_INSTALLED.wakeup_w, warn_on_full_buffer=False)
         for signum in HANDLED:
@@ -274,5 +290,5 @@ def current_controller() -> InterruptController | None:
 
 def interrupted() -> bool:
     """Whether SIGINT/SIGTERM has been seen: nothing new should boot after that."""
-    ctl = _INSTALLED.controller
-    return bool(ctl and ctl.signals)
+    ctl = _INSTALLED.controller  # (raised: the handler ran before the watcher counted it)
+    return bool(ctl and (ctl.signals or ctl.raised))

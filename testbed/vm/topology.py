@@ -20,8 +20,10 @@ from testbed.build.kernel import Kernel
 from testbed.build.kernels import get_kernel
 from testbed.build.qemu_backport import resolve_qemu
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
+from testbed.errors import NetbedError
 from testbed.progress import Log
 from testbed.settings import Settings
+from testbed.shell import Shell
 from testbed.vm import placement
 from testbed.vm.dataplane import (
     PREFIX,
@@ -35,6 +37,7 @@ from testbed.vm.dataplane import (
 )
 from testbed.vm.guest import Guest, KeyPair, make_keypair
 from testbed.vm.interrupts import install_signal_handlers, interrupted
+from testbed.vm.netns import NetnsShell, host_netperf, plan_netns, sender_files
 from testbed.vm.process import QemuProcess, free_port, short_socket_path
 from testbed.vm.qemu import GuestSpec, PluginSpec
 from testbed.vocabulary import Accel, AccelSetting, NicName, TcgThreads
@@ -64,11 +67,21 @@ class BootedGuest:
 @dataclass
 class Topology:
     receiver: BootedGuest
-    sender: BootedGuest | None
+    sender: BootedGuest | None  # a sender guest (setting sender: guest)
     dataplane: DataPlanePlan | None
     assets: Assets
     notes: dict[str, str] = field(default_factory=dict)
     placement: dict[str, object] = field(default_factory=dict)  # testbed.vm.placement record
+    native_sender: NetnsShell | None = None  # netperf in a namespace (setting sender: netns)
+
+    @property
+    def sender_shell(self) -> Shell:
+        """Where the sender's commands run, guest or namespace: the traffic is the same."""
+        if self.sender is not None:
+            return self.sender.ssh
+        if self.native_sender is not None:
+            return self.native_sender
+        raise NetbedError("a measured cell needs a sender (booted with with_sender=False)")
 
 
 def ssh_to(spec: GuestSpec, assets: Assets, settings: Settings) -> Guest:
@@ -153,6 +166,37 @@ def _place(settings: Settings, receiver: BootedGuest,
                                   _placed(receiver, sender))
 
 
+def sender_kind(requested: str, plan: DataPlanePlan | None) -> str:
+    """`guest` or `netns` (pure): a namespace needs the bridge of the tap data plane, so
+    without one (no root: socket data plane) the sender is a guest, and the note says so."""
+    if requested == "netns" and (plan is None or plan.bridge is None):
+        return "guest"
+    return requested
+
+
+def sender_note(kind: str, requested: str, plan: DataPlanePlan | None) -> str:
+    """What sent the traffic, for versions.json and the report (pure)."""
+    if kind == "netns":
+        return ("netns: netperf as a host process in a network namespace on the data-plane "
+                "bridge (the guest image's netperf)")
+    if requested == "netns":
+        return (f"guest (netns asked for, but the data plane is "
+                f"{plan.mode if plan else 'missing'}: a namespace needs the tap bridge)")
+    return "guest: a second QEMU guest runs netperf"
+
+
+def _native_sender(assets: Assets, settings: Settings, workdir: Path, plan: DataPlanePlan,
+                   stack: contextlib.ExitStack) -> NetnsShell:
+    """The sender namespace on the data plane's bridge, torn down with the stack."""
+    assert plan.bridge is not None
+    bin_dir = host_netperf(assets.image)
+    ns = plan_netns(plan.bridge, plan.tag)
+    files = sender_files(workdir)
+    registry = settings.cache_dir / "dataplanes"
+    stack.enter_context(DataPlane(ns, registry))
+    return NetnsShell(ns.namespace, files, bin_dir, settings.command_timeout_s)
+
+
 @contextlib.contextmanager
 def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
          nic: NicName | None, with_sender: bool, sender_cpus: int = 2,
@@ -181,12 +225,20 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
                                "receiver", receiver_plugins, receiver_tcg_threads,
                                memory_mb), assets, settings, stack, effects)
         sender = None
-        if with_sender:
+        native = None
+        kind = sender_kind(settings.sender, plan) if with_sender else "none"
+        if kind == "guest":
             sender = _boot(_spec(assets, settings, workdir, "sender", 2, sender_cpus, nic,
                                  plan, "sender", (), "multi", memory_mb),
                            assets, settings, stack, effects)
+        elif kind == "netns":
+            assert plan is not None and plan.bridge is not None  # sender_kind checked
+            native = _native_sender(assets, settings, workdir, plan, stack)
+        if with_sender:
+            notes["sender"] = sender_note(kind, settings.sender, plan)
         placement_record = _place(settings, receiver, sender)  # h-repeat (#11)
-        log(f"booting {'receiver + sender' if sender else 'guest'} "
+        log(f"booting {'receiver + sender' if sender else 'guest'}"
+            f"{' + native sender' if native else ''} "
             f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
             f"{assets.accel.upper()})")
         _await(receiver, settings, stack)
@@ -196,4 +248,4 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
         placement_record = placement.confirm(placement_record, _placed(receiver, sender))
         notes["placement"] = str(placement_record["note"])
         yield Topology(receiver, sender, plan if with_sender else None, assets, notes,
-                       placement_record)
+                       placement_record, native)

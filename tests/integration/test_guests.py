@@ -36,7 +36,7 @@ def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, work
     if os.geteuid() != 0:
         pytest.skip("tap data plane needs root")
     with boot(assets, settings, workdir, cpus=2, nic=nic, with_sender=True) as topo:
-        rx, tx = topo.receiver.ssh, topo.sender.ssh
+        rx, tx = topo.receiver.ssh, topo.sender_shell
         assert rx.run("nproc").stdout.strip() == "2"
         state = parse_offloads(rx.run(OFFLOAD_SCRIPT).stdout)
         assert state.driver == NIC_DRIVER[nic]

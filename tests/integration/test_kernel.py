@@ -287,8 +287,7 @@ def _two_guest_probe(wake: int, workdir: Path, settings: Settings) -> dict[str, 
     assets = prepare_assets(settings, "patched", workdir / f"wake{wake}", accel="tcg")
     with boot(assets, settings, workdir / f"wake{wake}" / "guests", cpus=2, nic="e1000",
               with_sender=True, sender_cpus=1) as topo:
-        assert topo.sender is not None
-        rx, tx = topo.receiver.ssh, topo.sender.ssh
+        rx, tx = topo.receiver.ssh, topo.sender_shell
         assert rx.run("uname -r").stdout.strip() == assets.kernel.release
         rx.run("mkdir -p /tmp/probe")
         rx.put(reader, "/tmp/probe/rxreader")

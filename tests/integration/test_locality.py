@@ -61,8 +61,7 @@ def measure(b: Booted, tmp: Path, kernel: str, workload: str, policy: str) -> pd
     run = RunDir(tmp / f"run-{policy}-{workload}")
     rep = run.start_rep(cell.cell_id, 1)
     topo = b[0]
-    assert topo.sender is not None
-    run_repetition(topo.receiver.ssh, topo.sender.ssh, b[1], exp, cell,
+    run_repetition(topo.receiver.ssh, topo.sender_shell, b[1], exp, cell,
                    exp.policies.resolve(policy, 2), rep, pmu=False)
     run.mark_done(rep, {})
     rows, _ = collate_rep(rep)

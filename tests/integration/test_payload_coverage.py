@@ -60,12 +60,11 @@ def test_device_write_coverage_needs_a_non_repeating_payload(kernel: str, nic: s
         with boot(assets, settings, tmp / "guests", cpus=2, nic=nic,  # type: ignore[arg-type]
                   with_sender=True,
                   receiver_plugins=plugins, receiver_tcg_threads=threads) as topo:
-            assert topo.sender is not None
             state = discover(topo.receiver.ssh, topo.receiver.spec.data_mac)
             for kind in ("netperf-default", "random-fill"):
                 run = RunDir(tmp / kind)
                 rep = run.start_rep(cell.cell_id, 1)
-                run_repetition(topo.receiver.ssh, topo.sender.ssh, state, exp, cell,
+                run_repetition(topo.receiver.ssh, topo.sender_shell, state, exp, cell,
                                exp.policies.resolve("pin-irq", 2), rep, pmu=False,
                                payload_kind=kind)
                 collect_window(topo.receiver.spec.workdir, rep)

@@ -173,6 +173,29 @@ def test_importing_the_packages_installs_no_signal_handler():
     assert out.stdout.split() == ["True", "True", "-1"], out.stderr
 
 
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_interrupted_program_ignores_signals_once_it_reaches_its_exit(interrupted):
+    """CPython's finalization (after the exit functions) puts SIG_DFL back where a Python
+    handler was: a second Ctrl-C landing there killed a cleaned-up run by the signal
+    (exit -2 instead of 130, seen once in CI). Ignored signals are left as they are."""
+    code = ("import atexit, os, signal, time\n"
+            "from testbed.vm.interrupts import install_signal_handlers\n"
+            "install_signal_handlers()\n"
+            f"if {interrupted}:\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "    except KeyboardInterrupt:\n"
+            "        pass\n"
+            "atexit._run_exitfuncs()\n"
+            "print(*(signal.getsignal(s) is signal.SIG_IGN for s in"
+            " (signal.SIGINT, signal.SIGTERM)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    expected = "True True" if interrupted else "False False"
+    assert out.stdout.strip() == expected, out.stderr
+    assert out.returncode == 0, out.stderr
+
+
 def test_sockets_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -84,7 +84,7 @@ def test_a_plain_boot_measures_without_the_plugin_and_says_so(tmp_path, monkeypa
                         lambda *a, **k: calls.append(k) or {"throughput": 1.0})
     monkeypatch.setattr(session, "collect_window", lambda *a: collected.append(a))
     node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
-    topo = SimpleNamespace(receiver=node, sender=node)
+    topo = SimpleNamespace(receiver=node, sender=node, sender_shell=node.ssh)
     rep = RunDir(tmp_path).start_rep("c", 0)
     cell = expand(guests.exp)[0]
     plain = guests.measure(session.Booted(topo, None, None, plugin=False), cell, rep)
@@ -108,7 +108,7 @@ def test_tracing_off_in_the_config_reaches_every_window(tmp_path, monkeypatch):
     monkeypatch.setattr(session, "run_repetition",
                         lambda *a, **k: calls.append(k) or {"throughput": 1.0})
     node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
-    topo = SimpleNamespace(receiver=node, sender=node)
+    topo = SimpleNamespace(receiver=node, sender=node, sender_shell=node.ssh)
     guests.measure(session.Booted(topo, None, None, plugin=False),
                    expand(guests.exp)[0], RunDir(tmp_path).start_rep("c", 0))
     assert calls[-1]["tracing"] is False

@@ -6,11 +6,13 @@ time; netperf ends on its own cap, or some time after the side that sends got SI
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -108,7 +110,7 @@ def test_netperf_is_stopped_once_the_window_has_closed_however_slow_the_window()
     assert outcome == traffic.TrafficOutcome(0, "THROUGHPUT=300.5\n", "window-closed")
     assert world.signalled_at is not None and world.signalled_at >= 40.0
     assert len(world.signals) == 1 and world.signals[0][0] == "sender"
-    assert world.signals[0][1].startswith("pkill -INT -x netperf || true; ")
+    assert "pkill -INT -x -P" in world.signals[0][1]
     assert world.now < 40.0 + 1.5  # waited in the guest: noticed within a poll, not a period
 
 
@@ -205,3 +207,33 @@ def test_a_guest_wait_ends_on_the_event_or_after_its_time(tmp_path):
     res = subprocess.run([SH, "-c", traffic.wait_closed_command(str(closed), 5.0)],
                          timeout=10)
     assert res.returncode == 0 and time.monotonic() - start < 1
+
+
+def test_the_stop_reaches_this_netperf_and_no_other(tmp_path):
+    """A native sender shares the host's process table: another run's netperf (or a
+    user's) must not get our SIGINT. Real shell, a `sleep` named netperf."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "netperf").symlink_to(shutil.which("sleep"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    other = subprocess.Popen([str(bin_dir / "netperf"), "60"], env=env)
+    try:
+        def sh(command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["sh", "-c", command.replace(traffic.GUEST_DIR, str(tmp_path))],
+                                  env=env, capture_output=True, text=True, timeout=30)
+
+        sh(traffic.start_command("timeout -k 5 60 netperf 60"))
+        pid_file = Path(traffic.NETPERF_PID.replace(traffic.GUEST_DIR, str(tmp_path)))
+        end = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.2)  # timeout has started its netperf
+        side, stop = traffic.stop_command("TCP_STREAM", "/nonexistent")
+        assert side == "sender"
+        out = sh(f"{stop}; {traffic.status_command(10)}").stdout
+        status = traffic._parse_status(out)
+        assert status is not None and status[0] == 130  # ours ended by SIGINT (sleep's way)
+        assert other.poll() is None  # the other one runs on
+    finally:
+        other.kill()
+        other.wait()
