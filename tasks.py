@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
@@ -82,7 +83,8 @@ def setup(c, kernel=None):
            "on the experiments' tap + vnet_hdr data plane, else on a socket (no offloads)",
     "cpus": "number of vCPUs of the guest",
     "command": "run this command in the guest and exit with its status (default: a shell)",
-    "with_sender": "also boot the sender guest on a private data plane (198.18.0.2)",
+    "with_sender": "also boot the sender guest on a private data plane (198.18.0.2; a "
+                   "guest whatever the sender setting, so you can log into it)",
     "accel": "auto (probe KVM, else TCG), kvm or tcg",
     "memory": "guest memory in MiB",
 })
@@ -97,6 +99,7 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
         nic = nic_name(nic) if nic is not None else None
         if accel is not None:
             s = Settings.from_mapping({**s.as_invoke_config(), "accel": accel})  # checks it
+    s = replace(s, sender="guest")  # --with-sender promises a guest
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     # One folder per invocation: two shells at once must not share console logs or sockets.
     workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))

@@ -38,10 +38,12 @@ class Settings:
     debian_suite: str = "bookworm"
     # How the guests' QEMU processes use the host CPUs (testbed.vm.placement).
     host_placement: str = "shared"
-    # What sends the test traffic: `guest` (a second QEMU guest) or `netns` (netperf as a
-    # host process in a network namespace on the data-plane bridge; needs the tap data
-    # plane, i.e. root; testbed.vm.netns).
-    sender: str = "guest"
+    # What sends the test traffic: `netns` (netperf as a host process in a network
+    # namespace on the data-plane bridge; testbed.vm.netns) or `guest` (a second QEMU
+    # guest). netns needs the tap data plane (root); without it the sender is a guest.
+    # netns is the default from the measurements in README (#11): a second QEMU on the
+    # host CPUs halved the receiver's throughput and spread the model's counts more.
+    sender: str = "netns"
     # QEMU -icount under TCG ("" off; e.g. "shift=auto", "shift=7"): guest time follows
     # the instructions executed, not the host clock (#11). Forces one TCG thread per guest.
     tcg_icount: str = ""

@@ -237,8 +237,9 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
         if with_sender:
             notes["sender"] = sender_note(kind, settings.sender, plan)
         placement_record = _place(settings, receiver, sender)  # h-repeat (#11)
-        log(f"booting {'receiver + sender' if sender else 'guest'}"
-            f"{' + native sender' if native else ''} "
+        who = ("receiver + sender" if sender else
+               "receiver + native sender" if native else "guest")
+        log(f"booting {who} "
             f"({assets.kernel.name} kernel, {nic or 'no'} NIC, {cpus} vCPUs, "
             f"{assets.accel.upper()})")
         _await(receiver, settings, stack)

@@ -35,7 +35,8 @@ VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6 = 7, 8
 def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, workdir):
     if os.geteuid() != 0:
         pytest.skip("tap data plane needs root")
-    with boot(assets, settings, workdir, cpus=2, nic=nic, with_sender=True) as topo:
+    with boot(assets, replace(settings, sender="guest"), workdir, cpus=2, nic=nic,
+              with_sender=True) as topo:
         rx, tx = topo.receiver.ssh, topo.sender_shell
         assert rx.run("nproc").stdout.strip() == "2"
         state = parse_offloads(rx.run(OFFLOAD_SCRIPT).stdout)
@@ -55,6 +56,41 @@ def test_pair_boots_with_nic_offloads_and_data_plane(nic, assets, settings, work
         pid = topo.receiver.process.popen.pid
     assert links_named(bridge) == []
     assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("nic", ["e1000", "virtio"])
+def test_a_native_sender_in_a_namespace_sends_to_the_receiver_and_leaves_nothing(
+        nic, assets, settings, workdir):
+    """Setting sender: netns: no sender QEMU; netperf from the namespace reaches netserver
+    on the receiver over the data plane; a process still running there and the devices
+    go with the boot."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace on the tap bridge needs root")
+    with boot(assets, replace(settings, sender="netns"), workdir, cpus=2, nic=nic,
+              with_sender=True) as topo:
+        assert topo.sender is None and topo.native_sender is not None
+        assert topo.notes["sender"].startswith("netns:")
+        assert len(our_qemu_pids(str(workdir))) == 1
+        rx, tx = topo.receiver.ssh, topo.sender_shell
+        ns = topo.native_sender.namespace
+        assert topo.dataplane is not None
+        veths = f"nbv{topo.dataplane.tag}"
+        assert len(links_named(veths)) == 1  # the bridge's end (the other is in the namespace)
+        rx.run("netserver -p 12865 >/dev/null 2>&1")
+        out = tx.run("netperf -P 0 -H 198.18.0.1 -t TCP_STREAM -l 1 -- -k THROUGHPUT",
+                     timeout=60).stdout
+        assert float(out.split("=")[1]) > 10, out  # Mbit/s
+        tx.run("echo kept > /tmp/netbed/file")  # one command's files are there for the next
+        assert tx.run("cat /tmp/netbed/file").stdout.strip() == "kept"
+        assert not Path("/tmp/netbed/file").exists()  # but not in the host's /tmp
+        tx.run("nohup sleep 300 </dev/null >/dev/null 2>&1 &")
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                              text=True).stdout.split()
+        assert pids
+    assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                    text=True).stdout
+    assert _gone(lambda: [p for p in pids if os.path.exists(f"/proc/{p}")])
+    assert links_named(veths) == []
 
 
 def test_socket_data_plane_has_no_offload_even_for_virtio(assets, settings, workdir):

@@ -132,7 +132,7 @@ def main(stage: str, root: Path) -> int:
     qemu.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_QEMU} \"$@\"\n")
     qemu.chmod(0o755)
     settings = Settings(cache_dir=root / "cache", qemu_binary=str(qemu), boot_timeout_s=300,
-                        ssh_timeout_s=300)
+                        ssh_timeout_s=300, sender="guest")  # the stages name a sender QEMU
     empty = root / "empty"
     empty.touch()
     assets = Assets(kernel=SimpleNamespace(name="fake", bzimage=empty),  # type: ignore[arg-type]
