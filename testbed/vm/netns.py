@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.build.images import GuestImage
 from testbed.errors import CommandError, GuestError
+from testbed.formats.readback import fmt_cpulist
 from testbed.shell import HostShell, Result
 from testbed.vm.dataplane import PREFIX, SENDER_IP
 
@@ -75,15 +77,19 @@ def plan_netns(bridge: str, tag: str, address: str = f"{SENDER_IP}/{PREFIX}") ->
 
 
 def namespace_argv(namespace: str, workdir: Path, bin_dir: Path, command: str,
-                   limit_s: float) -> list[str]:
+                   limit_s: float, cpus: Sequence[int] = ()) -> list[str]:
     """`command` as a sender guest would run it, in `namespace` (pure).
 
     `timeout` bounds it as the guest's own `timeout` does for SSH commands; what it
     starts in the background (netperf, under nohup) outlives it, like in a guest.
+    With `cpus` (a disjoint host placement) it runs under `taskset`, and so does all
+    it starts.
     """
+    pin = f"taskset -c {fmt_cpulist(cpus)} " if cpus else ""
     inner = (f"mount --bind {shlex.quote(str(workdir))} {GUEST_DIR} && "
              f"PATH={shlex.quote(str(bin_dir))}:$PATH && export PATH && "
-             f"exec timeout -k {KILL_GRACE_S} {int(limit_s)} sh -c {shlex.quote(command)}")
+             f"exec {pin}timeout -k {KILL_GRACE_S} {int(limit_s)} "
+             f"sh -c {shlex.quote(command)}")
     return ["ip", "netns", "exec", namespace, "sh", "-c", inner]
 
 
@@ -97,15 +103,17 @@ class NetnsShell:
     name = "sender"
 
     def __init__(self, namespace: str, workdir: Path, bin_dir: Path,
-                 command_timeout_s: float) -> None:
+                 command_timeout_s: float, cpus: Sequence[int] = ()) -> None:
         self.namespace = namespace
         self.workdir = workdir
         self.bin_dir = bin_dir
         self.command_timeout_s = command_timeout_s
+        self.cpus = tuple(cpus)  # host CPUs of a disjoint placement; () = any
 
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
         limit = timeout or self.command_timeout_s
-        argv = namespace_argv(self.namespace, self.workdir, self.bin_dir, command, limit)
+        argv = namespace_argv(self.namespace, self.workdir, self.bin_dir, command, limit,
+                              self.cpus)
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                                   stdin=subprocess.DEVNULL, timeout=limit + KILL_GRACE_S + 5)

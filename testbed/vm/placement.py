@@ -218,14 +218,18 @@ class PlacedProcess:
 
 
 def place_guests(mode: PlacementMode, processes: Sequence[PlacedProcess],
-                 cpus: Sequence[int] | None = None) -> dict[str, object]:
+                 cpus: Sequence[int] | None = None,
+                 others: Mapping[str, int] | None = None) -> dict[str, object]:
     """Plan, apply and read back a placement; returns the record for versions.json.
 
     The record holds the plan and, per guest, each QEMU thread name with the host
-    CPUs /proc says it may use (read back, not assumed).
+    CPUs /proc says it may use (read back, not assumed). `others` (name -> weight)
+    get a block of the plan too but are not applied here: a native sender has no
+    process yet, and pins each of its commands itself (testbed.vm.netns).
     """
-    p = plan(cpus if cpus is not None else host_cpus(), [x.name for x in processes], mode,
-             {x.name: x.weight for x in processes})
+    weights = {x.name: x.weight for x in processes} | dict(others or {})
+    p = plan(cpus if cpus is not None else host_cpus(),
+             [x.name for x in processes] + list(others or {}), mode, weights)
     threads: dict[str, dict[str, str]] = {}
     for proc in processes:
         seen = apply(proc.pid, p.of(proc.name)) if p.pins else read_back(proc.pid)
@@ -239,7 +243,11 @@ def confirm(record: dict[str, object], processes: Sequence[PlacedProcess]) -> di
     guests = record.get("guests")
     if not isinstance(guests, dict):
         return record
-    threads: dict[str, dict[str, str]] = {}
+    before = record.get("threads")
+    names = {proc.name for proc in processes}
+    # entries placed another way (a native sender's taskset) are kept as they are
+    threads: dict[str, dict[str, str]] = {k: v for k, v in before.items() if k not in names} \
+        if isinstance(before, dict) else {}
     for proc in processes:
         seen = read_back(proc.pid)
         want = parse_cpu_list(str(guests.get(proc.name, "")))

@@ -159,11 +159,22 @@ def _placed(receiver: BootedGuest,
             for b in (receiver, sender) if b is not None and b.process.popen is not None]
 
 
-def _place(settings: Settings, receiver: BootedGuest,
-           sender: BootedGuest | None) -> dict[str, object]:
-    """Pin the started QEMU processes as the `host_placement` setting says (#11)."""
-    return placement.place_guests(placement.placement_mode(settings.host_placement),
-                                  _placed(receiver, sender))
+NATIVE_SENDER_WEIGHT = 1  # netperf is one thread (a guest weighs its vCPUs + 1)
+
+
+def _place(settings: Settings, receiver: BootedGuest, sender: BootedGuest | None,
+           native: NetnsShell | None = None) -> dict[str, object]:
+    """Pin the started QEMU processes as the `host_placement` setting says (#11); a native
+    sender gets its block too, which its shell applies to each command (taskset)."""
+    record = placement.place_guests(
+        placement.placement_mode(settings.host_placement), _placed(receiver, sender),
+        others={"sender": NATIVE_SENDER_WEIGHT} if native else None)
+    guests, threads = record.get("guests"), record.get("threads")
+    if (native is not None and record.get("mode") != "shared" and isinstance(guests, dict)
+            and isinstance(threads, dict)):
+        native.cpus = tuple(sorted(placement.parse_cpu_list(str(guests["sender"]))))
+        threads["sender"] = {"netperf (taskset on each command)": str(guests["sender"])}
+    return record
 
 
 def sender_kind(requested: str, plan: DataPlanePlan | None) -> str:
@@ -236,7 +247,7 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
             native = _native_sender(assets, settings, workdir, plan, stack)
         if with_sender:
             notes["sender"] = sender_note(kind, settings.sender, plan)
-        placement_record = _place(settings, receiver, sender)  # h-repeat (#11)
+        placement_record = _place(settings, receiver, sender, native)  # h-repeat (#11)
         who = ("receiver + sender" if sender else
                "receiver + native sender" if native else "guest")
         log(f"booting {who} "

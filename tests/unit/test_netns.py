@@ -61,3 +61,9 @@ def test_a_namespace_needs_the_tap_bridge_else_the_sender_is_a_guest_and_says_wh
     assert "socket" in sender_note("guest", "netns", sock)
     assert sender_note("netns", "netns", tap).startswith("netns:")
     assert sender_note("guest", "guest", tap).startswith("guest:")
+
+
+def test_a_disjoint_placement_pins_each_sender_command_and_what_it_starts():
+    argv = namespace_argv("nbnsx", Path("/w"), Path("/b"), "netperf", 10, cpus=(1, 2, 3))
+    assert "exec taskset -c 1-3 timeout -k 5 10 sh -c netperf" in argv[-1]
+    assert "taskset" not in namespace_argv("nbnsx", Path("/w"), Path("/b"), "netperf", 10)[-1]

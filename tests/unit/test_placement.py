@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,31 @@ def test_confirm_rereads_and_refuses_threads_off_their_cpus() -> None:
         pl.confirm({"mode": "disjoint", "guests": {"receiver": str(other)}, "note": ""}, [me])
     # shared: nothing was pinned, so nothing to refuse
     pl.confirm({"mode": "shared", "guests": {"receiver": str(other)}, "note": ""}, [me])
+
+
+def test_a_native_sender_gets_a_block_of_its_own_planned_but_not_applied() -> None:
+    """receiver (2 vCPUs: weight 3) + a native netperf (weight 1) on 4 host CPUs; the
+    sender's block is recorded, and re-reading after boot keeps it."""
+    mine = tuple(sorted(os.sched_getaffinity(0)))
+    with subprocess.Popen(["sleep", "30"]) as stand_in:  # pinned in place of a QEMU
+        try:
+            rx_proc = pl.PlacedProcess("receiver", stand_in.pid, 3)
+            record = pl.place_guests("disjoint", [rx_proc], cpus=mine, others={"sender": 1})
+            guests = record["guests"]
+            assert isinstance(guests, dict) and set(guests) == {"receiver", "sender"}
+            if len(mine) >= 2:
+                rx, tx = (pl.parse_cpu_list(guests[k]) for k in ("receiver", "sender"))
+                assert rx and tx and not rx & tx and rx | tx == set(mine)
+                assert os.sched_getaffinity(stand_in.pid) == rx
+            threads = record["threads"]
+            assert isinstance(threads, dict)
+            threads["sender"] = {"netperf": guests["sender"]}
+            again = pl.confirm(record, [rx_proc])
+            assert again["threads"]["sender"] == {"netperf": guests["sender"]}  # type: ignore[index]
+        finally:
+            stand_in.kill()
+
+
+def test_on_more_cores_the_native_sender_gets_one_and_the_receiver_the_rest() -> None:
+    p = pl.plan(range(8), ["receiver", "sender"], "disjoint", {"receiver": 5, "sender": 1})
+    assert p.of("receiver") == (0, 1, 2, 3, 4, 5, 6) and p.of("sender") == (7,)
