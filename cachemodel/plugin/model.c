@@ -417,13 +417,20 @@ static bool site_event(int ev)
     return ev != EV_INSTRUCTIONS && ev != EV_INVALIDATIONS_RECEIVED;
 }
 
-/* One non-zero row of the sites table and one c2c record, as copied out of the model. */
+/*
+ * A window's tables as copied out of the model: per touched site its pc, creation
+ * index and mode, and its counter block as is (ncpus * DATA_COUNT * EV_COUNT, one
+ * memcpy); zero rows are dropped and rows ordered when formatting, off the lock.
+ * The buffers are kept for the next window (model_tables_free hands them back), so
+ * a take writes into memory already mapped: with fresh allocations the page faults
+ * were a good part of its cost.
+ */
 typedef struct {
     uint64_t pc;
     uint32_t index; /* the site's creation order */
-    int cpu, mode, data;
-    uint64_t c[EV_COUNT];
-} site_row;
+    int mode;
+    size_t at; /* its counter block: cnt + at * block */
+} site_copy;
 
 typedef struct {
     uint64_t line, pc, owner_pc, n;
@@ -432,78 +439,81 @@ typedef struct {
 
 struct model_tables {
     unsigned long window;
-    site_row *sites;
-    size_t nsites;
+    int ncpus;
+    site_copy *sites;
+    uint64_t *cnt;
+    size_t nsites, sites_cap;
     c2c_row *c2c;
-    size_t nc2c;
+    size_t nc2c, c2c_cap;
 };
+
+/* One spare set of buffers, handed between the taker and the writer thread. */
+static model_tables *spare_tables;
 
 model_tables *model_tables_take(const model *m, unsigned long window)
 {
-    model_tables *t = calloc(1, sizeof(*t));
-    size_t cap = 0;
+    size_t block = (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT;
+    model_tables *t = __atomic_exchange_n(&spare_tables, NULL, __ATOMIC_ACQ_REL);
+    if (!t || t->ncpus != m->cfg.ncpus) {
+        model_tables_free(t);
+        t = calloc(1, sizeof(*t));
+        t->ncpus = m->cfg.ncpus;
+    }
     t->window = window;
+    if (t->sites_cap < m->ntouched) {
+        t->sites_cap = m->ntouched + m->ntouched / 4 + 1024;
+        t->sites = realloc(t->sites, t->sites_cap * sizeof(*t->sites));
+        t->cnt = realloc(t->cnt, t->sites_cap * block * sizeof(uint64_t));
+    }
     for (size_t i = 0; i < m->ntouched; i++) {
         const model_site *s = m->touched[i];
-        for (int cpu = 0; cpu < m->cfg.ncpus; cpu++) {
-            for (int d = 0; d < DATA_COUNT; d++) {
-                const uint64_t *c = s->cnt + ((size_t)cpu * DATA_COUNT + (size_t)d) * EV_COUNT;
-                bool any = false;
-                for (int ev = 0; ev < EV_COUNT; ev++) {
-                    any |= c[ev] != 0; /* as before the copy: every event */
-                }
-                if (!any) {
-                    continue;
-                }
-                if (t->nsites == cap) {
-                    cap = cap ? cap * 2 : 1024;
-                    t->sites = realloc(t->sites, cap * sizeof(*t->sites));
-                }
-                site_row *r = &t->sites[t->nsites++];
-                r->pc = s->pc;
-                r->index = s->index;
-                r->cpu = cpu;
-                r->mode = s->mode;
-                r->data = d;
-                memcpy(r->c, c, sizeof(r->c));
-            }
-        }
+        t->sites[i] = (site_copy){s->pc, s->index, s->mode, i};
+        memcpy(t->cnt + i * block, s->cnt, block * sizeof(uint64_t));
     }
-    t->nc2c = m->nc2c;
-    t->c2c = malloc((m->nc2c ? m->nc2c : 1) * sizeof(*t->c2c));
+    t->nsites = m->ntouched;
+    if (t->c2c_cap < m->nc2c) {
+        t->c2c_cap = m->nc2c + m->nc2c / 4 + 1024;
+        t->c2c = realloc(t->c2c, t->c2c_cap * sizeof(*t->c2c));
+    }
     for (size_t i = 0; i < m->nc2c; i++) {
         const c2c_rec *r = &m->c2c[i];
         t->c2c[i] = (c2c_row){r->line << m->line_shift, r->req ? r->req->pc : 0,
                               r->own ? r->own->pc : 0, r->n, r->req_cpu, r->own_cpu};
     }
+    t->nc2c = m->nc2c;
     return t;
 }
 
 unsigned long model_tables_window(const model_tables *t) { return t->window; }
 
-void model_tables_free(model_tables *t)
+static void tables_destroy(model_tables *t)
 {
     if (t) {
         free(t->sites);
+        free(t->cnt);
         free(t->c2c);
         free(t);
     }
 }
 
-/* Rows in the order of the full scan the tables had before the touched list. */
-static int site_row_order(const void *a, const void *b)
+void model_tables_free(model_tables *t)
 {
-    const site_row *x = a, *y = b;
-    if (x->index != y->index) {
-        return x->index < y->index ? -1 : 1;
-    }
-    return x->cpu != y->cpu ? x->cpu - y->cpu : x->data - y->data;
+    /* kept as the spare (the one there before, if any, goes) */
+    tables_destroy(__atomic_exchange_n(&spare_tables, t, __ATOMIC_ACQ_REL));
+}
+
+/* Sites in creation order: the order of the full scan the tables had before. */
+static int site_copy_order(const void *a, const void *b)
+{
+    const site_copy *x = a, *y = b;
+    return x->index < y->index ? -1 : x->index > y->index;
 }
 
 void model_tables_write_sites(model_tables *t, FILE *f)
 {
-    /* sorted here, on the caller's (writer's) time; rows within a site are in order */
-    qsort(t->sites, t->nsites, sizeof(*t->sites), site_row_order);
+    size_t block = (size_t)t->ncpus * DATA_COUNT * EV_COUNT;
+    /* sorted here, on the writer's time, not under the caller's lock */
+    qsort(t->sites, t->nsites, sizeof(*t->sites), site_copy_order);
     fprintf(f, "window,pc,vcpu,mode,data");
     for (int ev = 0; ev < EV_COUNT; ev++) {
         if (site_event(ev)) {
@@ -512,15 +522,28 @@ void model_tables_write_sites(model_tables *t, FILE *f)
     }
     fputc('\n', f);
     for (size_t i = 0; i < t->nsites; i++) {
-        const site_row *r = &t->sites[i];
-        fprintf(f, "%lu,0x%llx,%d,%s,%s", t->window, (unsigned long long)r->pc, r->cpu,
-                model_mode_names[r->mode], model_data_names[r->data]);
-        for (int ev = 0; ev < EV_COUNT; ev++) {
-            if (site_event(ev)) {
-                fprintf(f, ",%llu", (unsigned long long)r->c[ev]);
+        const site_copy *s = &t->sites[i];
+        for (int cpu = 0; cpu < t->ncpus; cpu++) {
+            for (int d = 0; d < DATA_COUNT; d++) {
+                const uint64_t *c = t->cnt + s->at * block +
+                                    ((size_t)cpu * DATA_COUNT + (size_t)d) * EV_COUNT;
+                bool any = false;
+                for (int ev = 0; ev < EV_COUNT; ev++) {
+                    any |= c[ev] != 0;
+                }
+                if (!any) {
+                    continue;
+                }
+                fprintf(f, "%lu,0x%llx,%d,%s,%s", t->window, (unsigned long long)s->pc, cpu,
+                        model_mode_names[s->mode], model_data_names[d]);
+                for (int ev = 0; ev < EV_COUNT; ev++) {
+                    if (site_event(ev)) {
+                        fprintf(f, ",%llu", (unsigned long long)c[ev]);
+                    }
+                }
+                fputc('\n', f);
             }
         }
-        fputc('\n', f);
     }
 }
 

@@ -94,7 +94,10 @@ void model_write_c2c(const model *m, FILE *f, unsigned long window);
  * milliseconds, and a writer thread formats and writes them while the guest runs
  * on (formatting under the lock stalled the vCPU 40-370 ms).  The write functions
  * give exactly what model_write_sites / model_write_c2c give for that window (the
- * sites writer sorts the copy in place, off the lock).
+ * sites writer sorts the copy in place, off the lock).  The copy is each touched
+ * site's counter block as is; model_tables_free keeps the buffers for the next
+ * take (one spare, handed over atomically, so the writer thread may free while the
+ * vCPU thread takes).
  */
 typedef struct model_tables model_tables;
 model_tables *model_tables_take(const model *m, unsigned long window);
