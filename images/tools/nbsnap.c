@@ -33,12 +33,19 @@
  * does before netperf is stopped. A units read that finds no borrowed socket
  * established looks for the reader's sockets again (as every read did before).
  *
+ * nbsnap runs SCHED_FIFO (best effort): under load the receive path's softirq work
+ * moves to ksoftirqd, and an edge read that shared its CPU waited behind it (under
+ * the cache model a units read took up to 535 ms on virtio, against ~10 ms
+ * usually). It sleeps on its input between commands, so it takes no CPU inside the
+ * window.
+ *
  * tcpinfo lines: "local=<addr>:<port> peer=<addr>:<port> bytes_acked=N
  * bytes_received=N bytes_sent=N segs_in=N segs_out=N data_segs_in=N data_segs_out=N"
  * (IPv4-mapped IPv6 addresses printed as IPv4). nicstats lines: "<name> <value>".
  * Marker encoding: keep in step with nbmark.c and cachemodel/plugin/plugin.c.
  */
 #include <arpa/inet.h>
+#include <sched.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <dirent.h>
@@ -469,6 +476,11 @@ int main(int argc, char **argv)
 	iface = argv[2];
 	reader = (pid_t)atoi(argv[3]);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	{
+		struct sched_param sp = {.sched_priority = 10};
+
+		sched_setscheduler(0, SCHED_FIFO, &sp); /* best effort: edges not behind ksoftirqd */
+	}
 	open_sources();
 	if (reader > 0)
 		borrow_reader(reader);
