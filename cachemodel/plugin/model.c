@@ -105,6 +105,9 @@ struct model {
     model_site **sites;
     size_t nsites, sites_cap;
     hindex site_idx;
+    uint32_t epoch;          /* the current window's; sites of another hold stale counts */
+    model_site **touched;    /* the sites counted in the current window */
+    size_t ntouched, touched_cap;
     c2c_rec *c2c;
     size_t nc2c, c2c_cap;
     hindex c2c_idx;
@@ -215,6 +218,7 @@ model *model_new(const model_config *cfg)
     m->has_l2 = cfg->l2.size != 0;
     cache_init(&m->llc, &cfg->llc, cfg->line);
     m->cpu = calloc((size_t)cfg->ncpus, sizeof(cpu_state));
+    m->epoch = 1; /* new sites hold 0: stale, so the first count lists them */
     for (int i = 0; i < cfg->ncpus; i++) {
         cache_init(&m->cpu[i].l1, &cfg->l1d, cfg->line);
         cache_init(&m->cpu[i].l2, &cfg->l2, cfg->line);
@@ -236,6 +240,7 @@ void model_free(model *m)
         free(m->sites[i]);
     }
     free(m->sites);
+    free(m->touched);
     free(m->site_idx.slot);
     free(m->c2c);
     free(m->c2c_idx.slot);
@@ -323,14 +328,30 @@ model_site *model_site_get(model *m, uint64_t pc, int mode)
         calloc(1, sizeof(*s) + (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
     s->pc = pc;
     s->mode = mode;
+    s->index = (uint32_t)m->nsites;
     m->sites[m->nsites++] = s;
     m->site_idx.slot[at] = (uint32_t)m->nsites;
     return s;
 }
 
-static inline void site_add(const model *m, model_site *s, int cpu, int data, int ev)
+/* First count of `s` in this window: zero what it holds from an earlier one, list it. */
+static void site_touch(model *m, model_site *s)
+{
+    memset(s->cnt, 0, (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
+    s->epoch = m->epoch;
+    if (m->ntouched == m->touched_cap) {
+        m->touched_cap = m->touched_cap ? m->touched_cap * 2 : 1024;
+        m->touched = realloc(m->touched, m->touched_cap * sizeof(*m->touched));
+    }
+    m->touched[m->ntouched++] = s;
+}
+
+static inline void site_add(model *m, model_site *s, int cpu, int data, int ev)
 {
     if (s) {
+        if (__builtin_expect(s->epoch != m->epoch, 0)) {
+            site_touch(m, s);
+        }
         s->cnt[((size_t)cpu * DATA_COUNT + (size_t)data) * EV_COUNT + (size_t)ev]++;
     }
 }
@@ -375,10 +396,16 @@ static void c2c_record(model *m, uint64_t line, model_site *req, int req_cpu, mo
 
 void model_sites_clear(model *m)
 {
-    for (size_t i = 0; i < m->nsites; i++) {
-        memset(m->sites[i]->cnt, 0,
-               (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT * sizeof(uint64_t));
+    /* O(1) for the sites (a full memset grew to ~200 ms through a boot): each is
+     * zeroed when first counted in the new window (site_touch) */
+    if (++m->epoch == 0) {
+        /* wrapped: a site last counted 2^32 windows ago would look current */
+        for (size_t i = 0; i < m->nsites; i++) {
+            m->sites[i]->epoch = 0;
+        }
+        m->epoch = 1;
     }
+    m->ntouched = 0;
     m->nc2c = 0;
     if (m->c2c_idx.slot) {
         memset(m->c2c_idx.slot, 0, m->c2c_idx.cap * sizeof(uint32_t));
@@ -390,8 +417,103 @@ static bool site_event(int ev)
     return ev != EV_INSTRUCTIONS && ev != EV_INVALIDATIONS_RECEIVED;
 }
 
-void model_write_sites(const model *m, FILE *f, unsigned long window)
+/*
+ * A window's tables as copied out of the model: per touched site its pc, creation
+ * index and mode, and its counter block as is (ncpus * DATA_COUNT * EV_COUNT, one
+ * memcpy); zero rows are dropped and rows ordered when formatting, off the lock.
+ * The buffers are kept for the next window (model_tables_free hands them back), so
+ * a take writes into memory already mapped: with fresh allocations the page faults
+ * were a good part of its cost.
+ */
+typedef struct {
+    uint64_t pc;
+    uint32_t index; /* the site's creation order */
+    int mode;
+    size_t at; /* its counter block: cnt + at * block */
+} site_copy;
+
+typedef struct {
+    uint64_t line, pc, owner_pc, n;
+    int cpu, owner_cpu;
+} c2c_row;
+
+struct model_tables {
+    unsigned long window;
+    int ncpus;
+    site_copy *sites;
+    uint64_t *cnt;
+    size_t nsites, sites_cap;
+    c2c_row *c2c;
+    size_t nc2c, c2c_cap;
+};
+
+/* One spare set of buffers, handed between the taker and the writer thread. */
+static model_tables *spare_tables;
+
+model_tables *model_tables_take(const model *m, unsigned long window)
 {
+    size_t block = (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT;
+    model_tables *t = __atomic_exchange_n(&spare_tables, NULL, __ATOMIC_ACQ_REL);
+    if (!t || t->ncpus != m->cfg.ncpus) {
+        model_tables_free(t);
+        t = calloc(1, sizeof(*t));
+        t->ncpus = m->cfg.ncpus;
+    }
+    t->window = window;
+    if (t->sites_cap < m->ntouched) {
+        t->sites_cap = m->ntouched + m->ntouched / 4 + 1024;
+        t->sites = realloc(t->sites, t->sites_cap * sizeof(*t->sites));
+        t->cnt = realloc(t->cnt, t->sites_cap * block * sizeof(uint64_t));
+    }
+    for (size_t i = 0; i < m->ntouched; i++) {
+        const model_site *s = m->touched[i];
+        t->sites[i] = (site_copy){s->pc, s->index, s->mode, i};
+        memcpy(t->cnt + i * block, s->cnt, block * sizeof(uint64_t));
+    }
+    t->nsites = m->ntouched;
+    if (t->c2c_cap < m->nc2c) {
+        t->c2c_cap = m->nc2c + m->nc2c / 4 + 1024;
+        t->c2c = realloc(t->c2c, t->c2c_cap * sizeof(*t->c2c));
+    }
+    for (size_t i = 0; i < m->nc2c; i++) {
+        const c2c_rec *r = &m->c2c[i];
+        t->c2c[i] = (c2c_row){r->line << m->line_shift, r->req ? r->req->pc : 0,
+                              r->own ? r->own->pc : 0, r->n, r->req_cpu, r->own_cpu};
+    }
+    t->nc2c = m->nc2c;
+    return t;
+}
+
+unsigned long model_tables_window(const model_tables *t) { return t->window; }
+
+static void tables_destroy(model_tables *t)
+{
+    if (t) {
+        free(t->sites);
+        free(t->cnt);
+        free(t->c2c);
+        free(t);
+    }
+}
+
+void model_tables_free(model_tables *t)
+{
+    /* kept as the spare (the one there before, if any, goes) */
+    tables_destroy(__atomic_exchange_n(&spare_tables, t, __ATOMIC_ACQ_REL));
+}
+
+/* Sites in creation order: the order of the full scan the tables had before. */
+static int site_copy_order(const void *a, const void *b)
+{
+    const site_copy *x = a, *y = b;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+void model_tables_write_sites(model_tables *t, FILE *f)
+{
+    size_t block = (size_t)t->ncpus * DATA_COUNT * EV_COUNT;
+    /* sorted here, on the writer's time, not under the caller's lock */
+    qsort(t->sites, t->nsites, sizeof(*t->sites), site_copy_order);
     fprintf(f, "window,pc,vcpu,mode,data");
     for (int ev = 0; ev < EV_COUNT; ev++) {
         if (site_event(ev)) {
@@ -399,11 +521,12 @@ void model_write_sites(const model *m, FILE *f, unsigned long window)
         }
     }
     fputc('\n', f);
-    for (size_t i = 0; i < m->nsites; i++) {
-        const model_site *s = m->sites[i];
-        for (int cpu = 0; cpu < m->cfg.ncpus; cpu++) {
+    for (size_t i = 0; i < t->nsites; i++) {
+        const site_copy *s = &t->sites[i];
+        for (int cpu = 0; cpu < t->ncpus; cpu++) {
             for (int d = 0; d < DATA_COUNT; d++) {
-                const uint64_t *c = s->cnt + ((size_t)cpu * DATA_COUNT + (size_t)d) * EV_COUNT;
+                const uint64_t *c = t->cnt + s->at * block +
+                                    ((size_t)cpu * DATA_COUNT + (size_t)d) * EV_COUNT;
                 bool any = false;
                 for (int ev = 0; ev < EV_COUNT; ev++) {
                     any |= c[ev] != 0;
@@ -411,7 +534,7 @@ void model_write_sites(const model *m, FILE *f, unsigned long window)
                 if (!any) {
                     continue;
                 }
-                fprintf(f, "%lu,0x%llx,%d,%s,%s", window, (unsigned long long)s->pc, cpu,
+                fprintf(f, "%lu,0x%llx,%d,%s,%s", t->window, (unsigned long long)s->pc, cpu,
                         model_mode_names[s->mode], model_data_names[d]);
                 for (int ev = 0; ev < EV_COUNT; ev++) {
                     if (site_event(ev)) {
@@ -424,16 +547,29 @@ void model_write_sites(const model *m, FILE *f, unsigned long window)
     }
 }
 
-void model_write_c2c(const model *m, FILE *f, unsigned long window)
+void model_tables_write_c2c(model_tables *t, FILE *f)
 {
     fprintf(f, "window,line,vcpu,pc,owner_vcpu,owner_pc,count\n");
-    for (size_t i = 0; i < m->nc2c; i++) {
-        const c2c_rec *r = &m->c2c[i];
-        fprintf(f, "%lu,0x%llx,%d,0x%llx,%d,0x%llx,%llu\n", window,
-                (unsigned long long)(r->line << m->line_shift), r->req_cpu,
-                (unsigned long long)(r->req ? r->req->pc : 0), r->own_cpu,
-                (unsigned long long)(r->own ? r->own->pc : 0), (unsigned long long)r->n);
+    for (size_t i = 0; i < t->nc2c; i++) {
+        const c2c_row *r = &t->c2c[i];
+        fprintf(f, "%lu,0x%llx,%d,0x%llx,%d,0x%llx,%llu\n", t->window,
+                (unsigned long long)r->line, r->cpu, (unsigned long long)r->pc, r->owner_cpu,
+                (unsigned long long)r->owner_pc, (unsigned long long)r->n);
     }
+}
+
+void model_write_sites(const model *m, FILE *f, unsigned long window)
+{
+    model_tables *t = model_tables_take(m, window);
+    model_tables_write_sites(t, f);
+    model_tables_free(t);
+}
+
+void model_write_c2c(const model *m, FILE *f, unsigned long window)
+{
+    model_tables *t = model_tables_take(m, window);
+    model_tables_write_c2c(t, f);
+    model_tables_free(t);
 }
 
 /* ---------------------------------------------------------------- coherence */
@@ -761,7 +897,9 @@ bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, mode
 {
     cpu_state *c = &m->cpu[cpu];
     memo_t *mm = &c->memo[slot];
-    if (!mm->valid || (store && !mm->m)) {
+    if (!mm->valid || (store && !mm->m) || (site && site->epoch != m->epoch)) {
+        /* a site's first count in a window lists it (site_touch): under the caller's
+         * lock, in model_access, not on this lock-free path */
         return false;
     }
     int ev = store ? EV_STORES : EV_LOADS;

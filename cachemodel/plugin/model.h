@@ -62,12 +62,20 @@ extern const char *const model_data_names[DATA_COUNT];
 typedef struct model_site {
     uint64_t pc;
     int mode;
+    /*
+     * The window (model_sites_clear count) this site's counters belong to: a site
+     * is zeroed and listed when first counted in a window, so starting and copying
+     * a window costs the sites it touched, not every site translated since boot.
+     */
+    uint32_t epoch;
+    uint32_t index; /* creation order: the tables' row order */
     uint64_t cnt[]; /* ncpus * DATA_COUNT * EV_COUNT, in the same allocation */
 } model_site;
 
 /* The site of `pc` (created on first use; not for the hot path: a hash lookup). */
 model_site *model_site_get(model *m, uint64_t pc, int mode);
-/* Zero every site's counters and the c2c line table (start of a window). */
+/* Start a window: every site's counters count as zero (lazily) and the c2c line
+ * table is emptied. */
 void model_sites_clear(model *m);
 /*
  * CSV of the sites with non-zero counters:
@@ -79,6 +87,24 @@ void model_sites_clear(model *m);
  */
 void model_write_sites(const model *m, FILE *f, unsigned long window);
 void model_write_c2c(const model *m, FILE *f, unsigned long window);
+/*
+ * The same two tables copied out of the model (only the non-zero rows, with the
+ * sites' pcs), so they can be formatted and written after the caller has let go of
+ * the model: the plugin takes them at a window's end under its lock, in
+ * milliseconds, and a writer thread formats and writes them while the guest runs
+ * on (formatting under the lock stalled the vCPU 40-370 ms).  The write functions
+ * give exactly what model_write_sites / model_write_c2c give for that window (the
+ * sites writer sorts the copy in place, off the lock).  The copy is each touched
+ * site's counter block as is; model_tables_free keeps the buffers for the next
+ * take (one spare, handed over atomically, so the writer thread may free while the
+ * vCPU thread takes).
+ */
+typedef struct model_tables model_tables;
+model_tables *model_tables_take(const model *m, unsigned long window);
+unsigned long model_tables_window(const model_tables *t);
+void model_tables_write_sites(model_tables *t, FILE *f);
+void model_tables_write_c2c(model_tables *t, FILE *f);
+void model_tables_free(model_tables *t);
 
 /* NULL when the configuration is usable, else a message naming the bad parameter. */
 const char *model_config_error(const model_config *cfg);

@@ -16,6 +16,8 @@
  *               R <cpu> <k|u> <l|s> <paddr>          repeat of the previous line: the
  *                                   plugin's fast path, else a normal access
  *               clear                               empty all caches
+ *               window                              a new window for the attribution
+ *                                   tables (the plugin's begin): earlier counts drop out
  * Prints the final counters as CSV: vcpu,mode,event,value.
  */
 #include <stdio.h>
@@ -86,6 +88,8 @@ int main(int argc, char **argv)
             }
         } else if (!strncmp(line, "clear", 5)) {
             model_clear_caches(m);
+        } else if (!strncmp(line, "window", 6)) {
+            model_sites_clear(m);
         } else if (line[0] == 'S' &&
                    sscanf(line + 1, "%d %c %c %lli %lli %lli %lli", &cpu, &mode, &rw, &a, &b, &c,
                           &rep) >= 6) {

@@ -34,8 +34,13 @@
  * is translated (a hash lookup per translation, none per execution); its pointer
  * rides in the memory callback's udata (low bit: mode), so the hot path adds to
  * counters it already holds.  Counters are zeroed when the first region opens and
- * written (atomically replaced) when the last one closes, with the window's
- * number; symbols are resolved on the host afterwards (testbed/formats/symbols.py).
+ * copied out (model_tables_take, under the lock) when the last one closes, with the
+ * window's number; a writer thread then formats the copy and replaces the files
+ * (tmp + rename) while the guest runs on, and last replaces `<sites>.window` with
+ * that number, so the host knows when a window's tables are complete (it holds 0
+ * from the start).  Formatting on the vCPU thread, under the lock, stalled the
+ * guest 40-370 ms at every `end` (the tables grow through a boot).  Symbols are
+ * resolved on the host afterwards (testbed/formats/symbols.py).
  *
  * Threading: one global spinlock around the model, so multi-threaded TCG is
  * correct but interleaving (and so the counts) depends on host scheduling;
@@ -69,8 +74,11 @@ static int counting; /* read without the lock by callbacks: __atomic */
 static int armed;    /* code translated from now on gets memory callbacks */
 static char lock_flag;
 /* Attribution (sites=, c2c=): per-instruction counters, written at each window's end. */
-static char *sites_path, *c2c_path;
+static char *sites_path, *c2c_path, *tables_window_path;
 static unsigned long windows_closed;
+static GAsyncQueue *tables_queue; /* model_tables * to write, or &tables_stop */
+static GThread *tables_writer;
+static char tables_stop;
 
 #if QEMU_PLUGIN_VERSION >= 4
 #define NB_HOST_POINTERS 0
@@ -289,19 +297,44 @@ static inline bool is_counting(void) { return __atomic_load_n(&counting, __ATOMI
 
 static inline int mode_of(uint64_t pc) { return (pc >> 63) ? MODE_KERNEL : MODE_USER; }
 
-/* Replace `path` with the output of `write` (window n): readers never see half a file. */
-static void write_table(const char *path, void (*write)(const model *, FILE *, unsigned long),
-                        unsigned long n)
+/* Replace `path` with the output of `write`: readers never see half a file. */
+static bool replace_file(const char *path, void (*write)(model_tables *, FILE *),
+                         model_tables *t, unsigned long n)
 {
     g_autofree char *tmp = g_strdup_printf("%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     if (!f) {
-        warn("netbed-cache: cannot write the attribution table\n");
-        return;
+        return false;
     }
-    write(M, f, n);
-    if (fclose(f) != 0 || rename(tmp, path) != 0) {
-        warn("netbed-cache: cannot write the attribution table\n");
+    if (write) {
+        write(t, f);
+    } else {
+        fprintf(f, "%lu\n", n);
+    }
+    return fclose(f) == 0 && rename(tmp, path) == 0;
+}
+
+/*
+ * The writer thread: each window's tables in the order the windows closed, then the
+ * window's number in `<sites>.window`, the host's sign that both tables are that
+ * window's.  No lock: the copy belongs to this thread.
+ */
+static gpointer tables_writer_main(gpointer data)
+{
+    for (;;) {
+        gpointer item = g_async_queue_pop(tables_queue);
+        if (item == &tables_stop) {
+            return NULL;
+        }
+        model_tables *t = item;
+        unsigned long n = model_tables_window(t);
+        bool ok = replace_file(sites_path, model_tables_write_sites, t, n) &&
+                  (!c2c_path || replace_file(c2c_path, model_tables_write_c2c, t, n)) &&
+                  replace_file(tables_window_path, NULL, NULL, n);
+        if (!ok) {
+            warn("netbed-cache: cannot write the attribution tables\n");
+        }
+        model_tables_free(t);
     }
 }
 
@@ -389,6 +422,7 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
     unsigned kind = (disp >> 20) & 0xf, id = disp & 0xfffff;
     char name[48];
     bool changed = false;
+    model_tables *tables = NULL;
 
     snprintf(name, sizeof(name), "%s:%u",
              kind == KIND_BEGIN ? "begin" : kind == KIND_END ? "end" : "snapshot", id);
@@ -419,11 +453,8 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
                 __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
             }
             windows_closed++;
-            if (sites_path) {
-                write_table(sites_path, model_write_sites, windows_closed);
-            }
-            if (c2c_path) {
-                write_table(c2c_path, model_write_c2c, windows_closed);
+            if (tables_queue) {
+                tables = model_tables_take(M, windows_closed);
             }
         }
         snapshot(name);
@@ -431,6 +462,9 @@ static void vcpu_marker(unsigned int vcpu, void *udata)
         snapshot(name);
     }
     unlock();
+    if (tables) {
+        g_async_queue_push(tables_queue, tables);
+    }
     if (changed) {
         request_retranslation();
     }
@@ -491,6 +525,12 @@ static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 
 static void plugin_exit(qemu_plugin_id_t id, void *udata)
 {
+    if (tables_writer) {
+        /* the last window's tables are written before QEMU goes */
+        g_async_queue_push(tables_queue, &tables_stop);
+        g_thread_join(tables_writer);
+        tables_writer = NULL;
+    }
     lock();
     snapshot("exit");
     if (out) {
@@ -633,6 +673,15 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 #endif
     line_bytes = cfg.line;
     M = model_new(&cfg);
+    if (sites_path) {
+        tables_window_path = g_strdup_printf("%s.window", sites_path);
+        if (!replace_file(tables_window_path, NULL, NULL, 0)) {
+            return fail("netbed-cache: cannot write %s.window: %s\n", sites_path,
+                        g_strerror(errno));
+        }
+        tables_queue = g_async_queue_new();
+        tables_writer = g_thread_new("netbed-tables", tables_writer_main, NULL);
+    }
 #if NB_HOST_POINTERS
     phys_cache = g_new0(phys_slot, (gsize)cfg.ncpus * PHYS_CACHE_SIZE);
 #endif

@@ -96,6 +96,10 @@ def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
 # copied into the repetition folder under these names. See model.h.
 SITES_FILE = "cachemodel-sites.csv"
 C2C_FILE = "cachemodel-c2c.csv"
+# The plugin's writer thread formats the tables after the window (the guest runs on)
+# and last replaces this file with the window's number: "0" from the plugin's start,
+# "<n>" once both tables of window n are in place.
+TABLES_WINDOW_FILE = SITES_FILE + ".window"
 # In a repetition folder they are kept gzip-compressed (a window's sites table of a
 # receiver is ~10 MB of CSV, ~1.5 MB compressed); readers accept either form.
 STORED_SUFFIX = ".gz"
@@ -157,3 +161,12 @@ def stored_text(folder: Path, name: str) -> str | None:
 def read_c2c(text: str, source: str = C2C_FILE) -> pd.DataFrame:
     """c2c records of one window: (line, requesting vcpu/pc, owner vcpu/pc) -> count."""
     return _read_table(text, C2C_COLUMNS, ("line", "pc", "owner_pc"), source)
+
+
+def parse_tables_window(text: str, source: str = TABLES_WINDOW_FILE) -> int:
+    """The number of the window whose attribution tables are complete (pure)."""
+    value = text.strip()
+    if not value.isdigit():
+        raise NetbedError(f"{source}: expected a window number, got {value[:40]!r}",
+                          hint="the cache-model plugin writes it (tmp + rename)")
+    return int(value)

@@ -14,8 +14,9 @@ whose moments are known exactly from the plugin (cachemodel/plugin/plugin.c,
 `vcpu_marker`): at `begin` the vCPU stalls while the plugin writes its "before"
 snapshot and only then starts counting, so counting starts at the bracket's end;
 at `end` it stops counting as the marker executes and then stalls while it writes
-the snapshot and the attribution tables (80-240 ms under TCG), so counting stops at
-the bracket's start. The stall lies inside perf's window: under the model perf's
+the snapshot and copies the attribution tables for its writer thread (6-57 ms
+under TCG; 92-478 ms while it formatted them there), so counting stops at the
+bracket's start. The stall lies inside perf's window: under the model perf's
 edges are that much farther from the units than the model's.
 """
 

@@ -5,10 +5,16 @@ whole life of the receiver; a repetition's file holds the blocks of its own
 window (`nbmark begin 1` ... `nbmark end 1`), raw, so analysis subtracts them
 like perf's counters.
 
-Attribution: the plugin also replaces two small tables at each window's end
+Attribution: the plugin also replaces two small tables after each window's end
 (per-instruction counters and c2c records, numbered by window); they are copied
 into the repetition with the name of the receiver's kernel symbol table, which
-is read once per boot from its /proc/kallsyms and kept in `<run>/symbols/`.
+is read once per boot from its /proc/kallsyms and kept in `<run>/symbols/`. A
+writer thread in the plugin writes them while the guest runs on, so the host
+waits (bounded) until the plugin says the measured window's tables are complete.
+
+Each boot opens and closes one throw-away region before its first window
+(`arm_model`): the first region arms the plugin and flushes QEMU's code cache,
+which would otherwise happen inside the first measured window.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,8 @@ from testbed.formats.cachemodel import (
     C2C_FILE,
     SITES_FILE,
     STORED_SUFFIX,
+    TABLES_WINDOW_FILE,
+    parse_tables_window,
     read_c2c,
     read_sites,
     read_snapshots,
@@ -46,6 +56,12 @@ from testbed.vm.qemu import PluginSpec
 from testbed.vocabulary import TcgThreads
 
 CSV_NAME = "cachemodel-receiver.csv"
+# The throw-away region's id (the measured window's markers use 1: images/tools/nbsnap.c).
+ARMING_REGION = 0
+# How long the host waits for the plugin's writer thread to finish a window's tables
+# (it took 40-370 ms on the vCPU thread before it had a thread of its own).
+TABLES_WAIT_S = 60.0
+TABLES_POLL_S = 0.05
 
 
 def receiver_plugins(settings: Settings, workdir: Path,
@@ -81,6 +97,17 @@ def record_kernel_symbols(rx: Shell, run_dir: Path) -> dict[str, Any]:
                          "which process ran)"}
 
 
+def arm_model(rx: Shell) -> None:
+    """Open and close one region in the receiver right after boot, so no measured
+    window is the one that arms the plugin: the first `begin` makes QEMU flush its
+    code cache and retranslate everything with memory callbacks, which slowed the
+    first window of each boot (the model's edges 225-547 ms from the units, against
+    13-180 ms in later windows). The region's end block and tables take window
+    number 1 in the plugin; `closes_before` counts it like any other, and
+    `window_blocks` keeps only the measured window's blocks."""
+    rx.run(f"nbmark begin {ARMING_REGION} && nbmark end {ARMING_REGION}")
+
+
 def closes_before(text: str) -> int:
     """How many windows had closed when the last window's end block was written (pure):
     the number the plugin gives that window's attribution tables."""
@@ -111,18 +138,44 @@ def window_blocks(text: str) -> str:
     return str(keep.to_csv(index=False))
 
 
-def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = None) -> None:
+def wait_for_tables(path: Path, want: int, timeout_s: float = TABLES_WAIT_S, *,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> int:
+    """Wait until the plugin's window-number file (TABLES_WINDOW_FILE) says window
+    `want`'s tables are complete, or a later window's; return the number it holds.
+    The plugin writes the tables on a thread of its own after the window's end, so
+    the host may get here first."""
+    deadline = clock() + timeout_s
+    while True:
+        got = parse_tables_window(path.read_text(), str(path)) if path.exists() else None
+        if got is not None and got >= want:
+            return got
+        if clock() >= deadline:
+            last = "none" if got is None else f"window {got}"
+            raise NetbedError(f"the cache-model plugin did not finish the attribution tables "
+                              f"of window {want} within {timeout_s:g} s (last finished: "
+                              f"{last}; {path})",
+                              hint="its writer thread failed or QEMU stalled: see the "
+                                   "receiver's QEMU log; the cell is retried")
+        sleep(TABLES_POLL_S)
+
+
+def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = None,
+                   tables_wait_s: float = TABLES_WAIT_S) -> None:
     """The repetition's window out of the CSV the receiver's plugin writes in `workdir`,
-    and its attribution tables when the plugin wrote them."""
+    and its attribution tables when the plugin writes them (waiting for them up to
+    `tables_wait_s`)."""
     csv = workdir / CSV_NAME
     if not csv.exists():
         raise NetbedError(f"the cache-model plugin wrote no CSV ({csv})")
     text = csv.read_text()
     atomic_write_text(rep.file("cachemodel.csv"), window_blocks(text))
-    sites = workdir / SITES_FILE
-    if not sites.exists():
-        return
+    sites, done = workdir / SITES_FILE, workdir / TABLES_WINDOW_FILE
+    if not sites.exists() and not done.exists():
+        return  # the plugin runs without attribution
     want = closes_before(text)
+    if done.exists():  # the plugin writes it from its start when it has tables to write
+        wait_for_tables(done, want, tables_wait_s)
     for name, reader in ((SITES_FILE, read_sites), (C2C_FILE, read_c2c)):
         table = (workdir / name).read_text()
         got = set(reader(table, name)["window"])

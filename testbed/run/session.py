@@ -25,6 +25,7 @@ from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.progress import Log
 from testbed.run.cachemodel_window import (
+    arm_model,
     collect_window,
     receiver_plugins,
     record_kernel_symbols,
@@ -146,6 +147,8 @@ class ExperimentGuests:
                        if plugin else None)
             booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac),
                             symbols, plugin)
+            if plugin:  # the region that arms the plugin, outside every measured window
+                arm_model(topo.receiver.ssh)
             if self.fault and self.fault.cell_id == cell.cell_id:
                 self.log(f"fault injection: stopping the receiver's vCPUs for {cell.cell_id}")
                 topo.receiver.process.qmp("stop")

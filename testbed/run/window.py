@@ -48,10 +48,12 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     connection's tcp_info, the data NIC's statistics), the trace, the /proc
     snapshots, and the reader sampler with `sleep duration` in the middle. The
     markers sit right against the units because reads inside a region run ~10x
-    slower (measured: a units read 350-700 ms inside, 10-60 ms outside), so the
-    model's counts and the units describe the same seconds within ~20 ms; perf's
-    window then also holds the plugin's stalls at the markers (80-600 ms), which
-    is why analysis takes perf's and /proc's figures from plain repetitions. nbsnap
+    slower; nbsnap makes them cheap there (sockets borrowed and files opened before
+    the window, results written after the line: a units read ~10 ms inside a
+    region), so the model's counts and the units describe the same seconds within
+    ~10 ms; perf's window also holds the plugin's stalls at the markers (now 1-8 ms
+    at begin, 6-57 ms at end), which is one reason analysis takes perf's and
+    /proc's figures from plain repetitions. nbsnap
     stamps each read before and after (guest monotonic clock), so analysis knows
     the window's length and how far each source's edges lie from the units'
     (`window.skew`).

@@ -147,6 +147,62 @@ def test_window_tables_are_copied_when_they_belong_to_the_measured_window(tmp_pa
         cw.collect_window(work, run.start_rep("c", 1))
 
 
+def test_the_host_waits_for_the_writer_thread_then_copies_that_windows_tables(tmp_path):
+    work, run = tmp_path / "work", RunDir(tmp_path / "run")
+    work.mkdir()
+    (work / cw.CSV_NAME).write_text(snapshot_blocks(["begin:0", "end:0", "begin:1", "end:1"]))
+    (work / cmfmt.SITES_FILE).write_text(sites_csv(1, 5))  # the throw-away window's
+    (work / cmfmt.C2C_FILE).write_text(c2c_csv(1))
+    done = work / cmfmt.TABLES_WINDOW_FILE
+    done.write_text("1\n")  # the plugin's writer has not finished window 2 yet
+    with pytest.raises(NetbedError, match=r"tables of window 2 within 0 s "
+                                          r"\(last finished: window 1"):
+        cw.collect_window(work, run.start_rep("c", 0), tables_wait_s=0)
+    (work / cmfmt.SITES_FILE).write_text(sites_csv(2, 5))
+    (work / cmfmt.C2C_FILE).write_text(c2c_csv(2))
+    done.write_text("2\n")
+    rep = run.start_rep("c", 1)
+    cw.collect_window(work, rep, tables_wait_s=0)
+    assert cmfmt.stored_text(rep.path, cmfmt.SITES_FILE) == sites_csv(2, 5)
+
+
+def test_waiting_for_tables_polls_until_the_window_is_done_and_is_bounded(tmp_path):
+    path = tmp_path / cmfmt.TABLES_WINDOW_FILE
+    now = [0.0]
+    writes = {0.1: "2", 0.2: "3"}  # the writer finishes window 2, later window 3
+
+    def sleep(s: float) -> None:
+        now[0] = round(now[0] + s, 2)
+        if now[0] in writes:
+            path.write_text(writes[now[0]] + "\n")
+
+    path.write_text("1\n")
+    assert cw.wait_for_tables(path, 3, 5, clock=lambda: now[0], sleep=sleep) == 3
+    assert now[0] == 0.2
+    assert cw.wait_for_tables(path, 2, 5, clock=lambda: now[0], sleep=sleep) == 3  # later
+    path.unlink()
+    with pytest.raises(NetbedError, match=r"within 1 s \(last finished: none"):
+        cw.wait_for_tables(path, 1, 1, clock=lambda: now[0], sleep=sleep)
+    assert now[0] == pytest.approx(1.2)
+    path.write_text("garbage")
+    with pytest.raises(NetbedError, match="expected a window number"):
+        cw.wait_for_tables(path, 1, 1, clock=lambda: now[0], sleep=sleep)
+
+
+def test_the_throw_away_region_counts_in_the_window_numbers_but_not_in_the_window():
+    text = snapshot_blocks(["begin:0", "end:0", "begin:1", "end:1"])
+    assert cw.closes_before(text) == 2  # the plugin's second window: its tables say 2
+    blocks = cw.window_blocks(text)
+    assert set(cmfmt.read_snapshots(blocks)["marker"]) == {"begin:1", "end:1"}
+
+
+def test_the_model_is_armed_by_one_region_of_its_own():
+    shell = FakeShell("")
+    cw.arm_model(shell)
+    assert shell.commands == [f"nbmark begin {cw.ARMING_REGION} && "
+                              f"nbmark end {cw.ARMING_REGION}"]
+
+
 class FakeShell:
     def __init__(self, stdout: str) -> None:
         self.stdout = stdout

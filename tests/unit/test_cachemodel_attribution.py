@@ -115,3 +115,15 @@ def test_repeat_shortcut_is_attributed_too(model_trace, tmp_path):
         f"@{COPY:#x} R 0 k s 0x40\n" for _ in range(10))
     totals, sites, _ = run(model_trace, trace, tmp_path)
     assert sites["stores"].sum() == 11 == totals.loc[totals["event"] == "stores", "value"].sum()
+
+
+def test_a_new_window_drops_earlier_counts_and_keeps_the_row_order(model_trace, tmp_path):
+    # sites are zeroed when first counted in a window (not all at its start): the
+    # tables hold that window only, rows in the order the sites were created
+    trace = (f"@{PING:#x} 0 u l 0x40\n@{PONG:#x} 1 u l 0x80\n@{COPY:#x} 0 k s 0x1000\n"
+             "window\n"  # COPY's first count here is a repeat: it takes the locked path
+             f"@{COPY:#x} R 0 k s 0x1000\n@{COPY:#x} R 0 k s 0x1000\n"
+             f"@{PING:#x} 0 u l 0x40\n")
+    _, sites, _ = run(model_trace, trace, tmp_path)
+    assert list(sites["pc"]) == [PING, COPY]  # PONG not counted in this window
+    assert list(sites["loads"]) == [1, 0] and list(sites["stores"]) == [0, 2]

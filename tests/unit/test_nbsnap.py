@@ -1,0 +1,101 @@
+"""images/tools/nbsnap.c on the host: the edge reads against a real local TCP connection.
+
+nbsnap borrows the reader's sockets at `reader` and keeps them, so a units read is a
+getsockopt per socket (cheap inside a cache-model region); these tests check that
+the kept sockets still give fresh counts, that every file of a line is written when
+the line is done, and that the formats are the ones testbed.formats parses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.formats.stamps import parse_stamps
+from testbed.settings import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def nbsnap(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    out = tmp_path_factory.mktemp("nbsnap") / "nbsnap"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
+                    str(REPO_ROOT / "images" / "tools" / "nbsnap.c")], check=True)
+    return out
+
+
+@pytest.fixture
+def connection() -> Iterator[tuple[int, socket.socket]]:
+    """(reader pid, sending socket): a child process that accepts and reads forever."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    address = srv.getsockname()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the reader
+        conn, _ = srv.accept()
+        while conn.recv(65536):
+            pass
+        os._exit(0)
+    srv.close()
+    try:
+        cli = socket.create_connection(address, timeout=10)
+    except OSError:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise
+    try:
+        yield pid, cli
+    finally:
+        cli.close()
+        os.waitpid(pid, 0)
+
+
+def received(text: str) -> int:
+    fields = dict(kv.split("=", 1) for kv in text.split())
+    return int(fields["bytes_received"])
+
+
+def test_units_read_kept_sockets_and_write_when_the_line_is_done(nbsnap, connection,
+                                                                 tmp_path):
+    pid, cli = connection
+    cli.sendall(b"x" * 1000)
+    time.sleep(0.2)
+    proc = subprocess.Popen([str(nbsnap), str(tmp_path), "lo", "0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def cmd(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        if cmd(f"reader {pid}") != "ok" or cmd("units probe") != "ok":
+            pytest.skip("nbsnap cannot borrow the reader's sockets here (pidfd_getfd "
+                        "needs Linux 5.6 and ptrace rights over the reader)")
+        assert cmd("stamp a; units before; proc before") == "ok"
+        assert received((tmp_path / "tcpinfo-before.txt").read_text()) == 1000
+        cli.sendall(b"y" * 5000)
+        time.sleep(0.2)
+        assert cmd("proc after; units after; stamp z") == "ok"
+        assert cmd("quit") == "ok quit"
+    finally:
+        proc.wait(timeout=10)
+    after = (tmp_path / "tcpinfo-after.txt").read_text()
+    assert len(after.splitlines()) == 1 and received(after) == 6000  # the kept socket
+    assert "rx_bytes" in (tmp_path / "nicstats-after.txt").read_text()
+    assert (tmp_path / "proc-after" / "softirqs").read_text().strip()
+    stamps = parse_stamps((tmp_path / "stamps.txt").read_text())
+    order = ["a", "units-before-start", "units-before", "proc-before-start", "proc-before",
+             "proc-after-start", "proc-after", "units-after-start", "units-after", "z"]
+    assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
