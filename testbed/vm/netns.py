@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,8 @@ def host_netperf(image: GuestImage) -> Path:
     dest = image.rootfs_cpio.parent / HOST_BIN
     if (dest / "netperf").is_file():
         return dest
-    staging = image.rootfs_cpio.parent / f"{HOST_BIN}.tmp"
-    HostShell().run(["rm", "-rf", str(staging)])
-    staging.mkdir()
+    # a staging directory of this call's own: two first runs may extract at once
+    staging = Path(tempfile.mkdtemp(prefix=f"{HOST_BIN}.", dir=image.rootfs_cpio.parent))
     HostShell(cwd=staging).run(
         f"cpio -i --quiet -d --no-absolute-filenames {NETPERF_IN_IMAGE} "
         f"< {shlex.quote(str(image.rootfs_cpio))}",
@@ -164,6 +164,10 @@ def host_netperf(image: GuestImage) -> Path:
     tmp_dir = staging / "bin"
     tmp_dir.mkdir()
     binary.rename(tmp_dir / "netperf")
-    tmp_dir.rename(dest)  # whole directory at once: a half-written binary is never found
+    try:
+        tmp_dir.rename(dest)  # whole directory at once: a half-written binary is never found
+    except OSError:
+        if not (dest / "netperf").is_file():  # (else another run got there first)
+            raise
     HostShell().run(["rm", "-rf", str(staging)])
     return dest

@@ -174,6 +174,8 @@ def _place(settings: Settings, receiver: BootedGuest, sender: BootedGuest | None
             and isinstance(threads, dict)):
         native.cpus = tuple(sorted(placement.parse_cpu_list(str(guests["sender"]))))
         threads["sender"] = {"netperf (taskset on each command)": str(guests["sender"])}
+        record["note"] = (f"{record.get('note')} (the sender is netperf in a namespace, "
+                          "pinned by taskset)")
     return record
 
 

@@ -67,3 +67,21 @@ def test_a_disjoint_placement_pins_each_sender_command_and_what_it_starts():
     argv = namespace_argv("nbnsx", Path("/w"), Path("/b"), "netperf", 10, cpus=(1, 2, 3))
     assert "exec taskset -c 1-3 timeout -k 5 10 sh -c netperf" in argv[-1]
     assert "taskset" not in namespace_argv("nbnsx", Path("/w"), Path("/b"), "netperf", 10)[-1]
+
+
+def test_netperf_is_extracted_from_the_image_once_even_by_runs_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from testbed.build.images import GuestImage
+    from testbed.build.newc import CpioEntry, write_newc
+    from testbed.vm.netns import host_netperf
+
+    cpio = tmp_path / "rootfs.cpio"
+    write_newc(cpio, [CpioEntry.directory("usr"), CpioEntry.directory("usr/bin"),
+                      CpioEntry.file("usr/bin/netperf", b"#!/bin/sh\necho 2.7.0\n", 0o755)])
+    image = GuestImage("k", cpio, "ssh-ed25519 AAAA", tmp_path / "manifest.json")
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: host_netperf(image), range(4)))
+    assert len(set(dirs)) == 1
+    assert (dirs[0] / "netperf").read_bytes() == b"#!/bin/sh\necho 2.7.0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host-bin", "rootfs.cpio"]
