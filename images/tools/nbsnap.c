@@ -17,6 +17,11 @@
  *                  into OUTDIR/proc-LABEL/; stamped "proc-LABEL-start"/"proc-LABEL"
  *   trace on|off   write 1/0 to /sys/kernel/tracing/tracing_on; stamped "trace-on|off"
  *   mark begin|end the cache model's marker NOP (id 1, as nbmark); stamped "mark-..."
+ *   perfctl CTL ACK  open perf stat's control and ack FIFOs (`--control fifo:CTL,ACK`)
+ *   perf enable|disable  write the command to perf's control FIFO and wait for its ack;
+ *                  stamped "perf-begin-start"/"perf-begin" ("perf-end-..." for disable),
+ *                  so perf's edge sits in the same line as the marker and the units
+ *                  read, not one shell round trip away (it was the worst edge: 13-87 ms)
  *   quit
  * Several commands may share a line, separated by ';': done back to back, answered
  * once ("ok", or "error <what failed>").
@@ -68,6 +73,7 @@
 
 static const char *outdir, *iface;
 static pid_t reader;
+static int perf_ctl_fd = -1, perf_ack_fd = -1;
 
 /* The reader's established TCP sockets, borrowed at `reader`. */
 #define MAX_SOCKS 16
@@ -419,6 +425,47 @@ static int tracing(int on)
 	return rc;
 }
 
+/* perf's FIFOs, opened read-write: such an open of a FIFO never blocks. */
+static int perf_open(const char *text)
+{
+	char ctl[160] = "", ack[160] = "";
+
+	if (sscanf(text, "%*s %159s %159s", ctl, ack) != 2)
+		return -2;
+	if (perf_ctl_fd >= 0)
+		close(perf_ctl_fd);
+	if (perf_ack_fd >= 0)
+		close(perf_ack_fd);
+	perf_ctl_fd = open(ctl, O_RDWR | O_CLOEXEC);
+	perf_ack_fd = open(ack, O_RDWR | O_CLOEXEC);
+	return perf_ctl_fd >= 0 && perf_ack_fd >= 0 ? 0 : -1;
+}
+
+/* "enable" or "disable" to perf, then its "ack\n" (perf writes the tag's NUL too). */
+static int perf_command(const char *what)
+{
+	char buf[64];
+	const char *msg = !strcmp(what, "enable") ? "enable\n" : "disable\n";
+	size_t len = strlen(msg);
+
+	if (perf_ctl_fd < 0 || perf_ack_fd < 0) {
+		errno = EBADF;
+		return -1;
+	}
+	if (write(perf_ctl_fd, msg, len) != (ssize_t)len)
+		return -1;
+	for (;;) {
+		ssize_t n = read(perf_ack_fd, buf, sizeof(buf));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		if (memchr(buf, '\n', (size_t)n))
+			return 0;
+	}
+}
+
 /* One command; 0 on success, -1 on failure, -2 when it is not a command. */
 static int run_command(const char *text)
 {
@@ -430,6 +477,21 @@ static int run_command(const char *text)
 	if (!strcmp(cmd, "stamp") && arg[0]) {
 		stamp(arg);
 		return 0;
+	}
+	if (!strcmp(cmd, "perfctl"))
+		return perf_open(text);
+	if (!strcmp(cmd, "perf")) {
+		const char *edge = !strcmp(arg, "enable") ? "perf-begin" :
+				   !strcmp(arg, "disable") ? "perf-end" : NULL;
+
+		if (!edge)
+			return -2;
+		snprintf(label, sizeof(label), "%s-start", edge);
+		stamp(label);
+		errno = 0;
+		rc = perf_command(arg);
+		stamp(edge);
+		return rc;
 	}
 	if (!strcmp(cmd, "reader") && arg[0]) {
 		reader = (pid_t)atoi(arg);

@@ -79,9 +79,6 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
              'snap() { echo "$*" >&3; read -r ack <&4; '
              f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
-             # read-write opens never block; perf holds both FIFOs open from its start
-             f"exec 5<>{d}/{PERF_CTL} 6<>{d}/{PERF_ACK}",
-             'perf_ctl() { echo "$1" >&5; read -r pack <&6; }',
              f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
              f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
              f"> {w}/error; echo quit >&3; read -r ack <&4; exit 0; fi; sleep 0.1; done",
@@ -95,26 +92,25 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
              f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
              f'echo "$pid" > {w}/reader-pid.txt',
              'echo "reader $pid" >&3; read -r ack <&4',
+             # nbsnap talks to perf's control FIFOs itself (opened read-write: no block)
+             f'snap "perfctl {d}/{PERF_CTL} {d}/{PERF_ACK}"',
              up.format("nbsnap")]
-    # One line per edge, done by nbsnap back to back (one round trip each); perf's
-    # enable/disable between two of them, so its edge is bracketed by two stamps.
+    # One line per edge, done by nbsnap back to back (one round trip each), perf's
+    # enable/disable included: nbsnap stamps around it, so its edge is bracketed, and
+    # it sits next to the marker instead of one shell round trip away.
     mark = cachemodel
     trace_on = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='; trace on'"
     trace_off = f"[ -e {w}/{trace.RAW_UNSUPPORTED} ] && t= || t='trace off; '"
     if traced:
         inner.append(trace_on)
-    inner.append('snap "stamp perf-begin-start"')
-    inner.append("perf_ctl enable")
-    inner.append('snap "stamp perf-begin; ' + ("mark begin; " if mark else "") + "units before"
+    inner.append('snap "perf enable; ' + ("mark begin; " if mark else "") + "units before"
                  + ('${t}' if traced else "") + '; proc before"')
     inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
               f"sleep {exp.duration:g}", "wait"]
     if traced:
         inner.append(trace_off)
     inner.append('snap "proc after; ' + ('${t}' if traced else "") + "units after; "
-                 + ("mark end; " if mark else "") + 'stamp perf-end-start"')
-    inner.append("perf_ctl disable")
-    inner.append('snap "stamp perf-end"')
+                 + ("mark end; " if mark else "") + 'perf disable"')
     inner.append("echo quit >&3; read -r ack <&4")
     lines = [f"rm -rf {w} && mkdir -p {w}", up.format("start")]
     if traced and iface:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +100,44 @@ def test_units_read_kept_sockets_and_write_when_the_line_is_done(nbsnap, connect
     order = ["a", "units-before-start", "units-before", "proc-before-start", "proc-before",
              "proc-after-start", "proc-after", "units-after-start", "units-after", "z"]
     assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+
+
+def test_perf_is_enabled_and_disabled_in_the_line_of_the_edge(nbsnap, tmp_path):
+    """`perf enable|disable` talks to perf stat's control FIFOs itself (a stand-in answers
+    as perf does: "ack\\n" and the tag's NUL), bracketed by perf-begin/-end stamps."""
+    ctl, ack = tmp_path / "perf.ctl", tmp_path / "perf.ack"
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    seen: list[str] = []
+
+    def fake_perf() -> None:
+        with open(ctl, "rb", buffering=0) as c, open(ack, "wb", buffering=0) as a:
+            for raw in iter(c.readline, b""):
+                seen.append(raw.decode().strip())
+                a.write(b"ack\n\0")
+                if len(seen) == 2:
+                    return
+
+    perf = threading.Thread(target=fake_perf, daemon=True)
+    perf.start()
+    out = tmp_path / "win"
+    out.mkdir()
+    proc = subprocess.run([str(nbsnap), str(out), "lo", "0"], text=True, timeout=30,
+                          input=(f"perfctl {ctl} {ack}\nperf enable; stamp inside\n"
+                                 "stamp inside2; perf disable\nperf sideways\nquit\n"),
+                          capture_output=True)
+    perf.join(10)
+    answers = proc.stdout.splitlines()
+    assert answers[:3] == ["ok", "ok", "ok"]
+    assert answers[3].startswith("error perf sideways: unknown command")
+    assert seen == ["enable", "disable"]
+    stamps = parse_stamps((out / "stamps.txt").read_text())
+    order = ["perf-begin-start", "perf-begin", "inside", "inside2", "perf-end-start",
+             "perf-end"]
+    assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+
+
+def test_perf_without_its_fifos_is_an_error_not_a_hang(nbsnap, tmp_path):
+    proc = subprocess.run([str(nbsnap), str(tmp_path), "lo", "0"], text=True, timeout=30,
+                          input="perf enable\nquit\n", capture_output=True)
+    assert proc.stdout.splitlines()[0].startswith("error perf enable: ")

@@ -41,18 +41,16 @@ def test_perf_starts_disabled_before_netperf_and_the_inner_script_waits_for_the_
 def test_inner_window_nests_every_source_inside_perf_through_nbsnap():
     text = inner(window_script(experiment(), pmu=True, cachemodel=False, iface="eth1"))
     lines = text.splitlines()
-    begin = lines.index('snap "stamp perf-begin-start"')
-    end = lines.index('snap "stamp perf-end"')
-    # perf's counting is switched between two stamps, right against the units' reads
-    assert lines[begin + 1:begin + 3] == [
-        "perf_ctl enable", 'snap "stamp perf-begin; units before${t}; proc before"']
-    assert lines[end - 2:end] == [
-        'snap "proc after; ${t}units after; stamp perf-end-start"', "perf_ctl disable"]
+    begin = lines.index('snap "perf enable; units before${t}; proc before"')
+    end = lines.index('snap "proc after; ${t}units after; perf disable"')
+    # perf's counting is switched by nbsnap in the edge's own line (stamped around it),
+    # right against the units' reads; nbsnap has perf's FIFOs before the window
+    assert lines.index('snap "perfctl /tmp/netbed/perf.ctl /tmp/netbed/perf.ack"') < begin
     assert "t='; trace on'" in text and "t='trace off; '" in text
     assert begin < lines.index("sleep 3") < end
     assert "mark" not in text
     # from the reader's pid to the opened window: no fork, only builtins and FIFO round trips
-    for ln in lines[lines.index("pid=$r"):begin + 3]:
+    for ln in lines[lines.index("pid=$r"):begin + 1]:
         assert not any(w in ln for w in ("pgrep", "sed ", "cat ", "mkfifo", "$(")), ln
 
 
@@ -68,8 +66,8 @@ def test_cache_model_marks_enclose_the_units_and_tracing_stays_out():
     assert "cycles" in script and "LLC-load-misses" in script
     # the markers sit right against the units (reads inside a region are slow), inside
     # perf's counting
-    assert 'snap "stamp perf-begin; mark begin; units before; proc before"' in text
-    assert 'snap "proc after; units after; mark end; stamp perf-end-start"' in text
+    assert 'snap "perf enable; mark begin; units before; proc before"' in text
+    assert 'snap "proc after; units after; mark end; perf disable"' in text
     assert "trace on" not in text and "events/net" not in script
     assert "kept out of cache-model windows" in script  # the reason, as a raw file
 
@@ -82,7 +80,7 @@ def test_trace_filters_name_the_nic_and_the_readers_command():
     assert "nbsnap /tmp/netbed/win enp0s3 0 <" in script
     # the reader's pid reaches nbsnap over its FIFO: no fork once the reader exists
     text = inner(script)
-    after = text[text.index("pid=$r"):text.index("perf_ctl enable")]
+    after = text[text.index("pid=$r"):text.index("perf enable")]
     assert 'echo "reader $pid" >&3' in after
     assert not any(w in after for w in ("pgrep", "sed ", "cat ", "mkfifo", "$("))
     assert "echo mono > /sys/kernel/tracing/trace_clock" in script
@@ -139,4 +137,4 @@ def test_the_warmup_is_the_measured_connections_traffic_before_the_window_opens(
     script = window_script(experiment(warmup=warmup), pmu=False, cachemodel=False,
                            iface="eth1")
     text = inner(script)
-    assert text.index("pid=$r") < text.index(lead) < text.index("perf_ctl enable")
+    assert text.index("pid=$r") < text.index(lead) < text.index("perf enable")
