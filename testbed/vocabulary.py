@@ -21,6 +21,10 @@ Accel = Literal["kvm", "tcg"]
 AccelSetting = Literal["auto", "kvm", "tcg"]
 TcgThreads = Literal["multi", "single"]
 
+# Where netbed's commands keep their files on the sender and the receiver: a guest's
+# /tmp, or the native sender's per-boot directory bound there (testbed.vm.netns).
+GUEST_DIR = "/tmp/netbed"
+
 KERNEL_NAMES: tuple[KernelName, ...] = get_args(KernelName)
 NIC_NAMES: tuple[NicName, ...] = get_args(NicName)
 WORKLOAD_NAMES: tuple[WorkloadName, ...] = get_args(WorkloadName)

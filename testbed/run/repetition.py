@@ -37,7 +37,6 @@ from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
 from testbed.run.traffic import run_until_window_closes, wait_until
 from testbed.run.window import (
-    GUEST_DIR,
     NETPERF_CAP_S,
     WINDOW_ARMED,
     WINDOW_CLOSED,
@@ -46,6 +45,7 @@ from testbed.run.window import (
     window_script,
 )
 from testbed.shell import Shell
+from testbed.vocabulary import GUEST_DIR
 
 RECEIVER_HOST = "198.18.0.1"
 

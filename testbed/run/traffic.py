@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from testbed.errors import GuestError
 from testbed.shell import Shell
+from testbed.vocabulary import GUEST_DIR
 
-GUEST_DIR = "/tmp/netbed"
 NETPERF_OUT = f"{GUEST_DIR}/netperf.out"
 NETPERF_RC = f"{GUEST_DIR}/netperf.rc"
 NETPERF_PID = f"{GUEST_DIR}/netperf.pid"  # the `timeout` wrapping netperf (its parent)

@@ -12,8 +12,8 @@ from pathlib import Path
 from testbed.experiment.config import Experiment
 from testbed.formats import perfstat, reader, trace
 from testbed.formats.readback import ABSENT
+from testbed.vocabulary import GUEST_DIR
 
-GUEST_DIR = "/tmp/netbed"
 RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
 PERF_FILE = "perf-stat.csv"
 PERF_CTL = "perf.ctl"  # perf's control FIFO: `enable` / `disable` (perf stat --control)

@@ -31,8 +31,8 @@ from testbed.errors import CommandError, GuestError
 from testbed.formats.readback import fmt_cpulist
 from testbed.shell import HostShell, Result
 from testbed.vm.dataplane import PREFIX, SENDER_IP
+from testbed.vocabulary import GUEST_DIR
 
-GUEST_DIR = "/tmp/netbed"  # where guest commands keep their files (testbed.run.traffic)
 NETPERF_IN_IMAGE = "usr/bin/netperf"
 HOST_BIN = "host-bin"  # beside the image's rootfs.cpio
 KILL_GRACE_S = 5

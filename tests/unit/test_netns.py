@@ -6,8 +6,9 @@ import shlex
 from pathlib import Path
 
 from testbed.vm.dataplane import plan_dataplane
-from testbed.vm.netns import GUEST_DIR, namespace_argv, plan_netns
+from testbed.vm.netns import namespace_argv, plan_netns
 from testbed.vm.topology import sender_kind, sender_note
+from testbed.vocabulary import GUEST_DIR
 
 IFNAMSIZ = 16  # Linux: 15 characters and the NUL
 

@@ -20,8 +20,8 @@ from testbed.run.repetition import (
     start_window_command,
     unpack_window,
 )
-from testbed.run.window import GUEST_DIR
 from testbed.shell import HostShell
+from testbed.vocabulary import GUEST_DIR
 
 
 def test_the_window_comes_back_as_one_tar_stream_byte_for_byte(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from testbed.errors import GuestError
 from testbed.run import traffic
 from testbed.shell import Result
+from testbed.vocabulary import GUEST_DIR
 
 SH = shutil.which("dash") or "sh"  # the guest's /bin/sh is dash
 CLOSED = "/tmp/netbed/win/closed"
@@ -219,11 +220,11 @@ def test_the_stop_reaches_this_netperf_and_no_other(tmp_path):
     other = subprocess.Popen([str(bin_dir / "netperf"), "60"], env=env)
     try:
         def sh(command: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["sh", "-c", command.replace(traffic.GUEST_DIR, str(tmp_path))],
+            return subprocess.run(["sh", "-c", command.replace(GUEST_DIR, str(tmp_path))],
                                   env=env, capture_output=True, text=True, timeout=30)
 
         sh(traffic.start_command("timeout -k 5 60 netperf 60"))
-        pid_file = Path(traffic.NETPERF_PID.replace(traffic.GUEST_DIR, str(tmp_path)))
+        pid_file = Path(traffic.NETPERF_PID.replace(GUEST_DIR, str(tmp_path)))
         end = time.monotonic() + 10
         while not pid_file.exists() and time.monotonic() < end:
             time.sleep(0.05)
