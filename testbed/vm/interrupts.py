@@ -209,7 +209,6 @@ class _Installation:
         self.controller: InterruptController | None = None
         self.wakeup_w: int | None = None
         self.watcher: threading.Thread | None = None
-        self.at_exit_registered = False
         self.lock = threading.Lock()
 
 
@@ -264,8 +263,9 @@ def install_signal_handlers() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     with _INSTALLED.lock:
-        if _INSTALLED.controller is None:
+        if _INSTALLED.controller is None:  # the first installation, once per process
             _INSTALLED.controller = InterruptController()
+            atexit.register(_ignore_signals_once_interrupted)
         if _INSTALLED.wakeup_w is None:
             r, w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(w, False)  # the C handler must never block on it
@@ -274,9 +274,6 @@ def install_signal_handlers() -> bool:
                 target=_watch, args=(r, _INSTALLED.controller), daemon=True,
                 name="netbed-signal-watcher")
             _INSTALLED.watcher.start()
-        if not _INSTALLED.at_exit_registered:
-            atexit.register(_ignore_signals_once_interrupted)
-            _INSTALLED.at_exit_registered = True
         # (Re)claim the wakeup fd: asyncio's add_signal_handler, for one, replaces it.
         signal.set_wakeup_fd(_INSTALLED.wakeup_w, warn_on_full_buffer=False)
         for signum in HANDLED:
