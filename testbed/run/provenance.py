@@ -172,11 +172,15 @@ class Provenance:
         self.versions["accel"] = assets.accel
         self._write()
 
+    def _set(self, key: str, value: Any) -> None:
+        """versions.json's `key` holds `value` (written only when it changes)."""
+        if self.versions.get(key) != value:
+            self.versions[key] = value
+            self._write()
+
     def record_plugin(self, plugin_path: str) -> None:
         """The cache-model plugin of this run: its build folder names its source hash."""
-        if self.versions.get("cachemodel_plugin") != plugin_path:
-            self.versions["cachemodel_plugin"] = plugin_path
-            self._write()
+        self._set("cachemodel_plugin", plugin_path)
 
     def record_dataplane(self, note: str | None) -> None:
         """The data plane of the first boot (all boots of a session share the mode)."""
@@ -187,16 +191,12 @@ class Provenance:
     def record_sender(self, note: str | None) -> None:
         """What sent the test traffic: a sender guest or a native netperf in a namespace
         (#11); the last boot's, like the placement."""
-        if note is not None and self.versions.get("sender") != note:
-            self.versions["sender"] = note
-            self._write()
+        if note is not None:
+            self._set("sender", note)
 
     def record_guest_clock(self, icount_note: str | None) -> None:
         """How guest time ran: the host clock (TCG's default, KVM) or QEMU's -icount (#11)."""
-        value = icount_note or "host clock"
-        if self.versions.get("guest_clock") != value:
-            self.versions["guest_clock"] = value
-            self._write()
+        self._set("guest_clock", icount_note or "host clock")
 
     def record_placement(self, placement: dict[str, Any]) -> None:
         """The host placement of the guests' QEMU processes, as read back from /proc (#11).
