@@ -7,7 +7,11 @@ Every read at the window's edges is bracketed by two stamps, `<what>-start` and
 `<what>`, so the moment of the read is known within their difference. The units
 (the data connection's tcp_info, the NIC's statistics) define the window; every
 other source (perf stat, /proc, the trace, the cache model's markers) is compared
-with it and the worst distance is reported as `window.skew`.
+with it and the worst distance is reported as `window.skew`. A units read also has a
+`units-<edge>-sockets` stamp between its socket reads and its NIC statistics (only to
+tell which part of a slow read was slow); the reader is stopped for the socket reads,
+because `TCP_INFO` takes the socket lock the reader holds through every recv
+(images/tools/nbsnap.c, `units`).
 
 A read's moment is the middle of its bracket, except for the cache model's markers,
 whose moments are known exactly from the plugin (cachemodel/plugin/plugin.c,

@@ -97,9 +97,42 @@ def test_units_read_kept_sockets_and_write_when_the_line_is_done(nbsnap, connect
     assert "rx_bytes" in (tmp_path / "nicstats-after.txt").read_text()
     assert (tmp_path / "proc-after" / "softirqs").read_text().strip()
     stamps = parse_stamps((tmp_path / "stamps.txt").read_text())
-    order = ["a", "units-before-start", "units-before", "proc-before-start", "proc-before",
-             "proc-after-start", "proc-after", "units-after-start", "units-after", "z"]
+    order = ["a", "units-before-start", "units-before-sockets", "units-before",
+             "proc-before-start", "proc-before", "proc-after-start", "proc-after",
+             "units-after-start", "units-after-sockets", "units-after", "z"]
     assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+
+
+def test_the_reader_is_stopped_for_the_socket_reads_and_continued(nbsnap, connection,
+                                                                 tmp_path):
+    """The reader holds the socket lock through every recv and the lock is not fair, so
+    `units` stops the reader (SIGSTOP) while it reads tcp_info and continues it right
+    after. Seen in nbsnap's system calls (strace): stop, getsockopt(TCP_INFO) of the
+    borrowed socket, continue, in that order; the reader is not left stopped and still
+    reads. (Uncontended, the stop is usually cancelled by the continue before the
+    reader acts on it, so the reader's own state cannot show it.)"""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    pid, cli = connection
+    cli.sendall(b"x" * 100)
+    time.sleep(0.2)
+    calls = tmp_path / "calls.txt"
+    proc = subprocess.run(["strace", "-qq", "-o", str(calls), "-e", "trace=kill,getsockopt",
+                           str(nbsnap), str(tmp_path), "lo", "0"], text=True, timeout=30,
+                          input=f"reader {pid}\nunits probe\nquit\n", capture_output=True)
+    if proc.stdout.splitlines()[:2] != ["ok", "ok"]:
+        pytest.skip("nbsnap cannot borrow the reader's sockets here (pidfd_getfd "
+                    "needs Linux 5.6 and ptrace rights over the reader)")
+    lines = calls.read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if f"kill({pid}, SIGSTOP)" in line)
+    done = [line.split("(", 1)[0] for line in lines[start:]]
+    assert done[0] == "kill" and "getsockopt" in done and done[-1] == "kill", lines[start:]
+    assert f"kill({pid}, SIGCONT)" in lines[start + len(done) - 1]
+    assert all("TCP_INFO" in line for line in lines[start + 1:start + len(done) - 1])
+    assert received((tmp_path / "tcpinfo-probe.txt").read_text()) == 100
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state != "T"
+    cli.sendall(b"y" * 100)  # the reader still reads (teardown waits for it to end)
 
 
 def test_perf_is_enabled_and_disabled_in_the_line_of_the_edge(nbsnap, tmp_path):
