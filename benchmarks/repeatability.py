@@ -3,8 +3,8 @@
     flock /tmp/netbed-guests.lock python -m benchmarks.repeatability --placement shared
     flock /tmp/netbed-guests.lock python -m benchmarks.repeatability --placement disjoint
 
-For each placement it runs a small matrix (e1000 and virtio, default policy,
-TCP_STREAM, N repetitions of each cell, back to back) through the real runner
+For each placement it runs a small matrix (e1000 and virtio, default policy or
+those given, TCP_STREAM, N repetitions of each cell, back to back) through the real runner
 into a run folder, then prints each cell's CV of the metrics its repetitions
 recorded (netperf's throughput; window.throughput where the run records it),
 with the host's load average and host CPU busy share over the run: the machine
@@ -50,7 +50,7 @@ axes:
   kernel: [{kernel}]
   nic: [{nics}]
   cpus: [2]
-  policy: [default]
+  policy: [{policies}]
   workload: [TCP_STREAM]
   gro: [on]
 repetitions: {repetitions}
@@ -126,13 +126,15 @@ def cv_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
 
 def run(settings: Settings, placement: str, nics: list[str], repetitions: int,
         duration: int, warmup: int, *, kernel: str = "distro", plain: int = 0,
-        icount: str = "", sender: str = "guest") -> Result:
+        icount: str = "", sender: str = "netns", policies: tuple[str, ...] = ("default",)
+        ) -> Result:
     s = replace(settings, host_placement=placement, tcg_icount=icount, sender=sender)
     with tempfile.TemporaryDirectory(prefix="netbed-repeat-") as tmp:
         config = Path(tmp) / "experiment.yaml"
         config.write_text(EXPERIMENT.format(placement=placement, nics=", ".join(nics),
                                             repetitions=repetitions, duration=duration,
-                                            warmup=warmup, kernel=kernel, plain=plain))
+                                            warmup=warmup, kernel=kernel, plain=plain,
+                                            policies=", ".join(policies)))
         load_before = os.getloadavg()
         busy0, total0 = cpu_busy()
         started = time.monotonic()
@@ -189,15 +191,21 @@ def main() -> None:
                    help="plain (plugin-less) repetitions per cell when the cache model counts")
     p.add_argument("--icount", default="", help="QEMU -icount for the guests, e.g. shift=auto")
     p.add_argument("--sender", action="append", choices=("guest", "netns"),
-                   help="what sends the traffic (default: guest; give both to compare)")
+                   help="what sends the traffic (default: the `sender` setting; give both "
+                        "to compare)")
+    p.add_argument("--policy", action="append",
+                   help="policies of configs/policies.yaml, one cell each (default: "
+                        "default, where the guest's scheduler places the reader, so the "
+                        "cell's own outcome varies; pin-cross fixes where it runs)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args()
     results = []
     for placement in a.placement or ["shared", "disjoint"]:
-        for sender in a.sender or ["guest"]:
+        for sender in a.sender or [Settings().sender]:
             print(f"== placement {placement}, sender {sender}", flush=True)
             res = run(Settings(), placement, a.nics.split(","), a.repetitions, a.duration,
-                      a.warmup, kernel=a.kernel, plain=a.plain, icount=a.icount, sender=sender)
+                      a.warmup, kernel=a.kernel, plain=a.plain, icount=a.icount, sender=sender,
+                      policies=tuple(a.policy or ["default"]))
             results.append(res)
             print(report(res), flush=True)
     if a.json:
