@@ -78,6 +78,45 @@ def cv_table(tidy: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFra
                                        "goal", "above_goal"])
 
 
+BATCHING = "perf.context-switches.per_kb"  # the reader sleeping and woken: batch size
+
+
+def explained_spread(tidy: pd.DataFrame, metrics: list[str], by: str = BATCHING
+                     ) -> pd.DataFrame:
+    """How much of each cell's spread in `metrics` goes with `by`, a measure of the same
+    windows: a least-squares line per cell, its R^2 and the CV of what is left.
+
+    A diagnostic of what limits repeatability, never a correction (no value is
+    adjusted). Measured under TCG: the model's instructions per KB rise and fall with
+    context switches per KB, i.e. with how much data each wake-up of the reader finds,
+    which the pace of sender and receiver sets and the host does not hold steady. The
+    line's two parameters need n >= 4 for a residual with any meaning."""
+    df = _ok(tidy, [*metrics, by])
+    cols = ["cell_id", "metric", "by", "n", "cv", "r2", "residual_cv"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    wide = df.pivot_table(index=["cell_id", "repetition"], columns="metric", values="value",
+                          observed=True)
+    rows = []
+    for cell_id, w in wide.groupby(level=0, sort=True):
+        for metric in metrics:
+            if metric not in w.columns or by not in w.columns or not w[by].notna().any():
+                continue
+            v = w[[by, metric]].dropna().astype(float)
+            n, mean = len(v), float(v[metric].mean()) if len(v) else math.nan
+            cv = float(v[metric].std(ddof=1)) / abs(mean) if n >= 2 and mean else math.nan
+            r2 = residual = math.nan
+            if n >= 4 and v[by].nunique() >= 2 and v[metric].nunique() >= 2 and mean:
+                slope, intercept = np.polyfit(v[by], v[metric], 1)
+                res = v[metric] - (intercept + slope * v[by])
+                ss = float(((v[metric] - mean) ** 2).sum())
+                r2 = 1 - float((res ** 2).sum()) / ss
+                residual = math.sqrt(float((res ** 2).sum()) / (n - 2)) / abs(mean)
+            rows.append({"cell_id": cell_id, "metric": metric, "by": by, "n": n, "cv": cv,
+                         "r2": r2, "residual_cv": residual})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def finish_order(run_dir: Path) -> pd.DataFrame:
     """When each finished repetition finished (its `done` record), and its rank in the run."""
     rows = []

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.collate import collate_run
-from analysis.repeatability import cv_table
+from analysis.repeatability import BATCHING, cv_table, explained_spread
 from testbed.files import read_json
 from testbed.run.adaptive import cv
 from testbed.run.folder import RunDir
@@ -98,6 +98,7 @@ class Result:
     placement_record: object
     values: dict[tuple[str, str], list[float]]
     by_kind: list[dict[str, object]]  # (cell, kind, metric, n, mean, cv) from the tidy table
+    limits: list[dict[str, object]]  # (cell, kind, metric, by, n, cv, r2, residual_cv)
 
 
 KIND_METRICS = {
@@ -109,11 +110,37 @@ KIND_METRICS = {
 }
 
 
-def cv_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
-    """CV per cell, kind of repetition (instrumented or plain) and metric (pure)."""
+# what a spread may go with: (kind, metrics, measure of the same windows)
+LIMIT_CHECKS = (
+    ("instrumented", ("cache.instructions.per_kb", "cache.loads.per_kb",
+                      "cache.l1d_misses.per_kb", "cache.l2_misses.per_kb"), BATCHING),
+    ("plain", ("window.throughput",), BATCHING),
+    ("plain", ("window.throughput",), "locality.processing_on_reader_cpu"),
+)
+
+
+def _with_kind(tidy: pd.DataFrame) -> pd.DataFrame:
     kinds = tidy[tidy["metric"] == "rep.instrumented"][["cell_id", "repetition", "value"]]
     kinds = kinds.assign(kind=kinds["value"].map(lambda v: "instrumented" if v else "plain"))
-    df = tidy.merge(kinds[["cell_id", "repetition", "kind"]], on=["cell_id", "repetition"])
+    return tidy.merge(kinds[["cell_id", "repetition", "kind"]], on=["cell_id", "repetition"])
+
+
+def limits_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
+    """What each cell's spread goes with, per kind of repetition (pure): the share of
+    the variance a line on batching (context switches per KB) or on co-location
+    explains, and the CV left (analysis.repeatability.explained_spread)."""
+    df = _with_kind(tidy)
+    rows: list[dict[str, object]] = []
+    for kind, metrics, by in LIMIT_CHECKS:
+        for _, row in explained_spread(df[df["kind"] == kind], list(metrics), by).iterrows():
+            rows.append({"cell": row["cell_id"], "kind": kind, **{
+                k: row[k] for k in ("metric", "by", "n", "cv", "r2", "residual_cv")}})
+    return rows
+
+
+def cv_by_kind(tidy: pd.DataFrame) -> list[dict[str, object]]:
+    """CV per cell, kind of repetition (instrumented or plain) and metric (pure)."""
+    df = _with_kind(tidy)
     rows: list[dict[str, object]] = []
     for kind, metrics in KIND_METRICS.items():
         sub = df[df["kind"] == kind]
@@ -146,7 +173,7 @@ def run(settings: Settings, placement: str, nics: list[str], repetitions: int,
                   time.monotonic() - started, load_before,
                   os.getloadavg(), (busy1 - busy0) / max(1, total1 - total0),
                   versions.get("placement"), values_of(summary.run_dir),
-                  cv_by_kind(collate_run(summary.run_dir)))
+                  cv_by_kind(tidy := collate_run(summary.run_dir)), limits_by_kind(tidy))
 
 
 def report(result: Result) -> str:
@@ -175,7 +202,19 @@ def report(result: Result) -> str:
             lines.append(f"  {r['cell']!s:<52} {r['kind']!s:<12} {r['metric']!s:<28} "
                          f"{r['n']!s:>2} {float(str(r['mean'])):>11.4g} "
                          f"{'n/a' if math.isnan(c) else f'{100 * c:.1f}%':>7}  {verdict}")
+    if result.limits:
+        lines.append("  what the spread goes with (a line per cell on a measure of the same "
+                     "windows; R^2, and the CV left: a diagnostic, nothing is adjusted):")
+        for r in result.limits:
+            c, r2, left = (float(str(r[k])) for k in ("cv", "r2", "residual_cv"))
+            lines.append(f"  {r['cell']!s:<52} {r['kind']!s:<12} {r['metric']!s:<26} "
+                         f"on {r['by']!s:<34} n {r['n']!s:>2}  CV {_pct(c)} -> {_pct(left)} "
+                         f"(R^2 {'n/a' if math.isnan(r2) else f'{r2:.2f}'})")
     return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
 
 
 def main() -> None:

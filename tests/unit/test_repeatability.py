@@ -149,3 +149,47 @@ def test_the_benchmark_splits_cvs_by_kind_of_repetition() -> None:
     assert rows[("instrumented", "cache.l1d_misses.per_kb")]["cv"] == pytest.approx(0.01)
     assert rows[("instrumented", "cache.l1d_misses.per_kb")]["goal"] == 0.02
     assert ("plain", "cache.l1d_misses.per_kb") not in rows
+
+
+def test_explained_spread_says_how_much_goes_with_batching_and_what_is_left() -> None:
+    # e1000: instructions per KB follow context switches per KB exactly (+-0.1);
+    # virtio: the same spread, unrelated to them
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    follows = [1000 + 50 * v + d for v, d in zip(x, [0.1, -0.1, 0.1, -0.1, 0.0], strict=True)]
+    unrelated = [1100, 1250, 1000, 1200, 1050]
+    t = pd.concat([tidy({"e1000": follows, "virtio": unrelated}, "cache.instructions.per_kb"),
+                   tidy({"e1000": x, "virtio": x}, rp.BATCHING)],
+                  ignore_index=True)
+    out = rp.explained_spread(t, ["cache.instructions.per_kb"]).set_index("cell_id")
+    e, v = out.loc["distro-e1000"], out.loc["distro-virtio"]
+    assert e["n"] == 5 and e["cv"] == pytest.approx(0.0678, abs=1e-3)
+    assert e["r2"] > 0.999 and e["residual_cv"] < 0.001
+    assert v["r2"] < 0.5 and v["residual_cv"] > 0.7 * v["cv"]
+
+
+def test_explained_spread_needs_four_repetitions_and_both_measures() -> None:
+    t = pd.concat([tidy({"e1000": [10, 12, 11]}, "cache.loads.per_kb"),
+                   tidy({"e1000": [1, 2, 3]}, rp.BATCHING),
+                   tidy({"virtio": [10, 12, 11, 13]}, "cache.loads.per_kb")],
+                  ignore_index=True)
+    out = rp.explained_spread(t, ["cache.loads.per_kb"]).set_index("cell_id")
+    assert math.isnan(out.loc["distro-e1000", "r2"])  # n = 3: a line fits any 3 points too well
+    assert out.loc["distro-e1000", "cv"] > 0
+    assert "distro-virtio" not in out.index  # no batching measure: nothing to say
+    assert rp.explained_spread(t.iloc[0:0], ["cache.loads.per_kb"]).empty
+
+
+def test_the_benchmark_checks_limits_per_kind_of_repetition() -> None:
+    from benchmarks.repeatability import limits_by_kind
+
+    per_kb = tidy({"e1000": [100, 110, 120, 130, 0, 0, 0, 0]}, "cache.instructions.per_kb")
+    per_kb = per_kb[per_kb["repetition"] < 4]
+    rate = tidy({"e1000": [50, 50, 50, 50, 400, 380, 360, 340]}, "window.throughput")
+    ctx = tidy({"e1000": [1, 2, 3, 4, 1, 2, 3, 4]}, rp.BATCHING)
+    kind = tidy({"e1000": [1, 1, 1, 1, 0, 0, 0, 0]}, "rep.instrumented")
+    rows = {(r["kind"], r["metric"], r["by"]): r
+            for r in limits_by_kind(pd.concat([per_kb, rate, ctx, kind], ignore_index=True))}
+    assert rows[("instrumented", "cache.instructions.per_kb", rp.BATCHING)]["r2"] == \
+        pytest.approx(1.0)
+    assert rows[("plain", "window.throughput", rp.BATCHING)]["n"] == 4
+    assert ("instrumented", "window.throughput", rp.BATCHING) not in rows
