@@ -91,6 +91,7 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
+    from testbed.vm.process import shell_workdir_prefix, sweep_stale_workdirs
     from testbed.vm.topology import boot, prepare_assets
     from testbed.vocabulary import nic_name
 
@@ -102,7 +103,9 @@ def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, acc
     s = replace(s, sender="guest")  # --with-sender promises a guest
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     # One folder per invocation: two shells at once must not share console logs or sockets.
-    workdir = Path(tempfile.mkdtemp(prefix="shell-", dir=s.cache_dir))
+    # Named by our pid: folders of shells that died are swept here.
+    sweep_stale_workdirs(s.cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix=shell_workdir_prefix(), dir=s.cache_dir))
     status = 0
     try:
         with user_errors():

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +68,31 @@ def sweep_stale_sockets(base: Path) -> list[Path]:
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)
+    return removed
+
+
+SHELL_DIR_PREFIX = "shell-"  # invoke shell's work folders in the cache: shell-<pid>-<random>
+
+
+def shell_workdir_prefix() -> str:
+    """mkdtemp prefix of this process's shell work folder: its pid, so a folder left by
+    a shell that died (a second Ctrl-C ends it with os._exit, past its `finally`) can be
+    told from one still in use."""
+    return f"{SHELL_DIR_PREFIX}{os.getpid()}-"
+
+
+def sweep_stale_workdirs(base: Path) -> list[Path]:
+    """Remove shell work folders whose owning process is gone; returns what was removed.
+    Folders without a pid in their name (made before the pid was put there) are left."""
+    removed = []
+    for path in sorted(base.glob(f"{SHELL_DIR_PREFIX}*")) if base.is_dir() else []:
+        m = re.fullmatch(rf"{SHELL_DIR_PREFIX}(\d+)-.+", path.name)
+        if m is None or not path.is_dir():
+            continue
+        owner = int(m.group(1))
+        if owner != os.getpid() and not pid_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 

@@ -25,7 +25,13 @@ import pytest
 
 from testbed.settings import REPO_ROOT
 from testbed.vm.interrupts import TEARDOWN_BOUND_S, InterruptController, Stage, Teardown
-from testbed.vm.process import QemuProcess, socket_owner, sweep_stale_sockets
+from testbed.vm.process import (
+    QemuProcess,
+    shell_workdir_prefix,
+    socket_owner,
+    sweep_stale_sockets,
+    sweep_stale_workdirs,
+)
 from testbed.vm.qemu import GuestSpec
 
 from .interrupt_scenario import STAGES
@@ -207,6 +213,23 @@ def test_sockets_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     assert socket_owner(stale) == dead.pid and socket_owner(other) is None
     assert sweep_stale_sockets(tmp_path) == [stale]
     assert not stale.exists() and mine.exists() and other.exists()
+
+
+def test_shell_folders_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    """A second Ctrl-C ends `invoke shell` with os._exit, past the `finally` that removes
+    its work folder; the next shell sweeps such folders by the pid in their name."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"shell-{dead.pid}-x1y2z3"
+    mine = tmp_path / f"{shell_workdir_prefix()}a1b2c3"
+    old_style = tmp_path / "shell-k4j5h6"  # no pid in the name: not ours to judge
+    for p in (stale, mine, old_style):
+        (p / "guests").mkdir(parents=True)
+    (stale / "guests" / "console.log").write_text("x")
+    (tmp_path / f"shell-{dead.pid}-file").touch()  # not a folder: left
+    assert sweep_stale_workdirs(tmp_path) == [stale]
+    assert not stale.exists() and mine.is_dir() and old_style.is_dir()
+    assert sweep_stale_workdirs(tmp_path / "absent") == []
 
 
 def _spec(workdir: Path, qmp: Path) -> GuestSpec:
