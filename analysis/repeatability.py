@@ -213,12 +213,13 @@ def stopping_table(record: dict[str, Any] | None) -> pd.DataFrame:
     if not record:
         return pd.DataFrame()
     rows = [{"cell_id": c, "repetitions": v.get("repetitions"), "with value": v.get("values"),
-             "cv": _pct(v.get("cv")), "stopped": v.get("reason") or "(not stopped)",
+             "cv": percent(v.get("cv")), "stopped": v.get("reason") or "(not stopped)",
              "metric": v.get("metric")} for c, v in sorted((record.get("cells") or {}).items())]
     return pd.DataFrame(rows)
 
 
-def _pct(v: object) -> str:
+def percent(v: object) -> str:
+    """A share as '12.3%', or 'n/a' where there is no finite value (never 0)."""
     return f"{100 * float(v):.1f}%" if isinstance(v, int | float) and math.isfinite(v) else "n/a"
 
 
@@ -235,7 +236,7 @@ def with_cv(keys: pd.DataFrame, tidy: pd.DataFrame) -> pd.DataFrame:
             text = out.at[cell, metric]
             if r is None or not isinstance(text, str):
                 continue
-            mark = f" CV {_pct(r.cv)}" + (f" > {100 * r.goal:.0f}% !" if r.above_goal else "")
+            mark = f" CV {percent(r.cv)}" + (f" > {100 * r.goal:.0f}% !" if r.above_goal else "")
             out.at[cell, metric] = text + mark
     return out
 
@@ -275,9 +276,9 @@ def report_parts(run_dir: Path, tidy: pd.DataFrame, out_dir: Path, metric: str |
     text = (f"CV of {m} per cell ({len(cvs)} cells; goal {100 * goal_for(m):.0f}%; "
             f"{int(cvs['above_goal'].sum())} above goal). Run-wide drift over {trend['n']} "
             f"repetitions: Spearman rho {trend['rho']:.2f} (p {trend['p']:.2g}), fitted change "
-            f"first->last {_pct(trend['change_over_run'])} of the cell mean.")
+            f"first->last {percent(trend['change_over_run'])} of the cell mean.")
     drift = drift_table(tidy, m)
-    drift["last_vs_first"] = drift["last_vs_first"].map(_pct)
+    drift["last_vs_first"] = drift["last_vs_first"].map(percent)
     record = stopping_record(run_dir)
     sections: list[tuple[str, str, Any]] = [
         ("Repeatability", "text", text),
@@ -295,8 +296,8 @@ def _shown_cv(cvs: pd.DataFrame) -> pd.DataFrame:
     out = cvs.drop(columns=["cell_id"]).copy()
     out["mean"] = out["mean"].map(lambda v: f"{v:.4g}")
     out["sd"] = out["sd"].map(lambda v: f"{v:.3g}")
-    out["cv"] = out["cv"].map(_pct)
-    out["goal"] = out["goal"].map(_pct)
+    out["cv"] = out["cv"].map(percent)
+    out["goal"] = out["goal"].map(percent)
     out["above_goal"] = out["above_goal"].map(lambda b: "ABOVE GOAL" if b else "")
     return out
 

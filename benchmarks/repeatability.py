@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.collate import collate_run
-from analysis.repeatability import BATCHING, cv_table, explained_spread
+from analysis.repeatability import BATCHING, cv_table, explained_spread, percent
 from testbed.files import read_json
 from testbed.run.adaptive import cv
 from testbed.run.folder import RunDir
@@ -201,20 +201,16 @@ def report(result: Result) -> str:
                                                 else "NOT met")
             lines.append(f"  {r['cell']!s:<52} {r['kind']!s:<12} {r['metric']!s:<28} "
                          f"{r['n']!s:>2} {float(str(r['mean'])):>11.4g} "
-                         f"{'n/a' if math.isnan(c) else f'{100 * c:.1f}%':>7}  {verdict}")
+                         f"{percent(c):>7}  {verdict}")
     if result.limits:
         lines.append("  what the spread goes with (a line per cell on a measure of the same "
                      "windows; R^2, and the CV left: a diagnostic, nothing is adjusted):")
         for r in result.limits:
             c, r2, left = (float(str(r[k])) for k in ("cv", "r2", "residual_cv"))
             lines.append(f"  {r['cell']!s:<52} {r['kind']!s:<12} {r['metric']!s:<26} "
-                         f"on {r['by']!s:<34} n {r['n']!s:>2}  CV {_pct(c)} -> {_pct(left)} "
+                         f"on {r['by']!s:<34} n {r['n']!s:>2}  CV {percent(c)} -> {percent(left)} "
                          f"(R^2 {'n/a' if math.isnan(r2) else f'{r2:.2f}'})")
     return "\n".join(lines)
-
-
-def _pct(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
 
 
 def main() -> None:
