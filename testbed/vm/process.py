@@ -59,12 +59,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def owner_gone(owner: int | None) -> bool:
+    """Whether a file named by its owner's pid was left by a process that is gone
+    (never this one's; a name without a pid is nobody's to judge)."""
+    return owner is not None and owner != os.getpid() and not pid_alive(owner)
+
+
 def sweep_stale_sockets(base: Path) -> list[Path]:
     """Remove socket files whose owning process is gone; returns what was removed."""
     removed = []
     for path in base.glob("*.sock"):
-        owner = socket_owner(path)
-        if owner is not None and owner != os.getpid() and not pid_alive(owner):
+        if owner_gone(socket_owner(path)):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)
@@ -87,10 +92,7 @@ def sweep_stale_workdirs(base: Path) -> list[Path]:
     removed = []
     for path in sorted(base.glob(f"{SHELL_DIR_PREFIX}*")) if base.is_dir() else []:
         m = re.fullmatch(rf"{SHELL_DIR_PREFIX}(\d+)-.+", path.name)
-        if m is None or not path.is_dir():
-            continue
-        owner = int(m.group(1))
-        if owner != os.getpid() and not pid_alive(owner):
+        if path.is_dir() and owner_gone(int(m.group(1)) if m else None):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
