@@ -93,7 +93,9 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
              f'echo "$pid" > {w}/reader-pid.txt',
              'echo "reader $pid" >&3; read -r ack <&4',
              # nbsnap talks to perf's control FIFOs itself (opened read-write: no block)
-             f'snap "perfctl {d}/{PERF_CTL} {d}/{PERF_ACK}"',
+             # and makes perf (this script's parent) SCHED_FIFO, so its edges do not
+             # wait behind the reader (images/tools/nbsnap.c, perf_raise)
+             f'snap "perfctl {d}/{PERF_CTL} {d}/{PERF_ACK} $PPID"',
              up.format("nbsnap")]
     # One line per edge, done by nbsnap back to back (one round trip each), perf's
     # enable/disable included: nbsnap stamps around it, so its edge is bracketed, and

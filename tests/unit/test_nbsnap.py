@@ -174,3 +174,36 @@ def test_perf_without_its_fifos_is_an_error_not_a_hang(nbsnap, tmp_path):
     proc = subprocess.run([str(nbsnap), str(tmp_path), "lo", "0"], text=True, timeout=30,
                           input="perf enable\nquit\n", capture_output=True)
     assert proc.stdout.splitlines()[0].startswith("error perf enable: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO for another process needs root")
+def test_perfctl_makes_perf_and_only_perf_sched_fifo(nbsnap, tmp_path):
+    """`perfctl CTL ACK PID` raises perf stat to SCHED_FIFO (its edges waited behind the
+    reader under the cache model), and leaves a process that is not perf alone."""
+    sleeper = shutil.which("sleep")
+    assert sleeper is not None
+    named_perf = tmp_path / "perf"
+    shutil.copy(sleeper, named_perf)
+    for fifo in ("perf.ctl", "perf.ack"):
+        os.mkfifo(tmp_path / fifo)
+    perf = subprocess.Popen([str(named_perf), "60"])
+    other = subprocess.Popen([sleeper, "60"])
+    try:
+        for pid in (perf.pid, other.pid):
+            out = tmp_path / f"win-{pid}"
+            out.mkdir()
+            proc = subprocess.run([str(nbsnap), str(out), "lo", "0"], text=True, timeout=30,
+                                  input=f"perfctl {tmp_path}/perf.ctl {tmp_path}/perf.ack "
+                                        f"{pid}\nquit\n", capture_output=True)
+            assert proc.stdout.splitlines()[0] == "ok", proc.stdout + proc.stderr
+        assert os.sched_getscheduler(perf.pid) == os.SCHED_FIFO
+        assert os.sched_getparam(perf.pid).sched_priority == 9  # below nbsnap's 10
+        assert os.sched_getscheduler(other.pid) == os.SCHED_OTHER
+        assert "perf-fifo" in parse_stamps((tmp_path / f"win-{perf.pid}" / "stamps.txt")
+                                           .read_text())
+        assert not (tmp_path / f"win-{other.pid}" / "stamps.txt").is_file() or "perf-fifo" \
+            not in (tmp_path / f"win-{other.pid}" / "stamps.txt").read_text()
+    finally:
+        for p in (perf, other):
+            p.kill()
+            p.wait()

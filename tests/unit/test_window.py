@@ -45,7 +45,8 @@ def test_inner_window_nests_every_source_inside_perf_through_nbsnap():
     end = lines.index('snap "proc after; ${t}units after; perf disable"')
     # perf's counting is switched by nbsnap in the edge's own line (stamped around it),
     # right against the units' reads; nbsnap has perf's FIFOs before the window
-    assert lines.index('snap "perfctl /tmp/netbed/perf.ctl /tmp/netbed/perf.ack"') < begin
+    assert lines.index('snap "perfctl /tmp/netbed/perf.ctl /tmp/netbed/perf.ack $PPID"') \
+        < begin  # $PPID: perf stat runs this script, and nbsnap makes it SCHED_FIFO
     assert "t='; trace on'" in text and "t='trace off; '" in text
     assert begin < lines.index("sleep 3") < end
     assert "mark" not in text
