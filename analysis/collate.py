@@ -375,6 +375,15 @@ def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
 
 def _collate_perf(rep: RepDir, out: _Rows) -> None:
     path = rep.file(RawFiles.PERF)
+    kept_out = rep.file(perfstat.RAW_UNSUPPORTED)
+    if not path.is_file() and kept_out.is_file():
+        # perf did not count in this window (cache-model windows): say so, never zero
+        why = kept_out.read_text().strip() or "perf did not count in this window"
+        for event in perfstat.SOFTWARE_EVENTS:
+            out.add(f"perf.{event}", "all", math.nan,
+                    "msec" if event.endswith("clock") else "count", "perf",
+                    "not-supported", note=why)
+        return
     if not path.is_file():
         return
     try:

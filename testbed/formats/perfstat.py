@@ -19,6 +19,9 @@ from testbed.errors import NetbedError
 # --------------------------------------------------------------------------- perf stat
 
 PERF_SEPARATOR = ";"
+# Written instead of the raw file where perf did not count, with the reason (e.g. kept
+# out of cache-model windows: testbed.run.window); analysis gives not-supported rows.
+RAW_UNSUPPORTED = "perf-unsupported"
 SOFTWARE_EVENTS: tuple[str, ...] = (
     "task-clock",
     "context-switches",

@@ -20,8 +20,9 @@ snapshot and only then starts counting, so counting starts at the bracket's end;
 at `end` it stops counting as the marker executes and then stalls while it writes
 the snapshot and copies the attribution tables for its writer thread (6-57 ms
 under TCG; 92-478 ms while it formatted them there), so counting stops at the
-bracket's start. The stall lies inside perf's window: under the model perf's
-edges are that much farther from the units than the model's.
+bracket's start. perf is not in cache-model windows (testbed.run.window says why),
+so a model window's sources are the markers, the units and /proc, all read in one
+nbsnap line; perf's brackets, where present, are measured like the others.
 """
 
 from __future__ import annotations

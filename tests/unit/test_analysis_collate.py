@@ -301,3 +301,23 @@ def test_by_kind_takes_cache_rows_from_instrumented_reps_and_the_rest_from_plain
     old = old[~old.metric.eq(c.INSTRUMENTED)]
     only_inst = old[old.cell_id.isin([PIN_SAME, DEFAULT])]
     pd.testing.assert_frame_equal(c.by_kind(only_inst), only_inst)
+
+
+def test_perf_kept_out_of_a_window_gives_not_supported_rows_with_the_reason(
+        run_copy: Path) -> None:
+    """A cache-model window has no perf-stat.csv but `perf-unsupported` (testbed.run.window):
+    every software event is a not-supported row that says why, never a zero."""
+    rep = run_copy / "cells" / PIN_SAME / "rep-1"
+    (rep / "perf-stat.csv").unlink()
+    (rep / "perf-unsupported").write_text("perf is kept out of cache-model windows\n")
+    df = c.collate_run(run_copy)
+    mine = df[(df.cell_id == PIN_SAME) & (df.repetition == 1) &
+              df.metric.str.startswith("perf.")]
+    assert set(mine["metric"]) >= {"perf.context-switches", "perf.task-clock",
+                                   "perf.context-switches.per_kb"}
+    assert (mine["status"] == "not-supported").all()
+    assert mine["value"].isna().all()
+    assert row(df, PIN_SAME, 1, "perf.context-switches")["note"] == \
+        "perf is kept out of cache-model windows"
+    # other repetitions still have perf's counts
+    assert val(df, PIN_SAME, 2, "perf.context-switches") > 0
