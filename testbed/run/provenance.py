@@ -97,7 +97,8 @@ def counter_plan(counters: Sequence[str], accel: str, host_pmu: bool) -> Counter
         if accel != "kvm":
             return CounterPlan(True, False, False, "cachemodel",
                                ("counters auto: TCG, so cache numbers come from the cache "
-                                "model (software events too)",))
+                                "model; perf's software events from plain repetitions only "
+                                "(perf is kept out of cache-model windows)",))
         if host_pmu:
             return CounterPlan(False, True, False, "hardware",
                                ("counters auto: KVM with a host PMU, so cache numbers come "
