@@ -80,7 +80,7 @@ def cv_table(tidy: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFra
 
 # the reader sleeping and woken: batch size. From /proc (nbsnap reads it in the units'
 # line), so it exists in cache-model windows too, which perf is kept out of; it
-# counts what perf's context-switches do (1-4% fewer: perf's window was wider).
+# counts what perf's context-switches do (0-5% fewer: perf's window was wider).
 BATCHING = "stat.ctxt.per_kb"
 
 

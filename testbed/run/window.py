@@ -75,7 +75,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     the units and /proc, read in one nbsnap line, stayed within 20 ms. Its software
     counts there time the model, and the statistics take them from plain
     repetitions anyway (`collate.by_kind`); /proc's `ctxt` gives the context
-    switches of the same window (1-4% below perf's, whose window is wider).
+    switches of the same window (0-5% below perf's, whose window was wider).
     """
     d = GUEST_DIR
     w = f"{d}/win"
