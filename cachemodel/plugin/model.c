@@ -140,6 +140,9 @@ const char *model_config_error(const model_config *cfg)
     if (cfg->ncpus < 1) {
         return "need at least one vCPU";
     }
+    if (cfg->user_granule && !is_pow2(cfg->user_granule)) {
+        return "user_granule must be 0 or a power of two";
+    }
     if ((err = geom_error(&cfg->l1d, cfg->line, "l1d"))) {
         return err;
     }
@@ -309,8 +312,29 @@ static void site_reindex(model *m)
     }
 }
 
+/*
+ * Code at randomized addresses (ASLR: PIE executables, shared libraries, in user
+ * mode) has new pcs in every process, so one site per pc grew without bound: 3.7 M
+ * sites (~1.5 GB) after ~80 s of a matrix run, and the receiver's QEMU at 9 GB after
+ * one boot's 18 windows (2026-11-30). Such pcs name no function anyway (the plugin
+ * cannot tell processes apart); analysis labels them by address range
+ * (testbed.formats.symbols.USER_RANGES, whose bounds are multiples of the granule),
+ * so charging them to their block's start keeps every label. Below user_exact_below
+ * (our static, non-PIE tools) pcs stay exact.
+ */
+static uint64_t model_site_pc(const model *m, uint64_t pc, int mode)
+{
+    uint64_t floor = m->cfg.user_exact_below, granule = m->cfg.user_granule;
+    if (mode != MODE_USER || !granule || pc < floor) {
+        return pc;
+    }
+    uint64_t block = pc & ~(granule - 1);
+    return block < floor ? floor : block;
+}
+
 model_site *model_site_get(model *m, uint64_t pc, int mode)
 {
+    pc = model_site_pc(m, pc, mode);
     if ((m->nsites + 1) * 2 > m->site_idx.cap) {
         site_reindex(m);
     }

@@ -43,6 +43,11 @@ typedef struct {
     uint32_t line;  /* bytes, power of two, same for all levels */
     int ncpus;
     bool ddio;      /* device writes land in the LLC (else they leave it too) */
+    /*
+     * User pcs at or above user_exact_below share one site per user_granule-aligned
+     * block (0: every pc its own site); see model_site_get.
+     */
+    uint64_t user_exact_below, user_granule;
 } model_config;
 
 typedef struct model model;
@@ -72,7 +77,11 @@ typedef struct model_site {
     uint64_t cnt[]; /* ncpus * DATA_COUNT * EV_COUNT, in the same allocation */
 } model_site;
 
-/* The site of `pc` (created on first use; not for the hot path: a hash lookup). */
+/*
+ * The site of `pc` (created on first use; not for the hot path: a hash lookup).
+ * A user pc at or above cfg.user_exact_below is charged to the start of its
+ * cfg.user_granule block (at least user_exact_below), see model_site_pc.
+ */
 model_site *model_site_get(model *m, uint64_t pc, int mode);
 /* Start a window: every site's counters count as zero (lazily) and the c2c line
  * table is emptied. */

@@ -3,7 +3,8 @@
  * (tests/unit/test_cachemodel.py compiles and runs it; no QEMU involved).
  *
  *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
- *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]  < trace
+ *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]
+ *               [user_exact=B] [user_granule=B]  < trace   (both 0 unless given)
  *
  * Any access line may start with `@<pc> `: the access is attributed to that
  * instruction address (as the plugin does); sites=/c2c= write the attribution
@@ -49,6 +50,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "llc_assoc")) cfg.llc.ways = (uint32_t)v;
         else if (!strcmp(argv[i], "line")) cfg.line = (uint32_t)v;
         else if (!strcmp(argv[i], "ddio")) cfg.ddio = v != 0;
+        else if (!strcmp(argv[i], "user_exact")) cfg.user_exact_below = v;
+        else if (!strcmp(argv[i], "user_granule")) cfg.user_granule = v;
         else {
             fprintf(stderr, "unknown argument %s\n", argv[i]);
             return 2;

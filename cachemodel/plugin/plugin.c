@@ -590,6 +590,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         .line = 64,
         .ncpus = info->system_emulation ? info->system.max_vcpus : 1,
         .ddio = true,
+        .user_exact_below = 1ull << 32, /* testbed.formats.symbols.USER_EXACT_BELOW */
+        .user_granule = 1ull << 40,     /* testbed.formats.symbols.USER_GRANULE */
     };
     const char *out_path = NULL;
 
@@ -633,10 +635,14 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             cfg.llc.ways = (uint32_t)v;
         } else if (!strcmp(key, "line")) {
             cfg.line = (uint32_t)v;
+        } else if (!strcmp(key, "user_exact")) {
+            cfg.user_exact_below = v;
+        } else if (!strcmp(key, "user_granule")) {
+            cfg.user_granule = v;
         } else {
             return fail("netbed-cache: unknown argument %s (known: out, sites, c2c, l1d_size, l1d_assoc, "
                         "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always, dma, "
-                        "ddio)%s\n",
+                        "ddio, user_exact, user_granule)%s\n",
                         key, "");
         }
     }

@@ -31,6 +31,7 @@ from pathlib import Path
 from testbed.build.qemu_backport import BACKPORT_SUITE, BACKPORT_VERSION
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency
+from testbed.formats import symbols
 from testbed.progress import Log
 from testbed.settings import REPO_ROOT, Settings
 from testbed.shell import HostShell
@@ -78,9 +79,16 @@ class ModelParams:
     cold: bool = True  # empty the caches when counting starts (stale state is arbitrary)
     dma: bool = True  # notice lines changed by devices (DMA) on the next load
     ddio: bool = True  # device writes land in the LLC (Intel DDIO) rather than bypass it
+    # attribution: user pcs from here up share one site per granule block (randomized
+    # user code otherwise grew the sites without bound; testbed.formats.symbols)
+    user_exact: int = symbols.USER_EXACT_BELOW
+    user_granule: int = symbols.USER_GRANULE  # 0: every user pc its own site
 
     def validate(self) -> ModelParams:
         """Same checks as model_config_error() in model.c, with a fix in the message."""
+        if self.user_granule and not _is_pow2(self.user_granule):
+            raise ConfigError(f"cachemodel: user_granule={self.user_granule} is not a power "
+                              "of two", hint=f"use {symbols.USER_GRANULE} (1 TiB), or 0")
         if not _is_pow2(self.line) or self.line < 8:
             raise ConfigError(f"cachemodel: line={self.line} is not a power of two >= 8",
                               hint="use line=64 (x86)")

@@ -31,9 +31,16 @@ SYMBOLS_DIR = "symbols"  # in the run folder: the tables themselves
 KERNEL_SPLIT = 1 << 63  # upper half of the x86-64 address space: kernel
 MAX_GUESSED_SIZE = 256 << 10  # a kallsyms entry has no size: at most this far to the next
 KERNEL_UNKNOWN = "[kernel:unknown]"
+# The cache model keeps user pcs exact only below USER_EXACT_BELOW (our static tools);
+# above, it charges a pc to the start of its USER_GRANULE block (at least
+# USER_EXACT_BELOW), because randomized user code made its sites grow without bound
+# (cachemodel/plugin/model.c, model_site_pc). So every bound of USER_RANGES above
+# USER_EXACT_BELOW is a multiple of the granule, and a block's start has its pcs' label.
+USER_EXACT_BELOW = 1 << 32
+USER_GRANULE = 1 << 40
 # (start, end, label) for user addresses no table resolves; Linux x86-64 layout.
 USER_RANGES: tuple[tuple[int, int, str], ...] = (
-    (0, 1 << 32, "[user:low (static exe)]"),
+    (0, USER_EXACT_BELOW, "[user:low (static exe)]"),
     (0x550000000000, 0x570000000000, "[user:pie-exe]"),
     (0x7E0000000000, 0x800000000000, "[user:mmap/libs/stack]"),
 )

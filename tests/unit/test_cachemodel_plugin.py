@@ -21,7 +21,15 @@ def test_plugin_spec_renders_qemu_72_syntax():
                                      l2_size=0)
     assert spec.render() == (
         "file=/c/libnetbed_cache.so,out=/r/cachemodel.csv,l1d_size=32768,l1d_assoc=8,"
-        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on,dma=on,ddio=on")
+        "l2_size=0,l2_assoc=16,llc_size=8388608,llc_assoc=16,line=64,cold=on,dma=on,ddio=on,"
+        "user_exact=4294967296,user_granule=1099511627776")
+
+
+def test_user_granule_must_be_a_power_of_two():
+    with pytest.raises(ConfigError, match="user_granule=3000 is not a power of two"):
+        cm.cachemodel_plugin_spec(Path("/c/x.so"), Path("/r/c.csv"), user_granule=3000)
+    assert "user_granule=0" in cm.cachemodel_plugin_spec(
+        Path("/c/x.so"), Path("/r/c.csv"), user_granule=0).render()
 
 
 def test_plugin_spec_refuses_commas_and_unknown_parameters():
