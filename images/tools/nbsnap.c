@@ -21,8 +21,8 @@
  *   mark begin|end the cache model's marker NOP (id 1, as nbmark); stamped "mark-..."
  *   perfctl CTL ACK [PID]  open perf stat's control and ack FIFOs (`--control
  *                  fifo:CTL,ACK`); with PID (perf stat's, if its comm is "perf"), make
- *                  perf SCHED_FIFO too (best effort; stamped "perf-fifo" when done): its
- *                  ack waited up to ~100 ms behind the busy reader under the cache model
+ *                  perf SCHED_FIFO too (best effort; stamped "perf-fifo" when done), so
+ *                  its acks do not wait behind the busy reader (see perf_raise)
  *   perf enable|disable  write the command to perf's control FIFO and wait for its ack;
  *                  stamped "perf-begin-start"/"perf-begin" ("perf-end-..." for disable),
  *                  so perf's edge sits in the same line as the marker and the units
@@ -465,11 +465,12 @@ static int is_perf(pid_t pid)
 
 /*
  * perf stat's enable and disable are an ioctl per event and CPU, done with perf
- * moved to each CPU in turn (its affinity hop avoids IPIs). Under the cache model a
- * CPU where the reader runs took perf in only after the reader's slice: 2 of 68
- * model windows had acks of 74 and 102 ms (median 9-13 ms). SCHED_FIFO, one below
- * nbsnap's own (which sleeps on the ack meanwhile), lets perf preempt the reader at
- * its next preemption point instead. perf sleeps in poll() inside the window.
+ * moved to each CPU in turn (its affinity hop avoids IPIs), so its ack can wait for
+ * a CPU the reader keeps busy. SCHED_FIFO, one below nbsnap's own (which sleeps on
+ * the ack meanwhile), lets perf preempt the reader at its next preemption point.
+ * Under the cache model it cut the median ack from 13 to 8 ms but not the tail (one
+ * of 52 took 246 ms), so perf is now kept out of model windows (testbed.run.window);
+ * in plain windows acks take at most 8 ms. perf sleeps in poll() inside the window.
  */
 static void perf_raise(pid_t pid)
 {
