@@ -1,8 +1,8 @@
 /*
  * netbed cache model as a QEMU TCG plugin: the glue between QEMU's instrumentation
  * and the pure model in model.c.  It builds for plugin API 1 (QEMU 7.2) and API >= 4
- * (QEMU 10.0, which loads only API >= 2): see "Line contents" below for the one
- * place they differ in substance.
+ * (QEMU 10.0, which loads only API >= 2): see "Line contents" and "Which vCPU runs"
+ * below for the two places they differ in substance.
  *
  * Regions of interest: the guest tool nbmark executes `nopl disp32(%rax)`
  * (0f 1f 80 <disp32>) with disp32 = 0x4E000000 | kind << 20 | id.  The plugin spots
@@ -165,6 +165,43 @@ static void forget_recent_lines(int ncpus)
 #if NB_HOST_POINTERS
 static int phys_cache_on = 1;
 static long phys_checks_left = PHYS_CHECKS;
+#endif
+
+/*
+ * Which vCPU runs (API >= 4 builds).  QEMU 10.0 passes callbacks a vCPU index that
+ * is a constant in the generated code, the index of the vCPU that *translated* the
+ * block, whenever the block was translated without CF_PARALLEL (gen_cpu_index() in
+ * accel/tcg/plugin-gen.c, "optimize when we run with a single vcpu").  Round-robin
+ * TCG (thread=single, which the model needs) has no CF_PARALLEL, yet its vCPUs share
+ * one host thread and every translation, so a block vCPU 0 translated reports vCPU 0
+ * when vCPU 1 runs it.  Measured: in the ping-pong with both threads on CPU 1, 70 %
+ * of the accesses arrived as vCPU 0, which scrambled every per-vCPU count and made
+ * c2c transfers out of one vCPU's own accesses (cachemodel/README.md).  QEMU 7.2
+ * loads the index at run time.  The running vCPU is QEMU's thread-local current_cpu,
+ * numbered by gdb_get_cpu_index() (system mode: cpu_index + 1); neither is plugin API,
+ * both are exported by QEMU's executable (-rdynamic), and a QEMU without them refuses
+ * to load the plugin (QEMU loads plugins with RTLD_NOW) rather than count wrong.
+ */
+#if !NB_HOST_POINTERS
+extern __thread void *current_cpu __attribute__((tls_model("initial-exec")));
+extern int gdb_get_cpu_index(void *cpu);
+static __thread void *last_cpu;
+static __thread unsigned last_vcpu;
+
+static inline unsigned running_vcpu(unsigned given)
+{
+    void *cpu = current_cpu;
+    if (!cpu) {
+        return given;
+    }
+    if (cpu != last_cpu) {
+        last_vcpu = (unsigned)gdb_get_cpu_index(cpu) - 1;
+        last_cpu = cpu;
+    }
+    return last_vcpu;
+}
+#else
+static inline unsigned running_vcpu(unsigned given) { return given; }
 #endif
 
 /* Plugin messages reach QEMU's log only with `-d plugin`: say it on stderr too. */
@@ -355,8 +392,9 @@ static void snapshot(const char *marker)
     fflush(out);
 }
 
-static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
+    unsigned vcpu = running_vcpu(given);
     if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
         return;
     }
@@ -402,8 +440,9 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     r->mru = slot;
 }
 
-static void vcpu_tb_exec(unsigned int vcpu, void *udata)
+static void vcpu_tb_exec(unsigned int given, void *udata)
 {
+    unsigned vcpu = running_vcpu(given);
     if (!is_counting() || vcpu >= (unsigned)model_ncpus(M)) {
         return;
     }
@@ -416,8 +455,9 @@ static void reset_done(qemu_plugin_id_t id);
 
 static void request_retranslation(void) { qemu_plugin_reset(plugin_id, reset_done); }
 
-static void vcpu_marker(unsigned int vcpu, void *udata)
+static void vcpu_marker(unsigned int given, void *udata)
 {
+    unsigned vcpu = running_vcpu(given);
     uint32_t disp = (uint32_t)(uintptr_t)udata;
     unsigned kind = (disp >> 20) & 0xf, id = disp & 0xfffff;
     char name[48];
@@ -669,14 +709,6 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(out, "vcpu,mode,event,value,marker\n");
         fflush(out);
     }
-#if !NB_HOST_POINTERS
-    if (dma_detect) {
-        warn("netbed-cache: plugin API >= 4 build with dma=on: device-write detection reads "
-             "lines with qemu_plugin_read_memory_vaddr, and the ping-pong validation FAILS "
-             "with it under QEMU 10.0 (c2c 9-896 of 2000; see cachemodel/README.md); "
-             "dma=off passes\n");
-    }
-#endif
     line_bytes = cfg.line;
     M = model_new(&cfg);
     if (sites_path) {
