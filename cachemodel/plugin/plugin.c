@@ -13,9 +13,11 @@
  * makes QEMU retranslate everything with memory callbacks; the flush is
  * asynchronous, so code already translated runs uninstrumented until the vCPUs next
  * leave the execution loop (a few blocks).  Counting happens only while a region is
- * open; after the last `end` the callbacks return at once but stay in place.
+ * open.  After the last `end`, the API >= 4 build (QEMU 10.0) disarms and flushes
+ * again, so code runs uninstrumented until the next `begin` re-arms (another flush);
+ * the API-1 build (QEMU 7.2) cannot: its callbacks return at once but stay in place.
  *
- * Why not flush again at `end` to get back to full speed: QEMU 7.2 leaves
+ * Why 7.2 cannot flush again at `end` to get back to full speed: QEMU 7.2 leaves
  * CPUState.plugin_mem_cbs pointing at the callback array of a TB-ending instruction
  * that calls a helper (ret, calls/jumps across pages, ...): accel/tcg/plugin-gen.c
  * decides whether to clear it before it knows about the helper (changed upstream
@@ -23,7 +25,10 @@
  * (interrupt delivery, iret) aborts QEMU in qemu_plugin_vcpu_mem_cb.  The first
  * flush is safe because no memory callback exists yet.  The same stale pointer
  * makes helper-made accesses (interrupt frames, iret) reach vcpu_mem with the
- * stale instruction's mode: they are real accesses, so they are counted.
+ * stale instruction's mode: they are real accesses, so they are counted.  QEMU 10.0
+ * clears the pointer after every block (cpu_tb_exec) and on every exit from a block
+ * (cpu_loop_exit), so there a flush frees nothing still in use, and helper accesses
+ * outside a block (interrupt frames) are not seen at all.
  *
  * Mode: kernel when the *instruction* address is in the upper half of the x86-64
  * address space, user otherwise.  The 7.2 API exposes no privilege level, and the
@@ -82,8 +87,10 @@ static char tables_stop;
 
 #if QEMU_PLUGIN_VERSION >= 4
 #define NB_HOST_POINTERS 0
+#define NB_DISARM_AT_END 1 /* a flush at `end` is safe (top of the file) */
 #elif QEMU_PLUGIN_VERSION == 1
 #define NB_HOST_POINTERS 1
+#define NB_DISARM_AT_END 0
 #else
 #error "netbed-cache builds for plugin API 1 (QEMU 7.2) or >= 4 (QEMU 10: read_memory_vaddr)"
 #endif
@@ -491,6 +498,15 @@ static void vcpu_marker(unsigned int given, void *udata)
         } else if (--open_regions == 0) {
             if (!always_on) {
                 __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
+                /*
+                 * Back to uninstrumented code until the next `begin`.  A reset asked
+                 * for while one is pending is dropped by QEMU, which is harmless: the
+                 * pending flush comes after this change, and translation reads `armed`.
+                 */
+                if (NB_DISARM_AT_END) {
+                    __atomic_store_n(&armed, 0, __ATOMIC_RELAXED);
+                    changed = true;
+                }
             }
             windows_closed++;
             if (tables_queue) {
