@@ -14,14 +14,18 @@ in these set-ups:
 
   plain          no plugin
   outside        plugin loaded, no region opened yet (the speed of boot and setup)
-  after-region   a region opened and closed before the workload: code stays
-                 instrumented, callbacks return at once (see cachemodel/README.md)
+  after-region   a region opened and closed before the workload: on QEMU 7.2 code
+                 stays instrumented, callbacks return at once; on 10.0 the plugin
+                 flushes at the last end and the code is retranslated without
+                 callbacks (see cachemodel/README.md)
   inside         the workload inside a region (counting), no attribution
   inside+attr    as inside, with attribution (sites= and c2c=: what the runner uses)
   inside-multi   as inside+attr, with multi-threaded TCG (stream only; --multi)
 
 MIPS = guest instructions counted by the plugin in the `inside` run / elapsed time
-(instructions are TB instructions executed; a `rep movsb` iteration counts as one).
+(instructions are TB instructions executed; on QEMU 7.2 each `rep movsb` iteration
+counts as one, on 10.0 a REP string instruction counts once per block execution, which
+loops up to 65535 times: the pipe counts ~3x fewer instructions on 10.0).
 Each figure is the minimum over --repeats boots: the host is shared, and the
 minimum is the least disturbed run. The boot's own cost (outside any region) is
 shown as QEMU CPU seconds for the whole run. Last, what thread=single costs
