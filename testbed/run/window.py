@@ -37,29 +37,28 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                   local_ip: str = RECEIVER_IP, tracing: bool | None = None) -> str:
     """The receiver's measured-window script (pure).
 
-    It arms the tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads
-    done by a process already running, so each costs system calls, not a fork: `ss`
-    and `cat` took 0.7-0.8 s each under TCG) and, in plain windows, `perf stat -a -A`
-    with its events disabled over an inner script, and says it is armed (netperf may
-    start); perf's start overlaps netperf's instead of delaying the window. The inner script waits until
-    netserver's data process (the reader) exists, lets the connection ramp for the
-    warm-up (at least WINDOW_LEAD_S; the warm-up is traffic of the measured
+    It arms the tracepoints, starts `nbsnap` (images/tools/nbsnap.c: the edge reads done
+    by a process already running, so each costs system calls, not a fork: `ss` and `cat`
+    took 0.7-0.8 s each under TCG) and, in plain windows, `perf stat -a -A` with its
+    events disabled over an inner script, and says it is armed (netperf may start);
+    perf's start overlaps netperf's instead of delaying the window. The inner script
+    waits until netserver's data process (the reader) exists, lets the connection ramp
+    for the warm-up (at least WINDOW_LEAD_S; the warm-up is traffic of the measured
     connection itself, which costs no second netperf start, SSH round trip and
     connection set-up), and then is the window. Nested from the outside in: perf's
-    counting (plain windows; enabled and disabled through its control FIFO, each
-    between two stamps), the cache model's markers (model windows), the units (every established TCP
-    connection's tcp_info, the data NIC's statistics), the trace, the /proc
-    snapshots, and the reader sampler with `sleep duration` in the middle. The
-    markers sit right against the units because reads inside a region run ~10x
-    slower; nbsnap makes them cheap there (sockets borrowed and files opened before
-    the window, results written after the line: a units read ~10 ms inside a
-    region), so the model's counts and the units describe the same seconds within
-    ~10 ms (the plugin's stalls at the markers, 1-8 ms at begin and 6-57 ms at end,
-    lie outside the model's counting), which is one reason analysis takes perf's and
-    /proc's figures from plain repetitions. nbsnap
-    stamps each read before and after (guest monotonic clock), so analysis knows
-    the window's length and how far each source's edges lie from the units'
-    (`window.skew`).
+    counting (plain windows; enabled and disabled through its control FIFO, each between
+    two stamps), the cache model's markers (model windows), the units (every established
+    TCP connection's tcp_info, the data NIC's statistics), the trace, the /proc
+    snapshots, and the reader sampler with `sleep duration` in the middle. The markers
+    sit right against the units because reads inside a region run ~10x slower; nbsnap
+    makes them cheap there (sockets borrowed and files opened before the window, results
+    written after the line: a units read ~10 ms inside a region), so the model's counts
+    and the units describe the same seconds within ~10 ms (the plugin's stalls at the
+    markers, 1-8 ms at begin and 6-57 ms at end, lie outside the model's counting).
+    Analysis takes /proc's figures from plain repetitions (a model window runs at the
+    model's pace). nbsnap stamps each read before and after (guest monotonic clock), so
+    analysis knows the window's length and how far each source's edges lie from the
+    units' (`window.skew`).
 
     netperf runs until the window has closed (WINDOW_CLOSED; testbed.run.traffic
     then stops it), so the window lies inside the transfer however slowly the
