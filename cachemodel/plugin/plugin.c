@@ -105,8 +105,11 @@ static char tables_stop;
  * host address of the accessed byte (mirrored below), so a line is read in place.
  * API >= 2 dropped it (the struct holds the physical address and the memory region);
  * API 4 added qemu_plugin_read_memory_vaddr, which copies guest memory by virtual
- * address through QEMU's debug path (a page-table walk per call).  A remembered line
- * is then its virtual address, read again later on the same vCPU: with a different
+ * address through QEMU's debug path (a page-table walk per call).  So API >= 4 builds
+ * read lines from a mapping of guest RAM of their own when the host put RAM in a
+ * memfd (guest_ram=, "Guest RAM read through a mapping" below), and fall back to
+ * read_memory_vaddr elsewhere.  A remembered line is then a host pointer into that
+ * mapping, or its virtual address, read again later on the same vCPU: with a different
  * address space loaded by then (a context switch between two of its accesses, with
  * no other access in between) the bytes would be another process's.  Between a
  * user store and a switch the kernel touches many lines, so the memo is digested
@@ -257,7 +260,8 @@ static int ram_tried;
 
 static void ram_map_open(void)
 {
-    if (!guest_ram_bytes || __atomic_exchange_n(&ram_tried, 1, __ATOMIC_ACQ_REL)) {
+    if (!guest_ram_bytes || !dma_detect ||
+        __atomic_exchange_n(&ram_tried, 1, __ATOMIC_ACQ_REL)) {
         return;
     }
     DIR *d = opendir("/proc/self/fd");
