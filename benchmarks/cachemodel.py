@@ -35,7 +35,8 @@ without the plugin: two streams in parallel on two vCPUs, single vs multi.
 
 --qemu picks the QEMU (netbed setting `qemu`): `system` (the host's, 7.2 on bookworm)
 or `backport` (bookworm-backports' 10.0 unpacked in the cache; the plugin is then
-built for its API 4, where line contents are read with qemu_plugin_read_memory_vaddr).
+built for its API 4, where line contents are read from guest RAM's memfd, mapped by the
+plugin, and elsewhere with qemu_plugin_read_memory_vaddr).
 
 --dma (also part of the default run) quantifies what device writes do to the
 counts: a guest with QEMU's e1000 receives a TCP stream from the host (user-mode

@@ -71,8 +71,11 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path 
             raise ConfigError(f"cachemodel: {what} path {path} contains a comma",
                               hint="QEMU's -plugin option splits on commas: use another "
                                    "directory (results_dir / cache_dir)")
+    # guest_ram: on QEMU 10.0 the plugin reads line contents from guest RAM mapped
+    # itself (testbed.vm.qemu.direct_boot_argv adds the memfd and the size)
     return PluginSpec(Path(plugin_path),
-                      (("out", str(out_csv)), *extra, *params.plugin_args()))
+                      (("out", str(out_csv)), *extra, *params.plugin_args()),
+                      guest_ram_arg="guest_ram")
 
 
 

@@ -11,7 +11,7 @@ probe (`testbed.vm.hostfacts`) and the cache model's micro guests
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from testbed.build.qemu_backport import QemuInstall
@@ -65,10 +65,15 @@ DataAttachment = TapAttachment | SocketAttachment
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """A TCG plugin and its arguments (`-plugin file=...,k=v`)."""
+    """A TCG plugin and its arguments (`-plugin file=...,k=v`).
+
+    `guest_ram_arg`: the plugin reads guest RAM through a mapping of its own when RAM
+    is a shared memfd (QEMU 10.0's plugin API has no host pointer); on the backport
+    QEMU the argv then puts RAM in one and passes its size as `<guest_ram_arg>=<M>M`."""
 
     path: Path
     args: tuple[tuple[str, str], ...] = ()
+    guest_ram_arg: str = ""
 
     def render(self) -> str:
         return ",".join([f"file={self.path}", *(f"{k}={v}" for k, v in self.args)])
@@ -190,6 +195,16 @@ def qemu_head(qemu: Qemu) -> list[str]:
     return [qemu] if isinstance(qemu, str) else qemu.argv_head()
 
 
+RAM_BACKEND_ID = "netbed-ram"
+
+
+def uses_ram_memfd(boot: DirectBoot, qemu_binary: Qemu) -> bool:
+    """Guest RAM goes into a shared memfd: the backport QEMU (10.0) with a plugin that
+    maps it (the cache model, cachemodel/README.md "QEMU 10.0 beside 7.2") (pure)."""
+    return (isinstance(qemu_binary, QemuInstall) and qemu_binary.kind == "backport"
+            and any(p.guest_ram_arg for p in boot.plugins))
+
+
 def direct_boot_argv(boot: DirectBoot, qemu_binary: Qemu = "qemu-system-x86_64") -> list[str]:
     """The QEMU command line for `boot` (pure)."""
     if boot.accel == "kvm":
@@ -205,14 +220,22 @@ def direct_boot_argv(boot: DirectBoot, qemu_binary: Qemu = "qemu-system-x86_64")
                   "-serial", "chardev:console"]
     else:
         serial = ["-serial", "stdio"]
+    plugins = boot.plugins
+    ram: list[str] = []
+    if uses_ram_memfd(boot, qemu_binary):
+        # a memfd needs no cleanup (it goes with QEMU); -m stays and must match
+        ram = ["-object", f"memory-backend-memfd,id={RAM_BACKEND_ID},size={boot.memory_mb}M,"
+                          "share=on", "-machine", f"memory-backend={RAM_BACKEND_ID}"]
+        plugins = tuple(replace(p, args=(*p.args, (p.guest_ram_arg, f"{boot.memory_mb}M")))
+                        if p.guest_ram_arg else p for p in plugins)
     argv = [
         *qemu_head(qemu_binary), "-name", boot.name, "-machine", "q35", *accel, *cpu,
-        "-smp", str(boot.cpus), "-m", str(boot.memory_mb),
+        "-smp", str(boot.cpus), "-m", str(boot.memory_mb), *ram,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
         "-append", boot.append, *serial, *boot.devices,
     ]
-    for plugin in boot.plugins:
+    for plugin in plugins:
         argv += ["-plugin", plugin.render()]
     return argv
 

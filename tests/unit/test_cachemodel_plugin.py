@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.build import cachemodel_plugin as cmplugin
+from testbed.build.qemu_backport import QemuInstall
 from testbed.errors import ConfigError
 from testbed.vm import cachemodel as cm
 
@@ -153,3 +154,14 @@ def test_cpu_time_of_a_process_is_read_from_proc():
     assert run.marked_cpu_s() == 2.5
     with pytest.raises(Exception, match="NBCPU-MARK"):
         cm.MicroRun("", 1.0, None).marked_cpu_s()
+
+
+def test_micro_argv_on_the_backport_maps_guest_ram_for_the_model():
+    spec = cm.cachemodel_plugin_spec(Path("/p.so"), Path("/o.csv"))
+    qemu = QemuInstall(binary="/q/qemu-system-x86_64", kind="backport")
+    argv = cm.micro_argv(qemu, Path("/k"), Path("/i"), 2, "single", [spec], memory_mb=512)
+    assert "memory-backend-memfd,id=netbed-ram,size=512M,share=on" in argv
+    assert argv[argv.index("-plugin") + 1].endswith(",guest_ram=512M")
+    system = cm.micro_argv(QemuInstall(binary="qemu-system-x86_64"), Path("/k"), Path("/i"),
+                           2, "single", [spec])
+    assert "-object" not in system and "guest_ram" not in " ".join(system)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.build.qemu_backport import QemuInstall
 from testbed.vm.process import ready_line
 from testbed.vm.qemu import (
     GuestSpec,
@@ -134,3 +135,33 @@ def test_ready_line_found_among_kernel_noise():
 @pytest.mark.parametrize("text", ["", "booting...\n", "echo NETBED-READY\n", "NETBED-READYX\n"])
 def test_ready_line_absent(text):
     assert ready_line(text) is None
+
+
+BACKPORT = QemuInstall(binary="/q/usr/bin/qemu-system-x86_64", version="10.0.2",
+                       kind="backport")
+SYSTEM = QemuInstall(binary="qemu-system-x86_64", kind="system")
+RAM_PLUGIN = PluginSpec(Path("/p/lib.so"), (("out", "/r/c.csv"),), guest_ram_arg="guest_ram")
+
+
+def test_backport_puts_guest_ram_in_a_memfd_for_a_plugin_that_maps_it():
+    argv = qemu_argv(spec(plugins=(RAM_PLUGIN,)), BACKPORT)
+    assert arg_after(argv, "-m") == ["1024"]  # kept: QEMU checks it against the backend
+    assert arg_after(argv, "-object") == [
+        "memory-backend-memfd,id=netbed-ram,size=1024M,share=on"]
+    assert arg_after(argv, "-machine") == ["q35", "memory-backend=netbed-ram"]
+    assert arg_after(argv, "-plugin") == ["file=/p/lib.so,out=/r/c.csv,guest_ram=1024M"]
+
+
+@pytest.mark.parametrize("qemu", [SYSTEM, "qemu-system-x86_64"])
+def test_system_qemu_keeps_anonymous_ram_and_plugin_args(qemu):
+    argv = qemu_argv(spec(plugins=(RAM_PLUGIN,)), qemu)
+    assert "-object" not in argv
+    assert arg_after(argv, "-machine") == ["q35"]
+    assert arg_after(argv, "-plugin") == ["file=/p/lib.so,out=/r/c.csv"]
+
+
+@pytest.mark.parametrize("plugins", [(), (PluginSpec(Path("/p/other.so")),)])
+def test_backport_without_a_ram_reading_plugin_keeps_anonymous_ram(plugins):
+    argv = qemu_argv(spec(plugins=plugins), BACKPORT)
+    assert "-object" not in argv
+    assert arg_after(argv, "-machine") == ["q35"]
