@@ -83,6 +83,13 @@ def perf_stat_command(
     if control:
         argv += ["-D", "-1", "--control", f"fifo:{control[0]},{control[1]}"]
     argv += ["-e", ",".join(events), "--", *(command or ("sleep", f"{duration:g}"))]
+    return with_timeout(argv, duration, timeout_margin)
+
+
+def with_timeout(argv: Sequence[str], duration: float, timeout_margin: float) -> str:
+    """`argv` under `timeout`: killed `timeout_margin` (at least 1 s) after `duration`,
+    and SIGKILLed 5 s later. The window script runs its inner script this way where
+    perf does not wrap it (cache-model windows)."""
     limit = math.ceil(duration) + max(1, math.ceil(timeout_margin))
     return shlex.join(["timeout", "-k", "5", str(limit), *argv])
 

@@ -6,7 +6,6 @@ receiver counts is read by this one script, at the window's two edges.
 
 from __future__ import annotations
 
-import math
 import shlex
 from pathlib import Path
 
@@ -78,19 +77,17 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     d = GUEST_DIR
     w = f"{d}/win"
     tracing = (not cachemodel) if tracing is None else tracing
-    events = perfstat.perf_events(pmu)
     lead = lead_seconds(exp)
     counted = not cachemodel  # perf stat around the window (see the docstring)
     margin = 30 + READER_WAIT_S + lead
+    inner_sh = ("sh", f"{d}/inner.sh")
     if counted:
-        outer = perfstat.perf_stat_command(exp.duration, events, output=f"{d}/{PERF_FILE}",
-                                           command=("sh", f"{d}/inner.sh"),
+        outer = perfstat.perf_stat_command(exp.duration, perfstat.perf_events(pmu),
+                                           output=f"{d}/{PERF_FILE}", command=inner_sh,
                                            control=(f"{d}/{PERF_CTL}", f"{d}/{PERF_ACK}"),
                                            timeout_margin=margin)
     else:
-        outer = shlex.join(["timeout", "-k", "5",
-                            str(math.ceil(exp.duration) + math.ceil(margin)),
-                            "sh", f"{d}/inner.sh"])
+        outer = perfstat.with_timeout(inner_sh, exp.duration, margin)
     sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
     polls = int(READER_WAIT_S / 0.1)
     traced = tracing and bool(iface)
