@@ -16,11 +16,19 @@
  *               S <cpu> <k|u> <l|s> <start> <bytes> <stride> [repeat]  a strided sweep
  *               R <cpu> <k|u> <l|s> <paddr>          repeat of the previous line: the
  *                                   plugin's fast path, else a normal access
+ *               P <cpu> <k|u> <l|s> <paddr> <size> <digest> <evicted-digest>
+ *                                   one access as plugin.c's vcpu_mem makes it: two memo
+ *                                   slots per CPU keyed by line, the fast path when the
+ *                                   line is in one, else model_access into the other slot
+ *                                   (the one used less recently), first recording
+ *                                   <evicted-digest> (the current digest of the line that
+ *                                   slot remembered) when repeated stores left it unknown
  *               clear                               empty all caches
  *               window                              a new window for the attribution
  *                                   tables (the plugin's begin): earlier counts drop out
  * Prints the final counters as CSV: vcpu,mode,event,value.
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +71,14 @@ int main(int argc, char **argv)
         return 2;
     }
     model *m = model_new(&cfg);
+    /* P lines: per CPU, the lines in the memo slots (plugin.c's recent_lines) */
+    unsigned long long memo_line[64][MODEL_MEMO_SLOTS];
+    int memo_mru[64] = {0};
+    memset(memo_line, 0xff, sizeof(memo_line));
+    if (cfg.ncpus > 64) {
+        fprintf(stderr, "at most 64 cpus\n");
+        return 2;
+    }
     char buf[256];
     int lineno = 0;
     while (fgets(buf, sizeof(buf), stdin)) {
@@ -89,8 +105,35 @@ int main(int argc, char **argv)
             if (!model_repeat_access(m, cpu, mo, rw == 's', 0, site)) {
                 model_access(m, cpu, mo, a, 8, rw == 's', NULL, 0, site);
             }
+        } else if (line[0] == 'P' &&
+                   sscanf(line + 1, "%d %c %c %lli %u %lli %lli", &cpu, &mode, &rw, &a, &size,
+                          &digest, &b) == 7) {
+            if (cpu < 0 || cpu >= cfg.ncpus) {
+                fprintf(stderr, "line %d: cpu %d out of range\n", lineno, cpu);
+                return 2;
+            }
+            int mo = mode == 'k' ? MODE_KERNEL : MODE_USER;
+            site = buf[0] == '@' ? model_site_get(m, pc, mo) : NULL;
+            unsigned long long vline = a / cfg.line;
+            bool crosses = (a & (cfg.line - 1)) + size > cfg.line;
+            int slot = vline == memo_line[cpu][0] ? 0 : vline == memo_line[cpu][1] ? 1 : -1;
+            if (slot >= 0 && !crosses && model_repeat_access(m, cpu, mo, rw == 's', slot, site)) {
+                memo_mru[cpu] = slot;
+                continue;
+            }
+            if (slot < 0) {
+                slot = 1 - memo_mru[cpu];
+            }
+            if (memo_line[cpu][slot] != ~0ull && model_memo_sum_unknown(m, cpu, slot)) {
+                model_set_memo_sum(m, cpu, slot, b);
+            }
+            uint64_t sums[2] = {digest, digest};
+            model_access(m, cpu, mo, a, size, rw == 's', sums, slot, site);
+            memo_line[cpu][slot] = crosses ? ~0ull : vline;
+            memo_mru[cpu] = slot;
         } else if (!strncmp(line, "clear", 5)) {
             model_clear_caches(m);
+            memset(memo_line, 0xff, sizeof(memo_line));
         } else if (!strncmp(line, "window", 6)) {
             model_sites_clear(m);
         } else if (line[0] == 'S' &&
