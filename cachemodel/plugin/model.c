@@ -33,39 +33,75 @@ const char *const model_data_names[DATA_COUNT] = {"cpu", "device"};
 enum { ST_I = 0, ST_S = 1, ST_E = 2, ST_M = 3 };
 #define KEY_DEV 4ull /* line last written by a device (DMA), not by a CPU */
 
+/*
+ * A cache is kept as parallel arrays (one element per way, a set's ways adjacent),
+ * not as an array of entry records: a lookup scans only the keys of one set, 128
+ * bytes for 16 ways instead of 512, and on a streaming load the model makes a dozen
+ * lookups in sets nobody touched lately, so its cost was the host's cache misses on
+ * those scans (perf: the key loads of `lookup` and the LRU stamps of `insert` were
+ * the hottest instructions).  LRU order is a rank per way (0: most recent), one byte,
+ * so choosing a victim reads 16 bytes where 64-bit stamps took 128; a line's digest
+ * and writer sit together (written together on every fill).  An entry is named by
+ * its index; `entry` is only a copy of a line's data in transit between levels.
+ */
 typedef struct {
-    uint64_t key;   /* line address << 3 | dev << 2 | ST_* state; state ST_I means empty */
-    uint64_t stamp; /* LRU: larger is more recent */
-    uint64_t sum;   /* digest of the line's bytes when a CPU last touched it here */
+    uint64_t key;       /* line << 3 | dev << 2 | ST_* state; 0 (ST_I) means empty */
+    uint64_t sum;       /* digest of the line's bytes when a CPU last touched it here */
     model_site *writer; /* attribution: the store that made this copy Modified */
 } entry;
 
-static inline uint8_t state_of(const entry *e) { return (uint8_t)(e->key & 3); }
-static inline int dev_of(const entry *e) { return (e->key & KEY_DEV) ? DATA_DEVICE : DATA_CPU; }
-static inline uint64_t tag_of(const entry *e) { return e->key >> 3; }
-static inline void set_state(entry *e, uint8_t st) { e->key = (e->key & ~3ull) | st; }
-static inline void set_dev(entry *e, int data)
-{
-    e->key = (e->key & ~KEY_DEV) | (data == DATA_DEVICE ? KEY_DEV : 0);
-}
-/* What a line carries between levels: digest, device flag, writer. */
-static inline void copy_data(entry *to, const entry *from)
-{
-    to->key = (to->key & ~KEY_DEV) | (from->key & KEY_DEV);
-    to->sum = from->sum;
-    to->writer = from->writer;
-}
+#define NONE SIZE_MAX /* no entry */
 
 typedef struct {
-    entry *e;
+    uint64_t sum;
+    model_site *writer;
+} line_data;
+
+#define MAX_WAYS 255 /* ranks are bytes */
+typedef uint8_t rank_vec __attribute__((vector_size(16)));
+
+typedef struct {
+    uint64_t *key;       /* as entry.key; an empty way is 0 */
+    line_data *data;     /* as entry.sum and entry.writer */
+    /*
+     * LRU rank of each way in its set, 0 the most recent: a permutation per set.  Sets
+     * are RANK_STRIDE-aligned rows (padding 0xff), so a touch is a few vector ops.
+     * Victim choice matches 64-bit stamps exactly: a valid way was touched when filled,
+     * so among valid ways the ranks are the order of their last touches.
+     */
+    uint8_t *rank;
     uint64_t sets;
-    uint32_t ways;
-    uint64_t clock;
+    uint32_t ways, rank_stride;
+    int ways_shift; /* log2(ways), or -1 when ways is not a power of two */
 } cache;
+
+static inline uint8_t key_state(uint64_t key) { return (uint8_t)(key & 3); }
+static inline int key_dev(uint64_t key) { return (key & KEY_DEV) ? DATA_DEVICE : DATA_CPU; }
+static inline uint64_t key_tag(uint64_t key) { return key >> 3; }
+static inline uint8_t state_at(const cache *c, size_t i) { return key_state(c->key[i]); }
+static inline int dev_at(const cache *c, size_t i) { return key_dev(c->key[i]); }
+static inline void set_state(cache *c, size_t i, uint8_t st)
+{
+    c->key[i] = (c->key[i] & ~3ull) | st;
+}
+static inline void set_dev(cache *c, size_t i, int data)
+{
+    c->key[i] = (c->key[i] & ~KEY_DEV) | (data == DATA_DEVICE ? KEY_DEV : 0);
+}
+static inline entry entry_at(const cache *c, size_t i)
+{
+    return (entry){c->key[i], c->data[i].sum, c->data[i].writer};
+}
+/* What a line carries between levels: digest, device flag, writer. */
+static inline void copy_data(cache *c, size_t i, const entry *from)
+{
+    c->key[i] = (c->key[i] & ~KEY_DEV) | (from->key & KEY_DEV);
+    c->data[i] = (line_data){from->sum, from->writer};
+}
 
 typedef struct {
     uint64_t line;
-    entry *entry;
+    size_t idx; /* its entry in this CPU's L1 */
     bool valid, m;
     int data; /* the line's data kind, kept here so repeats need not read the entry */
 } memo_t;
@@ -81,6 +117,12 @@ typedef struct {
     int last_mode;
     uint64_t cnt[MODE_COUNT][EV_COUNT];
 } cpu_state;
+
+/* Where one CPU holds a line privately: its L1 or L2 entry (c NULL: nowhere). */
+typedef struct {
+    cache *c;
+    size_t i;
+} held;
 
 /* c2c line table: one record per (line, requesting site and CPU, owner site and CPU). */
 typedef struct {
@@ -102,6 +144,7 @@ struct model {
     bool has_l2;
     cache llc;
     cpu_state *cpu;
+    held *others;            /* scratch for access_line: each CPU's copy of one line */
     model_site **sites;
     size_t nsites, sites_cap;
     hindex site_idx;
@@ -140,6 +183,9 @@ const char *model_config_error(const model_config *cfg)
     if (cfg->ncpus < 1) {
         return "need at least one vCPU";
     }
+    if (cfg->l1d.ways > MAX_WAYS || cfg->l2.ways > MAX_WAYS || cfg->llc.ways > MAX_WAYS) {
+        return "associativity (l1d_assoc, l2_assoc, llc_assoc) must be at most 255";
+    }
     if (cfg->user_granule && !is_pow2(cfg->user_granule)) {
         return "user_granule must be 0 or a power of two";
     }
@@ -152,60 +198,119 @@ const char *model_config_error(const model_config *cfg)
     return geom_error(&cfg->llc, cfg->line, "llc");
 }
 
+static void rank_reset(cache *c)
+{
+    for (uint64_t set = 0; set < c->sets; set++) {
+        uint8_t *r = c->rank + set * c->rank_stride;
+        for (uint32_t w = 0; w < c->rank_stride; w++) {
+            r[w] = w < c->ways ? (uint8_t)w : 0xff;
+        }
+    }
+}
+
 static void cache_init(cache *c, const cache_geom *g, uint32_t line)
 {
     c->ways = g->ways;
     c->sets = g->size ? g->size / ((uint64_t)line * g->ways) : 0;
-    c->e = c->sets ? calloc(c->sets * c->ways, sizeof(entry)) : NULL;
-    c->clock = 0;
+    c->ways_shift = is_pow2(g->ways) ? __builtin_ctz(g->ways) : -1;
+    c->rank_stride = (g->ways + 15) & ~15u;
+    size_t n = c->sets * c->ways;
+    c->key = n ? calloc(n, sizeof(*c->key)) : NULL;
+    c->data = n ? calloc(n, sizeof(*c->data)) : NULL;
+    c->rank = n ? aligned_alloc(16, c->sets * c->rank_stride) : NULL;
+    if (c->rank) {
+        rank_reset(c);
+    }
+}
+
+static void cache_destroy(cache *c)
+{
+    free(c->key);
+    free(c->data);
+    free(c->rank);
 }
 
 static void cache_clear(cache *c)
 {
-    if (c->e) {
-        memset(c->e, 0, c->sets * c->ways * sizeof(entry));
+    size_t n = c->sets * c->ways;
+    if (n) {
+        memset(c->key, 0, n * sizeof(*c->key));
+        memset(c->data, 0, n * sizeof(*c->data));
+        rank_reset(c);
     }
 }
 
-static inline entry *set_of(const cache *c, uint64_t line)
+static inline size_t set_base(const cache *c, uint64_t line)
 {
-    return c->e + (line & (c->sets - 1)) * c->ways;
+    return (size_t)(line & (c->sets - 1)) * c->ways;
 }
 
-static inline entry *lookup(const cache *c, uint64_t line)
+static inline size_t lookup(const cache *c, uint64_t line)
 {
-    entry *s = set_of(c, line);
+    size_t base = set_base(c, line);
+    const uint64_t *k = c->key + base;
     uint64_t want = line << 3;
     for (uint32_t w = 0; w < c->ways; w++) {
-        if ((s[w].key & ~7ull) == want && (s[w].key & 3)) {
-            return &s[w];
+        if ((k[w] & ~7ull) == want && (k[w] & 3)) {
+            return base + w;
         }
     }
-    return NULL;
+    return NONE;
 }
 
-static inline void touch(cache *c, entry *e) { e->stamp = ++c->clock; }
+static inline uint8_t *rank_row(const cache *c, size_t i, uint32_t *way)
+{
+    size_t set = c->ways_shift >= 0 ? i >> c->ways_shift : i / c->ways;
+    *way = (uint32_t)(i - set * c->ways);
+    return c->rank + set * c->rank_stride;
+}
+
+/* Make way i the most recent of its set: ranks below its own move up by one. */
+static inline void touch(cache *c, size_t i)
+{
+    uint32_t w;
+    uint8_t *r = rank_row(c, i, &w);
+    uint8_t old = r[w];
+    if (old == 0) {
+        return;
+    }
+    rank_vec lim = {0};
+    lim += old;
+    for (uint32_t x = 0; x < c->rank_stride; x += 16) {
+        rank_vec v = *(rank_vec *)(r + x);
+        *(rank_vec *)(r + x) = v - (rank_vec)(v < lim); /* true is -1: adds one */
+    }
+    r[w] = 0;
+}
 
 /* Insert `line` with `data`'s digest, device flag and writer; the evicted entry's
- * copy goes to *victim (state ST_I if none). */
-static entry *insert(cache *c, uint64_t line, uint8_t state, const entry *data, entry *victim)
+ * copy goes to *victim (state ST_I if none).  Returns the new entry.  The victim is
+ * the first empty way, else the least recently used one. */
+static size_t insert(cache *c, uint64_t line, uint8_t state, const entry *data, entry *victim)
 {
-    entry *s = set_of(c, line);
-    entry *v = &s[0];
+    size_t base = set_base(c, line), v = NONE;
     for (uint32_t w = 0; w < c->ways; w++) {
-        if (state_of(&s[w]) == ST_I) {
-            v = &s[w];
+        if (key_state(c->key[base + w]) == ST_I) {
+            v = base + w;
             break;
         }
-        if (s[w].stamp < v->stamp) {
-            v = &s[w];
+    }
+    if (v == NONE) {
+        uint32_t w0;
+        const uint8_t *r = rank_row(c, base, &w0);
+        uint8_t oldest = (uint8_t)(c->ways - 1);
+        for (uint32_t w = 0; w < c->ways; w++) {
+            if (r[w] == oldest) {
+                v = base + w;
+                break;
+            }
         }
     }
     if (victim) {
-        *victim = *v;
+        *victim = entry_at(c, v);
     }
-    v->key = line << 3 | state;
-    copy_data(v, data);
+    c->key[v] = line << 3 | state;
+    copy_data(c, v, data);
     touch(c, v);
     return v;
 }
@@ -221,6 +326,7 @@ model *model_new(const model_config *cfg)
     m->has_l2 = cfg->l2.size != 0;
     cache_init(&m->llc, &cfg->llc, cfg->line);
     m->cpu = calloc((size_t)cfg->ncpus, sizeof(cpu_state));
+    m->others = calloc((size_t)cfg->ncpus, sizeof(held));
     m->epoch = 1; /* new sites hold 0: stale, so the first count lists them */
     for (int i = 0; i < cfg->ncpus; i++) {
         cache_init(&m->cpu[i].l1, &cfg->l1d, cfg->line);
@@ -236,8 +342,8 @@ void model_free(model *m)
         return;
     }
     for (int i = 0; i < m->cfg.ncpus; i++) {
-        free(m->cpu[i].l1.e);
-        free(m->cpu[i].l2.e);
+        cache_destroy(&m->cpu[i].l1);
+        cache_destroy(&m->cpu[i].l2);
     }
     for (size_t i = 0; i < m->nsites; i++) {
         free(m->sites[i]);
@@ -248,7 +354,8 @@ void model_free(model *m)
     free(m->c2c);
     free(m->c2c_idx.slot);
     free(m->cpu);
-    free(m->llc.e);
+    free(m->others);
+    cache_destroy(&m->llc);
     free(m);
 }
 
@@ -622,53 +729,57 @@ void model_write_c2c(const model *m, FILE *f, unsigned long window)
 }
 
 /* ---------------------------------------------------------------- coherence */
-static entry *private_entry(const model *m, int cpu, uint64_t line)
+static held private_entry(const model *m, int cpu, uint64_t line)
 {
-    entry *e = lookup(&m->cpu[cpu].l1, line);
-    if (!e && m->has_l2) {
-        e = lookup(&m->cpu[cpu].l2, line);
+    cache *l1 = &m->cpu[cpu].l1, *l2 = &m->cpu[cpu].l2;
+    size_t i = lookup(l1, line);
+    if (i != NONE) {
+        return (held){l1, i};
     }
-    return e;
+    if (m->has_l2 && (i = lookup(l2, line)) != NONE) {
+        return (held){l2, i};
+    }
+    return (held){NULL, NONE};
 }
+
+static inline uint8_t held_state(held h) { return h.c ? state_at(h.c, h.i) : ST_I; }
 
 static uint8_t private_state(const model *m, int cpu, uint64_t line)
 {
-    const entry *e = private_entry(m, cpu, line);
-    return e ? state_of(e) : ST_I;
+    return held_state(private_entry(m, cpu, line));
 }
 
 static void set_private_state(model *m, int cpu, uint64_t line, uint8_t state)
 {
+    cache *l1 = &m->cpu[cpu].l1, *l2 = &m->cpu[cpu].l2;
     for (int i = 0; i < MODEL_MEMO_SLOTS; i++) {
         if (m->cpu[cpu].memo[i].line == line) {
             m->cpu[cpu].memo[i].valid = false;
         }
     }
-    if (state == ST_I) {
-        entry *x = lookup(&m->cpu[cpu].l1, line);
-        if (x) {
-            x->key = 0;
+    size_t x = lookup(l1, line);
+    if (x != NONE) {
+        if (state == ST_I) {
+            l1->key[x] = 0;
+        } else {
+            set_state(l1, x, state);
         }
-        if (m->has_l2 && (x = lookup(&m->cpu[cpu].l2, line))) {
-            x->key = 0;
+    }
+    if (m->has_l2 && (x = lookup(l2, line)) != NONE) {
+        if (state == ST_I) {
+            l2->key[x] = 0;
+        } else {
+            set_state(l2, x, state);
         }
-        return;
-    }
-    entry *e = lookup(&m->cpu[cpu].l1, line);
-    if (e) {
-        set_state(e, state);
-    }
-    if (m->has_l2 && (e = lookup(&m->cpu[cpu].l2, line))) {
-        set_state(e, state);
     }
 }
 
 static void llc_fill(model *m, uint64_t line, const entry *data)
 {
-    entry *e = lookup(&m->llc, line);
-    if (e) {
-        touch(&m->llc, e);
-        copy_data(e, data);
+    size_t i = lookup(&m->llc, line);
+    if (i != NONE) {
+        touch(&m->llc, i);
+        copy_data(&m->llc, i, data);
     } else {
         insert(&m->llc, line, ST_S, data, NULL);
     }
@@ -677,8 +788,8 @@ static void llc_fill(model *m, uint64_t line, const entry *data)
 /* A line leaves CPU `cpu`'s L2: dirty data goes to the LLC unless L1 still holds it. */
 static void l2_evicted(model *m, int cpu, const entry *v)
 {
-    if (state_of(v) == ST_M && !lookup(&m->cpu[cpu].l1, tag_of(v))) {
-        llc_fill(m, tag_of(v), v);
+    if (key_state(v->key) == ST_M && lookup(&m->cpu[cpu].l1, key_tag(v->key)) == NONE) {
+        llc_fill(m, key_tag(v->key), v);
     }
 }
 
@@ -686,35 +797,39 @@ static void fill_l2(model *m, int cpu, uint64_t line, uint8_t state, const entry
 {
     entry victim;
     insert(&m->cpu[cpu].l2, line, state, data, &victim);
-    if (state_of(&victim) != ST_I) {
+    if (key_state(victim.key) != ST_I) {
         l2_evicted(m, cpu, &victim);
     }
 }
 
-static void fill_l1(model *m, int cpu, uint64_t line, uint8_t state, const entry *data)
+/* Returns the line's new L1 entry. */
+static size_t fill_l1(model *m, int cpu, uint64_t line, uint8_t state, const entry *data)
 {
     entry victim;
-    insert(&m->cpu[cpu].l1, line, state, data, &victim);
-    uint8_t vst = state_of(&victim);
-    for (int i = 0; vst != ST_I && i < MODEL_MEMO_SLOTS; i++) {
-        if (tag_of(&victim) == m->cpu[cpu].memo[i].line) {
+    size_t at = insert(&m->cpu[cpu].l1, line, state, data, &victim);
+    uint8_t vst = key_state(victim.key);
+    if (vst == ST_I) {
+        return at;
+    }
+    uint64_t vtag = key_tag(victim.key);
+    for (int i = 0; i < MODEL_MEMO_SLOTS; i++) {
+        if (vtag == m->cpu[cpu].memo[i].line) {
             m->cpu[cpu].memo[i].valid = false;
         }
     }
-    if (vst == ST_I) {
-        return;
-    }
     if (m->has_l2) {
-        entry *e2 = lookup(&m->cpu[cpu].l2, tag_of(&victim));
-        if (e2) {
-            set_state(e2, vst);
-            copy_data(e2, &victim);
+        cache *l2 = &m->cpu[cpu].l2;
+        size_t e2 = lookup(l2, vtag);
+        if (e2 != NONE) {
+            set_state(l2, e2, vst);
+            copy_data(l2, e2, &victim);
         } else {
-            fill_l2(m, cpu, tag_of(&victim), vst, &victim);
+            fill_l2(m, cpu, vtag, vst, &victim);
         }
     } else if (vst == ST_M) {
-        llc_fill(m, tag_of(&victim), &victim);
+        llc_fill(m, vtag, &victim);
     }
+    return at;
 }
 
 static void invalidate_others(model *m, int cpu, int mode, uint64_t line, model_site *site,
@@ -730,6 +845,14 @@ static void invalidate_others(model *m, int cpu, int mode, uint64_t line, model_
     }
 }
 
+/* Every other CPU's private copy of `line`, into m->others (cpu's own slot: none). */
+static void find_others(model *m, int cpu, uint64_t line)
+{
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        m->others[o] = o == cpu ? (held){NULL, NONE} : private_entry(m, o, line);
+    }
+}
+
 /*
  * Device writes (DMA) never reach a plugin.  With a digest of the line's bytes per
  * access, a load can tell that the line changed since a CPU last touched it, which
@@ -738,25 +861,26 @@ static void invalidate_others(model *m, int cpu, int mode, uint64_t line, model_
  * LLC copy goes too.  Stores cannot be checked (their own bytes changed the line).
  * The line is then marked as written by a device until a CPU stores to it, so
  * accesses are attributed as data=device or data=cpu.
+ *
+ * The copy whose digest a load is checked against, when the loading CPU holds none
+ * (m->others filled): a Modified copy elsewhere, else the first other copy, else the
+ * LLC's (*llc: its entry, looked up here).
  */
-static const entry *recorded(const model *m, int cpu, uint64_t line)
+static held recorded_elsewhere(model *m, uint64_t line, size_t *llc)
 {
-    const entry *e = private_entry(m, cpu, line);
-    if (e) {
-        return e;
-    }
-    const entry *clean = NULL;
+    held clean = {NULL, NONE};
     for (int o = 0; o < m->cfg.ncpus; o++) {
-        if (o == cpu) {
-            continue;
-        }
-        const entry *x = private_entry(m, o, line);
-        if (x && state_of(x) == ST_M) {
+        held x = m->others[o];
+        if (x.c && state_at(x.c, x.i) == ST_M) {
             return x;
         }
-        clean = clean ? clean : x;
+        clean = clean.c ? clean : x;
     }
-    return clean ? clean : lookup(&m->llc, line);
+    if (clean.c) {
+        return clean;
+    }
+    *llc = lookup(&m->llc, line);
+    return (held){*llc != NONE ? &m->llc : NULL, *llc};
 }
 
 static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t sum,
@@ -771,108 +895,157 @@ static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t su
         entry d = {.key = KEY_DEV, .sum = sum, .writer = NULL};
         llc_fill(m, line, &d);
     } else {
-        entry *l = lookup(&m->llc, line);
-        if (l) {
-            l->key = 0;
+        size_t l = lookup(&m->llc, line);
+        if (l != NONE) {
+            m->llc.key[l] = 0;
         }
     }
 }
 
-/* One line of an access; returns whether the line was last written by a device. */
+/* Prefetch one cache's set of `line`: its keys, and its ranks if a miss may insert. */
+static inline void prefetch_set(const cache *c, uint64_t line)
+{
+    if (c->sets) {
+        size_t b = set_base(c, line);
+        for (uint32_t w = 0; w < c->ways; w += 8) {
+            __builtin_prefetch(c->key + b + w);
+        }
+        __builtin_prefetch(c->rank + (b / c->ways) * c->rank_stride);
+    }
+}
+
+/*
+ * Ask the host for every set this access may look at, at once: on a miss the model
+ * looks in a dozen sets nobody touched lately, and one after the other those host
+ * cache misses were most of its cost on a streaming load.
+ */
+static inline void prefetch_sets(const model *m, uint64_t line)
+{
+    prefetch_set(&m->llc, line);
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        prefetch_set(&m->cpu[o].l2, line);
+        prefetch_set(&m->cpu[o].l1, line);
+    }
+}
+
+/*
+ * One line of an access; returns whether the line was last written by a device, and
+ * the line's L1 entry afterwards in *l1_at.  Each cache is looked up once per call
+ * (a device write, which changes them all, makes the lookups start again).
+ */
 static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, uint64_t sum,
-                       bool check, model_site *site)
+                       bool check, model_site *site, size_t *l1_at)
 {
     cpu_state *c = &m->cpu[cpu];
     uint64_t *k = c->cnt[mode];
     int data = DATA_CPU;
+    cache *l1 = &c->l1, *l2 = &c->l2;
+    prefetch_sets(m, line);
+    size_t e = lookup(l1, line);
+    size_t e2 = (e == NONE && m->has_l2) ? lookup(l2, line) : NONE;
+    bool others_known = false, llc_known = false;
+    size_t l = NONE;
 
     if (check && !store) {
-        const entry *r = recorded(m, cpu, line);
-        if (r && r->sum != MODEL_SUM_UNKNOWN && r->sum != sum) {
+        held r = e != NONE ? (held){l1, e} : e2 != NONE ? (held){l2, e2} : (held){NULL, NONE};
+        if (!r.c) {
+            find_others(m, cpu, line);
+            others_known = true;
+            r = recorded_elsewhere(m, line, &l);
+            llc_known = !r.c || r.c == &m->llc;
+        }
+        if (r.c && r.c->data[r.i].sum != MODEL_SUM_UNKNOWN && r.c->data[r.i].sum != sum) {
             device_write(m, cpu, mode, line, sum, site);
             data = DATA_DEVICE;
+            /* every private copy is gone; the LLC changed */
+            e = e2 = NONE;
+            for (int o = 0; o < m->cfg.ncpus; o++) {
+                m->others[o] = (held){NULL, NONE};
+            }
+            others_known = true;
+            llc_known = false;
         }
     }
-    entry *e = lookup(&c->l1, line);
 
-    if (e) { /* L1 hit: the common, cheap path */
-        data = dev_of(e);
-        touch(&c->l1, e);
+    if (e != NONE) { /* L1 hit: the common, cheap path */
+        data = dev_at(l1, e);
+        touch(l1, e);
         if (store) {
-            if (state_of(e) != ST_M) {
-                if (state_of(e) == ST_S) {
+            if (state_at(l1, e) != ST_M) {
+                if (state_at(l1, e) == ST_S) {
                     invalidate_others(m, cpu, mode, line, site, data);
                 }
                 set_private_state(m, cpu, line, ST_M);
             }
-            set_dev(e, DATA_CPU);
-            e->writer = site;
+            set_dev(l1, e, DATA_CPU);
+            l1->data[e].writer = site;
         }
-        e->sum = sum;
+        l1->data[e].sum = sum;
+        *l1_at = e;
         return data;
     }
 
-    if (m->has_l2 && (e = lookup(&c->l2, line))) {
-        data = dev_of(e);
+    if (e2 != NONE) {
+        data = dev_at(l2, e2);
         k[EV_L1D_MISSES]++;
         site_add(m, site, cpu, data, EV_L1D_MISSES);
-        touch(&c->l2, e);
-        uint8_t st = state_of(e);
+        touch(l2, e2);
+        uint8_t st = state_at(l2, e2);
         if (store) {
             if (st != ST_M) {
                 if (st == ST_S) {
                     invalidate_others(m, cpu, mode, line, site, data);
                 }
                 st = ST_M;
-                set_state(e, ST_M);
+                set_state(l2, e2, ST_M);
             }
-            set_dev(e, DATA_CPU);
-            e->writer = site;
+            set_dev(l2, e2, DATA_CPU);
+            l2->data[e2].writer = site;
         }
-        e->sum = sum;
-        fill_l1(m, cpu, line, st, e);
+        l2->data[e2].sum = sum;
+        entry from = entry_at(l2, e2);
+        *l1_at = fill_l1(m, cpu, line, st, &from);
         return data;
     }
 
     /* private miss: where is the line?  (the data flag comes with it) */
+    if (!others_known) {
+        find_others(m, cpu, line);
+    }
+    if (!llc_known) {
+        l = lookup(&m->llc, line);
+    }
     bool other_has = false;
-    const entry *owner = NULL;
+    held owner = {NULL, NONE};
     int owner_cpu = -1;
-    entry *l = lookup(&m->llc, line);
     for (int o = 0; o < m->cfg.ncpus; o++) {
-        if (o == cpu) {
-            continue;
-        }
-        entry *x = private_entry(m, o, line);
-        if (!x) {
+        held x = m->others[o];
+        if (!x.c) {
             continue;
         }
         if (!other_has) {
-            data |= dev_of(x);
+            data |= dev_at(x.c, x.i);
         }
         other_has = true;
-        if (state_of(x) == ST_M) {
+        if (state_at(x.c, x.i) == ST_M) {
             owner = x;
             owner_cpu = o;
         }
     }
-    if (!other_has && l) {
-        data |= dev_of(l);
+    if (!other_has && l != NONE) {
+        data |= dev_at(&m->llc, l);
     }
     k[EV_L1D_MISSES]++;
     k[EV_L2_MISSES]++;
     site_add(m, site, cpu, data, EV_L1D_MISSES);
     site_add(m, site, cpu, data, EV_L2_MISSES);
-    if (owner) {
+    if (owner.c) {
         k[EV_C2C_TRANSFERS]++;
         site_add(m, site, cpu, data, EV_C2C_TRANSFERS);
-        c2c_record(m, line, site, cpu, owner->writer, owner_cpu);
+        c2c_record(m, line, site, cpu, owner.c->data[owner.i].writer, owner_cpu);
     }
     for (int o = 0; other_has && o < m->cfg.ncpus; o++) {
-        if (o == cpu) {
-            continue;
-        }
-        uint8_t so = private_state(m, o, line);
+        uint8_t so = held_state(m->others[o]);
         if (so == ST_I) {
             continue;
         }
@@ -887,9 +1060,9 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     }
     entry now = {.key = (!store && data == DATA_DEVICE) ? KEY_DEV : 0, .sum = sum,
                  .writer = store ? site : NULL};
-    if (l) {
+    if (l != NONE) {
         touch(&m->llc, l);
-        copy_data(l, &now);
+        copy_data(&m->llc, l, &now);
     } else {
         if (!other_has) {
             k[EV_LLC_MISSES]++;
@@ -901,7 +1074,7 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     if (m->has_l2) {
         fill_l2(m, cpu, line, st, &now);
     }
-    fill_l1(m, cpu, line, st, &now);
+    *l1_at = fill_l1(m, cpu, line, st, &now);
     return data;
 }
 
@@ -920,26 +1093,27 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     c->cnt[mode][ev]++;
     if (first == last && mm->valid && first == mm->line && (mm->m || !store)) {
         /* L1 hit on a line just used: already recent, state unchanged */
-        if (store || !check || mm->entry->sum == s0 || mm->entry->sum == MODEL_SUM_UNKNOWN) {
+        uint64_t *sum = &c->l1.data[mm->idx].sum;
+        if (store || !check || *sum == s0 || *sum == MODEL_SUM_UNKNOWN) {
             site_add(m, site, cpu, mm->data, ev);
-            mm->entry->sum = s0;
+            *sum = s0;
             if (store) {
-                mm->entry->writer = site;
+                c->l1.data[mm->idx].writer = site;
             }
             return;
         }
     }
-    int data = access_line(m, cpu, mode, first, store, s0, check, site);
+    size_t at;
+    int data = access_line(m, cpu, mode, first, store, s0, check, site, &at);
     site_add(m, site, cpu, data, ev);
     if (last != first) {
-        access_line(m, cpu, mode, last, store, s1, check, site);
+        access_line(m, cpu, mode, last, store, s1, check, site, &at);
     }
-    entry *e = lookup(&c->l1, last);
     mm->line = last;
-    mm->valid = e != NULL;
-    mm->m = e && state_of(e) == ST_M;
-    mm->data = e ? dev_of(e) : DATA_CPU;
-    mm->entry = e;
+    mm->valid = true;
+    mm->m = state_at(&c->l1, at) == ST_M;
+    mm->data = dev_at(&c->l1, at);
+    mm->idx = at;
 }
 
 bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, model_site *site)
@@ -956,22 +1130,24 @@ bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, mode
     c->cnt[mode][ev]++;
     site_add(m, site, cpu, mm->data, ev);
     if (store) {
-        mm->entry->sum = MODEL_SUM_UNKNOWN;
+        c->l1.data[mm->idx].sum = MODEL_SUM_UNKNOWN;
     }
     return true;
 }
 
 bool model_memo_sum_unknown(const model *m, int cpu, int slot)
 {
-    const memo_t *mm = &m->cpu[cpu].memo[slot];
-    return mm->valid && mm->entry->sum == MODEL_SUM_UNKNOWN;
+    const cpu_state *c = &m->cpu[cpu];
+    const memo_t *mm = &c->memo[slot];
+    return mm->valid && c->l1.data[mm->idx].sum == MODEL_SUM_UNKNOWN;
 }
 
 void model_set_memo_sum(model *m, int cpu, int slot, uint64_t sum)
 {
-    memo_t *mm = &m->cpu[cpu].memo[slot];
+    cpu_state *c = &m->cpu[cpu];
+    memo_t *mm = &c->memo[slot];
     if (mm->valid) {
-        mm->entry->sum = sum;
+        c->l1.data[mm->idx].sum = sum;
     }
 }
 
