@@ -410,7 +410,7 @@ def read_cachemodel(text: str) -> pd.DataFrame:
     """Cache-model CSV (vcpu, mode, event, value, marker) -> counts in the measured window.
 
     The plugin prints cumulative counters in one block per marker hit
-    ("begin:<id>", "end:<id>", "snapshot:<id>"; a marker may be hit more than
+    ("begin:<id>", "end:<id>", "snapshot:<id>", "arm:<id>"; a marker may be hit more than
     once, so blocks are numbered by testbed.formats.cachemodel.read_snapshots). The
     window runs from the first "begin:<id>" to the last "end:<id>" (as
     testbed.formats.cachemodel.window does); without such a pair, from the first block to

@@ -8,14 +8,19 @@
  * (0f 1f 80 <disp32>) with disp32 = 0x4E000000 | kind << 20 | id.  The plugin spots
  * the bytes at translation time and puts an exec callback on that one instruction.
  * Until the first region opens, nothing else is instrumented, so boot and setup run
- * at plain TCG speed (plus a byte compare per translated instruction).  The first
- * `begin` arms the plugin and calls qemu_plugin_reset(), whose code-cache flush
- * makes QEMU retranslate everything with memory callbacks; the flush is
- * asynchronous, so code already translated runs uninstrumented until the vCPUs next
- * leave the execution loop (a few blocks).  Counting happens only while a region is
- * open.  After the last `end`, the API >= 4 build (QEMU 10.0) disarms and flushes
- * again, so code runs uninstrumented until the next `begin` re-arms (another flush);
- * the API-1 build (QEMU 7.2) cannot: its callbacks return at once but stay in place.
+ * at plain TCG speed (plus a byte compare per translated instruction).  Arming the
+ * plugin calls qemu_plugin_reset(), whose code-cache flush makes QEMU retranslate
+ * everything with memory callbacks; the flush is asynchronous, so code already
+ * translated runs uninstrumented until the vCPUs next leave the execution loop (a
+ * few blocks).  A `begin` with the plugin unarmed arms it; the `arm` marker (kind 4)
+ * arms it without counting, so the flush and most of the retranslation can happen
+ * before the window's `begin`, which then only starts counting (the vCPU that ran a
+ * `begin` which had to arm stalled 28-40 ms on QEMU 10.0).  `arm` with the plugin
+ * armed (a region open, twice, or on 7.2 after the first region) changes nothing.
+ * Counting happens only while a region is open.  After the last `end`, the API >= 4
+ * build (QEMU 10.0) disarms and flushes again, so code runs uninstrumented until
+ * the next `arm` or `begin` (another flush); the API-1 build (QEMU 7.2) cannot: its
+ * callbacks return at once but stay in place, and it stays armed.
  *
  * Why 7.2 cannot flush again at `end` to get back to full speed: QEMU 7.2 leaves
  * CPUState.plugin_mem_cbs pointing at the callback array of a TB-ending instruction
@@ -70,7 +75,8 @@
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 #define MARKER_MAGIC 0x4Eu /* disp32 top byte, 'N' */
-enum { KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3 };
+/* KIND_ARM: arm (retranslate with callbacks) without counting; see the top comment. */
+enum { KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3, KIND_ARM = 4 };
 
 static qemu_plugin_id_t plugin_id;
 static model *M;
@@ -639,14 +645,28 @@ static void vcpu_marker(unsigned int given, void *udata)
     model_tables *tables = NULL;
 
     snprintf(name, sizeof(name), "%s:%u",
-             kind == KIND_BEGIN ? "begin" : kind == KIND_END ? "end" : "snapshot", id);
+             kind == KIND_BEGIN ? "begin" : kind == KIND_END ? "end"
+             : kind == KIND_ARM ? "arm" : "snapshot", id);
 #if !NB_HOST_POINTERS
-    if (kind == KIND_BEGIN) {
+    if (kind == KIND_BEGIN || kind == KIND_ARM) {
         ram_map_open(); /* once; guest RAM exists by now */
     }
 #endif
     lock();
-    if (kind == KIND_BEGIN) {
+    if (kind == KIND_ARM) {
+        /*
+         * Arm ahead of a region: the flush and the retranslation with callbacks happen
+         * now, so the `begin` after it only starts counting.  Nothing is counted until
+         * then (callbacks return while no region is open).  Armed already (a region
+         * open, a second `arm`, QEMU 7.2 after its first region): nothing to do, and on
+         * 7.2 a second flush would crash QEMU (top comment).
+         */
+        snapshot(name);
+        if (!armed) {
+            __atomic_store_n(&armed, 1, __ATOMIC_RELAXED);
+            changed = true;
+        }
+    } else if (kind == KIND_BEGIN) {
         snapshot(name);
         if (open_regions++ == 0) {
             if (cold_start) {
@@ -671,9 +691,10 @@ static void vcpu_marker(unsigned int given, void *udata)
             if (!always_on) {
                 __atomic_store_n(&counting, 0, __ATOMIC_RELAXED);
                 /*
-                 * Back to uninstrumented code until the next `begin`.  A reset asked
-                 * for while one is pending is dropped by QEMU, which is harmless: the
-                 * pending flush comes after this change, and translation reads `armed`.
+                 * Back to uninstrumented code until the next `arm` or `begin`.  A reset
+                 * asked for while one is pending is dropped by QEMU, which is harmless:
+                 * the pending flush comes after this change, and translation reads
+                 * `armed`.
                  */
                 if (NB_DISARM_AT_END) {
                     __atomic_store_n(&armed, 0, __ATOMIC_RELAXED);
@@ -716,7 +737,7 @@ static bool marker_disp(struct qemu_plugin_insn *insn, uint32_t *disp)
     }
     memcpy(disp, b + 3, 4);
     unsigned kind = (*disp >> 20) & 0xf;
-    return kind >= KIND_BEGIN && kind <= KIND_SNAPSHOT;
+    return kind >= KIND_BEGIN && kind <= KIND_ARM;
 }
 
 static void vcpu_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)

@@ -4,10 +4,14 @@
  *   nbmark begin <id>            open region <id> (counting starts when the first opens)
  *   nbmark end <id>              close it (counting stops when the last closes)
  *   nbmark snapshot <id>         write a counter snapshot without changing regions
+ *   nbmark arm <id>              arm the plugin ahead of a region without counting: QEMU
+ *                                retranslates with callbacks now, so a later `begin`
+ *                                only starts counting (a no-op when armed already)
  *   nbmark run <id> -- cmd ...   begin, run cmd, end; exits with cmd's status
  *
  * The marker is the 7-byte NOP `nopl disp32(%rax)` = 0f 1f 80 <disp32> with
- * disp32 = 0x4E000000 | kind << 20 | id (kind 1 begin, 2 end, 3 snapshot; id < 2^20).
+ * disp32 = 0x4E000000 | kind << 20 | id (kind 1 begin, 2 end, 3 snapshot, 4 arm;
+ * id < 2^20).
  * The id is only known at run time, so the instruction is written into an
  * executable page and called.  On real hardware or without the plugin it is a NOP.
  * Keep the encoding in step with cachemodel/plugin/plugin.c and testbed/cachemodel.py.
@@ -21,7 +25,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-enum { KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3 };
+enum { KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3, KIND_ARM = 4 };
 
 static void nb_marker(unsigned kind, unsigned id)
 {
@@ -56,7 +60,7 @@ static unsigned parse_id(const char *s)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: nbmark begin|end|snapshot <id>\n"
+    fprintf(stderr, "usage: nbmark begin|end|snapshot|arm <id>\n"
                     "       nbmark run <id> -- command [args...]\n");
     return 2;
 }
@@ -73,6 +77,8 @@ int main(int argc, char **argv)
         nb_marker(KIND_END, id);
     } else if (!strcmp(argv[1], "snapshot") && argc == 3) {
         nb_marker(KIND_SNAPSHOT, id);
+    } else if (!strcmp(argv[1], "arm") && argc == 3) {
+        nb_marker(KIND_ARM, id);
     } else if (!strcmp(argv[1], "run") && argc >= 5 && !strcmp(argv[3], "--")) {
         nb_marker(KIND_BEGIN, id);
         pid_t pid = fork();

@@ -18,7 +18,9 @@
  *   proc LABEL     /proc/softirqs, interrupts, net/softnet_stat, net/snmp, stat copied
  *                  into OUTDIR/proc-LABEL/; stamped "proc-LABEL-start"/"proc-LABEL"
  *   trace on|off   write 1/0 to /sys/kernel/tracing/tracing_on; stamped "trace-on|off"
- *   mark begin|end the cache model's marker NOP (id 1, as nbmark); stamped "mark-..."
+ *   mark begin|end|arm  the cache model's marker NOP (id 1, as nbmark); stamped
+ *                  "mark-..."; `arm` (before the window) makes QEMU retranslate with the
+ *                  plugin's callbacks then, so `begin` only starts counting
  *   perfctl CTL ACK [PID]  open perf stat's control and ack FIFOs (`--control
  *                  fifo:CTL,ACK`); with PID (perf stat's, if its comm is "perf"), make
  *                  perf SCHED_FIFO too (best effort; stamped "perf-fifo" when done), so
@@ -560,7 +562,8 @@ static int run_command(const char *text)
 	}
 	if (!strcmp(cmd, "trace") && strcmp(arg, "on") && strcmp(arg, "off"))
 		return -2;
-	if (!strcmp(cmd, "mark") && strcmp(arg, "begin") && strcmp(arg, "end"))
+	if (!strcmp(cmd, "mark") && strcmp(arg, "begin") && strcmp(arg, "end") &&
+	    strcmp(arg, "arm"))
 		return -2;
 	if (strcmp(cmd, "units") && strcmp(cmd, "proc") && strcmp(cmd, "trace") &&
 	    strcmp(cmd, "mark"))
@@ -577,7 +580,7 @@ static int run_command(const char *text)
 	else if (!strcmp(cmd, "trace"))
 		rc = tracing(!strcmp(arg, "on"));
 	else
-		marker(!strcmp(arg, "begin") ? 1 : 2);
+		marker(!strcmp(arg, "begin") ? 1 : !strcmp(arg, "end") ? 2 : 4 /* arm */);
 	label[strlen(label) - 6] = '\0';
 	stamp(label);
 	return rc;

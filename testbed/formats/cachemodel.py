@@ -24,9 +24,12 @@ MODES = ("kernel", "user")
 CSV_COLUMNS = ("vcpu", "mode", "event", "value", "marker")
 
 # Marker instruction: nopl disp32(%rax) = 0f 1f 80 <disp32 little endian>, with
-# disp32 = MAGIC << 24 | kind << 20 | id. Mirrors nbmark.c and plugin.c.
+# disp32 = MAGIC << 24 | kind << 20 | id. Mirrors nbmark.c and plugin.c. `arm` makes
+# the plugin retranslate with its callbacks without counting, so a later `begin` only
+# starts counting; its block in the CSV is "arm:<id>" (no reader here treats it as an
+# edge: windows run from "begin:" to "end:" blocks).
 MARKER_MAGIC = 0x4E
-MARKER_KINDS = {"begin": 1, "end": 2, "snapshot": 3}
+MARKER_KINDS = {"begin": 1, "end": 2, "snapshot": 3, "arm": 4}
 MAX_MARKER_ID = (1 << 20) - 1
 
 

@@ -22,7 +22,9 @@ the snapshot and copies the attribution tables for its writer thread (6-57 ms
 under TCG; 92-478 ms while it formatted them there), so counting stops at the
 bracket's start. perf is not in cache-model windows (testbed.run.window says why),
 so a model window's sources are the markers, the units and /proc, all read in one
-nbsnap line; perf's brackets, where present, are measured like the others.
+nbsnap line; perf's brackets, where present, are measured like the others. The
+`mark-arm` stamps (the model armed ahead of the window, testbed.run.window) are no
+source's edge and take no part in the alignment.
 """
 
 from __future__ import annotations

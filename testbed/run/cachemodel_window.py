@@ -104,7 +104,9 @@ def arm_model(rx: Shell) -> None:
     first window of each boot (the model's edges 225-547 ms from the units, against
     13-180 ms in later windows). The region's end block and tables take window
     number 1 in the plugin; `closes_before` counts it like any other, and
-    `window_blocks` keeps only the measured window's blocks."""
+    `window_blocks` keeps only the measured window's blocks. (On QEMU 10.0 the plugin
+    disarms after every window, and each model window arms it again itself, ahead of
+    its `begin`: testbed.run.window.)"""
     rx.run(f"nbmark begin {ARMING_REGION} && nbmark end {ARMING_REGION}")
 
 

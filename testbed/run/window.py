@@ -20,6 +20,10 @@ PERF_CTL = "perf.ctl"  # perf's control FIFO: `enable` / `disable` (perf stat --
 PERF_ACK = "perf.ack"  # perf answers `ack` there once it has done so
 SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
 WINDOW_LEAD_S = 0.5  # the least connection ramp before the window opens
+# Model windows arm the cache model after the warm-up and let it settle this long before
+# `begin`: the code-cache flush and most of QEMU's retranslation with callbacks happen
+# then, not at `begin` (where, on QEMU 10.0, they stalled the vCPU 28-40 ms).
+ARM_SETTLE_S = 0.3
 # netperf runs until the window has closed (testbed.run.traffic stops it); this caps
 # it when something goes wrong: the reader's wait, the window, a slow model's edges.
 NETPERF_CAP_S = 180
@@ -54,6 +58,12 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     written after the line: a units read ~10 ms inside a region), so the model's counts
     and the units describe the same seconds within ~10 ms (the plugin's stalls at the
     markers, 1-8 ms at begin and 6-57 ms at end, lie outside the model's counting).
+    Model windows arm the plugin after the warm-up (`mark arm`, ARM_SETTLE_S before the
+    reader's sockets are borrowed and their reads warmed, and before `begin`): on QEMU
+    10.0 the plugin drops its instrumentation after each window, and re-arming flushes
+    QEMU's code cache and retranslates what runs next; done at `begin` that stalled the
+    marking vCPU 28-40 ms and slowed the units read after it to 25-87 ms. Armed ahead,
+    `begin` only starts counting (on 7.2 the plugin stays armed and `arm` is a no-op).
     Analysis takes /proc's figures from plain repetitions (a model window runs at the
     model's pace). nbsnap stamps each read before and after (guest monotonic clock), so
     analysis knows the window's length and how far each source's edges lie from the
@@ -79,7 +89,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     tracing = (not cachemodel) if tracing is None else tracing
     lead = lead_seconds(exp)
     counted = not cachemodel  # perf stat around the window (see the docstring)
-    margin = 30 + READER_WAIT_S + lead
+    settle = ARM_SETTLE_S if cachemodel else 0.0  # the model's `mark arm` (below)
+    margin = 30 + READER_WAIT_S + lead + settle
     inner_sh = ("sh", f"{d}/inner.sh")
     if counted:
         outer = perfstat.perf_stat_command(exp.duration, perfstat.perf_events(pmu),
@@ -101,6 +112,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
              "pid=$r",
              up.format("reader"),
              f"sleep {lead:g}",
+             *([f'snap "mark arm"; sleep {settle:g}'] if cachemodel else []),
              # builtins only: the reader's allowed CPUs, for the policy read-back
              f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
              f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; '

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,8 @@ def test_marker_bytes_encode_kind_and_id():
     assert cmfmt.marker_bytes("begin", 5) == bytes([0x0F, 0x1F, 0x80, 0x05, 0x00, 0x10, 0x4E])
     assert cmfmt.marker_bytes("end", 0xFFFFF) == bytes([0x0F, 0x1F, 0x80, 0xFF, 0xFF, 0x2F, 0x4E])
     assert cmfmt.marker_bytes("snapshot", 1)[5] == 0x30
+    assert cmfmt.marker_displacement("arm", 7) == 0x4E000000 | 4 << 20 | 7
+    assert cmfmt.nbmark_command("arm", 7) == "nbmark arm 7"
 
 
 @pytest.mark.parametrize(("kind", "marker_id"), [("start", 1), ("begin", -1), ("end", 1 << 20)])
@@ -36,8 +42,37 @@ def test_c_sources_use_the_same_marker_encoding():
         assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3" in text, src
     plugin = (REPO_ROOT / "cachemodel" / "plugin" / "plugin.c").read_text()
     assert "#define MARKER_MAGIC 0x4Eu" in plugin
-    assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3" in plugin
-    assert cmfmt.MARKER_KINDS == {"begin": 1, "end": 2, "snapshot": 3}
+    assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3, KIND_ARM = 4" in plugin
+    assert "KIND_BEGIN = 1, KIND_END = 2, KIND_SNAPSHOT = 3, KIND_ARM = 4" in (
+        tools / "nbmark.c").read_text()
+    assert cmfmt.MARKER_KINDS == {"begin": 1, "end": 2, "snapshot": 3, "arm": 4}
+    # the plugin's translation-time filter takes every kind up to arm
+    assert "kind >= KIND_BEGIN && kind <= KIND_ARM" in plugin
+
+
+@pytest.fixture(scope="module")
+def nbmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None or platform.machine() != "x86_64":
+        pytest.skip("needs gcc on x86-64 (the marker is an x86 NOP)")
+    out = tmp_path_factory.mktemp("nbmark") / "nbmark"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
+                    str(REPO_ROOT / "images" / "tools" / "nbmark.c")], check=True)
+    return out
+
+
+@pytest.mark.parametrize("args", [["arm", "0"], ["arm", "1048575"], ["begin", "3"],
+                                  ["end", "3"], ["snapshot", "0x10"],
+                                  ["run", "5", "--", "true"]])
+def test_nbmark_runs_its_markers_as_nops_on_the_host(nbmark, args):
+    assert subprocess.run([str(nbmark), *args], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("args", [["arm"], ["arm", "1048576"], ["arm", "x"], ["arm", "1", "2"],
+                                  ["disarm", "1"], ["armed", "1"], ["run", "5", "true"]])
+def test_nbmark_refuses_junk(nbmark, args):
+    proc = subprocess.run([str(nbmark), *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "usage: nbmark begin|end|snapshot|arm <id>" in proc.stderr or "bad id" in proc.stderr
 
 
 def test_csv_event_names_match_the_model():

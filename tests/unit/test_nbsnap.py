@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.formats.stamps import parse_stamps
+from testbed.formats.stamps import alignment, parse_stamps
 from testbed.settings import REPO_ROOT
 
 
@@ -168,6 +168,28 @@ def test_perf_is_enabled_and_disabled_in_the_line_of_the_edge(nbsnap, tmp_path):
     order = ["perf-begin-start", "perf-begin", "inside", "inside2", "perf-end-start",
              "perf-end"]
     assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+
+
+def test_mark_accepts_arm_begin_end_stamped_and_refuses_junk(nbsnap, tmp_path):
+    """`mark arm` (the cache model armed ahead of the window) is stamped like the other
+    markers; its stamps are no source's edge, so the window's alignment ignores them.
+    On the host the marker is a plain NOP."""
+    proc = subprocess.run([str(nbsnap), str(tmp_path), "lo", "0"], text=True, timeout=30,
+                          input=("mark arm\nstamp units-before\nmark begin\nmark end\n"
+                                 "stamp units-after\nmark armed\nmark\nquit\n"),
+                          capture_output=True)
+    answers = proc.stdout.splitlines()
+    assert answers[:5] == ["ok"] * 5, proc.stdout + proc.stderr
+    assert answers[5] == "error mark armed: unknown command"
+    assert answers[6] == "error mark: unknown command"
+    stamps = parse_stamps((tmp_path / "stamps.txt").read_text())
+    order = ["mark-arm-start", "mark-arm", "units-before", "mark-begin-start", "mark-begin",
+             "mark-end-start", "mark-end", "units-after"]
+    assert [stamps[k] for k in order] == sorted(stamps[k] for k in order)
+    assert not any("armed" in k for k in stamps)
+    with_arm = alignment(stamps)
+    without = alignment({k: v for k, v in stamps.items() if not k.startswith("mark-arm")})
+    assert with_arm == without and "cachemodel" in with_arm.offsets_ms
 
 
 def test_perf_without_its_fifos_is_an_error_not_a_hang(nbsnap, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from testbed.experiment.load import experiment_from_dict
 from testbed.experiment.policies import load_policies
-from testbed.run.window import window_problems, window_script
+from testbed.run.window import ARM_SETTLE_S, window_problems, window_script
 
 
 def experiment(**over):
@@ -76,6 +76,24 @@ def test_cache_model_marks_enclose_the_units_and_tracing_and_perf_stay_out():
     assert "perf is kept out of cache-model windows" in script
     assert "> /tmp/netbed/win/perf-unsupported" in script
     assert script.index("perf-unsupported") < script.index("/win/armed")
+
+
+def test_model_windows_arm_the_plugin_after_the_warm_up_and_before_begin():
+    """The cache model is armed (QEMU retranslates with its callbacks) ahead of the
+    window, so `begin` only starts counting; plain windows have no marker at all."""
+    text = inner(window_script(experiment(warmup=1), pmu=False, cachemodel=True,
+                               iface="eth1"))
+    lines = text.splitlines()
+    arm = lines.index(f'snap "mark arm"; sleep {ARM_SETTLE_S:g}')
+    assert lines.index("sleep 1") < arm  # after the warm-up
+    # before the reader's reads are warmed (their code is then translated armed) and
+    # before the begin line
+    assert arm < lines.index('echo "reader $pid" >&3; read -r ack <&4')
+    assert arm < lines.index('snap "mark begin; units before; proc before"')
+    assert text.count("mark arm") == 1
+    for plain in (window_script(experiment(warmup=1), pmu=pmu, cachemodel=False, iface=iface)
+                  for pmu in (False, True) for iface in (None, "eth1")):
+        assert "mark arm" not in plain and "mark " not in inner(plain)
 
 
 def test_a_model_window_without_perf_is_not_a_problem_but_a_missing_perf_file_is(tmp_path):
