@@ -164,14 +164,19 @@ typedef struct {
     bool valid;
 #endif
 } line_ref;
+#define DECODED_INFOS 4
+typedef struct {
+    qemu_plugin_meminfo_t info; /* ~0: none */
+    unsigned size;
+    bool store;
+} decoded_info;
+
 /* Per vCPU: the virtual lines the model remembers in its memo slots (model.h). */
 typedef struct {
     uint64_t vline[MODEL_MEMO_SLOTS];       /* UINT64_MAX: nothing */
     line_ref bytes[MODEL_MEMO_SLOTS];       /* where the line's bytes are */
     int mru;                                /* slot used last */
-    qemu_plugin_meminfo_t info;             /* the last access's, decoded: */
-    unsigned size;
-    bool store;
+    decoded_info infos[DECODED_INFOS];      /* recent access kinds, decoded */
 #if !NB_HOST_POINTERS
     GByteArray *buf;                        /* read_memory_vaddr's destination */
     uint64_t map_reads, vaddr_reads;        /* lines read each way (the exit line) */
@@ -575,14 +580,20 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
     int mode = (int)((uintptr_t)udata & 1);
     model_site *site = (model_site *)((uintptr_t)udata & ~(uintptr_t)1);
     recent_lines *r = &recent[vcpu];
-    if (info != r->info) {
-        /* two calls into QEMU per access otherwise; a loop repeats the same info */
-        r->info = info;
-        r->size = 1u << qemu_plugin_mem_size_shift(info);
-        r->store = qemu_plugin_mem_is_store(info);
+    /*
+     * Two calls into QEMU per access otherwise.  Kept per kind of access, picked by the
+     * bits where QEMU puts the load/store flag (oi | rw << 16 in 7.2 and 10.0), so a
+     * copy's alternating loads and stores each keep theirs; the whole info is compared,
+     * so another layout only costs more decoding.
+     */
+    decoded_info *d = &r->infos[(info >> 16) & (DECODED_INFOS - 1)];
+    if (__builtin_expect(d->info != info, 0)) {
+        d->info = info;
+        d->size = 1u << qemu_plugin_mem_size_shift(info);
+        d->store = qemu_plugin_mem_is_store(info);
     }
-    unsigned size = r->size;
-    bool store = r->store;
+    unsigned size = d->size;
+    bool store = d->store;
     uint64_t vline = vaddr >> line_shift;
     bool crosses = (vaddr & (line_bytes - 1)) + size > line_bytes;
     /*
@@ -592,7 +603,9 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
      * in a usable state.  Only this vCPU's memo is read; other vCPUs change it under
      * the lock, so with thread=single this is exact.
      */
-    int slot = vline == r->vline[0] ? 0 : vline == r->vline[1] ? 1 : -1;
+    /* branch-free: a copy alternates between the two slots */
+    int hit0 = vline == r->vline[0], hit1 = vline == r->vline[1];
+    int slot = (hit0 | hit1) - 1 + (!hit0 & hit1); /* 0, 1, or -1: neither */
     if (slot >= 0 && !crosses && model_repeat_access(M, (int)vcpu, mode, store, slot, site)) {
         r->mru = slot;
         return;
@@ -953,7 +966,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     recent = g_new0(recent_lines, (gsize)cfg.ncpus);
     model_cpus = (unsigned)cfg.ncpus;
     for (int i = 0; i < cfg.ncpus; i++) {
-        recent[i].info = (qemu_plugin_meminfo_t)~0u; /* not an access's: decoded on first use */
+        for (int j = 0; j < DECODED_INFOS; j++) {
+            recent[i].infos[j].info = (qemu_plugin_meminfo_t)~0u; /* none: decoded on use */
+        }
     }
     forget_recent_lines(cfg.ncpus);
 #if !NB_HOST_POINTERS

@@ -163,10 +163,12 @@ def patch_section(patch_text: str, path: str) -> str | None:
     return "".join(out) or None
 
 
-# -flto: the plugin's per-access path calls into model.c (the fast path for a repeated
-# line, the instruction count); link-time optimisation inlines them. Part of the build key.
-PLUGIN_CFLAGS = ("-O2", "-flto", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                 "-fPIC", "-shared")
+# The plugin's per-access path calls into model.c (the fast path for a repeated line, the
+# instruction count): -flto inlines them, which -fPIC allows only for symbols no other
+# object can interpose, hence -fvisibility=hidden (QEMU_PLUGIN_EXPORT marks what QEMU
+# needs). Part of the build key.
+PLUGIN_CFLAGS = ("-O2", "-flto", "-fvisibility=hidden", "-g", "-std=gnu11", "-Wall", "-Wextra",
+                 "-Wno-unused-parameter", "-fPIC", "-shared")
 
 
 def plugin_key(sources: dict[str, bytes], header: bytes, qemu_version: str, cflags: str) -> str:
