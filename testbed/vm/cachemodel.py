@@ -251,10 +251,17 @@ def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     console = "".join(out)
     if code != 0 or MICRO_DONE not in console:
-        raise CommandError(argv, code, console,
-                           hint=f"the micro guest did not finish its script within "
-                                f"{timeout_s:.0f} s (see output)")
+        raise CommandError(argv, code, console, hint=micro_failure_hint(wall, timeout_s))
     return MicroRun(console, wall, csv, cpu, marks=tuple(marks))
+
+
+def micro_failure_hint(wall_s: float, timeout_s: float) -> str:
+    """Why a micro guest failed: QEMU refusing its arguments (a plugin that does not load)
+    ends at once, which "did not finish within 900 s" misdescribed."""
+    if wall_s >= timeout_s:
+        return f"the micro guest did not finish its script within {timeout_s:.0f} s (see output)"
+    return (f"QEMU stopped after {wall_s:.0f} s before the script's end: see its output above "
+            "(e.g. a plugin QEMU could not load, or a guest command that failed)")
 
 
 def micro_kernel(settings: Settings, log: Log = print) -> Path:

@@ -165,3 +165,9 @@ def test_micro_argv_on_the_backport_maps_guest_ram_for_the_model():
     system = cm.micro_argv(QemuInstall(binary="qemu-system-x86_64"), Path("/k"), Path("/i"),
                            2, "single", [spec])
     assert "-object" not in system and "guest_ram" not in " ".join(system)
+
+
+def test_a_micro_guest_that_stopped_at_once_is_not_called_a_timeout():
+    quick = cm.micro_failure_hint(0.4, 900)
+    assert "900" not in quick and "could not load" in quick
+    assert "within 900 s" in cm.micro_failure_hint(900.2, 900)
