@@ -84,7 +84,8 @@ static FILE *out;
 static bool cold_start = true;
 static bool dma_detect = true;
 static unsigned line_bytes = 64;
-static unsigned line_shift = 6; /* log2(line_bytes): a 64-bit divide per access cost ~30% of vcpu_mem */
+/* log2(line_bytes): a 64-bit divide per access was ~30% of vcpu_mem's time */
+static unsigned line_shift = 6;
 static bool always_on;
 static int open_regions;
 static int counting; /* read without the lock by callbacks: __atomic */
