@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 from io import StringIO
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from analysis.symbols import c2c_line_rows, symbol_rows
 from testbed.formats import cachemodel as cmfmt
 from testbed.formats import symbols as symfmt
-from testbed.settings import REPO_ROOT
 
 PING, PONG = 0x401000, 0x402000  # user functions ping (0x401000..) and pong (0x402000..)
 COPY = 0xFFFFFFFF81000100  # a kernel copy routine
@@ -23,17 +20,6 @@ USER = symfmt.SymbolTable.build([symfmt.Symbol(PING, PING + 0x100, "tool:ping"),
                                  symfmt.Symbol(PONG, PONG + 0x100, "tool:pong")])
 KERNEL = symfmt.parse_kallsyms("ffffffff81000000 T _text\nffffffff81000100 T copy_user\n"
                                "ffffffff81000200 T other\n")
-
-
-@pytest.fixture(scope="module")
-def model_trace(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    out = tmp_path_factory.mktemp("model") / "model_trace"
-    src = REPO_ROOT / "cachemodel" / "plugin"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
-                    str(src / "model_trace.c"), str(src / "model.c")], check=True)
-    return out
 
 
 def run(binary: Path, trace: str, tmp: Path, **cfg: int

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,17 +154,6 @@ CASES: dict[str, tuple[int, int, int, dict[str, int]]] = {
     "three-cpus-no-ddio-granule": (3, 3, 300, {"ddio": 0, "user_exact": 1 << 32,
                                                "user_granule": 1 << 40}),
 }
-
-
-@pytest.fixture(scope="module")
-def model_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    out = tmp_path_factory.mktemp("golden") / "model_trace"
-    src = REPO_ROOT / "cachemodel" / "plugin"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
-                    str(src / "model_trace.c"), str(src / "model.c")], check=True)
-    return out
 
 
 def model_output(binary: Path, tmp: Path, name: str) -> str:

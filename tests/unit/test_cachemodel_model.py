@@ -6,32 +6,17 @@ geometry alone."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from io import StringIO
 from pathlib import Path
 
 import pandas as pd
-import pytest
-
-from testbed.settings import REPO_ROOT
 
 LINE = 64
 L1D = 32 << 10
 
 
 # ---------------------------------------------------------------- model.c via traces
-@pytest.fixture(scope="module")
-def model_trace(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    out = tmp_path_factory.mktemp("model") / "model_trace"
-    src = REPO_ROOT / "cachemodel" / "plugin"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
-                    str(src / "model_trace.c"), str(src / "model.c")], check=True)
-    return out
-
-
 def run_trace(binary: Path, trace: str, **cfg: int) -> pd.DataFrame:
     args = [f"{k}={v}" for k, v in cfg.items()]
     proc = subprocess.run([str(binary), *args], input=trace, capture_output=True, text=True,
