@@ -903,32 +903,6 @@ static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t su
     }
 }
 
-/* Prefetch one cache's set of `line`: its keys, and its ranks if a miss may insert. */
-static inline void prefetch_set(const cache *c, uint64_t line)
-{
-    if (c->sets) {
-        size_t b = set_base(c, line);
-        for (uint32_t w = 0; w < c->ways; w += 8) {
-            __builtin_prefetch(c->key + b + w);
-        }
-        __builtin_prefetch(c->rank + (b / c->ways) * c->rank_stride);
-    }
-}
-
-/*
- * Ask the host for every set this access may look at, at once: on a miss the model
- * looks in a dozen sets nobody touched lately, and one after the other those host
- * cache misses were most of its cost on a streaming load.
- */
-static inline void prefetch_sets(const model *m, uint64_t line)
-{
-    prefetch_set(&m->llc, line);
-    for (int o = 0; o < m->cfg.ncpus; o++) {
-        prefetch_set(&m->cpu[o].l2, line);
-        prefetch_set(&m->cpu[o].l1, line);
-    }
-}
-
 /*
  * One line of an access; returns whether the line was last written by a device, and
  * the line's L1 entry afterwards in *l1_at.  Each cache is looked up once per call
@@ -941,7 +915,6 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     uint64_t *k = c->cnt[mode];
     int data = DATA_CPU;
     cache *l1 = &c->l1, *l2 = &c->l2;
-    prefetch_sets(m, line);
     size_t e = lookup(l1, line);
     size_t e2 = (e == NONE && m->has_l2) ? lookup(l2, line) : NONE;
     bool others_known = false, llc_known = false;
