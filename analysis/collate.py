@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis import window_metrics
+from analysis.window_metrics import Units, rate_rows, trace_rows, window_rows
 from testbed.errors import NetbedError
 from testbed.formats import netperf, nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
 from testbed.run.folder import DONE, RepDir, RunDir
@@ -464,15 +464,15 @@ def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
 
 
 def _collate_window(rep: RepDir, out: _Rows, workload: str, request_size: Any,
-                    netperf_rate: float | None) -> window_metrics.Units | None:
+                    netperf_rate: float | None) -> Units | None:
     texts: dict[str, str | None] = {}
     for name in (stamps.RAW, tcpinfo.RAW_BEFORE, tcpinfo.RAW_AFTER, nicstats.RAW_BEFORE,
                  nicstats.RAW_AFTER):
         path = rep.file(name)
         texts[name] = path.read_text() if path.is_file() else None
     size = int(request_size) if isinstance(request_size, int | float) else None
-    rows, units = window_metrics.window_rows(texts, workload, size)
-    rows += window_metrics.rate_rows(units, netperf_rate, workload)
+    rows, units = window_rows(texts, workload, size)
+    rows += rate_rows(units, netperf_rate, workload)
     for r in rows:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
     return units
@@ -484,7 +484,7 @@ def _collate_trace(rep: RepDir, out: _Rows) -> None:
     readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
     pid_file = rep.file(RawFiles.READER_PID)
     pid_text = pid_file.read_text().strip() if pid_file.is_file() else ""
-    rows = window_metrics.trace_rows(
+    rows = trace_rows(
         gz.read_bytes() if gz.is_file() else None,
         stats.read_text() if stats.is_file() else "",
         unsupported.read_text() if unsupported.is_file() else None,
@@ -494,7 +494,7 @@ def _collate_trace(rep: RepDir, out: _Rows) -> None:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
 
 
-def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
+def _derive_per_unit(out: _Rows, units: Units | None, workload: str) -> None:
     """Counters per unit of work done in the same window: per KB of payload
     (STREAM/MAERTS) or per transaction (RR), and per data-NIC frame for the
     per-packet costs. Without window units (runs made before them) the ratios are
@@ -523,7 +523,7 @@ def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: s
             out.add(metric, "all", row["value"] / base, u, "derived")
 
 
-def _derive_coverage(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
+def _derive_coverage(out: _Rows, units: Units | None, workload: str) -> None:
     """cache.device_write_coverage: device writes the cache model noticed per payload
     line received (window.kbytes x 1024 / 64). Only bulk receive (TCP_STREAM) says
     something: in MAERTS the measured guest sends (no payload arrives by DMA) and in

@@ -20,7 +20,6 @@ from typing import Any
 
 import pandas as pd
 
-from analysis import repeatability
 from analysis.collate import (
     RawFiles,
     analysis_dir,
@@ -30,6 +29,7 @@ from analysis.collate import (
     plain_reps,
 )
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
+from analysis.repeatability import insert_after_key_table, report_parts, with_cv
 from analysis.symbols import report_sections as cachemodel_sections
 from testbed.files import atomic_write_text
 from testbed.formats import offloads, perfstat
@@ -432,9 +432,9 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
     view = by_kind(tidy)  # each number from the repetitions that measure it truly
-    keys = repeatability.with_cv(key_summary(summary), view)  # h-repeat (#11): CV, drift
-    extra, drift_figures = repeatability.report_parts(run_dir, view, out / "plots")
-    sections = [*(lead or []), *repeatability.insert_after_key_table(
+    keys = with_cv(key_summary(summary), view)  # h-repeat (#11): CV, drift
+    extra, drift_figures = report_parts(run_dir, view, out / "plots")
+    sections = [*(lead or []), *insert_after_key_table(
         _sections(prov, baseline_cmp, run_cmp, keys, tidy), extra)]
     figures = [*figures, *drift_figures]
     # cache-model attribution (analysis/symbols.py), right after the figures
