@@ -21,7 +21,6 @@ from typing import Any
 import pandas as pd
 
 from analysis.collate import (
-    RawFiles,
     analysis_dir,
     by_kind,
     cell_label,
@@ -32,7 +31,8 @@ from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
 from analysis.repeatability import insert_after_key_table, report_parts, with_cv
 from analysis.symbols import report_sections as cachemodel_sections
 from testbed.files import atomic_write_text
-from testbed.formats import offloads, perfstat
+from testbed.formats import offloads, perfstat, record
+from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
@@ -111,10 +111,10 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
     for rep in run.reps():
         if not rep.is_done or rep.cell_id in readback:
             continue
-        rb = _json(rep.file(RawFiles.READBACK))
-        cell = _json(rep.file("cell.json"))
+        rb = _json(rep.file(READBACK_RAW))
+        cell = _json(rep.file(record.CELL))
         offload_rows.append({"cell": rep.cell_id, "nic": cell.get("nic", ""),
-                             **offload_facts(rep.file(RawFiles.OFFLOADS))})
+                             **offload_facts(rep.file(offloads.RAW))})
         readback[rep.cell_id] = rb
         f = facts.get((rep.cell_id, rep.repetition), {})
         if f:
