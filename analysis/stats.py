@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from scipy import stats as sps
@@ -39,11 +39,11 @@ LEVEL = 0.95
 ALPHA = 1 - LEVEL
 
 # Verdict words, the same everywhere (comparison tables, the answer, the terminal).
-HIGHER = "higher"
-LOWER = "lower"
-NOT_DETECTABLE = "not detectable"
-SUPPORTED = "supported"
-CONTRADICTED = "contradicted"
+HIGHER: Final = "higher"
+LOWER: Final = "lower"
+NOT_DETECTABLE: Final = "not detectable"
+SUPPORTED: Final = "supported"
+CONTRADICTED: Final = "contradicted"
 ChangeVerdict = Literal["higher", "lower", "not detectable"]
 ClaimVerdict = Literal["supported", "contradicted", "not detectable"]
 
@@ -265,3 +265,71 @@ def compare_samples(base: Values, new: Values, unit: str | None = None,
     lo, hi = sorted((rel(d.lo), rel(d.hi))) if mb < 0 else (rel(d.lo), rel(d.hi))
     return Change(len(b), len(n), mb, mn, scale, ratio, rel(d.diff), lo, hi, d.p, d.detected,
                   d.verdict)
+
+
+# What counts as an effect that matters when a claim is judged: a 10% change in a
+# per-KB count or a rate, 10 percentage points of a share. An interval inside these
+# bounds rules a meaningful effect out; one that includes no change but reaches beyond
+# them leaves the claim undecided, and the reason says how wide it was.
+MEANINGFUL_RATIO = 1.10
+MEANINGFUL_PP = 0.10
+
+
+def _n_text(n: tuple[int, ...]) -> str:
+    return "n = " + " vs ".join(map(str, n)) if len(n) == 2 else "n = " + "/".join(map(str, n))
+
+
+def judge_ratio(r: Ratio, expected_up: bool,
+                meaningful: float = MEANINGFUL_RATIO) -> tuple[ClaimVerdict, str]:
+    """A claim that predicts a ratio above 1 (`expected_up`) or below: the verdict and why.
+
+    supported / contradicted when the interval excludes 1; contradicted too when it lies
+    inside [1/meaningful, meaningful] (no effect that matters); otherwise not
+    detectable, with the interval's width against the meaningful effect as the reason.
+    """
+    pct = f"{(meaningful - 1) * 100:.0f}%"
+    if math.isnan(r.ratio):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(r.lo):
+        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(r.n)}): no interval"
+    if r.detected:
+        word: ClaimVerdict = SUPPORTED if (r.ratio > 1) == expected_up else CONTRADICTED
+        return word, f"95% CI [{r.lo:.2f}, {r.hi:.2f}] excludes 1"
+    if 1 / meaningful <= r.lo and r.hi <= meaningful:
+        return CONTRADICTED, (f"no effect of {pct} or more: 95% CI [{r.lo:.2f}, {r.hi:.2f}] "
+                              f"lies within ±{pct}")
+    return NOT_DETECTABLE, (f"95% CI [{r.lo:.2f}, {r.hi:.2f}] includes 1 and reaches past "
+                            f"±{pct}: {_n_text(r.n)} cannot tell an effect of that size")
+
+
+def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
+                    ) -> tuple[ClaimVerdict, str]:
+    """A claim that says a share does not change: supported when the interval of the
+    difference lies within ±meaningful, contradicted when it excludes 0."""
+    pp = f"{meaningful * 100:.0f} pp"
+    if math.isnan(d.diff):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(d.lo):
+        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
+    ci = f"95% CI [{d.lo * 100:+.0f}, {d.hi * 100:+.0f}] pp"
+    if d.detected:
+        return CONTRADICTED, f"{ci} excludes 0"
+    if -meaningful <= d.lo and d.hi <= meaningful:
+        return SUPPORTED, f"{ci} lies within ±{pp}"
+    return NOT_DETECTABLE, f"{ci} includes 0 and reaches past ±{pp}: {_n_text(d.n)} cannot tell"
+
+
+def judge_diff(d: Difference, expected_up: bool,
+               meaningful: float = MEANINGFUL_PP) -> tuple[ClaimVerdict, str]:
+    """A claim that predicts a share rises (`expected_up`) or falls."""
+    pp = f"{meaningful * 100:.0f} pp"
+    if math.isnan(d.diff):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(d.lo):
+        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
+    ci = f"95% CI [{d.lo * 100:+.0f}, {d.hi * 100:+.0f}] pp"
+    if d.detected:
+        return (SUPPORTED if (d.diff > 0) == expected_up else CONTRADICTED), f"{ci} excludes 0"
+    if -meaningful <= d.lo and d.hi <= meaningful:
+        return CONTRADICTED, f"no change of {pp} or more: {ci}"
+    return NOT_DETECTABLE, f"{ci} includes 0 and reaches past ±{pp}: {_n_text(d.n)} cannot tell"
