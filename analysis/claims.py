@@ -48,7 +48,7 @@ CLAIMS: dict[str, str] = {
     "affine": "set the woken task's affinity to the CPU that processed its data",
 }
 SHORT: dict[str, str] = {
-    "dma": "1 DMA'd data in no CPU's cache",
+    "dma": "1 DMA'd data in no CPU cache",
     "copy": "2 copy on the reader's CPU",
     "offload": "3 more without csum offload",
     "wake": "4 wake where the work was",
@@ -104,17 +104,31 @@ class Claims:
 
 
 def level_order(level: str) -> tuple[int, float]:
-    """auto first, then sizes ascending (64K < 256K < 1M)."""
+    """Shallow to deep: sizes ascending (64K < 256K < 1M), then `auto` (autotuning lets
+    the queue grow to tcp_rmem's maximum, MiBs), then anything else."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KkMmGg]?)", str(level))
     if not m:
-        return (0 if level == "auto" else 2, 0.0)
+        return (1 if level == "auto" else 2, 0.0)
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return (1, float(m.group(1)) * scale)
+    return (0, float(m.group(1)) * scale)
 
 
-def values_table(tidy: pd.DataFrame) -> pd.DataFrame:
-    """ok, all-CPU values with the axes as strings, an `rcvbuf` column (auto when the run
-    has none) and whether the repetition ran under the cache model."""
+@dataclass
+class Values:
+    """The run's ok, all-CPU values, indexed by (metric, axis values in AXES order): the
+    cells are few and the lookups many (a pandas filter each took ~3 ms)."""
+
+    cells: pd.DataFrame   # one row per cell: its axes as strings
+    index: dict[tuple[str, tuple[str, ...]], list[tuple[float, bool]]]
+    has_plugin: bool
+
+    def get(self, metric: str, where: dict[str, str]) -> list[tuple[float, bool]]:
+        return self.index.get((metric, tuple(where[a] for a in AXES)), [])
+
+
+def values_table(tidy: pd.DataFrame) -> Values:
+    """ok, all-CPU values with the axes as strings, an `rcvbuf` axis (auto when the run
+    has none) and whether each repetition ran under the cache model."""
     ok = tidy[(tidy["status"] == "ok") & (tidy["cpu"] == "all") & tidy["value"].notna()]
     ok = ok.copy()
     if RCVBUF not in ok.columns:
@@ -125,21 +139,26 @@ def values_table(tidy: pd.DataFrame) -> pd.DataFrame:
     inst = instrumented_reps(tidy)
     keys = zip(ok["run_id"].astype(str), ok["cell_id"].astype(str),
                ok["repetition"].astype("Int64").fillna(-1).astype(int), strict=True)
-    ok["instrumented"] = [k in inst for k in keys]
-    ok.attrs["has_plugin"] = bool(inst)
-    return ok
+    under = [k in inst for k in keys]
+    index: dict[tuple[str, tuple[str, ...]], list[tuple[float, bool]]] = {}
+    axes = [ok[a].tolist() for a in AXES]
+    for i, (metric, value) in enumerate(zip(ok["metric"].astype(str), ok["value"],
+                                            strict=True)):
+        key = (metric, tuple(col[i] for col in axes))
+        index.setdefault(key, []).append((float(value), under[i]))
+    cells = ok.drop_duplicates("cell_id")[["cell_id", *AXES]]
+    return Values(cells, index, bool(inst))
 
 
-def samples(vals: pd.DataFrame, metric: str, where: dict[str, str]) -> list[float]:
-    """Per-repetition values of `metric` in the cell(s) matching `where`: cache.* from
+def samples(vals: Values, metric: str, where: dict[str, str]) -> list[float]:
+    """Per-repetition values of `metric` in the cell with the axes `where`: cache.* from
     the instrumented repetitions (every one in a run without the plugin), everything
     else from the plain ones."""
-    sel = vals[vals["metric"] == metric]
-    for axis, value in where.items():
-        sel = sel[sel[axis] == value]
-    if vals.attrs.get("has_plugin"):
-        sel = sel[sel["instrumented"] == metric.startswith("cache.")]
-    return [float(v) for v in sel["value"]]
+    found = vals.get(metric, where)
+    if vals.has_plugin:
+        cache = metric.startswith("cache.")
+        return [v for v, under in found if under == cache]
+    return [v for v, _ in found]
 
 
 def _geo(values: Sequence[float]) -> float:
@@ -166,10 +185,10 @@ def _where(group: dict[str, str], varying: set[str], level: bool = True) -> str:
     return ", ".join(parts)
 
 
-def _pairs(vals: pd.DataFrame, new: str, base: str,
+def _pairs(vals: Values, new: str, base: str,
            workloads: tuple[str, ...] | None = (BULK,)) -> list[dict[str, str]]:
     """The groups (every axis but the policy) that have both a `new` and a `base` cell."""
-    cells = vals.drop_duplicates("cell_id")
+    cells = vals.cells
     if workloads is not None:
         cells = cells[cells["workload"].str.upper().isin(workloads)]
     rest = [a for a in AXES if a != "policy"]
@@ -187,20 +206,18 @@ def _varying(groups: list[dict[str, str]]) -> set[str]:
             if len({g.get(a) for g in groups}) > 1}
 
 
-def _queue(vals: pd.DataFrame, group: dict[str, str]) -> float:
+def _queue(vals: Values, group: dict[str, str]) -> float:
     """socket.queue_kb.p50 over the pair's repetitions: the instrumented ones (the same
     windows as the misses) when they have it, else the plain ones."""
-    sel = vals[vals["metric"] == QUEUE]
-    for axis, value in group.items():
-        sel = sel[sel[axis] == value]
-    sel = sel[sel["policy"].isin([SAME, CROSS])]
-    if sel.empty:
+    found = [*vals.get(QUEUE, {**group, "policy": SAME}),
+             *vals.get(QUEUE, {**group, "policy": CROSS})]
+    if not found:
         return math.nan
-    inst = sel[sel["instrumented"]]
-    return float((inst if not inst.empty else sel)["value"].median())
+    inst = [v for v, under in found if under]
+    return float(np.median(inst or [v for v, _ in found]))
 
 
-def _locality(vals: pd.DataFrame, out: Claims) -> None:
+def _locality(vals: Values, out: Claims) -> None:
     """Claims 1-3 on every pin-same / pin-cross pair of bulk cells."""
     groups = _pairs(vals, CROSS, SAME)
     if not groups:
@@ -238,13 +255,14 @@ def _locality(vals: pd.DataFrame, out: Claims) -> None:
                            "are not in this run).")
     out.rows += dma_rows + copy_rows
     inter = _interactions(effects, groups, varying)
-    if not inter and copy_rows:
-        out.missing.append(f"{CLAIMS['offload']}: not measured in this run (needs the pair "
-                           f"on {CHECKSUM_NIC} and on {' or '.join(OFFLOAD_NICS)}).")
+    if not inter:
+        need = (f"needs the pair on {CHECKSUM_NIC} and on {' or '.join(OFFLOAD_NICS)}"
+                if copy_rows else f"no {MISSES}")
+        out.missing.append(f"{CLAIMS['offload']}: not measured in this run ({need}).")
     out.rows += inter
 
 
-def _dma_row(vals: pd.DataFrame, g: dict[str, str], where: str) -> ClaimRow | None:
+def _dma_row(vals: Values, g: dict[str, str], where: str) -> ClaimRow | None:
     same = {m: samples(vals, m, {**g, "policy": SAME}) for m in COPY_FROM}
     cross = {m: samples(vals, m, {**g, "policy": CROSS}) for m in COPY_FROM}
     own = COPY_FROM[0]
@@ -304,7 +322,7 @@ def _combine(parts: list[tuple[str, str]]) -> tuple[str, str]:
     return NOT_DETECTABLE, why
 
 
-def _wake(vals: pd.DataFrame, out: Claims) -> None:
+def _wake(vals: Values, out: Claims) -> None:
     """Claim 4: wake-local against default (same kernel, NIC and other axes)."""
     groups = _pairs(vals, WAKE_POLICY, "default", workloads=None)
     if not groups:
@@ -343,7 +361,7 @@ def _wake(vals: pd.DataFrame, out: Claims) -> None:
                                  "; ".join(n for _, n in figures), word, why, mech))
 
 
-def _affine(vals: pd.DataFrame, out: Claims) -> None:
+def _affine(vals: Values, out: Claims) -> None:
     """Claim 5 (only when the run has affine-copy cells): against its control."""
     for control in AFFINE_CONTROLS:
         groups = _pairs(vals, AFFINE_POLICY, control, workloads=None)
@@ -386,10 +404,10 @@ def _affine(vals: pd.DataFrame, out: Claims) -> None:
 STEERING = re.compile(r"rfs|rps", re.IGNORECASE)
 
 
-def checksum_note(vals: pd.DataFrame) -> str:
+def checksum_note(vals: Values) -> str:
     """Where the checksum ran, for the run's NICs and the policies that steer."""
-    nics = set(vals["nic"])
-    steer = sorted(p for p in set(vals["policy"]) if STEERING.search(p))
+    nics = set(vals.cells["nic"])
+    steer = sorted(p for p in set(vals.cells["policy"]) if STEERING.search(p))
     parts = []
     if CHECKSUM_NIC in nics:
         parts.append(f"{CHECKSUM_NIC} has no receive checksum offload: the kernel "

@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from analysis.claims import LocalityPoint, level_order
 
 COLOURS = {"e1000": "#b2182b", "virtio": "#2166ac", "virtio-notso": "#4d9221"}
 MARKERS = {"e1000": "o", "virtio": "s", "virtio-notso": "^"}
+Y_TICKS = (0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+LABEL_GAP_PX = 14
+
+
+def _label_ends(fig: Any, ax: Any, ends: list[tuple[str, float, float, str]]) -> None:
+    """Each series' name right of its last point, pushed apart vertically so that no
+    two overlap (a legend would sit over the data)."""
+    fig.canvas.draw()
+    spots = sorted((ax.transData.transform((x, y))[1], name, x, y, colour)
+                   for name, x, y, colour in ends)
+    placed: list[float] = []
+    for py, name, x, y, colour in spots:
+        want = max(py, placed[-1] + LABEL_GAP_PX) if placed else py
+        placed.append(want)
+        ax.annotate(name, (x, y), xytext=(8, (want - py) * 72 / fig.dpi),
+                    textcoords="offset points", va="center", fontsize=9, color=colour)
 
 
 def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
@@ -32,6 +49,7 @@ def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
     levels = sorted({p.level for p in points}, key=level_order)
     nics = sorted({p.nic for p in points})
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ends: list[tuple[str, float, float, str]] = []
     for k, nic in enumerate(nics):
         mine = sorted((p for p in points if p.nic == nic),
                       key=lambda p: p.queue_kb if measured else level_order(p.level))
@@ -47,8 +65,7 @@ def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
         colour = COLOURS.get(nic, f"C{k}")
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt=MARKERS.get(nic, "D") + "-", color=colour,
                     capsize=3, linewidth=1.2, markersize=5)
-        ax.annotate(nic, (xs[-1], ys[-1]), xytext=(8, 0), textcoords="offset points",
-                    va="center", fontsize=9, color=colour)
+        ends.append((nic, xs[-1], ys[-1], colour))
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
@@ -59,6 +76,8 @@ def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
     ymax = max(max(p.effect.hi if not math.isnan(p.effect.hi) else p.effect.ratio
                    for p in points), 1.0)
     ax.set_ylim(ymin / 1.15, ymax * 1.15)
+    ticks = [t for t in Y_TICKS if ymin / 1.15 <= t <= ymax * 1.15]
+    ax.set_yticks(ticks)
     if measured:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10))
@@ -71,6 +90,7 @@ def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
         ax.set_xticks(range(len(levels)), levels)
         ax.set_xlim(-0.5, len(levels) - 0.5 + 0.45)
         ax.set_xlabel("receive buffer (rcvbuf level)")
+    _label_ends(fig, ax, ends)
     ax.set_ylabel("pin-cross / pin-same\nprivate misses per KB")
     ax.set_title("Locality effect (95% CI) against queue depth", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
