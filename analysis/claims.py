@@ -239,7 +239,7 @@ def _locality(vals: Values, out: Claims) -> None:
             copy_rows.append(ClaimRow(
                 "copy", where, "private (L2) misses per KB, pin-cross / pin-same",
                 r.times(), _n(r), verdict, why,
-                f"{_geo(same):.1f} vs {_geo(cross):.1f} misses/KB (pin-same vs pin-cross)"))
+                f"same {_geo(same):.1f}, cross {_geo(cross):.1f} misses/KB"))
             out.points.append(LocalityPoint(g["nic"], g[RCVBUF], _queue(vals, g), r))
             key = (*(g[a] for a in AXES if a not in ("policy", "nic")), g["nic"])
             effects[key] = (r, [cross, same])
@@ -276,10 +276,10 @@ def _dma_row(vals: Values, g: dict[str, str], where: str) -> ClaimRow | None:
 
     checksum = "checksum by the NIC" if g["nic"] != CHECKSUM_NIC else \
         "checksum on the softirq CPU"
-    return ClaimRow("dma", where, "copy reads of payload served from the copying CPU's own "
-                    "cache, pin-same - pin-cross", _pp(d), _n(d), verdict, why,
-                    f"own/peer/LLC/memory %: pin-same {shares(same)}, pin-cross "
-                    f"{shares(cross)} ({checksum})")
+    return ClaimRow("dma", where, "copy reads served from the copying CPU's own cache, "
+                    "pin-same - pin-cross", _pp(d), _n(d), verdict, why,
+                    f"own/peer/LLC/mem %: same {shares(same)}, cross {shares(cross)} "
+                    f"({checksum})")
 
 
 def _interactions(effects: dict[tuple[str, ...], tuple[Ratio, list[list[float]]]],
@@ -353,7 +353,7 @@ def _wake(vals: Values, out: Claims) -> None:
         if placed_new and placed_base:
             d = diff_contrast(placed_new, placed_base)
             mech = (f"wake-ups on the waking CPU {d.new_mean * 100:.0f}% vs "
-                    f"{d.base_mean * 100:.0f}% ({d.pp()}, n = {_n(d)})")
+                    f"{d.base_mean * 100:.0f}% (n = {_n(d)})")
         word, why = _combine(parts)
         out.rows.append(ClaimRow("wake", _where(g, varying, level=False),
                                  f"wake-local / default, {g['workload']}",
@@ -447,13 +447,15 @@ def build_claims(tidy: pd.DataFrame) -> Claims:
 
 def claims_frame(claims: Claims) -> pd.DataFrame:
     """The claims table as the report shows it: the full claim once per group."""
-    rows, seen = [], set()
+    rows, seen, last_measured = [], set(), ""
     for r in claims.rows:
         rows.append({"claim": "" if r.claim in seen else CLAIMS[r.claim],
-                     "where": r.where, "measured": r.measured,
+                     "where": r.where,
+                     "measured": "" if r.measured == last_measured else r.measured,
                      "figure, 95% CI": r.figure, "n": r.n, "verdict": r.verdict,
                      "why": r.why, "mechanism": r.mechanism})
         seen.add(r.claim)
+        last_measured = r.measured
     return pd.DataFrame(rows, columns=["claim", "where", "measured", "figure, 95% CI", "n",
                                        "verdict", "why", "mechanism"])
 

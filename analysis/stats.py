@@ -285,7 +285,7 @@ def judge_ratio(r: Ratio, expected_up: bool,
 
     supported / contradicted when the interval excludes 1; contradicted too when it lies
     inside [1/meaningful, meaningful] (no effect that matters); otherwise not
-    detectable, with the interval's width against the meaningful effect as the reason.
+    detectable, with the interval's reach past the meaningful effect as the reason.
     """
     pct = f"{(meaningful - 1) * 100:.0f}%"
     if math.isnan(r.ratio):
@@ -294,12 +294,11 @@ def judge_ratio(r: Ratio, expected_up: bool,
         return NOT_DETECTABLE, f"one repetition on a side ({_n_text(r.n)}): no interval"
     if r.detected:
         word: ClaimVerdict = SUPPORTED if (r.ratio > 1) == expected_up else CONTRADICTED
-        return word, f"95% CI [{r.lo:.2f}, {r.hi:.2f}] excludes 1"
+        return word, "CI excludes 1"
     if 1 / meaningful <= r.lo and r.hi <= meaningful:
-        return CONTRADICTED, (f"no effect of {pct} or more: 95% CI [{r.lo:.2f}, {r.hi:.2f}] "
-                              f"lies within ±{pct}")
-    return NOT_DETECTABLE, (f"95% CI [{r.lo:.2f}, {r.hi:.2f}] includes 1 and reaches past "
-                            f"±{pct}: {_n_text(r.n)} cannot tell an effect of that size")
+        return CONTRADICTED, f"CI within ±{pct}: no effect of {pct} or more"
+    return NOT_DETECTABLE, (f"CI includes 1 and reaches past ±{pct}: {_n_text(r.n)} "
+                            "cannot tell an effect of that size")
 
 
 def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
@@ -311,12 +310,12 @@ def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(d.lo):
         return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
-    ci = f"95% CI [{d.lo * 100:+.0f}, {d.hi * 100:+.0f}] pp"
     if d.detected:
-        return CONTRADICTED, f"{ci} excludes 0"
+        return CONTRADICTED, "CI excludes 0"
     if -meaningful <= d.lo and d.hi <= meaningful:
-        return SUPPORTED, f"{ci} lies within ±{pp}"
-    return NOT_DETECTABLE, f"{ci} includes 0 and reaches past ±{pp}: {_n_text(d.n)} cannot tell"
+        return SUPPORTED, f"CI within ±{pp}: no change that matters"
+    return NOT_DETECTABLE, (f"CI includes 0 and reaches past ±{pp}: {_n_text(d.n)} "
+                            "cannot tell")
 
 
 def judge_diff(d: Difference, expected_up: bool,
@@ -327,9 +326,9 @@ def judge_diff(d: Difference, expected_up: bool,
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(d.lo):
         return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
-    ci = f"95% CI [{d.lo * 100:+.0f}, {d.hi * 100:+.0f}] pp"
     if d.detected:
-        return (SUPPORTED if (d.diff > 0) == expected_up else CONTRADICTED), f"{ci} excludes 0"
+        return (SUPPORTED if (d.diff > 0) == expected_up else CONTRADICTED), "CI excludes 0"
     if -meaningful <= d.lo and d.hi <= meaningful:
-        return CONTRADICTED, f"no change of {pp} or more: {ci}"
-    return NOT_DETECTABLE, f"{ci} includes 0 and reaches past ±{pp}: {_n_text(d.n)} cannot tell"
+        return CONTRADICTED, f"CI within ±{pp}: no change of {pp} or more"
+    return NOT_DETECTABLE, (f"CI includes 0 and reaches past ±{pp}: {_n_text(d.n)} "
+                            "cannot tell")

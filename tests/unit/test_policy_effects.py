@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.collate import TIDY_COLUMNS
 from analysis.policy_effects import (
     Answer,
-    detail_sections,
     build_answer,
+    detail_sections,
     plot_answer,
 )
-from analysis.collate import TIDY_COLUMNS
 
 N = 3  # repetitions per cell in configs/quick.yaml
 SIGMA = 0.05  # log-normal spread between repetitions (5%)
