@@ -1,5 +1,6 @@
-"""analysis.policy_effects (the answer's details) on synthetic tidy tables at the repetitions quick.yaml uses (n = 3 per
-cell): what it compares and its wording. The method's error rates are in test_stats.py."""
+"""analysis.policy_effects (the answer's details) on synthetic tidy tables at the
+repetitions quick.yaml uses (n = 3 per cell): what it compares and its wording. The
+method's error rates are in test_stats.py."""
 
 from __future__ import annotations
 
