@@ -212,11 +212,11 @@ BASELINE_HELP = ("axis=value pairs to compare against (default policy=default: e
 @task(help={"run": RUN_HELP, "baseline": BASELINE_HELP})
 def analyze(c, run=None, baseline=None):
     """Collate a run's raw files into tidy tables (<run>/analysis/) and print the comparison."""
-    import analysis
+    from analysis import pipeline
 
     with user_errors():
         path = resolve_run(run or "latest", settings_of(c).results_dir)
-        res = analysis.analyze_run(path, analysis.parse_baseline(baseline))
+        res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
     print(res.text_table, end="")
     say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
 
@@ -230,13 +230,13 @@ def analyze(c, run=None, baseline=None):
 })
 def report(c, run=None, compare=None, baseline=None, force=False):
     """Write <run>/analysis/report.html (self-contained) and report.md."""
-    import analysis
+    from analysis import pipeline
 
     s = settings_of(c)
     with user_errors():
         path = resolve_run(run or "latest", s.results_dir)
         other = resolve_run(compare, s.results_dir) if compare else None
-        paths = analysis.write_report(path, other, analysis.parse_baseline(baseline),
+        paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
                                       force=force)
     print(paths.html)
     say(f"markdown: {paths.md}")
@@ -254,7 +254,7 @@ def report(c, run=None, compare=None, baseline=None, force=False):
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
                inject_fault=None):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
-    import analysis
+    from analysis import pipeline
     from testbed.experiment.load import load_experiment
     from testbed.experiment.matrix import (
         cells_table,
@@ -289,7 +289,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
     if not no_report and summary.done + summary.skipped > 0:
         try:
-            paths = analysis.write_report(summary.run_dir)  # analyses the run, then reports
+            paths = pipeline.write_report(summary.run_dir)  # analyses the run, then reports
             print((paths.html.parent / "comparison.txt").read_text(), end="")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
@@ -320,7 +320,7 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
               no_install=False, python="python3", cache_dir=None, parallel=0,
               no_report=False):
     """Run an experiment over several (KVM) hosts by SSH: one shard each, pulled and merged."""
-    import analysis
+    from analysis import pipeline
     from testbed.run.remote import RemoteOptions, parse_hosts, run_on_hosts
 
     if not hosts:
@@ -338,7 +338,7 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
     print(summary.text(), end="")
     if not no_report and summary.merged is not None:
         with user_errors():
-            paths = analysis.write_report(summary.merged)
+            paths = pipeline.write_report(summary.merged)
         say(f"report: {paths.html}")
     if not summary.ok:
         raise Exit(f"netbed: {sum(not o.ok for o in summary.outcomes)} host(s) failed or "

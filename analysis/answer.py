@@ -5,20 +5,16 @@ waking the reader on the softirq's CPU (the patch) help, and does locality matte
 more when the NIC does no checksum offload?
 
 Each figure is a ratio of geometric means (policy over that NIC's own default, same
-kernel, vCPUs, workload and GRO), with a 95% Welch t interval computed on the logs
-of the per-repetition values. Why not the percentile bootstrap: at n = 3 a resample
-of three values has 10 distinct medians, so the bootstrap interval is far too
-narrow (it undercovers). The t interval on logs is exact for log-normal noise with
-equal spreads and close to it otherwise (Welch-Satterthwaite degrees of freedom);
-`tests/unit/test_answer.py` checks its error rates on synthetic data at n = 3.
+kernel, vCPUs, workload and GRO) with a 95% Welch t interval on logs; shares are
+differences in percentage points. The method, its reasons (why not a bootstrap at
+n = 3) and the verdict words are analysis/stats.py's, the same as the comparison
+tables'.
 
 The interaction divides the policy effect on e1000 by the same effect on the
 offloading NIC (virtio-notso when the run has it: checksum offload only, MSS-sized
-frames like e1000; else virtio). Its log is a difference of four independent means,
-so its interval is again Welch's. "Locality matters more without checksum offload"
-is *confirmed* when the interval says the e1000 effect is larger in magnitude (in
-the direction of the e1000 effect), *refuted* when it says the opposite, and *not
-detectable with this many repetitions* when it includes 1.
+frames like e1000; else virtio). "Locality matters more without checksum offload"
+is *supported* when the interval says the e1000 effect is larger in magnitude,
+*contradicted* when it says the opposite, and *not detectable* when it includes 1.
 
 Throughput and transaction rate under the cache model measure the plugin's speed as
 much as the guest's, and cache-model windows are not traced: rate, latency, locality
@@ -38,20 +34,25 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.collate import instrumented_reps
+from analysis.stats import (
+    METHOD_TEXT,
+    Difference,
+    Ratio,
+    diff_contrast,
+    interaction_verdict,
+    log_contrast,
+)
 from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
-LEVEL = 0.95
 DEFAULT_POLICY = "default"
 CHECKSUM_NIC = "e1000"
 # The offloading NIC the interaction compares e1000 with, most specific first.
@@ -84,114 +85,6 @@ SHARES: tuple[tuple[str, str], ...] = (
 )
 PLAIN_KINDS = ("rate", "latency", "share")
 GROUP_AXES = tuple(a for a in AXES if a not in ("policy",))
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """Geometric-mean ratio new/base with its 95% Welch interval; n on each side."""
-
-    ratio: float
-    lo: float
-    hi: float
-    n: tuple[int, ...]
-
-    @property
-    def detected(self) -> bool:
-        return not math.isnan(self.lo) and (self.lo > 1 or self.hi < 1)
-
-    def pct(self) -> str:
-        if math.isnan(self.ratio):
-            return "n/a"
-        if math.isnan(self.lo):
-            return f"{(self.ratio - 1) * 100:+.1f}% (no CI)"
-        return (f"{(self.ratio - 1) * 100:+.1f}% [{(self.lo - 1) * 100:+.1f}, "
-                f"{(self.hi - 1) * 100:+.1f}]")
-
-
-NAN_RATIO = Ratio(math.nan, math.nan, math.nan, ())
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Mean difference new - base of a share (0..1) with its 95% Welch interval."""
-
-    diff: float
-    lo: float
-    hi: float
-    n: tuple[int, int]
-    new_mean: float
-    base_mean: float
-
-    @property
-    def detected(self) -> bool:
-        return not math.isnan(self.lo) and (self.lo > 0 or self.hi < 0)
-
-    def pp(self) -> str:
-        if math.isnan(self.diff):
-            return "n/a"
-        if math.isnan(self.lo):
-            return f"{self.diff * 100:+.0f} pp (no CI)"
-        return f"{self.diff * 100:+.0f} pp [{self.lo * 100:+.0f}, {self.hi * 100:+.0f}]"
-
-
-def diff_contrast(new: Sequence[float], base: Sequence[float],
-                  level: float = LEVEL) -> Difference:
-    """mean(new) - mean(base) with a Welch t interval (pure); fewer than two values on a
-    side give the point estimate without an interval, never a zero-width one."""
-    a = np.asarray([v for v in new if v is not None and not math.isnan(v)], dtype=float)
-    b = np.asarray([v for v in base if v is not None and not math.isnan(v)], dtype=float)
-    n = (len(a), len(b))
-    if not len(a) or not len(b):
-        return Difference(math.nan, math.nan, math.nan, n, math.nan, math.nan)
-    est = float(a.mean() - b.mean())
-    if min(n) < 2:
-        return Difference(est, math.nan, math.nan, n, float(a.mean()), float(b.mean()))
-    terms = [float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)]
-    se2 = sum(terms)
-    if se2 == 0:
-        return Difference(est, est, est, n, float(a.mean()), float(b.mean()))
-    df = se2 ** 2 / (terms[0] ** 2 / (len(a) - 1) + terms[1] ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
-    return Difference(est, est - half, est + half, n, float(a.mean()), float(b.mean()))
-
-
-def log_contrast(groups: Sequence[Sequence[float]], signs: Sequence[int],
-                 level: float = LEVEL) -> Ratio:
-    """exp(sum sign_i * mean(log x_i)) with a Welch t interval (pure).
-
-    Two groups (+1 new, -1 base) give a ratio of geometric means; four give an
-    interaction (ratio of ratios). Values must be positive; a group with fewer than
-    two values gives the point estimate without an interval, never a zero-width one.
-    """
-    logs = []
-    for g in groups:
-        a = np.asarray([v for v in g if v is not None and not math.isnan(v)], dtype=float)
-        if len(a) == 0 or np.any(a <= 0):
-            return Ratio(math.nan, math.nan, math.nan, tuple(len(x) for x in groups))
-        logs.append(np.log(a))
-    n = tuple(len(a) for a in logs)
-    est = float(sum(s * a.mean() for s, a in zip(signs, logs, strict=True)))
-    if min(n) < 2:
-        return Ratio(math.exp(est), math.nan, math.nan, n)
-    terms = [float(a.var(ddof=1)) / len(a) for a in logs]
-    se2 = sum(terms)
-    if se2 == 0:
-        return Ratio(math.exp(est), math.exp(est), math.exp(est), n)
-    df = se2 ** 2 / sum(t ** 2 / (len(a) - 1) for t, a in zip(terms, logs, strict=True))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
-    return Ratio(math.exp(est), math.exp(est - half), math.exp(est + half), n)
-
-
-def interaction_verdict(r: Ratio, e1000_effect: Ratio) -> str:
-    """confirmed / refuted / not detectable (see the module docstring)."""
-    if math.isnan(r.lo) or math.isnan(e1000_effect.ratio) or e1000_effect.ratio == 1:
-        return "not detectable with this many repetitions"
-    up = e1000_effect.ratio > 1  # e1000 effect larger in magnitude: r further from 1 this way
-    if (r.lo > 1) if up else (r.hi < 1):
-        return "confirmed"
-    if (r.hi < 1) if up else (r.lo > 1):
-        return "refuted"
-    return "not detectable with this many repetitions"
 
 
 @dataclass
@@ -434,11 +327,11 @@ def _sentences(ans: Answer) -> list[str]:
                    f"{d.pp()}: {verdict} ({n}).")
     for _, r in ans.interactions.iterrows():
         verdict = r["verdict"]
-        claim = {"confirmed": "locality matters more without checksum offload: confirmed",
-                 "refuted": "locality matters more without checksum offload: refuted "
-                            "(the effect is larger with offload)"}.get(
+        claim = {"supported": "locality matters more without checksum offload: supported",
+                 "contradicted": "locality matters more without checksum offload: "
+                                 "contradicted (the effect is larger with offload)"}.get(
             verdict, "whether locality matters more without checksum offload is not "
-                     "detectable with this many repetitions")
+                     "detectable")
         out.append(f"{r['policy']} ({r['kernel']} kernel, {r['workload']}), {r['metric']}: "
                    f"effect on {r['contrast']} = "
                    f"{_fmt(r['ratio'], r['ci_lo'], r['ci_hi'])} ({_n_joined(r['n'])}); "
@@ -533,12 +426,7 @@ def interactions_table(ans: Answer) -> pd.DataFrame:
         "n": i["n"], "verdict": i["verdict"]})
 
 
-METHOD_NOTE = ("Ratios are of geometric means over repetitions; 95% CIs are Welch t "
-               "intervals on log values (honest at n = 3, unlike a percentile bootstrap); "
-               "shares (locality, wake-up placement) are compared as differences in "
-               "percentage points with a Welch t interval. One repetition on a side gives "
-               "no interval, and the row says so. An interval that includes no change is "
-               "never worded as an effect.")
+METHOD_NOTE = METHOD_TEXT
 
 
 def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import analysis
+from analysis import pipeline
 
 pytestmark = pytest.mark.browser
 
@@ -62,7 +62,7 @@ def probe(html_file: Path, tmp_path: Path) -> dict:
 def test_report_loads_and_images_render(tmp_path: Path) -> None:
     run = tmp_path / RUN.name
     shutil.copytree(RUN, run)
-    paths = analysis.write_report(run, compare_to=RUN)
+    paths = pipeline.write_report(run, compare_to=RUN)
     r = probe(paths.html, tmp_path)
     assert r["errors"] == []
     assert r["title"].startswith("netbed report")

@@ -18,6 +18,8 @@ from testbed.vocabulary import WORKLOAD_NAMES
 # --------------------------------------------------------------------------- netperf
 
 WORKLOADS = WORKLOAD_NAMES  # what netperf_command accepts
+RAW = "netperf.txt"  # netperf omni keyval output (KEY=VALUE lines)
+FILES = (RAW,)
 
 # Omni output selectors asked of every test. Unknown selectors would make netperf
 # fail, so this list only names selectors netperf 2.7 documents.

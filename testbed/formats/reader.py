@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 from testbed.errors import NetbedError
 
+RAW = "reader-cpus.txt"  # "<seconds> <cpu>" samples
+RAW_ERRORS = "sampler.err"  # the sampler's stderr
+RAW_PID = "reader-pid.txt"  # the reader's pid (netserver's data process)
+FILES = (RAW, RAW_ERRORS, RAW_PID)
+
 # --------------------------------------------------------------------------- reader location
 
 

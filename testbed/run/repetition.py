@@ -22,9 +22,12 @@ from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats import netperf, payload, stamps, tcpinfo
+from testbed.formats import netperf, payload, reader, record, stamps, tcpinfo
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.formats.offloads import RAW as OFFLOADS_RAW
+from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.formats.readback import (
+    RAW_AFFINITY,
     NicInfo,
     find_nic_irqs,
     nic_info_command,
@@ -102,7 +105,7 @@ def start_window_command(script: str) -> str:
     armed = f"{GUEST_DIR}/win/{WINDOW_ARMED}"
     return (f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
             f"{script}NETBED_EOF\n"
-            f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
+            f"rm -f {GUEST_DIR}/win/{record.FINISHED} {GUEST_DIR}/win/{WINDOW_ARMED} "
             f"{GUEST_DIR}/win/{WINDOW_CLOSED}\n"
             f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &\n"
             f"{wait_until(f'[ -e {armed} ]', ARMED_WAIT_S)}; [ -e {armed} ] || exit 1\n")
@@ -111,10 +114,10 @@ def start_window_command(script: str) -> str:
 def fetch_window_command() -> str:
     """Once the window has finished, its files as one base64-armoured tar stream (a
     shell's output is text); status NOT_FINISHED if it does not finish in time (pure)."""
-    finished = f"{GUEST_DIR}/win/finished"
+    finished = f"{GUEST_DIR}/win/{record.FINISHED}"
     return (f"{wait_until(f'[ -e {finished} ]', FINISH_WAIT_S)}; "
             f"[ -e {finished} ] || exit {NOT_FINISHED}; "
-            f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
+            f"tar -C {GUEST_DIR}/win --exclude=./{record.FINISHED} --exclude=./{WINDOW_CLOSED} "
             f"-cf - . | base64 -w 0")
 
 
@@ -159,15 +162,15 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     """
     if cachemodel is None:  # the session's counter plan decides (counters: auto)
         cachemodel = "cachemodel" in exp.counters
-    atomic_write_json(rep.file("cell.json"),
+    atomic_write_json(rep.file(record.CELL),
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
                        "repetition": rep.repetition})
-    atomic_write_json(rep.file("policy.json"), resolved.as_dict())
+    atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
     applied = rx.run(prepare_command(
         apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
         readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT))
     readback_text, offloads_text = split_sections(applied.stdout, 2)
-    atomic_write_text(rep.file("offloads.txt"), offloads_text)
+    atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
     remote_cpu = netserver_cpu(resolved)
     fill = _prepare_payload(rx, tx, cell, payload_kind)
@@ -183,11 +186,11 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
                                         global_args=fill_global, test_args=fill_test),
         cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-        reader_pid_file=f"{GUEST_DIR}/win/reader-pid.txt", cap_s=netperf_cap,
+        reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
         earliest_close_s=lead_seconds(exp) + exp.duration)
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
-    atomic_write_text(rep.file("netperf.txt"), traffic.output)
+    atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}: "
                          f"{traffic.output.strip()[-300:]}")
@@ -199,14 +202,14 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         raise GuestError(f"fetching the window's files failed ({fetched.exit_code}): "
                          f"{fetched.stderr.strip()[-300:]}")
     unpack_window(fetched.stdout, rep)
-    if rep.file("error").exists():
-        raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
+    if rep.file(record.ERROR).exists():
+        raise GuestError(f"measurement window: {rep.file(record.ERROR).read_text().strip()}")
     problems = window_problems(rep.path)
     if problems:
         raise GuestError("measurement window: " + "; ".join(problems))
-    affinity = rep.file("reader-affinity.txt")
+    affinity = rep.file(RAW_AFFINITY)
     readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
-    atomic_write_json(rep.file("readback.json"),
+    atomic_write_json(rep.file(READBACK_RAW),
                       {**readback.as_dict(), "irqs": list(boot.irqs),
                        "iface": boot.nic.iface, "driver": boot.nic.driver,
                        "offloads": offloads.summary()})
@@ -214,7 +217,7 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     if problems:
         raise PolicyMismatch(f"cell {cell.cell_id}: receiver state differs from policy "
                              f"{resolved.name!r}: " + "; ".join(problems))
-    result = netperf.parse_netperf(rep.file("netperf.txt").read_text())
+    result = netperf.parse_netperf(rep.file(netperf.RAW).read_text())
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
             "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis import collate as c
+from testbed.formats import cachemodel as cmfmt
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 RUN = FIX / "runs" / "20261125T100000Z-hostloop"
@@ -165,7 +166,7 @@ def test_cachemodel_window_and_rows(run_copy: Path) -> None:
     """Shape of the cache-model plugin's CSV (printf "%d,%s,%s,%llu,%s"; values are a
     format sample, not a measurement): counts are end:1 minus begin:1."""
     sample = (FIX / "raw" / "cachemodel" / "cachemodel.csv").read_text()
-    w = c.read_cachemodel(sample)
+    w = cmfmt.measured_window(sample)
     assert len(w) == 2 * 2 * 9
     loads = w[(w.event == "loads")]["value"]
     assert (loads == 4000).all()
@@ -182,11 +183,11 @@ def test_cachemodel_window_and_rows(run_copy: Path) -> None:
 
 def test_cachemodel_tolerates_single_marker_and_rejects_bad_header() -> None:
     one = "vcpu,mode,event,value,marker\n0,kernel,loads,7,snapshot:1\n"
-    assert c.read_cachemodel(one)["value"].tolist() == [7]
+    assert cmfmt.measured_window(one)["value"].tolist() == [7]
     from testbed.errors import NetbedError
 
     with pytest.raises(NetbedError, match="columns"):
-        c.read_cachemodel("cpu,event,value\n0,loads,1\n")
+        cmfmt.measured_window("cpu,event,value\n0,loads,1\n")
 
 
 def test_rr_netperf_rows_and_no_per_trans_without_window(run_copy: Path) -> None:
@@ -229,14 +230,20 @@ def test_parallel_collation_equals_serial(tidy: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(par, tidy)
 
 
-def test_cachemodel_repeated_markers_window_first_begin_to_last_end() -> None:
+def test_cachemodel_repeated_markers_window_last_begin_to_its_end() -> None:
+    """The runner's rule (testbed.run.cachemodel_window.window_blocks) and analysis' are
+    one function: the last begin block and the end block after it."""
     head = "vcpu,mode,event,value,marker\n"
     blocks = [("begin:1", 10), ("snapshot:2", 15), ("end:1", 20), ("begin:1", 30),
               ("end:1", 50), ("snapshot:3", 90)]
     text = head + "".join(f"0,kernel,loads,{v},{m}\n0,user,loads,{v * 2},{m}\n"
                           for m, v in blocks)
-    w = c.read_cachemodel(text).set_index("mode")["value"]
-    assert w["kernel"] == 50 - 10 and w["user"] == 100 - 20
+    w = cmfmt.measured_window(text).set_index("mode")["value"]
+    assert w["kernel"] == 50 - 30 and w["user"] == 100 - 60
+    from testbed.run.cachemodel_window import window_blocks
+
+    kept = cmfmt.measured_window(window_blocks(text)).set_index("mode")["value"]
+    assert kept.to_dict() == w.to_dict()
 
 
 def test_readback_irqs_from_nicstate_readback() -> None:
