@@ -64,6 +64,7 @@ MISSES = "cache.l2_misses.per_kb"
 MISSES_RR = "cache.l2_misses.per_trans"
 COPY_FROM = tuple(f"cache.payload_copy_from.{k}" for k in ("own", "peer", "llc", "memory"))
 QUEUE = "socket.queue_kb.p50"
+LAG = "cache.payload_lag_kb.p50"  # payload KB written between a line's checksum and copy
 WAKE_PLACED = "wakeups.on_waker_cpu"
 PROCESSING = "locality.processing_on_reader_cpu"
 MIGRATIONS = ("sched.reader_migrations.per_s", "perf.cpu-migrations.per_kb")
@@ -276,10 +277,14 @@ def _dma_row(vals: Values, g: dict[str, str], where: str) -> ClaimRow | None:
 
     checksum = "checksum by the NIC" if g["nic"] != CHECKSUM_NIC else \
         "checksum on the softirq CPU"
+    lag_same = samples(vals, LAG, {**g, "policy": SAME})
+    lag_cross = samples(vals, LAG, {**g, "policy": CROSS})
+    lag = (f"; lag p50 {np.median(lag_same):.0f} / {np.median(lag_cross):.0f} KB"
+           if lag_same and lag_cross else "")
     return ClaimRow("dma", where, "copy reads served from the copying CPU's own cache, "
                     "pin-same - pin-cross", _pp(d), _n(d), verdict, why,
                     f"own/peer/LLC/mem %: same {shares(same)}, cross {shares(cross)} "
-                    f"({checksum})")
+                    f"({checksum}){lag}")
 
 
 def _interactions(effects: dict[tuple[str, ...], tuple[Ratio, list[list[float]]]],

@@ -71,6 +71,8 @@ def locality_run(rng: np.random.Generator, misses: dict[tuple[str, str, str], fl
                 add(ids, "cache.l2_misses.per_kb", draw(rng, m, 1, sigma)[0], "1/KB", "derived")
                 shares = COPY_FROM.get((nic, level, policy))
                 if payload and shares:
+                    add(ids, "cache.payload_lag_kb.p50", draw(rng, QUEUE_KB[level], 1)[0],
+                        "KB", "cachemodel")
                     noisy = np.clip(np.array(shares) + rng.normal(0, 0.02, 4), 0, None)
                     for key, v in zip(("own", "peer", "llc", "memory"), noisy / noisy.sum(),
                                       strict=True):

@@ -43,6 +43,8 @@ def test_the_planted_locality_effect_and_the_payload_path():
     assert word == CONTRADICTED and why == "CI excludes 0"
     # virtio offloads the checksum: no CPU read the payload, placement does not matter
     assert verdict(claims.rows, "dma", "virtio, rcvbuf 64K")[0] == SUPPORTED
+    dma = next(r for r in claims.rows if r.claim == "dma" and r.where.startswith("e1000"))
+    assert "own/peer/LLC/mem %: same 7" in dma.mechanism and "lag p50" in dma.mechanism
     point = next(p for p in claims.points if p.nic == "e1000" and p.level == "64K")
     assert point.effect.ratio == pytest.approx(2.0, rel=0.2)
     assert point.queue_kb == pytest.approx(40, rel=0.2)
