@@ -94,6 +94,7 @@ class LocalityPoint:
     level: str
     queue_kb: float   # socket.queue_kb.p50 median over the pair's repetitions (NaN: none)
     effect: Ratio
+    series: str = ""  # the line it belongs to: the NIC, plus any other axis that varies
 
 
 @dataclass
@@ -241,7 +242,8 @@ def _locality(vals: Values, out: Claims) -> None:
                 "copy", where, "private (L2) misses per KB, pin-cross / pin-same",
                 r.times(), _n(r), verdict, why,
                 f"same {_geo(same):.1f}, cross {_geo(cross):.1f} misses/KB"))
-            out.points.append(LocalityPoint(g["nic"], g[RCVBUF], _queue(vals, g), r))
+            series = _where(g, varying - {RCVBUF}, level=False)
+            out.points.append(LocalityPoint(g["nic"], g[RCVBUF], _queue(vals, g), r, series))
             key = (*(g[a] for a in AXES if a not in ("policy", "nic")), g["nic"])
             effects[key] = (r, [cross, same])
         dma = _dma_row(vals, g, where)

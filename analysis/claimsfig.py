@@ -47,25 +47,27 @@ def plot_locality(points: list[LocalityPoint], out_dir: Path) -> Path | None:
 
     measured = all(not math.isnan(p.queue_kb) and p.queue_kb > 0 for p in points)
     levels = sorted({p.level for p in points}, key=level_order)
-    nics = sorted({p.nic for p in points})
+    names = sorted({p.series or p.nic for p in points})
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ends: list[tuple[str, float, float, str]] = []
-    for k, nic in enumerate(nics):
-        mine = sorted((p for p in points if p.nic == nic),
+    for k, name in enumerate(names):
+        mine = sorted((p for p in points if (p.series or p.nic) == name),
                       key=lambda p: p.queue_kb if measured else level_order(p.level))
         if measured:
             xs = [p.queue_kb for p in mine]
         else:  # categorical: NICs side by side within a level
-            xs = [levels.index(p.level) + (k - (len(nics) - 1) / 2) * 0.12 for p in mine]
+            xs = [levels.index(p.level) + (k - (len(names) - 1) / 2) * 0.12 for p in mine]
         ys = [p.effect.ratio for p in mine]
         lo = [p.effect.ratio - (p.effect.lo if not math.isnan(p.effect.lo) else p.effect.ratio)
               for p in mine]
         hi = [(p.effect.hi if not math.isnan(p.effect.hi) else p.effect.ratio) - p.effect.ratio
               for p in mine]
-        colour = COLOURS.get(nic, f"C{k}")
+        nic = mine[0].nic
+        colour = COLOURS.get(nic, f"C{k}") if len(names) == len({p.nic for p in points}) \
+            else f"C{k}"
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt=MARKERS.get(nic, "D") + "-", color=colour,
                     capsize=3, linewidth=1.2, markersize=5)
-        ends.append((nic, xs[-1], ys[-1], colour))
+        ends.append((name, xs[-1], ys[-1], colour))
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
     fmt = FuncFormatter(lambda v, _: f"{v:g}")

@@ -121,3 +121,13 @@ def test_the_figure_falls_back_to_rcvbuf_levels_and_is_absent_without_pairs(tmp_
     claims = build_claims(locality_run(np.random.default_rng(8), queue=False))
     assert plot_locality(claims.points, tmp_path) is not None
     assert plot_locality([], tmp_path) is None
+
+
+def test_two_kernels_make_two_series_not_one_line(tmp_path: Path):
+    tidy = locality_run(np.random.default_rng(9), wake=False)
+    stock = tidy.assign(kernel="stock", cell_id=lambda d: "stock-" + d["cell_id"])
+    claims = build_claims(pd.concat([tidy, stock]))
+    assert {p.series for p in claims.points} == {
+        "e1000, kernel patched", "e1000, kernel stock", "virtio, kernel patched",
+        "virtio, kernel stock"}
+    assert plot_locality(claims.points, tmp_path) is not None
