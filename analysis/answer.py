@@ -19,7 +19,13 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.claims import Claims, build_claims, claims_frame, format_claims
+from analysis.claims import (
+    Claims,
+    build_claims,
+    claims_frame,
+    format_claims,
+    unmeasured_text,
+)
 from analysis.claimsfig import plot_locality
 from analysis.collate import instrumented_reps, plain_reps
 from analysis.policy_effects import detail_report_sections
@@ -78,7 +84,7 @@ def reading_note(claims: Claims) -> str:
                   "of a share: an interval inside that rules the effect out (contradicted, "
                   "or supported for claim 1, which says placement does not matter); one "
                   "that includes no change and reaches past it is not detectable.")
-    return " ".join([METHOD_TEXT, meaningful, *claims.notes, *claims.missing])
+    return " ".join([METHOD_TEXT, meaningful, *claims.notes, *unmeasured_text(claims)])
 
 
 def first_section(claims: Claims, tidy: pd.DataFrame, figure: Path | None) -> list[Section]:

@@ -101,7 +101,7 @@ class LocalityPoint:
 class Claims:
     rows: list[ClaimRow] = field(default_factory=list)
     points: list[LocalityPoint] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)   # "not measured in this run" lines
+    unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (claim key, why)
     notes: list[str] = field(default_factory=list)
 
 
@@ -224,8 +224,7 @@ def _locality(vals: Values, out: Claims) -> None:
     groups = _pairs(vals, CROSS, SAME)
     if not groups:
         why = ("needs pin-same and pin-cross cells of TCP_STREAM with the same other axes")
-        out.missing += [f"{CLAIMS[k]}: not measured in this run ({why})."
-                        for k in ("dma", "copy", "offload")]
+        out.unmeasured += [(k, why) for k in ("dma", "copy", "offload")]
         return
     varying = _varying(groups)
     effects: dict[tuple[str, ...], tuple[Ratio, list[list[float]]]] = {}
@@ -250,18 +249,15 @@ def _locality(vals: Values, out: Claims) -> None:
         if dma is not None:
             dma_rows.append(dma)
     if not copy_rows:
-        out.missing.append(f"{CLAIMS['copy']}: not measured in this run (no {MISSES}: "
-                           "the run has no cache model).")
+        out.unmeasured.append(("copy", f"no {MISSES}: no cache model in this run"))
     if not dma_rows:
-        out.missing.append(f"{CLAIMS['dma']}: not measured in this run (no "
-                           "cache.payload_copy_from.*: the cache model's payload records "
-                           "are not in this run).")
+        out.unmeasured.append(("dma", "no cache.payload_copy_from.* (payload records)"))
     out.rows += dma_rows + copy_rows
     inter = _interactions(effects, groups, varying)
     if not inter:
         need = (f"needs the pair on {CHECKSUM_NIC} and on {' or '.join(OFFLOAD_NICS)}"
-                if copy_rows else f"no {MISSES}")
-        out.missing.append(f"{CLAIMS['offload']}: not measured in this run ({need}).")
+                if copy_rows else f"no {MISSES}: no cache model in this run")
+        out.unmeasured.append(("offload", need))
     out.rows += inter
 
 
@@ -333,8 +329,7 @@ def _wake(vals: Values, out: Claims) -> None:
     """Claim 4: wake-local against default (same kernel, NIC and other axes)."""
     groups = _pairs(vals, WAKE_POLICY, "default", workloads=None)
     if not groups:
-        out.missing.append(f"{CLAIMS['wake']}: not measured in this run (needs wake-local "
-                           "and default cells on the patched kernel).")
+        out.unmeasured.append(("wake", "needs wake-local and default cells"))
         return
     varying = _varying(groups)
     for g in groups:
@@ -435,7 +430,7 @@ def build_claims(tidy: pd.DataFrame) -> Claims:
     """Every claim the run can judge, and a "not measured" line for each it cannot."""
     out = Claims()
     if tidy.empty:
-        out.missing.append("No finished repetitions: nothing is measured in this run.")
+        out.unmeasured += [(k, "no finished repetitions") for k in CLAIMS if k != "affine"]
         return out
     vals = values_table(tidy)
     _locality(vals, out)
@@ -443,6 +438,7 @@ def build_claims(tidy: pd.DataFrame) -> Claims:
     _affine(vals, out)
     order = list(CLAIMS)
     out.rows.sort(key=lambda r: order.index(r.claim))
+    out.unmeasured.sort(key=lambda u: order.index(u[0]))
     note = checksum_note(vals)
     if note:
         out.notes.append(note)
@@ -450,6 +446,11 @@ def build_claims(tidy: pd.DataFrame) -> Claims:
         out.notes.append(f"Queue depth ({QUEUE}) not measured in this run: the figure's "
                          "x axis is the rcvbuf level.")
     return out
+
+
+def unmeasured_text(claims: Claims) -> list[str]:
+    """The claims this run could not judge, one sentence each (never a zero figure)."""
+    return [f"{CLAIMS[k]}: not measured in this run ({why})." for k, why in claims.unmeasured]
 
 
 def claims_frame(claims: Claims) -> pd.DataFrame:
@@ -475,7 +476,10 @@ def format_claims(claims: Claims, width: int = 118) -> str:
     """The claims as a terminal table (at most ~20 lines): one line per contrast, then
     what the run did not measure."""
     if not claims.rows:
-        return "\n".join(["Claims: none could be judged from this run.", *claims.missing]) + "\n"
+        lines = ["Claims: none could be judged from this run."]
+        lines += [_cut(f"{SHORT[k]:<29} not measured in this run: {why}", width)
+                  for k, why in claims.unmeasured]
+        return "\n".join(lines) + "\n"
     head = f"{'claim':<29} {'where':<22} {'figure [95% CI]':<34} {'n':<9} verdict"
     lines = [head, "-" * min(width, len(head) + 14)]
     seen: set[str] = set()
@@ -490,5 +494,6 @@ def format_claims(claims: Claims, width: int = 118) -> str:
                              f"{_cut(n, 9):<9} {r.verdict}")
             else:
                 lines.append(f"{'':<29} {'':<22} {_cut(fig, 34):<34} {_cut(n, 9)}")
-    lines += [_cut(m, width) for m in claims.missing]
+    lines += [_cut(f"{SHORT[k]:<29} not measured in this run: {why}", width)
+              for k, why in claims.unmeasured]
     return "\n".join(lines) + "\n"

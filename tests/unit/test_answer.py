@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from analysis.answer import first_section, headline
-from analysis.claims import build_claims, claims_frame, format_claims
+from analysis.claims import build_claims, claims_frame, format_claims, unmeasured_text
 from analysis.claimsfig import plot_locality
 from analysis.stats import CONTRADICTED, NOT_DETECTABLE, SUPPORTED
 from tests.unit.claims_data import MISSES, locality_run
@@ -86,7 +86,7 @@ def test_a_run_without_the_new_metrics_says_not_measured_never_zero():
     claims = build_claims(tidy)
     assert not any(r.claim == "dma" for r in claims.rows)
     assert any(m.startswith("DMA'd data") and "not measured in this run" in m
-               for m in claims.missing)
+               for m in unmeasured_text(claims))
     assert {p.level for p in claims.points} == {"auto"}  # no column: one level
     assert any("Queue depth" in n and "not measured" in n for n in claims.notes)
     text = format_claims(claims)
