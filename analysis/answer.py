@@ -60,6 +60,8 @@ def _reps_per_cell(tidy: pd.DataFrame) -> str:
 
     if not inst:
         return f"{per_cell(plain)} repetitions per cell"
+    if not plain:
+        return f"{per_cell(inst)} instrumented repetitions per cell"
     return f"{per_cell(inst)} instrumented + {per_cell(plain)} plain repetitions per cell"
 
 
@@ -71,11 +73,14 @@ def headline(claims: Claims, tidy: pd.DataFrame) -> str:
     counts = pd.Series([r.verdict for r in claims.rows]).value_counts()
     verdicts = ", ".join(f"{v} {k}" for k, v in counts.items())
     cells = tidy["cell_id"].nunique()
-    return (f"{len(claims.rows)} contrasts of the seed's claims on {cells} cells "
+    n = len(claims.rows)
+    plain = ("rates and placement from the plain ones" if plain_reps(tidy) else
+             "this run has no plain repetitions, so no rates or placement")
+    return (f"{n} contrast{'s' if n != 1 else ''} of the seed's claims on {cells} cells "
             f"({_reps_per_cell(tidy)}): {verdicts}. Locality claims compare pin-cross with "
             "pin-same (the reader bound in both, so the scheduler's wake-affine choices "
             "are out of the comparison); cache figures come from the repetitions under "
-            "the cache model, rates and placement from the plain ones.")
+            f"the cache model, {plain}.")
 
 
 def reading_note(claims: Claims) -> str:

@@ -251,7 +251,8 @@ def _locality(vals: Values, out: Claims) -> None:
     if not copy_rows:
         out.unmeasured.append(("copy", f"no {MISSES}: no cache model in this run"))
     if not dma_rows:
-        out.unmeasured.append(("dma", "no cache.payload_copy_from.* (payload records)"))
+        out.unmeasured.append(("dma", "no cache.payload_copy_from.*, the model's payload "
+                                          "records"))
     out.rows += dma_rows + copy_rows
     inter = _interactions(effects, groups, varying)
     if not inter:
@@ -450,7 +451,8 @@ def build_claims(tidy: pd.DataFrame) -> Claims:
 
 def unmeasured_text(claims: Claims) -> list[str]:
     """The claims this run could not judge, one sentence each (never a zero figure)."""
-    return [f"{CLAIMS[k]}: not measured in this run ({why})." for k, why in claims.unmeasured]
+    return [f"\"{CLAIMS[k]}\": not measured in this run ({why})."
+            for k, why in claims.unmeasured]
 
 
 def claims_frame(claims: Claims) -> pd.DataFrame:
