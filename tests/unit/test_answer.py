@@ -85,7 +85,7 @@ def test_a_run_without_the_new_metrics_says_not_measured_never_zero():
     assert "rcvbuf" not in tidy.columns
     claims = build_claims(tidy)
     assert not any(r.claim == "dma" for r in claims.rows)
-    assert any(m.startswith("DMA'd data") and "not measured in this run" in m
+    assert any(m.startswith('"DMA\'d data') and "not measured in this run" in m
                for m in unmeasured_text(claims))
     assert {p.level for p in claims.points} == {"auto"}  # no column: one level
     assert any("Queue depth" in n and "not measured" in n for n in claims.notes)
