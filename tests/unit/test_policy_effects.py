@@ -180,3 +180,22 @@ def test_a_run_all_under_the_plugin_has_no_rates_and_says_why_no_locality():
     assert "throughput" not in set(ans.effects["metric"]) and ans.locality.empty
     assert any("No throughput" in n for n in ans.notes)
     assert any("not traced" in n for n in ans.notes)
+
+
+def test_the_comparison_table_and_the_answer_give_the_same_interval():
+    """One method (analysis.stats): the same two cells get the same ratio and 95% CI in
+    comparison.csv and in the answer."""
+    from analysis.compare import compare_to_baseline
+
+    tidy = tidy_run(np.random.default_rng(13), EFFECTS, plugin=False)
+    ans = build_answer(tidy).effects
+    table = compare_to_baseline(tidy).table
+    rows = ans[ans["source"] == "cache.c2c_transfers.per_kb"]
+    assert len(rows) == 4  # pin-same and wake-local on both NICs
+    for _, e in rows.iterrows():
+        row = table[(table["metric"] == e["source"]) & (table["nic"] == e["nic"])
+                    & (table["policy"] == e["policy"])].iloc[0]
+        assert row["ratio"] == pytest.approx(e["ratio"])
+        assert 1 + row["pct_lo"] / 100 == pytest.approx(e["ci_lo"])
+        assert 1 + row["pct_hi"] / 100 == pytest.approx(e["ci_hi"])
+        assert row["significant"] == e["detected"]
