@@ -19,8 +19,9 @@ never reject at 5% however large the effect. The p-value here is the Welch t tes
 on the same scale as the interval, so "p < 0.05" and "the interval excludes no
 change" are the same statement.
 
-One repetition on a side gives the point estimate and no interval (never a zero-width
-one), and the verdict is then "not detectable". The verdict words are the same in
+One repetition on a side, or no spread at all (equal small counts), gives the point
+estimate and no interval (never a zero-width one), and the verdict is then "not
+detectable". The verdict words are the same in
 the comparison tables and in the answer: a change is `higher` / `lower` or
 `not detectable`; a claim is `supported` / `contradicted` / `not detectable`.
 """
@@ -55,8 +56,8 @@ METHOD_TEXT = ("Ratios are of geometric means over repetitions with 95% Welch t 
                "on log values (right at n = 3, where a percentile bootstrap is too narrow "
                "and a Mann-Whitney test cannot reach p < 0.1); shares, and counts that can "
                "be zero, are compared as differences of means with a Welch t interval. "
-               "One repetition on a side gives no interval, and the row says so. An "
-               "interval that includes no change is never worded as an effect.")
+               "One repetition on a side (or no spread) gives no interval, and the row "
+               "says so. An interval that includes no change is never worded as an effect.")
 
 
 def _clean(values: Values) -> np.ndarray:
@@ -71,8 +72,8 @@ def _welch(samples: Sequence[np.ndarray], signs: Sequence[int],
         return est, math.nan, math.nan, math.nan
     terms = [float(a.var(ddof=1)) / len(a) for a in samples]
     se2 = sum(terms)
-    if se2 == 0:  # every side constant: the estimate is exact
-        return est, est, est, (math.nan if est == 0 else 0.0)
+    if se2 == 0:  # no spread on any side (small counts): a t interval is undefined
+        return est, math.nan, math.nan, math.nan
     df = se2 ** 2 / sum(t ** 2 / (len(a) - 1) for t, a in zip(terms, samples, strict=True))
     se = math.sqrt(se2)
     half = float(sps.t.ppf(0.5 + level / 2, df)) * se
@@ -275,6 +276,12 @@ MEANINGFUL_RATIO = 1.10
 MEANINGFUL_PP = 0.10
 
 
+def _no_interval(n: tuple[int, ...]) -> str:
+    if n and min(n) < 2:
+        return f"one repetition on a side ({_n_text(n)}): no interval"
+    return f"no spread between repetitions ({_n_text(n)}): no interval"
+
+
 def _n_text(n: tuple[int, ...]) -> str:
     return "n = " + " vs ".join(map(str, n)) if len(n) == 2 else "n = " + "/".join(map(str, n))
 
@@ -291,7 +298,7 @@ def judge_ratio(r: Ratio, expected_up: bool,
     if math.isnan(r.ratio):
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(r.lo):
-        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(r.n)}): no interval"
+        return NOT_DETECTABLE, _no_interval(r.n)
     if r.detected:
         word: ClaimVerdict = SUPPORTED if (r.ratio > 1) == expected_up else CONTRADICTED
         return word, "CI excludes 1"
@@ -309,7 +316,7 @@ def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
     if math.isnan(d.diff):
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(d.lo):
-        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
+        return NOT_DETECTABLE, _no_interval(d.n)
     if d.detected:
         return CONTRADICTED, "CI excludes 0"
     if -meaningful <= d.lo and d.hi <= meaningful:
@@ -325,7 +332,7 @@ def judge_diff(d: Difference, expected_up: bool,
     if math.isnan(d.diff):
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(d.lo):
-        return NOT_DETECTABLE, f"one repetition on a side ({_n_text(d.n)}): no interval"
+        return NOT_DETECTABLE, _no_interval(d.n)
     if d.detected:
         return (SUPPORTED if (d.diff > 0) == expected_up else CONTRADICTED), "CI excludes 0"
     if -meaningful <= d.lo and d.hi <= meaningful:
