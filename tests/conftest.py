@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
 import re
 import socket
@@ -69,6 +70,9 @@ def no_effects(nodeid: str) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(
             subprocess.Popen, "_execute_child", _refuse("starts a process", nodeid)))
+        # what subprocess and multiprocessing's helpers (resource tracker, forkserver) use
+        stack.enter_context(mock.patch.object(
+            _posixsubprocess, "fork_exec", _refuse("starts a process", nodeid)))
         for name in ("fork", "system", "posix_spawn", "posix_spawnp"):
             if hasattr(os, name):
                 stack.enter_context(mock.patch.object(
