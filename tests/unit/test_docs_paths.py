@@ -9,6 +9,7 @@ match something; a bare `name.py`, `name.c` or `name.h` must be some file's name
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -62,9 +63,12 @@ def _exists(path: str, base: Path) -> bool:
 
 
 def _repo_file_names() -> set[str]:
-    skip = {".git", "node_modules", *RUNTIME_ROOTS}
-    return {p.name for p in REPO_ROOT.rglob("*")
-            if p.is_file() and not skip & set(p.relative_to(REPO_ROOT).parts)}
+    skip = {".git", "node_modules", "__pycache__", *RUNTIME_ROOTS}
+    names: set[str] = set()
+    for _, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        names.update(files)
+    return names
 
 
 def broken_paths(doc: Path, names: set[str]) -> list[str]:
