@@ -71,3 +71,26 @@ def test_with_ci_true_an_unlisted_skip_fails(tmp_path: Path, ci: str, outcome: s
     assert outcome in out.stdout, out.stdout + out.stderr
     if ci:
         assert "CI=true and this test skipped: gcc is not installed" in out.stdout
+
+
+@pytest.mark.parametrize(("tier", "marker", "packages"), [
+    ("unit", "not process and not integration and not slow and not browser", set()),
+    ("local", "not integration and not slow and not browser", {"gcc", "strace"}),
+    ("default", "not slow", {"chromium", "openssh-server"}),
+    ("full", None, {"chromium", "linux-source-6.1", "bc"}),
+])
+def test_invoke_test_sets_up_its_tier_then_runs_its_markers(monkeypatch, tier, marker,
+                                                            packages):
+    import invoke
+
+    import tasks
+    from testbed.build import sysdeps
+
+    asked: list[dict[str, str]] = []
+    ran: list[list[str]] = []
+    monkeypatch.setattr(sysdeps, "ensure_packages", lambda pkgs, log: asked.append(pkgs))
+    monkeypatch.setattr(tasks.subprocess, "call", lambda cmd, cwd: ran.append(cmd) or 0)
+    tasks.test.body(invoke.Context(), tier=tier, args="-q")
+    assert packages <= asked[0].keys() and (tier != "unit" or asked[0] == {})
+    assert ran[0][1:3] == ["-m", "pytest"]
+    assert ran[0][3:] == (["-m", marker, "-q"] if marker else ["-q"])
