@@ -140,21 +140,41 @@ def dataplane_line(note: str) -> str:
     return f"data plane: {note} (as in experiments)"
 
 
+# Tiers and the pytest markers each leaves out (pyproject.toml registers the markers).
+TEST_TIERS = {
+    "unit": "not process and not integration and not slow and not browser",
+    "local": "not integration and not slow and not browser",
+    "default": "not slow",
+    "full": None,
+}
+
+
 @task(help={
-    "tier": "unit (pure, seconds), default (unit + integration guests under TCG), "
-            "full (adds slow tests: kernel builds, cache model, long runs)",
+    "tier": "unit (pure logic, seconds), local (adds tests that start processes, compile "
+            "C or open sockets on this host), default (adds real guests under TCG and the "
+            "report in Chromium: what CI runs), full (adds slow tests: kernel builds, "
+            "cache-model validation, long runs)",
     "k": "only tests matching this pytest -k expression",
     "args": "extra pytest arguments, quoted",
 })
 def test(c, tier="default", k=None, args=""):
-    """Run the test suite; the default tier is what CI runs."""
-    markers = {"unit": "not integration and not slow and not browser",
-               "default": "not slow", "full": None}
-    if tier not in markers:
-        raise Exit(f"netbed: error: unknown tier {tier!r}; use unit, default or full")
+    """Run the test suite (default tier: what CI runs), installing what its tests call.
+
+    The Debian packages the tier's tests call are installed on first use, as run-matrix
+    does for its own, so on a fresh machine those tests run instead of skipping."""
+    from testbed.build.sysdeps import ensure_packages, tier_packages
+
+    if tier not in TEST_TIERS:
+        raise Exit(f"netbed: error: unknown tier {tier!r}; use {', '.join(TEST_TIERS)}")
+    with user_errors():
+        packages = tier_packages(tier)
+        if tier == "full":  # the kernel tests read the source package before they build
+            from testbed.build.kernel_build import BUILD_PACKAGES
+            packages.update(BUILD_PACKAGES)
+        ensure_packages(packages, say)
     cmd = [sys.executable, "-m", "pytest"]
-    if markers[tier]:
-        cmd += ["-m", markers[tier]]
+    if TEST_TIERS[tier]:
+        cmd += ["-m", TEST_TIERS[tier]]
     if k:
         cmd += ["-k", k]
     cmd += args.split()

@@ -225,6 +225,7 @@ def test_cell_axes_accepts_nested_and_flat_cells() -> None:
     assert c.cell_axes(flat) == want
 
 
+@pytest.mark.process  # a process pool
 def test_parallel_collation_equals_serial(tidy: pd.DataFrame) -> None:
     par, _ = c.collate_run_with_facts(RUN, workers=2)
     pd.testing.assert_frame_equal(par, tidy)

@@ -8,8 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from testbed.settings import REPO_ROOT
 from testbed.shell import HostShell
+
+pytestmark = pytest.mark.process  # compiles C, starts processes or opens sockets
 
 PROBE = """
 import json, signal, sys

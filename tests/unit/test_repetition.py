@@ -24,6 +24,7 @@ from testbed.shell import HostShell
 from testbed.vocabulary import GUEST_DIR
 
 
+@pytest.mark.process
 def test_the_window_comes_back_as_one_tar_stream_byte_for_byte(tmp_path):
     win = tmp_path / "win"
     (win / "proc-before").mkdir(parents=True)
@@ -59,6 +60,7 @@ def sh(command: str) -> tuple[int, str]:
     return res.exit_code, res.stdout
 
 
+@pytest.mark.process
 def test_one_round_trip_runs_the_parts_in_order_and_splits_their_outputs():
     code, out = sh(prepare_command("set -eu\necho applied", "echo a=1\necho b=2",
                                    "echo offloads"))
@@ -66,6 +68,7 @@ def test_one_round_trip_runs_the_parts_in_order_and_splits_their_outputs():
     assert split_sections(out, 2) == ["a=1\nb=2\n", "offloads\n"]
 
 
+@pytest.mark.process
 def test_a_failing_part_stops_the_round_trip_with_its_status_and_set_e_stays_inside():
     # a policy write that fails must not be followed by reading back a half-applied state
     code, out = sh(prepare_command("set -eu\nfalse\necho not reached", "echo readback"))
@@ -80,6 +83,7 @@ def test_missing_sections_are_a_guest_error_not_a_silent_misparse():
         split_sections("a=1\n", 2)
 
 
+@pytest.mark.process
 def test_a_window_that_never_finishes_gives_its_own_status(tmp_path, monkeypatch):
     monkeypatch.setattr(repetition, "FINISH_WAIT_S", 0.2)
     (tmp_path / "win").mkdir()
@@ -88,6 +92,7 @@ def test_a_window_that_never_finishes_gives_its_own_status(tmp_path, monkeypatch
     assert code == NOT_FINISHED and out == ""
 
 
+@pytest.mark.process
 def test_the_window_starts_detached_and_the_command_returns_once_it_is_armed(tmp_path):
     script = "touch /tmp/netbed/win/armed\nsleep 30\n"
     cmd = start_window_command(script).replace(GUEST_DIR, str(tmp_path))
