@@ -96,6 +96,7 @@ def locality_run(rng: np.random.Generator, misses: dict[tuple[str, str, str], fl
                         add(ids, "window.transaction_rate", draw(rng, rate, 1)[0], "trans/s",
                             "window")
                         add(ids, "wakeups.on_waker_cpu", placed, "fraction", "trace")
-    columns = list(TIDY_COLUMNS) + (["rcvbuf"] if rcvbuf_column and "rcvbuf" not in
-                                    TIDY_COLUMNS else [])
-    return pd.DataFrame(rows, columns=columns)
+    columns = [*TIDY_COLUMNS, *(() if "rcvbuf" in TIDY_COLUMNS else ("rcvbuf",))]
+    df = pd.DataFrame(rows, columns=columns)
+    # a run from before the copy-lag axis has no such column at all
+    return df if rcvbuf_column else df.drop(columns="rcvbuf")
