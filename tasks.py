@@ -310,7 +310,9 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     if not no_report and summary.done + summary.skipped > 0:
         try:
             paths = pipeline.write_report(summary.run_dir)  # analyses the run, then reports
-            print((paths.html.parent / "comparison.txt").read_text(), end="")
+            if paths.claims is not None:
+                print(paths.claims.read_text(), end="")
+            say(f"full comparison: {paths.html.parent / 'comparison.txt'}")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
             raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
@@ -359,6 +361,8 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
     if not no_report and summary.merged is not None:
         with user_errors():
             paths = pipeline.write_report(summary.merged)
+        if paths.claims is not None:
+            print(paths.claims.read_text(), end="")
         say(f"report: {paths.html}")
     if not summary.ok:
         raise Exit(f"netbed: {sum(not o.ok for o in summary.outcomes)} host(s) failed or "

@@ -6,7 +6,8 @@ Entry points for tasks.py:
 - `analyze_run(run_dir)` writes `<run>/analysis/` tables (tidy.parquet, tidy.csv,
   summary.csv, comparison.csv, comparison.txt) and returns them in memory too;
 - `write_report(run_dir, compare_to=None)` does the same, draws the figures and
-  writes `<run>/analysis/report.html` (self-contained) and `report.md`.
+  writes `<run>/analysis/report.html` (self-contained), `report.md` and `claims.txt`
+  (the claims table `invoke run-matrix` prints; analysis.answer).
 
 Both work on partial runs (failed or unfinished repetitions are listed, not
 hidden), on runs merged from shards (the layout is the same) and compare two
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from analysis.answer import answer_report_sections
+from analysis.answer import build_answer_parts
 from analysis.collate import (
     TablePaths,
     analysis_dir,
@@ -152,9 +153,12 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
         atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
                           run_cmp.table.to_csv(index=False))
     figures = plot_all(by_kind(result.tidy), analysis_dir(run_dir) / "plots")
-    lead = answer_report_sections(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
-    return build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
-                        run_cmp, figures, lead=lead)
+    answer = build_answer_parts(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
+    claims_txt = analysis_dir(run_dir) / "claims.txt"
+    atomic_write_text(claims_txt, answer.claims_text)
+    paths = build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
+                         run_cmp, figures, lead=[*answer.first, *answer.details])
+    return replace(paths, claims=claims_txt)
 
 
 def parse_baseline(text: str | None) -> dict[str, str] | None:

@@ -422,6 +422,7 @@ class ReportPaths:
     html: Path
     md: Path
     figures: list[Path]
+    claims: Path | None = None  # the claims table as text (analysis.pipeline)
 
 
 def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int], Any],

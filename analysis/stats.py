@@ -19,8 +19,9 @@ never reject at 5% however large the effect. The p-value here is the Welch t tes
 on the same scale as the interval, so "p < 0.05" and "the interval excludes no
 change" are the same statement.
 
-One repetition on a side gives the point estimate and no interval (never a zero-width
-one), and the verdict is then "not detectable". The verdict words are the same in
+One repetition on a side, or no spread at all (equal small counts), gives the point
+estimate and no interval (never a zero-width one), and the verdict is then "not
+detectable". The verdict words are the same in
 the comparison tables and in the answer: a change is `higher` / `lower` or
 `not detectable`; a claim is `supported` / `contradicted` / `not detectable`.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from scipy import stats as sps
@@ -39,11 +40,11 @@ LEVEL = 0.95
 ALPHA = 1 - LEVEL
 
 # Verdict words, the same everywhere (comparison tables, the answer, the terminal).
-HIGHER = "higher"
-LOWER = "lower"
-NOT_DETECTABLE = "not detectable"
-SUPPORTED = "supported"
-CONTRADICTED = "contradicted"
+HIGHER: Final = "higher"
+LOWER: Final = "lower"
+NOT_DETECTABLE: Final = "not detectable"
+SUPPORTED: Final = "supported"
+CONTRADICTED: Final = "contradicted"
 ChangeVerdict = Literal["higher", "lower", "not detectable"]
 ClaimVerdict = Literal["supported", "contradicted", "not detectable"]
 
@@ -55,8 +56,8 @@ METHOD_TEXT = ("Ratios are of geometric means over repetitions with 95% Welch t 
                "on log values (right at n = 3, where a percentile bootstrap is too narrow "
                "and a Mann-Whitney test cannot reach p < 0.1); shares, and counts that can "
                "be zero, are compared as differences of means with a Welch t interval. "
-               "One repetition on a side gives no interval, and the row says so. An "
-               "interval that includes no change is never worded as an effect.")
+               "One repetition on a side (or no spread) gives no interval, and the row "
+               "says so. An interval that includes no change is never worded as an effect.")
 
 
 def _clean(values: Values) -> np.ndarray:
@@ -71,8 +72,8 @@ def _welch(samples: Sequence[np.ndarray], signs: Sequence[int],
         return est, math.nan, math.nan, math.nan
     terms = [float(a.var(ddof=1)) / len(a) for a in samples]
     se2 = sum(terms)
-    if se2 == 0:  # every side constant: the estimate is exact
-        return est, est, est, (math.nan if est == 0 else 0.0)
+    if se2 == 0:  # no spread on any side (small counts): a t interval is undefined
+        return est, math.nan, math.nan, math.nan
     df = se2 ** 2 / sum(t ** 2 / (len(a) - 1) for t, a in zip(terms, samples, strict=True))
     se = math.sqrt(se2)
     half = float(sps.t.ppf(0.5 + level / 2, df)) * se
@@ -265,3 +266,76 @@ def compare_samples(base: Values, new: Values, unit: str | None = None,
     lo, hi = sorted((rel(d.lo), rel(d.hi))) if mb < 0 else (rel(d.lo), rel(d.hi))
     return Change(len(b), len(n), mb, mn, scale, ratio, rel(d.diff), lo, hi, d.p, d.detected,
                   d.verdict)
+
+
+# What counts as an effect that matters when a claim is judged: a 10% change in a
+# per-KB count or a rate, 10 percentage points of a share. An interval inside these
+# bounds rules a meaningful effect out; one that includes no change but reaches beyond
+# them leaves the claim undecided, and the reason says how wide it was.
+MEANINGFUL_RATIO = 1.10
+MEANINGFUL_PP = 0.10
+
+
+def _no_interval(n: tuple[int, ...]) -> str:
+    if n and min(n) < 2:
+        return f"one repetition on a side ({_n_text(n)}): no interval"
+    return f"no spread between repetitions ({_n_text(n)}): no interval"
+
+
+def _n_text(n: tuple[int, ...]) -> str:
+    return "n = " + " vs ".join(map(str, n)) if len(n) == 2 else "n = " + "/".join(map(str, n))
+
+
+def judge_ratio(r: Ratio, expected_up: bool,
+                meaningful: float = MEANINGFUL_RATIO) -> tuple[ClaimVerdict, str]:
+    """A claim that predicts a ratio above 1 (`expected_up`) or below: the verdict and why.
+
+    supported / contradicted when the interval excludes 1; contradicted too when it lies
+    inside [1/meaningful, meaningful] (no effect that matters); otherwise not
+    detectable, with the interval's reach past the meaningful effect as the reason.
+    """
+    pct = f"{(meaningful - 1) * 100:.0f}%"
+    if math.isnan(r.ratio):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(r.lo):
+        return NOT_DETECTABLE, _no_interval(r.n)
+    if r.detected:
+        word: ClaimVerdict = SUPPORTED if (r.ratio > 1) == expected_up else CONTRADICTED
+        return word, "CI excludes 1"
+    if 1 / meaningful <= r.lo and r.hi <= meaningful:
+        return CONTRADICTED, f"CI within ±{pct}: no effect of {pct} or more"
+    return NOT_DETECTABLE, (f"CI includes 1 and reaches past ±{pct}: {_n_text(r.n)} "
+                            "cannot tell an effect of that size")
+
+
+def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
+                    ) -> tuple[ClaimVerdict, str]:
+    """A claim that says a share does not change: supported when the interval of the
+    difference lies within ±meaningful, contradicted when it excludes 0."""
+    pp = f"{meaningful * 100:.0f} pp"
+    if math.isnan(d.diff):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(d.lo):
+        return NOT_DETECTABLE, _no_interval(d.n)
+    if d.detected:
+        return CONTRADICTED, "CI excludes 0"
+    if -meaningful <= d.lo and d.hi <= meaningful:
+        return SUPPORTED, f"CI within ±{pp}: no change that matters"
+    return NOT_DETECTABLE, (f"CI includes 0 and reaches past ±{pp}: {_n_text(d.n)} "
+                            "cannot tell")
+
+
+def judge_diff(d: Difference, expected_up: bool,
+               meaningful: float = MEANINGFUL_PP) -> tuple[ClaimVerdict, str]:
+    """A claim that predicts a share rises (`expected_up`) or falls."""
+    pp = f"{meaningful * 100:.0f} pp"
+    if math.isnan(d.diff):
+        return NOT_DETECTABLE, "no values to compare"
+    if math.isnan(d.lo):
+        return NOT_DETECTABLE, _no_interval(d.n)
+    if d.detected:
+        return (SUPPORTED if (d.diff > 0) == expected_up else CONTRADICTED), "CI excludes 0"
+    if -meaningful <= d.lo and d.hi <= meaningful:
+        return CONTRADICTED, f"CI within ±{pp}: no change of {pp} or more"
+    return NOT_DETECTABLE, (f"CI includes 0 and reaches past ±{pp}: {_n_text(d.n)} "
+                            "cannot tell")

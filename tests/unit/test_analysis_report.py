@@ -115,11 +115,16 @@ def test_the_answer_opens_both_reports(report: pipeline.ReportPaths) -> None:
     md = report.md.read_text()
     first = re.findall(r"^## (.*)$", md, re.M)
     assert first[0] == "The answer"
-    assert first.index("The answer: figure") < first.index("Status")
+    # the claims first, the policy-vs-default details under them, then the rest
+    assert first.index("How to read the claims") < first.index(
+        "Details: policies against their NIC's default") < first.index("Status")
     html_heads = re.findall(r"<h2>(.*?)</h2>", report.html.read_text())
     assert html_heads[0] == "The answer"
-    assert report.figures[0].name == "answer.png"
+    # a host-loopback run has no cache model: no locality figure, said, never zeros
+    assert "not measured in this run" in md
+    assert report.figures[0].name == "policy-effects.png"
     assert "Cache numbers" in md and "Welch t" in md
+    assert report.claims is not None and "not measured in this run" in report.claims.read_text()
 
 
 def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> None:
@@ -143,7 +148,7 @@ def test_the_report_says_which_kind_of_repetition_each_number_comes_from():
     import numpy as np
 
     from analysis.report import kinds_verdict
-    from tests.unit.test_answer import mixed_run
+    from tests.unit.test_policy_effects import mixed_run
 
     one = kinds_verdict(mixed_run(np.random.default_rng(0), 1, {"default": 0.0,
                                                                   "pin-same": 1.0}))

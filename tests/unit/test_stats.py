@@ -123,3 +123,13 @@ def test_claim_verdict_reads_the_direction_a_claim_predicts():
     assert stats.claim_verdict(up, expected_up=False) == stats.CONTRADICTED
     flat = stats.log_contrast([[1.0, 1.3, 0.8], [1.0, 1.2, 0.9]], [1, -1])
     assert stats.claim_verdict(flat, expected_up=True) == stats.NOT_DETECTABLE
+
+
+def test_equal_small_counts_give_no_interval_not_a_certain_change():
+    """1 retransmission in both base repetitions, 0 in both new ones: no spread, so no
+    t interval; never a zero-width interval that calls -100% certain."""
+    c = stats.compare_samples([1.0, 1.0], [0.0, 0.0], unit="segments")
+    assert c.pct == pytest.approx(-100) and math.isnan(c.pct_lo)
+    assert not c.significant and c.verdict == stats.NOT_DETECTABLE
+    word, why = stats.judge_ratio(stats.log_contrast([[2.0, 2.0], [1.0, 1.0]], [1, -1]), True)
+    assert word == stats.NOT_DETECTABLE and why.startswith("no spread")
