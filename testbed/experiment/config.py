@@ -1,7 +1,7 @@
 """Experiment YAML -> validated models (Experiment, Cell): the schema, strict where it matters.
 
 An experiment is a matrix: the cartesian product of its axes (kernel, nic,
-cpus, policy, workload, gro), minus `exclude` entries, plus `include` entries,
+cpus, policy, workload, gro, rcvbuf), minus `exclude` entries, plus `include` entries,
 with GitHub Actions matrix semantics adapted to cells whose fields are all fixed:
 
 - `exclude` is applied first: it removes every combination that matches all of
@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -37,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from testbed.experiment import rcvbuf as rcvbuf_level
 from testbed.experiment.policies import PolicySet, load_policies
 from testbed.experiment.yamlload import cut, shown
 from testbed.runname import name_problem
@@ -74,6 +76,8 @@ Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict()]
 CpuCount = Annotated[int, Strict(), Field(ge=1, le=MAX_CPUS)]
 MessageSize = Annotated[int, Strict(), Field(ge=1, le=MAX_MESSAGE_SIZE)]
+# A copy-lag level, canonical text: `auto`, `64K`, `1M` (testbed.experiment.rcvbuf).
+Rcvbuf = Annotated[str, BeforeValidator(rcvbuf_level.parse_level)]
 
 _SIZE_RE = re.compile(r"^[0-9]{1,9}$")
 
@@ -174,6 +178,7 @@ class Cell(BaseModel):
     policy: Text
     workload: Workload
     gro: Bool
+    rcvbuf: Rcvbuf = rcvbuf_level.AUTO
 
     @field_validator("gro", mode="before")
     @classmethod
@@ -182,9 +187,13 @@ class Cell(BaseModel):
 
     @property
     def cell_id(self) -> str:
-        """Readable, filesystem-safe and injective (policy names are lowercase, workloads not)."""
+        """Readable, filesystem-safe and injective (policy names are lowercase, workloads not).
+
+        Only a non-auto rcvbuf adds a part, so the cells of configs without the axis
+        keep the ids they had before it (old runs and fixtures still analyse)."""
+        suffix = "" if self.rcvbuf == rcvbuf_level.AUTO else f"-rcvbuf_{self.rcvbuf}"
         return (f"{self.kernel}-{self.nic}-c{self.cpus}-{self.policy}-{self.workload.id}-"
-                f"gro_{gro_word(self.gro)}")
+                f"gro_{gro_word(self.gro)}{suffix}")
 
     @property
     def boot_key(self) -> tuple[str, str, int]:
@@ -195,7 +204,8 @@ class Cell(BaseModel):
         """One flat row (for tables, cells.json consumers and analysis)."""
         return {"cell_id": self.cell_id, "kernel": self.kernel, "nic": self.nic,
                 "cpus": self.cpus, "policy": self.policy, "workload": self.workload.name,
-                "message_size": self.workload.message_size, "gro": self.gro}
+                "message_size": self.workload.message_size, "gro": self.gro,
+                "rcvbuf": self.rcvbuf}
 
 
 # Defaults as functions, typed as their Literals (a lambda's list would be list[str]).
@@ -228,8 +238,10 @@ class Axes(BaseModel):
     workload: list[Workload] = Field(
         default_factory=lambda: [Workload(name="TCP_STREAM", message_size=16384)], min_length=1)
     gro: list[Bool] = Field(default_factory=lambda: [True], min_length=1)
+    rcvbuf: list[Rcvbuf] = Field(default_factory=lambda: [rcvbuf_level.AUTO], min_length=1)
 
-    @field_validator("kernel", "nic", "cpus", "policy", "workload", "gro", mode="before")
+    @field_validator("kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf",
+                     mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return _as_list(v)
@@ -258,6 +270,7 @@ class Combination(BaseModel):
     policy: Text | None = None
     workload: WorkloadMatch | None = None
     gro: Bool | None = None
+    rcvbuf: Rcvbuf | None = None
 
     @field_validator("gro", mode="before")
     @classmethod

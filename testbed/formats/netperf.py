@@ -40,6 +40,12 @@ NETPERF_SELECTORS: tuple[str, ...] = (
     "LOCAL_RECV_SIZE",
     "REMOTE_SEND_SIZE",
     "REMOTE_RECV_SIZE",
+    # netserver's receive buffer (SO_RCVBUF as getsockopt returns it): asked (-1: not
+    # asked, autotuned), on its listening socket before the test, and at the test's end
+    # (the copy-lag axis, testbed.experiment.rcvbuf)
+    "RSR_SIZE_REQ",
+    "RSR_SIZE",
+    "RSR_SIZE_END",
 )
 # Request/response adds the transaction rate and the latency distribution; the
 # percentiles need the global `-j` flag (netperf keeps a histogram only then).

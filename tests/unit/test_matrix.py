@@ -252,9 +252,9 @@ def test_cells_table_is_plain_text(policies) -> None:
     table = cells_table(exp, cells)
     lines = table.splitlines()
     assert lines[0].split() == ["#", "kernel", "nic", "cpus", "policy", "workload", "gro",
-                                "cell", "id"]
-    assert lines[2].split()[:7] == ["1", "distro", "e1000", "2", "default",
-                                    "TCP_STREAM-16384", "on"]
+                                "rcvbuf", "cell", "id"]
+    assert lines[2].split()[:8] == ["1", "distro", "e1000", "2", "default",
+                                    "TCP_STREAM-16384", "on", "auto"]
     assert "\x1b" not in table
     assert lines[-1].startswith("t: 4 cells x 2 repetitions + 1 plain (no plugin) = 12 runs, "
                                 "order random (seed 9)")
