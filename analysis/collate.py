@@ -611,7 +611,7 @@ def cell_label(row: pd.Series | dict[str, Any], axes: Iterable[str] = AXES) -> s
     """A short human label of a cell: kernel/nic/Ncpu/policy/WORKLOAD-size/gro."""
     parts = []
     for a in axes:
-        v = row.get(a) if isinstance(row, dict) else row[a]
+        v = row.get(a)  # an axis a table lacks (rcvbuf before the axis) is left out
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
             continue
         if a == "cpus":
