@@ -449,7 +449,7 @@ def _collate_socket_queue(rep: RepDir, out: _Rows) -> None:
         return path.read_text() if path.is_file() else None
 
     try:
-        rsr_end = netperf.parse_netperf(text(RawFiles.NETPERF) or "").get("RSR_SIZE_END")
+        rsr_end = netperf.parse_netperf(text(netperf.RAW) or "").get("RSR_SIZE_END")
     except NetbedError:
         rsr_end = None
     for r in sockqueue.queue_rows(text(sockqueue.RAW), text(stamps.RAW),

@@ -34,6 +34,35 @@ from testbed.errors import NetbedError
 from testbed.formats import stamps, tcpinfo
 
 RAW = "sockqueue.txt"
+# The copy-lag level's provenance, written by the runner (testbed.run.repetition): the
+# level asked, net.core.rmem_max, netserver's SO_RCVBUF as netperf read it back.
+RAW_RCVBUF = "rcvbuf.json"
+FILES = (RAW, RAW_RCVBUF)
+# Linux's default net.core.rmem_max (SK_RMEM_MAX on x86-64): a buffer below it needs no raise.
+DEFAULT_RMEM_MAX = 212992
+RMEM_MAX_PATH = "/proc/sys/net/core/rmem_max"
+
+
+def kernel_rcvbuf(size: int, rmem_max: int) -> int:
+    """The sk_rcvbuf Linux gives a socket asked for SO_RCVBUF `size`: capped at rmem_max,
+    then doubled (room for the skbs' overhead; sk_setsockopt in Linux 6.1)."""
+    return 2 * min(size, rmem_max)
+
+
+def rmem_max_command(size: int) -> str:
+    """Receiver command that lets SO_RCVBUF reach `size` (net.core.rmem_max set to
+    max(size, Linux's default): the same value for a level whatever ran before it in the
+    boot) and prints the value in force. Autotuned cells run nothing: a value an earlier
+    cell raised is inert for them (autotuning does not read it, and below tcp_rmem's
+    maximum it does not change the window scale)."""
+    want = max(int(size), DEFAULT_RMEM_MAX)
+    return f"echo {want} > {RMEM_MAX_PATH} && echo rmem_max=$(cat {RMEM_MAX_PATH})"
+
+
+def parse_rmem_max(text: str) -> int | None:
+    """`rmem_max=N` from rmem_max_command's output; None when absent."""
+    m = re.search(r"rmem_max=([0-9]+)", text)
+    return int(m.group(1)) if m else None
 
 
 def sampler_args(folder: str) -> str:

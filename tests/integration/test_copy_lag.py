@@ -18,6 +18,7 @@ import pytest
 
 from analysis.collate import collate_run
 from testbed.files import read_json
+from testbed.formats import sockqueue
 from testbed.run.folder import RunDir
 from testbed.run.local import run_matrix
 from testbed.settings import Settings
@@ -60,11 +61,11 @@ def test_a_set_level_reaches_the_socket_and_bounds_its_queue(tmp_path: Path):
     run = RunDir(summary.run_dir)
     by_level = {read_json(rep.path / "cell.json").get("rcvbuf", "auto"): rep
                 for rep in run.reps()}
-    shallow = read_json(by_level["64K"].path / "rcvbuf.json")
+    shallow = read_json(by_level["64K"].path / sockqueue.RAW_RCVBUF)
     assert shallow["asked_bytes"] == 65536 and shallow["rmem_max"] == 212992
     assert shallow["netperf"]["RSR_SIZE_REQ"] == 65536
     assert shallow["netperf"]["RSR_SIZE"] == shallow["expected_rcvbuf_bytes"] == 131072
-    auto = read_json(by_level["auto"].path / "rcvbuf.json")
+    auto = read_json(by_level["auto"].path / sockqueue.RAW_RCVBUF)
     assert auto["asked_bytes"] is None and auto["netperf"]["RSR_SIZE_REQ"] == -1
 
     tidy = collate_run(run.path)

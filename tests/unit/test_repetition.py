@@ -12,7 +12,7 @@ import pytest
 from testbed.errors import GuestError
 from testbed.experiment.config import Cell
 from testbed.files import read_json
-from testbed.formats import netperf
+from testbed.formats import netperf, sockqueue
 from testbed.run import repetition
 from testbed.run.folder import RunDir
 from testbed.run.loop import PolicyMismatch
@@ -116,7 +116,7 @@ def test_a_levels_buffer_is_read_back_into_the_repetitions_provenance(tmp_path):
     result = netperf.parse_netperf("THROUGHPUT=1\nRSR_SIZE_REQ=65536\nRSR_SIZE=131072\n"
                                    "RSR_SIZE_END=131072\n")
     repetition._check_rcvbuf(rep, _cell("64K"), result, 212992)
-    kept = read_json(rep.file("rcvbuf.json"))
+    kept = read_json(rep.file(sockqueue.RAW_RCVBUF))
     assert kept["level"] == "64K" and kept["asked_bytes"] == 65536
     assert kept["expected_rcvbuf_bytes"] == 131072 and kept["rmem_max"] == 212992
     assert kept["netperf"] == {"RSR_SIZE_REQ": 65536, "RSR_SIZE": 131072,

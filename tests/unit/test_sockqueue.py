@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from testbed.formats import sockqueue
 from testbed.run.window import window_script
 from testbed.settings import IMAGES_DIR
 from tests.unit.test_window import experiment
+from tests.waits import poll_until
 
 LOCAL, PEER = "198.18.0.1:12866", "198.18.0.2:40000"
 CONTROL = ("198.18.0.1:12865", "198.18.0.2:39999")
@@ -104,6 +104,7 @@ def test_the_window_samples_the_queue_into_its_folder() -> None:
     assert "nbsample 3 0.05 /tmp/netbed/win/sockqueue.txt" in script
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
 def test_nbsample_samples_a_real_sockets_queue(tmp_path: Path) -> None:
     """A reader (named netserver, child of a netserver) that reads slowly from a loopback
@@ -131,10 +132,7 @@ def test_nbsample_samples_a_real_sockets_queue(tmp_path: Path) -> None:
                                f"p = subprocess.Popen([{str(fake)!r}, {str(child)!r}]); "
                                "time.sleep(60)"])
     try:
-        end = time.monotonic() + 30
-        while not Path(f"{child}.ready").exists():
-            assert time.monotonic() < end, "the reader did not start"
-            time.sleep(0.05)
+        poll_until(Path(f"{child}.ready").exists, "the reader's connection")
         queue_file = tmp_path / sockqueue.RAW
         out = subprocess.run([str(binary), "1", "0.05", str(queue_file)], capture_output=True,
                              text=True, timeout=30)
