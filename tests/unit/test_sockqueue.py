@@ -180,3 +180,21 @@ def test_captured_guest_samples_parse_and_reduce() -> None:
     # autotuned: the buffer grew to MiBs and the queue went past the capped one's
     assert deep["socket.rcvbuf_kb"].value > 1024
     assert deep["socket.queue_kb.p95"].value > shallow["socket.queue_kb.p95"].value
+
+
+def test_captured_sock_diag_samples_carry_the_buffer_the_kernel_set() -> None:
+    """Stock netbed kernel (sock_diag built in): every sample has sk_rcvbuf and rmem_alloc,
+    and the buffer is the level doubled for 64K and 1M (rmem_max raised), autotuned to
+    MiBs otherwise; the queues order by level."""
+    rows = {level: captured_rows(f"stock-{level}") for level in
+            ("64K-plain", "1M-model", "auto-plain")}
+    for level, got in rows.items():
+        assert all(r.status == "ok" and r.source == "sock_diag" for r in got.values()), level
+    queue = sockqueue.parse_sockqueue((CAPTURED / "stock-1M-model" / sockqueue.RAW).read_text())
+    assert queue.source == "sock_diag" and queue.note == ""
+    assert all(s.rmem is not None and s.rcvbuf is not None for s in queue.samples)
+    assert rows["64K-plain"]["socket.rcvbuf_kb"].value == 128
+    assert rows["1M-model"]["socket.rcvbuf_kb"].value == 2048
+    assert rows["auto-plain"]["socket.rcvbuf_kb"].value > 2048
+    p95 = {level: got["socket.queue_kb.p95"].value for level, got in rows.items()}
+    assert p95["64K-plain"] <= 64 < p95["1M-model"] <= 1024 * 2
