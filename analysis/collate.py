@@ -39,6 +39,7 @@ from testbed.formats import (
     procfs,
     reader,
     record,
+    sockqueue,
     stamps,
     tcpinfo,
     trace,
@@ -118,6 +119,7 @@ def cell_axes(cell: dict[str, Any]) -> dict[str, Any]:
         "workload": wl.get("name"),
         "message_size": wl.get("message_size"),
         "gro": ("on" if gro else "off") if isinstance(gro, bool) else gro,
+        "rcvbuf": cell.get("rcvbuf") or "auto",  # runs from before the axis: autotuned
     }
 
 
@@ -165,6 +167,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _collate_cachemodel(rep, out)
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
     _collate_trace(rep, out)
+    _collate_socket_queue(rep, out)
     _derive_per_unit(out, units, workload)
     _derive_coverage(out, units, workload)
     return out.rows, facts
@@ -439,6 +442,21 @@ def _collate_window(rep: RepDir, out: _Rows, workload: str, request_size: Any,
     return units
 
 
+def _collate_socket_queue(rep: RepDir, out: _Rows) -> None:
+    """socket.queue_kb.p50/.p95 and socket.rcvbuf_kb (testbed.formats.sockqueue)."""
+    def text(name: str) -> str | None:
+        path = rep.file(name)
+        return path.read_text() if path.is_file() else None
+
+    try:
+        rsr_end = netperf.parse_netperf(text(netperf.RAW) or "").get("RSR_SIZE_END")
+    except NetbedError:
+        rsr_end = None
+    for r in sockqueue.queue_rows(text(sockqueue.RAW), text(stamps.RAW),
+                                  text(tcpinfo.RAW_AFTER), rsr_end):
+        out.add(r.metric, "all", r.value, r.unit, r.source, r.status, r.note)
+
+
 def _collate_trace(rep: RepDir, out: _Rows) -> None:
     unsupported = rep.file(trace.RAW_UNSUPPORTED)
     gz, stats = rep.file(trace.RAW_TRACE), rep.file(trace.RAW_STATS)
@@ -593,13 +611,16 @@ def cell_label(row: pd.Series | dict[str, Any], axes: Iterable[str] = AXES) -> s
     """A short human label of a cell: kernel/nic/Ncpu/policy/WORKLOAD-size/gro."""
     parts = []
     for a in axes:
-        v = row.get(a) if isinstance(row, dict) else row[a]
+        v = row.get(a)  # an axis a table lacks (rcvbuf before the axis) is left out
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
             continue
         if a == "cpus":
             parts.append(f"{v}cpu")
         elif a == "gro":
             parts.append(f"gro-{v}")
+        elif a == "rcvbuf":  # autotuned, as every run before the axis: no part
+            if v != "auto":
+                parts.append(f"rcvbuf-{v}")
         else:
             parts.append(str(v))
     return "/".join(parts)

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from testbed.errors import GuestError, NetbedError
-from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.config import Cell, Experiment, rcvbuf_bytes
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats import netperf, payload, reader, record, stamps, tcpinfo
+from testbed.formats import netperf, payload, reader, record, sockqueue, stamps, tcpinfo
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
 from testbed.formats.offloads import RAW as OFFLOADS_RAW
 from testbed.formats.readback import RAW as READBACK_RAW
@@ -166,17 +166,21 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
                        "repetition": rep.repetition})
     atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
+    asked = rcvbuf_bytes(cell.rcvbuf)
+    raise_rmem = None if asked is None else sockqueue.rmem_max_command(asked)
     applied = rx.run(prepare_command(
         apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
-        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT))
-    readback_text, offloads_text = split_sections(applied.stdout, 2)
+        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT,
+        *([raise_rmem] if raise_rmem else [])))
+    readback_text, offloads_text, *rmem_text = split_sections(applied.stdout,
+                                                              3 if raise_rmem else 2)
     atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
     remote_cpu = netserver_cpu(resolved)
     fill = _prepare_payload(rx, tx, cell, payload_kind)
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
-    fill_test = payload.netperf_test_args(fill)
+    fill_test = [*payload.netperf_test_args(fill), *netperf.receive_buffer_args(asked)]
     # netperf starts only once the window is armed (trace, the previous reader noted);
     # the warm-up is the measured connection's own traffic before the window opens
     rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
@@ -218,9 +222,33 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         raise PolicyMismatch(f"cell {cell.cell_id}: receiver state differs from policy "
                              f"{resolved.name!r}: " + "; ".join(problems))
     result = netperf.parse_netperf(rep.file(netperf.RAW).read_text())
+    _check_rcvbuf(rep, cell, result,
+                  sockqueue.parse_rmem_max(rmem_text[0]) if rmem_text else None)
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
             "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}
+
+
+def _check_rcvbuf(rep: RepDir, cell: Cell, result: netperf.NetperfResult,
+                  rmem_max: int | None) -> None:
+    """The copy-lag level's provenance (`rcvbuf.json`): what was asked, net.core.rmem_max
+    in force, netserver's SO_RCVBUF as netperf read it back (asked, as set on its
+    listening socket, at the end), and what the kernel should have made of the level.
+    A set level whose buffer reads back otherwise fails the repetition (PolicyMismatch):
+    its cell would be labelled with a queue depth it did not have."""
+    size = rcvbuf_bytes(cell.rcvbuf)
+    expected = None if size is None or rmem_max is None else \
+        sockqueue.kernel_rcvbuf(size, rmem_max)
+    read = {k: result.get(k) for k in ("RSR_SIZE_REQ", "RSR_SIZE", "RSR_SIZE_END")}
+    atomic_write_json(rep.file(sockqueue.RAW_RCVBUF), {
+        "level": cell.rcvbuf, "asked_bytes": size, "rmem_max": rmem_max,
+        "mechanism": ("autotuned (tcp_rmem); nothing set" if size is None else
+                      "netperf -S ,N: netserver's SO_RCVBUF on its listening socket"),
+        "expected_rcvbuf_bytes": expected, "netperf": read})
+    if size is not None and read["RSR_SIZE"] != expected:
+        raise PolicyMismatch(f"cell {cell.cell_id}: rcvbuf {cell.rcvbuf} should give "
+                             f"SO_RCVBUF {expected} (rmem_max {rmem_max}), netserver's "
+                             f"socket read back {read['RSR_SIZE']}")
 
 
 def _window_rates(rep: RepDir, cell: Cell) -> dict[str, float]:

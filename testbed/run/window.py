@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from testbed.experiment.config import Experiment
-from testbed.formats import perfstat, readback, reader, record, trace
+from testbed.formats import perfstat, readback, reader, record, sockqueue, trace
 from testbed.formats.readback import ABSENT
 from testbed.vocabulary import GUEST_DIR
 
@@ -18,7 +18,9 @@ RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.data
 PERF_FILE = perfstat.RAW
 PERF_CTL = "perf.ctl"  # perf's control FIFO: `enable` / `disable` (perf stat --control)
 PERF_ACK = "perf.ack"  # perf answers `ack` there once it has done so
-SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
+# 20 Hz: nbsample keeps it even when both vCPUs are busy; each round also samples the
+# reader's socket queues (one sock_diag lookup per socket: testbed.formats.sockqueue)
+SAMPLER_INTERVAL_S = 0.05
 WINDOW_LEAD_S = 0.5  # the least connection ramp before the window opens
 # Model windows arm the cache model after the warm-up and let it settle this long before
 # `begin`: the code-cache flush and most of QEMU's retranslation with callbacks happen
@@ -52,7 +54,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     counting (plain windows; enabled and disabled through its control FIFO, each between
     two stamps), the cache model's markers (model windows), the units (every established
     TCP connection's tcp_info, the data NIC's statistics), the trace, the /proc
-    snapshots, and the reader sampler with `sleep duration` in the middle. The markers
+    snapshots, and the reader sampler (where the reader runs, and how much payload waits
+    in its socket: sockqueue.txt) with `sleep duration` in the middle. The markers
     sit right against the units because reads inside a region run ~10x slower; nbsnap
     makes them cheap there (sockets borrowed and files opened before the window, results
     written after the line: a units read ~10 ms inside a region), so the model's counts
@@ -99,7 +102,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                                            timeout_margin=margin)
     else:
         outer = perfstat.with_timeout(inner_sh, exp.duration, margin)
-    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S,
+                                            queue_file=sockqueue.sampler_args(w))
     polls = int(READER_WAIT_S / 0.1)
     traced = tracing and bool(iface)
     up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/{record.SETUP_TIMES}'

@@ -213,6 +213,8 @@ def test_cell_label() -> None:
            "workload": "TCP_RR", "message_size": 1, "gro": "off"}
     assert c.cell_label(row) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
     assert c.cell_label(row, ["policy", "nic"]) == "rfs/e1000"
+    assert c.cell_label({**row, "rcvbuf": "auto"}) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
+    assert c.cell_label({**row, "rcvbuf": "64K"}).endswith("/gro-off/rcvbuf-64K")
 
 
 def test_cell_axes_accepts_nested_and_flat_cells() -> None:
@@ -220,9 +222,10 @@ def test_cell_axes_accepts_nested_and_flat_cells() -> None:
               "workload": {"name": "TCP_MAERTS", "message_size": 65536}, "gro": False}
     flat = {**nested, "workload": "TCP_MAERTS", "message_size": 65536}
     want = {"kernel": "stock", "nic": "virtio", "cpus": 4, "policy": "rps",
-            "workload": "TCP_MAERTS", "message_size": 65536, "gro": "off"}
+            "workload": "TCP_MAERTS", "message_size": 65536, "gro": "off", "rcvbuf": "auto"}
     assert c.cell_axes(nested) == want
     assert c.cell_axes(flat) == want
+    assert c.cell_axes({**nested, "rcvbuf": "64K"})["rcvbuf"] == "64K"
 
 
 @pytest.mark.process  # a process pool

@@ -10,8 +10,12 @@ import tarfile
 import pytest
 
 from testbed.errors import GuestError
+from testbed.experiment.config import Cell
+from testbed.files import read_json
+from testbed.formats import netperf, sockqueue
 from testbed.run import repetition
 from testbed.run.folder import RunDir
+from testbed.run.loop import PolicyMismatch
 from testbed.run.repetition import (
     NOT_FINISHED,
     fetch_window_command,
@@ -100,3 +104,29 @@ def test_the_window_starts_detached_and_the_command_returns_once_it_is_armed(tmp
     res = HostShell().run(["timeout", "10", "sh", "-c", cmd], check=False)
     assert res.exit_code == 0
     assert (tmp_path / "window.sh").read_text() == script.replace(GUEST_DIR, str(tmp_path))
+
+
+def _cell(level: str) -> Cell:
+    return Cell(kernel="patched", nic="e1000", cpus=2, policy="pin-same",
+                workload={"name": "TCP_STREAM", "message_size": 16384}, gro=True, rcvbuf=level)
+
+
+def test_a_levels_buffer_is_read_back_into_the_repetitions_provenance(tmp_path):
+    rep = RunDir(tmp_path / "run").start_rep("c", 0)
+    result = netperf.parse_netperf("THROUGHPUT=1\nRSR_SIZE_REQ=65536\nRSR_SIZE=131072\n"
+                                   "RSR_SIZE_END=131072\n")
+    repetition._check_rcvbuf(rep, _cell("64K"), result, 212992)
+    kept = read_json(rep.file(sockqueue.RAW_RCVBUF))
+    assert kept["level"] == "64K" and kept["asked_bytes"] == 65536
+    assert kept["expected_rcvbuf_bytes"] == 131072 and kept["rmem_max"] == 212992
+    assert kept["netperf"] == {"RSR_SIZE_REQ": 65536, "RSR_SIZE": 131072,
+                               "RSR_SIZE_END": 131072}
+
+
+def test_a_level_the_socket_did_not_get_fails_the_repetition(tmp_path):
+    rep = RunDir(tmp_path / "run").start_rep("c", 0)
+    capped = netperf.parse_netperf("THROUGHPUT=1\nRSR_SIZE_REQ=1048576\nRSR_SIZE=425984\n")
+    with pytest.raises(PolicyMismatch, match="should give SO_RCVBUF 2097152"):
+        repetition._check_rcvbuf(rep, _cell("1M"), capped, 1048576)
+    auto = netperf.parse_netperf("THROUGHPUT=1\nRSR_SIZE_REQ=-1\nRSR_SIZE=131072\n")
+    repetition._check_rcvbuf(rep, _cell("auto"), auto, None)  # nothing asked: nothing to match
