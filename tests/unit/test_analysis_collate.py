@@ -301,10 +301,11 @@ def test_by_kind_takes_cache_rows_from_instrumented_reps_and_the_rest_from_plain
     under = pd.Series([(cell, r) in {(PIN_SAME, 1), (DEFAULT, 1)} for cell, r in keys],
                       index=view.index)
     metric = view.metric.astype(str)
-    # instrumented reps: only cache.* and rep.* rows; plain reps: no cache.* rows at all
-    assert set(metric[under & ~metric.str.startswith("rep.")].str.split(".").str[0]) == \
-        {"cache"}
-    assert not metric[~under].str.startswith("cache.").any()
+    # instrumented reps: only cache.*, socket.* and rep.* rows; plain reps: none of those
+    assert set(metric[under & ~metric.str.startswith("rep.")].str.split(".").str[0]) <= \
+        {"cache", "socket"}
+    assert "cache" in set(metric[under].str.split(".").str[0])
+    assert not metric[~under].str.startswith(("cache.", "socket.")).any()
     assert (metric[under] == "netperf.throughput").sum() == 0
     assert (metric[~under] == "netperf.throughput").sum() > 0
     # one kind only (an old cache-model run, or a run without the model): unchanged
