@@ -222,7 +222,8 @@ def kinds_verdict(tidy: pd.DataFrame) -> str:
            if per_cell.max() == 1 else "")
     return (f"{len(inst)} repetitions ran under the cache-model plugin (instrumented) and "
             f"{len(plain)} without it (plain: {n} per cell, traced). The tables and figures "
-            "take cache.* figures from the instrumented repetitions only and everything else "
+            "take cache.* figures and the socket's queue depth (socket.*, measured beside them) "
+            "from the instrumented repetitions only and everything else "
             "(throughput, transaction rate, latency, locality, wake-ups, software counters) "
             f"from the plain ones only; n in each row counts the kind it comes from.{one}")
 
