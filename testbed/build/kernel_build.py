@@ -233,9 +233,9 @@ def first_failure(output: str, patch_text: str) -> str:
                 f"{failed.group(2)} of the source):\n{text}").rstrip()
     for marker in ("can't find file to patch", "Reversed (or previously applied) patch",
                    "malformed patch", "Only garbage was found", "No file to patch"):
-        for line in output.splitlines():
-            if marker in line:
-                return line.strip()
+        for said in output.splitlines():
+            if marker in said:
+                return said.strip()
     tail = [ln for ln in output.strip().splitlines() if ln.strip()]
     return tail[-1] if tail else "patch failed without saying why"
 
