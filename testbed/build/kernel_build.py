@@ -211,13 +211,32 @@ def hunk_text(patch_text: str, file: str, number: int, limit: int = 24) -> tuple
         elif line.startswith("@@ ") and current == file:
             count += 1
             if count == number:
-                body = [line]
-                for nxt in lines[i + 1:]:
-                    if nxt.startswith(("@@ ", "diff ", "--- ", "-- ")) or len(body) >= limit:
-                        break
-                    body.append(nxt)
-                return i + 1, "\n".join(body)
+                return i + 1, "\n".join(_hunk_lines(lines, i, limit))
     return 0, ""
+
+
+_HUNK_HEAD = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def _hunk_lines(lines: list[str], start: int, limit: int) -> list[str]:
+    """The hunk at lines[start], as long as its header's line counts say (at most `limit`)."""
+    m = _HUNK_HEAD.match(lines[start])
+    old, new = (int(m.group(1) or 1), int(m.group(2) or 1)) if m else (0, 0)
+    body = [lines[start]]
+    for nxt in lines[start + 1:]:
+        if (old <= 0 and new <= 0) or len(body) >= limit:
+            break
+        kind = nxt[:1]
+        if kind in (" ", ""):
+            old, new = old - 1, new - 1
+        elif kind == "-":
+            old -= 1
+        elif kind == "+":
+            new -= 1
+        elif kind != "\\":
+            break
+        body.append(nxt)
+    return body
 
 
 def first_failure(output: str, patch_text: str) -> str:

@@ -160,9 +160,12 @@ class VariantSpec(BaseModel):
 
 
 class KernelsFileModel(BaseModel):
+    """The file's shape; each variant is validated on its own, so every problem of every
+    variant is reported at once."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    variants: dict[str, VariantSpec] = Field(max_length=MAX_VARIANTS)
+    variants: dict[str, Any] = Field(max_length=MAX_VARIANTS)
 
 
 # ---------------------------------------------------------------- resolved variants
@@ -235,9 +238,10 @@ class KernelSet:
         return self.variants[name]
 
 
-def load_kernels(path: Path = DEFAULT_KERNELS_FILE) -> KernelSet:
-    """Load and validate a kernels file; every problem is reported at its file:line:col."""
-    return _kernels_from(load_yaml(path))
+def load_kernels(path: Path | None = None) -> KernelSet:
+    """Load and validate a kernels file (default configs/kernels.yaml); every problem is
+    reported at its file:line:col."""
+    return _kernels_from(load_yaml(DEFAULT_KERNELS_FILE if path is None else path))
 
 
 def loads_kernels(data: bytes, path: Path) -> KernelSet:
@@ -250,11 +254,6 @@ def _kernels_from(src: Source) -> KernelSet:
     if src.empty or not isinstance(data, dict):
         raise ConfigError(f"{src.name}:1:1: expected a mapping with a `variants:` key",
                           hint=f"see {display_path(DEFAULT_KERNELS_FILE)}")
-    variants = data.get("variants")
-    if isinstance(variants, dict):  # the mapping key is the name; `name:` inside is optional
-        data = {**data, "variants": {
-            k: ({"name": k, **v} if isinstance(v, dict) else {"name": k} if v is None else v)
-            for k, v in variants.items()}}
     try:
         model = KernelsFileModel.model_validate(data)
     except ValidationError as e:
@@ -262,7 +261,15 @@ def _kernels_from(src: Source) -> KernelSet:
         raise  # pragma: no cover - raise_problems always raises for a non-empty list
     problems: list[Problem] = []
     out: dict[str, Variant] = {}
-    for key, spec in model.variants.items():
+    for key, body in model.variants.items():
+        # the mapping key is the name; `name:` inside is optional
+        body = {"name": key, **body} if isinstance(body, dict) else \
+            {"name": key} if body is None else body
+        try:
+            spec = VariantSpec.model_validate(body)
+        except ValidationError as e:
+            problems += validation_problems(src, e, VariantSpec, ("variants", key))
+            continue
         if spec.name != key:
             problems.append(src.problem(("variants", key, "name"),
                                         f"variant {key!r} has name {spec.name!r}; drop "
@@ -391,12 +398,20 @@ def kernel_names_text(kernels: KernelSet) -> str:
     return ", ".join(kernels.names)
 
 
-def check_kernel_names(names: list[Any], kernels: KernelSet) -> str | None:
-    """Why a list of kernel names (e.g. a policy's requires_kernel) is not allowed, or None."""
+def check_kernel_names(names: list[Any], kernels: KernelSet | None = None) -> str | None:
+    """Why a policy's requires_kernel list is not allowed, or None.
+
+    A name must be a kernel of configs/kernels.yaml or of `kernels` (an experiment's own
+    file): shipped policies name shipped variants, and a user's file need not repeat them.
+    Whether the experiment pairs the policy with such a kernel is the experiment's check.
+    """
+    shipped = load_kernels()
+    sets = [shipped] if kernels is None or kernels.path == shipped.path else [kernels, shipped]
     for name in names:
-        if name not in kernels:
-            return (f"unknown kernel {shown(name)} (allowed: {kernel_names_text(kernels)}; "
-                    f"variants come from {display_path(kernels.path)})")
+        if not any(name in k for k in sets):
+            allowed = ", ".join(dict.fromkeys(n for k in sets for n in k.names))
+            files = " and ".join(k.path.name for k in sets)
+            return f"unknown kernel {shown(name)} (allowed: {allowed}; variants come from {files})"
     return None
 
 

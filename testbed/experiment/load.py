@@ -213,9 +213,8 @@ def _kernel_name_problems(src: Source, data: dict[str, Any],
             found += [((section, j, "kernel"), e["kernel"]) for j, e in enumerate(entries)
                       if isinstance(e, dict) and e.get("kernel") is not None]
     allowed = ", ".join(kernels.names)
-    where = display_path(kernels.path)
     return [src.problem(loc, f"unknown kernel {shown(name)} (allowed: {allowed}; variants "
-                        f"come from {where})" + did_you_mean(name, kernels.names))
+                        f"come from {kernels.path.name})" + did_you_mean(name, kernels.names))
             # a name that is not text gets its type error from the model instead
             for loc, name in found if isinstance(name, str) and name not in kernels]
 

@@ -46,7 +46,7 @@ from pydantic import (
 )
 
 from testbed.errors import ConfigError, NetbedError
-from testbed.experiment.kernelfile import KernelSet, check_kernel_names, load_kernels
+from testbed.experiment.kernelfile import KernelSet, check_kernel_names
 from testbed.experiment.yamlload import (
     Source,
     cut,
@@ -190,10 +190,8 @@ class Policy(BaseModel):
         if not v:
             raise ValueError("an empty list allows no kernel; omit the key "
                              "to allow every kernel")
-        # the kernels the policies are checked against: the experiment's kernels file
-        # (passed as validation context), else configs/kernels.yaml
-        kernels = (info.context or {}).get("kernels") or load_kernels()
-        if problem := check_kernel_names(v, kernels):
+        # the experiment's kernels file (validation context) and configs/kernels.yaml
+        if problem := check_kernel_names(v, (info.context or {}).get("kernels")):
             raise ValueError(problem)
         return v
 
