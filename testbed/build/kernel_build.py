@@ -431,7 +431,9 @@ class _Build:
         meta_path = art / "metadata.json"
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
+        # recipe-1 artifacts (stock, patched) predate these fields; their key says they hold
+        meta = {"base": inputs.base, "localversion": inputs.localversion,
+                **json.loads(meta_path.read_text())}
         return Kernel(name=inputs.variant, bzimage=art / "bzImage", release=meta["release"],
                       modules_cpio=None, metadata=meta)
 
