@@ -657,6 +657,11 @@ def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
                  "another base lists its own), or fix the order of the list")
 
 
+def tree_dir_of(settings: Settings, inputs: BuildInputs) -> Path:
+    """The build tree a build of `inputs` starts from (it may not exist yet)."""
+    return _Build(settings, lambda m: None).tree_dir(inputs)
+
+
 def variant_of(name: str, kernels: KernelSet | None = None) -> Variant:
     return (kernels or load_kernels()).variant(name)
 
