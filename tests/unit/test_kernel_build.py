@@ -25,6 +25,7 @@ from testbed.build.kernel_build import (
     parse_config,
     parse_patch,
     touched_files,
+    variant_statuses,
 )
 from testbed.build.kernel_source import KernelSource
 from testbed.errors import ConfigError
@@ -333,3 +334,15 @@ def test_build_order_puts_unpatched_variants_first(tmp_path: Path) -> None:
     assert [v.name for v in build_order(["patched", "stock"], kernels)] == ["stock", "patched"]
     with pytest.raises(ConfigError, match="unknown kernel 'nope'"):
         build_order(["nope"], kernels)
+
+
+def test_doctor_lists_every_variant_built_or_not(tmp_path: Path) -> None:
+    (tmp_path / "linux.tar.xz").write_bytes(b"not really a tarball")
+    (tmp_path / "k.yaml").write_text("variants:\n  new: {base: debian-6.12}\n"
+                                     "  local: {base: ./linux.tar.xz}\n")
+    rows = variant_statuses(Settings(cache_dir=tmp_path / "cache"),
+                            load_kernels(tmp_path / "k.yaml"))
+    assert [(r.name, r.base, r.patches, r.built) for r in rows] == [
+        ("new", "debian-6.12", 0, None), ("local", "./linux.tar.xz", 0, False)]
+    assert rows[0].text().endswith("source not fetched yet")
+    assert rows[1].text().endswith("not built")

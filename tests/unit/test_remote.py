@@ -194,5 +194,5 @@ def test_config_files_ship_the_kernels_file_and_its_own_patches(tmp_path):
     assert [rel for _, rel in cfg.files] == ["e.yaml", "k/kernels.yaml", "k/mine.patch"]
     (tmp_path / "linux.tar.xz").write_bytes(b"")
     (tmp_path / "k" / "kernels.yaml").write_text("variants:\n  mine: {base: ../linux.tar.xz}\n")
-    with pytest.raises(NetbedError, match="a local base .* is not shipped"):
+    with pytest.raises(NetbedError, match=r"a local base .* is not shipped"):
         config_files(tmp_path / "e.yaml")
