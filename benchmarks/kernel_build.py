@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,13 +45,15 @@ def touch_patch(main_c: Path) -> str:
     return "".join(difflib.unified_diff(old, new, "a/init/main.c", "b/init/main.c"))
 
 
-def _line(label: str, k: Kernel, seconds: float, fresh: bool) -> str:
+def _line(label: str, k: Kernel, seconds: float, started: datetime) -> str:
+    """One figure; a kernel whose metadata says it was built before `started` is cached."""
     m = k.metadata
+    fresh = datetime.fromisoformat(m["built_at"]) >= started
     what = (f"{seconds:7.1f} s wall now" if fresh else
-            f"cached (built {m['built_at']} in {m['build_seconds']} s wall)")
+            f"cached (built {m['built_at']})")
     extra = (f", patch-only part {m['patch_only_seconds']} s"
              if "patch_only_seconds" in m else "")
-    return (f"{label:<28} {what}; recorded {m['build_seconds']} s wall, "
+    return (f"{label:<24} {what}; recorded {m['build_seconds']} s wall, "
             f"{m.get('build_cpu_seconds', '?')} s CPU{extra}  {k.release}")
 
 
@@ -66,36 +69,35 @@ def main() -> int:
     settings = Settings(cache_dir=cache)
     work = Path(tempfile.mkdtemp(prefix="netbed-kbench-file-"))
     kfile = work / "kernels.yaml"
-    kfile.write_text(f"variants:\n  cold:\n    base: {args.base}\n    localversion: \"\"\n")
+    # named as in configs/kernels.yaml, so an existing cache's builds are found
+    suffix = "" if args.base == "debian-6.1" else "-" + args.base.removeprefix("debian-")
+    cold_name, touch_name = f"stock{suffix}", f"touch{suffix}"
+    kfile.write_text(f"variants:\n  {cold_name}:\n    base: {args.base}\n"
+                     "    localversion: \"\"\n")
     print(f"cache dir: {cache} (cpus: {os.cpu_count()}); base {args.base}")
     lines = []
+    started = datetime.now(UTC).replace(microsecond=0)
     try:
         kernels = load_kernels(kfile)
-        cold = kernels.variant("cold")
-        source = known_source(cold.base, settings)
-        cached = source is not None and (tree_dir_of(settings, inputs_for(cold, source))
-                                         / ".netbed-compiled").is_file()
+        cold = kernels.variant(cold_name)
         t0 = time.monotonic()
         k = ensure_built(cold, settings, print, kernels)
-        lines.append(_line("cold (unpatched)", k, time.monotonic() - t0, not cached))
+        lines.append(_line("cold (unpatched)", k, time.monotonic() - t0, started))
         source = known_source(cold.base, settings)
         assert source is not None  # it was just built from it
         tree = tree_dir_of(settings, inputs_for(cold, source))
         (work / "touch.patch").write_text(touch_patch(tree / "init" / "main.c"))
-        extra = "  touch:\n    base: {b}\n    patches: [touch.patch]\n    localversion: -touch\n"
+        extra = (f"  {touch_name}:\n    base: {args.base}\n    patches: [touch.patch]\n"
+                 "    localversion: -touch\n")
         if args.base == "debian-6.1":
-            extra += ("  patched:\n    base: {b}\n    patches: [" + str(PATCHES_DIR / WAKE_LOCAL)
-                      + "]\n    localversion: -wakelocal\n")
-        kfile.write_text(kfile.read_text() + extra.format(b=args.base))
+            extra += (f"  patched:\n    base: {args.base}\n    patches: "
+                      f"[{PATCHES_DIR / WAKE_LOCAL}]\n    localversion: -wakelocal\n")
+        kfile.write_text(kfile.read_text() + extra)
         kernels = load_kernels(kfile)
-        for name in [n for n in ("touch", "patched") if n in kernels]:
-            v = kernels.variant(name)
-            before = (settings.cache_dir / "kernels").glob(f"{name}-*/metadata.json")
-            have = {p.parent.name for p in before}
+        for name in [n for n in (touch_name, "patched") if n in kernels]:
             t0 = time.monotonic()
-            k = ensure_built(v, settings, print, kernels)
-            fresh = k.bzimage.parent.name not in have
-            lines.append(_line(f"patch-only ({name})", k, time.monotonic() - t0, fresh))
+            k = ensure_built(kernels.variant(name), settings, print, kernels)
+            lines.append(_line(f"patch-only ({name})", k, time.monotonic() - t0, started))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if temp and not args.keep:
