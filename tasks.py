@@ -56,7 +56,7 @@ def doctor(c, json_=False, no_probe=False):
     kernel variants of configs/kernels.yaml (built or not)."""
     from dataclasses import asdict
 
-    from testbed.build.kernel_build import variant_statuses
+    from testbed.build.kernels import variant_statuses
     from testbed.vm.hostfacts import facts_table, gather
 
     s = settings_of(c)
@@ -197,7 +197,8 @@ def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
 })
 def build_kernel(c, variant="all", kernels_file=None, json_=False):
     """Build guest kernel variants of the kernels file (cached; prints each build's time)."""
-    from testbed.build.kernel_build import build_order, ensure_built
+    from testbed.build.kernel_build import ensure_built
+    from testbed.build.kernels import build_order
     from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE, load_kernels
 
     s = settings_of(c)

@@ -42,7 +42,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -592,7 +592,7 @@ class _Build:
         if inputs.in_tree:
             origin = "fresh source tree" if fresh else "the existing tree"
             return self._done(variant, inputs, source, tree, start, progress, origin)
-        tree_ready = time.monotonic()
+        tree_ready, tree_cpu = time.monotonic(), progress.cpu_seconds
         work = self.tmp / f"{name}-tree-{inputs.key()}.{os.getpid()}"
         # The copy stays in tmp/ when we are done (deleting ~2 GB takes a minute on a busy
         # disk): the next build's clean_tmp() removes it, and after a failure it is there
@@ -605,9 +605,9 @@ class _Build:
         self.relink_objtool_in_place(tree, work, progress)
         self.make(work, variant.localversion, progress)
         origin = f"tree {inputs.tree().key()} + patches"
-        kernel = self._done(variant, inputs, source, work, start, progress, origin,
-                            patch_only_seconds=round(time.monotonic() - tree_ready, 1))
-        return kernel
+        return self._done(variant, inputs, source, work, start, progress, origin,
+                          patch_only_seconds=round(time.monotonic() - tree_ready, 1),
+                          patch_only_cpu_seconds=round(progress.cpu_seconds - tree_cpu, 1))
 
     def _done(self, variant: Variant, inputs: BuildInputs, source: KernelSource, tree: Path,
               start: float, progress: _Progress, origin: str, **extra: Any) -> Kernel:
@@ -657,6 +657,11 @@ def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
                  "another base lists its own), or fix the order of the list")
 
 
+def find_built(variant: Variant, source: KernelSource, settings: Settings) -> Kernel | None:
+    """The cached kernel of `variant` built from `source`, or None (nothing is built)."""
+    return _Build(settings, lambda m: None).load(inputs_for(variant, source))
+
+
 def tree_dir_of(settings: Settings, inputs: BuildInputs) -> Path:
     """The build tree a build of `inputs` starts from (it may not exist yet)."""
     return _Build(settings, lambda m: None).tree_dir(inputs)
@@ -684,45 +689,3 @@ def ensure_built(variant: str | Variant, settings: Settings, log: Log = print,
             f"(a cold build takes minutes)")
         build.clean_tmp()
         return build.build(v, inputs, source)
-
-
-@dataclass(frozen=True)
-class VariantStatus:
-    """One line of `invoke doctor`: a variant and whether its kernel is in the cache."""
-
-    name: str
-    base: str
-    patches: int
-    built: bool | None        # None: the source is not here yet, so the key is unknown
-    release: str = ""
-    path: str = ""
-
-    def text(self) -> str:
-        state = ("source not fetched yet" if self.built is None else
-                 f"built {self.release}" if self.built else "not built")
-        return (f"{self.name:<14} {self.base:<12} {self.patches} patch"
-                f"{'es' if self.patches != 1 else ''}  {state}")
-
-
-def variant_statuses(settings: Settings, kernels: KernelSet | None = None
-                     ) -> list[VariantStatus]:
-    """Every variant of the file, built or not (nothing is installed or fetched)."""
-    kset = kernels or load_kernels()
-    build = _Build(settings, lambda m: None)
-    out = []
-    for v in kset.variants.values():
-        source = known_source(v.base, settings)
-        kernel = build.load(inputs_for(v, source)) if source is not None else None
-        out.append(VariantStatus(v.name, v.base.name, len(v.patches),
-                                 None if source is None else kernel is not None,
-                                 kernel.release if kernel else "",
-                                 str(kernel.bzimage) if kernel else ""))
-    return out
-
-
-def build_order(names: Sequence[str], kernels: KernelSet) -> list[Variant]:
-    """The variants to build for `names` (`all`: every one), each base's unpatched ones
-    first, so the patched ones start from a compiled tree."""
-    chosen = list(kernels.variants.values()) if list(names) == ["all"] else [
-        kernels.variant(n) for n in names]
-    return sorted(chosen, key=lambda v: bool(v.patches))

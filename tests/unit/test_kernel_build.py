@@ -15,7 +15,6 @@ from testbed.build.kernel_build import (
     FRAGMENT,
     BuildInputs,
     _Build,
-    build_order,
     check_config,
     config_mismatches,
     first_failure,
@@ -25,9 +24,9 @@ from testbed.build.kernel_build import (
     parse_config,
     parse_patch,
     touched_files,
-    variant_statuses,
 )
 from testbed.build.kernel_source import KernelSource
+from testbed.build.kernels import build_order, variant_statuses
 from testbed.errors import ConfigError
 from testbed.experiment.kernelfile import Variant, load_kernels
 from testbed.settings import Settings
