@@ -23,10 +23,10 @@ compile, the tree is configured (every requested option checked) and the patches
 are applied to copies of the files they touch: a patch that does not apply is
 refused with its first failing hunk, not after minutes of compiling.
 
-Keys of `stock` and `patched` are those of recipe 1 (before the kernels file): the
-key hashes the base, the variant's fragment and its localversion only where they
-differ from what recipe 1 implied (6.1, no extra fragment, "" without patches,
-"-wakelocal" with them), so caches built before it are still found.
+Keys of `stock`, `patched` and `affine-copy` are those of recipe 1 (before the kernels
+file): the key hashes the base, the variant's fragment and its localversion only where
+they differ from what recipe 1 implied (6.1, no extra fragment, the localversion recipe 1
+gave that name), so caches built before it are still found.
 """
 
 from __future__ import annotations
@@ -259,9 +259,10 @@ def first_failure(output: str, patch_text: str) -> str:
     return tail[-1] if tail else "patch failed without saying why"
 
 
-def legacy_localversion(has_patches: bool) -> str:
-    """What recipe 1 appended to `uname -r` (stock: nothing; patched: -wakelocal)."""
-    return "-wakelocal" if has_patches else ""
+# What recipe 1 (one LOCALVERSION per variant name, before the kernels file) appended to
+# `uname -r`. A variant with one of these names and this localversion keeps recipe 1's key,
+# which did not hash the localversion; any other variant's key hashes it.
+LEGACY_LOCALVERSION = {"stock": "", "patched": "-wakelocal", "affine-copy": "-affinecopy"}
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ class BuildInputs:
             data["base"] = self.base
         if self.extra_fragment_sha256:
             data["extra_fragment_sha256"] = self.extra_fragment_sha256
-        if self.localversion != legacy_localversion(bool(self.patches)):
+        if LEGACY_LOCALVERSION.get(self.variant) != self.localversion:
             data["localversion"] = self.localversion
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

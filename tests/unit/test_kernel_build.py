@@ -138,6 +138,11 @@ def test_recipe_1_keys_are_kept() -> None:
     blob = json.dumps(pat, sort_keys=True).encode()
     assert _inputs(variant="patched", patches=(("0001.patch", "1" * 64),),
                    localversion="-wakelocal").key() == hashlib.sha256(blob).hexdigest()[:16]
+    # affine-copy as its own branch keyed it before the kernels file (recipe 1)
+    pat = {**old, "patches": [["0002.patch", "2" * 64]]}
+    blob = json.dumps(pat, sort_keys=True).encode()
+    assert _inputs(variant="affine-copy", patches=(("0002.patch", "2" * 64),),
+                   localversion="-affinecopy").key() == hashlib.sha256(blob).hexdigest()[:16]
     # another localversion on the same patches is another kernel
     assert _inputs(patches=(("0001.patch", "1" * 64),), localversion="-mine").key() != \
         _inputs(patches=(("0001.patch", "1" * 64),), localversion="-wakelocal").key()
