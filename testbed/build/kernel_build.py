@@ -292,7 +292,9 @@ class BuildInputs:
             data["base"] = self.base
         if self.extra_fragment_sha256:
             data["extra_fragment_sha256"] = self.extra_fragment_sha256
-        if LEGACY_LOCALVERSION.get(self.variant) != self.localversion:
+        # (an unpatched build without a localversion is its tree's: no name changes that)
+        legacy = LEGACY_LOCALVERSION.get(self.variant, None if self.patches else "")
+        if legacy != self.localversion:
             data["localversion"] = self.localversion
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -103,9 +103,13 @@ def test_shipped_fragment_has_what_the_guest_needs() -> None:
 def test_key_is_stable_and_ignores_names_other_than_recipe_1_ones() -> None:
     assert _inputs().key() == _inputs().key()
     assert _inputs(variant="mine").key() == _inputs(variant="yours").key()
-    # recipe 1 did not hash stock's localversion; another name with the same inputs
-    # is a separate build (its own artifact dir anyway)
-    assert _inputs(variant="mine").key() != _inputs().key()
+    # an unpatched build without a localversion is its tree's, whatever its name
+    assert _inputs(variant="mine").key() == _inputs().key() == _inputs().tree().key()
+    # recipe 1 did not hash patched's localversion; a patched variant of another name
+    # with the same patches and localversion is a separate build
+    p = (("0001.patch", "1" * 64),)
+    assert _inputs(variant="mine", patches=p, localversion="-wakelocal").key() != \
+        _inputs(variant="patched", patches=p, localversion="-wakelocal").key()
 
 
 @pytest.mark.parametrize("field,value", [
