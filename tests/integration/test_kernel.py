@@ -388,3 +388,19 @@ def test_a_patch_that_does_not_apply_to_the_base_is_refused_with_its_hunk(
     assert "init/main.c: hunk #1 (patch line 3) FAILED" in message
     assert "+\tpr_err(\"netbed-user-variant" in message
     assert not list((settings.cache_dir / "kernels").glob("broken-*/metadata.json"))
+
+
+def test_the_6_12_base_builds_and_boots_with_the_same_config(
+        settings: Settings, tiny_initrd: Path, workdir: Path) -> None:
+    """stock-6.12 (bookworm-backports' linux-source-6.12, fetched into the cache): the
+    netbed.config options all survive its Kconfig, and it boots with the built-in NICs."""
+    kernel = ensure_built("stock-6.12", settings)
+    assert kernel.release.startswith("6.12.") and kernel.release.endswith("-netbed")
+    assert kernel.metadata["source_package"] == "linux-source-6.12"
+    assert kernel.metadata["source_suite"] == "bookworm-backports"
+    boot = boot_tiny(kernel, tiny_initrd, workdir, cpus=2)
+    f = boot.facts
+    assert f["uname"] == kernel.release
+    assert f["cpus"] == "2" and f["drivers"] == "e1000,virtio_net,"
+    assert f.get("ptmx") == "yes" and f.get("tracefs") == "yes"
+    assert f["rx_wake_local"] == "absent"
