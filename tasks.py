@@ -150,21 +150,41 @@ def dataplane_line(note: str) -> str:
     return f"data plane: {note} (as in experiments)"
 
 
+# Tiers and the pytest markers each leaves out (pyproject.toml registers the markers).
+TEST_TIERS = {
+    "unit": "not process and not integration and not slow and not browser",
+    "local": "not integration and not slow and not browser",
+    "default": "not slow",
+    "full": None,
+}
+
+
 @task(help={
-    "tier": "unit (pure, seconds), default (unit + integration guests under TCG), "
-            "full (adds slow tests: kernel builds, cache model, long runs)",
+    "tier": "unit (pure logic, seconds), local (adds tests that start processes, compile "
+            "C or open sockets on this host), default (adds real guests under TCG and the "
+            "report in Chromium: what CI runs), full (adds slow tests: kernel builds, "
+            "cache-model validation, long runs)",
     "k": "only tests matching this pytest -k expression",
     "args": "extra pytest arguments, quoted",
 })
 def test(c, tier="default", k=None, args=""):
-    """Run the test suite; the default tier is what CI runs."""
-    markers = {"unit": "not integration and not slow and not browser",
-               "default": "not slow", "full": None}
-    if tier not in markers:
-        raise Exit(f"netbed: error: unknown tier {tier!r}; use unit, default or full")
+    """Run the test suite (default tier: what CI runs), installing what its tests call.
+
+    The Debian packages the tier's tests call are installed on first use, as run-matrix
+    does for its own, so on a fresh machine those tests run instead of skipping."""
+    from testbed.build.sysdeps import ensure_packages, tier_packages
+
+    if tier not in TEST_TIERS:
+        raise Exit(f"netbed: error: unknown tier {tier!r}; use {', '.join(TEST_TIERS)}")
+    with user_errors():
+        packages = tier_packages(tier)
+        if tier == "full":  # the kernel tests read the source package before they build
+            from testbed.build.kernel_build import BUILD_PACKAGES
+            packages.update(BUILD_PACKAGES)
+        ensure_packages(packages, say)
     cmd = [sys.executable, "-m", "pytest"]
-    if markers[tier]:
-        cmd += ["-m", markers[tier]]
+    if TEST_TIERS[tier]:
+        cmd += ["-m", TEST_TIERS[tier]]
     if k:
         cmd += ["-k", k]
     cmd += args.split()
@@ -225,11 +245,11 @@ BASELINE_HELP = ("axis=value pairs to compare against (default policy=default: e
 @task(help={"run": RUN_HELP, "baseline": BASELINE_HELP})
 def analyze(c, run=None, baseline=None):
     """Collate a run's raw files into tidy tables (<run>/analysis/) and print the comparison."""
-    import analysis
+    from analysis import pipeline
 
     with user_errors():
         path = resolve_run(run or "latest", settings_of(c).results_dir)
-        res = analysis.analyze_run(path, analysis.parse_baseline(baseline))
+        res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
     print(res.text_table, end="")
     say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
 
@@ -243,13 +263,13 @@ def analyze(c, run=None, baseline=None):
 })
 def report(c, run=None, compare=None, baseline=None, force=False):
     """Write <run>/analysis/report.html (self-contained) and report.md."""
-    import analysis
+    from analysis import pipeline
 
     s = settings_of(c)
     with user_errors():
         path = resolve_run(run or "latest", s.results_dir)
         other = resolve_run(compare, s.results_dir) if compare else None
-        paths = analysis.write_report(path, other, analysis.parse_baseline(baseline),
+        paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
                                       force=force)
     print(paths.html)
     say(f"markdown: {paths.md}")
@@ -267,7 +287,7 @@ def report(c, run=None, compare=None, baseline=None, force=False):
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
                inject_fault=None):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
-    import analysis
+    from analysis import pipeline
     from testbed.experiment.load import load_experiment
     from testbed.experiment.matrix import (
         cells_table,
@@ -302,8 +322,10 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
     print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
     if not no_report and summary.done + summary.skipped > 0:
         try:
-            paths = analysis.write_report(summary.run_dir)  # analyses the run, then reports
-            print((paths.html.parent / "comparison.txt").read_text(), end="")
+            paths = pipeline.write_report(summary.run_dir)  # analyses the run, then reports
+            if paths.claims is not None:
+                print(paths.claims.read_text(), end="")
+            say(f"full comparison: {paths.html.parent / 'comparison.txt'}")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
             raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
@@ -333,7 +355,7 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
               no_install=False, python="python3", cache_dir=None, parallel=0,
               no_report=False):
     """Run an experiment over several (KVM) hosts by SSH: one shard each, pulled and merged."""
-    import analysis
+    from analysis import pipeline
     from testbed.run.remote import RemoteOptions, parse_hosts, run_on_hosts
 
     if not hosts:
@@ -351,7 +373,9 @@ def run_hosts(c, hosts=None, config=None, key=None, remote_dir="netbed-runs", ne
     print(summary.text(), end="")
     if not no_report and summary.merged is not None:
         with user_errors():
-            paths = analysis.write_report(summary.merged)
+            paths = pipeline.write_report(summary.merged)
+        if paths.claims is not None:
+            print(paths.claims.read_text(), end="")
         say(f"report: {paths.html}")
     if not summary.ok:
         raise Exit(f"netbed: {sum(not o.ok for o in summary.outcomes)} host(s) failed or "

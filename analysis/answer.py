@@ -1,561 +1,109 @@
-""""The answer": the report's first section, generated from the tidy table.
+""""The answer": the report's first section, one screen long, and the terminal's summary.
 
-The question: does processing the data and running the reader on one CPU pay, does
-waking the reader on the softirq's CPU (the patch) help, and does locality matter
-more when the NIC does no checksum offload?
-
-Each figure is a ratio of geometric means (policy over that NIC's own default, same
-kernel, vCPUs, workload and GRO), with a 95% Welch t interval computed on the logs
-of the per-repetition values. Why not the percentile bootstrap: at n = 3 a resample
-of three values has 10 distinct medians, so the bootstrap interval is far too
-narrow (it undercovers). The t interval on logs is exact for log-normal noise with
-equal spreads and close to it otherwise (Welch-Satterthwaite degrees of freedom);
-`tests/unit/test_answer.py` checks its error rates on synthetic data at n = 3.
-
-The interaction divides the policy effect on e1000 by the same effect on the
-offloading NIC (virtio-notso when the run has it: checksum offload only, MSS-sized
-frames like e1000; else virtio). Its log is a difference of four independent means,
-so its interval is again Welch's. "Locality matters more without checksum offload"
-is *confirmed* when the interval says the e1000 effect is larger in magnitude (in
-the direction of the e1000 effect), *refuted* when it says the opposite, and *not
-detectable with this many repetitions* when it includes 1.
-
-Throughput and transaction rate under the cache model measure the plugin's speed as
-much as the guest's, and cache-model windows are not traced: rate, latency, locality
-and wake-up effects are taken only from the plain repetitions (booted without the
-plugin; `analysis.collate.instrumented_reps` tells them apart), cache counters only
-from the instrumented ones (from every repetition in a run without the plugin, e.g.
-hardware events under KVM). When a run has no plain repetitions, the answer says it
-has no throughput effects. Locality and wake-up placement are shares (0 to 1, often
-exactly 0 or 1), so they are compared as differences in percentage points with a
-Welch t interval on the values themselves, not as ratios. Every sentence says its n;
-one repetition on a side gives a point estimate and says it has no interval. No
-figure whose interval includes no change is worded as an effect.
+It opens with the seed's claims (analysis.claims): for each, what was measured, the
+figure with its 95% CI and n, the verdict and why, then one figure (the locality
+effect per NIC against the queue depth, analysis.claimsfig) and a paragraph on how to
+read them: the method (analysis.stats), where the checksum ran, and what this run did
+not measure. Every policy against its NIC's own default (analysis.policy_effects)
+follows underneath as details. `invoke run-matrix` prints the same claims as a short
+table (`format_claims`), written to `<run>/analysis/claims.txt` too.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import textwrap
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-from analysis.collate import instrumented_reps
+from analysis.claims import (
+    Claims,
+    build_claims,
+    claims_frame,
+    format_claims,
+    unmeasured_text,
+)
+from analysis.claimsfig import plot_locality
+from analysis.collate import instrumented_reps, plain_reps
+from analysis.policy_effects import detail_report_sections
+from analysis.stats import MEANINGFUL_PP, MEANINGFUL_RATIO, METHOD_TEXT
 from testbed.run.folder import RunDir
-from testbed.vocabulary import TABLE_AXES as AXES
 
-LEVEL = 0.95
-DEFAULT_POLICY = "default"
-CHECKSUM_NIC = "e1000"
-# The offloading NIC the interaction compares e1000 with, most specific first.
-OFFLOAD_NICS = ("virtio-notso", "virtio")
-
-# What each answer row reads, by preference: the window metrics (one measured window
-# for the counters and the work) where the run has them, else what collate gives today.
-# kind: "rate" (plain repetitions), "latency" (RR only, plain), "cache" (instrumented),
-# "share" (plain; a fraction compared as a difference, see SHARES).
-METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("rate", "throughput", "bulk", ("window.throughput", "netperf.throughput", "throughput")),
-    ("rate", "transaction rate", "rr",
-     ("window.transaction_rate", "netperf.transaction_rate", "transaction_rate")),
-    ("latency", "latency p50", "rr", ("netperf.latency_p50", "latency_p50")),
-    ("latency", "latency p99", "rr", ("netperf.latency_p99", "latency_p99")),
-    ("cache", "c2c transfers per KB", "any",
-     ("cache.c2c_transfers.per_window_kb", "cache.c2c_transfers.per_kb",
-      "cache.c2c_transfers.per_trans")),
-    ("cache", "private-cache misses per KB", "any",
-     ("cache.l2_misses.per_window_kb", "cache.l2_misses.per_kb", "cache.l2_misses.per_trans",
-      "perf.L1-dcache-load-misses.per_kb")),
-    ("cache", "LLC misses per KB", "any",
-     ("cache.llc_misses.per_window_kb", "cache.llc_misses.per_kb",
-      "cache.llc_misses.per_trans", "perf.LLC-load-misses.per_kb")),
-)
-# Where the receive path ran (tracepoints; plain repetitions only): label, metric.
-SHARES: tuple[tuple[str, str], ...] = (
-    ("processing on the reader's CPU", "locality.processing_on_reader_cpu"),
-    ("wake-ups placed on the waking CPU", "wakeups.on_waker_cpu"),
-)
-PLAIN_KINDS = ("rate", "latency", "share")
-GROUP_AXES = tuple(a for a in AXES if a not in ("policy",))
+Section = tuple[str, str, object]
 
 
 @dataclass(frozen=True)
-class Ratio:
-    """Geometric-mean ratio new/base with its 95% Welch interval; n on each side."""
+class AnswerParts:
+    """The report's opening sections, the details under them, and the terminal text."""
 
-    ratio: float
-    lo: float
-    hi: float
-    n: tuple[int, ...]
-
-    @property
-    def detected(self) -> bool:
-        return not math.isnan(self.lo) and (self.lo > 1 or self.hi < 1)
-
-    def pct(self) -> str:
-        if math.isnan(self.ratio):
-            return "n/a"
-        if math.isnan(self.lo):
-            return f"{(self.ratio - 1) * 100:+.1f}% (no CI)"
-        return (f"{(self.ratio - 1) * 100:+.1f}% [{(self.lo - 1) * 100:+.1f}, "
-                f"{(self.hi - 1) * 100:+.1f}]")
+    first: list[Section]
+    details: list[Section]
+    claims_text: str
+    figure: Path | None
 
 
-NAN_RATIO = Ratio(math.nan, math.nan, math.nan, ())
+def _reps_per_cell(tidy: pd.DataFrame) -> str:
+    """"3 instrumented + 1 plain repetitions per cell" (ranges when cells differ)."""
+    inst, plain = instrumented_reps(tidy), plain_reps(tidy)
+
+    def per_cell(keys: set[tuple[str, str, int]]) -> str:
+        counts: dict[str, int] = {}
+        for _, cell, _ in keys:
+            counts[cell] = counts.get(cell, 0) + 1
+        if not counts:
+            return "0"
+        lo, hi = min(counts.values()), max(counts.values())
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    if not inst:
+        return f"{per_cell(plain)} repetitions per cell"
+    if not plain:
+        return f"{per_cell(inst)} instrumented repetitions per cell"
+    return f"{per_cell(inst)} instrumented + {per_cell(plain)} plain repetitions per cell"
 
 
-@dataclass(frozen=True)
-class Difference:
-    """Mean difference new - base of a share (0..1) with its 95% Welch interval."""
-
-    diff: float
-    lo: float
-    hi: float
-    n: tuple[int, int]
-    new_mean: float
-    base_mean: float
-
-    @property
-    def detected(self) -> bool:
-        return not math.isnan(self.lo) and (self.lo > 0 or self.hi < 0)
-
-    def pp(self) -> str:
-        if math.isnan(self.diff):
-            return "n/a"
-        if math.isnan(self.lo):
-            return f"{self.diff * 100:+.0f} pp (no CI)"
-        return f"{self.diff * 100:+.0f} pp [{self.lo * 100:+.0f}, {self.hi * 100:+.0f}]"
+def headline(claims: Claims, tidy: pd.DataFrame) -> str:
+    """Two or three sentences: what was judged, on how much data, and the verdicts."""
+    if not claims.rows:
+        return ("No claim could be judged from this run; what each one needs is listed "
+                "under the claims.")
+    counts = pd.Series([r.verdict for r in claims.rows]).value_counts()
+    verdicts = ", ".join(f"{v} {k}" for k, v in counts.items())
+    cells = tidy["cell_id"].nunique()
+    n = len(claims.rows)
+    plain = ("rates and placement from the plain ones" if plain_reps(tidy) else
+             "this run has no plain repetitions, so no rates or placement")
+    return (f"{n} contrast{'s' if n != 1 else ''} of the seed's claims on {cells} cells "
+            f"({_reps_per_cell(tidy)}): {verdicts}. Locality claims compare pin-cross with "
+            "pin-same (the reader bound in both, so the scheduler's wake-affine choices "
+            "are out of the comparison); cache figures come from the repetitions under "
+            f"the cache model, {plain}.")
 
 
-def diff_contrast(new: Sequence[float], base: Sequence[float],
-                  level: float = LEVEL) -> Difference:
-    """mean(new) - mean(base) with a Welch t interval (pure); fewer than two values on a
-    side give the point estimate without an interval, never a zero-width one."""
-    a = np.asarray([v for v in new if v is not None and not math.isnan(v)], dtype=float)
-    b = np.asarray([v for v in base if v is not None and not math.isnan(v)], dtype=float)
-    n = (len(a), len(b))
-    if not len(a) or not len(b):
-        return Difference(math.nan, math.nan, math.nan, n, math.nan, math.nan)
-    est = float(a.mean() - b.mean())
-    if min(n) < 2:
-        return Difference(est, math.nan, math.nan, n, float(a.mean()), float(b.mean()))
-    terms = [float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)]
-    se2 = sum(terms)
-    if se2 == 0:
-        return Difference(est, est, est, n, float(a.mean()), float(b.mean()))
-    df = se2 ** 2 / (terms[0] ** 2 / (len(a) - 1) + terms[1] ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
-    return Difference(est, est - half, est + half, n, float(a.mean()), float(b.mean()))
+def reading_note(claims: Claims) -> str:
+    meaningful = (f"An effect that matters is taken as {(MEANINGFUL_RATIO - 1) * 100:.0f}% "
+                  f"of a per-KB count or rate and {MEANINGFUL_PP * 100:.0f} percentage points "
+                  "of a share: an interval inside that rules the effect out (contradicted, "
+                  "or supported for claim 1, which says placement does not matter); one "
+                  "that includes no change and reaches past it is not detectable.")
+    return " ".join([METHOD_TEXT, meaningful, *claims.notes, *unmeasured_text(claims)])
 
 
-def log_contrast(groups: Sequence[Sequence[float]], signs: Sequence[int],
-                 level: float = LEVEL) -> Ratio:
-    """exp(sum sign_i * mean(log x_i)) with a Welch t interval (pure).
-
-    Two groups (+1 new, -1 base) give a ratio of geometric means; four give an
-    interaction (ratio of ratios). Values must be positive; a group with fewer than
-    two values gives the point estimate without an interval, never a zero-width one.
-    """
-    logs = []
-    for g in groups:
-        a = np.asarray([v for v in g if v is not None and not math.isnan(v)], dtype=float)
-        if len(a) == 0 or np.any(a <= 0):
-            return Ratio(math.nan, math.nan, math.nan, tuple(len(x) for x in groups))
-        logs.append(np.log(a))
-    n = tuple(len(a) for a in logs)
-    est = float(sum(s * a.mean() for s, a in zip(signs, logs, strict=True)))
-    if min(n) < 2:
-        return Ratio(math.exp(est), math.nan, math.nan, n)
-    terms = [float(a.var(ddof=1)) / len(a) for a in logs]
-    se2 = sum(terms)
-    if se2 == 0:
-        return Ratio(math.exp(est), math.exp(est), math.exp(est), n)
-    df = se2 ** 2 / sum(t ** 2 / (len(a) - 1) for t, a in zip(terms, logs, strict=True))
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(se2)
-    return Ratio(math.exp(est), math.exp(est - half), math.exp(est + half), n)
-
-
-def interaction_verdict(r: Ratio, e1000_effect: Ratio) -> str:
-    """confirmed / refuted / not detectable (see the module docstring)."""
-    if math.isnan(r.lo) or math.isnan(e1000_effect.ratio) or e1000_effect.ratio == 1:
-        return "not detectable with this many repetitions"
-    up = e1000_effect.ratio > 1  # e1000 effect larger in magnitude: r further from 1 this way
-    if (r.lo > 1) if up else (r.hi < 1):
-        return "confirmed"
-    if (r.hi < 1) if up else (r.lo > 1):
-        return "refuted"
-    return "not detectable with this many repetitions"
-
-
-@dataclass
-class Answer:
-    """The section's rows, sentences and notes; empty tables when nothing applies."""
-
-    effects: pd.DataFrame
-    interactions: pd.DataFrame
-    patch: pd.DataFrame
-    sentences: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    figure: Path | None = None
-    locality: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def _workload_kind(workload: str) -> str:
-    return "rr" if str(workload).upper().endswith("_RR") else "bulk"
-
-
-
-
-def _values(tidy: pd.DataFrame) -> pd.DataFrame:
-    ok = tidy[(tidy["status"] == "ok") & (tidy["cpu"] == "all") & tidy["value"].notna()]
-    return ok.assign(**{a: ok[a].astype(str) for a in AXES})
-
-
-def choose_metrics(tidy: pd.DataFrame) -> list[tuple[str, str, str, str]]:
-    """(kind, label, workload kind, metric): for each METRICS row and each workload kind
-    (bulk, rr) the run has, the first name with values in that kind's cells. A bulk
-    cell's cache counters come per KB, an RR cell's per transaction, as collate gives."""
-    # only measured values count: an old run has window.* rows, but as not-supported
-    ok = tidy[(tidy["status"] == "ok") & tidy["value"].notna()]
-    kinds = ok["workload"].dropna().astype(str).map(_workload_kind)
-    present = {wk: set(ok.loc[kinds == wk, "metric"].dropna().unique())
-               for wk in ("bulk", "rr")}
-    out = []
-    for kind, label, wk, names in METRICS:
-        for this in ("bulk", "rr") if wk == "any" else (wk,):
-            name = next((n for n in names if n in present[this]), None)
-            if name is None:
-                continue
-            shown = label
-            if name.endswith(".per_trans"):
-                shown = label.replace(" per KB", " per transaction")
-            out.append((kind, shown, this, name))
-    return out
-
-
-def _samples(vals: pd.DataFrame, metric: str, plugin: set[tuple[str, str, int]],
-             plain: bool) -> dict[tuple[str, ...], list[float]]:
-    """Values per cell: `plain` takes only repetitions without the plugin; otherwise
-    (cache counters) only those under it, when the run has any."""
-    m = vals[vals["metric"] == metric]
-    out: dict[tuple[str, ...], list[float]] = {}
-    for row in m.itertuples(index=False):
-        rec = row._asdict()
-        under = (str(rec["run_id"]), str(rec["cell_id"]), int(rec["repetition"])) in plugin
-        if under if plain else (plugin and not under):
-            continue
-        key = tuple(str(rec[a]) for a in AXES)
-        out.setdefault(key, []).append(float(rec["value"]))
-    return out
-
-
-def _key(axes: dict[str, str]) -> tuple[str, ...]:
-    return tuple(axes[a] for a in AXES)
-
-
-def build_answer(tidy: pd.DataFrame) -> Answer:
-    """Effects vs each NIC's default, the checksum interaction and the patch (pure)."""
-    vals = _values(tidy)
-    plugin = instrumented_reps(tidy)
-    notes = []
-    chosen = choose_metrics(tidy)
-    effects, inter, patch = [], [], []
-    rate_reps_exist = False
-    for kind, label, wk, metric in chosen:
-        plain = kind in PLAIN_KINDS
-        samples = _samples(vals, metric, plugin, plain)
-        if plain and samples:
-            rate_reps_exist = True
-        for key, new in sorted(samples.items()):
-            axes = dict(zip(AXES, key, strict=True))
-            if _workload_kind(axes["workload"]) != wk:
-                continue
-            if axes["policy"] != DEFAULT_POLICY:
-                base = samples.get(_key({**axes, "policy": DEFAULT_POLICY}))
-                if base:
-                    r = log_contrast([new, base], [1, -1])
-                    effects.append({**axes, "metric": label, "source": metric,
-                                    "repetitions": _kind_word(plain, plugin),
-                                    "n_policy": len(new), "n_default": len(base),
-                                    "ratio": r.ratio, "ci_lo": r.lo, "ci_hi": r.hi,
-                                    "detected": r.detected})
-                    if axes["nic"] == CHECKSUM_NIC:
-                        inter += _interactions(samples, axes, new, base, label, metric)
-            elif axes["kernel"] == "patched":
-                stock = samples.get(_key({**axes, "kernel": "stock"}))
-                if stock:
-                    r = log_contrast([new, stock], [1, -1])
-                    patch.append({**axes, "contrast": "patched-default / stock-default",
-                                  "metric": label, "n": "/".join(map(str, r.n)),
-                                  "ratio": r.ratio, "ci_lo": r.lo, "ci_hi": r.hi,
-                                  "detected": r.detected})
-    locality = _locality(vals, plugin)
-    n_plain = len(_finished(tidy) - plugin)
-    if not any(k == "rate" for k, *_ in chosen) or not rate_reps_exist:
-        notes.append("No throughput or transaction-rate effects: every repetition ran under "
-                     "the cache-model plugin, whose own speed such rates would measure (they "
-                     "are taken only from repetitions without the plugin).")
-    elif plugin:
-        notes.append(f"Throughput, transaction-rate, latency, locality and wake-up effects "
-                     f"come only from the {n_plain} plain repetitions (booted without the "
-                     f"cache-model plugin); cache counters only from the {len(plugin)} "
-                     "instrumented ones. Each row's n counts its own kind.")
-    if not any(k == "cache" for k, *_ in chosen):
-        notes.append("No cache counters in this run (no cache model, no hardware PMU): "
-                     "cache effects cannot be stated.")
-    if locality.empty and plugin and not n_plain:
-        notes.append("No locality or wake-up placement: cache-model windows are not traced "
-                     "(the tracer's own memory accesses would be counted) and this run has "
-                     "no plain repetitions.")
-    eff = pd.DataFrame(effects)
-    ans = Answer(eff, pd.DataFrame(inter), pd.DataFrame(patch), notes=notes,
-                 locality=locality)
-    ans.sentences = _sentences(ans)
-    return ans
-
-
-def _finished(tidy: pd.DataFrame) -> set[tuple[str, str, int]]:
-    done = tidy[(tidy["metric"] == "rep.status") & (tidy["status"] == "ok")]
-    return set(zip(done["run_id"].astype(str), done["cell_id"].astype(str),
-                   done["repetition"].astype(int), strict=True))
-
-
-def _kind_word(plain: bool, plugin: set[tuple[str, str, int]]) -> str:
-    if not plugin:
-        return "all"
-    return "plain" if plain else "instrumented"
-
-
-def _locality(vals: pd.DataFrame, plugin: set[tuple[str, str, int]]) -> pd.DataFrame:
-    """Each policy's share against its NIC's default, in percentage points (plain reps)."""
-    rows = []
-    for label, metric in SHARES:
-        samples = _samples(vals, metric, plugin, plain=True)
-        for key, new in sorted(samples.items()):
-            axes = dict(zip(AXES, key, strict=True))
-            if axes["policy"] == DEFAULT_POLICY:
-                continue
-            base = samples.get(_key({**axes, "policy": DEFAULT_POLICY}))
-            if not base:
-                continue
-            d = diff_contrast(new, base)
-            rows.append({**axes, "metric": label, "source": metric,
-                         "repetitions": _kind_word(True, plugin),
-                         "n_policy": d.n[0], "n_default": d.n[1], "policy_share": d.new_mean,
-                         "default_share": d.base_mean, "diff": d.diff, "ci_lo": d.lo,
-                         "ci_hi": d.hi, "detected": d.detected})
-    return pd.DataFrame(rows)
-
-
-def _interactions(samples: dict[tuple[str, ...], list[float]], axes: dict[str, str],
-                  new: list[float], base: list[float], label: str, metric: str,
-                  ) -> list[dict[str, object]]:
-    out: list[dict[str, object]] = []
-    for other in OFFLOAD_NICS:
-        o_new = samples.get(_key({**axes, "nic": other}))
-        o_base = samples.get(_key({**axes, "nic": other, "policy": DEFAULT_POLICY}))
-        if not o_new or not o_base:
-            continue
-        r = log_contrast([new, base, o_new, o_base], [1, -1, -1, 1])
-        e = log_contrast([new, base], [1, -1])
-        out.append({**{a: axes[a] for a in AXES if a != "nic"}, "contrast": f"e1000 / {other}",
-                    "metric": label, "source": metric, "n": "/".join(map(str, r.n)),
-                    "ratio": r.ratio, "ci_lo": r.lo, "ci_hi": r.hi,
-                    "verdict": interaction_verdict(r, e)})
-    return out
-
-
-def _n_text(n_new: int, n_base: int, kind: str) -> str:
-    """"n = 3 vs 3" with the kind of repetitions, and why one repetition gives no CI."""
-    what = {"plain": " plain repetitions (no plugin)",
-            "instrumented": " instrumented repetitions (cache model)"}.get(kind, "")
-    text = f"n = {n_new} vs {n_base}{what}"
-    if min(n_new, n_base) < 2:
-        text += "; one repetition on a side gives no interval"
-    return text
-
-
-def _n_joined(n: str) -> str:
-    """"n = 3/3/1/1" for a contrast of several cells, saying when a side is one repetition."""
-    ones = "1" in str(n).split("/")
-    return f"n = {n}" + ("; one repetition on a side gives no interval" if ones else "")
-
-
-def _fmt(ratio: float, lo: float, hi: float) -> str:
-    return Ratio(ratio, lo, hi, ()).pct()
-
-
-def _where(row: pd.Series) -> str:
-    parts = [f"{row['kernel']} kernel", str(row["workload"])]
-    return ", ".join(parts)
-
-
-def _sentences(ans: Answer) -> list[str]:
-    out = []
-    eff = ans.effects
-    if eff.empty:
-        out.append("No policy could be compared with its NIC's default in this run (each "
-                   "needs a `default` cell with the same kernel, vCPUs, workload and GRO).")
+def first_section(claims: Claims, tidy: pd.DataFrame, figure: Path | None) -> list[Section]:
+    out: list[Section] = [("The answer", "text", headline(claims, tidy))]
+    if claims.rows:
+        out.append(("The claims", "table", claims_frame(claims)))
+    if figure is not None:
+        out.append(("Locality effect against queue depth (pin-cross / pin-same private "
+                    "misses per KB, 95% CI)", "figure", figure))
     else:
-        for _, r in eff.iterrows():
-            n = _n_text(r["n_policy"], r["n_default"], r.get("repetitions", "all"))
-            change = _fmt(r["ratio"], r["ci_lo"], r["ci_hi"])
-            if min(r["n_policy"], r["n_default"]) < 2 and not math.isnan(r["ratio"]):
-                out.append(f"{r['nic']} ({_where(r)}): {r['policy']} vs default, "
-                           f"{r['metric']}: {change}, a point estimate with no interval, so "
-                           f"no effect can be claimed ({n}).")
-            elif r["detected"]:
-                word = "higher" if r["ratio"] > 1 else "lower"
-                out.append(f"{r['nic']} ({_where(r)}): {r['policy']} has {word} {r['metric']} "
-                           f"than default: {change} ({n}).")
-            else:
-                out.append(f"{r['nic']} ({_where(r)}): {r['policy']} vs default, "
-                           f"{r['metric']}: no change detected, {change} ({n}).")
-    for _, r in ans.locality.iterrows():
-        n = _n_text(r["n_policy"], r["n_default"], r["repetitions"])
-        d = Difference(r["diff"], r["ci_lo"], r["ci_hi"], (r["n_policy"], r["n_default"]),
-                       r["policy_share"], r["default_share"])
-        shares = (f"{r['policy_share'] * 100:.0f}% vs {r['default_share'] * 100:.0f}% for "
-                  f"default")
-        if math.isnan(d.lo):
-            verdict = "a point estimate with no interval, so no effect can be claimed"
-        elif d.detected:
-            verdict = "a change"
-        else:
-            verdict = "no change detected"
-        out.append(f"{r['nic']} ({_where(r)}): {r['policy']}, {r['metric']}: {shares}, "
-                   f"{d.pp()}: {verdict} ({n}).")
-    for _, r in ans.interactions.iterrows():
-        verdict = r["verdict"]
-        claim = {"confirmed": "locality matters more without checksum offload: confirmed",
-                 "refuted": "locality matters more without checksum offload: refuted "
-                            "(the effect is larger with offload)"}.get(
-            verdict, "whether locality matters more without checksum offload is not "
-                     "detectable with this many repetitions")
-        out.append(f"{r['policy']} ({r['kernel']} kernel, {r['workload']}), {r['metric']}: "
-                   f"effect on {r['contrast']} = "
-                   f"{_fmt(r['ratio'], r['ci_lo'], r['ci_hi'])} ({_n_joined(r['n'])}); "
-                   f"{claim}.")
-    wl = eff[(eff["policy"] == "wake-local")] if not eff.empty else eff
-    if wl.empty:
-        out.append("The patch: no wake-local cell in this run.")
-    else:
-        seen = wl[wl["detected"]]
-        out.append(f"The patch (wake-local vs default on the patched kernel): a change is "
-                   f"detected in {len(seen)} of {len(wl)} comparisons"
-                   + (f" ({'; '.join(f'{r.nic} {r.metric}' for r in seen.itertuples())})"
-                      if len(seen) else "") + "; each is stated above with its CI and n.")
-    for _, r in ans.patch.iterrows():
-        change = _fmt(r["ratio"], r["ci_lo"], r["ci_hi"])
-        what = "differs from" if r["detected"] else "is not detectably different from"
-        out.append(f"The patch switched off ({r['nic']}, {r['workload']}, {r['metric']}): "
-                   f"patched-default {what} stock-default, {change} ({_n_joined(r['n'])}).")
-    return out
-
-
-def _span(*columns: pd.Series) -> str:
-    values = [int(v) for c in columns for v in c]
-    lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo} to {hi}"
-
-
-def headline(ans: Answer) -> str:
-    """The section's opening sentence: the interaction verdicts, then what was detected."""
-    parts = []
-    i = ans.interactions
-    if i.empty:
-        parts.append("Whether locality matters more without checksum offload cannot be "
-                     "answered from this run (it needs e1000 and virtio or virtio-notso "
-                     "cells with `default` and the same policy).")
-    else:
-        counts = i["verdict"].value_counts()
-        parts.append("Locality matters more without checksum offload: " + ", ".join(
-            f"{k} in {v} of {len(i)} comparisons" for k, v in counts.items()) + ".")
-    e = ans.effects
-    if not e.empty:
-        parts.append(f"Against their NIC's own default, {int(e['detected'].sum())} of "
-                     f"{len(e)} policy comparisons show a change whose 95% CI excludes "
-                     f"no change (n = {_span(e['n_policy'], e['n_default'])} repetitions "
-                     "per cell).")
-    return " ".join(parts)
-
-
-def effects_table(ans: Answer) -> pd.DataFrame:
-    """The effects as the report shows them: one row per NIC, kernel, policy and metric."""
-    if ans.effects.empty:
-        return ans.effects
-    e = ans.effects
-    return pd.DataFrame({
-        "kernel": e["kernel"], "nic": e["nic"], "workload": e["workload"],
-        "policy": e["policy"], "metric": e["metric"],
-        "vs default, 95% CI": [_fmt(a, b, c) for a, b, c in
-                               zip(e["ratio"], e["ci_lo"], e["ci_hi"], strict=True)],
-        "n policy/default": [f"{a}/{b}" for a, b in
-                             zip(e["n_policy"], e["n_default"], strict=True)],
-        "repetitions": e.get("repetitions", "all"),
-        "source": e["source"]})
-
-
-def locality_table(ans: Answer) -> pd.DataFrame:
-    """Where the receive path ran, per policy against its NIC's default (plain reps)."""
-    lo = ans.locality
-    if lo.empty:
-        return lo
-    return pd.DataFrame({
-        "kernel": lo["kernel"], "nic": lo["nic"], "workload": lo["workload"],
-        "policy": lo["policy"], "metric": lo["metric"],
-        "policy / default": [f"{a * 100:.0f}% / {b * 100:.0f}%" for a, b in
-                             zip(lo["policy_share"], lo["default_share"], strict=True)],
-        "difference, 95% CI": [Difference(d, a, b, (0, 0), math.nan, math.nan).pp()
-                               for d, a, b in zip(lo["diff"], lo["ci_lo"], lo["ci_hi"],
-                                                  strict=True)],
-        "n policy/default": [f"{a}/{b}" for a, b in
-                             zip(lo["n_policy"], lo["n_default"], strict=True)],
-        "repetitions": lo["repetitions"], "source": lo["source"]})
-
-
-def interactions_table(ans: Answer) -> pd.DataFrame:
-    i = ans.interactions
-    if i.empty:
-        return i
-    return pd.DataFrame({
-        "kernel": i["kernel"], "workload": i["workload"], "policy": i["policy"],
-        "metric": i["metric"], "contrast": i["contrast"],
-        "ratio of effects, 95% CI": [_fmt(a, b, c) for a, b, c in
-                                     zip(i["ratio"], i["ci_lo"], i["ci_hi"], strict=True)],
-        "n": i["n"], "verdict": i["verdict"]})
-
-
-METHOD_NOTE = ("Ratios are of geometric means over repetitions; 95% CIs are Welch t "
-               "intervals on log values (honest at n = 3, unlike a percentile bootstrap); "
-               "shares (locality, wake-up placement) are compared as differences in "
-               "percentage points with a Welch t interval. One repetition on a side gives "
-               "no interval, and the row says so. An interval that includes no change is "
-               "never worded as an effect.")
-
-
-def answer_sections(ans: Answer) -> list[tuple[str, str, object]]:
-    """(title, kind, payload) rows for analysis.report, in the order they are read."""
-    out: list[tuple[str, str, object]] = [
-        ("The answer", "text", headline(ans)),
-        ("The answer: in sentences", "pre",
-         "\n".join(textwrap.fill(s, 100, subsequent_indent="    ") for s in ans.sentences)),
-        ("The answer: policy vs its NIC's default", "table", effects_table(ans)),
-        ("The answer: e1000 effect / offloading NIC effect (interaction)", "table",
-         interactions_table(ans)),
-        ("The answer: where the receive path ran (policy vs its NIC's default)", "table",
-         locality_table(ans)),
-        ("The answer: how to read it", "text", " ".join([METHOD_NOTE, *ans.notes])),
-    ]
-    if ans.figure is not None:
-        out.append(("The answer: figure", "figure", ans.figure))
+        out.append(("Locality effect against queue depth", "text",
+                    "Not measured in this run: it needs pin-same and pin-cross TCP_STREAM "
+                    "cells with private-miss counts (the cache model)."))
+    out.append(("How to read the claims", "text", reading_note(claims)))
     return out
 
 
@@ -574,64 +122,15 @@ def cache_source_note(versions: Mapping[str, Any]) -> str:
             + "".join(f" {n}." for n in notes if isinstance(n, str)))
 
 
-def answer_report_sections(run_dir: Path, tidy: pd.DataFrame, plots_dir: Path,
-                           ) -> list[tuple[str, str, object]]:
-    """The section for a run folder: the answer, its figure, and the cache source."""
+def build_answer_parts(run_dir: Path, tidy: pd.DataFrame, plots_dir: Path) -> AnswerParts:
+    """The answer for a run folder: the claims first, the details under them."""
     try:
         versions = json.loads(RunDir(Path(run_dir)).versions_file.read_text())
     except (OSError, ValueError):
         versions = {}
-    ans = build_answer(tidy)
-    ans.notes.append(cache_source_note(versions if isinstance(versions, dict) else {}))
-    ans.figure = plot_answer(ans, plots_dir)
-    return answer_sections(ans)
-
-
-def plot_answer(ans: Answer, out_dir: Path) -> Path | None:
-    """One panel per NIC: each policy's ratio to default with CI whiskers, per metric."""
-    e = ans.effects
-    if e.empty:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    nics = list(dict.fromkeys(e["nic"]))
-    labels = list(dict.fromkeys(e["metric"]))
-    fig, axs = plt.subplots(1, len(nics), figsize=(4.2 * len(nics), 3.6), squeeze=False,
-                            sharey=True)
-    for ax, nic in zip(axs[0], nics, strict=True):
-        d = e[e["nic"] == nic]
-        policies = list(dict.fromkeys(d["policy"]))
-        width = 0.8 / max(len(labels), 1)
-        for j, label in enumerate(labels):
-            m = d[d["metric"] == label].groupby("policy")[["ratio", "ci_lo", "ci_hi"]].first()
-            xs, ys, lo, hi = [], [], [], []
-            for i, p in enumerate(policies):
-                if p in m.index and not math.isnan(m.loc[p, "ratio"]):
-                    xs.append(i + (j - (len(labels) - 1) / 2) * width)
-                    ys.append(m.loc[p, "ratio"])
-                    lo.append(m.loc[p, "ratio"] - (m.loc[p, "ci_lo"]
-                                                   if not math.isnan(m.loc[p, "ci_lo"])
-                                                   else m.loc[p, "ratio"]))
-                    hi.append((m.loc[p, "ci_hi"] if not math.isnan(m.loc[p, "ci_hi"])
-                               else m.loc[p, "ratio"]) - m.loc[p, "ratio"])
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=label)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xticks(range(len(policies)), policies, rotation=30)
-        ax.set_title(nic)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axs[0][0].set_ylabel("policy / default (95% CI)")
-    axs[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "answer.png"
-    tmp = path.with_name(".answer.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    claims = build_claims(tidy)
+    figure = plot_locality(claims.points, plots_dir)
+    details = detail_report_sections(
+        tidy, plots_dir, cache_source_note(versions if isinstance(versions, dict) else {}))
+    return AnswerParts(first_section(claims, tidy, figure), details, format_claims(claims),
+                       figure)

@@ -11,7 +11,8 @@ Each finished repetition also says whether it ran under the cache-model plugin
 (`rep.instrumented`, 1 or 0; from `done`'s `plugin`, or for runs from before plain
 repetitions inferred from a cachemodel.csv). Under the plugin the guest runs at the
 model's speed and is not traced, so `by_kind` is the view the statistics use: in a
-run with both kinds, cache.* from the instrumented repetitions and everything else
+run with both kinds, cache.* and socket.* (the queue depth beside the cache counts it
+explains) from the instrumented repetitions and everything else
 (rates, latency, locality, software counters) from the plain ones.
 """
 
@@ -29,9 +30,22 @@ from typing import Any
 
 import pandas as pd
 
-from analysis import window_metrics
+from analysis.window_metrics import Units, rate_rows, trace_rows, window_rows
 from testbed.errors import NetbedError
-from testbed.formats import netperf, nicstats, perfstat, procfs, reader, stamps, tcpinfo, trace
+from testbed.formats import (
+    cachemodel,
+    netperf,
+    nicstats,
+    perfstat,
+    procfs,
+    reader,
+    record,
+    sockqueue,
+    stamps,
+    tcpinfo,
+    trace,
+)
+from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.run.folder import DONE, RepDir, RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
@@ -55,25 +69,17 @@ PER_UNIT_METRICS = (
     "irq.nic",
 )
 CACHE_PER_UNIT_PREFIX = "cache."
+# Measured in the same windows as the cache counts they explain: the socket's queue
+# depth (the copy's lag) differs 2-4x between model and plain windows at `auto`
+# (the model's guest drains slower), so the answer's figure plots the cache-model
+# repetitions' own queue against their own misses.
+WITH_CACHE_PREFIXES = (CACHE_PER_UNIT_PREFIX, "socket.")
 # Counters that are per-packet costs: also divided by the data NIC's frames.
 PER_PACKET_METRICS = ("irq.nic", "softirq.NET_RX", "perf.context-switches", "stat.ctxt",
                       "cache.device_writes")
 CACHE_LINE = 64
 PARALLEL_MIN_REPS = 64
 INSTRUMENTED = "rep.instrumented"  # 1: under the cache-model plugin; 0: plain
-
-
-class RawFiles:
-    """Names of a repetition's raw files (the layout is in testbed/run/folder.py)."""
-
-    NETPERF = "netperf.txt"
-    PERF = "perf-stat.csv"
-    READER = "reader-cpus.txt"
-    READBACK = "readback.json"
-    OFFLOADS = "offloads.txt"
-    CACHEMODEL = "cachemodel.csv"
-    READER_PID = "reader-pid.txt"
-    FAILED = "failed"
 
 
 @dataclass
@@ -119,6 +125,7 @@ def cell_axes(cell: dict[str, Any]) -> dict[str, Any]:
         "workload": wl.get("name"),
         "message_size": wl.get("message_size"),
         "gro": ("on" if gro else "off") if isinstance(gro, bool) else gro,
+        "rcvbuf": cell.get("rcvbuf") or "auto",  # runs from before the axis: autotuned
     }
 
 
@@ -145,7 +152,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out = _Rows([])
     facts: dict[str, Any] = {}
     if rep.is_failed and not rep.is_done:
-        info = _read_json_or_none(rep.file(RawFiles.FAILED)) or {}
+        info = _read_json_or_none(rep.file(record.FAILED)) or {}
         out.add("rep.status", "all", math.nan, "", "runner", "failed",
                 str(info.get("reason", "failed (no reason recorded)")))
         return out.rows, facts
@@ -155,7 +162,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         return out.rows, facts
     out.add("rep.status", "all", 1.0, "", "runner")
     _collate_instrumented(rep, out)
-    cell = _read_json_or_none(rep.file("cell.json")) or {}
+    cell = _read_json_or_none(rep.file(record.CELL)) or {}
     workload = str((cell.get("workload") or {}).get("name", "")).upper()
     request_size = (cell.get("workload") or {}).get("message_size")
     netperf_rate = _collate_netperf(rep, out, workload)
@@ -166,6 +173,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _collate_cachemodel(rep, out)
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
     _collate_trace(rep, out)
+    _collate_socket_queue(rep, out)
     _derive_per_unit(out, units, workload)
     _derive_coverage(out, units, workload)
     return out.rows, facts
@@ -180,7 +188,7 @@ def _collate_instrumented(rep: RepDir, out: _Rows) -> None:
         out.add(INSTRUMENTED, "all", float(plugin), "", "runner",
                 note="done: plugin " + ("on" if plugin else "off (plain)"))
     else:
-        has = rep.file(RawFiles.CACHEMODEL).is_file()
+        has = rep.file(cachemodel.RAW).is_file()
         out.add(INSTRUMENTED, "all", float(has), "", "runner",
                 note="inferred: cachemodel.csv " + ("present" if has else "absent"))
 
@@ -213,8 +221,8 @@ def is_cache_metric(metric: str) -> bool:
 
 def by_kind(tidy: pd.DataFrame) -> pd.DataFrame:
     """The rows the statistics should use: in a run with both instrumented and plain
-    repetitions, instrumented ones keep only cache.* (and rep.*) rows and plain ones
-    everything else; a run with one kind only is returned as it is."""
+    repetitions, instrumented ones keep only cache.* and socket.* (and rep.*) rows and
+    plain ones everything else; a run with one kind only is returned as it is."""
     inst = instrumented_reps(tidy)
     if not inst or not plain_reps(tidy):
         return tidy
@@ -223,7 +231,7 @@ def by_kind(tidy: pd.DataFrame) -> pd.DataFrame:
                               strict=True)), index=tidy.index)
     under = keys.isin(inst)
     metric = tidy["metric"].astype(str)
-    cache = metric.str.startswith(CACHE_PER_UNIT_PREFIX)
+    cache = metric.str.startswith(WITH_CACHE_PREFIXES)
     rep_rows = metric.str.startswith("rep.")
     keep = rep_rows | (under & cache) | (~under & ~cache)
     return tidy[keep]
@@ -237,7 +245,7 @@ def _collate_netperf(rep: RepDir, out: _Rows, workload: str) -> float | None:
     """netperf's own rows, all named `netperf.*`: they cover netperf's whole run
     (lead, window, tail), not the window, so nothing is divided by them.
     Returns netperf's rate (10^6bits/s, or trans/s for RR) to compare with the window's."""
-    path = rep.file(RawFiles.NETPERF)
+    path = rep.file(netperf.RAW)
     try:
         res = netperf.parse_netperf(path.read_text())
     except (OSError, NetbedError) as exc:
@@ -291,7 +299,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
     """Deltas of the /proc snapshots; returns the per-CPU NET_RX delta (for locality)."""
     netrx = None
     for name in procfs.PROC_FILES:
-        before, after = rep.path / "proc-before" / name, rep.path / "proc-after" / name
+        before, after = rep.path / procfs.BEFORE_DIR / name, rep.path / procfs.AFTER_DIR / name
         try:
             d = procfs.parse_proc_pair(name, before.read_text(), after.read_text())
         except (OSError, NetbedError, ValueError) as exc:
@@ -309,7 +317,7 @@ def _collate_proc(rep: RepDir, out: _Rows, facts: dict[str, Any]) -> pd.DataFram
             out.add_frame(ticks, "stat.", "ticks", "proc")
             out.add_frame(d[~d["metric"].str.startswith("cpu_")], "stat.", "count", "proc")
         elif name == "interrupts":
-            readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
+            readback = _read_json_or_none(rep.file(READBACK_RAW)) or {}
             irqs, how = procfs.select_nic_irqs(d, readback_irqs(readback))
             facts["nic_irqs"] = irqs
             facts["nic_irq_method"] = how
@@ -353,7 +361,7 @@ def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
     # The sampler stays as a cross-check of the trace's reader placement.
     """Reader samples per CPU and their shares; CPUs the reader was never seen on
     (the online CPUs are those of /proc/softirqs) get an explicit share of 0."""
-    path = rep.file(RawFiles.READER)
+    path = rep.file(reader.RAW)
     if not path.is_file():
         return None
     try:
@@ -374,7 +382,7 @@ def _collate_reader(rep: RepDir, out: _Rows, cpus: list[str] | None,
 
 
 def _collate_perf(rep: RepDir, out: _Rows) -> None:
-    path = rep.file(RawFiles.PERF)
+    path = rep.file(perfstat.RAW)
     kept_out = rep.file(perfstat.RAW_UNSUPPORTED)
     if not path.is_file() and kept_out.is_file():
         # perf did not count in this window (cache-model windows): say so, never zero
@@ -406,50 +414,12 @@ def _collate_perf(rep: RepDir, out: _Rows) -> None:
             out.add(f"perf.{event}", "all", sum(v for _, v, _, _ in rows), unit, "perf")
 
 
-def read_cachemodel(text: str) -> pd.DataFrame:
-    """Cache-model CSV (vcpu, mode, event, value, marker) -> counts in the measured window.
-
-    The plugin prints cumulative counters in one block per marker hit
-    ("begin:<id>", "end:<id>", "snapshot:<id>", "arm:<id>"; a marker may be hit more than
-    once, so blocks are numbered by testbed.formats.cachemodel.read_snapshots). The
-    window runs from the first "begin:<id>" to the last "end:<id>" (as
-    testbed.formats.cachemodel.window does); without such a pair, from the first block to
-    the last; with a single block, its values. Returns vcpu (str), mode, event, value.
-    """
-    from testbed.formats.cachemodel import read_snapshots
-
-    try:
-        df = read_snapshots(text)
-    except (ValueError, KeyError) as exc:
-        raise NetbedError(f"cachemodel.csv does not parse: {exc}",
-                          hint="expected the header vcpu,mode,event,value,marker") from exc
-    if df.empty:
-        raise NetbedError("cachemodel.csv has no counter rows",
-                          hint="did the measured window's markers run in the guest?")
-    marker_of = df.groupby("snapshot")["marker"].first()
-    first, last = int(marker_of.index[0]), int(marker_of.index[-1])
-    ends = marker_of[marker_of.str.startswith("end:")]
-    for snap, name in reversed(list(ends.items())):
-        begins = marker_of[(marker_of == "begin:" + name.split(":", 1)[1]) &
-                           (marker_of.index < snap)]
-        if not begins.empty:
-            first, last = int(begins.index[0]), int(snap)
-            break
-    key = ["vcpu", "mode", "event"]
-    a = df[df["snapshot"] == last].set_index(key)["value"]
-    if first != last:
-        a = a - df[df["snapshot"] == first].set_index(key)["value"]
-    out = a.rename("value").reset_index()
-    out["vcpu"] = out["vcpu"].astype(str)
-    return out
-
-
 def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
-    path = rep.file(RawFiles.CACHEMODEL)
+    path = rep.file(cachemodel.RAW)
     if not path.is_file():
         return
     try:
-        df = read_cachemodel(path.read_text())
+        df = cachemodel.measured_window(path.read_text())
     except (NetbedError, ValueError, pd.errors.ParserError) as exc:
         _error(out, "cache", "cachemodel", exc)
         return
@@ -464,27 +434,42 @@ def _collate_cachemodel(rep: RepDir, out: _Rows) -> None:
 
 
 def _collate_window(rep: RepDir, out: _Rows, workload: str, request_size: Any,
-                    netperf_rate: float | None) -> window_metrics.Units | None:
+                    netperf_rate: float | None) -> Units | None:
     texts: dict[str, str | None] = {}
     for name in (stamps.RAW, tcpinfo.RAW_BEFORE, tcpinfo.RAW_AFTER, nicstats.RAW_BEFORE,
                  nicstats.RAW_AFTER):
         path = rep.file(name)
         texts[name] = path.read_text() if path.is_file() else None
     size = int(request_size) if isinstance(request_size, int | float) else None
-    rows, units = window_metrics.window_rows(texts, workload, size)
-    rows += window_metrics.rate_rows(units, netperf_rate, workload)
+    rows, units = window_rows(texts, workload, size)
+    rows += rate_rows(units, netperf_rate, workload)
     for r in rows:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
     return units
 
 
+def _collate_socket_queue(rep: RepDir, out: _Rows) -> None:
+    """socket.queue_kb.p50/.p95 and socket.rcvbuf_kb (testbed.formats.sockqueue)."""
+    def text(name: str) -> str | None:
+        path = rep.file(name)
+        return path.read_text() if path.is_file() else None
+
+    try:
+        rsr_end = netperf.parse_netperf(text(netperf.RAW) or "").get("RSR_SIZE_END")
+    except NetbedError:
+        rsr_end = None
+    for r in sockqueue.queue_rows(text(sockqueue.RAW), text(stamps.RAW),
+                                  text(tcpinfo.RAW_AFTER), rsr_end):
+        out.add(r.metric, "all", r.value, r.unit, r.source, r.status, r.note)
+
+
 def _collate_trace(rep: RepDir, out: _Rows) -> None:
     unsupported = rep.file(trace.RAW_UNSUPPORTED)
     gz, stats = rep.file(trace.RAW_TRACE), rep.file(trace.RAW_STATS)
-    readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
-    pid_file = rep.file(RawFiles.READER_PID)
+    readback = _read_json_or_none(rep.file(READBACK_RAW)) or {}
+    pid_file = rep.file(reader.RAW_PID)
     pid_text = pid_file.read_text().strip() if pid_file.is_file() else ""
-    rows = window_metrics.trace_rows(
+    rows = trace_rows(
         gz.read_bytes() if gz.is_file() else None,
         stats.read_text() if stats.is_file() else "",
         unsupported.read_text() if unsupported.is_file() else None,
@@ -494,7 +479,7 @@ def _collate_trace(rep: RepDir, out: _Rows) -> None:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
 
 
-def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
+def _derive_per_unit(out: _Rows, units: Units | None, workload: str) -> None:
     """Counters per unit of work done in the same window: per KB of payload
     (STREAM/MAERTS) or per transaction (RR), and per data-NIC frame for the
     per-packet costs. Without window units (runs made before them) the ratios are
@@ -523,7 +508,7 @@ def _derive_per_unit(out: _Rows, units: window_metrics.Units | None, workload: s
             out.add(metric, "all", row["value"] / base, u, "derived")
 
 
-def _derive_coverage(out: _Rows, units: window_metrics.Units | None, workload: str) -> None:
+def _derive_coverage(out: _Rows, units: Units | None, workload: str) -> None:
     """cache.device_write_coverage: device writes the cache model noticed per payload
     line received (window.kbytes x 1024 / 64). Only bulk receive (TCP_STREAM) says
     something: in MAERTS the measured guest sends (no payload arrives by DMA) and in
@@ -577,7 +562,7 @@ def collate_run_with_facts(run_dir: Path, workers: int | None = None,
     rows: list[dict[str, Any]] = []
     facts: dict[tuple[str, int], Any] = {}
     for rep, (rep_rows, rep_facts) in zip(reps, results, strict=True):
-        cell = _read_json_or_none(rep.file("cell.json")) or index.get(rep.cell_id, {})
+        cell = _read_json_or_none(rep.file(record.CELL)) or index.get(rep.cell_id, {})
         ids = {"run_id": run.run_id, "cell_id": rep.cell_id, "repetition": rep.repetition,
                **cell_axes(cell)}
         facts[(rep.cell_id, rep.repetition)] = rep_facts
@@ -632,13 +617,16 @@ def cell_label(row: pd.Series | dict[str, Any], axes: Iterable[str] = AXES) -> s
     """A short human label of a cell: kernel/nic/Ncpu/policy/WORKLOAD-size/gro."""
     parts = []
     for a in axes:
-        v = row.get(a) if isinstance(row, dict) else row[a]
+        v = row.get(a)  # an axis a table lacks (rcvbuf before the axis) is left out
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
             continue
         if a == "cpus":
             parts.append(f"{v}cpu")
         elif a == "gro":
             parts.append(f"gro-{v}")
+        elif a == "rcvbuf":  # autotuned, as every run before the axis: no part
+            if v != "auto":
+                parts.append(f"rcvbuf-{v}")
         else:
             parts.append(str(v))
     return "/".join(parts)

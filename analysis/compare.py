@@ -1,27 +1,25 @@
 """Statistics on the tidy table: per-cell summaries and comparisons with CIs.
 
-Repetitions are few (2-5) and their distribution unknown, so everything is
-rank- or resampling-based: the median and IQR describe a cell; a percentile
-bootstrap (seeded, so a report is reproducible) gives the 95% CI of the median
-and of the ratio of two medians; the Mann-Whitney U test gives a p-value. A
-change is flagged significant only when p < alpha AND the ratio's CI excludes
-1, which keeps the false-positive rate at or below alpha. With 2 repetitions
-per side no change can be significant (the smallest two-sided U p-value is
-1/3); the table says n so a reader sees why.
+A cell is described by its median and IQR, with a percentile-bootstrap interval of the
+median (seeded, so a report is reproducible; descriptive only: at n = 3 it is narrow).
+Two cells are compared with analysis.stats, the method the answer uses too: a ratio of
+geometric means with a 95% Welch t interval on logs (a difference of means for shares
+and for counts that can be zero). A change is flagged (`*`, `significant`, verdict
+higher / lower) when that interval excludes no change; the table says n so a reader
+sees why a row with one repetition on a side has no interval.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.collate import cell_label
+from analysis.stats import ALPHA, compare_samples
 from testbed.vocabulary import TABLE_AXES as AXES
 
 # Each cell against the `default` policy of its own NIC, kernel and other axes: a global
@@ -34,7 +32,6 @@ RUN_IDENTITY: tuple[tuple[str, str], ...] = (
     ("qemu_version", "QEMU"), ("cachemodel_plugin", "cache-model plugin"),
     ("kernels", "kernel build"), ("image", "guest image"))
 BOOTSTRAP = 2000
-ALPHA = 0.05
 
 # Metrics the text table and report lead with (when present in the run).
 KEY_METRICS: tuple[str, ...] = (
@@ -76,67 +73,6 @@ def is_headline(metric: str) -> bool:
                                                         "netperf.latency_", "netperf.cpu_util_",
                                                         "netperf.retrans_"))
             or metric.endswith((".per_kb", ".per_trans")))
-
-
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    """One generator per comparison, derived from the key: order-independent results."""
-    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
-
-
-def bootstrap_median_ci(x: Sequence[float], rng: np.random.Generator, n_boot: int = BOOTSTRAP,
-                        alpha: float = ALPHA) -> tuple[float, float]:
-    a = np.asarray(x, dtype=float)
-    if len(a) == 0:
-        return (math.nan, math.nan)
-    if len(a) == 1:
-        return (float(a[0]), float(a[0]))
-    meds = np.median(rng.choice(a, size=(n_boot, len(a)), replace=True), axis=1)
-    lo, hi = np.quantile(meds, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
-
-
-@dataclass(frozen=True)
-class Change:
-    """New against base: ratio of medians, % change with its bootstrap CI, U-test p."""
-
-    n_base: int
-    n_new: int
-    median_base: float
-    median_new: float
-    ratio: float
-    pct: float
-    pct_lo: float
-    pct_hi: float
-    p_value: float
-    significant: bool
-
-
-def compare_samples(base: Sequence[float], new: Sequence[float], rng: np.random.Generator,
-                    n_boot: int = BOOTSTRAP, alpha: float = ALPHA) -> Change:
-    b = np.asarray([v for v in base if not math.isnan(v)], dtype=float)
-    n = np.asarray([v for v in new if not math.isnan(v)], dtype=float)
-    if len(b) == 0 or len(n) == 0:
-        nan = math.nan
-        return Change(len(b), len(n), nan, nan, nan, nan, nan, nan, nan, False)
-    mb, mn = float(np.median(b)), float(np.median(n))
-    ratio = mn / mb if mb != 0 else math.nan
-    bb = np.median(rng.choice(b, size=(n_boot, len(b)), replace=True), axis=1)
-    nb = np.median(rng.choice(n, size=(n_boot, len(n)), replace=True), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = nb / bb
-    ratios = ratios[np.isfinite(ratios)]
-    if len(ratios) and not math.isnan(ratio) and len(b) >= 2 and len(n) >= 2:
-        # (one repetition on a side has no spread to resample: no CI, not a zero-width one)
-        lo, hi = (float(q) for q in np.quantile(ratios, [alpha / 2, 1 - alpha / 2]))
-    else:
-        lo = hi = math.nan
-    if len(b) >= 2 and len(n) >= 2 and not (np.all(b == b[0]) and np.all(n == b[0])):
-        p = float(stats.mannwhitneyu(n, b, alternative="two-sided").pvalue)
-    else:
-        p = math.nan
-    sig = bool(p < alpha and not math.isnan(lo) and (lo > 1 or hi < 1))
-    return Change(len(b), len(n), mb, mn, ratio, (ratio - 1) * 100, (lo - 1) * 100,
-                  (hi - 1) * 100, p, sig)
 
 
 def _ok(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -229,7 +165,7 @@ def resolve_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | None,
 
 def compare_to_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | None = None,
                         metrics: Iterable[str] | None = None, alpha: float = ALPHA,
-                        seed: int = 0, n_boot: int = BOOTSTRAP) -> Comparison:
+                        ) -> Comparison:
     """Each cell against the cell that has the baseline's axis values and the same
     other axes (per run; use compare_runs for two runs)."""
     base, notes = resolve_baseline(tidy, baseline)
@@ -261,7 +197,7 @@ def compare_to_baseline(tidy: pd.DataFrame, baseline: Mapping[str, object] | Non
                 if gb is None or gn is None:
                     continue
                 ch = compare_samples(gb["value"].tolist(), gn["value"].tolist(),
-                                     _rng(seed, base_id, cell["cell_id"], metric), n_boot, alpha)
+                                     str(gn["unit"].iloc[0]), 1 - alpha)
                 rows.append({"cell_id": cell["cell_id"], "base_cell_id": base_id,
                              **{a: cell[a] for a in AXES}, "metric": metric,
                              "unit": gn["unit"].iloc[0], **ch.__dict__})
@@ -295,8 +231,7 @@ def _short(v: object, width: int = 80) -> str:
 
 
 def compare_runs(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame,
-                 metrics: Iterable[str] | None = None, alpha: float = ALPHA, seed: int = 0,
-                 n_boot: int = BOOTSTRAP) -> Comparison:
+                 metrics: Iterable[str] | None = None, alpha: float = ALPHA) -> Comparison:
     """Run B against run A on cells with equal axis values (cell ids may differ)."""
     va, vb = _values(tidy_a), _values(tidy_b)
     if metrics is not None:
@@ -311,7 +246,7 @@ def compare_runs(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame,
         if gb is None:
             continue
         ch = compare_samples(gb["value"].tolist(), gn["value"].tolist(),
-                             _rng(seed, k, metric), n_boot, alpha)
+                             str(gn["unit"].iloc[0]), 1 - alpha)
         first = gn.iloc[0]
         rows.append({"cell_id": first["cell_id"], "base_cell_id": gb["cell_id"].iloc[0],
                      **{a: first[a] for a in AXES}, "metric": metric, "unit": first["unit"],
@@ -341,8 +276,9 @@ def fmt_number(v: float) -> str:
 def format_table(comp: Comparison, metrics: Sequence[str] | None = KEY_METRICS) -> str:
     """The kernel-mailing-list table: base | %change ± | new | metric [cell].
 
-    ± is half the width of the % change's 95% CI (the CI itself may be
-    asymmetric; the CSV has both ends); `*` marks a significant change.
+    base and new are geometric means (means for shares and counts with zeros); ± is
+    half the width of the % change's 95% CI (the CI itself may be asymmetric; the CSV
+    has both ends); `*` marks a change whose interval excludes no change.
     """
     t = comp.table
     if t.empty:
@@ -356,17 +292,18 @@ def format_table(comp: Comparison, metrics: Sequence[str] | None = KEY_METRICS) 
     lines.append("-" * len(lines[0]))
     for _, r in t.iterrows():
         if math.isnan(r["pct"]):
-            change = "n/a"
+            change = "n/a" if not r["significant"] else f"{r['verdict']}*"
         elif math.isnan(r["pct_lo"]):
             change = f"{r['pct']:+.1f}% ± n/a "
         else:
             half = (r["pct_hi"] - r["pct_lo"]) / 2
             change = f"{r['pct']:+.1f}% ± {half:.1f}%" + ("*" if r["significant"] else " ")
         unit = f" ({r['unit']})" if r["unit"] and r["unit"] not in ("fraction",) else ""
-        base, new = fmt_number(r["median_base"]), fmt_number(r["median_new"])
+        base, new = fmt_number(r["center_base"]), fmt_number(r["center_new"])
         lines.append(f"{base:>12} | {change:>18} | {new:>12}"
                      f" | {r['metric']}{unit} [{cell_label(r)}, n {r['n_base']}/{r['n_new']}]")
-    lines.append(f"* significant: Mann-Whitney U p < {comp.alpha} and the 95% bootstrap CI of "
-                 "the ratio excludes 1")
+    lines.append(f"* {(1 - comp.alpha) * 100:g}% Welch t interval excludes no change: ratio of "
+                 "geometric means on logs (difference of means for shares and counts with "
+                 "zeros); analysis/stats.py")
     lines += [f"note: {n}" for n in comp.notes]
     return "\n".join(lines) + "\n"

@@ -29,12 +29,13 @@ from matplotlib.figure import Figure
 
 from analysis.collate import cell_label
 from testbed.files import read_json
+from testbed.formats import record
 from testbed.run.folder import RunDir
 
 DEFAULT_METRICS = ("window.throughput", "netperf.throughput", "throughput")
 GOAL_CV = 0.05
 GOAL_CV_MODEL = 0.02  # cache-model counts per window KB (deterministic model, #11)
-STOPPING_FILE = "stopping.json"  # written by the run's adaptive loop
+STOPPING_FILE = record.STOPPING  # written by the run's adaptive loop
 
 
 def default_metric(tidy: pd.DataFrame) -> str:
@@ -127,12 +128,12 @@ def finish_order(run_dir: Path) -> pd.DataFrame:
         if not rep.is_done:
             continue
         try:
-            finished = read_json(rep.file("done")).get("finished")
+            finished = read_json(rep.file(record.DONE)).get("finished")
         except (OSError, ValueError):
             finished = None
         when = pd.to_datetime(finished, utc=True, errors="coerce") if finished else pd.NaT
         if pd.isna(when):
-            when = pd.to_datetime(rep.file("done").stat().st_mtime, unit="s", utc=True)
+            when = pd.to_datetime(rep.file(record.DONE).stat().st_mtime, unit="s", utc=True)
         rows.append({"cell_id": rep.cell_id, "repetition": rep.repetition, "finished": when})
     df = pd.DataFrame(rows, columns=["cell_id", "repetition", "finished"])
     df = df.sort_values(["finished", "cell_id", "repetition"]).reset_index(drop=True)

@@ -20,9 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis import repeatability
 from analysis.collate import (
-    RawFiles,
     analysis_dir,
     by_kind,
     cell_label,
@@ -30,9 +28,11 @@ from analysis.collate import (
     plain_reps,
 )
 from analysis.compare import KEY_METRICS, Comparison, fmt_number, format_table
+from analysis.repeatability import insert_after_key_table, report_parts, with_cv
 from analysis.symbols import report_sections as cachemodel_sections
 from testbed.files import atomic_write_text
-from testbed.formats import offloads, perfstat
+from testbed.formats import offloads, perfstat, record
+from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.run.folder import RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
 
@@ -111,10 +111,10 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
     for rep in run.reps():
         if not rep.is_done or rep.cell_id in readback:
             continue
-        rb = _json(rep.file(RawFiles.READBACK))
-        cell = _json(rep.file("cell.json"))
+        rb = _json(rep.file(READBACK_RAW))
+        cell = _json(rep.file(record.CELL))
         offload_rows.append({"cell": rep.cell_id, "nic": cell.get("nic", ""),
-                             **offload_facts(rep.file(RawFiles.OFFLOADS))})
+                             **offload_facts(rep.file(offloads.RAW))})
         readback[rep.cell_id] = rb
         f = facts.get((rep.cell_id, rep.repetition), {})
         if f:
@@ -222,7 +222,8 @@ def kinds_verdict(tidy: pd.DataFrame) -> str:
            if per_cell.max() == 1 else "")
     return (f"{len(inst)} repetitions ran under the cache-model plugin (instrumented) and "
             f"{len(plain)} without it (plain: {n} per cell, traced). The tables and figures "
-            "take cache.* figures from the instrumented repetitions only and everything else "
+            "take cache.* figures and the socket's queue depth (socket.*, measured beside them) "
+            "from the instrumented repetitions only and everything else "
             "(throughput, transaction rate, latency, locality, wake-ups, software counters) "
             f"from the plain ones only; n in each row counts the kind it comes from.{one}")
 
@@ -422,6 +423,7 @@ class ReportPaths:
     html: Path
     md: Path
     figures: list[Path]
+    claims: Path | None = None  # the claims table as text (analysis.pipeline)
 
 
 def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int], Any],
@@ -432,9 +434,9 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
     view = by_kind(tidy)  # each number from the repetitions that measure it truly
-    keys = repeatability.with_cv(key_summary(summary), view)  # h-repeat (#11): CV, drift
-    extra, drift_figures = repeatability.report_parts(run_dir, view, out / "plots")
-    sections = [*(lead or []), *repeatability.insert_after_key_table(
+    keys = with_cv(key_summary(summary), view)  # h-repeat (#11): CV, drift
+    extra, drift_figures = report_parts(run_dir, view, out / "plots")
+    sections = [*(lead or []), *insert_after_key_table(
         _sections(prov, baseline_cmp, run_cmp, keys, tidy), extra)]
     figures = [*figures, *drift_figures]
     # cache-model attribution (analysis/symbols.py), right after the figures

@@ -28,6 +28,7 @@ from analysis.collate import analysis_dir, cell_axes, cell_label
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.formats import cachemodel as cmfmt
+from testbed.formats import record
 from testbed.formats import symbols as symfmt
 from testbed.run.folder import RepDir, RunDir
 from testbed.vocabulary import TABLE_AXES as AXES
@@ -144,8 +145,8 @@ def collate_attribution(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         got = _rep_attribution(rep, tables)
         if got is None:
             continue
-        cell = json.loads(rep.file("cell.json").read_text()) if rep.file(
-            "cell.json").is_file() else {}
+        cell = json.loads(rep.file(record.CELL).read_text()) if rep.file(
+            record.CELL).is_file() else {}
         ids = {"run_id": run.run_id, "cell_id": rep.cell_id, **cell_axes(cell),
                "repetition": rep.repetition}
         sym_parts.append(_with_ids(got[0], ids))

@@ -1,9 +1,9 @@
 """The measured window's own figures: work done (units), alignment, locality from the trace.
 
 Pure functions from a repetition's raw texts to tidy rows (`Row`), used by
-analysis.collate. Units come from the receiver, read at the window's edges:
-payload bytes from the data connection's tcp_info, frames from the data NIC's
-statistics, transactions from the payload for request/response. Co-location
+analysis.collate. Units come from the receiver, read at the window's edges: payload
+bytes and transactions as testbed.formats.windowrates defines them (the stopping
+rule's definition too), frames from the data NIC's statistics. Co-location
 and wake-up placement come from the kernel's tracepoints (testbed.formats.trace).
 A figure that a repetition cannot give is a `not-supported` row with the reason,
 never a zero.
@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from testbed.errors import NetbedError
 from testbed.formats import nicstats, stamps, tcpinfo, trace
+from testbed.formats import windowrates as wr
 
 RATE_MISMATCH = 0.25  # window vs netperf rate: flagged beyond this relative difference
 SKEW_LIMIT_MS = 50.0
@@ -58,7 +59,7 @@ def window_rows(texts: dict[str, str | None], workload: str, request_size: int |
                 ) -> tuple[list[Row], Units | None]:
     """Rows for the window's length, units and alignment, from the raw texts
     (keys: stamps.RAW, tcpinfo.RAW_BEFORE/AFTER, nicstats.RAW_BEFORE/AFTER)."""
-    rr = workload.upper() == "TCP_RR"
+    rr = wr.is_rr(workload)
     names = WINDOW_METRICS + (RR_METRICS if rr else ())
     unit_names = WINDOW_UNITS + (RR_UNITS if rr else ())
     stamp_text = texts.get(stamps.RAW)
@@ -77,32 +78,27 @@ def window_rows(texts: dict[str, str | None], workload: str, request_size: int |
                    f"; over the {SKEW_LIMIT_MS:g} ms goal"))]
     kbytes = transactions = packets = None
     before, after = texts.get(tcpinfo.RAW_BEFORE), texts.get(tcpinfo.RAW_AFTER)
-    direction = "out" if workload.upper() == "TCP_MAERTS" else "in"
     if before is None or after is None:
-        rows += _missing(("window.kbytes", "window.throughput"), ("KB", "10^6bits/s"),
+        rows += _missing(("window.kbytes", wr.THROUGHPUT), ("KB", wr.THROUGHPUT_UNIT),
                          "no ss -tin snapshots of the data connection")
     else:
         try:
-            delta = tcpinfo.connection_delta(before, after)
-            payload = delta.payload_bytes(direction)
-            kbytes = payload / 1024
-            what = "bytes_acked (sent)" if direction == "out" else "bytes_received"
-            note = f"tcp_info {what} of {delta.local} <-> {delta.peer}"
-            rows += [Row("window.kbytes", kbytes, "KB", note=note),
-                     Row("window.throughput", payload * 8 / align.seconds / 1e6, "10^6bits/s",
-                         note=note)]
-            if rr:
-                if request_size and request_size > 0:
-                    transactions = delta.payload_bytes("in") / request_size
-                    rows += [Row("window.transactions", transactions, "trans",
-                                 note=f"bytes_received / request size {request_size}"),
-                             Row("window.transaction_rate", transactions / align.seconds,
-                                 "trans/s")]
-                else:
-                    rows += _missing(RR_METRICS, RR_UNITS, "request size unknown")
+            work = wr.payload(before, after, workload, request_size)
+            kbytes, transactions = work.kbytes, work.transactions
+            rates = wr.rates(work, align.seconds, workload)
+            rows += [Row("window.kbytes", kbytes, "KB", note=work.note),
+                     Row(wr.THROUGHPUT, rates[wr.THROUGHPUT], wr.THROUGHPUT_UNIT,
+                         note=work.note)]
+            if rr and transactions is not None:
+                rows += [Row("window.transactions", transactions, "trans",
+                             note=work.transactions_note),
+                         Row(wr.TRANSACTION_RATE, rates[wr.TRANSACTION_RATE],
+                             wr.TRANSACTION_RATE_UNIT)]
+            elif rr:
+                rows += _missing(RR_METRICS, RR_UNITS, "request size unknown")
         except NetbedError as exc:
-            rows += _missing(("window.kbytes", "window.throughput") + (RR_METRICS if rr else ()),
-                             ("KB", "10^6bits/s") + (RR_UNITS if rr else ()), str(exc),
+            rows += _missing(("window.kbytes", wr.THROUGHPUT) + (RR_METRICS if rr else ()),
+                             ("KB", wr.THROUGHPUT_UNIT) + (RR_UNITS if rr else ()), str(exc),
                              status="error")
     nb, na = texts.get(nicstats.RAW_BEFORE), texts.get(nicstats.RAW_AFTER)
     if nb is None or na is None:
@@ -122,11 +118,11 @@ def rate_rows(units: Units | None, netperf_rate: float | None, workload: str) ->
     """window rate / netperf's rate, flagged in the note beyond RATE_MISMATCH."""
     if units is None or netperf_rate is None or not netperf_rate > 0:
         return []
-    rr = workload.upper() == "TCP_RR"
+    rr = wr.is_rr(workload)
     if rr and units.transactions is not None:
-        window_rate = units.transactions / units.seconds
+        window_rate = wr.transaction_rate(units.transactions, units.seconds)
     elif not rr and units.kbytes is not None:
-        window_rate = units.kbytes * 1024 * 8 / units.seconds / 1e6
+        window_rate = wr.throughput(units.kbytes, units.seconds)
     else:
         return []
     ratio = window_rate / netperf_rate

@@ -41,7 +41,7 @@ class Settings:
     # What sends the test traffic: `netns` (netperf as a host process in a network
     # namespace on the data-plane bridge; testbed.vm.netns) or `guest` (a second QEMU
     # guest). netns needs the tap data plane (root); without it the sender is a guest.
-    # netns is the default from the measurements in README (#11): a second QEMU on the
+    # netns is the default from the measurements in docs/measurement.md (#11): a second QEMU on the
     # host CPUs halved the receiver's throughput and spread the model's counts more.
     sender: str = "netns"
     # QEMU -icount under TCG ("" off; e.g. "shift=auto", "shift=7"): guest time follows

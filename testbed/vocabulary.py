@@ -38,11 +38,13 @@ COUNTER_NAMES: tuple[CounterName, ...] = get_args(CounterName)
 TCG_THREADS: tuple[TcgThreads, ...] = get_args(TcgThreads)
 
 # The axes of an experiment matrix, in the order cell ids and tables use.
-AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "gro")
+# `rcvbuf` (the copy-lag axis, docs/copy-lag.md) comes last: a cell id gets a part
+# for it only when it is not `auto`.
+AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf")
 # The same axes as columns of analysis tables: the workload splits into its name and
 # its message size (`Cell.flat()`).
 TABLE_AXES: tuple[str, ...] = ("kernel", "nic", "cpus", "policy", "workload", "message_size",
-                               "gro")
+                               "gro", "rcvbuf")
 
 
 def kernel_name_problem(name: str) -> str | None:

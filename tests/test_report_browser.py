@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import analysis
+from analysis import pipeline
 
 pytestmark = pytest.mark.browser
 
@@ -32,8 +32,19 @@ window.addEventListener('error', function (e) {
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var h2 = document.querySelector('h2');
+  var first = {tables: 0, rows: 0, images: 0, heads: []};
+  for (var n = h2; n; n = n.nextElementSibling) {
+    if (n.tagName === 'H2') {
+      if (n.textContent.indexOf('Details') === 0) break;
+      first.heads.push(n.textContent);
+    }
+    var tables = n.tagName === 'TABLE' ? [n] : Array.prototype.slice.call(
+      n.querySelectorAll('table'));
+    tables.forEach(function (t) { first.tables++; first.rows += t.rows.length; });
+    first.images += n.tagName === 'IMG' ? 1 : n.querySelectorAll('img').length;
+  }
   var r = {errors: window.__errors, title: document.title,
-           first_h2: h2 ? h2.textContent : null,
+           first_h2: h2 ? h2.textContent : null, first: first,
            images: imgs.map(function (i) {
              return {complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}; })};
   var d = document.createElement('pre');
@@ -62,7 +73,7 @@ def probe(html_file: Path, tmp_path: Path) -> dict:
 def test_report_loads_and_images_render(tmp_path: Path) -> None:
     run = tmp_path / RUN.name
     shutil.copytree(RUN, run)
-    paths = analysis.write_report(run, compare_to=RUN)
+    paths = pipeline.write_report(run, compare_to=RUN)
     r = probe(paths.html, tmp_path)
     assert r["errors"] == []
     assert r["title"].startswith("netbed report")
@@ -80,3 +91,31 @@ def test_probe_detects_a_broken_image(tmp_path: Path) -> None:
     r = probe(bad, tmp_path)
     assert r["images"][0]["w"] == 0
     assert r["errors"] == ["resource failed: IMG"]
+
+
+def test_the_claims_open_the_report_on_one_screen(tmp_path: Path) -> None:
+    """A report of a synthetic run with the claims' metrics (tests/unit/claims_data.py):
+    the first section has one table and one figure, and the figure renders."""
+    import numpy as np
+
+    from analysis.answer import build_answer_parts
+    from analysis.collate import by_kind
+    from analysis.compare import compare_to_baseline, summarize
+    from analysis.report import build_report
+    from tests.unit.claims_data import locality_run
+
+    run = tmp_path / "20261207T000000Z-synthetic"
+    run.mkdir()
+    tidy = locality_run(np.random.default_rng(1))
+    view = by_kind(tidy)
+    parts = build_answer_parts(run, tidy, run / "analysis" / "plots")
+    paths = build_report(run, tidy, {}, summarize(view), compare_to_baseline(view), None, [],
+                         lead=[*parts.first, *parts.details])
+    r = probe(paths.html, tmp_path)
+    assert r["errors"] == []
+    assert r["first_h2"] == "The answer"
+    first = r["first"]
+    assert first["tables"] == 1 and first["images"] == 1, first
+    assert first["rows"] <= 21  # header + at most 20 contrasts
+    assert first["heads"][-1] == "How to read the claims"
+    assert all(img["complete"] and img["w"] > 0 for img in r["images"])

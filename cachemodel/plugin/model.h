@@ -3,7 +3,8 @@
  * write-invalidate (MESI) coherence between the private caches.
  *
  * This file and model.c know nothing about QEMU, so the model is compiled and
- * checked on its own (tests/unit/test_cachemodel.py builds model_selftest.c);
+ * checked on its own (tests/unit/conftest.py builds model_trace.c with it for
+ * tests/unit/test_cachemodel_*.py);
  * plugin.c is the thin QEMU glue.  Not thread-safe: the caller serialises.
  */
 #ifndef NETBED_CACHE_MODEL_H

@@ -1,6 +1,6 @@
 /*
  * model_trace: drive model.c from a text trace, for tests of the model alone
- * (tests/unit/test_cachemodel.py compiles and runs it; no QEMU involved).
+ * (tests/unit/conftest.py compiles it for tests/unit/test_cachemodel_*.py; no QEMU involved).
  *
  *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
  *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]

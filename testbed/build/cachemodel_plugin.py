@@ -44,7 +44,7 @@ HEADER_PATH = "include/qemu/qemu-plugin.h"
 
 # Memory-safe under MTTCG (one lock), but callbacks then follow host timing, not guest
 # memory order: c2c transfers came out 0.2-19% low. Accurate and repeatable counts need
-# `-accel tcg,thread=single` (cost measured by benchmarks/cachemodel.py, see README).
+# `-accel tcg,thread=single` (cost measured by benchmarks/cachemodel.py; cachemodel/README.md).
 RECOMMENDED_TCG_THREADS: TcgThreads = "single"
 
 

@@ -65,3 +65,39 @@ def ensure_packages(packages: dict[str, str], log: Log = print) -> None:
     apt = HostShell(env={"DEBIAN_FRONTEND": "noninteractive"})
     for cmd in (apt_command("update", "-q"), apt_command(*apt_install_command(missing)[1:])):
         apt.run(cmd, hint="check that the Debian mirror is reachable")
+
+
+# What each test tier runs that no build or boot installs on first use: the tools the
+# tests call themselves (package -> probe). `invoke test --tier T` installs
+# tier_packages(T) before pytest starts, so on a fresh machine its tests run instead of
+# skipping (and with CI=true a skip for a missing tool fails: tests/conftest.py).
+LOCAL_TEST_PACKAGES = {
+    "gcc": "gcc",  # guest tools and the cache model compiled on the host
+    "libc6-dev": "/usr/lib/x86_64-linux-gnu/libc.a",
+    "dash": "dash",  # the guest's /bin/sh runs the guest scripts' tests
+    "procps": "pgrep",
+    "mawk": "awk",
+    "strace": "strace",  # nbsnap's system calls (test_nbsnap)
+    "shellcheck": "shellcheck",  # actionlint checks the workflows' run: scripts with it
+}
+GUEST_TEST_PACKAGES = {
+    **GUEST_PACKAGES,
+    "busybox-static": "/bin/busybox",  # micro guests (cache model, kernel boot)
+    "openssh-server": "/usr/sbin/sshd",  # run-hosts against this host (test_remote_hosts)
+    "git": "git",  # run-hosts ships the checkout
+    "ca-certificates": "/etc/ssl/certs/ca-certificates.crt",
+    "chromium": "chromium",  # the report in a headless browser (marker browser)
+}
+TEST_TIERS = ("unit", "local", "default", "full")
+
+
+def tier_packages(tier: str) -> dict[str, str]:
+    """Packages a tier's tests call directly; `unit` is pure logic and needs none.
+    (The full tier also builds kernels and the plugin: those builds install their own.)"""
+    if tier not in TEST_TIERS:
+        raise ValueError(f"unknown test tier {tier!r}; use {', '.join(TEST_TIERS)}")
+    if tier == "unit":
+        return {}
+    if tier == "local":
+        return dict(LOCAL_TEST_PACKAGES)
+    return {**LOCAL_TEST_PACKAGES, **GUEST_TEST_PACKAGES}

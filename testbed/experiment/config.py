@@ -1,7 +1,7 @@
 """Experiment YAML -> validated models (Experiment, Cell): the schema, strict where it matters.
 
 An experiment is a matrix: the cartesian product of its axes (kernel, nic,
-cpus, policy, workload, gro), minus `exclude` entries, plus `include` entries,
+cpus, policy, workload, gro, rcvbuf), minus `exclude` entries, plus `include` entries,
 with GitHub Actions matrix semantics adapted to cells whose fields are all fixed:
 
 - `exclude` is applied first: it removes every combination that matches all of
@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -75,6 +76,76 @@ Bool = Annotated[bool, Strict()]
 Text = Annotated[str, Strict()]
 CpuCount = Annotated[int, Strict(), Field(ge=1, le=MAX_CPUS)]
 MessageSize = Annotated[int, Strict(), Field(ge=1, le=MAX_MESSAGE_SIZE)]
+# --------------------------------------------------------------------------- the copy-lag axis
+# `rcvbuf`: how much the receiver's socket may queue for the measured connection
+# (docs/copy-lag.md). `auto` is the kernel's autotuning (tcp_rmem up to 6 MiB), netbed's
+# behaviour before the axis and the default; a size is set with netperf's `-S` on
+# netserver's socket (testbed.formats.netperf.receive_buffer_args), with the receiver's
+# net.core.rmem_max raised to it first (testbed.formats.sockqueue.rmem_max_command).
+# Sizes stay below tcp_rmem's 6 MiB maximum, so the raised rmem_max cannot change the
+# window scale later autotuned connections choose (tcp_select_initial_window takes the
+# larger of the two). TCP_MAERTS is refused with a level (testbed.experiment.load): there
+# the receiver guest sends. TCP_RR takes levels, which bind only below the request size.
+RCVBUF_AUTO = "auto"
+KIB = 1024
+MIB = 1024 * 1024
+RCVBUF_MIN = 4 * KIB
+RCVBUF_MAX = 4 * MIB
+RCVBUF_MAERTS_REASON = ("TCP_MAERTS sends from the receiver guest; the queue a level would "
+                        "bound is on the sender guest")
+_LEVEL_RE = re.compile(r"^([0-9]{1,9})\s*([KkMm](?:iB)?)?$")
+
+
+def rcvbuf_level(value: Any) -> str:
+    """A level as written -> its canonical text (`auto`, `64K`, `1M`, `1536`): the largest
+    unit that divides it, so `1024K` and `1M` are one level (one cell id). ValueError with
+    the fix for anything else."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(_bad_level(value))
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lower() == RCVBUF_AUTO:
+            return RCVBUF_AUTO
+        m = _LEVEL_RE.match(text)
+        if not m:
+            hint = (" (KB is ambiguous: write K for KiB)"
+                    if re.match(r"^[0-9]+\s*[KkMm][Bb]$", text) else "")
+            raise ValueError(_bad_level(value) + hint)
+        size = int(m.group(1)) * {"": 1, "K": KIB, "M": MIB}[(m.group(2) or "")[:1].upper()]
+    else:
+        raise ValueError(_bad_level(value))
+    if not RCVBUF_MIN <= size <= RCVBUF_MAX:
+        raise ValueError(f"rcvbuf {_shown_level(value)} is {size} bytes; levels lie between "
+                         "4K and 4M (above 4M the raised net.core.rmem_max would pass "
+                         "tcp_rmem's 6 MiB and change other connections' window scale)")
+    if size % MIB == 0:
+        return f"{size // MIB}M"
+    return f"{size // KIB}K" if size % KIB == 0 else str(size)
+
+
+def rcvbuf_bytes(level: str) -> int | None:
+    """Bytes of a canonical level (`64K` -> 65536); None for `auto`."""
+    if level == RCVBUF_AUTO:
+        return None
+    m = _LEVEL_RE.match(level)
+    if not m:
+        raise ValueError(_bad_level(level))
+    return int(m.group(1)) * {"": 1, "K": KIB, "M": MIB}[(m.group(2) or "")[:1].upper()]
+
+
+def _shown_level(value: Any) -> str:
+    return (f"'{value[:40]}'" if isinstance(value, str) else repr(value))[:60]
+
+
+def _bad_level(value: Any) -> str:
+    return (f"rcvbuf {_shown_level(value)} is not a level; write auto, a size with K or M "
+            "(KiB, MiB: 64K, 256K, 1M) or a whole number of bytes")
+
+
+# A copy-lag level in a model: canonical text.
+Rcvbuf = Annotated[str, BeforeValidator(rcvbuf_level)]
 
 _SIZE_RE = re.compile(r"^[0-9]{1,9}$")
 
@@ -175,6 +246,7 @@ class Cell(BaseModel):
     policy: Text
     workload: Workload
     gro: Bool
+    rcvbuf: Rcvbuf = RCVBUF_AUTO
 
     @field_validator("gro", mode="before")
     @classmethod
@@ -183,9 +255,13 @@ class Cell(BaseModel):
 
     @property
     def cell_id(self) -> str:
-        """Readable, filesystem-safe and injective (policy names are lowercase, workloads not)."""
+        """Readable, filesystem-safe and injective (policy names are lowercase, workloads not).
+
+        Only a non-auto rcvbuf adds a part, so the cells of configs without the axis
+        keep the ids they had before it (old runs and fixtures still analyse)."""
+        suffix = "" if self.rcvbuf == RCVBUF_AUTO else f"-rcvbuf_{self.rcvbuf}"
         return (f"{self.kernel}-{self.nic}-c{self.cpus}-{self.policy}-{self.workload.id}-"
-                f"gro_{gro_word(self.gro)}")
+                f"gro_{gro_word(self.gro)}{suffix}")
 
     @property
     def boot_key(self) -> tuple[str, str, int]:
@@ -196,7 +272,8 @@ class Cell(BaseModel):
         """One flat row (for tables, cells.json consumers and analysis)."""
         return {"cell_id": self.cell_id, "kernel": self.kernel, "nic": self.nic,
                 "cpus": self.cpus, "policy": self.policy, "workload": self.workload.name,
-                "message_size": self.workload.message_size, "gro": self.gro}
+                "message_size": self.workload.message_size, "gro": self.gro,
+                "rcvbuf": self.rcvbuf}
 
 
 # Defaults as functions, typed as their Literals (a lambda's list would be list[str]).
@@ -229,8 +306,10 @@ class Axes(BaseModel):
     workload: list[Workload] = Field(
         default_factory=lambda: [Workload(name="TCP_STREAM", message_size=16384)], min_length=1)
     gro: list[Bool] = Field(default_factory=lambda: [True], min_length=1)
+    rcvbuf: list[Rcvbuf] = Field(default_factory=lambda: [RCVBUF_AUTO], min_length=1)
 
-    @field_validator("kernel", "nic", "cpus", "policy", "workload", "gro", mode="before")
+    @field_validator("kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf",
+                     mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return _as_list(v)
@@ -259,6 +338,7 @@ class Combination(BaseModel):
     policy: Text | None = None
     workload: WorkloadMatch | None = None
     gro: Bool | None = None
+    rcvbuf: Rcvbuf | None = None
 
     @field_validator("gro", mode="before")
     @classmethod

@@ -18,7 +18,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from testbed.errors import ConfigError
-from testbed.experiment.config import AXES, Experiment, gro_word
+from testbed.experiment.config import (
+    AXES,
+    RCVBUF_AUTO,
+    RCVBUF_MAERTS_REASON,
+    Experiment,
+    gro_word,
+)
 from testbed.experiment.kernelfile import (
     KernelSet,
     load_kernels,
@@ -300,6 +306,16 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source,
             key = (f"c:{cell.policy}:{cell.cpus}", loc)
             groups.setdefault(key, []).append(cell.cell_id)
             messages[key] = f"{e.message}; {fix_c}"
+        if cell.rcvbuf != RCVBUF_AUTO and cell.workload.name == "TCP_MAERTS":
+            loc_r: tuple[str | int, ...] = (
+                ("axes", "rcvbuf", exp.axes.rcvbuf.index(cell.rcvbuf)) if origin is None
+                else ("include", origin))
+            fix_r = (f"add `{{workload: TCP_MAERTS, rcvbuf: {cell.rcvbuf}}}` to exclude"
+                     if origin is None else "change or remove this include entry")
+            key = (f"r:{cell.rcvbuf}", loc_r)
+            groups.setdefault(key, []).append(cell.cell_id)
+            messages[key] = (f"rcvbuf {cell.rcvbuf} cannot apply to TCP_MAERTS "
+                             f"({RCVBUF_MAERTS_REASON}); {fix_r}")
     for key, ids in groups.items():
         example = f" ({len(ids)} cell{'s' if len(ids) > 1 else ''}, e.g. {ids[0]})"
         problems.append(src.problem(key[1], messages[key] + example))

@@ -1,7 +1,7 @@
 """Experiment -> cells -> run order; sharding, time estimate and the dry-run table (pure).
 
 See testbed.experiment.config for the include/exclude semantics. Cell order is stable:
-the axes' product in the order kernel, nic, cpus, policy, workload, gro (the
+the axes' product in the order kernel, nic, cpus, policy, workload, gro, rcvbuf (the
 last varying fastest, so neighbouring cells usually share a boot key), then
 cells added by `include`, in file order.
 """
@@ -34,9 +34,9 @@ def _cell_from_include(exp: Experiment, inc: Combination) -> Cell:
 # A combination as a flat tuple; an include/exclude entry as the positions it names and
 # the values it wants there. Entries naming the same positions share one set, so matching
 # thousands of cells against hundreds of entries is a few set lookups per cell.
-Key = tuple[str, str, int, str, str, int, bool]
+Key = tuple[str, str, int, str, str, int, bool, str]
 Positions = tuple[int, ...]
-_INDEX = {"kernel": 0, "nic": 1, "cpus": 2, "policy": 3, "gro": 6}
+_INDEX = {"kernel": 0, "nic": 1, "cpus": 2, "policy": 3, "gro": 6, "rcvbuf": 7}
 
 
 def _entry(comb: Combination) -> tuple[Positions, tuple[object, ...]]:
@@ -59,9 +59,16 @@ def _project(key: Key, positions: Positions) -> tuple[object, ...]:
 
 def _product(exp: Experiment) -> Iterator[tuple[Key, tuple[Any, ...]]]:
     ax = exp.axes
-    for combo in itertools.product(ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
-        kernel, nic, cpus, policy, workload, gro = combo
-        yield (kernel, nic, cpus, policy, workload.name, workload.message_size, gro), combo
+    for combo in itertools.product(ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro,
+                                   ax.rcvbuf):
+        kernel, nic, cpus, policy, workload, gro, rcvbuf = combo
+        yield (kernel, nic, cpus, policy, workload.name, workload.message_size, gro,
+               rcvbuf), combo
+
+
+def _key(cell: Cell) -> Key:
+    return (cell.kernel, cell.nic, cell.cpus, cell.policy, cell.workload.name,
+            cell.workload.message_size, cell.gro, cell.rcvbuf)
 
 
 def expand_with_origin(exp: Experiment) -> list[tuple[Cell, int | None]]:
@@ -82,18 +89,17 @@ def expand_with_origin(exp: Experiment) -> list[tuple[Cell, int | None]]:
             projections.add(_project(key, pos))
         out.append((cell, origin))
 
-    for key, (kernel, nic, cpus, policy, workload, gro) in _product(exp):
+    for key, (kernel, nic, cpus, policy, workload, gro, rcvbuf) in _product(exp):
         if key in seen or any(_project(key, pos) in values
                               for pos, values in excluded.items()):
             continue
         add(key, Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload,
-                      gro=gro), None)
+                      gro=gro, rcvbuf=rcvbuf), None)
     for j, (inc, (positions, values)) in enumerate(zip(exp.include, includes, strict=True)):
         if values in present[positions]:
             continue  # "extends" existing cells: every key is an axis, so nothing to add
         cell = _cell_from_include(exp, inc)
-        key = (cell.kernel, cell.nic, cell.cpus, cell.policy, cell.workload.name,
-               cell.workload.message_size, cell.gro)
+        key = _key(cell)
         if key not in seen:
             add(key, cell, j)
     return out
@@ -287,9 +293,9 @@ def format_duration(seconds: float) -> str:
 
 def cells_table(exp: Experiment, cells: Sequence[Cell]) -> str:
     """Plain-text table of the cells for `--dry-run` (no terminal needed, no colour)."""
-    header = ("#", "kernel", "nic", "cpus", "policy", "workload", "gro", "cell id")
+    header = ("#", "kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf", "cell id")
     rows = [(str(i + 1), c.kernel, c.nic, str(c.cpus), c.policy, c.workload.id,
-             "on" if c.gro else "off", c.cell_id) for i, c in enumerate(cells)]
+             "on" if c.gro else "off", c.rcvbuf, c.cell_id) for i, c in enumerate(cells)]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]

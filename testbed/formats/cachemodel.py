@@ -1,7 +1,7 @@
 """The cache-model plugin's raw output and its guest markers (pure).
 
-Raw file: `cachemodel.csv` (columns vcpu, mode, event, value, marker), one block
-of rows per `nbmark` marker hit. The marker encoding mirrors images/tools/nbmark.c
+Raw file: `cachemodel.csv` (RAW; columns vcpu, mode, event, value, marker), one
+block of rows per `nbmark` marker hit. The marker encoding mirrors images/tools/nbmark.c
 and cachemodel/plugin/plugin.c.
 """
 
@@ -21,6 +21,7 @@ EVENTS = (
     "invalidations_sent", "invalidations_received", "instructions", "device_writes",
 )
 MODES = ("kernel", "user")
+RAW = "cachemodel.csv"  # a repetition's measured window (two blocks: begin, end)
 CSV_COLUMNS = ("vcpu", "mode", "event", "value", "marker")
 
 # Marker instruction: nopl disp32(%rax) = 0f 1f 80 <disp32 little endian>, with
@@ -74,22 +75,75 @@ def read_snapshots(text: str) -> pd.DataFrame:
     return df
 
 
+def window_edges(df: pd.DataFrame) -> tuple[int, int] | None:
+    """The measured window's two blocks (snapshot numbers): the last `begin:<id>` block
+    and the first `end:<id>` block after it; None when the CSV has no such pair.
+
+    This is the one definition of a cache-model window: the runner cuts a
+    repetition's file out of the receiver's CSV with it (testbed.run.cachemodel_window)
+    and analysis counts the repetition with it (`measured_window`), so a file holds
+    one window and both read the same one.
+    """
+    firsts = df.groupby("snapshot")["marker"].first()
+    begins = [(int(s), str(m)) for s, m in firsts.items() if str(m).startswith("begin:")]
+    if not begins:
+        return None
+    start, name = begins[-1]
+    end = "end:" + name.split(":", 1)[1]
+    ends = [int(s) for s, m in firsts.items() if int(s) > start and str(m) == end]
+    return (start, ends[0]) if ends else None
+
+
+def _delta(df: pd.DataFrame, first: int, last: int) -> pd.DataFrame:
+    """Counters of block `last` minus block `first` (block `last` alone if equal):
+    columns vcpu (str), mode, event, value."""
+    key = ["vcpu", "mode", "event"]
+    a = df[df["snapshot"] == last].set_index(key)["value"]
+    if first != last:
+        a = a - df[df["snapshot"] == first].set_index(key)["value"]
+    out = a.rename("value").reset_index()
+    out["vcpu"] = out["vcpu"].astype(str)
+    return out
+
+
+def measured_window(text: str, source: str = RAW) -> pd.DataFrame:
+    """A repetition's cache-model counts in its measured window (`window_edges`):
+    columns vcpu (str), mode, event, value.
+
+    A file from before begin/end markers is read from its first block to its last
+    (a single block: its values, counted from the plugin's start).
+    """
+    try:
+        df = read_snapshots(text)
+    except (ValueError, KeyError) as exc:
+        raise NetbedError(f"{source} does not parse: {exc}",
+                          hint="expected the header vcpu,mode,event,value,marker") from exc
+    if df.empty:
+        raise NetbedError(f"{source} has no counter rows",
+                          hint="did the measured window's markers run in the guest?")
+    edges = window_edges(df)
+    if edges is None:
+        blocks = df["snapshot"]
+        edges = (int(blocks.min()), int(blocks.max()))
+    return _delta(df, *edges)
+
+
 def window(df: pd.DataFrame, first: str, last: str, mode: str | None = None,
            vcpu: int | None = None) -> dict[str, int]:
-    """Event totals between the first hit of marker `first` and the last hit of `last`."""
+    """Event totals between the first hit of marker `first` and the last hit of `last`
+    (for tests and benchmarks that place their own markers)."""
     snaps = df.groupby("snapshot")["marker"].first()
     a, b = snaps[snaps == first], snaps[snaps == last]
     if a.empty or b.empty:
         raise NetbedError(f"cache-model CSV lacks marker {first if a.empty else last!r}",
                           hint=f"markers present: {sorted(set(snaps))}")
-    sel = df
+    sel = _delta(df, int(a.index[0]), int(b.index[-1]))
     if mode is not None:
         sel = sel[sel["mode"] == mode]
     if vcpu is not None:
-        sel = sel[sel["vcpu"] == vcpu]
-    tot = sel.groupby(["snapshot", "event"])["value"].sum()
-    return {ev: int(tot[(b.index[-1], ev)] - tot[(a.index[0], ev)]) for ev in EVENTS
-            if (b.index[-1], ev) in tot.index}
+        sel = sel[sel["vcpu"] == str(vcpu)]
+    tot = sel.groupby("event")["value"].sum()
+    return {ev: int(tot[ev]) for ev in EVENTS if ev in tot.index}
 
 
 
@@ -106,6 +160,7 @@ TABLES_WINDOW_FILE = SITES_FILE + ".window"
 # In a repetition folder they are kept gzip-compressed (a window's sites table of a
 # receiver is ~10 MB of CSV, ~1.5 MB compressed); readers accept either form.
 STORED_SUFFIX = ".gz"
+FILES = (RAW, SITES_FILE + STORED_SUFFIX, C2C_FILE + STORED_SUFFIX, SITES_FILE, C2C_FILE)
 SITE_EVENTS = tuple(e for e in EVENTS if e not in ("instructions", "invalidations_received"))
 SITES_COLUMNS = ("window", "pc", "vcpu", "mode", "data", *SITE_EVENTS)
 C2C_COLUMNS = ("window", "line", "vcpu", "pc", "owner_vcpu", "owner_pc", "count")

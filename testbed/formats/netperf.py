@@ -18,6 +18,8 @@ from testbed.vocabulary import WORKLOAD_NAMES
 # --------------------------------------------------------------------------- netperf
 
 WORKLOADS = WORKLOAD_NAMES  # what netperf_command accepts
+RAW = "netperf.txt"  # netperf omni keyval output (KEY=VALUE lines)
+FILES = (RAW,)
 
 # Omni output selectors asked of every test. Unknown selectors would make netperf
 # fail, so this list only names selectors netperf 2.7 documents.
@@ -38,6 +40,12 @@ NETPERF_SELECTORS: tuple[str, ...] = (
     "LOCAL_RECV_SIZE",
     "REMOTE_SEND_SIZE",
     "REMOTE_RECV_SIZE",
+    # netserver's receive buffer (SO_RCVBUF as getsockopt returns it): asked (-1: not
+    # asked, autotuned), on its listening socket before the test, and at the test's end
+    # (the copy-lag axis, docs/copy-lag.md)
+    "RSR_SIZE_REQ",
+    "RSR_SIZE",
+    "RSR_SIZE_END",
 )
 # Request/response adds the transaction rate and the latency distribution; the
 # percentiles need the global `-j` flag (netperf keeps a histogram only then).
@@ -54,6 +62,23 @@ NETPERF_RR_SELECTORS: tuple[str, ...] = (
     "MAX_LATENCY",
     "STDDEV_LATENCY",
 )
+
+
+# netserver's recv size under autotuning (its initial SO_RCVBUF, tcp_rmem[1] = 128 KiB:
+# REMOTE_RECV_SIZE=131072 in every STREAM run before the copy-lag axis), pinned for every
+# set receive buffer so the levels change how much may queue, not how much a recv copies.
+RECV_SIZE = 131072
+
+
+def receive_buffer_args(size: int | None) -> list[str]:
+    """Test-specific options that give netserver's socket a receive buffer of `size` bytes
+    (the copy-lag axis; none for None, autotuning). `-S ,N` sets only netserver's SO_RCVBUF
+    (its send buffer keeps the default; netperf's break_args), on its listening socket
+    before the test's connection is accepted, so only the measured connection gets it;
+    netserver's recv size would follow the buffer, so `-M` pins it to RECV_SIZE."""
+    if size is None:
+        return []
+    return ["-S", f",{int(size)}", "-M", str(RECV_SIZE)]
 
 
 class WorkloadLike(Protocol):

@@ -13,6 +13,7 @@ from testbed.errors import NetbedError
 
 RAW_BEFORE = "nicstats-before.txt"
 RAW_AFTER = "nicstats-after.txt"
+FILES = (RAW_BEFORE, RAW_AFTER)
 STATS = ("rx_bytes", "rx_packets", "rx_dropped", "rx_errors", "tx_bytes", "tx_packets")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RAW = "offloads.txt"  # OFFLOAD_SCRIPT's output for the receiver's data NIC
+FILES = (RAW,)
 VIRTIO_NET_F_GUEST_CSUM = 1  # bit number in the virtio-net feature set
 
 OFFLOAD_SCRIPT = r"""

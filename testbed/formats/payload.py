@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from testbed.errors import NetbedError
 
 RAW = "payload.json"
+FILES = (RAW,)
 # netperf copies the remote fill file's name into a 32-byte control-message field.
 REMOTE_NAME_LIMIT = 31
 FILL_PATH = "/tmp/nbfill"

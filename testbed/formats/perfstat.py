@@ -22,6 +22,9 @@ PERF_SEPARATOR = ";"
 # Written instead of the raw file where perf did not count, with the reason (e.g. kept
 # out of cache-model windows: testbed.run.window); analysis gives not-supported rows.
 RAW_UNSUPPORTED = "perf-unsupported"
+RAW = "perf-stat.csv"  # `perf stat -a -A -x<SEP>` of the receiver
+RAW_ERRORS = "perf.err"  # perf's (and the inner script's) stderr in plain windows
+FILES = (RAW, RAW_UNSUPPORTED, RAW_ERRORS)
 SOFTWARE_EVENTS: tuple[str, ...] = (
     "task-clock",
     "context-switches",

@@ -125,6 +125,8 @@ def parse_proc_stat(text: str) -> pd.DataFrame:
 
 
 PROC_FILES = ("softirqs", "interrupts", "softnet_stat", "snmp", "stat")
+BEFORE_DIR, AFTER_DIR = "proc-before", "proc-after"  # <dir>/<name> in a repetition
+FILES = tuple(f"{d}/{n}" for d in (BEFORE_DIR, AFTER_DIR) for n in PROC_FILES)
 PROC_PATHS = {
     "softirqs": "/proc/softirqs",
     "interrupts": "/proc/interrupts",

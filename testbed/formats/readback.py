@@ -21,6 +21,9 @@ from testbed.errors import NetbedError
 from testbed.formats.offloads import parse_ethtool_features
 
 ABSENT = "<absent>"
+RAW = "readback.json"  # policy state read back from the receiver
+RAW_AFFINITY = "reader-affinity.txt"  # the reader's CPU affinity as read back
+FILES = (RAW, RAW_AFFINITY)
 SYSCTL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 IFACE_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 ETHTOOL_PREFIX = "ethtool: "

@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 
 from testbed.errors import NetbedError
 
+RAW = "reader-cpus.txt"  # "<seconds> <cpu>" samples
+RAW_ERRORS = "sampler.err"  # the sampler's stderr
+RAW_PID = "reader-pid.txt"  # the reader's pid (netserver's data process)
+FILES = (RAW, RAW_ERRORS, RAW_PID)
+
 # --------------------------------------------------------------------------- reader location
 
 
-def reader_sampler_command(duration: float, interval: float = 0.1) -> str:
+def reader_sampler_command(duration: float, interval: float = 0.1,
+                           queue_file: str | None = None) -> str:
     """A bash loop sampling the CPU (field 39 of /proc/<pid>/stat) of netserver's
     data process, the newest child of the netserver daemon, into "<t> <cpu>" lines.
 
@@ -26,6 +32,9 @@ def reader_sampler_command(duration: float, interval: float = 0.1) -> str:
     per second instead of ten. Samples before the data process exists are
     skipped; "# pid N" lines record which process was sampled. Needs bash,
     pgrep (procps) and mkfifo/mktemp (coreutils): no awk.
+
+    `queue_file`: nbsample also samples the reader's socket queues into it
+    (testbed.formats.sockqueue); the bash fallback does not (no such file then).
     """
     if duration <= 0 or interval <= 0:
         raise NetbedError("reader sampler needs positive duration and interval")
@@ -53,7 +62,9 @@ done"""
     # nbsample (images/tools/nbsample.c, in every guest image) prints the same lines
     # without forking, so it keeps the asked rate where this loop manages 2-8 Hz.
     return (f"if command -v nbsample >/dev/null 2>&1; then "
-            f"nbsample {duration:g} {interval:g}; else {fallback}; fi")
+            f"nbsample {duration:g} {interval:g}"
+            + (f" {shlex.quote(queue_file)}" if queue_file else "")
+            + f"; else {fallback}; fi")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from testbed.errors import NetbedError
 
 RAW = "stamps.txt"
+FILES = (RAW,)
 
 # (begin label, end label) of each source; every label has a "-start" twin.
 UNITS = ("units-before", "units-after")

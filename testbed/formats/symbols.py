@@ -28,6 +28,7 @@ from testbed.errors import NetbedError
 
 SYMBOLS_REF = "cachemodel-symbols.json"  # in a repetition folder: which tables it used
 SYMBOLS_DIR = "symbols"  # in the run folder: the tables themselves
+FILES = (SYMBOLS_REF,)
 KERNEL_SPLIT = 1 << 63  # upper half of the x86-64 address space: kernel
 MAX_GUESSED_SIZE = 256 << 10  # a kallsyms entry has no size: at most this far to the next
 KERNEL_UNKNOWN = "[kernel:unknown]"

@@ -20,6 +20,7 @@ from testbed.errors import NetbedError
 
 RAW_BEFORE = "tcpinfo-before.txt"
 RAW_AFTER = "tcpinfo-after.txt"
+FILES = (RAW_BEFORE, RAW_AFTER)
 NETSERVER_CONTROL_PORT = 12865
 
 # tcp_info fields kept (as `ss -i` names them); all are cumulative counters.

@@ -37,6 +37,7 @@ TRACEFS = "/sys/kernel/tracing"
 RAW_TRACE = "trace.txt.gz"
 RAW_STATS = "trace-stats.txt"
 RAW_UNSUPPORTED = "trace-unsupported"
+FILES = (RAW_TRACE, RAW_STATS, RAW_UNSUPPORTED)
 BUFFER_KB_PER_CPU = 8192
 EVENTS = ("net/netif_receive_skb", "napi/napi_poll", "sched/sched_waking",
           "sched/sched_wakeup", "sched/sched_switch")

@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from testbed.files import read_json
+from testbed.formats import record, windowrates
 from testbed.run.folder import RepDir
 
 StopReason = Literal["within-target", "max-reached", "fixed"]
 # `done` records the window's own rate (testbed.formats.windowrates); netperf's
 # throughput is the fallback for repetitions recorded before it did.
-DEFAULT_METRICS = ("window.throughput", "throughput")
-STOPPING_FILE = "stopping.json"
+DEFAULT_METRICS = (windowrates.THROUGHPUT, "throughput")
+STOPPING_FILE = record.STOPPING
 
 OPTIONAL_STOPPING_NOTE = (
     "Repetitions were adaptive: a cell got more rounds while its CV was above target. "
@@ -102,5 +103,5 @@ def done_value(rep: RepDir, metric: str | None) -> tuple[str, float | None]:
     """The metric of a finished repetition (None if it failed or did not record it)."""
     if not rep.is_done:
         return (metric or DEFAULT_METRICS[-1]), None
-    info = read_json(rep.file("done"))
+    info = read_json(rep.file(record.DONE))
     return metric_value(info if isinstance(info, dict) else {}, metric)

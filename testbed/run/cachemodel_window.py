@@ -39,6 +39,10 @@ from testbed.formats.cachemodel import (
     read_c2c,
     read_sites,
     read_snapshots,
+    window_edges,
+)
+from testbed.formats.cachemodel import (
+    RAW as CACHEMODEL_RAW,
 )
 from testbed.formats.symbols import (
     KALLSYMS_COMMAND,
@@ -125,18 +129,16 @@ def closes_before(text: str) -> int:
 
 
 def window_blocks(text: str) -> str:
-    """CSV text of the last begin block and the end block after it (pure)."""
+    """CSV text of the measured window's two blocks (testbed.formats.cachemodel.
+    window_edges: the last begin block and the end block after it; pure)."""
     df = read_snapshots(text)
-    firsts = df.groupby("snapshot")["marker"].first()
-    begins = [s for s, m in firsts.items() if str(m).startswith("begin")]
-    if not begins:
-        raise NetbedError("the cache model saw no begin marker in the measured window",
-                          hint="is nbmark in the guest image? (images/tools/nbmark.c)")
-    start = begins[-1]
-    ends = [s for s, m in firsts.items() if s > start and str(m).startswith("end")]
-    if not ends:
+    edges = window_edges(df)
+    if edges is None:
+        if not df["marker"].astype(str).str.startswith("begin:").any():
+            raise NetbedError("the cache model saw no begin marker in the measured window",
+                              hint="is nbmark in the guest image? (images/tools/nbmark.c)")
         raise NetbedError("the cache model saw no end marker after the window's begin")
-    keep = df[df["snapshot"].isin([start, ends[0]])].drop(columns="snapshot")
+    keep = df[df["snapshot"].isin(edges)].drop(columns="snapshot")
     return str(keep.to_csv(index=False))
 
 
@@ -171,7 +173,7 @@ def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = 
     if not csv.exists():
         raise NetbedError(f"the cache-model plugin wrote no CSV ({csv})")
     text = csv.read_text()
-    atomic_write_text(rep.file("cachemodel.csv"), window_blocks(text))
+    atomic_write_text(rep.file(CACHEMODEL_RAW), window_blocks(text))
     sites, done = workdir / SITES_FILE, workdir / TABLES_WINDOW_FILE
     if not sites.exists() and not done.exists():
         return  # the plugin runs without attribution

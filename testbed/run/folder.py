@@ -42,10 +42,11 @@ from typing import Any
 
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_json, now_iso
+from testbed.formats import record
 from testbed.runname import run_folder_name
 
-DONE = "done"
-FAILED = "failed"
+DONE = record.DONE
+FAILED = record.FAILED
 CELLS_DIR = "cells"
 
 
@@ -90,31 +91,31 @@ class RunDir:
 
     @property
     def experiment_file(self) -> Path:
-        return self.path / "experiment.yaml"
+        return self.path / record.EXPERIMENT
 
     @property
     def cells_file(self) -> Path:
-        return self.path / "cells.json"
+        return self.path / record.CELLS
 
     @property
     def host_file(self) -> Path:
-        return self.path / "host.json"
+        return self.path / record.HOST
 
     @property
     def versions_file(self) -> Path:
-        return self.path / "versions.json"
+        return self.path / record.VERSIONS
 
     @property
     def policies_file(self) -> Path:
-        return self.path / "policies.yaml"
+        return self.path / record.POLICIES
 
     @property
     def meta_file(self) -> Path:
-        return self.path / "run.json"
+        return self.path / record.RUN
 
     @property
     def summary_file(self) -> Path:
-        return self.path / "summary.txt"
+        return self.path / record.SUMMARY
 
     @property
     def work_dir(self) -> Path:
@@ -156,7 +157,7 @@ def resolve_run(arg: str, results_dir: Path) -> Path:
     if p.is_dir():
         return p
     if arg == "latest":
-        runs = sorted(d for d in results_dir.glob("*") if (d / "cells.json").is_file()
+        runs = sorted(d for d in results_dir.glob("*") if (d / record.CELLS).is_file()
                       or (d / CELLS_DIR).is_dir())
         if not runs:
             raise NetbedError(f"no runs in {results_dir}", hint="run `invoke run-matrix` first")

@@ -17,6 +17,7 @@ from typing import Any
 
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_json, read_json
+from testbed.formats import record
 from testbed.run.folder import CELLS_DIR, RunDir
 
 SHARD_SUFFIX_SEP = "-shard"
@@ -72,7 +73,7 @@ def merge_runs(inputs: list[Path], into: Path | None, results_dir: Path) -> Path
                 shutil.copytree(rep.path, target)
                 if rep.is_done:
                     done_in[key] = run.path
-        atomic_write_json(tmp / "cells.json", list(cells.values()))
+        atomic_write_json(tmp / record.CELLS, list(cells.values()))
         shards = []
         for run in runs:
             shards.append({
@@ -81,17 +82,17 @@ def merge_runs(inputs: list[Path], into: Path | None, results_dir: Path) -> Path
                 "versions": read_json(run.versions_file) if run.versions_file.is_file()
                 else None,
             })
-        for name in ("host.json", "versions.json"):
+        for name in (record.HOST, record.VERSIONS):
             src = runs[0].path / name
             data = json.loads(src.read_text()) if src.is_file() else {}
             data["shards"] = [s["run"] for s in shards]
             atomic_write_json(tmp / name, data)
-        atomic_write_json(tmp / "shards.json", shards)
+        atomic_write_json(tmp / record.SHARDS, shards)
         # plain (plugin-less) repetitions per cell, as the shards recorded them: a resume
         # of the merged run redoes the ones that failed (testbed.run.local)
         plain = [read_json(r.meta_file).get("plain_repetitions", 0)
                  for r in runs if r.meta_file.is_file()]
-        atomic_write_json(tmp / "run.json", {"shard": None,
+        atomic_write_json(tmp / record.RUN, {"shard": None,
                                              "merged_from": [str(r.path) for r in runs],
                                              "plain_repetitions": max(
                                                  [p for p in plain if isinstance(p, int)],

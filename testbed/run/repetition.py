@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from testbed.errors import GuestError, NetbedError
-from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.config import Cell, Experiment, rcvbuf_bytes
 from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from testbed.formats import netperf, payload, stamps, tcpinfo
+from testbed.formats import netperf, payload, reader, record, sockqueue, stamps, tcpinfo
 from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.formats.offloads import RAW as OFFLOADS_RAW
+from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.formats.readback import (
+    RAW_AFFINITY,
     NicInfo,
     find_nic_irqs,
     nic_info_command,
@@ -102,7 +105,7 @@ def start_window_command(script: str) -> str:
     armed = f"{GUEST_DIR}/win/{WINDOW_ARMED}"
     return (f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/window.sh <<'NETBED_EOF'\n"
             f"{script}NETBED_EOF\n"
-            f"rm -f {GUEST_DIR}/win/finished {GUEST_DIR}/win/{WINDOW_ARMED} "
+            f"rm -f {GUEST_DIR}/win/{record.FINISHED} {GUEST_DIR}/win/{WINDOW_ARMED} "
             f"{GUEST_DIR}/win/{WINDOW_CLOSED}\n"
             f"nohup sh {GUEST_DIR}/window.sh > {GUEST_DIR}/window.log 2>&1 &\n"
             f"{wait_until(f'[ -e {armed} ]', ARMED_WAIT_S)}; [ -e {armed} ] || exit 1\n")
@@ -111,10 +114,10 @@ def start_window_command(script: str) -> str:
 def fetch_window_command() -> str:
     """Once the window has finished, its files as one base64-armoured tar stream (a
     shell's output is text); status NOT_FINISHED if it does not finish in time (pure)."""
-    finished = f"{GUEST_DIR}/win/finished"
+    finished = f"{GUEST_DIR}/win/{record.FINISHED}"
     return (f"{wait_until(f'[ -e {finished} ]', FINISH_WAIT_S)}; "
             f"[ -e {finished} ] || exit {NOT_FINISHED}; "
-            f"tar -C {GUEST_DIR}/win --exclude=./finished --exclude=./{WINDOW_CLOSED} "
+            f"tar -C {GUEST_DIR}/win --exclude=./{record.FINISHED} --exclude=./{WINDOW_CLOSED} "
             f"-cf - . | base64 -w 0")
 
 
@@ -159,21 +162,25 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     """
     if cachemodel is None:  # the session's counter plan decides (counters: auto)
         cachemodel = "cachemodel" in exp.counters
-    atomic_write_json(rep.file("cell.json"),
+    atomic_write_json(rep.file(record.CELL),
                       {**json.loads(cell.model_dump_json()), "cell_id": cell.cell_id,
                        "repetition": rep.repetition})
-    atomic_write_json(rep.file("policy.json"), resolved.as_dict())
+    atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
+    asked = rcvbuf_bytes(cell.rcvbuf)
+    raise_rmem = None if asked is None else sockqueue.rmem_max_command(asked)
     applied = rx.run(prepare_command(
         apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
-        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT))
-    readback_text, offloads_text = split_sections(applied.stdout, 2)
-    atomic_write_text(rep.file("offloads.txt"), offloads_text)
+        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT,
+        *([raise_rmem] if raise_rmem else [])))
+    readback_text, offloads_text, *rmem_text = split_sections(applied.stdout,
+                                                              3 if raise_rmem else 2)
+    atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
     remote_cpu = netserver_cpu(resolved)
     fill = _prepare_payload(rx, tx, cell, payload_kind)
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
-    fill_test = payload.netperf_test_args(fill)
+    fill_test = [*payload.netperf_test_args(fill), *netperf.receive_buffer_args(asked)]
     # netperf starts only once the window is armed (trace, the previous reader noted);
     # the warm-up is the measured connection's own traffic before the window opens
     rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
@@ -183,11 +190,11 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
                                         global_args=fill_global, test_args=fill_test),
         cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-        reader_pid_file=f"{GUEST_DIR}/win/reader-pid.txt", cap_s=netperf_cap,
+        reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
         earliest_close_s=lead_seconds(exp) + exp.duration)
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
-    atomic_write_text(rep.file("netperf.txt"), traffic.output)
+    atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}: "
                          f"{traffic.output.strip()[-300:]}")
@@ -199,14 +206,14 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         raise GuestError(f"fetching the window's files failed ({fetched.exit_code}): "
                          f"{fetched.stderr.strip()[-300:]}")
     unpack_window(fetched.stdout, rep)
-    if rep.file("error").exists():
-        raise GuestError(f"measurement window: {rep.file('error').read_text().strip()}")
+    if rep.file(record.ERROR).exists():
+        raise GuestError(f"measurement window: {rep.file(record.ERROR).read_text().strip()}")
     problems = window_problems(rep.path)
     if problems:
         raise GuestError("measurement window: " + "; ".join(problems))
-    affinity = rep.file("reader-affinity.txt")
+    affinity = rep.file(RAW_AFFINITY)
     readback = parse_readback(readback_text + (affinity.read_text() if affinity.exists() else ""))
-    atomic_write_json(rep.file("readback.json"),
+    atomic_write_json(rep.file(READBACK_RAW),
                       {**readback.as_dict(), "irqs": list(boot.irqs),
                        "iface": boot.nic.iface, "driver": boot.nic.driver,
                        "offloads": offloads.summary()})
@@ -214,10 +221,34 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     if problems:
         raise PolicyMismatch(f"cell {cell.cell_id}: receiver state differs from policy "
                              f"{resolved.name!r}: " + "; ".join(problems))
-    result = netperf.parse_netperf(rep.file("netperf.txt").read_text())
+    result = netperf.parse_netperf(rep.file(netperf.RAW).read_text())
+    _check_rcvbuf(rep, cell, result,
+                  sockqueue.parse_rmem_max(rmem_text[0]) if rmem_text else None)
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
             "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}
+
+
+def _check_rcvbuf(rep: RepDir, cell: Cell, result: netperf.NetperfResult,
+                  rmem_max: int | None) -> None:
+    """The copy-lag level's provenance (`rcvbuf.json`): what was asked, net.core.rmem_max
+    in force, netserver's SO_RCVBUF as netperf read it back (asked, as set on its
+    listening socket, at the end), and what the kernel should have made of the level.
+    A set level whose buffer reads back otherwise fails the repetition (PolicyMismatch):
+    its cell would be labelled with a queue depth it did not have."""
+    size = rcvbuf_bytes(cell.rcvbuf)
+    expected = None if size is None or rmem_max is None else \
+        sockqueue.kernel_rcvbuf(size, rmem_max)
+    read = {k: result.get(k) for k in ("RSR_SIZE_REQ", "RSR_SIZE", "RSR_SIZE_END")}
+    atomic_write_json(rep.file(sockqueue.RAW_RCVBUF), {
+        "level": cell.rcvbuf, "asked_bytes": size, "rmem_max": rmem_max,
+        "mechanism": ("autotuned (tcp_rmem); nothing set" if size is None else
+                      "netperf -S ,N: netserver's SO_RCVBUF on its listening socket"),
+        "expected_rcvbuf_bytes": expected, "netperf": read})
+    if size is not None and read["RSR_SIZE"] != expected:
+        raise PolicyMismatch(f"cell {cell.cell_id}: rcvbuf {cell.rcvbuf} should give "
+                             f"SO_RCVBUF {expected} (rmem_max {rmem_max}), netserver's "
+                             f"socket read back {read['RSR_SIZE']}")
 
 
 def _window_rates(rep: RepDir, cell: Cell) -> dict[str, float]:

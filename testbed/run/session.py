@@ -23,6 +23,7 @@ from typing import Any
 
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
+from testbed.formats import record
 from testbed.progress import Log
 from testbed.run.cachemodel_window import (
     arm_model,
@@ -170,6 +171,6 @@ class ExperimentGuests:
         """Serial and QEMU logs of the guests, kept with a repetition that went wrong."""
         if not self.guests_dir.is_dir():
             return
-        for pattern in ("console-*.log", "qemu-*.log"):
+        for pattern in record.LOG_PATTERNS:
             for log in self.guests_dir.glob(pattern):
                 shutil.copy2(log, rep.path / log.name)

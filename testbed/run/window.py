@@ -10,15 +10,17 @@ import shlex
 from pathlib import Path
 
 from testbed.experiment.config import Experiment
-from testbed.formats import perfstat, reader, trace
+from testbed.formats import perfstat, readback, reader, record, sockqueue, trace
 from testbed.formats.readback import ABSENT
 from testbed.vocabulary import GUEST_DIR
 
 RECEIVER_IP = "198.18.0.1"  # the receiver's data-plane address (testbed.vm.dataplane)
-PERF_FILE = "perf-stat.csv"
+PERF_FILE = perfstat.RAW
 PERF_CTL = "perf.ctl"  # perf's control FIFO: `enable` / `disable` (perf stat --control)
 PERF_ACK = "perf.ack"  # perf answers `ack` there once it has done so
-SAMPLER_INTERVAL_S = 0.05  # 20 Hz: nbsample keeps it even when both vCPUs are busy
+# 20 Hz: nbsample keeps it even when both vCPUs are busy; each round also samples the
+# reader's socket queues (one sock_diag lookup per socket: testbed.formats.sockqueue)
+SAMPLER_INTERVAL_S = 0.05
 WINDOW_LEAD_S = 0.5  # the least connection ramp before the window opens
 # Model windows arm the cache model after the warm-up and let it settle this long before
 # `begin`: the code-cache flush and most of QEMU's retranslation with callbacks happen
@@ -28,9 +30,9 @@ ARM_SETTLE_S = 0.3
 # it when something goes wrong: the reader's wait, the window, a slow model's edges.
 NETPERF_CAP_S = 180
 READER_WAIT_S = 60
-WINDOW_ARMED = "armed"  # touched once the trace is armed: the sender may start netperf
-WINDOW_CLOSED = "closed"  # touched once the inner script (every edge read) has ended
-SNAP_ERRORS = "nbsnap-errors.txt"  # nbsnap's complaints; analysis reports them
+WINDOW_ARMED = record.ARMED  # touched once the trace is armed: the sender may start netperf
+WINDOW_CLOSED = record.CLOSED  # touched once the inner script (every edge read) has ended
+SNAP_ERRORS = record.SNAP_ERRORS  # nbsnap's complaints; analysis reports them
 PERF_KEPT_OUT = ("perf is kept out of cache-model windows (its edges lagged the window's "
                  "by up to 246 ms under the model); its software counters come from the "
                  "plain repetitions, context switches also from /proc (stat.ctxt)")
@@ -52,7 +54,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     counting (plain windows; enabled and disabled through its control FIFO, each between
     two stamps), the cache model's markers (model windows), the units (every established
     TCP connection's tcp_info, the data NIC's statistics), the trace, the /proc
-    snapshots, and the reader sampler with `sleep duration` in the middle. The markers
+    snapshots, and the reader sampler (where the reader runs, and how much payload waits
+    in its socket: sockqueue.txt) with `sleep duration` in the middle. The markers
     sit right against the units because reads inside a region run ~10x slower; nbsnap
     makes them cheap there (sockets borrowed and files opened before the window, results
     written after the line: a units read ~10 ms inside a region), so the model's counts
@@ -99,16 +102,17 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
                                            timeout_margin=margin)
     else:
         outer = perfstat.with_timeout(inner_sh, exp.duration, margin)
-    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S)
+    sampler = reader.reader_sampler_command(exp.duration, SAMPLER_INTERVAL_S,
+                                            queue_file=sockqueue.sampler_args(w))
     polls = int(READER_WAIT_S / 0.1)
     traced = tracing and bool(iface)
-    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/setup-times.txt'
+    up = f'read -r nbup _ < /proc/uptime; echo "$nbup {{}}" >> {w}/{record.SETUP_TIMES}'
     inner = [f"exec 3>{d}/snap.in 4<{d}/snap.out",
              'snap() { echo "$*" >&3; read -r ack <&4; '
              f'case "$ack" in ok*) ;; *) echo "$* -> $ack" >> {w}/{SNAP_ERRORS} ;; esac; }}',
              f"i=0; until {_reader_exists()}; do i=$((i + 1)); "
              f"if [ $i -gt {polls} ]; then echo 'no reader within {READER_WAIT_S} s' "
-             f"> {w}/error; echo quit >&3; read -r ack <&4; exit 0; fi; sleep 0.1; done",
+             f"> {w}/{record.ERROR}; echo quit >&3; read -r ack <&4; exit 0; fi; sleep 0.1; done",
              "pid=$r",
              up.format("reader"),
              f"sleep {lead:g}",
@@ -117,8 +121,8 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
              f'{{ if [ -r /proc/$pid/status ]; then while read -r k v; do '
              f'[ "$k" = Cpus_allowed_list: ] && echo "reader.$pid=$v"; '
              f"done < /proc/$pid/status; "
-             f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/reader-affinity.txt 2>&1",
-             f'echo "$pid" > {w}/reader-pid.txt',
+             f"else echo 'reader.none={ABSENT}'; fi; }} > {w}/{readback.RAW_AFFINITY} 2>&1",
+             f'echo "$pid" > {w}/{reader.RAW_PID}',
              'echo "reader $pid" >&3; read -r ack <&4']
     if counted:
         # nbsnap talks to perf's control FIFOs itself (opened read-write: no block)
@@ -137,7 +141,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
     inner.append('snap "' + ("perf enable; " if counted else "")
                  + ("mark begin; " if mark else "") + "units before"
                  + ('${t}' if traced else "") + '; proc before"')
-    inner += [f"( {sampler} ) > {w}/reader-cpus.txt 2> {w}/sampler.err &",
+    inner += [f"( {sampler} ) > {w}/{reader.RAW} 2> {w}/{reader.RAW_ERRORS} &",
               f"sleep {exp.duration:g}", "wait"]
     if traced:
         inner.append(trace_off)
@@ -168,7 +172,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         f"2>> {w}/{SNAP_ERRORS} &",
         f"exec 3>{d}/snap.in 4<{d}/snap.out",
         f"cat > {d}/inner.sh <<'NETBED_INNER'\n" + "\n".join(inner) + "\nNETBED_INNER",
-        f"( {outer} ) 2> {w}/{'perf' if counted else 'inner'}.err &",
+        f"( {outer} ) 2> {w}/{perfstat.RAW_ERRORS if counted else record.INNER_ERRORS} &",
         "window_job=$!",
         f"touch {w}/{WINDOW_ARMED}",
         "wait $window_job",
@@ -179,7 +183,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         lines.append(f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null")
     if traced and iface:
         lines.append(trace.collect_command(w))
-    lines.append(f"touch {w}/finished")
+    lines.append(f"touch {w}/{record.FINISHED}")
     return "\n".join(lines) + "\n"
 
 

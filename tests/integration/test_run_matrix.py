@@ -15,6 +15,7 @@ import pytest
 
 from testbed.formats import netperf, perfstat, procfs
 from testbed.run.folder import RunDir
+from tests.waits import poll_until
 
 from .conftest import links_named
 
@@ -91,7 +92,9 @@ def test_kill_9_then_resume_completes_exactly_the_missing_work(tmp_path: Path):
     assert run is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    time.sleep(2)  # QEMU dies with its parent (PDEATHSIG)
+    poll_until(lambda: subprocess.run(["pgrep", "-f", f"qemu-system.*{run.path}"],
+                                      capture_output=True).returncode == 1,
+               "QEMU to die with its parent (PDEATHSIG)")
     left = dataplanes_of(proc.pid)
     assert left, "a killed run leaves its tap devices and bridge registered"
     before = done_stamps(run)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis import collate as c
+from testbed.formats import cachemodel as cmfmt
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 RUN = FIX / "runs" / "20261125T100000Z-hostloop"
@@ -165,7 +166,7 @@ def test_cachemodel_window_and_rows(run_copy: Path) -> None:
     """Shape of the cache-model plugin's CSV (printf "%d,%s,%s,%llu,%s"; values are a
     format sample, not a measurement): counts are end:1 minus begin:1."""
     sample = (FIX / "raw" / "cachemodel" / "cachemodel.csv").read_text()
-    w = c.read_cachemodel(sample)
+    w = cmfmt.measured_window(sample)
     assert len(w) == 2 * 2 * 9
     loads = w[(w.event == "loads")]["value"]
     assert (loads == 4000).all()
@@ -182,11 +183,11 @@ def test_cachemodel_window_and_rows(run_copy: Path) -> None:
 
 def test_cachemodel_tolerates_single_marker_and_rejects_bad_header() -> None:
     one = "vcpu,mode,event,value,marker\n0,kernel,loads,7,snapshot:1\n"
-    assert c.read_cachemodel(one)["value"].tolist() == [7]
+    assert cmfmt.measured_window(one)["value"].tolist() == [7]
     from testbed.errors import NetbedError
 
     with pytest.raises(NetbedError, match="columns"):
-        c.read_cachemodel("cpu,event,value\n0,loads,1\n")
+        cmfmt.measured_window("cpu,event,value\n0,loads,1\n")
 
 
 def test_rr_netperf_rows_and_no_per_trans_without_window(run_copy: Path) -> None:
@@ -212,6 +213,8 @@ def test_cell_label() -> None:
            "workload": "TCP_RR", "message_size": 1, "gro": "off"}
     assert c.cell_label(row) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
     assert c.cell_label(row, ["policy", "nic"]) == "rfs/e1000"
+    assert c.cell_label({**row, "rcvbuf": "auto"}) == "stock/e1000/2cpu/rfs/TCP_RR/1/gro-off"
+    assert c.cell_label({**row, "rcvbuf": "64K"}).endswith("/gro-off/rcvbuf-64K")
 
 
 def test_cell_axes_accepts_nested_and_flat_cells() -> None:
@@ -219,24 +222,32 @@ def test_cell_axes_accepts_nested_and_flat_cells() -> None:
               "workload": {"name": "TCP_MAERTS", "message_size": 65536}, "gro": False}
     flat = {**nested, "workload": "TCP_MAERTS", "message_size": 65536}
     want = {"kernel": "stock", "nic": "virtio", "cpus": 4, "policy": "rps",
-            "workload": "TCP_MAERTS", "message_size": 65536, "gro": "off"}
+            "workload": "TCP_MAERTS", "message_size": 65536, "gro": "off", "rcvbuf": "auto"}
     assert c.cell_axes(nested) == want
     assert c.cell_axes(flat) == want
+    assert c.cell_axes({**nested, "rcvbuf": "64K"})["rcvbuf"] == "64K"
 
 
+@pytest.mark.process  # a process pool
 def test_parallel_collation_equals_serial(tidy: pd.DataFrame) -> None:
     par, _ = c.collate_run_with_facts(RUN, workers=2)
     pd.testing.assert_frame_equal(par, tidy)
 
 
-def test_cachemodel_repeated_markers_window_first_begin_to_last_end() -> None:
+def test_cachemodel_repeated_markers_window_last_begin_to_its_end() -> None:
+    """The runner's rule (testbed.run.cachemodel_window.window_blocks) and analysis' are
+    one function: the last begin block and the end block after it."""
     head = "vcpu,mode,event,value,marker\n"
     blocks = [("begin:1", 10), ("snapshot:2", 15), ("end:1", 20), ("begin:1", 30),
               ("end:1", 50), ("snapshot:3", 90)]
     text = head + "".join(f"0,kernel,loads,{v},{m}\n0,user,loads,{v * 2},{m}\n"
                           for m, v in blocks)
-    w = c.read_cachemodel(text).set_index("mode")["value"]
-    assert w["kernel"] == 50 - 10 and w["user"] == 100 - 20
+    w = cmfmt.measured_window(text).set_index("mode")["value"]
+    assert w["kernel"] == 50 - 30 and w["user"] == 100 - 60
+    from testbed.run.cachemodel_window import window_blocks
+
+    kept = cmfmt.measured_window(window_blocks(text)).set_index("mode")["value"]
+    assert kept.to_dict() == w.to_dict()
 
 
 def test_readback_irqs_from_nicstate_readback() -> None:
@@ -290,10 +301,11 @@ def test_by_kind_takes_cache_rows_from_instrumented_reps_and_the_rest_from_plain
     under = pd.Series([(cell, r) in {(PIN_SAME, 1), (DEFAULT, 1)} for cell, r in keys],
                       index=view.index)
     metric = view.metric.astype(str)
-    # instrumented reps: only cache.* and rep.* rows; plain reps: no cache.* rows at all
-    assert set(metric[under & ~metric.str.startswith("rep.")].str.split(".").str[0]) == \
-        {"cache"}
-    assert not metric[~under].str.startswith("cache.").any()
+    # instrumented reps: only cache.*, socket.* and rep.* rows; plain reps: none of those
+    assert set(metric[under & ~metric.str.startswith("rep.")].str.split(".").str[0]) <= \
+        {"cache", "socket"}
+    assert "cache" in set(metric[under].str.split(".").str[0])
+    assert not metric[~under].str.startswith(("cache.", "socket.")).any()
     assert (metric[under] == "netperf.throughput").sum() == 0
     assert (metric[~under] == "netperf.throughput").sum() > 0
     # one kind only (an old cache-model run, or a run without the model): unchanged

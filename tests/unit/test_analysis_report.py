@@ -1,4 +1,4 @@
-"""analysis.write_report / analyze_run on a copy of the fixture run."""
+"""analysis.pipeline.write_report / analyze_run on a copy of the fixture run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import analysis
+from analysis import pipeline
 from analysis.report import pmu_verdict
 
 RUN = Path(__file__).resolve().parent.parent / "fixtures" / "runs" / "20261125T100000Z-hostloop"
@@ -18,13 +18,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> analysis.ReportPaths:
+def report(tmp_path_factory: pytest.TempPathFactory) -> pipeline.ReportPaths:
     run = tmp_path_factory.mktemp("runs") / RUN.name
     shutil.copytree(RUN, run)
-    return analysis.write_report(run, compare_to=RUN)
+    return pipeline.write_report(run, compare_to=RUN)
 
 
-def test_html_is_self_contained(report: analysis.ReportPaths) -> None:
+def test_html_is_self_contained(report: pipeline.ReportPaths) -> None:
     text = report.html.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
     assert "<script" not in text.lower()
@@ -37,7 +37,7 @@ def test_html_is_self_contained(report: analysis.ReportPaths) -> None:
 
 
 def test_report_says_what_failed_and_where_numbers_came_from(
-        report: analysis.ReportPaths) -> None:
+        report: pipeline.ReportPaths) -> None:
     for text in (report.html.read_text(), report.md.read_text()):
         assert "did not answer SSH" in text  # the failure reason
         assert "incomplete" in text
@@ -51,7 +51,7 @@ def test_report_says_what_failed_and_where_numbers_came_from(
         assert "processing_on_reader_cpu" in text and "not available in this run" in text
 
 
-def test_markdown_links_existing_figures(report: analysis.ReportPaths) -> None:
+def test_markdown_links_existing_figures(report: pipeline.ReportPaths) -> None:
     md = report.md.read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 4
@@ -62,7 +62,7 @@ def test_markdown_links_existing_figures(report: analysis.ReportPaths) -> None:
 def test_analyze_run_writes_tables(tmp_path: Path) -> None:
     run = tmp_path / RUN.name
     shutil.copytree(RUN, run)
-    res = analysis.analyze_run(run)
+    res = pipeline.analyze_run(run)
     for p in (res.tables.parquet, res.tables.csv, res.summary_csv, res.comparison_csv,
               res.comparison_txt):
         assert p.is_file() and p.stat().st_size > 0
@@ -77,7 +77,7 @@ def test_empty_run_still_reports(tmp_path: Path) -> None:
     run = tmp_path / "20261125T000000Z-empty"
     run.mkdir()
     (run / "cells.json").write_text('[{"cell_id": "a", "policy": "default"}]')
-    paths = analysis.write_report(run)
+    paths = pipeline.write_report(run)
     assert "(no comparisons)" in paths.md.read_text()
     assert "1 cell(s) of cells.json not started" in paths.html.read_text()
     assert paths.figures == []
@@ -111,15 +111,20 @@ def test_offload_facts_reads_the_runner_format(tmp_path: Path) -> None:
     assert offload_facts(tmp_path / "missing.txt")["rx_checksum_offload"] == "n/a"
 
 
-def test_the_answer_opens_both_reports(report: analysis.ReportPaths) -> None:
+def test_the_answer_opens_both_reports(report: pipeline.ReportPaths) -> None:
     md = report.md.read_text()
     first = re.findall(r"^## (.*)$", md, re.M)
     assert first[0] == "The answer"
-    assert first.index("The answer: figure") < first.index("Status")
+    # the claims first, the policy-vs-default details under them, then the rest
+    assert first.index("How to read the claims") < first.index(
+        "Details: policies against their NIC's default") < first.index("Status")
     html_heads = re.findall(r"<h2>(.*?)</h2>", report.html.read_text())
     assert html_heads[0] == "The answer"
-    assert report.figures[0].name == "answer.png"
+    # a host-loopback run has no cache model: no locality figure, said, never zeros
+    assert "not measured in this run" in md
+    assert report.figures[0].name == "policy-effects.png"
     assert "Cache numbers" in md and "Welch t" in md
+    assert report.claims is not None and "not measured in this run" in report.claims.read_text()
 
 
 def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> None:
@@ -133,9 +138,9 @@ def test_comparing_runs_that_differ_is_refused_without_force(tmp_path: Path) -> 
     v = json.loads((other / "versions.json").read_text())
     (other / "versions.json").write_text(json.dumps({**v, "qemu_version": "QEMU 9.0"}))
     with pytest.raises(NetbedError, match="differ: QEMU") as e:
-        analysis.write_report(run, compare_to=other)
+        pipeline.write_report(run, compare_to=other)
     assert "--force" in (e.value.hint or "")
-    paths = analysis.write_report(run, compare_to=other, force=True)
+    paths = pipeline.write_report(run, compare_to=other, force=True)
     assert "warning: runs differ: QEMU" in paths.md.read_text()
 
 
@@ -143,7 +148,7 @@ def test_the_report_says_which_kind_of_repetition_each_number_comes_from():
     import numpy as np
 
     from analysis.report import kinds_verdict
-    from tests.unit.test_answer import mixed_run
+    from tests.unit.test_policy_effects import mixed_run
 
     one = kinds_verdict(mixed_run(np.random.default_rng(0), 1, {"default": 0.0,
                                                                   "pin-same": 1.0}))

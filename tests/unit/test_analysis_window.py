@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import analysis
 from analysis import collate as c
+from analysis import pipeline
 from analysis import window_metrics as wm
 from testbed.formats import tcpinfo
 
@@ -124,7 +124,7 @@ def test_missing_tcp_info_gives_error_rows_and_no_per_kb(tmp_path: Path):
 def test_report_shows_window_checks_and_explains_metrics(tmp_path: Path):
     run = tmp_path / RUN.name
     shutil.copytree(RUN, run)
-    paths = analysis.write_report(run)
+    paths = pipeline.write_report(run)
     md = paths.md.read_text()
     assert "Window rate / netperf rate" in md and "window vs netperf rate" in md
     assert "1.31x" in md  # the RR repetition, flagged

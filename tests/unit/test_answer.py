@@ -1,234 +1,133 @@
-"""analysis.answer: the answer's statistics on synthetic data at the repetitions quick.yaml
-uses (n = 3 per cell; 95% Welch t intervals on log values), and its wording."""
+"""The claims-first answer (analysis.claims, analysis.answer) on synthetic tidy tables
+with stated effects (tests/unit/claims_data.py) at the repetitions quick.yaml uses: a
+planted interaction is supported at n = 3, no effect is "not detectable" with the
+reason (or ruled out when the data are tight), a run without a metric says so instead
+of showing zeros, and the first section fits one screen."""
 
 from __future__ import annotations
 
-import math
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.answer import (
-    Answer,
-    answer_sections,
-    build_answer,
-    interaction_verdict,
-    log_contrast,
-    plot_answer,
-)
-from analysis.collate import TIDY_COLUMNS
+from analysis.answer import first_section, headline
+from analysis.claims import build_claims, claims_frame, format_claims, unmeasured_text
+from analysis.claimsfig import plot_locality
+from analysis.stats import CONTRADICTED, NOT_DETECTABLE, SUPPORTED
+from tests.unit.claims_data import MISSES, locality_run
 
-N = 3  # repetitions per cell in configs/quick.yaml
-SIGMA = 0.05  # log-normal spread between repetitions (5%)
+NO_EFFECT = {k: (39.0 if k[0] == "e1000" else 18.0) for k in MISSES}
 
 
-def draw(rng: np.random.Generator, median: float, n: int = N, sigma: float = SIGMA) -> list[float]:
-    return list(median * np.exp(rng.normal(0, sigma, n)))
+def verdict(rows, claim: str, where: str) -> tuple[str, str]:
+    r = next(r for r in rows if r.claim == claim and r.where == where)
+    return r.verdict, r.why
 
 
-def interaction_claim(rng: np.random.Generator, e1000_effect: float, virtio_effect: float,
-                      sigmas: tuple[float, ...] = (SIGMA,) * 4) -> str:
-    new, base = draw(rng, 100 * e1000_effect, sigma=sigmas[0]), draw(rng, 100, sigma=sigmas[1])
-    o_new = draw(rng, 50 * virtio_effect, sigma=sigmas[2])
-    o_base = draw(rng, 50, sigma=sigmas[3])
-    r = log_contrast([new, base, o_new, o_base], [1, -1, -1, 1])
-    return interaction_verdict(r, log_contrast([new, base], [1, -1]))
+def test_a_planted_interaction_is_supported_at_n3_in_most_seeds():
+    """e1000: pin-cross 2x pin-same's misses at 64K; virtio 1.06x; 5% noise, 3 vs 3."""
+    seen = [verdict(build_claims(locality_run(np.random.default_rng(s))).rows, "offload",
+                    "rcvbuf 64K")[0] for s in range(60)]
+    assert seen.count(SUPPORTED) / len(seen) >= 0.8
+    assert CONTRADICTED not in seen
 
 
-def test_a_known_interaction_is_confirmed_in_most_seeds():
-    rng = np.random.default_rng(1)
-    verdicts = [interaction_claim(rng, 0.7, 0.95) for _ in range(400)]
-    assert verdicts.count("confirmed") / len(verdicts) >= 0.8
-    assert "refuted" not in verdicts
+def test_the_planted_locality_effect_and_the_payload_path():
+    claims = build_claims(locality_run(np.random.default_rng(1)))
+    assert verdict(claims.rows, "copy", "e1000, rcvbuf 64K")[0] == SUPPORTED
+    # the copy in pin-same finds the lines the checksum read: claim 1 contradicted there
+    word, why = verdict(claims.rows, "dma", "e1000, rcvbuf 64K")
+    assert word == CONTRADICTED and why == "CI excludes 0"
+    # virtio offloads the checksum: no CPU read the payload, placement does not matter
+    assert verdict(claims.rows, "dma", "virtio, rcvbuf 64K")[0] == SUPPORTED
+    dma = next(r for r in claims.rows if r.claim == "dma" and r.where.startswith("e1000"))
+    assert "own/peer/LLC/mem %: same 7" in dma.mechanism and "lag p50" in dma.mechanism
+    point = next(p for p in claims.points if p.nic == "e1000" and p.level == "64K")
+    assert point.effect.ratio == pytest.approx(2.0, rel=0.2)
+    assert point.queue_kb == pytest.approx(40, rel=0.2)
 
 
-@pytest.mark.parametrize("sigmas", [(SIGMA,) * 4, (0.02, 0.08, 0.05, 0.03)])
-def test_without_an_interaction_a_claim_is_made_in_at_most_5_percent(sigmas):
-    rng = np.random.default_rng(2)
-    verdicts = [interaction_claim(rng, 0.8, 0.8, sigmas) for _ in range(4000)]
-    false = sum(v != "not detectable with this many repetitions" for v in verdicts)
-    # 5% nominal; the slack is ~3 standard errors of a 4000-draw estimate
-    assert false / len(verdicts) <= 0.05 + 0.01, false / len(verdicts)
+def test_no_effect_with_noisy_data_is_not_detectable_and_says_why():
+    claims = build_claims(locality_run(np.random.default_rng(2), NO_EFFECT, sigma=0.2))
+    word, why = verdict(claims.rows, "copy", "e1000, rcvbuf auto")
+    assert word == NOT_DETECTABLE
+    assert "includes 1 and reaches past ±10%" in why and "n = 3 vs 3" in why
 
 
-def test_a_simple_effect_without_change_is_claimed_in_at_most_5_percent():
-    rng = np.random.default_rng(3)
-    claims = sum(log_contrast([draw(rng, 10), draw(rng, 10)], [1, -1]).detected
-                 for _ in range(4000))
-    assert claims / 4000 <= 0.06
+def test_no_effect_with_tight_data_rules_the_claim_out():
+    claims = build_claims(locality_run(np.random.default_rng(3), NO_EFFECT, sigma=0.01))
+    word, why = verdict(claims.rows, "copy", "e1000, rcvbuf auto")
+    assert word == CONTRADICTED and "no effect of 10% or more" in why and "within ±10%" in why
 
 
-def test_a_percentile_bootstrap_at_n3_would_claim_far_more_often():
-    """Why not the bootstrap: at n = 3 its interval is too narrow (documents the choice)."""
-    rng = np.random.default_rng(4)
-    claims = 0
-    for _ in range(400):
-        a, b = np.array(draw(rng, 10)), np.array(draw(rng, 10))
-        boot = (np.exp(np.log(rng.choice(a, (1000, N))).mean(1)) /
-                np.exp(np.log(rng.choice(b, (1000, N))).mean(1)))
-        lo, hi = np.quantile(boot, [0.025, 0.975])
-        claims += lo > 1 or hi < 1
-    assert claims / 400 > 0.10
+def test_the_false_claim_rate_without_an_effect_stays_near_5_percent():
+    """Without an effect the claim is supported (interval excludes 1 upwards) rarely."""
+    claims = [build_claims(locality_run(np.random.default_rng(100 + s), NO_EFFECT, sigma=0.05))
+              for s in range(100)]
+    wrong = sum(r.verdict == SUPPORTED for c in claims for r in c.rows if r.claim == "copy")
+    assert wrong / (4 * len(claims)) <= 0.06
 
 
-def test_one_repetition_gives_no_interval_and_zeros_give_no_ratio():
-    r = log_contrast([[2.0], [1.0, 1.1]], [1, -1])
-    assert r.ratio == pytest.approx(2 / math.sqrt(1.1)) and math.isnan(r.lo)
-    assert not r.detected and "no CI" in r.pct()
-    assert math.isnan(log_contrast([[0.0, 1.0], [1.0, 1.0]], [1, -1]).ratio)
+def test_the_wake_claim_reads_misses_rate_and_placement():
+    claims = build_claims(locality_run(np.random.default_rng(4)))
+    row = next(r for r in claims.rows if r.claim == "wake" and r.where == "e1000")
+    assert row.verdict == SUPPORTED and row.figure.startswith("misses/trans 0.")
+    assert "trans/s" in row.figure and "no CI" in row.figure  # one plain repetition
+    assert "wake-ups on the waking CPU 95% vs 40%" in row.mechanism
 
 
-def tidy_run(rng: np.random.Generator, effects: dict[tuple[str, str], float],
-             plugin: bool = True, kernel: str = "patched",
-             workload: str = "TCP_STREAM") -> pd.DataFrame:
-    """A synthetic tidy table: c2c per KB (per transaction for RR) and throughput."""
-    rows = []
-    per = ".per_trans" if workload == "TCP_RR" else ".per_kb"
-    for (nic, policy), effect in effects.items():
-        cell_id = f"{kernel}-{nic}-2cpu-{policy}-{workload}-gro_on"
-        for rep in range(1, N + 1):
-            ids = {"run_id": "r", "cell_id": cell_id, "repetition": rep, "kernel": kernel,
-                   "nic": nic, "cpus": 2, "policy": policy, "workload": workload,
-                   "message_size": 16384, "gro": True, "cpu": "all", "status": "ok",
-                   "note": ""}
-            rows.append({**ids, "metric": "cache.c2c_transfers" + per, "unit": "1/KB",
-                         "source": "derived", "value": draw(rng, 2.0 * effect, 1)[0]})
-            if plugin:
-                rows.append({**ids, "metric": "cache.c2c_transfers", "unit": "count",
-                             "source": "cachemodel", "value": 1e6})
-            rows.append({**ids, "metric": "throughput", "unit": "10^6bits/s",
-                         "source": "netperf", "value": draw(rng, 300.0, 1)[0]})
-    return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
+def test_a_run_without_the_new_metrics_says_not_measured_never_zero():
+    tidy = locality_run(np.random.default_rng(5), payload=False, queue=False,
+                        rcvbuf_column=False)
+    assert "rcvbuf" not in tidy.columns
+    claims = build_claims(tidy)
+    assert not any(r.claim == "dma" for r in claims.rows)
+    assert any(m.startswith('"DMA\'d data') and "not measured in this run" in m
+               for m in unmeasured_text(claims))
+    assert {p.level for p in claims.points} == {"auto"}  # no column: one level
+    assert any("Queue depth" in n and "not measured" in n for n in claims.notes)
+    text = format_claims(claims)
+    assert "not measured in this run" in text and "+0 pp" not in text
 
 
-EFFECTS = {("e1000", "default"): 1.0, ("e1000", "pin-same"): 0.6, ("e1000", "wake-local"): 1.0,
-           ("virtio-notso", "default"): 1.0, ("virtio-notso", "pin-same"): 0.95,
-           ("virtio-notso", "wake-local"): 1.0}
+def test_steering_policies_say_where_the_checksum_ran():
+    tidy = locality_run(np.random.default_rng(6))
+    rfs = tidy[tidy["policy"] == "pin-cross"].assign(
+        policy="pin-cross-rfs", cell_id=lambda d: d["cell_id"] + "-rfs")
+    claims = build_claims(pd.concat([tidy, rfs]))
+    note = " ".join(claims.notes)
+    assert "pin-cross-rfs" in note and "before the steering" in note
 
 
-def test_the_answer_confirms_a_planted_interaction_and_states_no_throughput_effect():
-    ans = build_answer(tidy_run(np.random.default_rng(5), EFFECTS))
-    pin = ans.interactions[(ans.interactions["policy"] == "pin-same")
-                           & (ans.interactions["metric"] == "c2c transfers per KB")]
-    assert list(pin["verdict"]) == ["confirmed"]
-    assert list(pin["contrast"]) == ["e1000 / virtio-notso"]
-    # every repetition had the plugin: rates are not taken from them
-    assert "throughput" not in set(ans.effects["metric"])
-    assert any("No throughput" in n for n in ans.notes)
-    text = "\n".join(ans.sentences)
-    assert "pin-same has lower c2c transfers per KB than default" in text
-    assert "n = 3 vs 3" in text
+def test_claims_table_and_first_section_fit_one_screen(tmp_path: Path):
+    tidy = locality_run(np.random.default_rng(7))
+    claims = build_claims(tidy)
+    assert len(format_claims(claims).splitlines()) <= 20
+    figure = plot_locality(claims.points, tmp_path)
+    assert figure is not None and figure.stat().st_size > 5000
+    sections = first_section(claims, tidy, figure)
+    kinds = [k for _, k, _ in sections]
+    assert kinds.count("table") == 1 and kinds.count("figure") == 1
+    table = claims_frame(claims)
+    text_lines = sum(len(textwrap.wrap(str(p), 100)) + 1 for _, k, p in sections if k == "text")
+    assert text_lines + len(table) + 1 <= 40, text_lines
+    assert headline(claims, tidy).startswith(f"{len(claims.rows)} contrasts")
 
 
-def test_wording_never_claims_an_effect_whose_ci_includes_no_change():
-    ans = build_answer(tidy_run(np.random.default_rng(6), EFFECTS, plugin=False))
-    for s, (_, r) in zip(ans.sentences, ans.effects.iterrows(), strict=False):
-        if r["ci_lo"] <= 1 <= r["ci_hi"]:
-            assert "no change detected" in s
-        else:
-            assert "no change detected" not in s
-    assert "throughput" in set(ans.effects["metric"])  # plugin-free: rates are used
+def test_the_figure_falls_back_to_rcvbuf_levels_and_is_absent_without_pairs(tmp_path: Path):
+    claims = build_claims(locality_run(np.random.default_rng(8), queue=False))
+    assert plot_locality(claims.points, tmp_path) is not None
+    assert plot_locality([], tmp_path) is None
 
 
-def test_patched_default_is_compared_with_stock_default():
-    rng = np.random.default_rng(7)
-    both = pd.concat([tidy_run(rng, EFFECTS), tidy_run(rng, {("e1000", "default"): 1.0},
-                                                       kernel="stock")])
-    ans = build_answer(both)
-    assert list(ans.patch["contrast"]) == ["patched-default / stock-default"]
-    assert any(s.startswith("The patch switched off") for s in ans.sentences)
-
-
-def test_sections_and_figure(tmp_path):
-    ans = build_answer(tidy_run(np.random.default_rng(8), EFFECTS))
-    ans.figure = plot_answer(ans, tmp_path)
-    assert ans.figure is not None and ans.figure.stat().st_size > 1000
-    titles = [t for t, _, _ in answer_sections(ans)]
-    assert titles[0] == "The answer" and "The answer: figure" in titles
-    assert plot_answer(Answer(pd.DataFrame(), pd.DataFrame(), pd.DataFrame()), tmp_path) is None
-
-
-def test_rr_cells_are_answered_per_transaction_beside_bulk_cells_per_kb():
-    rng = np.random.default_rng(9)
-    ans = build_answer(pd.concat([tidy_run(rng, EFFECTS),
-                                  tidy_run(rng, EFFECTS, workload="TCP_RR")]))
-    by = ans.effects.groupby("workload")["metric"].agg(set).to_dict()
-    assert by == {"TCP_STREAM": {"c2c transfers per KB"},
-                  "TCP_RR": {"c2c transfers per transaction"}}
-
-
-def mixed_run(rng: np.random.Generator, plain: int, locality: dict[str, float]) -> pd.DataFrame:
-    """Instrumented repetitions 0..N-1 (cache model: c2c planted 0.6x for pin-same, their
-    throughput a tenth of the truth and unequal) and `plain` repetitions after them (no
-    plugin: true throughput, equal for both policies, and a locality share)."""
-    rows = []
-    for policy, c2c, slow in (("default", 1.0, 30.0), ("pin-same", 0.6, 10.0)):
-        cell_id = f"patched-e1000-2cpu-{policy}-TCP_STREAM-gro_on"
-        for rep in range(N + plain):
-            under = rep < N
-            ids = {"run_id": "r", "cell_id": cell_id, "repetition": rep, "kernel": "patched",
-                   "nic": "e1000", "cpus": 2, "policy": policy, "workload": "TCP_STREAM",
-                   "message_size": 16384, "gro": True, "cpu": "all", "status": "ok",
-                   "note": ""}
-            rows.append({**ids, "metric": "rep.status", "unit": "", "source": "runner",
-                         "value": 1.0})
-            rows.append({**ids, "metric": "rep.instrumented", "unit": "", "source": "runner",
-                         "value": float(under)})
-            rows.append({**ids, "metric": "window.throughput", "unit": "10^6bits/s",
-                         "source": "window",
-                         "value": draw(rng, slow if under else 300.0, 1)[0]})
-            if under:
-                rows.append({**ids, "metric": "cache.c2c_transfers.per_kb", "unit": "1/KB",
-                             "source": "derived", "value": draw(rng, 2.0 * c2c, 1)[0]})
-            else:
-                rows.append({**ids, "metric": "locality.processing_on_reader_cpu",
-                             "unit": "fraction", "source": "trace",
-                             "value": locality[policy]
-                             + (rng.normal(0, 0.01) if plain > 1 else 0.0)})
-    return pd.DataFrame(rows, columns=list(TIDY_COLUMNS))
-
-
-def test_rates_and_locality_come_from_plain_reps_and_cache_from_instrumented_ones():
-    ans = build_answer(mixed_run(np.random.default_rng(10), 1,
-                                 {"default": 0.0, "pin-same": 1.0}))
-    e = ans.effects.set_index("metric")
-    tp, c2c = e.loc["throughput"], e.loc["c2c transfers per KB"]
-    # the plain throughput is equal for both policies; the instrumented 10 vs 30 is ignored
-    assert (tp["n_policy"], tp["n_default"], tp["repetitions"]) == (1, 1, "plain")
-    assert tp["ratio"] == pytest.approx(1.0, rel=0.2) and math.isnan(tp["ci_lo"])
-    assert (c2c["n_policy"], c2c["n_default"], c2c["repetitions"]) == (N, N, "instrumented")
-    assert c2c["ratio"] == pytest.approx(0.6, rel=0.15) and c2c["detected"]
-    loc = ans.locality.iloc[0]
-    assert (loc["policy"], loc["n_policy"], loc["diff"]) == ("pin-same", 1, pytest.approx(1.0,
-                                                                                          abs=0.05))
-    text = "\n".join(ans.sentences)
-    # n = 1: a point estimate, said to have no interval, never worded as an effect
-    tp_line = next(s for s in ans.sentences if "throughput" in s)
-    assert "no interval" in tp_line and "n = 1 vs 1 plain repetitions (no plugin)" in tp_line
-    assert "higher throughput" not in tp_line and "lower throughput" not in tp_line
-    loc_line = next(s for s in ans.sentences if "processing on the reader's CPU" in s)
-    assert "100% vs 0% for default" in loc_line and "no interval" in loc_line
-    assert "n = 3 vs 3 instrumented repetitions (cache model)" in text
-    assert any("from the 2 plain repetitions" in n for n in ans.notes)
-    titles = [t for t, _, _ in answer_sections(ans)]
-    assert "The answer: where the receive path ran (policy vs its NIC's default)" in titles
-
-
-def test_two_plain_reps_give_intervals_for_rates_and_locality():
-    ans = build_answer(mixed_run(np.random.default_rng(11), 2,
-                                 {"default": 0.2, "pin-same": 0.9}))
-    tp = ans.effects.set_index("metric").loc["throughput"]
-    assert (tp["n_policy"], tp["n_default"]) == (2, 2) and not math.isnan(tp["ci_lo"])
-    loc = ans.locality.iloc[0]
-    assert loc["detected"] and loc["ci_lo"] > 0.5
-    line = next(s for s in ans.sentences if "processing on the reader's CPU" in s)
-    assert ": a change (n = 2 vs 2 plain" in line and "pp [" in line
-
-
-def test_a_run_all_under_the_plugin_has_no_rates_and_says_why_no_locality():
-    tidy = mixed_run(np.random.default_rng(12), 0, {})
-    ans = build_answer(tidy)
-    assert "throughput" not in set(ans.effects["metric"]) and ans.locality.empty
-    assert any("No throughput" in n for n in ans.notes)
-    assert any("not traced" in n for n in ans.notes)
+def test_two_kernels_make_two_series_not_one_line(tmp_path: Path):
+    tidy = locality_run(np.random.default_rng(9), wake=False)
+    stock = tidy.assign(kernel="stock", cell_id=lambda d: "stock-" + d["cell_id"])
+    claims = build_claims(pd.concat([tidy, stock]))
+    assert {p.series for p in claims.points} == {
+        "e1000, kernel patched", "e1000, kernel stock", "virtio, kernel patched",
+        "virtio, kernel stock"}
+    assert plot_locality(claims.points, tmp_path) is not None

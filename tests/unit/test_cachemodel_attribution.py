@@ -9,6 +9,7 @@ from io import StringIO
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from analysis.symbols import c2c_line_rows, symbol_rows
 from testbed.formats import cachemodel as cmfmt
@@ -41,6 +42,7 @@ def pingpong(n: int, addr: int = 0x4000) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.process
 def test_every_access_and_miss_is_attributed_to_its_instruction(model_trace, tmp_path):
     trace = pingpong(100) + "".join(f"@{COPY + 8:#x} 1 k s {0x10000 + 8 * i:#x}\n"
                                     for i in range(512))
@@ -55,6 +57,7 @@ def test_every_access_and_miss_is_attributed_to_its_instruction(model_trace, tmp
     assert set(rows["mode"][rows["symbol"] == "copy_user"]) == {"kernel"}
 
 
+@pytest.mark.process
 def test_c2c_records_name_both_sides_and_their_cpus(model_trace, tmp_path):
     totals, _, c2c = run(model_trace, pingpong(1000), tmp_path)
     assert c2c["count"].sum() == totals.loc[totals["event"] == "c2c_transfers", "value"].sum()
@@ -70,6 +73,7 @@ def test_c2c_records_name_both_sides_and_their_cpus(model_trace, tmp_path):
     assert raw.loc[PING, "owner_pc"] == PONG + 4  # the exact store instruction
 
 
+@pytest.mark.process
 def test_c2c_table_keeps_the_top_lines_in_order(model_trace, tmp_path):
     # line k bounces k+1 times: 25 lines, only the 20 busiest are kept, busiest first
     trace = "".join(pingpong(k + 2, addr=0x100000 + 64 * k) for k in range(25))
@@ -80,6 +84,7 @@ def test_c2c_table_keeps_the_top_lines_in_order(model_trace, tmp_path):
     assert list(ranked) == sorted(ranked, reverse=True) and ranked.iloc[0] == 25
 
 
+@pytest.mark.process
 def test_lines_written_by_the_device_are_told_apart_from_cpu_data(model_trace, tmp_path):
     trace = (f"@{COPY:#x} 0 k l 0x40 8 111\n"       # first sight: CPU data
              f"@{COPY:#x} 0 k l 0x40 8 222\n"       # changed behind the model: device
@@ -97,6 +102,7 @@ def test_lines_written_by_the_device_are_told_apart_from_cpu_data(model_trace, t
     assert list(dev["data"]) == ["device"] and dev["value"].sum() == 1
 
 
+@pytest.mark.process
 def test_repeat_shortcut_is_attributed_too(model_trace, tmp_path):
     trace = f"@{COPY:#x} 0 k s 0x40\n" + "".join(
         f"@{COPY:#x} R 0 k s 0x40\n" for _ in range(10))
@@ -104,6 +110,7 @@ def test_repeat_shortcut_is_attributed_too(model_trace, tmp_path):
     assert sites["stores"].sum() == 11 == totals.loc[totals["event"] == "stores", "value"].sum()
 
 
+@pytest.mark.process
 def test_a_new_window_drops_earlier_counts_and_keeps_the_row_order(model_trace, tmp_path):
     # sites are zeroed when first counted in a window (not all at its start): the
     # tables hold that window only, rows in the order the sites were created
@@ -116,6 +123,7 @@ def test_a_new_window_drops_earlier_counts_and_keeps_the_row_order(model_trace, 
     assert list(sites["loads"]) == [1, 0] and list(sites["stores"]) == [0, 2]
 
 
+@pytest.mark.process
 def test_randomized_user_code_shares_a_site_per_block_and_keeps_its_labels(
         model_trace, tmp_path):
     """User pcs above USER_EXACT_BELOW (ASLR'd executables and libraries: new pcs in every

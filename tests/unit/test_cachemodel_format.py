@@ -60,6 +60,7 @@ def nbmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("args", [["arm", "0"], ["arm", "1048575"], ["begin", "3"],
                                   ["end", "3"], ["snapshot", "0x10"],
                                   ["run", "5", "--", "true"]])
@@ -67,6 +68,7 @@ def test_nbmark_runs_its_markers_as_nops_on_the_host(nbmark, args):
     assert subprocess.run([str(nbmark), *args], capture_output=True).returncode == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("args", [["arm"], ["arm", "1048576"], ["arm", "x"], ["arm", "1", "2"],
                                   ["disarm", "1"], ["armed", "1"], ["run", "5", "true"]])
 def test_nbmark_refuses_junk(nbmark, args):

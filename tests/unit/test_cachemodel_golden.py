@@ -167,6 +167,7 @@ def model_output(binary: Path, tmp: Path, name: str) -> str:
             f"# c2c\n{c2c.read_text()}")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_model_output_is_unchanged_on_a_long_mixed_trace(model_trace: Path, tmp_path: Path,
                                                          name: str) -> None:

@@ -11,6 +11,9 @@ from io import StringIO
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.process  # compiles C, starts processes or opens sockets
 
 LINE = 64
 L1D = 32 << 10

@@ -411,6 +411,7 @@ def test_shipped_configs_round_trip_through_dump(tmp_path: Path, name: str) -> N
     assert again.model_dump() == exp.model_dump()
 
 
+@pytest.mark.process
 def test_cli_refuses_with_status_2_and_no_traceback(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)

@@ -57,7 +57,8 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
     st.sampled_from(TRICKY), st.sampled_from(WORDS))
 KEYS = st.one_of(st.text(max_size=8), st.sampled_from(
-    ["name", "message_size", "kernel", "nic", "cpus", "policy", "workload", "gro", "x-a"]))
+    ["name", "message_size", "kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf",
+     "x-a"]))
 junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
 
@@ -79,11 +80,14 @@ axes = st.fixed_dictionaries({}, optional={
     "workload": axis(["TCP_STREAM", "TCP_RR", "TCP_RR:64", "TCP_MAERTS:1448",
                       {"name": "TCP_RR", "message_size": 8}]),
     "gro": axis(["on", "off", True, False]),
+    "rcvbuf": axis(["auto", "64K", "256k", "1M", "1MiB", 65536, "64KB", "8M", "0", 4095,
+                    "1024K"]),
 })
 combination = st.dictionaries(
-    st.sampled_from(["kernel", "nic", "cpus", "policy", "workload", "gro"]),
+    st.sampled_from(["kernel", "nic", "cpus", "policy", "workload", "gro", "rcvbuf"]),
     st.sampled_from(["distro", "patched", "e1000", "virtio", 1, 2, 4, "pin-cross", "rps",
-                     "wake-local", "TCP_RR", "TCP_STREAM:64", "on", "off"]), max_size=3)
+                     "wake-local", "TCP_RR", "TCP_STREAM:64", "TCP_MAERTS", "on", "off",
+                     "auto", "64K", "1M"]), max_size=3)
 experiments = st.fixed_dictionaries({}, optional={
     "name": st.one_of(st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True), junk),
     "description": st.one_of(st.text(max_size=30), junk),
@@ -122,7 +126,8 @@ plausible = st.fixed_dictionaries({}, optional={
         "policy": plain_axis(["default", "pin-same", "pin-cross", "rps", "rfs"]),
         "workload": plain_axis(["TCP_STREAM", "TCP_RR", "TCP_RR:64", "TCP_MAERTS:1448",
                                 {"name": "TCP_RR", "message_size": 8}]),
-        "gro": plain_axis(["on", "off", True, False])}),
+        "gro": plain_axis(["on", "off", True, False]),
+        "rcvbuf": plain_axis(["auto", "64K", "256K", "1M", 131072])}),
     "include": st.lists(combination, max_size=3),
     "exclude": st.lists(combination, max_size=3),
     "repetitions": st.integers(1, 5),

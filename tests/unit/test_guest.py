@@ -5,8 +5,12 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
+
 from testbed.shell import HostShell
 from testbed.vm.guest import Guest, KeyPair, make_keypair, wrap_timeout
+
+pytestmark = pytest.mark.process  # compiles C, starts processes or opens sockets
 
 
 def test_the_guest_stops_a_command_itself_and_keeps_its_quoting():

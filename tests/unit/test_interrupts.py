@@ -164,10 +164,12 @@ def test_emergency_runs_once_even_if_deadline_and_second_signal_race():
     ctl.observe(signal.SIGINT)
     ctl.observe(signal.SIGINT)
     assert r.exited.wait(30)
-    time.sleep(0.05)  # give a racing deadline timer the chance to run (it must not act)
+    for timer in [t for t in threading.enumerate() if isinstance(t, threading.Timer)]:
+        timer.join(30)  # the racing deadline timer has run (it must not act)
     assert r.events.count("devices") == 1
 
 
+@pytest.mark.process
 def test_importing_the_packages_installs_no_signal_handler():
     code = ("import signal, analysis, testbed.vm.topology, testbed.vm.process\n"
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
@@ -179,6 +181,7 @@ def test_importing_the_packages_installs_no_signal_handler():
     assert out.stdout.split() == ["True", "True", "-1"], out.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("interrupted", [True, False])
 def test_an_interrupted_program_ignores_signals_once_it_reaches_its_exit(interrupted):
     """CPython's finalization (after the exit functions) puts SIG_DFL back where a Python
@@ -202,6 +205,7 @@ def test_an_interrupted_program_ignores_signals_once_it_reaches_its_exit(interru
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.process
 def test_sockets_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -215,6 +219,7 @@ def test_sockets_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     assert not stale.exists() and mine.exists() and other.exists()
 
 
+@pytest.mark.process
 def test_shell_folders_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
     """A second Ctrl-C ends `invoke shell` with os._exit, past the `finally` that removes
     its work folder; the next shell sweeps such folders by the pid in their name."""
@@ -238,6 +243,7 @@ def _spec(workdir: Path, qmp: Path) -> GuestSpec:
                      qmp_path=qmp)
 
 
+@pytest.mark.process
 def test_qmp_to_a_qemu_that_never_answers_gives_up_in_time():
     with tempfile.TemporaryDirectory(prefix="nbq-") as d:
         path = Path(d) / "q.sock"
@@ -245,10 +251,8 @@ def test_qmp_to_a_qemu_that_never_answers_gives_up_in_time():
         srv.bind(str(path))
         srv.listen()  # accepts (in the backlog) and never greets
         proc = QemuProcess(_spec(Path(d), path))
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError):  # it gives up: without the timeout it waits forever
             proc.qmp("quit", timeout=0.3)
-        assert time.monotonic() - started < 10
         srv.close()
 
 
@@ -319,6 +323,7 @@ def assert_clean(root: Path, stage: str) -> None:
     assert left == [] if stage != "device-removal" else len(left) == 1
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigint_at_each_stage_ends_within_the_bound(stage, root):
     proc = start(stage, root)
@@ -332,6 +337,7 @@ def test_sigint_at_each_stage_ends_within_the_bound(stage, root):
         assert "teardown still running" in err
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("stage", ["command", "qmp-quit", "qemu-ready"])
 def test_sigterm_at_a_stage_ends_within_the_bound(stage, root):
     proc = start(stage, root)
@@ -342,6 +348,7 @@ def test_sigterm_at_a_stage_ends_within_the_bound(stage, root):
     assert_clean(root, stage)
 
 
+@pytest.mark.process
 def test_sigint_stops_a_program_that_inherited_sigint_ignored(root):
     """A job started with `&` by a non-interactive shell inherits SIGINT ignored; Python
     then installs no handler. `kill -INT` must still stop netbed (this was issue #16)."""
@@ -353,6 +360,7 @@ def test_sigint_stops_a_program_that_inherited_sigint_ignored(root):
     assert_clean(root, "command")
 
 
+@pytest.mark.process
 def test_second_sigint_kills_at_once_and_still_removes_devices(root):
     """The first Ctrl-C kills QEMU but the program stays stuck; with the deadline far
     away, only the second Ctrl-C can end it: QEMU gone, then devices removed, then exit."""

@@ -218,6 +218,7 @@ CPU:1 [LOST 3 EVENTS]
 """  # noqa: E501
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not shutil.which("awk"), reason="no awk on this host")
 def test_wakeprobe_awk_counts_where_the_reader_was_switched_in(tmp_path: Path) -> None:
     trace = tmp_path / "trace"

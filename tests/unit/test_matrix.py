@@ -252,9 +252,9 @@ def test_cells_table_is_plain_text(policies) -> None:
     table = cells_table(exp, cells)
     lines = table.splitlines()
     assert lines[0].split() == ["#", "kernel", "nic", "cpus", "policy", "workload", "gro",
-                                "cell", "id"]
-    assert lines[2].split()[:7] == ["1", "distro", "e1000", "2", "default",
-                                    "TCP_STREAM-16384", "on"]
+                                "rcvbuf", "cell", "id"]
+    assert lines[2].split()[:8] == ["1", "distro", "e1000", "2", "default",
+                                    "TCP_STREAM-16384", "on", "auto"]
     assert "\x1b" not in table
     assert lines[-1].startswith("t: 4 cells x 2 repetitions + 1 plain (no plugin) = 12 runs, "
                                 "order random (seed 9)")
@@ -272,9 +272,10 @@ def _reference_expand(exp: Experiment) -> list[Cell]:
     """The include/exclude semantics written the plain way (Combination.matches per cell)."""
     ax = exp.axes
     out: list[Cell] = []
-    for kernel, nic, cpus, policy, workload, gro in itertools.product(
-            ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro):
-        cell = Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload, gro=gro)
+    for kernel, nic, cpus, policy, workload, gro, rcvbuf in itertools.product(
+            ax.kernel, ax.nic, ax.cpus, ax.policy, ax.workload, ax.gro, ax.rcvbuf):
+        cell = Cell(kernel=kernel, nic=nic, cpus=cpus, policy=policy, workload=workload, gro=gro,
+                    rcvbuf=rcvbuf)
         if cell not in out and not any(ex.matches(cell) for ex in exp.exclude):
             out.append(cell)
     for inc in exp.include:
@@ -294,7 +295,7 @@ _ENTRY = st.fixed_dictionaries({}, optional={
     "kernel": st.sampled_from(["distro", "stock"]), "nic": st.sampled_from(["e1000", "virtio"]),
     "cpus": st.sampled_from([1, 2, 4]), "policy": st.sampled_from(["default", "pin-same"]),
     "workload": st.sampled_from(["TCP_RR", "TCP_RR:64", "TCP_STREAM:1448", "TCP_STREAM"]),
-    "gro": st.booleans()}).filter(bool)
+    "gro": st.booleans(), "rcvbuf": st.sampled_from(["auto", "64K", "1M"])}).filter(bool)
 
 
 @settings(max_examples=150, derandomize=True, database=None, deadline=None)
@@ -306,16 +307,18 @@ _ENTRY = st.fixed_dictionaries({}, optional={
         "policy": st.lists(st.sampled_from(["default", "pin-same"]), min_size=1, unique=True),
         "workload": st.lists(st.sampled_from(["TCP_RR", "TCP_RR:64", "TCP_STREAM:1448"]),
                              min_size=1, unique=True),
-        "gro": st.lists(st.booleans(), min_size=1, unique=True)}),
+        "gro": st.lists(st.booleans(), min_size=1, unique=True),
+        "rcvbuf": st.lists(st.sampled_from(["auto", "64K", "1M"]), min_size=1, unique=True)}),
     "include": st.lists(_ENTRY, max_size=4),
     "exclude": st.lists(_ENTRY, max_size=4)}))
 def test_expand_matches_the_plain_definition(data: dict[str, object]) -> None:
     exp = Experiment.model_validate({"name": "t", **data})
     assert expand(exp) == _reference_expand(exp)
     ax = exp.axes
-    combos = [Cell(kernel=k, nic=n, cpus=c, policy=p, workload=w, gro=g)
-              for k, n, c, p, w, g in itertools.product(ax.kernel, ax.nic, ax.cpus, ax.policy,
-                                                         ax.workload, ax.gro)]
+    combos = [Cell(kernel=k, nic=n, cpus=c, policy=p, workload=w, gro=g, rcvbuf=r)
+              for k, n, c, p, w, g, r in itertools.product(ax.kernel, ax.nic, ax.cpus,
+                                                            ax.policy, ax.workload, ax.gro,
+                                                            ax.rcvbuf)]
     assert unmatched_excludes(exp) == [j for j, ex in enumerate(exp.exclude)
                                        if not any(ex.matches(c) for c in combos)]
 

@@ -24,6 +24,7 @@ def fake_netserver(tmp_path: Path):
         yield child
 
 
+@pytest.mark.process
 def test_nbsample_samples_the_data_process_at_the_asked_rate(tmp_path: Path, fake_netserver):
     binary = tmp_path / "nbsample"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary),
@@ -38,6 +39,7 @@ def test_nbsample_samples_the_data_process_at_the_asked_rate(tmp_path: Path, fak
     assert set(samples.counts) <= {str(c) for c in range(64)}
 
 
+@pytest.mark.process
 def test_nbsample_rejects_bad_arguments(tmp_path: Path):
     binary = tmp_path / "nbsample"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(IMAGES_DIR / "tools" / "nbsample.c")],

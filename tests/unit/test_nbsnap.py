@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,9 @@ import pytest
 
 from testbed.formats.stamps import alignment, parse_stamps
 from testbed.settings import REPO_ROOT
+from tests.waits import wait_acked
+
+pytestmark = pytest.mark.process  # compiles C, starts processes or opens sockets
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_units_read_kept_sockets_and_write_when_the_line_is_done(nbsnap, connect
                                                                  tmp_path):
     pid, cli = connection
     cli.sendall(b"x" * 1000)
-    time.sleep(0.2)
+    wait_acked(cli)
     proc = subprocess.Popen([str(nbsnap), str(tmp_path), "lo", "0"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
@@ -87,7 +89,7 @@ def test_units_read_kept_sockets_and_write_when_the_line_is_done(nbsnap, connect
         assert cmd("stamp a; units before; proc before") == "ok"
         assert received((tmp_path / "tcpinfo-before.txt").read_text()) == 1000
         cli.sendall(b"y" * 5000)
-        time.sleep(0.2)
+        wait_acked(cli)
         assert cmd("proc after; units after; stamp z") == "ok"
         assert cmd("quit") == "ok quit"
     finally:
@@ -115,7 +117,7 @@ def test_the_reader_is_stopped_for_the_socket_reads_and_continued(nbsnap, connec
         pytest.skip("strace is not installed")
     pid, cli = connection
     cli.sendall(b"x" * 100)
-    time.sleep(0.2)
+    wait_acked(cli)
     calls = tmp_path / "calls.txt"
     proc = subprocess.run(["strace", "-qq", "-o", str(calls), "-e", "trace=kill,getsockopt",
                            str(nbsnap), str(tmp_path), "lo", "0"], text=True, timeout=30,

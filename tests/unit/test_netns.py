@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
+
 from testbed.vm.dataplane import plan_dataplane
 from testbed.vm.netns import namespace_argv, plan_netns
 from testbed.vm.topology import sender_kind, sender_note
@@ -70,6 +72,7 @@ def test_a_disjoint_placement_pins_each_sender_command_and_what_it_starts():
     assert "taskset" not in namespace_argv("nbnsx", Path("/w"), Path("/b"), "netperf", 10)[-1]
 
 
+@pytest.mark.process
 def test_netperf_is_extracted_from_the_image_once_even_by_runs_at_once(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -123,10 +123,29 @@ def test_netperf_units_unknown() -> None:
         netperf.netperf_units_factor("furlongs")
 
 
+RSR = {"RSR_SIZE_REQ", "RSR_SIZE", "RSR_SIZE_END"}
+RCVBUF_CAPTURES = Path(__file__).resolve().parent.parent / "fixtures" / "raw" / "guest-rcvbuf"
+
+
+def test_guest_netperf_reads_back_netservers_receive_buffer() -> None:
+    """netperf 2.7 in our guest, TCP_STREAM with and without `-S ,65536 -M 131072`: every
+    selector printed, the buffer as Linux set it (doubled) and the recv size pinned."""
+    shallow = netperf.parse_netperf((RCVBUF_CAPTURES / "distro-64K" / "netperf.txt").read_text())
+    assert set(shallow.raw) == set(netperf.NETPERF_SELECTORS)
+    assert (shallow.get("RSR_SIZE_REQ"), shallow.get("RSR_SIZE"),
+            shallow.get("RSR_SIZE_END")) == (65536, 131072, 131072)
+    assert shallow.get("REMOTE_RECV_SIZE") == 131072
+    auto = netperf.parse_netperf((RCVBUF_CAPTURES / "distro-auto" / "netperf.txt").read_text())
+    assert auto.get("RSR_SIZE_REQ") == -1 and auto.get("RSR_SIZE") == 131072
+    assert (auto.get("RSR_SIZE_END") or 0) > 131072  # autotuning grew it
+    assert auto.get("REMOTE_RECV_SIZE") == 131072  # what -M pins for every level
+
+
 def test_guest_netperf_stream_maerts_rr() -> None:
     """netperf 2.7 in our guest accepted every selector and printed keyval lines."""
     stream = netperf.parse_netperf(guest("TCP_STREAM", "netperf.txt"))
-    assert set(stream.raw) == set(netperf.NETPERF_SELECTORS)
+    # captured before the receive-buffer selectors were asked (tests below)
+    assert set(stream.raw) == set(netperf.NETPERF_SELECTORS) - RSR
     assert stream.throughput_units == "10^6bits/s" and stream.get("THROUGHPUT") > 0
     assert stream.get("REMOTE_CPU_BIND") == 1 and stream.get("LOCAL_CPU_BIND") == 0
     assert stream.get("LOCAL_SEND_SIZE") == 16384
@@ -134,7 +153,7 @@ def test_guest_netperf_stream_maerts_rr() -> None:
     assert maerts.raw["DIRECTION"] == "Receive"
     assert maerts.get("REMOTE_SEND_SIZE") == 16384  # "-m S,S": netserver sends S bytes
     rr = netperf.parse_netperf(guest("TCP_RR", "netperf.txt"))
-    assert set(rr.raw) == set(netperf.NETPERF_SELECTORS) | set(netperf.NETPERF_RR_SELECTORS)
+    assert set(rr.raw) == (set(netperf.NETPERF_SELECTORS) - RSR) | set(netperf.NETPERF_RR_SELECTORS)
     assert rr.throughput_units == "Trans/s"
     assert rr.get("TRANSACTION_RATE") == pytest.approx(rr.get("THROUGHPUT"), rel=1e-3)
     assert rr.get("P50_LATENCY") <= rr.get("P90_LATENCY") <= rr.get("P99_LATENCY")

@@ -3,9 +3,12 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from testbed.build.newc import CpioEntry, encode_newc, write_newc
 
 
+@pytest.mark.process
 def test_newc_archive_round_trips_through_cpio(tmp_path: Path):
     archive = tmp_path / "a.cpio"
     write_newc(archive, [CpioEntry.directory("dev"), CpioEntry.file("init", b"#!/bin/sh\n", 0o755),

@@ -103,6 +103,7 @@ def test_confirm_rereads_and_refuses_threads_off_their_cpus() -> None:
     pl.confirm({"mode": "shared", "guests": {"receiver": str(other)}, "note": ""}, [me])
 
 
+@pytest.mark.process
 def test_a_native_sender_gets_a_block_of_its_own_planned_but_not_applied() -> None:
     """receiver (2 vCPUs: weight 3) + a native netperf (weight 1) on 4 host CPUs; the
     sender's block is recorded, and re-reading after boot keeps it."""

@@ -359,6 +359,7 @@ def test_parse_readback_keeps_unknown_lines() -> None:
     assert rb.irq_affinity == {5: None}
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not Path("/sys/class/net/lo/queues/rx-0").exists() or not shutil.which("sh"),
                     reason="needs a Linux loopback device")
 def test_readback_script_runs_under_sh() -> None:
@@ -373,6 +374,7 @@ def test_readback_script_runs_under_sh() -> None:
     assert rb.sysctls["net.core.rps_sock_flow_entries"] is not None
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not Path("/sys/class/net/lo/queues/rx-0").exists() or not shutil.which("sh"),
                     reason="needs a Linux loopback device")
 def test_readback_carries_the_ethtool_table_as_printed(tmp_path: Path) -> None:

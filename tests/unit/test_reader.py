@@ -37,6 +37,7 @@ def test_parse_reader_samples() -> None:
     assert noisy.ignored == 1 and noisy.first_ignored.startswith("bash:")
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not (shutil.which("pgrep") and shutil.which("dash")),
                     reason="needs pgrep and dash")
 def test_reader_sampler_finds_the_netserver_child(tmp_path: Path) -> None:

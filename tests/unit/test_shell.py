@@ -7,6 +7,8 @@ import pytest
 from testbed.errors import CommandError, CommandTimeout, MissingDependency
 from testbed.shell import HostShell, Result
 
+pytestmark = pytest.mark.process  # compiles C, starts processes or opens sockets
+
 
 def test_argv_runs_without_a_shell_and_captures_both_streams():
     res = HostShell().run(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)

@@ -145,6 +145,7 @@ def test_window_problems_name_nbsnap_errors_and_missing_reads(tmp_path):
     assert got == ["nbsnap: units after -> error units after: EIO", "no tcpinfo-after.txt"]
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("dash") is None, reason="needs dash (the guest's /bin/sh)")
 @pytest.mark.parametrize("pmu", [False, True])
 @pytest.mark.parametrize("cachemodel", [False, True])

