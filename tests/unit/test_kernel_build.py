@@ -298,6 +298,7 @@ def _variant(tmp_path: Path, patches: str, config: str = "") -> Variant:
     return load_kernels(tmp_path / "k.yaml").variant("v")
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("patch") is None, reason="patch is not installed")
 def test_a_patch_that_does_not_apply_is_refused_before_compiling(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,6 +349,7 @@ def test_build_order_puts_unpatched_variants_first(tmp_path: Path) -> None:
         build_order(["nope"], kernels)
 
 
+@pytest.mark.process  # the compiler's version is part of a key: `gcc --version`
 def test_doctor_lists_every_variant_built_or_not(tmp_path: Path) -> None:
     (tmp_path / "linux.tar.xz").write_bytes(b"not really a tarball")
     (tmp_path / "k.yaml").write_text("variants:\n  new: {base: debian-6.12}\n"
