@@ -179,8 +179,9 @@ def test(c, tier="default", k=None, args=""):
     with user_errors():
         packages = tier_packages(tier)
         if tier == "full":  # the kernel tests read the source package before they build
-            from testbed.build.kernel_build import BUILD_PACKAGES
+            from testbed.build.kernel_build import BUILD_PACKAGES, SOURCE_PACKAGE, SOURCE_TARBALL
             packages.update(BUILD_PACKAGES)
+            packages[SOURCE_PACKAGE] = str(SOURCE_TARBALL)  # the 6.1 base's source
         ensure_packages(packages, say)
     cmd = [sys.executable, "-m", "pytest"]
     if TEST_TIERS[tier]:
