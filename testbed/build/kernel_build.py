@@ -311,6 +311,11 @@ class BuildInputs:
         return not self.patches and not self.localversion
 
 
+def patch_argv(path: Path) -> list[str]:
+    """How a variant's patch is applied: -p1, no fuzz (see apply_patch), never reversed."""
+    return ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "-i", str(path)]
+
+
 def make_argv(localversion: str, jobs: int, target: str = "bzImage") -> list[str]:
     """The make command for a build (nice: the machine is shared)."""
     return ["nice", "-n", "10", "make", f"-j{jobs}", "CC=ccache gcc",
@@ -604,7 +609,7 @@ class _Build:
         progress.run(["cp", "-a", "--reflink=auto", str(tree), str(work)], cwd=self.root)
         for ref in variant.patches:
             self.log(f"  applying {ref.path.name}")
-            progress.run(["patch", "-p1", "--forward", "--batch", "-i", str(ref.path)], cwd=work)
+            progress.run(patch_argv(ref.path), cwd=work)
         self.relink_objtool_in_place(tree, work, progress)
         self.make(work, variant.localversion, progress)
         origin = f"tree {inputs.tree().key()} + patches"
@@ -648,8 +653,12 @@ def check_config(variant: Variant, config: Path, source: KernelSource) -> None:
 
 def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
                 source: KernelSource) -> None:
-    """Apply one patch in `work`; a failure names the kernels file line and the hunk."""
-    proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(ref.path)],
+    """Apply one patch in `work`; a failure names the kernels file line and the hunk.
+
+    Without fuzz: a hunk whose context does not match exactly (GNU patch would otherwise
+    ignore up to two context lines) is refused, so a variant never carries a change in
+    a place its author did not mean; an offset (the same lines elsewhere) is accepted."""
+    proc = subprocess.run(patch_argv(ref.path),
                           cwd=work, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise ConfigError(

@@ -379,6 +379,8 @@ def test_a_patch_that_does_not_apply_to_the_base_is_refused_with_its_hunk(
     """Refused before compiling, naming the kernels file line and the failing hunk; no
     artifact appears."""
     ensure_built("stock", settings)  # the tree exists: the check is a matter of seconds
+    # one context line that is not in the source: GNU patch would apply it with fuzz 2;
+    # netbed applies without fuzz and refuses it
     bad = USER_PATCH.replace("page_address_init();", "page_address_init_v2();")
     kernels = _user_kernels(tmp_path, bad, name="broken")
     with pytest.raises(ConfigError) as info:

@@ -263,10 +263,11 @@ diff --git a/a.c b/a.c
 diff --git a/b.c b/b.c
 --- a/b.c
 +++ b/b.c
-@@ -1,2 +1,2 @@
+@@ -1,3 +1,3 @@
  alpha
 -beta
 +BETA
+ gamma
 @@ -5,2 +5,2 @@
  epsilon
 -zeta
@@ -277,7 +278,7 @@ diff --git a/b.c b/b.c
 
 
 def test_hunk_text_finds_the_nth_hunk_of_a_file() -> None:
-    assert hunk_text(PATCH, "b.c", 2) == (20, "@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
+    assert hunk_text(PATCH, "b.c", 2) == (21, "@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
     assert hunk_text(PATCH, "b.c", 3) == (0, "")
 
 
@@ -285,7 +286,7 @@ def test_first_failure_names_file_hunk_and_patch_line() -> None:
     out = ("patching file a.c\npatching file b.c\nHunk #2 FAILED at 5.\n"
            "1 out of 2 hunks FAILED -- saving rejects to file b.c.rej\n")
     assert first_failure(out, PATCH) == (
-        "b.c: hunk #2 (patch line 20) FAILED (expected near line 5 of the source):\n"
+        "b.c: hunk #2 (patch line 21) FAILED (expected near line 5 of the source):\n"
         "@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
     assert first_failure("can't find file to patch at input line 5\nPerhaps you used the "
                          "wrong -p\n", PATCH) == "can't find file to patch at input line 5"
@@ -315,13 +316,17 @@ def test_a_patch_that_does_not_apply_is_refused_before_compiling(
         build.check_patches(variant, tree, source)
     assert info.value.message == (
         "k.yaml:3:15: kernel v: p.patch does not apply to debian-6.1 (linux-source-6.1 "
-        "6.1.1-1): b.c: hunk #2 (patch line 20) FAILED (expected near line 5 of the "
+        "6.1.1-1): b.c: hunk #2 (patch line 21) FAILED (expected near line 5 of the "
         "source):\n@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
     # the tree itself is untouched, and the check leaves nothing behind
     assert (tree / "a.c").read_text() == "one\ntwo\nthree\n"
     assert list((tmp_path / "cache" / "kernels" / "tmp").iterdir()) == []
     (tree / "b.c").write_text("alpha\nbeta\ngamma\ndelta\nepsilon\nzeta\n")
     build.check_patches(variant, tree, source)  # now it applies
+    # a context line that differs: patch's default fuzz would take it; we do not
+    (tree / "a.c").write_text("one-changed\ntwo\nthree\n")
+    with pytest.raises(ConfigError, match=r"a.c: hunk #1 \(patch line 8\) FAILED"):
+        build.check_patches(variant, tree, source)
 
 
 def test_options_kconfig_dropped_are_refused_naming_fragment_lines(
