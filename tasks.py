@@ -52,20 +52,29 @@ def user_errors() -> Iterator[None]:
 @task(help={"json": "print the facts as JSON instead of a table",
             "no_probe": "skip the KVM probe boot (faster, but KVM usability stays unknown)"})
 def doctor(c, json_=False, no_probe=False):
-    """Print what this host can do: QEMU, KVM (probed), PMU, privileges, resources."""
+    """Print what this host can do: QEMU, KVM (probed), PMU, privileges, resources, and the
+    kernel variants of configs/kernels.yaml (built or not)."""
+    from dataclasses import asdict
+
+    from testbed.build.kernels import variant_statuses
     from testbed.vm.hostfacts import facts_table, gather
 
+    s = settings_of(c)
     with user_errors():
-        facts = gather(settings_of(c), log=(lambda m: None) if json_ else say,
-                       probe=not no_probe)
+        facts = gather(s, log=(lambda m: None) if json_ else say, probe=not no_probe)
+        variants = variant_statuses(s)
     if json_:
-        print(json.dumps(facts.to_dict(), indent=2))
+        print(json.dumps({**facts.to_dict(), "kernel_variants": [asdict(v) for v in variants]},
+                         indent=2))
         return
     for key, value in facts_table(facts):
         print(f"{key:<18} {value}")
+    for i, v in enumerate(variants):
+        print(f"{'kernel variants' if i == 0 else '':<18} {v.text()}")
 
 
-@task(help={"kernel": "kernel to prepare: distro, stock or patched (default from settings)"})
+@task(help={"kernel": "kernel to prepare: distro or a variant of configs/kernels.yaml "
+                      "(default from settings)"})
 def setup(c, kernel=None):
     """Install system packages, build the guest image and fetch/build the kernel."""
     from testbed.vm.topology import prepare_assets
@@ -78,7 +87,8 @@ def setup(c, kernel=None):
 
 
 @task(help={
-    "kernel": "distro (Debian's prebuilt), stock or patched; built on demand",
+    "kernel": "distro (Debian's prebuilt) or a variant of configs/kernels.yaml (stock, "
+              "patched, ...); built on demand",
     "nic": "data-plane NIC model: e1000, virtio or virtio-nocsum (default: none); as root "
            "on the experiments' tap + vnet_hdr data plane, else on a socket (no offloads)",
     "cpus": "number of vCPUs of the guest",
@@ -169,8 +179,9 @@ def test(c, tier="default", k=None, args=""):
     with user_errors():
         packages = tier_packages(tier)
         if tier == "full":  # the kernel tests read the source package before they build
-            from testbed.build.kernel_build import BUILD_PACKAGES
+            from testbed.build.kernel_build import BUILD_PACKAGES, SOURCE_PACKAGE, SOURCE_TARBALL
             packages.update(BUILD_PACKAGES)
+            packages[SOURCE_PACKAGE] = str(SOURCE_TARBALL)  # the 6.1 base's source
         ensure_packages(packages, say)
     cmd = [sys.executable, "-m", "pytest"]
     if TEST_TIERS[tier]:
@@ -184,7 +195,8 @@ def test(c, tier="default", k=None, args=""):
         raise Exit(code=result)
 
 
-@task(help={"kernel": "kernels to boot, comma-separated (distro,stock,patched)",
+@task(help={"kernel": "kernels to boot, comma-separated (distro or variants of "
+                      "configs/kernels.yaml)",
             "nic": "NIC models, comma-separated (e1000,virtio,virtio-nocsum)",
             "cpus": "vCPUs", "boots": "how many boots to take the median of"})
 def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
@@ -199,25 +211,27 @@ def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
 
 
 @task(help={
-    "variant": "stock, patched or all (stock first: patched reuses its objects)",
+    "variant": "a variant of the kernels file, several comma-separated, or all (the "
+               "default; unpatched ones first: patched ones reuse their base's objects)",
+    "kernels_file": "kernels file (default: configs/kernels.yaml)",
     "json": "print the built kernels' metadata as JSON instead of a summary",
 })
-def build_kernel(c, variant="all", json_=False):
-    """Build the stock and/or patched guest kernel (cached; prints each build's time)."""
-    from testbed.build.kernel_build import VARIANTS, ensure_built
+def build_kernel(c, variant="all", kernels_file=None, json_=False):
+    """Build guest kernel variants of the kernels file (cached; prints each build's time)."""
+    from testbed.build.kernel_build import ensure_built
+    from testbed.build.kernels import build_order
+    from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE, load_kernels
 
-    variants = VARIANTS if variant == "all" else (variant,)
-    if any(v not in VARIANTS for v in variants):
-        raise Exit(f"netbed: error: unknown variant {variant!r}; use stock, patched or all")
     s = settings_of(c)
     built = {}
     with user_errors():
-        for v in variants:
-            k = ensure_built(v, s, (lambda m: None) if json_ else say)
-            built[v] = {"bzimage": str(k.bzimage), **k.metadata}
+        kernels = load_kernels(Path(kernels_file) if kernels_file else DEFAULT_KERNELS_FILE)
+        for v in build_order([n.strip() for n in variant.split(",")], kernels):
+            k = ensure_built(v, s, (lambda m: None) if json_ else say, kernels)
+            built[v.name] = {"bzimage": str(k.bzimage), **k.metadata}
             if not json_:
-                say(f"{v}: {k.release}  {k.bzimage}  (built in {k.metadata['build_seconds']} s"
-                    f" at {k.metadata['built_at']})")
+                say(f"{v.name}: {k.release}  {k.bzimage}  (built in "
+                    f"{k.metadata['build_seconds']} s at {k.metadata['built_at']})")
     if json_:
         print(json.dumps(built, indent=2, sort_keys=True))
 

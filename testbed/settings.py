@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from testbed.errors import ConfigError
-from testbed.vocabulary import AccelSetting, KernelName
+from testbed.vocabulary import AccelSetting, KernelName, kernel_name_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_DIR = REPO_ROOT / "images"
@@ -66,6 +66,13 @@ class Settings:
                 raise ConfigError(f"netbed setting {name}: {kwargs[name]!r} is not allowed",
                                   hint=f"use one of {', '.join(allowed)} (invoke.yaml, "
                                        f"~/.invoke.yaml or INVOKE_NETBED_{name.upper()})")
+        # membership (distro or a variant of the kernels file) is checked where the
+        # kernel is used (testbed.build.kernels), which knows the file
+        if "default_kernel" in kwargs and (problem := kernel_name_problem(
+                kwargs["default_kernel"])):
+            raise ConfigError(f"netbed setting default_kernel: {problem}",
+                              hint="use distro or a variant of configs/kernels.yaml (invoke.yaml, "
+                                   "~/.invoke.yaml or INVOKE_NETBED_DEFAULT_KERNEL)")
         icount = str(kwargs.get("tcg_icount", ""))
         if icount and not ICOUNT_RE.fullmatch(icount):
             raise ConfigError(f"netbed setting tcg_icount: {icount!r} is not allowed",
@@ -82,7 +89,6 @@ ICOUNT_RE = re.compile(r"shift=(auto|[0-9]|10)(,sleep=(on|off))?(,align=(on|off)
 
 # Settings with a fixed set of values, checked when read from invoke's config.
 CHOICES: dict[str, tuple[str, ...]] = {"accel": get_args(AccelSetting),
-                                       "default_kernel": get_args(KernelName),
                                        "host_placement": ("shared", "disjoint"),
                                        "qemu": ("system", "backport"),
                                        "sender": ("guest", "netns")}

@@ -1,22 +1,32 @@
-"""Build the `stock` and `patched` guest kernels from one source and one config.
+"""Build the guest kernel variants of a kernels file (configs/kernels.yaml).
 
-A fair stock-vs-patched comparison needs both kernels to differ only by the patch:
-same Debian source package, same config fragment (merged onto `allnoconfig`), same
-compiler. So the cache key of a build is exactly those inputs (plus the patch
-hashes for `patched`), and `metadata.json` records them for every result.
+A fair comparison between variants needs them to differ only by what the file says
+differs: same source package, same config fragment (merged onto `allnoconfig`),
+same compiler. So the cache key of a build is exactly those inputs (plus the patch
+hashes, the variant's own fragment and its LOCALVERSION), and `metadata.json`
+records them for every result.
 
 Cache layout under `<cache_dir>/kernels/`:
 
-    tree-<stock-key>/     extracted source + configured stock build tree (its objects
-                          are what the patched build starts from)
-    stock-<key>/          bzImage, config, metadata.json   (an artifact dir exists
-    patched-<key>/        bzImage, config, metadata.json    only when complete)
+    tree-<tree-key>/      extracted source + configured, compiled build tree of one base
+                          and config, unpatched (what patched variants start from)
+    <variant>-<key>/      bzImage, config, metadata.json   (exists only when complete)
+    <variant>-<key>.log   the build's output
+    sources/<package>/    a Debian source fetched from another suite (kernel_source)
     tmp/                  work in progress (renamed into place when complete) and the
                           last patched tree (removed by the next build)
     <cache_dir>/ccache/   ccache for all kernel compiles
 
-The patched build copies the stock tree (`cp -a --reflink=auto`, mtimes kept) and
-applies the patches, so make recompiles only what the patch touches.
+A variant with patches copies its base's tree (`cp -a --reflink=auto`, mtimes kept)
+and applies the patches, so make recompiles only what the patches touch. Before any
+compile, the tree is configured (every requested option checked) and the patches
+are applied to copies of the files they touch: a patch that does not apply is
+refused with its first failing hunk, not after minutes of compiling.
+
+Keys of `stock`, `patched` and `affine-copy` are those of recipe 1 (before the kernels
+file): the key hashes the base, the variant's fragment and its localversion only where
+they differ from what recipe 1 implied (6.1, no extra fragment, the localversion recipe 1
+gave that name), so caches built before it are still found.
 """
 
 from __future__ import annotations
@@ -33,35 +43,55 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from testbed.build.kernel import Kernel
+from testbed.build.kernel_source import (
+    KernelSource,
+    ensure_source,
+    extract_command,
+    known_source,
+    sha256_file,
+    source_record,
+)
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import CommandError, ConfigError, NetbedError
+from testbed.errors import CommandError, ConfigError
+from testbed.experiment.kernelfile import (
+    DEBIAN_BASES,
+    DEFAULT_BASE,
+    FRAGMENT,
+    PATCHES_DIR,
+    ConfigLine,
+    KernelSet,
+    PatchRef,
+    Variant,
+    load_kernels,
+    parse_config,
+)
 from testbed.files import atomic_write_json
 from testbed.settings import IMAGES_DIR, Settings
 from testbed.shell import HostShell
 
+__all__ = ["FRAGMENT", "PATCHES_DIR", "BuildInputs", "ConfigLine", "ensure_built",
+           "parse_config", "sha256_file"]
+
 Log = Callable[[str], None]
 
-VARIANTS = ("stock", "patched")
-SOURCE_PACKAGE = "linux-source-6.1"
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-FRAGMENT = IMAGES_DIR / "kernel" / "netbed.config"
-PATCHES_DIR = IMAGES_DIR / "patches"
+SOURCE_PACKAGE = DEBIAN_BASES[DEFAULT_BASE].package
+SOURCE_TARBALL = Path(DEBIAN_BASES[DEFAULT_BASE].tarball)
 BASE_CONFIG = "allnoconfig"
-# Appended to CONFIG_LOCALVERSION ("-netbed") so `uname -r` tells the variants apart.
-LOCALVERSION = {"stock": "", "patched": "-wakelocal"}
 # Bump when the recipe (commands, base config, layout) changes: old caches are not reused.
 RECIPE_VERSION = 1
 PROGRESS_EVERY_S = 30.0
+COMPILED_MARKER = ".netbed-compiled"
+CONFIGURED_MARKER = ".netbed-configured"
 
-# Debian package -> a command or file that proves it is installed.
+# Debian package -> a command or file that proves it is installed (the base's source
+# package comes on top: testbed.build.kernel_source).
 BUILD_PACKAGES = {
-    SOURCE_PACKAGE: str(SOURCE_TARBALL),
     "build-essential": "make",
     "bc": "bc",
     "bison": "bison",
@@ -73,47 +103,7 @@ BUILD_PACKAGES = {
     "patch": "patch",
 }
 
-_SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
-_UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
-
-
 # ---------------------------------------------------------------- pure parts
-
-
-@dataclass(frozen=True)
-class ConfigLine:
-    """One requested option of the fragment, with where it came from (for errors)."""
-
-    name: str
-    value: str  # "y", "m", a number, a quoted string, or "n" for "is not set"
-    line: int
-
-
-def parse_config(text: str, source: str = "<config>") -> dict[str, ConfigLine]:
-    """Parse a Kconfig fragment or .config; anything unrecognised is an error naming the line."""
-    out: dict[str, ConfigLine] = {}
-    for no, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        if m := _SET.match(line):
-            name, value = m.group(1), m.group(2)
-        elif m := _UNSET.match(line):
-            name, value = m.group(1), "n"
-        elif line.startswith("#"):
-            continue
-        else:
-            raise ConfigError(
-                f"{source}:{no}: not a Kconfig line: {line!r}",
-                hint="write CONFIG_NAME=value or '# CONFIG_NAME is not set'",
-            )
-        if name in out:
-            raise ConfigError(
-                f"{source}:{no}: {name} set twice (first at line {out[name].line})",
-                hint="keep one of the two lines",
-            )
-        out[name] = ConfigLine(name, value, no)
-    return out
 
 
 def config_mismatches(
@@ -194,9 +184,85 @@ def parse_patch(path: Path, text: str | None = None) -> PatchInfo:
                      hashlib.sha256(text.encode()).hexdigest())
 
 
-def patch_paths(patches_dir: Path = PATCHES_DIR) -> list[Path]:
-    """The patches of the `patched` variant, in the order `git am` would apply them."""
-    return sorted(patches_dir.glob("*.patch"))
+_HUNK_FAILED = re.compile(r"^Hunk #(\d+) FAILED at (\d+)", re.M)
+_PATCHING = re.compile(r"^(?:patching|checking) file '?([^'\n]+?)'?$", re.M)
+
+
+def touched_files(text: str) -> tuple[str, ...]:
+    """Files a -p1 patch changes or creates, from its `--- a/x` / `+++ b/x` lines."""
+    out: dict[str, None] = {}
+    for m in re.finditer(r"^(?:---|\+\+\+) (\S+)", text, re.M):
+        path = m.group(1)
+        if path == "/dev/null" or "/" not in path:
+            continue
+        out[path.split("/", 1)[1]] = None
+    return tuple(out)
+
+
+def hunk_text(patch_text: str, file: str, number: int, limit: int = 24) -> tuple[int, str]:
+    """Hunk `number` (1-based) of `file` in a patch: (its line in the patch file, its text)."""
+    lines = patch_text.splitlines()
+    current, count = "", 0
+    for i, line in enumerate(lines):
+        if line.startswith("+++ "):
+            target = line[4:].split("\t")[0].strip()
+            current = target.split("/", 1)[1] if "/" in target else target
+            count = 0
+        elif line.startswith("@@ ") and current == file:
+            count += 1
+            if count == number:
+                return i + 1, "\n".join(_hunk_lines(lines, i, limit))
+    return 0, ""
+
+
+_HUNK_HEAD = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def _hunk_lines(lines: list[str], start: int, limit: int) -> list[str]:
+    """The hunk at lines[start], as long as its header's line counts say (at most `limit`)."""
+    m = _HUNK_HEAD.match(lines[start])
+    old, new = (int(m.group(1) or 1), int(m.group(2) or 1)) if m else (0, 0)
+    body = [lines[start]]
+    for nxt in lines[start + 1:]:
+        if (old <= 0 and new <= 0) or len(body) >= limit:
+            break
+        kind = nxt[:1]
+        if kind in (" ", ""):
+            old, new = old - 1, new - 1
+        elif kind == "-":
+            old -= 1
+        elif kind == "+":
+            new -= 1
+        elif kind != "\\":
+            break
+        body.append(nxt)
+    return body
+
+
+def first_failure(output: str, patch_text: str) -> str:
+    """What `patch` said went wrong first, with the failing hunk's text where it names one."""
+    failed = _HUNK_FAILED.search(output)
+    if failed:
+        files = [m for m in _PATCHING.finditer(output) if m.start() < failed.start()]
+        file = files[-1].group(1) if files else "?"
+        number = int(failed.group(1))
+        line, text = hunk_text(patch_text, file, number)
+        where = f" (patch line {line})" if line else ""
+        return (f"{file}: hunk #{number}{where} FAILED (expected near line "
+                f"{failed.group(2)} of the source):\n{text}").rstrip()
+    for marker in ("can't find file to patch", "Reversed (or previously applied) patch",
+                   "malformed patch", "Only garbage was found", "No file to patch"):
+        for said in output.splitlines():
+            if marker in said:
+                return said.strip()
+    tail = [ln for ln in output.strip().splitlines() if ln.strip()]
+    return tail[-1] if tail else "patch failed without saying why"
+
+
+# What recipe 1 (one LOCALVERSION per variant name, before the kernels file) appended to
+# `uname -r`. A variant with one of these names and this localversion keeps recipe 1's key,
+# which did not hash the localversion; any other variant's key hashes it.
+LEGACY_LOCALVERSION = {"stock": "", "patched": "-wakelocal", "affine-copy": "-affinecopy"}
 
 
 @dataclass(frozen=True)
@@ -207,37 +273,54 @@ class BuildInputs:
     source_version: str
     fragment_sha256: str
     compiler: str
-    patches: tuple[tuple[str, str], ...] = ()  # (file name, sha256), patched only
+    patches: tuple[tuple[str, str], ...] = ()  # (file name, sha256), in order
     recipe: int = RECIPE_VERSION
     base_config: str = BASE_CONFIG
+    base: str = DEFAULT_BASE
+    extra_fragment_sha256: str = ""            # the variant's own fragment, if any
+    localversion: str = ""
 
     def key(self) -> str:
-        data = asdict(self)
-        data.pop("variant")
-        if self.variant == "stock":
-            data.pop("patches")
+        data: dict[str, Any] = {"source_version": self.source_version,
+                                "fragment_sha256": self.fragment_sha256,
+                                "compiler": self.compiler, "recipe": self.recipe,
+                                "base_config": self.base_config}
+        # recipe 1 keys (stock, patched) hashed exactly the fields above plus the patches
+        if self.patches:
+            data["patches"] = [list(p) for p in self.patches]
+        if self.base != DEFAULT_BASE:
+            data["base"] = self.base
+        if self.extra_fragment_sha256:
+            data["extra_fragment_sha256"] = self.extra_fragment_sha256
+        # (an unpatched build without a localversion is its tree's: no name changes that)
+        legacy = LEGACY_LOCALVERSION.get(self.variant, None if self.patches else "")
+        if legacy != self.localversion:
+            data["localversion"] = self.localversion
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def stock(self) -> BuildInputs:
-        """The stock build this one starts from (itself for stock)."""
+    def tree(self) -> BuildInputs:
+        """The unpatched build of the same base and config this one starts from (its tree)."""
         return BuildInputs("stock", self.source_version, self.fragment_sha256, self.compiler,
-                           (), self.recipe, self.base_config)
+                           (), self.recipe, self.base_config, self.base,
+                           self.extra_fragment_sha256, "")
+
+    @property
+    def in_tree(self) -> bool:
+        """Built in its base's tree itself (no patches, no LOCALVERSION of its own)."""
+        return not self.patches and not self.localversion
 
 
-def make_argv(variant: str, jobs: int, target: str = "bzImage") -> list[str]:
+def patch_argv(path: Path) -> list[str]:
+    """How a variant's patch is applied: -p1, no fuzz (see apply_patch), never reversed."""
+    return ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "-i", str(path)]
+
+
+def make_argv(localversion: str, jobs: int, target: str = "bzImage") -> list[str]:
     """The make command for a build (nice: the machine is shared)."""
     return ["nice", "-n", "10", "make", f"-j{jobs}", "CC=ccache gcc",
-            f"LOCALVERSION={LOCALVERSION[variant]}", "KBUILD_BUILD_USER=netbed",
+            f"LOCALVERSION={localversion}", "KBUILD_BUILD_USER=netbed",
             "KBUILD_BUILD_HOST=netbed", target]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- effects
@@ -249,7 +332,7 @@ def _output(cmd: list[str]) -> str:
 
 
 def source_version() -> str:
-    """The exact Debian version of the kernel source package, e.g. '6.1.192-2'."""
+    """The exact Debian version of the 6.1 source package, e.g. '6.1.192-2'."""
     return _output(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE]).strip()
 
 
@@ -257,21 +340,13 @@ def compiler_version() -> str:
     return _output(["gcc", "--version"]).splitlines()[0].strip()
 
 
-def current_inputs(variant: str, patches_dir: Path = PATCHES_DIR,
-                   fragment: Path = FRAGMENT) -> BuildInputs:
-    """The inputs of a build of `variant` on this host, now."""
-    if variant not in VARIANTS:
-        raise NetbedError(f"unknown kernel variant {variant!r}",
-                          hint=f"use one of: {', '.join(VARIANTS)}")
-    patches: tuple[tuple[str, str], ...] = ()
-    if variant == "patched":
-        paths = patch_paths(patches_dir)
-        if not paths:
-            raise NetbedError(f"no *.patch files in {patches_dir}",
-                              hint="restore images/patches/ from git")
-        patches = tuple((p.name, sha256_file(p)) for p in paths)
-    return BuildInputs(variant, source_version(), sha256_file(fragment), compiler_version(),
-                       patches)
+def inputs_for(variant: Variant, source: KernelSource) -> BuildInputs:
+    """The inputs of a build of `variant` from `source` on this host, now."""
+    patches = tuple((ref.path.name, sha256_file(ref.path)) for ref in variant.patches)
+    extra = sha256_file(variant.config) if variant.config is not None else ""
+    return BuildInputs(variant.name, source.version, sha256_file(FRAGMENT), compiler_version(),
+                       patches, base=variant.base.name, extra_fragment_sha256=extra,
+                       localversion=variant.localversion)
 
 
 class _Progress:
@@ -357,16 +432,25 @@ class _Build:
         return self.root / f"{inputs.variant}-{inputs.key()}"
 
     def tree_dir(self, inputs: BuildInputs) -> Path:
-        return self.root / f"tree-{inputs.stock().key()}"
+        return self.root / f"tree-{inputs.tree().key()}"
 
     def load(self, inputs: BuildInputs) -> Kernel | None:
         art = self.artifact_dir(inputs)
         meta_path = art / "metadata.json"
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
+        # recipe-1 artifacts (stock, patched) predate these fields; their key says they hold
+        meta = {"base": inputs.base, "localversion": inputs.localversion,
+                **json.loads(meta_path.read_text())}
         return Kernel(name=inputs.variant, bzimage=art / "bzImage", release=meta["release"],
                       modules_cpio=None, metadata=meta)
+
+    def tree_compiled(self, inputs: BuildInputs) -> bool:
+        """The tree holds a finished unpatched build (recipe 1 trees: a published stock)."""
+        tree = self.tree_dir(inputs)
+        legacy = self.root / f"stock-{inputs.tree().key()}" / "metadata.json"
+        return (tree / CONFIGURED_MARKER).is_file() and (
+            (tree / COMPILED_MARKER).is_file() or legacy.is_file())
 
     def clean_tmp(self) -> None:
         """Remove work dirs of earlier builds (we hold the lock, so none is live)."""
@@ -375,44 +459,64 @@ class _Build:
                 shutil.rmtree(child, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
-    # -- stock tree: extract + configure once, atomically
+    # -- the base's tree: extract + configure once, atomically
 
-    def ensure_tree(self, inputs: BuildInputs, progress: _Progress) -> Path:
+    def ensure_tree(self, variant: Variant, inputs: BuildInputs, source: KernelSource,
+                    progress: _Progress) -> Path:
         tree = self.tree_dir(inputs)
-        if (tree / ".netbed-configured").is_file():
+        if (tree / CONFIGURED_MARKER).is_file():
             self.log(f"  reusing the configured tree {tree.name} (make is incremental)")
             return tree
         work = self.tmp / f"{tree.name}.{os.getpid()}"
         work.mkdir(parents=True)
-        self.log(f"  extracting {SOURCE_TARBALL.name} ({inputs.source_version})")
-        progress.run(["tar", "-xf", str(SOURCE_TARBALL), "-C", str(work),
-                      "--strip-components=1"], cwd=work)
-        self.log(f"  configuring: {BASE_CONFIG} + {FRAGMENT.name}, olddefconfig")
+        self.log(f"  extracting {source.describe()}")
+        progress.run(extract_command(source, work), cwd=work)
+        names = " + ".join(f.name for f in variant.fragments)
+        self.log(f"  configuring: {BASE_CONFIG} + {names}, olddefconfig")
         env = self.env()
         progress.run(["make", BASE_CONFIG], cwd=work, env=env)
-        progress.run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(FRAGMENT)],
-                     cwd=work, env=env)
+        progress.run(["scripts/kconfig/merge_config.sh", "-m", ".config",
+                      *(str(f) for f in variant.fragments)], cwd=work, env=env)
         progress.run(["make", "olddefconfig"], cwd=work, env=env)
-        requested = parse_config(FRAGMENT.read_text(), str(FRAGMENT))
-        merged = parse_config((work / ".config").read_text(), str(work / ".config"))
-        if bad := config_mismatches(requested, merged):
-            detail = "; ".join(f"{FRAGMENT}:{r.line}: {r.name}={r.value} ended up {got}"
-                               for r, got in bad)
-            raise ConfigError(f"Kconfig did not keep requested options: {detail}",
-                              hint="add the options they depend on, or drop them "
-                                   "(see `make menuconfig` help for the dependencies)")
-        (work / ".netbed-configured").write_text(json.dumps(asdict(inputs.stock())) + "\n")
+        check_config(variant, work / ".config", source)
+        (work / CONFIGURED_MARKER).write_text(json.dumps(
+            {"inputs": inputs.tree().__dict__, "source": source_record(source)}) + "\n")
         if tree.exists():
             shutil.rmtree(tree)
         work.rename(tree)
         return tree
 
-    def make(self, tree: Path, variant: str, progress: _Progress) -> None:
-        self.log(f"  compiling ({self.jobs} jobs, ccache, nice 10); log: {progress.logfile}")
-        progress.run(make_argv(variant, self.jobs), cwd=tree, env=self.env())
+    def compile_tree(self, inputs: BuildInputs, tree: Path, progress: _Progress) -> None:
+        """The unpatched build in the tree itself; the marker says it finished."""
+        (tree / COMPILED_MARKER).unlink(missing_ok=True)
+        self.make(tree, "", progress)
+        (tree / COMPILED_MARKER).write_text(inputs.tree().key() + "\n")
 
-    def publish(self, inputs: BuildInputs, tree: Path, seconds: float,
-                extra: dict[str, Any]) -> Kernel:
+    def make(self, tree: Path, localversion: str, progress: _Progress) -> None:
+        self.log(f"  compiling ({self.jobs} jobs, ccache, nice 10); log: {progress.logfile}")
+        progress.run(make_argv(localversion, self.jobs), cwd=tree, env=self.env())
+
+    def check_patches(self, variant: Variant, tree: Path, source: KernelSource) -> None:
+        """Apply the patches, in order, to copies of the files they touch: a patch that does
+        not apply stops the build here, before anything compiles."""
+        work = self.tmp / f"patch-check-{variant.name}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            texts = [ref.path.read_text(errors="replace") for ref in variant.patches]
+            for text in texts:
+                for rel in touched_files(text):
+                    src = tree / rel
+                    if src.is_file() and not (work / rel).exists():
+                        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(src, work / rel)
+            for ref, text in zip(variant.patches, texts, strict=True):
+                apply_patch(ref, text, work, variant, source)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def publish(self, variant: Variant, inputs: BuildInputs, source: KernelSource,
+                tree: Path, seconds: float, extra: dict[str, Any]) -> Kernel:
         """Copy artifacts into a temp dir, then rename: a half artifact never counts as built."""
         art = self.artifact_dir(inputs)
         work = self.tmp / f"{art.name}.{os.getpid()}"
@@ -426,13 +530,21 @@ class _Build:
             "variant": inputs.variant,
             "release": release,
             "cache_key": inputs.key(),
-            "source_package": SOURCE_PACKAGE,
+            "base": variant.base.name,
+            "source_kind": source.kind,
+            "source_package": source.package or "",
+            "source_suite": source.suite or "",
             "source_version": inputs.source_version,
+            "source_path": str(source.tarball or source.tree or ""),
             "base_config": inputs.base_config,
-            "config_fragment": str(FRAGMENT.relative_to(IMAGES_DIR.parent)),
+            "config_fragment": _shown(FRAGMENT),
             "config_fragment_sha256": inputs.fragment_sha256,
+            "config_extra": _shown(variant.config) if variant.config else None,
+            "config_extra_sha256": inputs.extra_fragment_sha256 or None,
             "config_sha256": sha256_file(tree / ".config"),
-            "patches": [{"file": n, "sha256": h} for n, h in inputs.patches],
+            "patches": [{"file": n, "sha256": h, "path": _shown(ref.path)}
+                        for (n, h), ref in zip(inputs.patches, variant.patches, strict=True)],
+            "localversion": inputs.localversion,
             "compiler": inputs.compiler,
             "preemption": facts.preemption,
             "hz": facts.hz,
@@ -452,21 +564,6 @@ class _Build:
         assert kernel is not None
         return kernel
 
-    # -- the two variants
-
-    def build_stock(self, inputs: BuildInputs) -> Kernel:
-        start = time.monotonic()
-        progress = _Progress(self.log, "stock", self.root / f"stock-{inputs.key()}.log")
-        progress.logfile.unlink(missing_ok=True)
-        fresh = not (self.tree_dir(inputs) / ".netbed-configured").is_file()
-        tree = self.ensure_tree(inputs, progress)
-        self.make(tree, "stock", progress)
-        seconds = time.monotonic() - start
-        self.log(f"kernel stock built in {seconds:.0f} s (wall; {progress.cpu_seconds:.0f} s CPU)")
-        origin = "fresh source tree" if fresh else "incremental make in the existing tree"
-        return self.publish(inputs, tree, seconds, {
-            "built_from": origin, "build_cpu_seconds": round(progress.cpu_seconds, 1)})
-
     def relink_objtool_in_place(self, stock_tree: Path, work: Path, progress: _Progress) -> None:
         """Rebuild objtool for the copy's path, keeping the stock objtool's mtime.
 
@@ -485,52 +582,122 @@ class _Build:
         for path in [work / "tools/objtool", *(work / "tools/objtool").rglob("*")]:
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
-    def build_patched(self, inputs: BuildInputs) -> Kernel:
-        stock_inputs = inputs.stock()
-        if self.load(stock_inputs) is None or not (
-                self.tree_dir(inputs) / ".netbed-configured").is_file():
-            self.log("kernel patched starts from the stock build, which is not built yet: "
-                     "building stock first")
-            self.build_stock(stock_inputs)
+    def build(self, variant: Variant, inputs: BuildInputs, source: KernelSource) -> Kernel:
+        """Tree (configured, patches checked, compiled), then the variant's own build."""
+        name = variant.name
         start = time.monotonic()
-        progress = _Progress(self.log, "patched", self.root / f"patched-{inputs.key()}.log")
+        progress = _Progress(self.log, name, self.root / f"{name}-{inputs.key()}.log")
         progress.logfile.unlink(missing_ok=True)
-        work = self.tmp / f"patched-tree-{inputs.key()}.{os.getpid()}"
+        fresh = not (self.tree_dir(inputs) / CONFIGURED_MARKER).is_file()
+        tree = self.ensure_tree(variant, inputs, source, progress)
+        if variant.patches:
+            self.check_patches(variant, tree, source)
+        if not self.tree_compiled(inputs):
+            self.log(f"  the tree {tree.name} is not compiled yet: compiling it (unpatched)")
+            self.compile_tree(inputs, tree, progress)
+        elif inputs.in_tree:
+            self.make(tree, "", progress)  # incremental: a no-op on a finished tree
+        if inputs.in_tree:
+            origin = "fresh source tree" if fresh else "the existing tree"
+            return self._done(variant, inputs, source, tree, start, progress, origin)
+        tree_ready, tree_cpu = time.monotonic(), progress.cpu_seconds
+        work = self.tmp / f"{name}-tree-{inputs.key()}.{os.getpid()}"
         # The copy stays in tmp/ when we are done (deleting ~2 GB takes a minute on a busy
         # disk): the next build's clean_tmp() removes it, and after a failure it is there
         # to inspect.
-        self.log("  copying the stock build tree (objects reused, mtimes kept)")
-        progress.run(["cp", "-a", "--reflink=auto", str(self.tree_dir(inputs)), str(work)],
-                     cwd=self.root)
-        for name, _ in inputs.patches:
-            self.log(f"  applying {name}")
-            progress.run(["patch", "-p1", "--forward", "--batch", "-i",
-                          str(PATCHES_DIR / name)], cwd=work)
-        self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
-        self.make(work, "patched", progress)
+        self.log("  copying the base's build tree (objects reused, mtimes kept)")
+        progress.run(["cp", "-a", "--reflink=auto", str(tree), str(work)], cwd=self.root)
+        for ref in variant.patches:
+            self.log(f"  applying {ref.path.name}")
+            progress.run(patch_argv(ref.path), cwd=work)
+        self.relink_objtool_in_place(tree, work, progress)
+        self.make(work, variant.localversion, progress)
+        origin = f"tree {inputs.tree().key()} + patches"
+        return self._done(variant, inputs, source, work, start, progress, origin,
+                          patch_only_seconds=round(time.monotonic() - tree_ready, 1),
+                          patch_only_cpu_seconds=round(progress.cpu_seconds - tree_cpu, 1))
+
+    def _done(self, variant: Variant, inputs: BuildInputs, source: KernelSource, tree: Path,
+              start: float, progress: _Progress, origin: str, **extra: Any) -> Kernel:
         seconds = time.monotonic() - start
-        self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
-                 f"{progress.cpu_seconds:.0f} s CPU)")
-        return self.publish(inputs, work, seconds, {
-            "built_from": f"stock tree {stock_inputs.key()} + patches",
-            "build_cpu_seconds": round(progress.cpu_seconds, 1)})
+        self.log(f"kernel {variant.name} built in {seconds:.0f} s (wall; "
+                 f"{progress.cpu_seconds:.0f} s CPU) from {origin}")
+        return self.publish(variant, inputs, source, tree, seconds, {
+            "built_from": origin, "build_cpu_seconds": round(progress.cpu_seconds, 1),
+            **extra})
 
 
-def ensure_built(variant: str, settings: Settings, log: Log = print) -> Kernel:
-    """Return the cached `stock`/`patched` kernel, building it first when needed (says so)."""
-    inputs = current_inputs(variant) if SOURCE_TARBALL.exists() else None
+def _shown(path: Path) -> str:
+    """A repository file relative to the repository, anything else as it is."""
+    try:
+        return str(path.resolve().relative_to(IMAGES_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def check_config(variant: Variant, config: Path, source: KernelSource) -> None:
+    """Every option the fragments request (a later fragment wins) survived Kconfig."""
+    requested: dict[str, ConfigLine] = {}
+    for frag in variant.fragments:
+        requested.update(parse_config(frag.read_text(), _shown(frag)))
+    merged = parse_config(config.read_text(), str(config))
+    if bad := config_mismatches(requested, merged):
+        detail = "\n".join(f"  {r.source}:{r.line}: {r.name}={r.value} ended up {got}"
+                           for r, got in bad)
+        raise ConfigError(
+            f"{variant.where}: kernel {variant.name}: Kconfig of {source.describe()} did not "
+            f"keep requested options:\n{detail}",
+            hint="add the options they depend on, drop them, or turn them off for this "
+                 "variant with '# CONFIG_X is not set' in its `config:` fragment")
+
+
+def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
+                source: KernelSource) -> None:
+    """Apply one patch in `work`; a failure names the kernels file line and the hunk.
+
+    Without fuzz: a hunk whose context does not match exactly (GNU patch would otherwise
+    ignore up to two context lines) is refused, so a variant never carries a change in
+    a place its author did not mean; an offset (the same lines elsewhere) is accepted."""
+    proc = subprocess.run(patch_argv(ref.path),
+                          cwd=work, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise ConfigError(
+            f"{ref.where}: kernel {variant.name}: {ref.path.name} does not apply to "
+            f"{variant.base.name} ({source.describe()}): "
+            f"{first_failure(proc.stdout + proc.stderr, text)}",
+            hint="refresh the patch against this base (patches are per base: a variant on "
+                 "another base lists its own), or fix the order of the list")
+
+
+def find_built(variant: Variant, source: KernelSource, settings: Settings) -> Kernel | None:
+    """The cached kernel of `variant` built from `source`, or None (nothing is built)."""
+    return _Build(settings, lambda m: None).load(inputs_for(variant, source))
+
+
+def tree_dir_of(settings: Settings, inputs: BuildInputs) -> Path:
+    """The build tree a build of `inputs` starts from (it may not exist yet)."""
+    return _Build(settings, lambda m: None).tree_dir(inputs)
+
+
+def variant_of(name: str, kernels: KernelSet | None = None) -> Variant:
+    return (kernels or load_kernels()).variant(name)
+
+
+def ensure_built(variant: str | Variant, settings: Settings, log: Log = print,
+                 kernels: KernelSet | None = None) -> Kernel:
+    """Return the cached kernel of a variant, building it first when needed (says so)."""
+    v = variant if isinstance(variant, Variant) else variant_of(variant, kernels)
     build = _Build(settings, log)
-    if inputs is not None and (kernel := build.load(inputs)) is not None:
+    known = known_source(v.base, settings)
+    if known is not None and (kernel := build.load(inputs_for(v, known))) is not None:
         return kernel
     ensure_packages(BUILD_PACKAGES, log)
-    inputs = current_inputs(variant)
     with _locked(build.root / ".build.lock"):
+        source = ensure_source(v.base, settings, log)
+        inputs = inputs_for(v, source)
         if (kernel := build.load(inputs)) is not None:
             return kernel
-        log(f"kernel {variant} (key {inputs.key()}) is not built yet: building it now "
+        log(f"kernel {v.name} (key {inputs.key()}) is not built yet: building it now "
             f"(a cold build takes minutes)")
         build.clean_tmp()
-        if variant == "stock":
-            return build.build_stock(inputs)
-        return build.build_patched(inputs)
-
+        return build.build(v, inputs, source)

@@ -38,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from testbed.experiment.kernelfile import KernelSet, load_kernels
 from testbed.experiment.policies import PolicySet, load_policies
 from testbed.experiment.yamlload import cut, shown
 from testbed.runname import name_problem
@@ -450,12 +451,16 @@ class Experiment(BaseModel):
     retries: Int = Field(default=2, ge=0, le=20)
     memory_mb: Int | None = Field(default=None, ge=128, le=65536)
     policies_file: Text | None = None
+    kernels_file: Text | None = Field(
+        default=None, description="the kernel variants the kernel axis names (default "
+                                  "configs/kernels.yaml), relative to this file")
     limits: Limits = Field(default_factory=Limits)
 
     _source: Path | None = PrivateAttr(default=None)
     _source_text: str | None = PrivateAttr(default=None)
     _policies_path: Path | None = PrivateAttr(default=None)
     _policies: PolicySet | None = PrivateAttr(default=None)
+    _kernels: KernelSet | None = PrivateAttr(default=None)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("tracing", mode="before")
@@ -541,6 +546,13 @@ class Experiment(BaseModel):
         if self._policies is None:
             self._policies = load_policies()
         return self._policies
+
+    @property
+    def kernels(self) -> KernelSet:
+        """The kernel variants the experiment was validated against."""
+        if self._kernels is None:
+            self._kernels = load_kernels()
+        return self._kernels
 
     @property
     def warnings(self) -> tuple[str, ...]:

@@ -25,6 +25,11 @@ from testbed.experiment.config import (
     Experiment,
     gro_word,
 )
+from testbed.experiment.kernelfile import (
+    KernelSet,
+    load_kernels,
+    resolve_kernels_path,
+)
 from testbed.experiment.matrix import expand_with_origin, unmatched_excludes
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
 from testbed.experiment.yamlload import (
@@ -65,27 +70,30 @@ def resolve_policies_path(exp_path: Path, value: str | None) -> Path:
     return p if exp_path == STDIN else exp_path.parent / p
 
 
-def load_experiment(path: Path, policies: PolicySet | None = None) -> Experiment:
+def load_experiment(path: Path, policies: PolicySet | None = None,
+                    kernels: KernelSet | None = None) -> Experiment:
     """Load, validate and cross-check an experiment file (`-`: standard input).
 
     `policies` defaults to the file named by the experiment's `policies_file`
-    (relative to the experiment), else configs/policies.yaml. ConfigError lists
-    every problem.
+    (relative to the experiment), else configs/policies.yaml; `kernels` likewise from
+    `kernels_file`, else configs/kernels.yaml. ConfigError lists every problem.
     """
     path = Path(path)
-    return _from_source(load_yaml(path), policies)
+    return _from_source(load_yaml(path), policies, kernels)
 
 
 def loads_experiment(data: str | bytes, path: Path,
-                     policies: PolicySet | None = None) -> Experiment:
+                     policies: PolicySet | None = None,
+                     kernels: KernelSet | None = None) -> Experiment:
     """`load_experiment` for a document already in memory; `path` names it in messages."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"{display_path(Path(path))}: larger than {MAX_FILE_BYTES // 1024} KiB")
-    return _from_source(parse_yaml(raw, Path(path)), policies)
+    return _from_source(parse_yaml(raw, Path(path)), policies, kernels)
 
 
-def _from_source(src: Source, policies: PolicySet | None) -> Experiment:
+def _from_source(src: Source, policies: PolicySet | None,
+                 kernels: KernelSet | None = None) -> Experiment:
     if src.empty:
         raise ConfigError(f"{src.name}: empty experiment: nothing to run; {EMPTY_HINT}")
     if not isinstance(src.tree, dict):
@@ -102,45 +110,71 @@ def _from_source(src: Source, policies: PolicySet | None) -> Experiment:
         if data["name"] != src.path.stem:
             warnings.append(f"{src.name}: no `name:`; the run is named {data['name']!r} after "
                             "the file (add `name:` to choose)")
+    kfile = data.get("kernels_file")
+    kpath: Path | None = None  # given kernels (a resumed run's copy): no file to resolve
+    if kernels is None:
+        kpath = resolve_kernels_path(src.path, kfile if isinstance(kfile, str) else None)
+        kernels = _load_kernels(src, kpath, explicit=isinstance(kfile, str))
     pfile = data.get("policies_file")
     ppath: Path | None = None  # given policies (a resumed run's copy): no file to resolve
     if policies is None:
         ppath = resolve_policies_path(src.path, pfile if isinstance(pfile, str) else None)
-        policies = _load_policies(src, ppath, explicit=isinstance(pfile, str))
-    # Policy names are checked on the raw data too, so a typo in a policy is
+        policies = _load_policies(src, ppath, kernels, explicit=isinstance(pfile, str))
+    # Policy and kernel names are checked on the raw data too, so a typo in one is
     # reported together with every other problem, not after they are fixed.
-    problems = _policy_name_problems(src, data, policies)
+    problems = (_policy_name_problems(src, data, policies)
+                + _kernel_name_problems(src, data, kernels))
     try:
         exp = Experiment.model_validate(data)
     except ValidationError as e:
         raise_problems(problems + validation_problems(src, e, Experiment))
         raise  # pragma: no cover
-    raise_problems(problems or check_experiment(exp, policies, src))
+    raise_problems(problems or check_experiment(exp, policies, src, kernels))
     exp._source = src.path
     exp._source_text = src.text
     exp._policies = policies
     exp._policies_path = ppath
+    exp._kernels = kernels
     exp._warnings = (*warnings, *_exclude_warnings(exp, src))
     return exp
 
 
-def _load_policies(src: Source, ppath: Path, *, explicit: bool) -> PolicySet:
-    """The policies file; its problems point back at the experiment's `policies_file:` line."""
-    if not explicit:
-        return load_policies(ppath)
-    reason = unreadable_reason(ppath)
+def _unreadable_named_file(src: Source, key: str, path: Path) -> None:
+    """A file an experiment names (`policies_file`, `kernels_file`) that cannot be read:
+    the problem points at the key's line."""
+    reason = unreadable_reason(path)
     if reason:
-        written = str(src.tree.get("policies_file", ""))
+        written = str(src.tree.get(key, ""))
         relative = not (written.startswith("~") or Path(written).is_absolute())
         where = " (the path is relative to this experiment file)" \
             if reason == "no such file" and relative else ""
-        shown_path = display_path(ppath)
+        shown_path = display_path(path)
         if not shown_path.isprintable():
             shown_path = repr(shown_path)
-        raise_problems([src.problem(("policies_file",), f"{cut(shown_path, 120)}: "
-                                    f"{reason}{where}")])
+        raise_problems([src.problem((key,), f"{cut(shown_path, 120)}: {reason}{where}")])
+
+
+def _load_kernels(src: Source, kpath: Path, *, explicit: bool) -> KernelSet:
+    """The kernels file; its problems point back at the experiment's `kernels_file:` line."""
+    if not explicit:
+        return load_kernels(kpath)
+    _unreadable_named_file(src, "kernels_file", kpath)
     try:
-        return load_policies(ppath)
+        return load_kernels(kpath)
+    except ConfigError as e:
+        named = src.problem(("kernels_file",), "the kernels file named here has the "
+                            "problems above")
+        raise ConfigError(f"{e.message}\n{named}", hint=e.hint) from None
+
+
+def _load_policies(src: Source, ppath: Path, kernels: KernelSet, *,
+                   explicit: bool) -> PolicySet:
+    """The policies file; its problems point back at the experiment's `policies_file:` line."""
+    if not explicit:
+        return load_policies(ppath, kernels)
+    _unreadable_named_file(src, "policies_file", ppath)
+    try:
+        return load_policies(ppath, kernels)
     except ConfigError as e:
         named = src.problem(("policies_file",), "the policies file named here has the "
                             "problems above")
@@ -168,6 +202,29 @@ def _policy_name_problems(src: Source, data: dict[str, Any], policies: PolicySet
             for loc, name in found if isinstance(name, str) and name not in policies]
 
 
+def _kernel_name_problems(src: Source, data: dict[str, Any],
+                          kernels: KernelSet) -> list[Problem]:
+    """Kernel names of the axes and include/exclude entries that the kernels file lacks."""
+    found: list[tuple[tuple[str | int, ...], Any]] = []
+    axes = data.get("axes")
+    if isinstance(axes, dict) and "kernel" in axes:
+        values = axes["kernel"]
+        if isinstance(values, list):
+            found += [(("axes", "kernel", i), v) for i, v in enumerate(values)]
+        else:
+            found.append((("axes", "kernel"), values))
+    for section in ("include", "exclude"):
+        entries = data.get(section)
+        if isinstance(entries, list):
+            found += [((section, j, "kernel"), e["kernel"]) for j, e in enumerate(entries)
+                      if isinstance(e, dict) and e.get("kernel") is not None]
+    allowed = ", ".join(kernels.names)
+    return [src.problem(loc, f"unknown kernel {shown(name)} (allowed: {allowed}; variants "
+                        f"come from {kernels.path.name})" + did_you_mean(name, kernels.names))
+            # a name that is not text gets its type error from the model instead
+            for loc, name in found if isinstance(name, str) and name not in kernels]
+
+
 def _shown_axis_value(axis: str, v: Any) -> str:
     return gro_word(v) if axis == "gro" else str(v)
 
@@ -189,8 +246,10 @@ def _size_problems(exp: Experiment, src: Source) -> list[Problem]:
     return out
 
 
-def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[Problem]:
-    """Cross checks pydantic cannot do alone: sizes, duplicates, policies fit every cell."""
+def check_experiment(exp: Experiment, policies: PolicySet, src: Source,
+                     kernels: KernelSet | None = None) -> list[Problem]:
+    """Cross checks pydantic cannot do alone: sizes, duplicates, kernels exist, policies fit
+    every cell."""
     problems = _size_problems(exp, src)
     if {"hardware", "cachemodel"} <= set(exp.counters):
         problems.append(src.problem(("counters",), "hardware events need KVM and the cache "
@@ -205,6 +264,7 @@ def check_experiment(exp: Experiment, policies: PolicySet, src: Source) -> list[
                                             f"{_shown_axis_value(axis, v)} appears twice"))
             seen.add(v)
     problems += _policy_name_problems(src, exp.model_dump(), policies)
+    problems += _kernel_name_problems(src, exp.model_dump(), kernels or exp.kernels)
     if problems:
         return problems
 
@@ -275,7 +335,8 @@ def _exclude_warnings(exp: Experiment, src: Source) -> list[str]:
 
 
 def experiment_from_dict(data: dict[str, Any], policies: PolicySet,
-                         source: Path | None = None) -> Experiment:
+                         source: Path | None = None,
+                         kernels: KernelSet | None = None) -> Experiment:
     """Build and check an experiment from plain data (tests, generated matrices)."""
     src = Source(source or Path("<dict>"), CommentedMap())
     try:
@@ -283,7 +344,9 @@ def experiment_from_dict(data: dict[str, Any], policies: PolicySet,
     except ValidationError as e:
         raise_problems(validation_problems(src, e, Experiment))
         raise  # pragma: no cover
-    raise_problems(check_experiment(exp, policies, src))
+    if kernels is not None:
+        exp._kernels = kernels
+    raise_problems(check_experiment(exp, policies, src, kernels))
     exp._source = source
     exp._policies = policies
     return exp

@@ -40,11 +40,13 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from testbed.errors import ConfigError, NetbedError
+from testbed.experiment.kernelfile import KernelSet, check_kernel_names
 from testbed.experiment.yamlload import (
     Source,
     cut,
@@ -58,7 +60,6 @@ from testbed.experiment.yamlload import (
 )
 from testbed.formats.readback import IFACE_RE, SYSCTL_RE, cpu_mask, fmt_cpulist, sysctl_path
 from testbed.settings import CONFIGS_DIR
-from testbed.vocabulary import KERNEL_NAMES
 
 DEFAULT_POLICIES_FILE = CONFIGS_DIR / "policies.yaml"
 
@@ -183,16 +184,15 @@ class Policy(BaseModel):
 
     @field_validator("requires_kernel")
     @classmethod
-    def _kernels(cls, v: list[str] | None) -> list[str] | None:
+    def _kernels(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
             return None
         if not v:
             raise ValueError("an empty list allows no kernel; omit the key "
                              "to allow every kernel")
-        bad = [k for k in v if k not in KERNEL_NAMES]
-        if bad:
-            raise ValueError(f"unknown kernel {shown(bad[0])} "
-                             f"(allowed: {', '.join(KERNEL_NAMES)})")
+        # the experiment's kernels file (validation context) and configs/kernels.yaml
+        if problem := check_kernel_names(v, (info.context or {}).get("kernels")):
+            raise ValueError(problem)
         return v
 
     @field_validator("irq_cpus", mode="before")
@@ -324,23 +324,25 @@ class PolicySet(BaseModel):
         return resolve(self[name], cpus, baseline=self.baseline)
 
 
-def load_policies(path: Path = DEFAULT_POLICIES_FILE) -> PolicySet:
-    """Load and validate a policies file; every problem is reported at its file:line:col."""
-    return _policies_from(load_yaml(path))
+def load_policies(path: Path = DEFAULT_POLICIES_FILE,
+                  kernels: KernelSet | None = None) -> PolicySet:
+    """Load and validate a policies file; every problem is reported at its file:line:col.
+    `requires_kernel` names are checked against `kernels` (default configs/kernels.yaml)."""
+    return _policies_from(load_yaml(path), kernels)
 
 
-def loads_policies(data: bytes, path: Path) -> PolicySet:
+def loads_policies(data: bytes, path: Path, kernels: KernelSet | None = None) -> PolicySet:
     """`load_policies` for a document already in memory; `path` names it in messages."""
-    return _policies_from(parse_yaml(data, path))
+    return _policies_from(parse_yaml(data, path), kernels)
 
 
-def _policies_from(src: Source) -> PolicySet:
+def _policies_from(src: Source, kernels: KernelSet | None = None) -> PolicySet:
     data = plain(src)
     if src.empty or not isinstance(data, dict):
         raise ConfigError(f"{src.name}:1:1: expected a mapping with a `policies:` key",
                           hint=f"see {display_path(DEFAULT_POLICIES_FILE)}")
     try:
-        return PolicySet.model_validate(data)
+        return PolicySet.model_validate(data, context={"kernels": kernels})
     except ValidationError as e:
         raise_problems(validation_problems(src, e, PolicySet))
         raise  # pragma: no cover - raise_problems always raises for a non-empty list

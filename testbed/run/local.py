@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed.build.kernel_build import ensure_built
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
+from testbed.experiment.kernelfile import KernelSet, load_kernels
 from testbed.experiment.load import load_experiment
 from testbed.experiment.matrix import expand, round_order, schedule, shard
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
@@ -29,6 +31,7 @@ from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
 from testbed.vm.hostfacts import HostFacts, gather
+from testbed.vocabulary import DISTRO_KERNEL
 
 Shard = tuple[int, int]
 
@@ -43,7 +46,8 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
         if not run.experiment_file.is_file():
             raise NetbedError(f"{run.path} is not a netbed run (no experiment.yaml)",
                               hint=f"pass a folder or run id under {settings.results_dir}")
-        exp = load_experiment(run.experiment_file, _policies_of(run))
+        kernels = _kernels_of(run)
+        exp = load_experiment(run.experiment_file, _policies_of(run, kernels), kernels)
         shard_spec = _shard_of(read_json(run.meta_file))
     else:
         if config is None:
@@ -56,7 +60,8 @@ def open_run(settings: Settings, config: Path | None, resume: str | None,
         # the run carries its policies: the file validation resolved (`~`, relative paths)
         shutil.copy2(exp.policies_path or DEFAULT_POLICIES_FILE, run.policies_file)
         atomic_write_json(run.meta_file, {"shard": list(shard_spec) if shard_spec else None,
-                                          "config": str(config)})
+                                          "config": str(config),
+                                          "kernels_file": str(exp.kernels.path.resolve())})
     cells = expand(exp)
     if shard_spec:
         cells = shard(cells, *shard_spec)
@@ -84,8 +89,26 @@ def _plain_of(run: RunDir, resumed: bool, planned: int) -> int:
     return planned
 
 
-def _policies_of(run: RunDir) -> PolicySet | None:
-    return load_policies(run.policies_file) if run.policies_file.is_file() else None
+def _kernels_of(run: RunDir) -> KernelSet:
+    """The kernels file a run was started with (run.json; its patches are where it names
+    them); a run from before kernels files, or whose file is gone, gets the default."""
+    path = read_json(run.meta_file).get("kernels_file")
+    if isinstance(path, str) and Path(path).is_file():
+        return load_kernels(Path(path))
+    return load_kernels()
+
+
+def _policies_of(run: RunDir, kernels: KernelSet | None = None) -> PolicySet | None:
+    return (load_policies(run.policies_file, kernels) if run.policies_file.is_file()
+            else None)
+
+
+def build_kernels(settings: Settings, exp: Experiment, cells: list[Cell], log: Log) -> None:
+    """Build (or find in the cache) every kernel the cells boot, before any cell runs: a
+    patch that does not apply or an option Kconfig drops stops the run here."""
+    for name in dict.fromkeys(c.kernel for c in cells):
+        if name != DISTRO_KERNEL:
+            ensure_built(name, settings, log, exp.kernels)
 
 
 def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
@@ -109,12 +132,15 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     def check_host(exp: Experiment) -> None:
         facts.append(gather(settings, log=log))
         counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
+        cells = expand(exp)
+        build_kernels(settings, exp, shard(cells, *shard_spec) if shard_spec else cells, log)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     for warning in exp.warnings:
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
         facts.append(gather(settings, log=log))
+        build_kernels(settings, exp, cells, log)
     provenance = Provenance(run, exp.counters, log)
     provenance.decide(facts[0])
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)

@@ -33,6 +33,7 @@ from fabric import Connection
 from invoke.runners import Result
 
 from testbed.errors import NetbedError
+from testbed.experiment.kernelfile import PATCHES_DIR, KernelSet
 from testbed.experiment.load import load_experiment
 from testbed.progress import Log
 from testbed.run.folder import new_run_id
@@ -332,7 +333,36 @@ def config_files(config: Path) -> ConfigFiles:
                               "below the experiment file's folder to be shipped to hosts",
                               hint="put the policies file next to the experiment file")
         files.append((config.parent / exp.policies_file, str(rel)))
+    if exp.kernels_file:
+        files += _kernels_files(config, exp.kernels_file, exp.kernels)
     return ConfigFiles(config.name, tuple(files))
+
+
+def _kernels_files(config: Path, written: str, kernels: KernelSet) -> list[tuple[Path, str]]:
+    """The kernels file and the patches and fragments it names that live below the
+    experiment's folder (images/patches/ travels with the shipped commit)."""
+    top = config.parent.resolve()
+    rel = PurePosixPath(written)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise NetbedError(f"{config}: kernels_file {written!r} must be a path below the "
+                          "experiment file's folder to be shipped to hosts",
+                          hint="put the kernels file next to the experiment file")
+    out = [(config.parent / written, str(rel))]
+    for v in kernels.variants.values():
+        if v.base.path is not None:
+            raise NetbedError(f"{v.where}: kernel {v.name}: a local base ({v.base.name}) is "
+                              "not shipped to hosts", hint="use a Debian base for remote runs")
+        for path in [*(ref.path for ref in v.patches), *([v.config] if v.config else [])]:
+            resolved = path.resolve()
+            if resolved.is_relative_to(PATCHES_DIR.resolve()):
+                continue
+            if not resolved.is_relative_to(top):
+                raise NetbedError(f"{v.where}: kernel {v.name}: {path} is outside the "
+                                  "experiment file's folder and cannot be shipped to hosts",
+                                  hint="put it next to the experiment file, or commit it to "
+                                       "images/patches/")
+            out.append((resolved, str(resolved.relative_to(top))))
+    return list(dict.fromkeys(out))
 
 
 class HostJob:

@@ -116,7 +116,7 @@ class ExperimentGuests:
     def _assets_for(self, kernel: str) -> Assets:
         if kernel not in self.assets:
             assets = prepare_assets(self.settings, kernel, self.run.work_dir, self.log,
-                                    accel=self.accel)
+                                    accel=self.accel, kernels=self.exp.kernels)
             self.assets[kernel] = assets
             self.provenance.record_assets(kernel, assets)
         return self.assets[kernel]

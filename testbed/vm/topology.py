@@ -21,6 +21,7 @@ from testbed.build.kernels import get_kernel
 from testbed.build.qemu_backport import resolve_qemu
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.errors import NetbedError
+from testbed.experiment.kernelfile import KernelSet
 from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.shell import Shell
@@ -106,12 +107,14 @@ class BootEffects:
 
 
 def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
-                   log: Log = print, accel: AccelSetting | None = None) -> Assets:
-    """Install, build or fetch whatever booting needs (each step cached)."""
+                   log: Log = print, accel: AccelSetting | None = None,
+                   kernels: KernelSet | None = None) -> Assets:
+    """Install, build or fetch whatever booting needs (each step cached); `kernels` is the
+    kernels file the name comes from (default configs/kernels.yaml)."""
     from testbed.vm.hostfacts import resolve_accel
 
     ensure_packages(GUEST_PACKAGES, log)
-    kernel = get_kernel(kernel_name, settings, log)
+    kernel = get_kernel(kernel_name, settings, log, kernels)
     image = ensure_image(settings, log)
     initrd = ensure_initrd(image, kernel, settings)
     key = make_keypair(workdir / "ssh")

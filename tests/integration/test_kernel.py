@@ -25,15 +25,15 @@ import pytest
 
 from testbed.build.kernel import Kernel
 from testbed.build.kernel_build import (
-    PATCHES_DIR,
     SOURCE_PACKAGE,
     SOURCE_TARBALL,
     ensure_built,
     parse_patch,
-    patch_paths,
     source_version,
 )
 from testbed.build.newc import CpioEntry, write_newc
+from testbed.errors import ConfigError
+from testbed.experiment.kernelfile import KernelSet, load_kernels
 from testbed.settings import IMAGES_DIR, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -78,6 +78,11 @@ fi
 echo TINY-END
 poweroff -f
 """
+
+
+def patch_paths() -> list[Path]:
+    """The patches of the shipped `patched` variant (configs/kernels.yaml), in order."""
+    return [ref.path for ref in load_kernels().variant("patched").patches]
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +222,9 @@ def test_metadata_records_source_config_and_patches(kernels: dict[str, Kernel]) 
     assert stock["config_fragment_sha256"] == patched["config_fragment_sha256"]
     assert stock["compiler"] == patched["compiler"]
     assert stock["patches"] == []
-    assert [p["file"] for p in patched["patches"]] == [p.name for p in patch_paths(PATCHES_DIR)]
+    assert [p["file"] for p in patched["patches"]] == [p.name for p in patch_paths()]
+    assert (stock["base"], patched["base"]) == ("debian-6.1", "debian-6.1")
+    assert (stock["localversion"], patched["localversion"]) == ("", "-wakelocal")
     assert stock["preemption"] == "PREEMPT_VOLUNTARY" and stock["hz"] == 250
     # same config apart from nothing: the variants differ only by the patch
     assert stock["config_sha256"] == patched["config_sha256"]
@@ -324,3 +331,78 @@ def test_wake_local_two_guests(kernels: dict[str, Kernel], workdir: Path,
         print(f"\ntwo guests, patched, rx_wake_local={wake}: reader switched in on IRQ CPU "
               f"{IRQ_CPU} after {on_k}/{placed} = {fractions[wake]:.1%} of wake-ups; {f}")
     assert fractions[1] >= 0.90
+
+
+# ---------------------------------------------------------------- a user's own variant
+
+# A trivial patch a user might drop in: one line at boot, before anything else runs
+# (pr_err, so the tiny boot's loglevel=4 shows it on the console).
+USER_PATCH = (Path(__file__).resolve().parent.parent / "fixtures" / "kernel"
+              / "user-variant.patch").read_text()
+
+
+def _user_kernels(tmp_path: Path, patch: str, name: str = "mine") -> KernelSet:
+    (tmp_path / "mine.patch").write_text(patch)
+    (tmp_path / "kernels.yaml").write_text(
+        f"variants:\n  {name}:\n    base: debian-6.1\n    patches: [mine.patch]\n"
+        f"    localversion: -{name}\n")
+    return load_kernels(tmp_path / "kernels.yaml")
+
+
+def test_a_user_variant_builds_from_the_shared_tree_boots_and_says_its_name(
+        tmp_path: Path, settings: Settings, tiny_initrd: Path, workdir: Path) -> None:
+    """Three steps of docs/kernels.md: a patch file, a variant naming it, a build by name;
+    the build starts from the stock tree (patch-only) and the kernel boots as itself."""
+    kernels = _user_kernels(tmp_path, USER_PATCH)
+    stock = ensure_built("stock", settings)
+    kernel = ensure_built("mine", settings, print, kernels)
+    meta = kernel.metadata
+    assert kernel.release == stock.release + "-mine"
+    assert meta["base"] == "debian-6.1" and meta["localversion"] == "-mine"
+    assert meta["patches"][0]["file"] == "mine.patch"
+    assert len(meta["patches"][0]["sha256"]) == 64
+    assert meta["source_version"] == stock.metadata["source_version"]
+    assert meta["config_sha256"] == stock.metadata["config_sha256"]
+    # patch-only, from the stock build's tree (a cached build recorded the same)
+    assert meta["built_from"] == f"tree {stock.metadata['cache_key']} + patches"
+    print(f"\nuser variant: {kernel.release}, build {meta['build_seconds']} s wall, "
+          f"{meta['build_cpu_seconds']} s CPU, patch-only part "
+          f"{meta.get('patch_only_seconds', 'n/a')} s")
+    boot = boot_tiny(kernel, tiny_initrd, workdir, cpus=2)
+    assert boot.facts["uname"] == kernel.release
+    assert "netbed-user-variant: this kernel carries a user's patch" in boot.console
+    assert boot.facts["rx_wake_local"] == "absent"  # not the wake-local patch
+
+
+def test_a_patch_that_does_not_apply_to_the_base_is_refused_with_its_hunk(
+        tmp_path: Path, settings: Settings) -> None:
+    """Refused before compiling, naming the kernels file line and the failing hunk; no
+    artifact appears."""
+    ensure_built("stock", settings)  # the tree exists: the check is a matter of seconds
+    # one context line that is not in the source: GNU patch would apply it with fuzz 2;
+    # netbed applies without fuzz and refuses it
+    bad = USER_PATCH.replace("page_address_init();", "page_address_init_v2();")
+    kernels = _user_kernels(tmp_path, bad, name="broken")
+    with pytest.raises(ConfigError) as info:
+        ensure_built("broken", settings, print, kernels)
+    message = info.value.message
+    assert "kernels.yaml:4:15: kernel broken: mine.patch does not apply to debian-6.1" in message
+    assert "init/main.c: hunk #1 (patch line 3) FAILED" in message
+    assert "+\tpr_err(\"netbed-user-variant" in message
+    assert not list((settings.cache_dir / "kernels").glob("broken-*/metadata.json"))
+
+
+def test_the_6_12_base_builds_and_boots_with_the_same_config(
+        settings: Settings, tiny_initrd: Path, workdir: Path) -> None:
+    """stock-6.12 (bookworm-backports' linux-source-6.12, fetched into the cache): the
+    netbed.config options all survive its Kconfig, and it boots with the built-in NICs."""
+    kernel = ensure_built("stock-6.12", settings)
+    assert kernel.release.startswith("6.12.") and kernel.release.endswith("-netbed")
+    assert kernel.metadata["source_package"] == "linux-source-6.12"
+    assert kernel.metadata["source_suite"] == "bookworm-backports"
+    boot = boot_tiny(kernel, tiny_initrd, workdir, cpus=2)
+    f = boot.facts
+    assert f["uname"] == kernel.release
+    assert f["cpus"] == "2" and f["drivers"] == "e1000,virtio_net,"
+    assert f.get("ptmx") == "yes" and f.get("tracefs") == "yes"
+    assert f["rx_wake_local"] == "absent"

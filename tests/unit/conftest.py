@@ -22,3 +22,17 @@ def model_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
                     str(src / "model_trace.c"), str(src / "model.c")], check=True)
     return out
+
+
+FIXTURE_KERNELS = Path(__file__).resolve().parent.parent / "fixtures" / "configs" / "kernels" \
+    / "good.yaml"
+
+
+@pytest.fixture
+def fixture_kernels(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Validate against tests/fixtures/configs/kernels/good.yaml (stock, patched) instead of
+    configs/kernels.yaml, so expected messages do not change when the shipped file grows."""
+    from testbed.experiment import kernelfile
+
+    monkeypatch.setattr(kernelfile, "DEFAULT_KERNELS_FILE", FIXTURE_KERNELS)
+    return FIXTURE_KERNELS

@@ -19,6 +19,7 @@ from testbed.experiment.config import (
     Experiment,
     Workload,
 )
+from testbed.experiment.kernelfile import load_kernels
 from testbed.experiment.load import (
     dump_experiment,
     experiment_from_dict,
@@ -36,7 +37,9 @@ from testbed.runname import (
     name_problem,
     run_folder_name,
 )
-from testbed.vocabulary import KERNEL_NAMES
+
+# messages name kernels of tests/fixtures/configs/kernels/good.yaml (conftest.py)
+pytestmark = pytest.mark.usefixtures("fixture_kernels")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -149,9 +152,12 @@ def test_models_are_frozen_and_strict() -> None:
              gro=True, colour="red")
 
 
-def test_kernel_names_match_the_kernels_module() -> None:
-    assert tuple(KERNEL_NAMES) == tuple(kernels.KERNEL_NAMES)
-    assert set(Cell.model_fields["kernel"].annotation.__args__) == set(kernels.KERNEL_NAMES)
+def test_kernel_names_come_from_the_kernels_file() -> None:
+    assert load_kernels().names == ["distro", "stock", "patched"]
+    kernels.check_kernel_name("stock")
+    with pytest.raises(ConfigError,
+                       match=r"unknown kernel 'stok' \(.*good.yaml has: stock, patched\)"):
+        kernels.check_kernel_name("stok")
 
 
 def test_defaults_and_source(policies) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -12,14 +14,27 @@ import pytest
 from testbed.build.kernel_build import (
     FRAGMENT,
     BuildInputs,
+    _Build,
+    check_config,
     config_mismatches,
+    first_failure,
+    hunk_text,
     kernel_facts,
     make_argv,
     parse_config,
     parse_patch,
-    patch_paths,
+    touched_files,
 )
+from testbed.build.kernel_source import KernelSource
+from testbed.build.kernels import build_order, variant_statuses
 from testbed.errors import ConfigError
+from testbed.experiment.kernelfile import Variant, load_kernels
+from testbed.settings import Settings
+
+
+def patch_paths() -> list[Path]:
+    """The patches of the shipped `patched` variant, in order."""
+    return [ref.path for ref in load_kernels().variant("patched").patches]
 
 
 def _inputs(**over: object) -> BuildInputs:
@@ -85,9 +100,16 @@ def test_shipped_fragment_has_what_the_guest_needs() -> None:
 # ---- cache key
 
 
-def test_key_is_stable_and_ignores_patches_for_stock() -> None:
+def test_key_is_stable_and_ignores_names_other_than_recipe_1_ones() -> None:
     assert _inputs().key() == _inputs().key()
-    assert _inputs(patches=(("p", "1"),)).key() == _inputs().key()
+    assert _inputs(variant="mine").key() == _inputs(variant="yours").key()
+    # an unpatched build without a localversion is its tree's, whatever its name
+    assert _inputs(variant="mine").key() == _inputs().key() == _inputs().tree().key()
+    # recipe 1 did not hash patched's localversion; a patched variant of another name
+    # with the same patches and localversion is a separate build
+    p = (("0001.patch", "1" * 64),)
+    assert _inputs(variant="mine", patches=p, localversion="-wakelocal").key() != \
+        _inputs(variant="patched", patches=p, localversion="-wakelocal").key()
 
 
 @pytest.mark.parametrize("field,value", [
@@ -95,6 +117,9 @@ def test_key_is_stable_and_ignores_patches_for_stock() -> None:
     ("fragment_sha256", "b" * 64),
     ("compiler", "gcc (Debian 13.1.0) 13.1.0"),
     ("recipe", 99),
+    ("base", "debian-6.12"),
+    ("extra_fragment_sha256", "c" * 64),
+    ("localversion", "-x"),
 ])
 def test_key_changes_with_each_input(field: str, value: object) -> None:
     assert _inputs(**{field: value}).key() != _inputs().key()
@@ -105,11 +130,40 @@ def test_patched_key_depends_on_patch_hashes_and_stock_parent_does_not() -> None
     p2 = _inputs(variant="patched", patches=(("0001.patch", "2" * 64),))
     assert p1.key() != p2.key()
     assert p1.key() != _inputs().key()
-    assert p1.stock() == p2.stock() == _inputs()
+    assert p1.tree() == p2.tree() == _inputs()
+
+
+def test_recipe_1_keys_are_kept() -> None:
+    """stock and patched keys as recipe 1 computed them (before the kernels file), so a
+    cache built then is still found: the fields it hashed, nothing more."""
+    old = {"source_version": "6.1.192-2", "fragment_sha256": "a" * 64,
+           "compiler": "gcc (Debian 12.2.0-14+deb12u1) 12.2.0", "recipe": 1,
+           "base_config": "allnoconfig"}
+    blob = json.dumps(old, sort_keys=True).encode()
+    assert _inputs().key() == hashlib.sha256(blob).hexdigest()[:16]
+    pat = {**old, "patches": [["0001.patch", "1" * 64]]}
+    blob = json.dumps(pat, sort_keys=True).encode()
+    assert _inputs(variant="patched", patches=(("0001.patch", "1" * 64),),
+                   localversion="-wakelocal").key() == hashlib.sha256(blob).hexdigest()[:16]
+    # affine-copy as its own branch keyed it before the kernels file (recipe 1)
+    pat = {**old, "patches": [["0002.patch", "2" * 64]]}
+    blob = json.dumps(pat, sort_keys=True).encode()
+    assert _inputs(variant="affine-copy", patches=(("0002.patch", "2" * 64),),
+                   localversion="-affinecopy").key() == hashlib.sha256(blob).hexdigest()[:16]
+    # another localversion on the same patches is another kernel
+    assert _inputs(patches=(("0001.patch", "1" * 64),), localversion="-mine").key() != \
+        _inputs(patches=(("0001.patch", "1" * 64),), localversion="-wakelocal").key()
+
+
+def test_tree_of_a_variant_drops_patches_and_localversion_only() -> None:
+    v = _inputs(patches=(("p", "1"),), localversion="-x", base="debian-6.12",
+                extra_fragment_sha256="c" * 64)
+    assert v.tree() == _inputs(base="debian-6.12", extra_fragment_sha256="c" * 64)
+    assert v.tree().in_tree and not v.in_tree
 
 
 def test_make_argv_differs_between_variants_only_in_localversion() -> None:
-    stock, patched = make_argv("stock", 2), make_argv("patched", 2)
+    stock, patched = make_argv("", 2), make_argv("-wakelocal", 2)
     diff = [(a, b) for a, b in zip(stock, patched, strict=True) if a != b]
     assert diff == [("LOCALVERSION=", "LOCALVERSION=-wakelocal")]
     assert "CC=ccache gcc" in stock and stock[:3] == ["nice", "-n", "10"]
@@ -180,3 +234,134 @@ def test_wakeprobe_awk_counts_where_the_reader_was_switched_in(tmp_path: Path) -
         "wakeups": "3", "softirq_wakeups": "2", "softirq_wakers_on_k": "2", "placed": "2",
         "on_k": "1", "softirq_placed": "1", "softirq_on_k": "1", "lost": "1",
         "ran_cpu0": "1", "ran_cpu1": "1"}
+
+
+# ---- patches checked before compiling; config checked after Kconfig
+
+
+def test_touched_files_reads_both_sides_and_skips_dev_null() -> None:
+    text = ("--- /dev/null\n+++ b/include/new.h\n@@ -0,0 +1 @@\n+x\n"
+            "--- a/net/core/dev.c\t2024-01-01\n+++ b/net/core/dev.c\n")
+    assert touched_files(text) == ("include/new.h", "net/core/dev.c")
+    assert set(touched_files(patch_paths()[0].read_text())) == set(
+        parse_patch(patch_paths()[0]).files)
+
+
+PATCH = """\
+From: A <a@b>
+Subject: [PATCH] two files
+
+---
+diff --git a/a.c b/a.c
+--- a/a.c
++++ b/a.c
+@@ -1,3 +1,3 @@
+ one
+-two
++TWO
+ three
+diff --git a/b.c b/b.c
+--- a/b.c
++++ b/b.c
+@@ -1,3 +1,3 @@
+ alpha
+-beta
++BETA
+ gamma
+@@ -5,2 +5,2 @@
+ epsilon
+-zeta
++ZETA
+--
+2.39.2
+"""
+
+
+def test_hunk_text_finds_the_nth_hunk_of_a_file() -> None:
+    assert hunk_text(PATCH, "b.c", 2) == (21, "@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
+    assert hunk_text(PATCH, "b.c", 3) == (0, "")
+
+
+def test_first_failure_names_file_hunk_and_patch_line() -> None:
+    out = ("patching file a.c\npatching file b.c\nHunk #2 FAILED at 5.\n"
+           "1 out of 2 hunks FAILED -- saving rejects to file b.c.rej\n")
+    assert first_failure(out, PATCH) == (
+        "b.c: hunk #2 (patch line 21) FAILED (expected near line 5 of the source):\n"
+        "@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
+    assert first_failure("can't find file to patch at input line 5\nPerhaps you used the "
+                         "wrong -p\n", PATCH) == "can't find file to patch at input line 5"
+    assert first_failure("", PATCH) == "patch failed without saying why"
+
+
+def _variant(tmp_path: Path, patches: str, config: str = "") -> Variant:
+    (tmp_path / "k.yaml").write_text(f"variants:\n  v:\n    patches: [{patches}]\n" + (
+        f"    config: {config}\n" if config else ""))
+    return load_kernels(tmp_path / "k.yaml").variant("v")
+
+
+@pytest.mark.process
+@pytest.mark.skipif(shutil.which("patch") is None, reason="patch is not installed")
+def test_a_patch_that_does_not_apply_is_refused_before_compiling(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.c").write_text("one\ntwo\nthree\n")
+    (tree / "b.c").write_text("alpha\nbeta\ngamma\ndelta\nepsilon\nzeta-changed\n")
+    (tmp_path / "p.patch").write_text(PATCH)
+    variant = _variant(tmp_path, "p.patch")
+    build = _Build(Settings(cache_dir=tmp_path / "cache"), lambda m: None)
+    source = KernelSource("debian-6.1", "debian", "6.1.1-1", package="linux-source-6.1")
+    with pytest.raises(ConfigError) as info:
+        build.check_patches(variant, tree, source)
+    assert info.value.message == (
+        "k.yaml:3:15: kernel v: p.patch does not apply to debian-6.1 (linux-source-6.1 "
+        "6.1.1-1): b.c: hunk #2 (patch line 21) FAILED (expected near line 5 of the "
+        "source):\n@@ -5,2 +5,2 @@\n epsilon\n-zeta\n+ZETA")
+    # the tree itself is untouched, and the check leaves nothing behind
+    assert (tree / "a.c").read_text() == "one\ntwo\nthree\n"
+    assert list((tmp_path / "cache" / "kernels" / "tmp").iterdir()) == []
+    (tree / "b.c").write_text("alpha\nbeta\ngamma\ndelta\nepsilon\nzeta\n")
+    build.check_patches(variant, tree, source)  # now it applies
+    # a context line that differs: patch's default fuzz would take it; we do not
+    (tree / "a.c").write_text("one-changed\ntwo\nthree\n")
+    with pytest.raises(ConfigError, match=r"a.c: hunk #1 \(patch line 8\) FAILED"):
+        build.check_patches(variant, tree, source)
+
+
+def test_options_kconfig_dropped_are_refused_naming_fragment_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extra.config").write_text("CONFIG_NEW_THING=y\n# CONFIG_SMP is not set\n")
+    variant = _variant(tmp_path, "", "extra.config")
+    merged = FRAGMENT.read_text().replace("CONFIG_SMP=y", "# CONFIG_SMP is not set")
+    (tmp_path / ".config").write_text(merged)
+    source = KernelSource("debian-6.1", "debian", "6.1.1-1", package="linux-source-6.1")
+    with pytest.raises(ConfigError) as info:
+        check_config(variant, tmp_path / ".config", source)
+    # the variant's fragment turned SMP off (that it kept); NEW_THING does not exist
+    assert info.value.message.splitlines() == [
+        "k.yaml:2:3: kernel v: Kconfig of linux-source-6.1 6.1.1-1 did not keep requested "
+        "options:",
+        f"  {tmp_path}/extra.config:1: CONFIG_NEW_THING=y ended up n"]
+
+
+def test_build_order_puts_unpatched_variants_first(tmp_path: Path) -> None:
+    kernels = load_kernels()
+    assert [v.name for v in build_order(["all"], kernels)][:2] == ["stock", "stock-6.12"]
+    assert [v.name for v in build_order(["patched", "stock"], kernels)] == ["stock", "patched"]
+    with pytest.raises(ConfigError, match="unknown kernel 'nope'"):
+        build_order(["nope"], kernels)
+
+
+@pytest.mark.process  # the compiler's version is part of a key: `gcc --version`
+def test_doctor_lists_every_variant_built_or_not(tmp_path: Path) -> None:
+    (tmp_path / "linux.tar.xz").write_bytes(b"not really a tarball")
+    (tmp_path / "k.yaml").write_text("variants:\n  new: {base: debian-6.12}\n"
+                                     "  local: {base: ./linux.tar.xz}\n")
+    rows = variant_statuses(Settings(cache_dir=tmp_path / "cache"),
+                            load_kernels(tmp_path / "k.yaml"))
+    assert [(r.name, r.base, r.patches, r.built) for r in rows] == [
+        ("new", "debian-6.12", 0, None), ("local", "./linux.tar.xz", 0, False)]
+    assert rows[0].text().endswith("source not fetched yet")
+    assert rows[1].text().endswith("not built")

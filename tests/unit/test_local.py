@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from testbed.errors import NetbedError
+from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE
 from testbed.run.local import open_run
 from testbed.settings import Settings
@@ -39,7 +40,9 @@ def test_a_new_run_carries_its_experiment_policies_shard_and_cells(tmp_path, set
     assert run.path.parent == settings.results_dir and run.run_id.endswith("-tiny-shard2of2")
     assert run.experiment_file.read_text() == CONFIG
     assert run.policies_file.read_bytes() == DEFAULT_POLICIES_FILE.read_bytes()
-    assert json.loads(run.meta_file.read_text()) == {"shard": [2, 2], "config": str(config)}
+    assert json.loads(run.meta_file.read_text()) == {
+        "shard": [2, 2], "config": str(config),
+        "kernels_file": str(DEFAULT_KERNELS_FILE.resolve())}
     assert 0 < len(cells) < 4  # a share of the 4 cells
     assert [c["cell_id"] for c in json.loads(run.cells_file.read_text())] == \
         [c.cell_id for c in cells]

@@ -180,3 +180,19 @@ def test_config_files_validates_locally_and_lists_the_policies_file(tmp_path):
                                                 flags=re.M))
     with pytest.raises(NetbedError):
         config_files(tmp_path / "bad.yaml")
+
+
+def test_config_files_ship_the_kernels_file_and_its_own_patches(tmp_path):
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "mine.patch").write_text("--- a/x\n+++ b/x\n")
+    (tmp_path / "k" / "kernels.yaml").write_text(
+        "variants:\n  mine: {patches: [0001-net-optionally-wake-socket-readers-on-the-CPU-"
+        "that-r.patch, mine.patch]}\n")
+    (tmp_path / "e.yaml").write_text("kernels_file: k/kernels.yaml\naxes: {kernel: [mine]}\n")
+    cfg = config_files(tmp_path / "e.yaml")
+    # the wake-local patch is in images/patches/: it travels with the shipped commit
+    assert [rel for _, rel in cfg.files] == ["e.yaml", "k/kernels.yaml", "k/mine.patch"]
+    (tmp_path / "linux.tar.xz").write_bytes(b"")
+    (tmp_path / "k" / "kernels.yaml").write_text("variants:\n  mine: {base: ../linux.tar.xz}\n")
+    with pytest.raises(NetbedError, match=r"a local base .* is not shipped"):
+        config_files(tmp_path / "e.yaml")
