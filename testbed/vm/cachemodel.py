@@ -47,15 +47,22 @@ from testbed.vocabulary import TcgThreads
 
 
 def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path | None = None,
-                           c2c_csv: Path | None = None, **model_params: int | bool
+                           c2c_csv: Path | None = None, payload_csv: Path | None = None,
+                           passes_file: Path | None = None, **model_params: int | bool
                            ) -> PluginSpec:
     """The `-plugin` for one guest; `model_params` are ModelParams fields.
 
     `sites_csv` turns attribution on: per-instruction counters of each window, and
-    with `c2c_csv` the c2c line records (cachemodel/README.md, Attribution)."""
+    with `c2c_csv` the c2c line records (cachemodel/README.md, Attribution).
+    `payload_csv` gets each window's payload path statistics, whose passes are the
+    address ranges in `passes_file` (read at a window's begin when it changed; the host
+    writes it: testbed.formats.payloadpath)."""
     if c2c_csv is not None and sites_csv is None:
         raise ConfigError("cachemodel: a c2c table needs the sites table too",
                           hint="pass sites_csv as well")
+    if payload_csv is not None and sites_csv is None:
+        raise ConfigError("cachemodel: the payload path needs the sites table too (its "
+                          "passes are instruction sites)", hint="pass sites_csv as well")
     known = {f.name for f in fields(ModelParams)}
     unknown = sorted(set(model_params) - known)
     if unknown:
@@ -64,7 +71,8 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path 
     # Names are checked above; each value's type (int, or bool for dma) is the field's,
     # which a **kwargs annotation cannot say per name.
     params = ModelParams(**model_params).validate()  # type: ignore[arg-type]
-    extra = tuple((k, str(v)) for k, v in (("sites", sites_csv), ("c2c", c2c_csv))
+    extra = tuple((k, str(v)) for k, v in (("sites", sites_csv), ("c2c", c2c_csv),
+                                           ("payload", payload_csv), ("passes", passes_file))
                   if v is not None)
     for what, path in (("plugin", plugin_path), ("output", out_csv), *extra):
         if "," in str(path):
@@ -290,8 +298,9 @@ def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int 
             if f is not None:
                 f.unlink(missing_ok=True)
         so = plugin_path or build_plugin(settings, log)
-        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites,
-                                              c2c_csv=c2c, **model_params))
+        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites, c2c_csv=c2c,
+                                              payload_csv=None, passes_file=None,
+                                              **model_params))
     run = run_micro(micro_argv(resolve_qemu(settings, log), kernel, initrd, cpus, tcg_threads,
                                plugins), csv)
     return dataclasses.replace(run, sites=sites, c2c=c2c)
