@@ -188,10 +188,10 @@ def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = 
         raise NetbedError(f"the cache-model plugin wrote no CSV ({csv})")
     text = csv.read_text()
     atomic_write_text(rep.file(CACHEMODEL_RAW), window_blocks(text))
+    want = closes_before(text)
     sites, done = workdir / SITES_FILE, workdir / TABLES_WINDOW_FILE
     if not sites.exists() and not done.exists():
         return  # the plugin runs without attribution
-    want = closes_before(text)
     if done.exists():  # the plugin writes it from its start when it has tables to write
         wait_for_tables(done, want, tables_wait_s)
     for name, reader in ((SITES_FILE, read_sites), (C2C_FILE, read_c2c)):
