@@ -38,6 +38,7 @@ from testbed.vm.cachemodel import (
     cachemodel_plugin_spec,
     console_kallsyms,
     micro_argv,
+    proc_cpu_seconds,
 )
 from testbed.vm.process import free_port
 
@@ -64,20 +65,25 @@ nbmark begin {REGION}
 echo NB-BEGUN
 wait
 nbmark end {REGION}
+echo NB-ENDED
 """
 
 
 @dataclass(frozen=True)
 class PayloadRun:
-    path: payloadpath.PayloadPath
+    path: payloadpath.PayloadPath | None  # None: run without the payload path
     counts: dict[str, dict[str, int]]  # the region's model totals per mode
     console: str
+    region_cpu_s: float  # QEMU's CPU seconds from the region's begin to its end
 
 
 def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, mbytes: int,
-                        rmem_bytes: int, log: Log = print) -> PayloadRun:
+                        rmem_bytes: int, log: Log = print, plugin_path: Path | None = None,
+                        payload: bool = True) -> PayloadRun:
     """Boot the micro guest, send it `mbytes` MiB from the host (user-mode networking,
-    hostfwd on 127.0.0.1) inside one region, return the region's payload statistics."""
+    hostfwd on 127.0.0.1) inside one region, return the region's payload statistics.
+    `plugin_path` replaces the tree's build; `payload=False` leaves the payload path's
+    arguments out (a build from before it)."""
     kernel = get_kernel("distro", settings, log)
     tools = build_guest_tools(settings, log)
     initrd = build_micro_initrd(settings, payload_script(reader_cpu, rmem_bytes), tools)
@@ -86,12 +92,13 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
     assert kernel.modules_cpio is not None
     both.write_bytes(initrd.read_bytes() + kernel.modules_cpio.read_bytes())
     csv, passes = workdir / "cachemodel.csv", workdir / payloadpath.PASSES_FILE
-    payload = workdir / payloadpath.RAW
-    for f in (csv, passes, payload):
+    payload_csv = workdir / payloadpath.RAW
+    for f in (csv, passes, payload_csv):
         f.unlink(missing_ok=True)
-    spec = cachemodel_plugin_spec(build_plugin(settings, log), csv,
-                                  sites_csv=workdir / SITES_FILE, payload_csv=payload,
-                                  passes_file=passes)
+    spec = cachemodel_plugin_spec(plugin_path or build_plugin(settings, log), csv,
+                                  sites_csv=workdir / SITES_FILE,
+                                  payload_csv=payload_csv if payload else None,
+                                  passes_file=passes if payload else None)
     data_port, go_port = free_port(), free_port()
     argv = micro_argv(resolve_qemu(settings, log), kernel.bzimage, both, 2, "single", [spec],
                       devices=["-netdev", f"user,id=n0,restrict=on,"
@@ -102,6 +109,7 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
                             stdin=subprocess.DEVNULL)
     out: list[str] = []
     ready, begun = threading.Event(), threading.Event()
+    cpu_s: list[float] = []
 
     def reader() -> None:
         assert proc.stdout is not None
@@ -110,7 +118,8 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
             out.append(line)
             if "NB-READY" in line:
                 ready.set()
-            if "NB-BEGUN" in line:
+            if "NB-BEGUN" in line or "NB-ENDED" in line:
+                cpu_s.append(proc_cpu_seconds(proc.pid))
                 begun.set()
 
     t = threading.Thread(target=reader, daemon=True)
@@ -142,4 +151,5 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
         raise GuestError("the payload micro guest did not finish:\n" + "".join(out[-20:]))
     df = read_snapshots(csv.read_text())
     counts = {mode: window(df, f"begin:{REGION}", f"end:{REGION}", mode) for mode in MODES}
-    return PayloadRun(payloadpath.parse(payload.read_text(), str(payload)), counts, console)
+    path = payloadpath.parse(payload_csv.read_text(), str(payload_csv)) if payload else None
+    return PayloadRun(path, counts, console, cpu_s[-1] - cpu_s[0])

@@ -34,6 +34,7 @@ def test_the_copy_finds_the_payload_where_the_checksum_left_it(settings_, tmp_pa
                                                                placement):
     run = run_payload_receive(settings_, tmp_path, reader_cpu=reader_cpu, mbytes=MBYTES,
                               rmem_bytes=RMEM)
+    assert run.path is not None
     rows = {r.metric: r for r in pp.tidy_rows(run.path)}
     shares = {k: rows[f"cache.payload_copy_from.{k}"].value
               for k in ("own", "peer", "llc", "memory")}
