@@ -156,9 +156,9 @@ def against(settings: Settings, old_so: Path, repeats: int, quick: bool) -> None
                 print(f"  round {i + 1} {name}: " + ", ".join(
                     f"{w} {best[(w, name)]:.2f}s" for w, n in best if n == name))
     print(f"\nQEMU CPU inside the region, minimum of {repeats} (interleaved):")
-    for wl in ("stream", "pipe", "e1000 rx"):
-        old, new = best[(wl, "old")], best[(wl, "tree")]
-        print(f"  {wl:9s} old {old:6.2f}s  tree {new:6.2f}s  {new / old - 1:+.1%}")
+    for what in ("stream", "pipe", "e1000 rx"):
+        old, new = best[(what, "old")], best[(what, "tree")]
+        print(f"  {what:9s} old {old:6.2f}s  tree {new:6.2f}s  {new / old - 1:+.1%}")
     print(f"host load average at end: {os.getloadavg()[0]:.1f}")
 
 
