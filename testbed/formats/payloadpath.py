@@ -29,7 +29,8 @@ from testbed.errors import NetbedError
 from testbed.formats.symbols import SymbolTable
 
 RAW = "cachemodel-payload.csv"
-PASSES_FILE = "cachemodel-passes.txt"
+PASSES_FILE = "cachemodel-passes.txt"  # beside the plugin's files (host -> plugin), not a raw file
+FILES = (RAW,)
 COLUMNS = ("window", "kind", "name", "detail", "count")
 SERVED = ("own", "peer_clean", "peer_modified", "llc", "memory")
 RELATIONS = ("same_cpu", "other_cpu", "no_checksum")
