@@ -158,7 +158,7 @@ unsigned payload_note(payload *p, int cpu, uint64_t line, bool store, int pass, 
                   : r->csum_cpu == cpu  ? REL_SAME
                                         : REL_OTHER;
         p->st.copy_from[rel][served]++;
-        if (r->from == NO_LAG) {
+        if (r->from >= LAG_FROM_COUNT) { /* NO_LAG (a bound: see repeat_payload) */
             p->st.counter[PC_LAG_UNKNOWN]++;
         } else {
             uint64_t kb = (uint64_t)(p->seq - r->seq) * p->line_bytes / 1024;
