@@ -1111,7 +1111,7 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
  */
 static inline void repeat_payload(model *m, int cpu, memo_t *mm, bool store, model_site *site)
 {
-    if (__builtin_expect(!store && site && (mm->want & site->pass_bit), 0)) {
+    if (__builtin_expect(mm->want && !store && site && (mm->want & site->pass_bit), 0)) {
         mm->want = payload_note(m->pay, cpu, mm->line, false, site->pass, SERVED_OWN, false);
     }
 }
@@ -1122,8 +1122,10 @@ static inline void repeat_payload(model *m, int cpu, memo_t *mm, bool store, mod
  * copy (records it), a store to a line still marked device-written (closes it: the
  * buffer reused; a store to a line whose mark left the caches does not).  Other
  * accesses skip the record's lookup (a host cache miss on the model's slow path,
- * ~+18 % on an e1000 receive when every access looked) and return "unknown": the
- * line's next checksum or copy load takes the slow path and finds out.
+ * ~+18 % on an e1000 receive when every access looked) and return "unknown" where the
+ * line's chunk holds records (the line's next checksum or copy load finds out, also on
+ * the fast path), else "none", so lines far from any received data cost the fast path
+ * one test of the memo.
  */
 static inline unsigned payload_access(model *m, int cpu, uint64_t line, bool store, int pass,
                                       int data)
@@ -1131,7 +1133,7 @@ static inline unsigned payload_access(model *m, int cpu, uint64_t line, bool sto
     if (m->noticed || (store ? data == DATA_DEVICE : pass != PASS_OTHER)) {
         return payload_note(m->pay, cpu, line, store, pass, m->served, m->noticed);
     }
-    return WANT_CHECKSUM | WANT_COPY;
+    return payload_may_have(m->pay, line) ? WANT_CHECKSUM | WANT_COPY : 0;
 }
 
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,

@@ -121,6 +121,12 @@ static prec *record(payload *p, uint64_t line, bool create)
     return &c->rec[line & (CHUNK_LINES - 1)];
 }
 
+bool payload_may_have(const payload *p, uint64_t line)
+{
+    uint64_t ci = line >> CHUNK_SHIFT;
+    return ci < TOP_CHUNKS && p->top[ci] && p->top[ci]->window == p->window;
+}
+
 unsigned payload_note(payload *p, int cpu, uint64_t line, bool store, int pass, int served,
                       bool noticed)
 {

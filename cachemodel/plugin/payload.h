@@ -82,6 +82,9 @@ void payload_window(payload *p);
 unsigned payload_note(payload *p, int cpu, uint64_t line, bool store, int pass, int served,
                       bool noticed);
 
+/* Whether `line` may have a record this window (its chunk is in use): a cheap filter. */
+bool payload_may_have(const payload *p, uint64_t line);
+
 /*
  * Pass ranges: text lines `<start hex> <end hex, exclusive> <checksum|copy>` ('#'
  * comments).  Replaces the ranges; NULL or an error message naming the line.
