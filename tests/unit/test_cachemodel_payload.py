@@ -20,6 +20,8 @@ import pytest
 from testbed.formats import payloadpath as pp
 from tests.unit.test_cachemodel_golden import CASES, GOLDEN, KERNEL_PCS, TraceGen, mixed_trace
 
+pytestmark = pytest.mark.process  # runs the compiled model_trace
+
 LINE = 64
 CSUM_PC, COPY_PC, OTHER_PC = 0xFFFFFFFF81001000, 0xFFFFFFFF81002000, 0xFFFFFFFF81003000
 PASSES = pp.format_passes([(CSUM_PC, CSUM_PC + 0x100, "checksum"),
