@@ -131,8 +131,6 @@ def dma_bias(settings: Settings, mbytes: int) -> None:
 
 
 def against(settings: Settings, old_so: Path, repeats: int, quick: bool) -> None:
-    from testbed.vm.cachemodel_payload import run_payload_receive
-
     new_so = cmplugin.build_plugin(settings)
     builds = {"tree": new_so, "old": old_so}
     quiet = lambda m: None  # noqa: E731
@@ -153,7 +151,7 @@ def against(settings: Settings, old_so: Path, repeats: int, quick: bool) -> None
                                             log=quiet, plugin_path=so)
                     key = (wl.name, name)
                     best[key] = min(best.get(key, float("inf")), run.marked_cpu_s())
-                rx = run_payload_receive(settings, tmp / f"rx{name}{i}", reader_cpu=0, mbytes=4,
+                rx = cm.run_payload_receive(settings, tmp / f"rx{name}{i}", reader_cpu=0, mbytes=4,
                                          rmem_bytes=64 << 10, log=quiet, plugin_path=so,
                                          payload=name == "tree")
                 best[("e1000 rx", name)] = min(best.get(("e1000 rx", name), float("inf")),

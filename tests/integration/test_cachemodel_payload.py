@@ -15,7 +15,7 @@ import pytest
 
 from testbed.formats import payloadpath as pp
 from testbed.settings import Settings
-from testbed.vm.cachemodel_payload import run_payload_receive
+from testbed.vm.cachemodel import run_payload_receive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
