@@ -36,6 +36,7 @@ from testbed.formats import (
     cachemodel,
     netperf,
     nicstats,
+    payloadpath,
     perfstat,
     procfs,
     reader,
@@ -171,6 +172,8 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _collate_reader(rep, out, cpus)
     _collate_perf(rep, out)
     _collate_cachemodel(rep, out)
+    for r in payloadpath.read_rows(rep.path):  # cache.payload_*: testbed/formats/payloadpath.py
+        out.add(r.metric, "all", r.value, r.unit, "cachemodel", r.status, r.note)
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
     _collate_trace(rep, out)
     _collate_socket_queue(rep, out)

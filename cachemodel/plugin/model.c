@@ -16,6 +16,7 @@
  *  - True LRU per set.  No prefetchers, no instruction fetches, no TLB.
  */
 #include "model.h"
+#include "payload.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,6 +106,9 @@ typedef struct {
     size_t idx; /* its entry in this CPU's L1 */
     bool valid, m;
     int data; /* the line's data kind, kept here so repeats need not read the entry */
+    /* passes this line's payload record may wait for (payload_access): a repeated load
+     * by one of them looks at the record (repeat_payload) */
+    unsigned want;
 } memo_t;
 
 typedef struct {
@@ -155,6 +159,9 @@ struct model {
     c2c_rec *c2c;
     size_t nc2c, c2c_cap;
     hindex c2c_idx;
+    payload *pay;            /* payload path records (payload.h) */
+    int served;              /* enum payload_served of access_line's last line */
+    bool noticed;            /* access_line's last line: a device write noticed */
 };
 
 static bool is_pow2(uint64_t x) { return x && !(x & (x - 1)); }
@@ -329,6 +336,7 @@ model *model_new(const model_config *cfg)
     m->cpu = calloc((size_t)cfg->ncpus, sizeof(cpu_state));
     m->others = calloc((size_t)cfg->ncpus, sizeof(held));
     m->epoch = 1; /* new sites hold 0: stale, so the first count lists them */
+    m->pay = payload_new(cfg->line);
     for (int i = 0; i < cfg->ncpus; i++) {
         cache_init(&m->cpu[i].l1, &cfg->l1d, cfg->line);
         cache_init(&m->cpu[i].l2, &cfg->l2, cfg->line);
@@ -357,6 +365,7 @@ void model_free(model *m)
     free(m->cpu);
     free(m->others);
     cache_destroy(&m->llc);
+    payload_free(m->pay);
     free(m);
 }
 
@@ -440,6 +449,23 @@ static uint64_t model_site_pc(const model *m, uint64_t pc, int mode)
     return block < floor ? floor : block;
 }
 
+static void site_classify(const model *m, model_site *s)
+{
+    s->pass = (uint8_t)payload_pass_of(m->pay, s->pc);
+    s->pass_bit = s->pass == PASS_OTHER ? 0 : (uint8_t)(1u << s->pass);
+}
+
+const char *model_read_passes(model *m, FILE *f)
+{
+    const char *err = payload_read_passes(m->pay, f);
+    for (size_t i = 0; !err && i < m->nsites; i++) {
+        site_classify(m, m->sites[i]);
+    }
+    return err;
+}
+
+void model_payload_window(model *m) { payload_window(m->pay); }
+
 model_site *model_site_get(model *m, uint64_t pc, int mode)
 {
     pc = model_site_pc(m, pc, mode);
@@ -461,6 +487,7 @@ model_site *model_site_get(model *m, uint64_t pc, int mode)
     s->pc = pc;
     s->mode = mode;
     s->index = (uint32_t)m->nsites;
+    site_classify(m, s);
     m->sites[m->nsites++] = s;
     m->site_idx.slot[at] = (uint32_t)m->nsites;
     return s;
@@ -577,6 +604,7 @@ struct model_tables {
     size_t nsites, sites_cap;
     c2c_row *c2c;
     size_t nc2c, c2c_cap;
+    payload_stats *pay; /* the window's payload path statistics */
 };
 
 /* One spare set of buffers, handed between the taker and the writer thread. */
@@ -638,6 +666,10 @@ model_tables *model_tables_take(const model *m, unsigned long window)
                               r->own ? r->own->pc : 0, r->n, r->req_cpu, r->own_cpu};
     }
     t->nc2c = m->nc2c;
+    if (!t->pay) {
+        t->pay = malloc(sizeof(*t->pay));
+    }
+    payload_stats_copy(m->pay, t->pay);
     return t;
 }
 
@@ -649,6 +681,7 @@ static void tables_destroy(model_tables *t)
         free(t->sites);
         free(t->cnt);
         free(t->c2c);
+        free(t->pay);
         free(t);
     }
 }
@@ -713,6 +746,18 @@ void model_tables_write_c2c(model_tables *t, FILE *f)
                 (unsigned long long)r->line, r->cpu, (unsigned long long)r->pc, r->owner_cpu,
                 (unsigned long long)r->owner_pc, (unsigned long long)r->n);
     }
+}
+
+void model_tables_write_payload(model_tables *t, FILE *f)
+{
+    payload_stats_write(t->pay, f, t->window);
+}
+
+void model_write_payload(const model *m, FILE *f, unsigned long window)
+{
+    model_tables *t = model_tables_take(m, window);
+    model_tables_write_payload(t, f);
+    model_tables_free(t);
 }
 
 void model_write_sites(const model *m, FILE *f, unsigned long window)
@@ -889,6 +934,7 @@ static void device_write(model *m, int cpu, int mode, uint64_t line, uint64_t su
 {
     m->cpu[cpu].cnt[mode][EV_DEVICE_WRITES]++;
     site_add(m, site, cpu, DATA_DEVICE, EV_DEVICE_WRITES);
+    m->noticed = true;
     for (int o = 0; o < m->cfg.ncpus; o++) {
         set_private_state(m, o, line, ST_I);
     }
@@ -919,6 +965,8 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     size_t e2 = (e == NONE && m->has_l2) ? lookup(l2, line) : NONE;
     bool others_known = false, llc_known = false;
     size_t l = NONE;
+    m->noticed = false;
+    m->served = SERVED_OWN;
 
     if (check && !store) {
         held r = e != NONE ? (held){l1, e} : e2 != NONE ? (held){l2, e2} : (held){NULL, NONE};
@@ -1009,6 +1057,8 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     if (!other_has && l != NONE) {
         data |= dev_at(&m->llc, l);
     }
+    m->served = owner.c ? SERVED_PEER_MODIFIED : other_has ? SERVED_PEER_CLEAN
+                : l != NONE ? SERVED_LLC : SERVED_MEMORY;
     k[EV_L1D_MISSES]++;
     k[EV_L2_MISSES]++;
     site_add(m, site, cpu, data, EV_L1D_MISSES);
@@ -1052,6 +1102,40 @@ static int access_line(model *m, int cpu, int mode, uint64_t line, bool store, u
     return data;
 }
 
+/*
+ * A repeated load (an L1 hit on the memo's line) by a pass the line's record may wait
+ * for: the record is kept here, on the fast path, so its counts stay exactly those of
+ * the fast path (falling back to the slow path would check the digest the fast path
+ * skips).  No allocation here (payload_note creates records only for noticed writes),
+ * so the plugin's lock-free fast path stays memory-safe; under thread=single exact.
+ */
+static inline void repeat_payload(model *m, int cpu, memo_t *mm, bool store, model_site *site)
+{
+    if (__builtin_expect(mm->want && !store && site && (mm->want & site->pass_bit), 0)) {
+        mm->want = payload_note(m->pay, cpu, mm->line, false, site->pass, SERVED_OWN, false);
+    }
+}
+
+/*
+ * The payload record of the line access_line just handled, when the access can matter
+ * to it: a load that noticed a device write (opens it), a load by the checksum or the
+ * copy (records it), a store to a line still marked device-written (closes it: the
+ * buffer reused; a store to a line whose mark left the caches does not).  Other
+ * accesses skip the record's lookup (a host cache miss on the model's slow path,
+ * ~+18 % on an e1000 receive when every access looked) and return "unknown" where the
+ * line's chunk holds records (the line's next checksum or copy load finds out, also on
+ * the fast path), else "none", so lines far from any received data cost the fast path
+ * one test of the memo.
+ */
+static inline unsigned payload_access(model *m, int cpu, uint64_t line, bool store, int pass,
+                                      int data)
+{
+    if (m->noticed || (store ? data == DATA_DEVICE : pass != PASS_OTHER)) {
+        return payload_note(m->pay, cpu, line, store, pass, m->served, m->noticed);
+    }
+    return payload_may_have(m->pay, line) ? WANT_CHECKSUM | WANT_COPY : 0;
+}
+
 void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bool store,
                   const uint64_t *sums, int slot, model_site *site)
 {
@@ -1074,15 +1158,20 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
             if (store) {
                 c->l1.data[mm->idx].writer = site;
             }
+            repeat_payload(m, cpu, mm, store, site);
             return;
         }
     }
     size_t at;
+    int pass = site ? site->pass : PASS_OTHER;
     int data = access_line(m, cpu, mode, first, store, s0, check, site, &at);
+    unsigned want = payload_access(m, cpu, first, store, pass, data);
     site_add(m, site, cpu, data, ev);
     if (last != first) {
-        access_line(m, cpu, mode, last, store, s1, check, site, &at);
+        data = access_line(m, cpu, mode, last, store, s1, check, site, &at);
+        want = payload_access(m, cpu, last, store, pass, data);
     }
+    mm->want = want;
     mm->line = last;
     mm->valid = true;
     mm->m = state_at(&c->l1, at) == ST_M;
@@ -1114,6 +1203,7 @@ bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, mode
     site_add(m, site, cpu, mm->data, ev);
     uint64_t *sum = &c->l1.data[mm->idx].sum;
     *sum = store ? MODEL_SUM_UNKNOWN : *sum;
+    repeat_payload(m, cpu, mm, store, site);
     return true;
 }
 

@@ -75,6 +75,8 @@ typedef struct model_site {
      */
     uint32_t epoch;
     uint32_t index; /* creation order: the tables' row order */
+    /* payload path (payload.h): enum payload_pass of this pc, and 1 << pass (0: other) */
+    uint8_t pass, pass_bit;
     uint64_t cnt[]; /* ncpus * DATA_COUNT * EV_COUNT, in the same allocation */
 } model_site;
 
@@ -115,6 +117,16 @@ unsigned long model_tables_window(const model_tables *t);
 void model_tables_write_sites(model_tables *t, FILE *f);
 void model_tables_write_c2c(model_tables *t, FILE *f);
 void model_tables_free(model_tables *t);
+
+/*
+ * Payload path (payload.h): the pass ranges (model_read_passes: every site is
+ * classified again; NULL or an error message naming the line), a new window of
+ * records (model_payload_window), and the window's statistics as CSV.
+ */
+const char *model_read_passes(model *m, FILE *f);
+void model_payload_window(model *m);
+void model_write_payload(const model *m, FILE *f, unsigned long window);
+void model_tables_write_payload(model_tables *t, FILE *f);
 
 /* NULL when the configuration is usable, else a message naming the bad parameter. */
 const char *model_config_error(const model_config *cfg);

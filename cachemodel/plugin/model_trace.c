@@ -4,11 +4,14 @@
  *
  *   model_trace [ncpus=N] [l1d_size=B] [l1d_assoc=W] [l2_size=B] [l2_assoc=W]
  *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]
- *               [user_exact=B] [user_granule=B]  < trace   (both 0 unless given)
+ *               [user_exact=B] [user_granule=B]  (both 0 unless given)
+ *               [passes=PATH] [payload=PATH]  < trace
  *
  * Any access line may start with `@<pc> `: the access is attributed to that
  * instruction address (as the plugin does); sites=/c2c= write the attribution
- * tables (model_write_sites / model_write_c2c, window 1) at the end.
+ * tables (model_write_sites / model_write_c2c, window 1) at the end.  passes= reads
+ * the payload passes' address ranges (payload.h) before the trace, payload= writes the
+ * last window's payload path statistics (model_write_payload, window 1) at the end.
  *
  * Trace lines:  <cpu> <k|u> <l|s> <paddr> [size [digest]]   one access; with a digest
  *                                   (of the line's bytes after the access) device
@@ -25,7 +28,8 @@
  *                                   slot remembered) when repeated stores left it unknown
  *               clear                               empty all caches
  *               window                              a new window for the attribution
- *                                   tables (the plugin's begin): earlier counts drop out
+ *                                   tables and payload records (the plugin's begin):
+ *                                   earlier counts drop out
  * Prints the final counters as CSV: vcpu,mode,event,value.
  */
 #include <stdbool.h>
@@ -38,7 +42,7 @@
 int main(int argc, char **argv)
 {
     model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2, true};
-    const char *sites_path = NULL, *c2c_path = NULL;
+    const char *sites_path = NULL, *c2c_path = NULL, *passes_path = NULL, *payload_path = NULL;
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
         if (!eq) {
@@ -49,6 +53,8 @@ int main(int argc, char **argv)
         unsigned long long v = strtoull(eq + 1, NULL, 0);
         if (!strcmp(argv[i], "sites")) sites_path = eq + 1;
         else if (!strcmp(argv[i], "c2c")) c2c_path = eq + 1;
+        else if (!strcmp(argv[i], "passes")) passes_path = eq + 1;
+        else if (!strcmp(argv[i], "payload")) payload_path = eq + 1;
         else if (!strcmp(argv[i], "ncpus")) cfg.ncpus = (int)v;
         else if (!strcmp(argv[i], "l1d_size")) cfg.l1d.size = v;
         else if (!strcmp(argv[i], "l1d_assoc")) cfg.l1d.ways = (uint32_t)v;
@@ -71,6 +77,19 @@ int main(int argc, char **argv)
         return 2;
     }
     model *m = model_new(&cfg);
+    if (passes_path) {
+        FILE *f = fopen(passes_path, "r");
+        if (!f) {
+            perror(passes_path);
+            return 2;
+        }
+        const char *perr = model_read_passes(m, f);
+        fclose(f);
+        if (perr) {
+            fprintf(stderr, "%s: %s\n", passes_path, perr);
+            return 2;
+        }
+    }
     /* P lines: per CPU, the lines in the memo slots (plugin.c's recent_lines) */
     unsigned long long memo_line[64][MODEL_MEMO_SLOTS];
     int memo_mru[64] = {0};
@@ -136,6 +155,7 @@ int main(int argc, char **argv)
             memset(memo_line, 0xff, sizeof(memo_line));
         } else if (!strncmp(line, "window", 6)) {
             model_sites_clear(m);
+            model_payload_window(m);
         } else if (line[0] == 'S' &&
                    sscanf(line + 1, "%d %c %c %lli %lli %lli %lli", &cpu, &mode, &rw, &a, &b, &c,
                           &rep) >= 6) {
@@ -170,8 +190,8 @@ int main(int argc, char **argv)
             }
         }
     }
-    for (int i = 0; i < 2; i++) {
-        const char *path = i ? c2c_path : sites_path;
+    for (int i = 0; i < 3; i++) {
+        const char *path = i == 2 ? payload_path : i ? c2c_path : sites_path;
         if (!path) {
             continue;
         }
@@ -180,7 +200,7 @@ int main(int argc, char **argv)
             perror(path);
             return 2;
         }
-        (i ? model_write_c2c : model_write_sites)(m, f, 1);
+        (i == 2 ? model_write_payload : i ? model_write_c2c : model_write_sites)(m, f, 1);
         fclose(f);
     }
     model_free(m);

@@ -93,6 +93,14 @@ static int armed;    /* code translated from now on gets memory callbacks */
 static char lock_flag;
 /* Attribution (sites=, c2c=): per-instruction counters, written at each window's end. */
 static char *sites_path, *c2c_path, *tables_window_path;
+/*
+ * Payload path (payload.h): payload=<csv> gets each window's statistics beside the
+ * tables; passes=<file> names the guest functions of the checksum and the copy (address
+ * ranges, written by the host from the guest's symbols), read again at a window's
+ * `begin` when it changed, so the host may write it after boot.
+ */
+static char *payload_path, *passes_path;
+static struct stat passes_seen;
 static unsigned long windows_closed;
 static GAsyncQueue *tables_queue; /* model_tables * to write, or &tables_stop */
 static GThread *tables_writer;
@@ -547,12 +555,39 @@ static gpointer tables_writer_main(gpointer data)
         unsigned long n = model_tables_window(t);
         bool ok = replace_file(sites_path, model_tables_write_sites, t, n) &&
                   (!c2c_path || replace_file(c2c_path, model_tables_write_c2c, t, n)) &&
+                  (!payload_path ||
+                   replace_file(payload_path, model_tables_write_payload, t, n)) &&
                   replace_file(tables_window_path, NULL, NULL, n);
         if (!ok) {
             warn("netbed-cache: cannot write the attribution tables\n");
         }
         model_tables_free(t);
     }
+}
+
+/* Caller holds the lock.  The pass ranges again when the file changed (or appeared). */
+static void load_passes(void)
+{
+    struct stat st;
+    if (!passes_path || stat(passes_path, &st) != 0) {
+        return;
+    }
+    if (st.st_ino == passes_seen.st_ino && st.st_size == passes_seen.st_size &&
+        st.st_mtim.tv_sec == passes_seen.st_mtim.tv_sec &&
+        st.st_mtim.tv_nsec == passes_seen.st_mtim.tv_nsec) {
+        return;
+    }
+    FILE *f = fopen(passes_path, "r");
+    const char *err = f ? model_read_passes(M, f) : "cannot open";
+    if (f) {
+        fclose(f);
+    }
+    if (err) {
+        g_autofree char *msg = g_strdup_printf("netbed-cache: passes=%s: %s\n", passes_path, err);
+        warn(msg);
+        return;
+    }
+    passes_seen = st;
 }
 
 /* Caller holds the lock. */
@@ -689,6 +724,8 @@ static void vcpu_marker(unsigned int given, void *udata)
             if (sites_path) {
                 model_sites_clear(M);
             }
+            load_passes();
+            model_payload_window(M);
             forget_recent_lines(model_ncpus(M)); /* mappings may have changed meanwhile */
             __atomic_store_n(&counting, 1, __ATOMIC_RELAXED);
             if (!armed) {
@@ -888,6 +925,10 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             sites_path = g_strdup(val);
         } else if (!strcmp(key, "c2c")) {
             c2c_path = g_strdup(val);
+        } else if (!strcmp(key, "payload")) {
+            payload_path = g_strdup(val);
+        } else if (!strcmp(key, "passes")) {
+            passes_path = g_strdup(val);
         } else if (!strcmp(key, "cold") || !strcmp(key, "always") || !strcmp(key, "dma") ||
                    !strcmp(key, "ddio")) {
             bool b;
@@ -920,7 +961,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         } else if (!strcmp(key, "guest_ram")) {
             guest_ram_bytes = v; /* API >= 4 builds read lines from it; API 1 ignores it */
         } else {
-            return fail("netbed-cache: unknown argument %s (known: out, sites, c2c, l1d_size, l1d_assoc, "
+            return fail("netbed-cache: unknown argument %s (known: out, sites, c2c, payload, "
+                        "passes, l1d_size, l1d_assoc, "
                         "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always, dma, "
                         "ddio, user_exact, user_granule, guest_ram)%s\n",
                         key, "");
@@ -940,6 +982,10 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     if (c2c_path && !sites_path) {
         return fail("netbed-cache: c2c=%s needs sites=<csv path> too (the c2c table names "
                     "instruction sites)%s\n", c2c_path, "");
+    }
+    if (payload_path && !sites_path) {
+        return fail("netbed-cache: payload=%s needs sites=<csv path> too (its passes are the "
+                    "instruction sites')%s\n", payload_path, "");
     }
     out = fopen(out_path, "a");
     if (!out) {

@@ -38,7 +38,7 @@ from testbed.shell import HostShell
 from testbed.vocabulary import TcgThreads
 
 PLUGIN_DIR = REPO_ROOT / "cachemodel" / "plugin"
-PLUGIN_SOURCES = ("plugin.c", "model.c", "model.h")
+PLUGIN_SOURCES = ("plugin.c", "model.c", "model.h", "payload.c", "payload.h")
 PLUGIN_NAME = "libnetbed_cache.so"
 HEADER_PATH = "include/qemu/qemu-plugin.h"
 

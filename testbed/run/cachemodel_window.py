@@ -15,6 +15,11 @@ waits (bounded) until the plugin says the measured window's tables are complete.
 Each boot opens and closes one throw-away region before its first window
 (`arm_model`): the first region arms the plugin and flushes QEMU's code cache,
 which would otherwise happen inside the first measured window.
+
+Payload path: the plugin also writes each window's payload statistics
+(testbed.formats.payloadpath); the functions of its passes (checksum, copy) are address
+ranges the host writes next to the plugin's files from the same kallsyms, before the
+first window opens.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 from testbed.build.cachemodel_plugin import RECOMMENDED_TCG_THREADS, build_plugin
 from testbed.errors import GuestError, NetbedError
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from testbed.formats import payloadpath
 from testbed.formats.cachemodel import (
     C2C_FILE,
     SITES_FILE,
@@ -73,14 +79,19 @@ def receiver_plugins(settings: Settings, workdir: Path,
     """The receiver's `-plugin` and the TCG threading the model needs for exact counts."""
     plugin = build_plugin(settings, log)
     spec = cachemodel_plugin_spec(plugin, workdir / CSV_NAME, sites_csv=workdir / SITES_FILE,
-                                  c2c_csv=workdir / C2C_FILE)
+                                  c2c_csv=workdir / C2C_FILE,
+                                  payload_csv=workdir / payloadpath.RAW,
+                                  passes_file=workdir / payloadpath.PASSES_FILE)
     return (spec,), RECOMMENDED_TCG_THREADS
 
 
-def record_kernel_symbols(rx: Shell, run_dir: Path) -> dict[str, Any]:
+def record_kernel_symbols(rx: Shell, run_dir: Path, workdir: Path | None = None
+                          ) -> dict[str, Any]:
     """Read the receiver's text symbols (as root: real addresses, with KASLR and
     modules), keep them once per distinct table in `<run>/symbols/`, and return the
-    reference each repetition of this boot records."""
+    reference each repetition of this boot records. With `workdir` (the plugin's), also
+    write the payload passes' address ranges there (payloadpath.PASSES_FILE), which the
+    plugin reads at the next window's begin."""
     armoured = rx.run(f"{KALLSYMS_COMMAND} | gzip -c | base64 -w 0").stdout
     try:
         data = base64.b64decode(armoured.strip(), validate=True)
@@ -91,6 +102,9 @@ def record_kernel_symbols(rx: Shell, run_dir: Path) -> dict[str, Any]:
     if not len(table):
         raise GuestError("the receiver's /proc/kallsyms lists no text symbols",
                          hint="is the kernel built with CONFIG_KALLSYMS?")
+    if workdir is not None:
+        atomic_write_text(workdir / payloadpath.PASSES_FILE,
+                          payloadpath.format_passes(payloadpath.pass_ranges(table)))
     name, blob = compress_table(text)
     path = run_dir / SYMBOLS_DIR / name
     if not path.is_file():
@@ -174,10 +188,10 @@ def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = 
         raise NetbedError(f"the cache-model plugin wrote no CSV ({csv})")
     text = csv.read_text()
     atomic_write_text(rep.file(CACHEMODEL_RAW), window_blocks(text))
+    want = closes_before(text)
     sites, done = workdir / SITES_FILE, workdir / TABLES_WINDOW_FILE
     if not sites.exists() and not done.exists():
         return  # the plugin runs without attribution
-    want = closes_before(text)
     if done.exists():  # the plugin writes it from its start when it has tables to write
         wait_for_tables(done, want, tables_wait_s)
     for name, reader in ((SITES_FILE, read_sites), (C2C_FILE, read_c2c)):
@@ -189,5 +203,14 @@ def collect_window(workdir: Path, rep: RepDir, symbols: dict[str, Any] | None = 
                                               "the cell is retried")
         atomic_write_bytes(rep.file(name + STORED_SUFFIX),
                            gzip.compress(table.encode(), compresslevel=6, mtime=0))
+    payload = workdir / payloadpath.RAW
+    if payload.exists():
+        text = payload.read_text()
+        number = payloadpath.parse(text, str(payload)).window
+        if number != want:
+            raise NetbedError(f"{payload} holds window {number}, the measured one is {want}",
+                              hint="the plugin writes it at the window's end; the cell is "
+                                   "retried")
+        atomic_write_text(rep.file(payloadpath.RAW), text)
     if symbols is not None:
         atomic_write_json(rep.file(SYMBOLS_REF), symbols)

@@ -144,8 +144,8 @@ class ExperimentGuests:
             self.provenance.record_guest_clock(topo.notes.get("tcg_icount"))
             self.provenance.record_placement(topo.placement)  # h-repeat (#11)
             self.provenance.check_guest_pmu(topo.receiver.ssh)
-            symbols = (record_kernel_symbols(topo.receiver.ssh, self.run.path)
-                       if plugin else None)
+            symbols = (record_kernel_symbols(topo.receiver.ssh, self.run.path,
+                                             topo.receiver.spec.workdir) if plugin else None)
             booted = Booted(topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac),
                             symbols, plugin)
             if plugin:  # the region that arms the plugin, outside every measured window

@@ -31,12 +31,14 @@ from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, encode_newc
 from testbed.build.qemu_backport import resolve_qemu
 from testbed.errors import CommandError, ConfigError, GuestError, MissingDependency
+from testbed.formats import payloadpath
 from testbed.formats.cachemodel import C2C_FILE, MODES, SITES_FILE, read_snapshots, window
 from testbed.formats.symbols import (
     KALLSYMS_COMMAND,
     SymbolTable,
     decompress_table,
     merge,
+    parse_kallsyms,
     parse_nm,
 )
 from testbed.progress import Log
@@ -47,15 +49,22 @@ from testbed.vocabulary import TcgThreads
 
 
 def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path | None = None,
-                           c2c_csv: Path | None = None, **model_params: int | bool
+                           c2c_csv: Path | None = None, payload_csv: Path | None = None,
+                           passes_file: Path | None = None, **model_params: int | bool
                            ) -> PluginSpec:
     """The `-plugin` for one guest; `model_params` are ModelParams fields.
 
     `sites_csv` turns attribution on: per-instruction counters of each window, and
-    with `c2c_csv` the c2c line records (cachemodel/README.md, Attribution)."""
+    with `c2c_csv` the c2c line records (cachemodel/README.md, Attribution).
+    `payload_csv` gets each window's payload path statistics, whose passes are the
+    address ranges in `passes_file` (read at a window's begin when it changed; the host
+    writes it: testbed.formats.payloadpath)."""
     if c2c_csv is not None and sites_csv is None:
         raise ConfigError("cachemodel: a c2c table needs the sites table too",
                           hint="pass sites_csv as well")
+    if payload_csv is not None and sites_csv is None:
+        raise ConfigError("cachemodel: the payload path needs the sites table too (its "
+                          "passes are instruction sites)", hint="pass sites_csv as well")
     known = {f.name for f in fields(ModelParams)}
     unknown = sorted(set(model_params) - known)
     if unknown:
@@ -64,7 +73,8 @@ def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path 
     # Names are checked above; each value's type (int, or bool for dma) is the field's,
     # which a **kwargs annotation cannot say per name.
     params = ModelParams(**model_params).validate()  # type: ignore[arg-type]
-    extra = tuple((k, str(v)) for k, v in (("sites", sites_csv), ("c2c", c2c_csv))
+    extra = tuple((k, str(v)) for k, v in (("sites", sites_csv), ("c2c", c2c_csv),
+                                           ("payload", payload_csv), ("passes", passes_file))
                   if v is not None)
     for what, path in (("plugin", plugin_path), ("output", out_csv), *extra):
         if "," in str(path):
@@ -290,8 +300,9 @@ def run_with_model(settings: Settings, script: str, workdir: Path, *, cpus: int 
             if f is not None:
                 f.unlink(missing_ok=True)
         so = plugin_path or build_plugin(settings, log)
-        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites,
-                                              c2c_csv=c2c, **model_params))
+        plugins.append(cachemodel_plugin_spec(so, csv, sites_csv=sites, c2c_csv=c2c,
+                                              payload_csv=None, passes_file=None,
+                                              **model_params))
     run = run_micro(micro_argv(resolve_qemu(settings, log), kernel, initrd, cpus, tcg_threads,
                                plugins), csv)
     return dataclasses.replace(run, sites=sites, c2c=c2c)
@@ -365,3 +376,125 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
         raise GuestError("the e1000 micro guest did not finish:\n" + "".join(out[-20:]))
     df = read_snapshots(csv.read_text())
     return {mode: window(df, "begin:60", "end:60", mode) for mode in MODES}
+
+
+# ---------------------------------------------------------------- payload path micro guest
+# A known pattern for the payload records (cachemodel/plugin/payload.c): e1000 receives a
+# TCP stream from the host, its interrupt and so the checksum (GRO, in NAPI) on vCPU 0,
+# the reader (`nc`) pinned to vCPU 0 (pin-same) or 1 (pin-cross), the socket's receive
+# queue capped (`tcp_rmem`) so the copy follows the checksum closely. The guest prints
+# its kernel symbols first; the host turns them into the plugin's pass ranges and only
+# then lets the guest open the region (a first connection is the go-ahead), so the
+# plugin reads them at `begin`.
+PAYLOAD_REGION = 61
+PAYLOAD_DATA_PORT, PAYLOAD_GO_PORT = 5001, 5002
+
+
+def payload_script(reader_cpu: int, rmem_bytes: int) -> str:
+    """The guest's script: e1000 up, IRQ on vCPU 0, the reader on `reader_cpu` (pure)."""
+    return f"""\
+insmod /usr/lib/modules/$(uname -r)/{E1000_KO}
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+echo "4096 {rmem_bytes} {rmem_bytes}" > /proc/sys/net/ipv4/tcp_rmem
+for irq in $(grep -E 'eth0|e1000' /proc/interrupts | cut -d: -f1); do
+  echo 1 > /proc/irq/$irq/smp_affinity
+done
+{KALLSYMS_DUMP.rstrip()}
+taskset {1 << reader_cpu} nc -l -p {PAYLOAD_DATA_PORT} > /dev/null &
+echo NB-READY
+nc -l -p {PAYLOAD_GO_PORT} > /dev/null
+nbmark begin {PAYLOAD_REGION}
+echo NB-BEGUN
+wait
+nbmark end {PAYLOAD_REGION}
+echo NB-ENDED
+"""
+
+
+@dataclass(frozen=True)
+class PayloadRun:
+    path: payloadpath.PayloadPath | None  # None: run without the payload path
+    counts: dict[str, dict[str, int]]  # the region's model totals per mode
+    console: str
+    region_cpu_s: float  # QEMU's CPU seconds from the region's begin to its end
+
+
+def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, mbytes: int,
+                        rmem_bytes: int, log: Log = print, plugin_path: Path | None = None,
+                        payload: bool = True) -> PayloadRun:
+    """Boot the micro guest, send it `mbytes` MiB from the host (user-mode networking,
+    hostfwd on 127.0.0.1) inside one region, return the region's payload statistics.
+    `plugin_path` replaces the tree's build; `payload=False` leaves the payload path's
+    arguments out (a build from before it)."""
+    kernel = get_kernel("distro", settings, log)
+    tools = build_guest_tools(settings, log)
+    initrd = build_micro_initrd(settings, payload_script(reader_cpu, rmem_bytes), tools)
+    workdir.mkdir(parents=True, exist_ok=True)
+    both = workdir / "initrd-e1000.cpio"
+    assert kernel.modules_cpio is not None
+    both.write_bytes(initrd.read_bytes() + kernel.modules_cpio.read_bytes())
+    csv, passes = workdir / "cachemodel.csv", workdir / payloadpath.PASSES_FILE
+    payload_csv = workdir / payloadpath.RAW
+    for f in (csv, passes, payload_csv):
+        f.unlink(missing_ok=True)
+    spec = cachemodel_plugin_spec(plugin_path or build_plugin(settings, log), csv,
+                                  sites_csv=workdir / SITES_FILE,
+                                  payload_csv=payload_csv if payload else None,
+                                  passes_file=passes if payload else None)
+    data_port, go_port = free_port(), free_port()
+    argv = micro_argv(resolve_qemu(settings, log), kernel.bzimage, both, 2, "single", [spec],
+                      devices=["-netdev", f"user,id=n0,restrict=on,"
+                               f"hostfwd=tcp:127.0.0.1:{data_port}-:{PAYLOAD_DATA_PORT},"
+                               f"hostfwd=tcp:127.0.0.1:{go_port}-:{PAYLOAD_GO_PORT}",
+                               "-device", "e1000,netdev=n0"])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    out: list[str] = []
+    ready, begun = threading.Event(), threading.Event()
+    cpu_s: list[float] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.append(line)
+            if "NB-READY" in line:
+                ready.set()
+            if "NB-BEGUN" in line or "NB-ENDED" in line:
+                cpu_s.append(proc_cpu_seconds(proc.pid))
+                begun.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        if not ready.wait(600):
+            raise GuestError("the payload micro guest never got ready:\n" + "".join(out[-20:]))
+        table = parse_kallsyms(console_kallsyms("".join(out)), "micro guest console")
+        passes.write_text(payloadpath.format_passes(payloadpath.pass_ranges(table)))
+        time.sleep(1)  # the listeners start after the echo
+        with socket.create_connection(("127.0.0.1", go_port), timeout=600):
+            pass
+        if not begun.wait(600):
+            raise GuestError("the payload micro guest never opened its region:\n"
+                             + "".join(out[-20:]))
+        chunk = os.urandom(1 << 20)
+        with socket.create_connection(("127.0.0.1", data_port), timeout=600) as s:
+            for _ in range(mbytes):
+                s.sendall(chunk)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t.join(5)
+    console = "".join(out)
+    (workdir / "console.log").write_text(console)
+    if MICRO_DONE not in console or KALLSYMS_END not in console:
+        raise GuestError("the payload micro guest did not finish:\n" + "".join(out[-20:]))
+    df = read_snapshots(csv.read_text())
+    first, last = f"begin:{PAYLOAD_REGION}", f"end:{PAYLOAD_REGION}"
+    counts = {mode: window(df, first, last, mode) for mode in MODES}
+    path = payloadpath.parse(payload_csv.read_text(), str(payload_csv)) if payload else None
+    return PayloadRun(path, counts, console, cpu_s[-1] - cpu_s[0])

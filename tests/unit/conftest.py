@@ -19,8 +19,8 @@ def model_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("gcc is not installed")
     out = tmp_path_factory.mktemp("model") / "model_trace"
     src = REPO_ROOT / "cachemodel" / "plugin"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out),
-                    str(src / "model_trace.c"), str(src / "model.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out), str(src / "model_trace.c"),
+                    str(src / "model.c"), str(src / "payload.c")], check=True)
     return out
 
 
