@@ -181,6 +181,19 @@ METRIC_EXPLANATIONS: dict[str, str] = {
     "cache.device_write_coverage": "Device writes the cache model noticed per payload line "
                                    "received (window.kbytes x 1024 / 64); near 1 when the "
                                    "payload does not repeat.",
+    "socket.queue_kb.p50 / socket.queue_kb.p95": "Payload KB received in order and not yet "
+        "copied by the reader (the copy's lag), sampled every 50 ms inside the window through "
+        "sock_diag, which never takes the socket lock; median and 95th percentile.",
+    "socket.rcvbuf_kb": "The largest receive buffer (sk_rcvbuf) the measured socket had in "
+                        "the window: the rcvbuf level doubled by Linux, or the autotuned peak.",
+    "cache.payload_copy_from.*": "Where the copy to user space first read each device-written "
+        "payload line: own (the copying vCPU's private caches), peer (another vCPU's private "
+        "cache), llc, memory; shares of the copy reads, summing to 1 (cache model).",
+    "cache.payload_lag_kb.p50 / cache.payload_lag_kb.p95": "Device-written KB the cache model "
+        "noticed between a line's checksum read and its copy: how far the copy lagged.",
+    "cache.payload_checksum_cpu_is_copy_cpu": "Share of copied payload lines whose checksum "
+        "read ran on the vCPU that copied them.",
+    "cache.payload_copy_reads": "Copy reads of device-written lines the payload shares rest on.",
     "share.netrx / share.nic_irq / share.reader": "Per-CPU shares of NET_RX softirqs, NIC "
                                                   "interrupts and reader samples (marginals, "
                                                   "not co-location).",

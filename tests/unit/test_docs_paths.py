@@ -34,7 +34,6 @@ PENDING = {
     "docs/kernel-config.md",
     "docs/reliability.md",
     "docs/affine-copy.md",
-    "testbed/formats/payloadpath.py",
     "testbed/run/hostlock.py",
     "benchmarks/quickstart.py",
 }
