@@ -91,11 +91,17 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
+    from testbed.run import hostlock
     from testbed.vm.process import shell_workdir_prefix, sweep_stale_workdirs
     from testbed.vm.topology import boot, prepare_assets
     from testbed.vocabulary import nic_name
 
     s = settings_of(c)
+    # A shell does not wait for the host lock (it may stay open for hours), but says
+    # when its guests will take CPU from a measuring run.
+    if (holder := hostlock.current_holder()) is not None:
+        say(f"note: a measuring run is going on ({holder.describe()}): this shell's guests "
+            "share the host's CPUs with it and change its figures")
     with user_errors():
         nic = nic_name(nic) if nic is not None else None
         if accel is not None:
@@ -190,9 +196,10 @@ def test(c, tier="default", k=None, args=""):
 def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
     """Print boot-to-SSH-ready time (median of several boots) per kernel and NIC."""
     from benchmarks.boot import run_boot_benchmark
+    from testbed.run import hostlock
 
     s = settings_of(c)
-    with user_errors():
+    with user_errors(), hostlock.held("bench-boot", log=say):
         for k in (kernel or s.default_kernel).split(","):
             for n in nic.split(","):
                 run_boot_benchmark(s, k.strip(), n.strip(), int(cpus), int(boots), say)
@@ -269,10 +276,14 @@ def report(c, run=None, compare=None, baseline=None, force=False):
     "shard": "K/N: run a deterministic share of the cells (for CI runners)",
     "dry_run": "print the expanded cells and an estimated duration; boot nothing",
     "no_report": "skip the analysis tables and report at the end",
-    "inject_fault": "testing only: hang:<cell-id> stops that cell's receiver (QMP stop)",
+    "inject_fault": "testing only: KIND:<cell-id> with KIND hang (QMP stop), kill-qemu "
+                    "(SIGKILL the receiver's QEMU mid-window) or kill-netserver (in the "
+                    "guest, mid-window); on that cell's first attempt only, except hang",
+    "no_wait": "if another measuring run holds this host, exit with status 2 at once "
+               "instead of waiting for it",
 })
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
-               inject_fault=None):
+               inject_fault=None, no_wait=False):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
     from analysis import pipeline
     from testbed.experiment.load import load_experiment
@@ -305,7 +316,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
                   f"{format_duration(estimate_seconds(exp, cells))}")
             return
         summary = run_locally(s, None if resume else path, resume=resume, shard_spec=shard_spec,
-                              fault=Fault.parse(inject_fault), log=say)
+                              fault=Fault.parse(inject_fault), log=say, wait=not no_wait)
     print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
     if not no_report and summary.done + summary.skipped > 0:
         try:

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed.build import publish
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, NetbedError
@@ -369,10 +370,17 @@ class _Build:
                       modules_cpio=None, metadata=meta)
 
     def clean_tmp(self) -> None:
-        """Remove work dirs of earlier builds (we hold the lock, so none is live)."""
-        if self.tmp.is_dir():
-            for child in self.tmp.iterdir():
-                shutil.rmtree(child, ignore_errors=True)
+        """Remove work dirs of earlier builds (we hold the lock, so none is live), and
+        what publishing moved aside; say so: besides the copy a patched build keeps,
+        they are what an interrupted or failed build left."""
+        found = sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
+        found += [p for p in self.root.glob(f"{publish.STALE_PREFIX}*") if p.is_dir()]
+        if found:
+            self.log("removing the work folders of earlier kernel builds (a patched build's "
+                     "tree copy, or what an interrupted or failed build left): "
+                     + ", ".join(p.name for p in found))
+        for child in found:
+            shutil.rmtree(child, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     # -- stock tree: extract + configure once, atomically
@@ -402,9 +410,7 @@ class _Build:
                               hint="add the options they depend on, or drop them "
                                    "(see `make menuconfig` help for the dependencies)")
         (work / ".netbed-configured").write_text(json.dumps(asdict(inputs.stock())) + "\n")
-        if tree.exists():
-            shutil.rmtree(tree)
-        work.rename(tree)
+        publish.publish_dir(work, tree, lambda d: (d / ".netbed-configured").is_file())
         return tree
 
     def make(self, tree: Path, variant: str, progress: _Progress) -> None:
@@ -445,9 +451,7 @@ class _Build:
             **extra,
         }
         atomic_write_json(work / "metadata.json", meta)
-        if art.exists():
-            shutil.rmtree(art)
-        work.rename(art)
+        publish.publish_dir(work, art, lambda d: (d / "metadata.json").is_file())
         kernel = self.load(inputs)
         assert kernel is not None
         return kernel

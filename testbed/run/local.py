@@ -22,6 +22,7 @@ from testbed.experiment.matrix import expand, round_order, schedule, shard
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
 from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log
+from testbed.run import hostlock
 from testbed.run.adaptive import Rule
 from testbed.run.folder import RunDir, new_run_id, resolve_run
 from testbed.run.loop import AdaptivePlan, MatrixRunner, RunSummary, summary_text
@@ -99,11 +100,21 @@ def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
 
 def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = None,
                shard_spec: Shard | None = None, fault: Fault | None = None,
-               log: Log = print) -> RunSummary:
+               log: Log = print, wait: bool = True) -> RunSummary:
     """Run (or resume) an experiment into its run folder; returns what happened.
 
-    The counter plan is decided from the host's facts before the run folder is made,
-    so a config this host cannot count (`hardware` without a PMU) leaves nothing."""
+    The whole run holds the host lock (testbed.run.hostlock): a second run waits for
+    it, or with `wait` False raises HostBusy. The counter plan is decided from the
+    host's facts before the run folder is made, so a config this host cannot count
+    (`hardware` without a PMU) leaves nothing."""
+    label = f"resuming {resume}" if resume else f"new run of {config}"
+    with hostlock.held(label, wait=wait, log=log) as lock:
+        return _run_locked(settings, config, resume, shard_spec, fault, log, lock)
+
+
+def _run_locked(settings: Settings, config: Path | None, resume: str | None,
+                shard_spec: Shard | None, fault: Fault | None, log: Log,
+                lock: hostlock.HostLock) -> RunSummary:
     facts: list[HostFacts] = []
 
     def check_host(exp: Experiment) -> None:
@@ -111,6 +122,7 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
         counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
+    lock.rename(run.run_id)
     for warning in exp.warnings:
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
