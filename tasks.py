@@ -24,7 +24,7 @@ from pathlib import Path
 from invoke import Collection, Context, Exit, task
 
 from testbed.errors import NetbedError
-from testbed.run.folder import resolve_run
+from testbed.run.folder import disk_full, resolve_run
 from testbed.settings import CONFIGS_DIR, REPO_ROOT, Settings
 
 
@@ -47,6 +47,20 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         raise Exit("netbed: interrupted; guests and devices were cleaned up", code=130) \
             from None
+
+
+@contextmanager
+def disk_full_in(where: Path, then: str) -> Iterator[None]:
+    """A full disk while writing under `where`: a NetbedError naming the file and the free
+    space (user_errors prints it, exit status 2), not a traceback. Files written before
+    stay whole: every writer replaces files atomically."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc, where, then)
+        if full is None:
+            raise
+        raise full from exc
 
 
 @task(help={"json": "print the facts as JSON instead of a table",
@@ -243,7 +257,8 @@ def analyze(c, run=None, baseline=None):
 
     with user_errors():
         path = resolve_run(run or "latest", settings_of(c).results_dir)
-        res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
+        with disk_full_in(path / "analysis", f"analyze again: invoke analyze --run {path}"):
+            res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
     print(res.text_table, end="")
     say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
 
@@ -263,8 +278,9 @@ def report(c, run=None, compare=None, baseline=None, force=False):
     with user_errors():
         path = resolve_run(run or "latest", s.results_dir)
         other = resolve_run(compare, s.results_dir) if compare else None
-        paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
-                                      force=force)
+        with disk_full_in(path / "analysis", f"write it again: invoke report --run {path}"):
+            paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
+                                          force=force)
     print(paths.html)
     say(f"markdown: {paths.md}")
 
@@ -326,6 +342,11 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             say(f"full comparison: {paths.html.parent / 'comparison.txt'}")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
+            full = disk_full(exc, summary.run_dir / "analysis",
+                             f"write the report again: invoke report --run {summary.run_dir}")
+            if full is not None:
+                raise Exit(f"netbed: error: the report was not written: {full}; the "
+                           f"repetitions are complete in {summary.run_dir}", code=2) from None
             raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
                        f"{summary.run_dir}; retry with: invoke report --run {summary.run_dir}",
                        code=1) from None

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,18 +216,28 @@ class DiskFull(NetbedError):
     """The results' file system is full: nothing more can be written, so the run stops."""
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also from libraries that keep the errno only in the text (pyarrow)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return True
+    text = str(exc)
+    return isinstance(exc, OSError) and (f"[Errno {errno.ENOSPC}]" in text
+                                         or os.strerror(errno.ENOSPC) in text)
+
+
 def disk_full(exc: BaseException, where: Path, then: str = "") -> DiskFull | None:
     """A DiskFull naming the file and the free space, if `exc` (or what caused it) is
     ENOSPC/EDQUOT; else None. `where` is a folder on the file system in question;
     `then` what to do once space is freed."""
     cause: BaseException | None = exc
-    while cause is not None and not (isinstance(cause, OSError)
-                                     and cause.errno in DISK_FULL):
+    while cause is not None and not _is_disk_full(cause):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
         return None
-    assert isinstance(cause, OSError)
-    target = cause.filename or where
+    filename = cause.filename if isinstance(cause, OSError) else None
+    strerror = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                else os.strerror(errno.ENOSPC))
+    target = filename or where
     probe = Path(target)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -236,7 +247,7 @@ def disk_full(exc: BaseException, where: Path, then: str = "") -> DiskFull | Non
     except OSError:
         free = "free space unknown"
     return DiskFull(f"no space left on the device while writing {target} ({free}: "
-                    f"{cause.strerror})",
+                    f"{strerror})",
                     hint="free space on that file system" + (f", then {then}" if then else ""))
 
 

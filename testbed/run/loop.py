@@ -241,7 +241,7 @@ class MatrixRunner(Generic[Booted]):
                     self.log(f"{cell.cell_id} rep {rep_no}: {_first_line(exc)}; "
                              f"rebooting and retrying ({len(errors)}/{self.retries})")
             except OSError as exc:
-                full = disk_full(exc, self.run.path,
+                full = disk_full(exc, rep.path,
                                  f"resume the run: invoke run-matrix --resume {self.run.path}")
                 if full is None:
                     raise

@@ -10,7 +10,7 @@ from testbed.run.session import Fault
 
 @pytest.mark.parametrize("text", ["crash:x", "hang:", "hang", "x"])
 def test_bad_fault_specs_are_rejected(text):
-    with pytest.raises(NetbedError, match="hang:<cell-id>"):
+    with pytest.raises(NetbedError, match="KIND:<cell-id>"):
         Fault.parse(text)
 
 
