@@ -49,6 +49,7 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(path.rglob("*"))}
 
 
+@pytest.mark.process  # the interrupted build is a child process
 @pytest.mark.parametrize("asset", ASSETS)
 def test_an_interrupted_build_is_redone_alone_and_says_so(asset, tmp_path, monkeypatch,
                                                           capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import analysis
+from analysis import pipeline
 from testbed.run.folder import RunDir, file_sizes
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
@@ -52,7 +52,7 @@ def statuses(tidy: pd.DataFrame) -> pd.DataFrame:
 
 def test_analyze_and_report_show_damage_as_failed_with_the_reason(damaged):
     run, which = damaged
-    result = analysis.analyze_run(run.path)
+    result = pipeline.analyze_run(run.path)
     st = statuses(result.tidy)
     assert st.loc[which["truncated"], "status"] == "failed"
     assert "run folder damaged" in st.loc[which["truncated"], "note"]
@@ -64,6 +64,6 @@ def test_analyze_and_report_show_damage_as_failed_with_the_reason(damaged):
         rows = result.tidy[(result.tidy["cell_id"] == key[0])
                            & (result.tidy["repetition"] == key[1])]
         assert len(rows) == 1 and rows["value"].isna().all()  # the status row, no numbers
-    paths = analysis.write_report(run.path)
+    paths = pipeline.write_report(run.path)
     assert paths.html.is_file() and paths.md.is_file()
     assert "run folder damaged" in paths.md.read_text()

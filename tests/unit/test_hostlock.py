@@ -18,6 +18,8 @@ import pytest
 from testbed.run import hostlock
 from testbed.run.hostlock import HostBusy, acquire, current_holder, parse_holder
 
+pytestmark = pytest.mark.process  # holders are child processes; the tasks run as invoke
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_RUN = REPO / "tests/fixtures/runs/20261125T100000Z-hostloop"
 
