@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.build.qemu_backport import BACKPORT_SUITE, BACKPORT_VERSION
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency

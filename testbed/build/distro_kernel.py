@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.build.cpio import pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages

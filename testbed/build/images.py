@@ -4,7 +4,7 @@ The cache key is the content hash of the recipe (images/rootfs/*, images/tools/*
 suite and mirror), so editing the recipe rebuilds and nothing else does, and the new
 image is published beside the old one, which stays for runs that booted from it. A
 build happens in a work folder and is renamed into place when complete, one build
-per image at a time (testbed.build.publish), so an interrupted build never counts as
+per image at a time (testbed.files), so an interrupted build never counts as
 built and the next one says it was interrupted.
 """
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.build.cpio import clamp_mtimes, pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, ensure_packages

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, NetbedError

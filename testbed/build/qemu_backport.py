@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import ConfigError, NetbedError
 from testbed.progress import Log

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.build import publish
+from testbed import files as publish
 from testbed.settings import Settings
 
 from .asset_builds import STARTED, Fakes
