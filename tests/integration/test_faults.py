@@ -215,6 +215,8 @@ def test_sigkill_of_the_receivers_qemu_is_retried_on_a_fresh_boot_and_a_second_r
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: results.is_dir() and any(results.iterdir()), proc, "the run folder")
     run = only_run(results)
+    # the lock names the run once its folder is made (until then: "new run of <config>")
+    wait_for(lambda: run.run_id in lock.read_text(), proc, "the run's id in the lock", 120)
 
     # a second run on this host: refused at once with --no-wait, naming the first
     second = subprocess.run(invoke_argv("run-matrix", "--no-report", "--no-wait", "-c",
