@@ -24,7 +24,7 @@ from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log
 from testbed.run import hostlock
 from testbed.run.adaptive import Rule
-from testbed.run.folder import RunDir, new_run_id, resolve_run
+from testbed.run.folder import RunDir, disk_full, new_run_id, resolve_run
 from testbed.run.loop import AdaptivePlan, MatrixRunner, RunSummary, summary_text
 from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
@@ -109,7 +109,14 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     (`hardware` without a PMU) leaves nothing."""
     label = f"resuming {resume}" if resume else f"new run of {config}"
     with hostlock.held(label, wait=wait, log=log) as lock:
-        return _run_locked(settings, config, resume, shard_spec, fault, log, lock)
+        try:
+            return _run_locked(settings, config, resume, shard_spec, fault, log, lock)
+        except OSError as exc:  # (the loop says this itself for what a repetition writes)
+            full = disk_full(exc, settings.results_dir,
+                             "resume the run: invoke run-matrix --resume <its folder>")
+            if full is None:
+                raise
+            raise full from exc
 
 
 def _run_locked(settings: Settings, config: Path | None, resume: str | None,
