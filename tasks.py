@@ -24,7 +24,7 @@ from pathlib import Path
 from invoke import Collection, Context, Exit, task
 
 from testbed.errors import NetbedError
-from testbed.run.folder import resolve_run
+from testbed.run.folder import disk_full, resolve_run
 from testbed.settings import CONFIGS_DIR, REPO_ROOT, Settings
 
 
@@ -47,6 +47,20 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         raise Exit("netbed: interrupted; guests and devices were cleaned up", code=130) \
             from None
+
+
+@contextmanager
+def disk_full_in(where: Path, then: str) -> Iterator[None]:
+    """A full disk while writing under `where`: a NetbedError naming the file and the free
+    space (user_errors prints it, exit status 2), not a traceback. Files written before
+    stay whole: every writer replaces files atomically."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc, where, then)
+        if full is None:
+            raise
+        raise full from exc
 
 
 @task(help={"json": "print the facts as JSON instead of a table",
@@ -101,11 +115,17 @@ def setup(c, kernel=None):
 def shell(c, kernel=None, nic=None, cpus=2, command=None, with_sender=False, accel=None,
           memory=None):
     """Boot a guest and open a shell in it, or run one command and exit with its status."""
+    from testbed.run import hostlock
     from testbed.vm.process import shell_workdir_prefix, sweep_stale_workdirs
     from testbed.vm.topology import boot, prepare_assets
     from testbed.vocabulary import nic_name
 
     s = settings_of(c)
+    # A shell does not wait for the host lock (it may stay open for hours), but says
+    # when its guests will take CPU from a measuring run.
+    if (holder := hostlock.current_holder()) is not None:
+        say(f"note: a measuring run is going on ({holder.describe()}): this shell's guests "
+            "share the host's CPUs with it and change its figures")
     with user_errors():
         nic = nic_name(nic) if nic is not None else None
         if accel is not None:
@@ -202,9 +222,10 @@ def test(c, tier="default", k=None, args=""):
 def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
     """Print boot-to-SSH-ready time (median of several boots) per kernel and NIC."""
     from benchmarks.boot import run_boot_benchmark
+    from testbed.run import hostlock
 
     s = settings_of(c)
-    with user_errors():
+    with user_errors(), hostlock.held("bench-boot", log=say):
         for k in (kernel or s.default_kernel).split(","):
             for n in nic.split(","):
                 run_boot_benchmark(s, k.strip(), n.strip(), int(cpus), int(boots), say)
@@ -250,7 +271,8 @@ def analyze(c, run=None, baseline=None):
 
     with user_errors():
         path = resolve_run(run or "latest", settings_of(c).results_dir)
-        res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
+        with disk_full_in(path / "analysis", f"analyze again: invoke analyze --run {path}"):
+            res = pipeline.analyze_run(path, pipeline.parse_baseline(baseline))
     print(res.text_table, end="")
     say(f"{len(res.tidy)} rows, repetitions {res.counts}; tables in {res.tables.parquet.parent}")
 
@@ -270,8 +292,9 @@ def report(c, run=None, compare=None, baseline=None, force=False):
     with user_errors():
         path = resolve_run(run or "latest", s.results_dir)
         other = resolve_run(compare, s.results_dir) if compare else None
-        paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
-                                      force=force)
+        with disk_full_in(path / "analysis", f"write it again: invoke report --run {path}"):
+            paths = pipeline.write_report(path, other, pipeline.parse_baseline(baseline),
+                                          force=force)
     print(paths.html)
     say(f"markdown: {paths.md}")
 
@@ -283,10 +306,14 @@ def report(c, run=None, compare=None, baseline=None, force=False):
     "shard": "K/N: run a deterministic share of the cells (for CI runners)",
     "dry_run": "print the expanded cells and an estimated duration; boot nothing",
     "no_report": "skip the analysis tables and report at the end",
-    "inject_fault": "testing only: hang:<cell-id> stops that cell's receiver (QMP stop)",
+    "inject_fault": "testing only: KIND:<cell-id> with KIND hang (QMP stop), kill-qemu "
+                    "(SIGKILL the receiver's QEMU mid-window) or kill-netserver (in the "
+                    "guest, mid-window); on that cell's first attempt only, except hang",
+    "no_wait": "if another measuring run holds this host, exit with status 2 at once "
+               "instead of waiting for it",
 })
 def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report=False,
-               inject_fault=None):
+               inject_fault=None, no_wait=False):
     """Run an experiment matrix (default configs/quick.yaml) into results/<run-id>/."""
     from analysis import pipeline
     from testbed.experiment.load import load_experiment
@@ -319,7 +346,7 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
                   f"{format_duration(estimate_seconds(exp, cells))}")
             return
         summary = run_locally(s, None if resume else path, resume=resume, shard_spec=shard_spec,
-                              fault=Fault.parse(inject_fault), log=say)
+                              fault=Fault.parse(inject_fault), log=say, wait=not no_wait)
     print(summary_text(summary, 0).replace("time: 0 s\n", ""), end="")
     if not no_report and summary.done + summary.skipped > 0:
         try:
@@ -329,6 +356,11 @@ def run_matrix(c, config=None, resume=None, shard=None, dry_run=False, no_report
             say(f"full comparison: {paths.html.parent / 'comparison.txt'}")
             say(f"report: {paths.html}")
         except Exception as exc:  # the raw results are safe; say what broke
+            full = disk_full(exc, summary.run_dir / "analysis",
+                             f"write the report again: invoke report --run {summary.run_dir}")
+            if full is not None:
+                raise Exit(f"netbed: error: the report was not written: {full}; the "
+                           f"repetitions are complete in {summary.run_dir}", code=2) from None
             raise Exit(f"netbed: error: analysis failed ({exc}); raw results are in "
                        f"{summary.run_dir}; retry with: invoke report --run {summary.run_dir}",
                        code=1) from None

@@ -161,6 +161,11 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         out.add("rep.status", "all", math.nan, "", "runner", "incomplete",
                 "no done/failed marker: interrupted or still running")
         return out.rows, facts
+    damage = rep.damage()
+    if damage is not None:  # its numbers cannot be trusted; resume redoes it
+        out.add("rep.status", "all", math.nan, "", "runner", "failed",
+                f"run folder damaged: {damage}")
+        return out.rows, facts
     out.add("rep.status", "all", 1.0, "", "runner")
     _collate_instrumented(rep, out)
     cell = _read_json_or_none(rep.file(record.CELL)) or {}

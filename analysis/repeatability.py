@@ -125,7 +125,7 @@ def finish_order(run_dir: Path) -> pd.DataFrame:
     """When each finished repetition finished (its `done` record), and its rank in the run."""
     rows = []
     for rep in RunDir(run_dir).reps():
-        if not rep.is_done:
+        if not rep.is_complete:
             continue
         try:
             finished = read_json(rep.file(record.DONE)).get("finished")

@@ -109,7 +109,7 @@ def gather_provenance(run_dir: Path, tidy: pd.DataFrame,
     run = RunDir(Path(run_dir))
     offload_rows, readback, nic_irqs = [], {}, {}
     for rep in run.reps():
-        if not rep.is_done or rep.cell_id in readback:
+        if not rep.is_complete or rep.cell_id in readback:
             continue
         rb = _json(rep.file(READBACK_RAW))
         cell = _json(rep.file(record.CELL))

@@ -115,7 +115,7 @@ class _Tables:
 
 def _rep_attribution(rep: RepDir, tables: _Tables
                      ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    if not rep.is_done:
+    if not rep.is_complete:
         return None
     sites_text = cmfmt.stored_text(rep.path, cmfmt.SITES_FILE)
     if sites_text is None:

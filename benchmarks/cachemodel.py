@@ -63,6 +63,7 @@ from pathlib import Path
 from testbed.build import cachemodel_plugin as cmplugin
 from testbed.build.qemu_backport import resolve_qemu
 from testbed.formats import cachemodel as cmfmt
+from testbed.run import hostlock
 from testbed.settings import CHOICES, Settings
 from testbed.vm import cachemodel as cm
 from testbed.vocabulary import TCG_THREADS, TcgThreads
@@ -201,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     worst: dict[str, float] = {}
     attr_cost: list[float] = []
 
-    with tempfile.TemporaryDirectory(prefix="netbed-cmbench-") as tmp_s:
+    # its figures are CPU times: held under netbed's host lock, never beside a measuring run
+    with hostlock.held("benchmarks.cachemodel"), \
+            tempfile.TemporaryDirectory(prefix="netbed-cmbench-") as tmp_s:
         tmp = Path(tmp_s)
         for wl in workloads(args.quick):
             times: dict[str, float] = {}

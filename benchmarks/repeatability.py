@@ -1,7 +1,11 @@
 """Repeatability under TCG (#11): CV per cell and metric, per host placement, with the load.
 
-    flock /tmp/netbed-guests.lock python -m benchmarks.repeatability --placement shared
-    flock /tmp/netbed-guests.lock python -m benchmarks.repeatability --placement disjoint
+    python -m benchmarks.repeatability --placement shared
+    python -m benchmarks.repeatability --placement disjoint
+
+Each matrix runs through the runner, which holds netbed's host lock
+(testbed.run.hostlock): it waits for another measuring run on this host, and no
+other run starts while it measures.
 
 For each placement it runs a small matrix (e1000 and virtio, default policy or
 those given, TCP_STREAM, N repetitions of each cell, back to back) through the real runner

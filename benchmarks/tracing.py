@@ -9,8 +9,8 @@ runner's own code, and reads `window.throughput` (or `window.transaction_rate`
 for TCP_RR) from the collated repetition. Then, to choose the tracer by its cost,
 plain netperf runs (netperf's own rate; the same events and filters) with no
 tracing, with tracefs (what the window uses), and with `perf record -a` writing the
-same events to a file. Run it under the guest lock:
-`flock /tmp/netbed-guests.lock python -m benchmarks.tracing`.
+same events to a file. It holds netbed's host lock (testbed.run.hostlock) while its
+guests run: it waits for a measuring run on this host, and a run waits for it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from testbed.experiment.load import experiment_from_dict
 from testbed.experiment.matrix import expand
 from testbed.experiment.policies import load_policies
 from testbed.formats import trace
+from testbed.run import hostlock
 from testbed.run.folder import RunDir
 from testbed.run.repetition import discover, run_repetition
 from testbed.settings import Settings
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     cell = expand(exp)[0]
     settings = Settings()
     got: dict[bool, list[float]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory(prefix="netbed-bench-") as tmp_s:
+    with hostlock.held("benchmarks.tracing"), \
+            tempfile.TemporaryDirectory(prefix="netbed-bench-") as tmp_s:
         tmp = Path(tmp_s)
         assets = prepare_assets(settings, args.kernel, tmp / "assets")
         with boot(assets, settings, tmp / "guests", cpus=2, nic=args.nic,

@@ -23,11 +23,11 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from testbed import files as publish
 from testbed.build.qemu_backport import BACKPORT_SUITE, BACKPORT_VERSION
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency
@@ -250,12 +250,23 @@ def fetch_plugin_header(settings: Settings, log: Log = print,
     source = source or qemu_source(settings)
     package, version = source.package, source.version
     dest = header_dir(settings, source)
-    if (dest / "done").is_file():
+    if _complete(dest):
         return dest
+    with publish.building(dest):
+        if not _complete(dest):
+            publish.sweep_leftovers(dest, f"the plugin header of {package} {version}", log)
+            _fetch_header(settings, source, dest, log)
+    return dest
+
+
+def _complete(dest: Path) -> bool:
+    return (dest / "done").is_file()
+
+
+def _fetch_header(settings: Settings, source: QemuSource, dest: Path, log: Log) -> None:
+    package, version = source.package, source.version
     log(f"fetching {HEADER_PATH} from Debian source package {package}={version} (once)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".header-") as tmp_s:
-        tmp = Path(tmp_s)
+    with publish.work_dir(dest) as tmp:
         sources_list = tmp / "sources.list"
         sources_list.write_text(deb_src_lines(settings.debian_mirror, source.suites))
         for sub in ("lists/partial", "apt/archives/partial", "dl"):
@@ -290,10 +301,7 @@ def fetch_plugin_header(settings: Settings, log: Log = print,
         (out / "source.txt").write_text(
             f"{package} {version}\npatches applied to the header: {patches}\n")
         (out / "done").write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)
-    return dest
+        publish.publish_dir(out, dest, _complete)
 
 
 def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
@@ -331,14 +339,20 @@ def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> P
     so = dest / PLUGIN_NAME
     if so.is_file() and not force:
         return so
-    log(f"compiling the cache-model plugin into {so}")
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / f".{PLUGIN_NAME}.{os.getpid()}"
-    run_command(compile_command([PLUGIN_DIR / n for n in PLUGIN_SOURCES], [headers, PLUGIN_DIR],
-                         cflags, libs, tmp),
-         hint=f"the plugin must compile cleanly against {source.package} "
-                      f"{source.version}'s header")
-    os.replace(tmp, so)
+    with publish.building(so):
+        if so.is_file() and not force:
+            return so
+        publish.sweep_leftovers(so, f"the cache-model plugin {dest.name}", log)
+        log(f"compiling the cache-model plugin into {so}")
+        # (a .so is a file: os.replace swaps it in whole; a QEMU that loaded the old one
+        # keeps its inode, one starting now loads the new one)
+        tmp = dest / f"{publish.work_prefix(so)}{os.getpid()}"
+        run_command(compile_command([PLUGIN_DIR / n for n in PLUGIN_SOURCES],
+                                    [headers, PLUGIN_DIR], cflags, libs, tmp),
+                    hint=f"the plugin must compile cleanly against {source.package} "
+                         f"{source.version}'s header")
+        os.replace(tmp, so)
     return so
 
 

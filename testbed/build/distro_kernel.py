@@ -8,9 +8,9 @@ rootfs initramfs; the guest's init loads them with modprobe.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
+from testbed import files as publish
 from testbed.build.cpio import pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, apt_command, ensure_packages
@@ -76,12 +76,23 @@ def ensure_distro_kernel(settings: Settings, log: Log = print) -> Kernel:
         modules_cpio=dest / "modules.cpio",
         metadata={"package": package, "variant": "distro", "source": "debian-prebuilt"},
     )
-    if (dest / "done").is_file():
+    if _complete(dest):
         return _with_version(kernel, dest)
+    with publish.building(dest):
+        if not _complete(dest):
+            publish.sweep_leftovers(dest, f"Debian kernel {package}", log)
+            _extract(package, release, dest, log)
+    return _with_version(kernel, dest)
+
+
+def _complete(dest: Path) -> bool:
+    return (dest / "done").is_file()
+
+
+def _extract(package: str, release: str, dest: Path, log: Log) -> None:
+    """Download the package and unpack what the guests need into `dest`, atomically."""
     log(f"extracting Debian kernel {package} into {dest} (once)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".distro-") as tmp_s:
-        tmp = Path(tmp_s)
+    with publish.work_dir(dest) as tmp:
         _run(apt_command("-q", "download", package), cwd=tmp)
         deb = next(tmp.glob("*.deb"))
         version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
@@ -107,10 +118,7 @@ def ensure_distro_kernel(settings: Settings, log: Log = print) -> Kernel:
         pack_cpio(stage, out / "modules.cpio")
         (out / "version").write_text(version + "\n")
         (out / "done").write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)
-    return _with_version(kernel, dest)
+        publish.publish_dir(out, dest, _complete)
 
 
 def _with_version(kernel: Kernel, dest: Path) -> Kernel:

@@ -1,9 +1,11 @@
 """The guest root filesystem: built with mmdebstrap, packed as an initramfs, cached.
 
 The cache key is the content hash of the recipe (images/rootfs/*, images/tools/*.c,
-suite and mirror), so editing the recipe rebuilds and nothing else does. A build
-happens in a temporary folder and is renamed into place when complete, so an
-interrupted build never counts as built.
+suite and mirror), so editing the recipe rebuilds and nothing else does, and the new
+image is published beside the old one, which stays for runs that booted from it. A
+build happens in a work folder and is renamed into place when complete, one build
+per image at a time (testbed.files), so an interrupted build never counts as
+built and the next one says it was interrupted.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed import files as publish
 from testbed.build.cpio import clamp_mtimes, pack_cpio
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import IMAGE_PACKAGES, ensure_packages
@@ -118,11 +120,18 @@ def ensure_image(settings: Settings, log: Log = print) -> GuestImage:
     """The cached image for the current recipe, building it first if needed."""
     key = recipe_key(settings)
     dest = settings.cache_dir / "images" / key
-    if not (dest / "done").is_file():
-        ensure_packages(IMAGE_PACKAGES, log)
-        _build(settings, key, dest, log)
+    if not _complete(dest):
+        with publish.building(dest):
+            if not _complete(dest):  # (another process may have built it meanwhile)
+                publish.sweep_leftovers(dest, f"guest image {key}", log)
+                ensure_packages(IMAGE_PACKAGES, log)
+                _build(settings, key, dest, log)
     return GuestImage(key, dest / "rootfs.cpio", (dest / "host_key.pub").read_text().strip(),
                       dest / "manifest.json")
+
+
+def _complete(dest: Path) -> bool:
+    return (dest / "done").is_file()
 
 
 def _build(settings: Settings, key: str, dest: Path, log: Log) -> None:
@@ -130,9 +139,7 @@ def _build(settings: Settings, key: str, dest: Path, log: Log) -> None:
     log(f"building guest image {key} with mmdebstrap ({len(packages)} packages; "
         "about a minute, once per recipe change)")
     started = time.monotonic()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{key}-") as tmp_s:
-        tmp = Path(tmp_s)
+    with publish.work_dir(dest) as tmp:
         root = tmp / "root"
         HostShell(env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)}).run(
             mmdebstrap_command(settings, packages, root))
@@ -149,9 +156,7 @@ def _build(settings: Settings, key: str, dest: Path, log: Log) -> None:
              "components": list(COMPONENTS)}, indent=2, sort_keys=True))
         (out / "done").write_text("ok\n")
         shutil.rmtree(root)
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)
+        publish.publish_dir(out, dest, _complete)
     size = (dest / "rootfs.cpio").stat().st_size / 2**20
     log(f"guest image {key}: {size:.0f} MiB, built in {time.monotonic() - started:.0f} s")
 

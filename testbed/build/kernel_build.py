@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed import files as publish
 from testbed.build.kernel import Kernel
 from testbed.build.kernel_source import (
     KernelSource,
@@ -453,10 +454,17 @@ class _Build:
             (tree / COMPILED_MARKER).is_file() or legacy.is_file())
 
     def clean_tmp(self) -> None:
-        """Remove work dirs of earlier builds (we hold the lock, so none is live)."""
-        if self.tmp.is_dir():
-            for child in self.tmp.iterdir():
-                shutil.rmtree(child, ignore_errors=True)
+        """Remove work dirs of earlier builds (we hold the lock, so none is live), and
+        what publishing moved aside; say so: besides the copy a patched build keeps,
+        they are what an interrupted or failed build left."""
+        found = sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []
+        found += [p for p in self.root.glob(f"{publish.STALE_PREFIX}*") if p.is_dir()]
+        if found:
+            self.log("removing the work folders of earlier kernel builds (a patched build's "
+                     "tree copy, or what an interrupted or failed build left): "
+                     + ", ".join(p.name for p in found))
+        for child in found:
+            shutil.rmtree(child, ignore_errors=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     # -- the base's tree: extract + configure once, atomically
@@ -481,9 +489,7 @@ class _Build:
         check_config(variant, work / ".config", source)
         (work / CONFIGURED_MARKER).write_text(json.dumps(
             {"inputs": inputs.tree().__dict__, "source": source_record(source)}) + "\n")
-        if tree.exists():
-            shutil.rmtree(tree)
-        work.rename(tree)
+        publish.publish_dir(work, tree, lambda d: (d / CONFIGURED_MARKER).is_file())
         return tree
 
     def compile_tree(self, inputs: BuildInputs, tree: Path, progress: _Progress) -> None:
@@ -557,9 +563,7 @@ class _Build:
             **extra,
         }
         atomic_write_json(work / "metadata.json", meta)
-        if art.exists():
-            shutil.rmtree(art)
-        work.rename(art)
+        publish.publish_dir(work, art, lambda d: (d / "metadata.json").is_file())
         kernel = self.load(inputs)
         assert kernel is not None
         return kernel

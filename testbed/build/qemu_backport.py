@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import files as publish
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import ConfigError, NetbedError
 from testbed.progress import Log
@@ -214,12 +213,24 @@ def ensure_backport(settings: Settings, log: Log = print,
     ensure_packages({"dpkg-dev": "dpkg-deb", "apt": "apt-get"}, log)
     dest = install_dir(settings.cache_dir, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log(f"fetching QEMU {version} from {BACKPORT_SUITE} into {dest} (once; the host's "
-        "QEMU and apt configuration stay as they are)")
     hint = (f"the Debian mirror ({settings.debian_mirror}) must carry {BACKPORT_SUITE} "
             f"with qemu-system-x86={version}")
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".backport-") as tmp_s:
-        tmp = Path(tmp_s)
+    with publish.building(dest):
+        if load_backport(settings, version) is None:
+            publish.sweep_leftovers(dest, f"QEMU {version}", log)
+            _fetch(settings, version, dest, log, hint)
+    installed = load_backport(settings, version)
+    assert installed is not None
+    _run([*installed.argv_head(), "--version"],
+         hint="the unpacked QEMU does not start: a library may be missing (ldd on it)")
+    return installed
+
+
+def _fetch(settings: Settings, version: str, dest: Path, log: Log, hint: str) -> None:
+    """Download and unpack the packages into a work folder, then publish it as `dest`."""
+    log(f"fetching QEMU {version} from {BACKPORT_SUITE} into {dest} (once; the host's "
+        "QEMU and apt configuration stay as they are)")
+    with publish.work_dir(dest) as tmp:
         sources = tmp / "sources.list"
         sources.write_text(binary_sources(settings.debian_mirror, settings.debian_suite))
         for sub in ("lists/partial", "cache", "archives/partial", "debs", "out/root"):
@@ -244,14 +255,7 @@ def ensure_backport(settings: Settings, log: Log = print,
         out = tmp / "out"
         (out / MANIFEST).write_text(
             Manifest(version=version, suite=BACKPORT_SUITE, debs=tuple(debs)).to_json())
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)
-    installed = load_backport(settings, version)
-    assert installed is not None
-    _run([*installed.argv_head(), "--version"],
-         hint="the unpacked QEMU does not start: a library may be missing (ldd on it)")
-    return installed
+        publish.publish_dir(out, dest, lambda d: (d / MANIFEST).is_file())
 
 
 def system_qemu(settings: Settings) -> QemuInstall:

@@ -101,7 +101,7 @@ def metric_value(info: Mapping[str, object], metric: str | None) -> tuple[str, f
 
 def done_value(rep: RepDir, metric: str | None) -> tuple[str, float | None]:
     """The metric of a finished repetition (None if it failed or did not record it)."""
-    if not rep.is_done:
+    if not rep.is_complete:  # failed, unfinished or damaged: no value
         return (metric or DEFAULT_METRICS[-1]), None
     info = read_json(rep.file(record.DONE))
     return metric_value(info if isinstance(info, dict) else {}, metric)

@@ -24,8 +24,9 @@ from testbed.experiment.matrix import expand, round_order, schedule, shard
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE, PolicySet, load_policies
 from testbed.files import atomic_write_json, atomic_write_text, read_json
 from testbed.progress import Log
+from testbed.run import hostlock
 from testbed.run.adaptive import Rule
-from testbed.run.folder import RunDir, new_run_id, resolve_run
+from testbed.run.folder import RunDir, disk_full, new_run_id, resolve_run
 from testbed.run.loop import AdaptivePlan, MatrixRunner, RunSummary, summary_text
 from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
@@ -122,11 +123,28 @@ def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
 
 def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = None,
                shard_spec: Shard | None = None, fault: Fault | None = None,
-               log: Log = print) -> RunSummary:
+               log: Log = print, wait: bool = True) -> RunSummary:
     """Run (or resume) an experiment into its run folder; returns what happened.
 
-    The counter plan is decided from the host's facts before the run folder is made,
-    so a config this host cannot count (`hardware` without a PMU) leaves nothing."""
+    The whole run holds the host lock (testbed.run.hostlock): a second run waits for
+    it, or with `wait` False raises HostBusy. The counter plan is decided from the
+    host's facts before the run folder is made, so a config this host cannot count
+    (`hardware` without a PMU) leaves nothing."""
+    label = f"resuming {resume}" if resume else f"new run of {config}"
+    with hostlock.held(label, wait=wait, log=log) as lock:
+        try:
+            return _run_locked(settings, config, resume, shard_spec, fault, log, lock)
+        except OSError as exc:  # (the loop says this itself for what a repetition writes)
+            full = disk_full(exc, settings.results_dir,
+                             "resume the run: invoke run-matrix --resume <its folder>")
+            if full is None:
+                raise
+            raise full from exc
+
+
+def _run_locked(settings: Settings, config: Path | None, resume: str | None,
+                shard_spec: Shard | None, fault: Fault | None, log: Log,
+                lock: hostlock.HostLock) -> RunSummary:
     facts: list[HostFacts] = []
 
     def check_host(exp: Experiment) -> None:
@@ -136,6 +154,7 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
         build_kernels(settings, exp, shard(cells, *shard_spec) if shard_spec else cells, log)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
+    lock.rename(run.run_id)
     for warning in exp.warnings:
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them

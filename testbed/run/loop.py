@@ -6,11 +6,17 @@ provenance, how to keep logs of a failure), so resume, retries and boot reuse
 are unit-tested with fakes (tests/unit/test_loop.py); `testbed.run.session`
 supplies the real ones.
 
-A repetition counts only when its `done` marker exists, so a run killed at any
-moment resumes exactly the missing work. A guest that fails to boot, hangs or
-drops SSH (GuestError, CommandError, OSError) is rebooted and retried `retries`
-times; then the repetition is marked failed and the matrix goes on. A policy
-that reads back wrong (PolicyMismatch) fails at once: a reboot would not fix it.
+A repetition counts only when its `done` marker exists and is intact
+(RepDir.is_complete), so a run killed at any moment resumes exactly the missing
+work, and one whose folder was damaged since redoes exactly the damaged
+repetitions. A guest that fails to boot, hangs, drops SSH or dies (its QEMU
+killed, netserver gone: GuestError, CommandError, OSError) is rebooted and
+retried `retries` times, each error logged and listed in `done` ("retried") or
+`failed` ("errors"); then the repetition is marked failed and the matrix goes on.
+A policy that reads back wrong (PolicyMismatch) fails at once: a reboot would not
+fix it. A full results disk (ENOSPC) stops the run at once with DiskFull naming
+the file and the free space: the unfinished attempt's files are removed (they
+would only hold space), no marker is written, and `--resume` redoes it.
 
 Plain repetitions (`Collaborators.plain` says which numbers) are the plugin-less
 companions of a cache-model run: booted without the plugin, so they get their own
@@ -20,6 +26,7 @@ repetition, adaptive rounds included, so each kind of boot serves a whole stretc
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -39,7 +46,7 @@ from testbed.run.adaptive import (
     done_value,
 )
 from testbed.run.bootcache import BootCache
-from testbed.run.folder import RepDir, RunDir
+from testbed.run.folder import RepDir, RunDir, disk_full
 
 Booted = TypeVar("Booted")
 Slot = tuple[Cell, bool]  # a cell and whether its guests boot plain (without the plugin)
@@ -118,7 +125,7 @@ class MatrixRunner(Generic[Booted]):
 
     def execute(self) -> RunSummary:
         summary = RunSummary(self.run.path, total=len(self.items))
-        todo = [(c, r) for c, r in self.items if not self.run.rep(c.cell_id, r).is_done]
+        todo = [(c, r) for c, r in self.items if not self._complete(c.cell_id, r)]
         summary.skipped = len(self.items) - len(todo)
         if summary.skipped:
             self.log(f"resuming: {summary.skipped} of {len(self.items)} repetitions already "
@@ -137,6 +144,16 @@ class MatrixRunner(Generic[Booted]):
             for cell, rep_no in plain:
                 self._repetition(guests, cell, rep_no, summary, progress)
         return summary
+
+    def _complete(self, cell_id: str, rep_no: int) -> bool:
+        """Done and intact; a damaged one is said aloud (it is redone)."""
+        rep = self.run.rep(cell_id, rep_no)
+        if not rep.is_done:
+            return False
+        damage = rep.damage()
+        if damage is not None:
+            self.log(f"{cell_id} rep {rep_no}: done but damaged, redoing it: {damage}")
+        return damage is None
 
     def _boot(self, slot: Slot) -> AbstractContextManager[Booted]:
         return self.c.boot(*slot)
@@ -179,7 +196,7 @@ class MatrixRunner(Generic[Booted]):
             summary.total += len(open_cells)
             progress.total += len(open_cells)
             for cell in open_cells:
-                if self.run.rep(cell.cell_id, round_no).is_done:
+                if self._complete(cell.cell_id, round_no):
                     summary.skipped += 1
                     continue
                 self._repetition(guests, cell, round_no, summary, progress)
@@ -192,35 +209,50 @@ class MatrixRunner(Generic[Booted]):
     def _repetition(self, guests: BootCache[Slot, Booted], cell: Cell, rep_no: int,
                     summary: RunSummary, progress: Progress) -> None:
         """One repetition, with its retries; records done or failed."""
-        attempts = 0
+        errors: list[str] = []  # each failed attempt's error, in order
         while True:
             progress.start(f"{cell.cell_id} rep {rep_no}"
                            + (" (plain)" if self.c.plain(rep_no) else ""))
-            rep = self.run.start_rep(cell.cell_id, rep_no)
+            rep = self.run.rep(cell.cell_id, rep_no)
             try:
-                info = self.c.measure(guests.get((cell, self.c.plain(rep_no))), cell, rep)
-                self.run.mark_done(rep, {"attempts": attempts + 1, **info})
-                summary.done += 1
-                progress.finish(_describe(info))
-                return
-            except PolicyMismatch as exc:
-                self._fail(rep, str(exc), attempts + 1, summary)
-                progress.finish("FAILED (policy read-back)")
-                return
-            except RETRIED as exc:
-                attempts += 1
-                self.c.keep_logs(rep)
-                guests.invalidate()
-                if attempts > self.retries:
-                    self._fail(rep, f"{type(exc).__name__}: {exc}", attempts, summary)
-                    progress.finish(f"FAILED after {attempts} attempts")
+                rep = self.run.start_rep(cell.cell_id, rep_no)
+                try:
+                    info = self.c.measure(guests.get((cell, self.c.plain(rep_no))), cell, rep)
+                    retried = {"retried": list(errors)} if errors else {}
+                    self.run.mark_done(rep, {"attempts": len(errors) + 1, **retried, **info})
+                    summary.done += 1
+                    progress.finish(_describe(info))
                     return
-                self.log(f"{cell.cell_id} rep {rep_no}: {_first_line(exc)}; "
-                         f"rebooting and retrying ({attempts}/{self.retries})")
+                except PolicyMismatch as exc:
+                    self._fail(rep, str(exc), len(errors) + 1, summary, errors)
+                    progress.finish("FAILED (policy read-back)")
+                    return
+                except RETRIED as exc:
+                    if disk_full(exc, self.run.path) is not None:
+                        raise
+                    errors.append(f"{type(exc).__name__}: {_first_line(exc)}")
+                    self.c.keep_logs(rep)
+                    guests.invalidate()
+                    if len(errors) > self.retries:
+                        self._fail(rep, f"{type(exc).__name__}: {exc}", len(errors), summary,
+                                   errors)
+                        progress.finish(f"FAILED after {len(errors)} attempts")
+                        return
+                    self.log(f"{cell.cell_id} rep {rep_no}: {_first_line(exc)}; "
+                             f"rebooting and retrying ({len(errors)}/{self.retries})")
+            except OSError as exc:
+                full = disk_full(exc, rep.path,
+                                 f"resume the run: invoke run-matrix --resume {self.run.path}")
+                if full is None:
+                    raise
+                shutil.rmtree(rep.path, ignore_errors=True)  # no marker: resume redoes it
+                progress.finish("STOPPED: results disk full")
+                raise full from exc
 
-    def _fail(self, rep: RepDir, reason: str, attempts: int, summary: RunSummary) -> None:
+    def _fail(self, rep: RepDir, reason: str, attempts: int, summary: RunSummary,
+              errors: Sequence[str] = ()) -> None:
         self.c.keep_logs(rep)
-        self.run.mark_failed(rep, reason, {"attempts": attempts})
+        self.run.mark_failed(rep, reason, {"attempts": attempts, "errors": list(errors)})
         summary.failed.append((rep.cell_id, rep.repetition, _first_line(reason)))
         self.log(f"{rep.cell_id} rep {rep.repetition} FAILED: {_first_line(reason)}")
 

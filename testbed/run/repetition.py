@@ -140,6 +140,18 @@ def unpack_window(armoured: str, rep: RepDir) -> list[str]:
     return written
 
 
+def _reader_gone(rx: Shell) -> str:
+    """After netperf failed: whether netserver, the reader's side, still runs in the
+    receiver (a reader that died mid-window is why, not the sender); "" if it runs or
+    the receiver cannot say."""
+    try:
+        res = rx.run("pgrep -x netserver >/dev/null", timeout=30, check=False)
+    except NetbedError:
+        return ""
+    return " (netserver, the reader, is no longer running in the receiver)" \
+        if res.exit_code == 1 else ""
+
+
 def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Payload:
     """The fill file on the guest(s) that send payload; its provenance as they report it."""
     size = int(cell.workload.message_size)
@@ -196,8 +208,8 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
     atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
-        raise GuestError(f"netperf failed with status {traffic.exit_code}: "
-                         f"{traffic.output.strip()[-300:]}")
+        raise GuestError(f"netperf failed with status {traffic.exit_code}"
+                         f"{_reader_gone(rx)}: {traffic.output.strip()[-300:]}")
     fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
     if fetched.exit_code == NOT_FINISHED:
         raise GuestError("the receiver's measurement window did not finish within "

@@ -4,7 +4,8 @@
 attaches the cache model when the experiment counts with it, boots receiver and
 sender, records the data plane, checks the guest's PMU, finds the data NIC and
 starts netserver; `measure` runs one repetition and, with the cache model, cuts
-its window out of the plugin's CSV. `Fault` is the test hook that hangs a cell.
+its window out of the plugin's CSV. `Fault` is the test hook that hangs a cell, or
+kills its receiver's QEMU or netserver in the middle of a window.
 
 When the cache model counts, a cell's plain repetitions (`is_plain`: numbers from
 `exp.max_repetitions` on, testbed.experiment.matrix.plain_numbers) boot without the
@@ -15,13 +16,17 @@ plugin and measure as a software-counter run would: tracing on, no markers. Thei
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import NetbedError
+from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.formats import record
 from testbed.progress import Log
@@ -35,15 +40,27 @@ from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import Collaborators
 from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
+from testbed.run.traffic import NETPERF_PID
+from testbed.run.window import lead_seconds
 from testbed.settings import Settings
+from testbed.shell import Result, Shell
 from testbed.vm.qemu import PluginSpec
 from testbed.vm.topology import Assets, Topology, boot, prepare_assets
 from testbed.vocabulary import AccelSetting, TcgThreads
 
+FAULT_KINDS = ("hang", "kill-qemu", "kill-netserver")
+
 
 @dataclass(frozen=True)
 class Fault:
-    """Test hook: make the receiver of `cell_id` hang (QMP stop) on every attempt."""
+    """Test hook: a fault injected into the repetitions of `cell_id`.
+
+    hang: the receiver's vCPUs are stopped (QMP stop) after every boot.
+    kill-qemu: the receiver's QEMU gets SIGKILL in the middle of the first attempt's
+      window (what the OOM killer does).
+    kill-netserver: netserver (the reader) is killed with SIGKILL inside the receiver in
+      the middle of the first attempt's window.
+    """
 
     cell_id: str
     kind: str = "hang"
@@ -53,9 +70,42 @@ class Fault:
         if not text:
             return None
         kind, _, cell_id = text.partition(":")
-        if kind != "hang" or not cell_id:
-            raise NetbedError(f"bad fault injection {text!r}", hint="use hang:<cell-id>")
+        if kind not in FAULT_KINDS or not cell_id:
+            raise NetbedError(f"bad fault injection {text!r}",
+                              hint=f"use KIND:<cell-id> with KIND one of {', '.join(FAULT_KINDS)}")
         return cls(cell_id, kind)
+
+
+class _StrikeMidWindow:
+    """A Shell passing commands to the sender; once netperf starts there, `strike` runs
+    `delay` seconds later on a timer thread (the loop's thread is waiting on the sender
+    then, as in any window)."""
+
+    def __init__(self, inner: Shell, delay: float, strike: Callable[[], None]) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.strike = strike
+        self.timer: threading.Timer | None = None
+
+    def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
+        result = self.inner.run(command, timeout=timeout, check=check)
+        if self.timer is None and NETPERF_PID in command and "nohup" in command:
+            self.timer = threading.Timer(self.delay, self.strike)
+            self.timer.daemon = True
+            self.timer.start()
+        return result
+
+
+def exit_text(status: int) -> str:
+    """A QEMU's exit status in words (pure)."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name}" + (" (from outside netbed: the OOM killer or a user)"
+                                      if -status == signal.SIGKILL else "")
+    return f"exited with status {status}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +129,7 @@ class ExperimentGuests:
         self.provenance = provenance
         self.log = log
         self.fault = fault
+        self.struck: set[str] = set()  # cells whose one-off fault has been injected
         self.assets: dict[str, Assets] = {}
 
     @property
@@ -150,7 +201,7 @@ class ExperimentGuests:
                             symbols, plugin)
             if plugin:  # the region that arms the plugin, outside every measured window
                 arm_model(topo.receiver.ssh)
-            if self.fault and self.fault.cell_id == cell.cell_id:
+            if self.fault and self.fault.kind == "hang" and self.fault.cell_id == cell.cell_id:
                 self.log(f"fault injection: stopping the receiver's vCPUs for {cell.cell_id}")
                 topo.receiver.process.qmp("stop")
             yield booted
@@ -158,14 +209,52 @@ class ExperimentGuests:
     def measure(self, booted: Booted, cell: Cell, rep: RepDir) -> dict[str, object]:
         topo = booted.topo
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
-        # tracing: the config's switch, and never where the plugin counts this window
-        info = run_repetition(topo.receiver.ssh, topo.sender_shell, booted.state, self.exp,
-                              cell, resolved, rep, self.provenance.pmu,
-                              cachemodel=booted.plugin,
-                              tracing=self.exp.tracing and not booted.plugin)
+        sender = self._faulty_sender(booted, cell)
+        try:
+            # tracing: the config's switch, and never where the plugin counts this window
+            info = run_repetition(topo.receiver.ssh, sender, booted.state, self.exp,
+                                  cell, resolved, rep, self.provenance.pmu,
+                                  cachemodel=booted.plugin,
+                                  tracing=self.exp.tracing and not booted.plugin)
+        except (GuestError, CommandError) as exc:
+            process = topo.receiver.process
+            status = process.popen.poll() if process.popen is not None else None
+            if status is None:
+                raise
+            # what broke the repetition is the receiver's death, not the SSH error it caused
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GuestError(f"the receiver's QEMU died during the repetition "
+                             f"({exit_text(status)}); then: {first}",
+                             console_log=str(topo.receiver.spec.console_log)) from exc
         if booted.plugin:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return {**info, "plugin": booted.plugin}
+
+    def _faulty_sender(self, booted: Booted, cell: Cell) -> Shell:
+        """The sender's shell; with a one-off fault for this cell, one that strikes in the
+        middle of the window (lead + half the window after netperf starts)."""
+        topo = booted.topo
+        fault = self.fault
+        if (fault is None or fault.kind == "hang" or fault.cell_id != cell.cell_id
+                or cell.cell_id in self.struck):
+            return topo.sender_shell
+        self.struck.add(cell.cell_id)
+        delay = lead_seconds(self.exp) + self.exp.duration / 2
+
+        def strike() -> None:
+            if fault.kind == "kill-qemu":
+                popen = topo.receiver.process.popen
+                if popen is not None:
+                    self.log(f"fault injection: SIGKILL to the receiver's QEMU (pid "
+                             f"{popen.pid}) mid-window in {cell.cell_id}")
+                    os.kill(popen.pid, signal.SIGKILL)
+            else:
+                self.log(f"fault injection: killing netserver in the receiver mid-window "
+                         f"in {cell.cell_id}")
+                subprocess.run(topo.receiver.ssh.ssh_argv("pkill -9 -x netserver"),
+                               capture_output=True, timeout=60, check=False)
+
+        return _StrikeMidWindow(topo.sender_shell, delay, strike)
 
     def keep_logs(self, rep: RepDir) -> None:
         """Serial and QEMU logs of the guests, kept with a repetition that went wrong."""

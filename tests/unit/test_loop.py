@@ -312,3 +312,95 @@ def test_adaptive_rounds_run_before_the_plain_repetitions(tmp_path):
     assert [r for _, r, _ in world.measured] == [0, 1, 2, 3, 4, 5, 6]
     assert world.events == ["start", "boot e1000", "shutdown 1", "boot e1000 plain",
                             "shutdown 2"]
+
+
+# ------------------------------------------------------------------ faults (docs/reliability.md)
+
+
+def test_retried_errors_are_listed_in_done_and_in_failed(tmp_path):
+    dropped = [GuestError(f"guest receiver: SSH dropped: {n}") for n in range(3)]
+    world = World(guest_failures=dropped)
+    exp = experiment(["e1000", "virtio"], repetitions=1, retries=1)
+    run_loop(tmp_path, world, exp)
+    failed = status(tmp_path, cell_id(exp, "e1000"), 0)
+    assert failed["errors"] == ["GuestError: guest receiver: SSH dropped: 0",
+                                "GuestError: guest receiver: SSH dropped: 1"]
+    done = status(tmp_path, cell_id(exp, "virtio"), 0)  # the third error hit virtio once
+    assert done["state"] == "done" and done["attempts"] == 2
+    assert done["retried"] == ["GuestError: guest receiver: SSH dropped: 2"]
+
+
+class DiskFullWorld(World):
+    """Measuring fails with ENOSPC on repetition `full_at` (a results disk that filled)."""
+
+    full_at: int = 1
+
+    def measure(self, guest: FakeGuest, cell: Cell, rep: RepDir) -> dict[str, object]:
+        if rep.repetition == self.full_at:
+            (rep.path / "netperf.txt").write_text("half")
+            raise OSError(28, "No space left on device", str(rep.path / ".perf-stat.csv.x"))
+        return super().measure(guest, cell, rep)
+
+
+def test_a_full_disk_stops_the_run_naming_the_file_and_resume_finishes_it(tmp_path):
+    from testbed.run.folder import DiskFull
+
+    exp = experiment(["e1000"], repetitions=3)
+    cid = cell_id(exp, "e1000")
+    with pytest.raises(DiskFull) as err:
+        run_loop(tmp_path, DiskFullWorld(), exp)
+    text = str(err.value)
+    assert str(tmp_path / "run/cells" / cid / "rep-1" / ".perf-stat.csv.x") in text
+    assert "MiB free of" in text and "invoke run-matrix --resume" in text
+    run = RunDir(tmp_path / "run")
+    first = run.rep(cid, 0).file("done").read_bytes()
+    assert run.rep(cid, 0).is_complete
+    assert not run.rep(cid, 1).path.exists()  # no marker, no half files: redone on resume
+    assert not run.rep(cid, 2).path.exists()  # the run stopped: no retry, no next one
+    world = World()
+    summary = run_loop(tmp_path, world, exp)
+    assert (summary.skipped, summary.done) == (1, 2) and summary.ok
+    assert run.rep(cid, 0).file("done").read_bytes() == first
+
+
+def test_a_full_disk_while_keeping_logs_of_a_failure_still_stops_cleanly(tmp_path):
+    from testbed.run.folder import DiskFull
+
+    class Full(World):
+        def keep_logs(self, rep: RepDir) -> None:
+            raise OSError(28, "No space left on device")
+
+    world = Full(guest_failures=[GuestError("guest receiver: SSH dropped")])
+    with pytest.raises(DiskFull, match="no space left on the device"):
+        run_loop(tmp_path, world, experiment(["e1000"], repetitions=1))
+
+
+def damage_run(run: RunDir, exp) -> dict[str, RepDir]:
+    """Four repetitions of one cell, damaged four ways (and one extra file)."""
+    cid = cell_id(exp, "e1000")
+    reps = {name: run.rep(cid, n) for n, name in enumerate(
+        ("truncated", "partial", "cut", "intact"))}
+    done = reps["truncated"].file("done")
+    done.write_bytes(done.read_bytes()[:25])
+    reps["partial"].file("done").unlink()
+    raw = reps["cut"].file("netperf.txt")
+    raw.write_bytes(raw.read_bytes()[:4])
+    (reps["intact"].path / "someones-notes.txt").write_text("hello\n")
+    return reps
+
+
+def test_resume_redoes_exactly_the_damaged_repetitions(tmp_path):
+    exp = experiment(["e1000"], repetitions=4)
+    run_loop(tmp_path, World(), exp)
+    run = RunDir(tmp_path / "run")
+    reps = damage_run(run, exp)
+    kept = reps["intact"].file("done").read_bytes()
+    world = World()
+    lines: list[str] = []
+    summary = run_loop(tmp_path, world, exp, lines)
+    assert [r for _, r, _ in world.measured] == [0, 1, 2]
+    assert (summary.skipped, summary.done) == (1, 3)
+    assert any("rep 0: done but damaged, redoing it" in x and "unreadable" in x for x in lines)
+    assert any("rep 2: done but damaged" in x and "netperf.txt has 4 bytes" in x for x in lines)
+    assert reps["intact"].file("done").read_bytes() == kept
+    assert all(r.is_complete for r in reps.values())

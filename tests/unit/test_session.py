@@ -10,7 +10,7 @@ from testbed.run.session import Fault
 
 @pytest.mark.parametrize("text", ["crash:x", "hang:", "hang", "x"])
 def test_bad_fault_specs_are_rejected(text):
-    with pytest.raises(NetbedError, match="hang:<cell-id>"):
+    with pytest.raises(NetbedError, match="KIND:<cell-id>"):
         Fault.parse(text)
 
 
@@ -112,3 +112,35 @@ def test_tracing_off_in_the_config_reaches_every_window(tmp_path, monkeypatch):
     guests.measure(session.Booted(topo, None, None, plugin=False),
                    expand(guests.exp)[0], RunDir(tmp_path).start_rep("c", 0))
     assert calls[-1]["tracing"] is False
+
+
+def test_the_fault_kinds_parse():
+    assert Fault.parse("kill-qemu:c") == Fault("c", "kill-qemu")
+    assert Fault.parse("kill-netserver:c") == Fault("c", "kill-netserver")
+
+
+def test_a_qemu_exit_status_in_words():
+    from testbed.run.session import exit_text
+
+    assert exit_text(-9).startswith("killed by SIGKILL (from outside netbed")
+    assert exit_text(-15) == "killed by SIGTERM"
+    assert exit_text(1) == "exited with status 1"
+
+
+def test_the_strike_comes_once_netperf_has_started_on_the_sender():
+    import threading
+
+    from testbed.run.session import _StrikeMidWindow
+    from testbed.run.traffic import start_command
+    from testbed.shell import Result
+
+    class Sender:
+        def run(self, command, timeout=None, check=True):
+            return Result(command, 0, "", "")
+
+    struck = threading.Event()
+    shell = _StrikeMidWindow(Sender(), 0.0, struck.set)
+    shell.run("true")
+    assert shell.timer is None  # nothing before netperf starts
+    shell.run(start_command("netperf -H 198.18.0.1"))
+    assert shell.timer is not None and struck.wait(10)
