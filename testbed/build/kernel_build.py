@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed import timings
 from testbed.build.kernel import Kernel
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, NetbedError
@@ -463,6 +464,7 @@ class _Build:
         self.make(tree, "stock", progress)
         seconds = time.monotonic() - start
         self.log(f"kernel stock built in {seconds:.0f} s (wall; {progress.cpu_seconds:.0f} s CPU)")
+        timings.record("build", "kernel stock", seconds, f"{progress.cpu_seconds:.0f} CPU-s")
         origin = "fresh source tree" if fresh else "incremental make in the existing tree"
         return self.publish(inputs, tree, seconds, {
             "built_from": origin, "build_cpu_seconds": round(progress.cpu_seconds, 1)})
@@ -511,6 +513,7 @@ class _Build:
         seconds = time.monotonic() - start
         self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
                  f"{progress.cpu_seconds:.0f} s CPU)")
+        timings.record("build", "kernel patched", seconds, f"{progress.cpu_seconds:.0f} CPU-s")
         return self.publish(inputs, work, seconds, {
             "built_from": f"stock tree {stock_inputs.key()} + patches",
             "build_cpu_seconds": round(progress.cpu_seconds, 1)})
@@ -534,3 +537,9 @@ def ensure_built(variant: str, settings: Settings, log: Log = print) -> Kernel:
             return build.build_stock(inputs)
         return build.build_patched(inputs)
 
+
+def find_built(variant: str, settings: Settings) -> Kernel | None:
+    """The cached `stock`/`patched` kernel for today's inputs, or None; never builds."""
+    if not SOURCE_TARBALL.exists():
+        return None
+    return _Build(settings, lambda m: None).load(current_inputs(variant))

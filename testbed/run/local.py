@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed import timings
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.load import load_experiment
@@ -29,6 +30,7 @@ from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
 from testbed.vm.hostfacts import HostFacts, gather
+from testbed.vm.topology import plan_assets, run_kernels
 
 Shard = tuple[int, int]
 
@@ -103,27 +105,45 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     """Run (or resume) an experiment into its run folder; returns what happened.
 
     The counter plan is decided from the host's facts before the run folder is made,
-    so a config this host cannot count (`hardware` without a PMU) leaves nothing."""
+    so a config this host cannot count (`hardware` without a PMU) leaves nothing.
+    Before the first boot the session builds exactly what its pending repetitions need
+    (testbed.vm.topology.plan_assets); every step's time goes to timings.json."""
+    with timings.recording(timings.Timings()) as steps:
+        return _run_matrix(settings, config, resume, shard_spec, fault, log, steps)
+
+
+def _run_matrix(settings: Settings, config: Path | None, resume: str | None,
+                shard_spec: Shard | None, fault: Fault | None, log: Log,
+                steps: timings.Timings) -> RunSummary:
     facts: list[HostFacts] = []
 
     def check_host(exp: Experiment) -> None:
-        facts.append(gather(settings, log=log))
+        cells = expand(exp)
+        kernels = run_kernels(shard(cells, *shard_spec) if shard_spec else cells)
+        facts.append(gather(settings, log=log, kernels=kernels))
         counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
+    steps.attach(run.path / timings.TIMINGS_FILE)
     for warning in exp.warnings:
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
-        facts.append(gather(settings, log=log))
+        facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
     provenance = Provenance(run, exp.counters, log)
     provenance.decide(facts[0])
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)
     plain = _plain_of(run, resume is not None, guests.plain_repetitions)
     log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text(plain)} -> {run.path}")
     started = time.monotonic()
-    collaborators = guests.collaborators(
-        start=lambda: provenance.record_host(facts[0], netbed_commit()))
-    summary = MatrixRunner(run, schedule(exp, cells, plain=plain), exp.retries, collaborators,
-                           log, adaptive_plan(exp, cells)).execute()
+    items = schedule(exp, cells, plain=plain)
+    pending = [(c, r) for c, r in items if not run.rep(c.cell_id, r).is_done]
+
+    def start() -> None:
+        provenance.record_host(facts[0], netbed_commit())
+        guests.prepare(plan_assets(pending, guests.cachemodel, guests.is_plain))
+
+    collaborators = guests.collaborators(start=start)
+    summary = MatrixRunner(run, items, exp.retries, collaborators, log,
+                           adaptive_plan(exp, cells)).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
     return summary

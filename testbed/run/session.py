@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed import timings
+from testbed.build.cachemodel_plugin import build_plugin
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.progress import Log
@@ -36,7 +38,7 @@ from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
 from testbed.settings import Settings
 from testbed.vm.qemu import PluginSpec
-from testbed.vm.topology import Assets, Topology, boot, prepare_assets
+from testbed.vm.topology import AssetPlan, Assets, Topology, boot, prepare_assets
 from testbed.vocabulary import AccelSetting, TcgThreads
 
 
@@ -120,6 +122,14 @@ class ExperimentGuests:
             self.provenance.record_assets(kernel, assets)
         return self.assets[kernel]
 
+    def prepare(self, plan: AssetPlan) -> None:
+        """Build or fetch everything `plan` names before the first boot (each step timed)."""
+        for kernel in plan.kernels:
+            self._assets_for(kernel)
+        if plan.plugin:
+            with timings.step("build", "plugin"):
+                build_plugin(self.settings, self.log)
+
     @contextlib.contextmanager
     def boot(self, cell: Cell, plain: bool = False) -> Iterator[Booted]:
         """Receiver and sender for `cell`; the receiver under the cache-model plugin when
@@ -158,10 +168,12 @@ class ExperimentGuests:
         topo = booted.topo
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         # tracing: the config's switch, and never where the plugin counts this window
-        info = run_repetition(topo.receiver.ssh, topo.sender_shell, booted.state, self.exp,
-                              cell, resolved, rep, self.provenance.pmu,
-                              cachemodel=booted.plugin,
-                              tracing=self.exp.tracing and not booted.plugin)
+        with timings.step("repetition" if booted.plugin else "plain",
+                          f"{cell.cell_id} rep {rep.repetition}"):
+            info = run_repetition(topo.receiver.ssh, topo.sender_shell, booted.state, self.exp,
+                                  cell, resolved, rep, self.provenance.pmu,
+                                  cachemodel=booted.plugin,
+                                  tracing=self.exp.tracing and not booted.plugin)
         if booted.plugin:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return {**info, "plugin": booted.plugin}
