@@ -135,8 +135,13 @@ def build(work: Path, fragment: Path, jobs: int, ccache: bool, depend: bool) -> 
     tree = work / "tree"
     tree.mkdir(parents=True)
     env = {**os.environ, "LC_ALL": "C"}
-    env.update({"CCACHE_DIR": str(work / "ccache"), "CCACHE_DEPEND": "1" if depend else "0"}
-               if ccache else {"CCACHE_DISABLE": "1"})
+    env.pop("CCACHE_DEPEND", None)  # ccache refuses "0": only its presence is asked for
+    if ccache:
+        env["CCACHE_DIR"] = str(work / "ccache")
+        if depend:
+            env["CCACHE_DEPEND"] = "1"
+    else:
+        env["CCACHE_DISABLE"] = "1"
     wrapper = work / "cc-timed"
     wrapper.write_text(WRAPPER.format(log=work / TIMES))
     wrapper.chmod(0o755)

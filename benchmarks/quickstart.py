@@ -285,7 +285,8 @@ def run_benchmark(work: Path, config: Path | None) -> Path:
         rc = run_stamped(log, "pip", [str(venv / "bin/pip"), "install", "-q", "-e",
                                       ".[dev]"], clone, env, "pip")
         if rc == 0:
-            argv = [str(venv / "bin/invoke"), "run-matrix"]
+            # the venv's python: invoke itself may come from the system's site-packages
+            argv = [str(venv / "bin/python"), "-m", "invoke", "run-matrix"]
             if config is not None:
                 argv += ["--config", str(config.resolve())]
             run_stamped(log, "run-matrix", argv, clone, env, "run")
