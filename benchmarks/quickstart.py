@@ -122,16 +122,19 @@ def _spread(values: Sequence[float]) -> str:
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.1f} min"
 
 
 def step_rows(steps: Sequence[Step]) -> list[Row]:
     """Rows from a run's timings.json (pure): each build on its own, the probe, then boots,
-    instrumented and plain repetitions as groups. A step that took no time (a cached
-    build) is left out: it did not cost the run anything."""
+    instrumented and plain repetitions as groups. A build that took no time (cached) is
+    left out: it did not cost the run anything. The probe is always shown, with its
+    verdict's source."""
     rows: list[Row] = []
     for s in steps:
-        if s.kind in ("build", "packages", "probe") and s.seconds >= 0.5:
+        if s.kind == "probe" or (s.kind in ("build", "packages") and s.seconds >= 0.5):
             label = {"probe": "KVM probe", "packages": "host packages"}.get(s.kind, s.name)
             note = s.detail if s.ok else f"{s.detail} FAILED".strip()
             rows.append(Row(label, s.seconds, note))
