@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import files as publish
+from testbed import timings
 from testbed.build.kernel import Kernel
 from testbed.build.kernel_source import (
     KernelSource,
@@ -427,7 +428,9 @@ class _Build:
     def env(self) -> dict[str, str]:
         ccache = self.settings.cache_dir / "ccache"
         ccache.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, "CCACHE_DIR": str(ccache), "LC_ALL": "C"}
+        # depend mode: ccache keys on the compiler's own -MMD output instead of running
+        # the preprocessor once more per file on a miss (a cold build's overhead)
+        return {**os.environ, "CCACHE_DIR": str(ccache), "CCACHE_DEPEND": "1", "LC_ALL": "C"}
 
     def artifact_dir(self, inputs: BuildInputs) -> Path:
         return self.root / f"{inputs.variant}-{inputs.key()}"
@@ -626,6 +629,8 @@ class _Build:
         seconds = time.monotonic() - start
         self.log(f"kernel {variant.name} built in {seconds:.0f} s (wall; "
                  f"{progress.cpu_seconds:.0f} s CPU) from {origin}")
+        timings.record("build", f"kernel {variant.name}", seconds,
+                       f"{progress.cpu_seconds:.0f} CPU-s")
         return self.publish(variant, inputs, source, tree, seconds, {
             "built_from": origin, "build_cpu_seconds": round(progress.cpu_seconds, 1),
             **extra})
@@ -705,3 +710,12 @@ def ensure_built(variant: str | Variant, settings: Settings, log: Log = print,
             f"(a cold build takes minutes)")
         build.clean_tmp()
         return build.build(v, inputs, source)
+
+
+def find_built_named(name: str, settings: Settings,
+                     kernels: KernelSet | None = None) -> Kernel | None:
+    """The cached kernel of the variant `name` for today's inputs, or None: never builds,
+    never downloads a source (a base whose source is not here yet has nothing built)."""
+    v = variant_of(name, kernels)
+    known = known_source(v.base, settings)
+    return None if known is None else find_built(v, known, settings)

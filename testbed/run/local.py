@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed import timings
 from testbed.build.kernel_build import ensure_built
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
@@ -32,6 +33,7 @@ from testbed.run.provenance import Provenance, counter_plan, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
 from testbed.vm.hostfacts import HostFacts, gather
+from testbed.vm.topology import plan_assets, run_kernels
 from testbed.vocabulary import DISTRO_KERNEL
 
 Shard = tuple[int, int]
@@ -129,11 +131,15 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
     The whole run holds the host lock (testbed.run.hostlock): a second run waits for
     it, or with `wait` False raises HostBusy. The counter plan is decided from the
     host's facts before the run folder is made, so a config this host cannot count
-    (`hardware` without a PMU) leaves nothing."""
+    (`hardware` without a PMU) leaves nothing. Before the first boot the session builds
+    exactly what its pending repetitions need (testbed.vm.topology.plan_assets); every
+    step's time goes to timings.json."""
     label = f"resuming {resume}" if resume else f"new run of {config}"
     with hostlock.held(label, wait=wait, log=log) as lock:
         try:
-            return _run_locked(settings, config, resume, shard_spec, fault, log, lock)
+            with timings.recording(timings.Timings()) as steps:
+                return _run_locked(settings, config, resume, shard_spec, fault, log, lock,
+                                   steps)
         except OSError as exc:  # (the loop says this itself for what a repetition writes)
             full = disk_full(exc, settings.results_dir,
                              "resume the run: invoke run-matrix --resume <its folder>")
@@ -144,21 +150,24 @@ def run_matrix(settings: Settings, config: Path | None, *, resume: str | None = 
 
 def _run_locked(settings: Settings, config: Path | None, resume: str | None,
                 shard_spec: Shard | None, fault: Fault | None, log: Log,
-                lock: hostlock.HostLock) -> RunSummary:
+                lock: hostlock.HostLock, steps: timings.Timings) -> RunSummary:
     facts: list[HostFacts] = []
 
     def check_host(exp: Experiment) -> None:
-        facts.append(gather(settings, log=log))
+        cells = expand(exp)
+        kernels = run_kernels(shard(cells, *shard_spec) if shard_spec else cells)
+        facts.append(gather(settings, log=log, kernels=kernels))
         counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
         cells = expand(exp)
         build_kernels(settings, exp, shard(cells, *shard_spec) if shard_spec else cells, log)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     lock.rename(run.run_id)
+    steps.attach(run.path / timings.TIMINGS_FILE)
     for warning in exp.warnings:
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
-        facts.append(gather(settings, log=log))
+        facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
         build_kernels(settings, exp, cells, log)
     provenance = Provenance(run, exp.counters, log)
     provenance.decide(facts[0])
@@ -166,9 +175,15 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
     plain = _plain_of(run, resume is not None, guests.plain_repetitions)
     log(f"run {run.run_id}: {len(cells)} cells x {exp.repetitions_text(plain)} -> {run.path}")
     started = time.monotonic()
-    collaborators = guests.collaborators(
-        start=lambda: provenance.record_host(facts[0], netbed_commit()))
-    summary = MatrixRunner(run, schedule(exp, cells, plain=plain), exp.retries, collaborators,
-                           log, adaptive_plan(exp, cells)).execute()
+    items = schedule(exp, cells, plain=plain)
+    pending = [(c, r) for c, r in items if not run.rep(c.cell_id, r).is_done]
+
+    def start() -> None:
+        provenance.record_host(facts[0], netbed_commit())
+        guests.prepare(plan_assets(pending, guests.cachemodel, guests.is_plain))
+
+    collaborators = guests.collaborators(start=start)
+    summary = MatrixRunner(run, items, exp.retries, collaborators, log,
+                           adaptive_plan(exp, cells)).execute()
     atomic_write_text(run.summary_file, summary_text(summary, time.monotonic() - started))
     return summary

@@ -151,6 +151,7 @@ class Provenance:
         atomic_write_json(self.run.host_file, facts.to_dict())
         self.versions = {
             "netbed_commit": commit, "qemu_version": facts.qemu_version,
+            "qemu_binary": facts.qemu_binary,
             "accel": "tcg" if plan.force_tcg else facts.accel,
             "accel_reason": ("forced by counters: cachemodel" if plan.force_tcg
                              else facts.kvm.reason),
@@ -171,7 +172,20 @@ class Provenance:
         self.versions["image"] = {"key": assets.image.key,
                                   "packages": {p: pkgs.get(p) for p in IMAGE_PACKAGES_RECORDED}}
         self.versions["accel"] = assets.accel
+        self._record_qemu(assets)
         self._write()
+
+    def _record_qemu(self, assets: Assets) -> None:
+        """The QEMU the guests boot with, asked when they are about to boot: the host facts
+        were gathered before anything was installed, and may name no QEMU or another one."""
+        if not assets.qemu_binary:
+            return
+        self.versions["qemu_version"] = assets.qemu_version
+        self.versions["qemu_binary"] = assets.qemu_binary
+        host = read_json(self.run.host_file) if self.run.host_file.is_file() else {}
+        used = {"qemu_version": assets.qemu_version, "qemu_binary": assets.qemu_binary}
+        if host and any(host.get(k) != v for k, v in used.items()):
+            atomic_write_json(self.run.host_file, {**host, **used})
 
     def _set(self, key: str, value: Any) -> None:
         """versions.json's `key` holds `value` (written only when it changes)."""

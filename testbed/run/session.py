@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed import timings
+from testbed.build.cachemodel_plugin import build_plugin
 from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.formats import record
@@ -45,7 +47,7 @@ from testbed.run.window import lead_seconds
 from testbed.settings import Settings
 from testbed.shell import Result, Shell
 from testbed.vm.qemu import PluginSpec
-from testbed.vm.topology import Assets, Topology, boot, prepare_assets
+from testbed.vm.topology import AssetPlan, Assets, Topology, boot, prepare_assets
 from testbed.vocabulary import AccelSetting, TcgThreads
 
 FAULT_KINDS = ("hang", "kill-qemu", "kill-netserver")
@@ -172,6 +174,14 @@ class ExperimentGuests:
             self.provenance.record_assets(kernel, assets)
         return self.assets[kernel]
 
+    def prepare(self, plan: AssetPlan) -> None:
+        """Build or fetch everything `plan` names before the first boot (each step timed)."""
+        for kernel in plan.kernels:
+            self._assets_for(kernel)
+        if plan.plugin:
+            with timings.step("build", "plugin"):
+                build_plugin(self.settings, self.log)
+
     @contextlib.contextmanager
     def boot(self, cell: Cell, plain: bool = False) -> Iterator[Booted]:
         """Receiver and sender for `cell`; the receiver under the cache-model plugin when
@@ -212,10 +222,12 @@ class ExperimentGuests:
         sender = self._faulty_sender(booted, cell)
         try:
             # tracing: the config's switch, and never where the plugin counts this window
-            info = run_repetition(topo.receiver.ssh, sender, booted.state, self.exp,
-                                  cell, resolved, rep, self.provenance.pmu,
-                                  cachemodel=booted.plugin,
-                                  tracing=self.exp.tracing and not booted.plugin)
+            with timings.step("repetition" if booted.plugin else "plain",
+                              f"{cell.cell_id} rep {rep.repetition}"):
+                info = run_repetition(topo.receiver.ssh, sender, booted.state, self.exp,
+                                      cell, resolved, rep, self.provenance.pmu,
+                                      cachemodel=booted.plugin,
+                                      tracing=self.exp.tracing and not booted.plugin)
         except (GuestError, CommandError) as exc:
             process = topo.receiver.process
             status = process.popen.poll() if process.popen is not None else None

@@ -15,16 +15,21 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from testbed import timings
 from testbed.build.cachemodel_plugin import cached_plugin_api, qemu_source
+from testbed.build.kernel import Kernel
+from testbed.build.kernel_build import find_built_named
 from testbed.build.kernels import get_kernel
 from testbed.build.newc import CpioEntry, write_newc
 from testbed.build.qemu_backport import resolve_qemu
-from testbed.build.sysdeps import ensure_packages
+from testbed.build.sysdeps import QEMU_PACKAGES, ensure_packages
 from testbed.errors import CommandTimeout, MissingDependency, NetbedError
+from testbed.files import atomic_write_json, now_iso
 from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.shell import HostShell
@@ -42,6 +47,65 @@ class KvmVerdict:
     usable: bool
     reason: str
     boot_seconds: float | None = None
+    # The guest kernel the probe booted ("patched 6.1.192-netbed-wakelocal"), when it ran.
+    probe_kernel: str | None = None
+    probed_at: str | None = None  # when the probe ran (a reused verdict keeps its time)
+    cached: bool = False  # this verdict was reused from the host's probe cache (no boot)
+
+
+@dataclass(frozen=True)
+class ProbeKey:
+    """What a KVM verdict depends on, and nothing else: the host kernel, the module that
+    provides /dev/kvm (kvm_intel/kvm_amd run stock guests, kvm_pvm here does not) and the
+    QEMU that boots the guests. Not the boot: a verdict survives reboots, so a run does
+    not pay a probe (and on a hanging host its timeout) each time."""
+
+    host_kernel: str
+    kvm_modules: tuple[str, ...]
+    qemu_binary: str
+    qemu_version: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kvm_modules": list(self.kvm_modules)}
+
+
+def stored_verdict(data: object, key: ProbeKey) -> KvmVerdict | None:
+    """The verdict stored for `key` in the probe cache's JSON, if it is for this key (pure).
+    Anything unreadable counts as no verdict: the probe runs again."""
+    if not isinstance(data, dict) or data.get("key") != key.to_dict():
+        return None
+    verdict = data.get("verdict")
+    if not isinstance(verdict, dict):
+        return None
+    try:
+        return replace(KvmVerdict(**verdict), cached=True)
+    except TypeError:
+        return None
+
+
+def verdict_record(key: ProbeKey, verdict: KvmVerdict) -> dict[str, Any]:
+    """What the probe cache stores (pure)."""
+    return {"key": key.to_dict(), "verdict": asdict(replace(verdict, cached=False))}
+
+
+# Kernels doctor may probe with when the cache has one (no run names its own).
+CACHED_PROBE_KERNELS = ("distro", "stock", "patched")
+
+
+def choose_probe_kernel(run_kernels: Sequence[str], is_cached: Callable[[str], bool],
+                        fallback: str = "distro") -> str:
+    """The guest kernel the probe boots (pure but for `is_cached`).
+
+    A run probes with a kernel it boots anyway: one already built if it has one, else
+    its first (built now instead of at the first boot). Without a run (doctor), any
+    kernel already in the cache, else Debian's prebuilt one (a download, cheaper than a
+    build)."""
+    for name in run_kernels:
+        if is_cached(name):
+            return name
+    if run_kernels:
+        return run_kernels[0]
+    return next((k for k in (*CACHED_PROBE_KERNELS, fallback) if is_cached(k)), fallback)
 
 
 @dataclass(frozen=True)
@@ -131,34 +195,38 @@ def probe_argv(qemu: Qemu, kernel: Path, initrd: Path, accel: Accel, console: Pa
         accel=accel, console=console), qemu)
 
 
-def _cache_key(settings: Settings) -> str:
-    boot_id = Path("/proc/sys/kernel/random/boot_id")
-    bid = boot_id.read_text().strip() if boot_id.exists() else "unknown"
-    return f"{bid}:{platform.release()}:{qemu_version(resolve_qemu(settings))}"
+def host_probe_key(settings: Settings) -> ProbeKey:
+    qemu = resolve_qemu(settings)
+    return ProbeKey(platform.release(), tuple(kvm_modules()), qemu.binary, qemu_version(qemu))
 
 
-def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True) -> KvmVerdict:
-    """Boot the probe under KVM with a short timeout; cached per host boot."""
+def kvm_device_problem() -> str | None:
+    """Why this user cannot open /dev/kvm, or None."""
     if not os.path.exists("/dev/kvm"):
-        return KvmVerdict(False, "/dev/kvm does not exist")
+        return "/dev/kvm does not exist"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return KvmVerdict(False, "/dev/kvm is not accessible to this user")
-    cache = settings.cache_dir / "host" / "kvm-probe.json"
-    key = _cache_key(settings)
-    if use_cache and cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("key") == key:
-            return KvmVerdict(**data["verdict"])
-    verdict = _run_probe(settings, log)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "verdict": asdict(verdict)}))
-    return verdict
+        return "/dev/kvm is not accessible to this user"
+    return None
 
 
-def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
+def kernel_is_cached(name: str, settings: Settings) -> bool:
+    """Whether `name` is ready without a build or download (nothing is built here)."""
+    if name == "distro":
+        return any((d / "done").is_file()
+                   for d in (settings.cache_dir / "kernels").glob("distro-*"))
+    try:
+        return find_built_named(name, settings) is not None
+    except NetbedError:
+        return False
+
+
+def boot_probe(settings: Settings, kernel: Kernel, log: Log) -> KvmVerdict:
+    """Boot `kernel` with the busybox initramfs under KVM; usable if the marker shows."""
     ensure_packages({"busybox-static": BUSYBOX_STATIC}, log)
-    kernel = get_kernel("distro", settings, log)
-    log(f"probing KVM: booting a tiny guest under -accel kvm (timeout {PROBE_TIMEOUT_S:.0f} s)")
+    label = f"{kernel.name} {kernel.release}"
+    log(f"probing KVM: booting a tiny guest ({label} kernel) under -accel kvm "
+        f"(timeout {PROBE_TIMEOUT_S:.0f} s)")
+    when = now_iso()
     with tempfile.TemporaryDirectory(prefix="netbed-probe-") as tmp_s:
         tmp = Path(tmp_s)
         probe_archive(Path(BUSYBOX_STATIC), tmp / "probe.cpio")
@@ -169,15 +237,58 @@ def _run_probe(settings: Settings, log: Log) -> KvmVerdict:
         try:
             proc = HostShell().run(argv, timeout=PROBE_TIMEOUT_S, check=False)
         except CommandTimeout:
-            return KvmVerdict(False, f"a stock kernel did not boot under KVM within "
+            return KvmVerdict(False, f"a {kernel.name} kernel did not boot under KVM within "
                                      f"{PROBE_TIMEOUT_S:.0f} s (hangs: modules "
-                                     f"{', '.join(kvm_modules()) or '?'})")
+                                     f"{', '.join(kvm_modules()) or '?'})",
+                              probe_kernel=label, probed_at=when)
         took = time.monotonic() - start
         text = console.read_text(errors="replace") if console.exists() else ""
         if PROBE_MARKER in text:
-            return KvmVerdict(True, f"probe guest booted under KVM in {took:.1f} s", took)
+            return KvmVerdict(True, f"probe guest booted under KVM in {took:.1f} s", took,
+                              probe_kernel=label, probed_at=when)
         err = (proc.stderr or proc.stdout).strip().splitlines()
-        return KvmVerdict(False, f"QEMU under KVM failed: {err[-1] if err else 'no output'}")
+        return KvmVerdict(False, f"QEMU under KVM failed: {err[-1] if err else 'no output'}",
+                          probe_kernel=label, probed_at=when)
+
+
+@dataclass(frozen=True)
+class ProbeEffects:
+    """What probe_kvm does besides deciding; tests replace them with fakes."""
+
+    device_problem: Callable[[], str | None] = kvm_device_problem
+    key: Callable[[Settings], ProbeKey] = host_probe_key
+    kernel_cached: Callable[[str, Settings], bool] = kernel_is_cached
+    kernel: Callable[[str, Settings, Log], Kernel] = get_kernel
+    boot: Callable[[Settings, Kernel, Log], KvmVerdict] = boot_probe
+
+
+def probe_cache_file(settings: Settings) -> Path:
+    return settings.cache_dir / "host" / "kvm-probe.json"
+
+
+def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True,
+              kernels: Sequence[str] = (), effects: ProbeEffects = ProbeEffects()) -> KvmVerdict:
+    """Whether KVM runs a guest here: the verdict cached for this host, kernel, KVM module
+    and QEMU, else a probe boot with one of the run's `kernels` (choose_probe_kernel)."""
+    if problem := effects.device_problem():
+        return KvmVerdict(False, problem)
+    cache = probe_cache_file(settings)
+    key = effects.key(settings)
+    if use_cache and cache.is_file():
+        try:
+            found = stored_verdict(json.loads(cache.read_text()), key)
+        except (OSError, ValueError):
+            found = None
+        if found is not None:
+            log(f"KVM verdict reused from {cache} (probed {found.probed_at or '?'} with "
+                f"{found.probe_kernel or '?'}): {'usable' if found.usable else found.reason}")
+            return found
+    name = choose_probe_kernel(kernels, lambda k: effects.kernel_cached(k, settings))
+    kernel = effects.kernel(name, settings, log)
+    with timings.step("probe", "kvm", f"booted {name}"):
+        verdict = effects.boot(settings, kernel, log)
+    atomic_write_json(cache, verdict_record(key, verdict))
+    return verdict
 
 
 def choose_accel(requested: AccelSetting, verdict: KvmVerdict) -> tuple[Accel, str]:
@@ -194,14 +305,23 @@ def choose_accel(requested: AccelSetting, verdict: KvmVerdict) -> tuple[Accel, s
     return "tcg", f"TCG, because {verdict.reason}"
 
 
-def resolve_accel(settings: Settings, log: Log = print) -> tuple[Accel, str]:
+def resolve_accel(settings: Settings, log: Log = print,
+                  kernels: Sequence[str] = ()) -> tuple[Accel, str]:
+    """kvm | tcg for `settings.accel`; a probe (if one is needed) boots one of `kernels`."""
     if settings.accel == "tcg":
         return "tcg", "tcg requested"
-    return choose_accel(settings.accel, probe_kvm(settings, log))
+    return choose_accel(settings.accel, probe_kvm(settings, log, kernels=kernels))
 
 
-def gather(settings: Settings, log: Log = print, probe: bool = True) -> HostFacts:
-    """Every fact doctor prints; `probe=False` skips booting the KVM probe."""
+def gather(settings: Settings, log: Log = print, probe: bool = True,
+           kernels: Sequence[str] | None = None) -> HostFacts:
+    """Every fact doctor prints; `probe=False` skips booting the KVM probe.
+
+    `kernels`: the guest kernels of a run about to start. The run installs QEMU first
+    (it needs it anyway), so the facts, the accelerator and the counter plan describe
+    the QEMU it will use, and the probe boots one of those kernels."""
+    if kernels is not None:
+        ensure_packages(QEMU_PACKAGES, log)
     usage = shutil.disk_usage(settings.cache_dir if settings.cache_dir.exists()
                               else settings.cache_dir.parent)
     mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
@@ -213,7 +333,7 @@ def gather(settings: Settings, log: Log = print, probe: bool = True) -> HostFact
     version = qemu_version(qemu)
     api, api_detail = plugin_api(settings)
     if probe and version:
-        verdict = probe_kvm(settings, log)
+        verdict = probe_kvm(settings, log, kernels=kernels or ())
     else:
         verdict = KvmVerdict(False, "not probed" if version else "QEMU is not installed")
     accel, _why = choose_accel("auto", verdict) if settings.accel == "auto" else (

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from testbed import timings
 from testbed.build.images import GuestImage, ensure_image, ensure_initrd
 from testbed.build.kernel import Kernel
 from testbed.build.kernels import get_kernel
 from testbed.build.qemu_backport import resolve_qemu
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.errors import NetbedError
+from testbed.experiment.config import Cell
 from testbed.experiment.kernelfile import KernelSet
 from testbed.progress import Log
 from testbed.settings import Settings
@@ -46,7 +48,8 @@ from testbed.vocabulary import Accel, AccelSetting, NicName, TcgThreads
 
 @dataclass(frozen=True)
 class Assets:
-    """What every guest boots from: kernel, image, initrd, run key, accelerator."""
+    """What every guest boots from: kernel, image, initrd, run key, accelerator, and the
+    QEMU that boots them (its version as `--version` says, for versions.json)."""
 
     kernel: Kernel
     image: GuestImage
@@ -54,6 +57,32 @@ class Assets:
     key: KeyPair
     accel: Accel
     accel_reason: str
+    qemu_binary: str = ""
+    qemu_version: str | None = None
+
+
+@dataclass(frozen=True)
+class AssetPlan:
+    """What a run's pending repetitions boot from, found before anything is built: the
+    kernels in the order the schedule first needs them, and whether any repetition runs
+    under the cache-model plugin. Building exactly this, up front, means no download or
+    build the run does not use, and a broken build stops the run before the first boot."""
+
+    kernels: tuple[str, ...]
+    plugin: bool
+
+
+def plan_assets(items: Sequence[tuple[Cell, int]], cachemodel: bool,
+                is_plain: Callable[[int], bool]) -> AssetPlan:
+    """The assets of the scheduled (cell, repetition) pairs still to run (pure)."""
+    kernels = tuple(dict.fromkeys(cell.kernel for cell, _ in items))
+    plugin = cachemodel and any(not is_plain(rep) for _, rep in items)
+    return AssetPlan(kernels, plugin)
+
+
+def run_kernels(cells: Sequence[Cell]) -> tuple[str, ...]:
+    """The guest kernels of `cells`, in first-use order (pure)."""
+    return tuple(dict.fromkeys(cell.kernel for cell in cells))
 
 
 @dataclass
@@ -109,17 +138,27 @@ class BootEffects:
 def prepare_assets(settings: Settings, kernel_name: str, workdir: Path,
                    log: Log = print, accel: AccelSetting | None = None,
                    kernels: KernelSet | None = None) -> Assets:
-    """Install, build or fetch whatever booting needs (each step cached); `kernels` is the
-    kernels file the name comes from (default configs/kernels.yaml)."""
-    from testbed.vm.hostfacts import resolve_accel
+    """Install, build or fetch whatever booting needs (each step cached, each timed into
+    the run's timings.json: a cached step takes no time); `kernels` is the kernels file
+    the name comes from (default configs/kernels.yaml)."""
+    from testbed.vm.hostfacts import qemu_version, resolve_accel
 
-    ensure_packages(GUEST_PACKAGES, log)
-    kernel = get_kernel(kernel_name, settings, log, kernels)
-    image = ensure_image(settings, log)
-    initrd = ensure_initrd(image, kernel, settings)
+    with timings.step("packages", "host packages"):
+        ensure_packages(GUEST_PACKAGES, log)
+    if kernel_name == "distro":  # a built kernel times itself, each variant apart
+        with timings.step("build", "kernel distro"):
+            kernel = get_kernel(kernel_name, settings, log, kernels)
+    else:
+        kernel = get_kernel(kernel_name, settings, log, kernels)
+    with timings.step("build", "image"):
+        image = ensure_image(settings, log)
+    with timings.step("build", f"initrd {kernel_name}"):
+        initrd = ensure_initrd(image, kernel, settings)
     key = make_keypair(workdir / "ssh")
-    chosen, why = resolve_accel(replace(settings, accel=accel) if accel else settings, log)
-    return Assets(kernel, image, initrd, key, chosen, why)
+    chosen, why = resolve_accel(replace(settings, accel=accel) if accel else settings, log,
+                                kernels=(kernel_name,))
+    qemu = resolve_qemu(settings, log)  # what _boot starts: its version is the run's
+    return Assets(kernel, image, initrd, key, chosen, why, qemu.binary, qemu_version(qemu))
 
 
 def _spec(assets: Assets, settings: Settings, workdir: Path, name: str, index: int,
@@ -261,7 +300,10 @@ def boot(assets: Assets, settings: Settings, workdir: Path, *, cpus: int,
         _await(receiver, settings, stack)
         if sender is not None:
             _await(sender, settings, stack)
-        log(f"guests ready in {time.monotonic() - started:.1f} s")
+        ready = time.monotonic() - started
+        log(f"guests ready in {ready:.1f} s")
+        timings.record("boot", f"{assets.kernel.name}, {nic or 'no'} NIC, {cpus} vCPUs",
+                       ready, f"{who}; plugin" if receiver_plugins else who)
         placement_record = placement.confirm(placement_record, _placed(receiver, sender))
         notes["placement"] = str(placement_record["note"])
         yield Topology(receiver, sender, plan if with_sender else None, assets, notes,

@@ -74,7 +74,8 @@ def test_hardware_counters_on_a_host_without_pmu_are_refused_before_any_folder(
 
     config = tmp_path / "hw.yaml"
     config.write_text(CONFIG + "counters: [software, hardware]\n")
-    monkeypatch.setattr(local, "gather", lambda s, log=print: facts(accel="kvm", pmu=False))
+    monkeypatch.setattr(local, "gather",
+                        lambda s, log=print, kernels=None: facts(accel="kvm", pmu=False))
     booted: list[object] = []
     monkeypatch.setattr(local, "ExperimentGuests", lambda *a, **k: booted.append(a))
     with pytest.raises(ConfigError, match="no core PMU") as e:
@@ -93,7 +94,8 @@ def test_a_cache_model_run_schedules_plain_repetitions_and_a_resume_keeps_them(
 
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG)  # counters auto, plain_repetitions 1 by default
-    monkeypatch.setattr(local, "gather", lambda s, log=print: facts(accel=accel, pmu=False))
+    monkeypatch.setattr(local, "gather",
+                        lambda s, log=print, kernels=None: facts(accel=accel, pmu=False))
     seen: list[list[tuple[str, int]]] = []
 
     class Runner:
@@ -119,3 +121,43 @@ def test_a_cache_model_run_schedules_plain_repetitions_and_a_resume_keeps_them(
     (summary.run_dir / "run.json").write_text(json.dumps({"shard": None, "config": "x"}))
     local.run_matrix(settings, None, resume=summary.run_dir.name, log=lines.append)
     assert len(seen[-1]) == 4
+
+
+def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
+        tmp_path, settings, monkeypatch):
+    from testbed.run import local
+    from testbed.run.loop import RunSummary
+    from testbed.run.session import ExperimentGuests
+    from testbed.vm.topology import AssetPlan
+    from tests.unit.test_provenance import facts
+
+    config = tmp_path / "two-kernels.yaml"
+    config.write_text(CONFIG.replace("[distro]", "[patched, stock]"))
+    asked: list[tuple[str, ...]] = []
+    monkeypatch.setattr(local, "gather", lambda s, log=print, kernels=None: (
+        asked.append(kernels), facts(accel="tcg", pmu=False))[1])
+    prepared: list[object] = []
+    monkeypatch.setattr(ExperimentGuests, "prepare", lambda self, plan: prepared.append(plan))
+
+    class Runner:
+        def __init__(self, run, items, retries, collaborators, log, adaptive):
+            self.run, self.start = run, collaborators.start
+
+        def execute(self) -> RunSummary:
+            self.start()
+            return RunSummary(self.run.path, total=0)
+
+    monkeypatch.setattr(local, "MatrixRunner", Runner)
+    summary = local.run_matrix(settings, config, log=lambda m: None)
+    assert asked == [("patched", "stock")]  # the probe may boot one of them, not distro
+    assert prepared[-1] == AssetPlan(("patched", "stock"), plugin=True)
+    assert (summary.run_dir / "timings.json").is_file()
+    # a resume with every stock repetition done builds nothing for stock
+    for rep in range(2):
+        for cell in json.loads((summary.run_dir / "cells.json").read_text()):
+            if cell["kernel"] == "stock":
+                folder = summary.run_dir / "cells" / cell["cell_id"] / f"rep-{rep}"
+                folder.mkdir(parents=True)
+                (folder / "done").write_text("{}")
+    local.run_matrix(settings, None, resume=summary.run_dir.name, log=lambda m: None)
+    assert prepared[-1] == AssetPlan(("patched",), plugin=True)

@@ -4,10 +4,13 @@ when the guest shows one."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from testbed.build.images import GuestImage
+from testbed.build.kernel import Kernel
 from testbed.errors import ConfigError
 from testbed.run.folder import RunDir
 from testbed.run.provenance import (
@@ -17,7 +20,9 @@ from testbed.run.provenance import (
     netbed_commit,
 )
 from testbed.shell import Result
+from testbed.vm.guest import KeyPair
 from testbed.vm.hostfacts import HostFacts, KvmVerdict
+from testbed.vm.topology import Assets
 
 
 class FakeShell:
@@ -153,3 +158,37 @@ def test_placement_is_recorded_in_versions_and_host(tmp_path: Path) -> None:
     assert "threads" not in host["placement"] and host["hostname"] == "h"
     prov.record_placement({})  # a lone guest without placement changes nothing
     assert versions(run)["placement"] == record
+
+
+def assets(tmp_path: Path, qemu_version: str | None = "7.2.22") -> Assets:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"packages": {"netperf": "2.7.0"}}))
+    return Assets(Kernel("patched", tmp_path / "bzImage", "6.1.192-netbed-wakelocal"),
+                  GuestImage("img", tmp_path / "rootfs.cpio", "ssh-ed25519 AAAA", manifest),
+                  tmp_path / "rootfs.cpio", KeyPair(tmp_path / "id", "AAAA"), "tcg",
+                  "tcg requested", "qemu-system-x86_64", qemu_version)
+
+
+def test_the_qemu_version_is_the_one_of_the_qemu_the_guests_booted_with(tmp_path: Path):
+    # host facts gathered before QEMU was installed said nothing about it
+    run = RunDir(tmp_path)
+    prov = Provenance(run, ["auto"], log=lambda m: None)
+    before = replace(facts(accel="tcg"), qemu_version=None, qemu_binary="qemu-system-x86_64",
+                     kvm=KvmVerdict(False, "QEMU is not installed"))
+    prov.record_host(before, "abc")
+    assert versions(run)["qemu_version"] is None
+    prov.record_assets("patched", assets(tmp_path))
+    assert versions(run)["qemu_version"] == "7.2.22"
+    assert versions(run)["qemu_binary"] == "qemu-system-x86_64"
+    host = json.loads(run.host_file.read_text())
+    assert host["qemu_version"] == "7.2.22" and host["hostname"] == "h"
+
+
+def test_a_backport_qemu_is_named_with_its_own_binary(tmp_path: Path):
+    run = RunDir(tmp_path)
+    prov = Provenance(run, ["auto"], log=lambda m: None)
+    prov.record_host(facts(accel="tcg"), "abc")
+    used = replace(assets(tmp_path, "10.0.2"), qemu_binary="/c/qemu/usr/bin/qemu-system-x86_64")
+    prov.record_assets("patched", used)
+    assert versions(run)["qemu_version"] == "10.0.2"
+    assert json.loads(run.host_file.read_text())["qemu_binary"] == used.qemu_binary
