@@ -168,7 +168,6 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
         log(warning)
     if not facts:  # a resumed run: the plan (and with it the plain repetitions) needs them
         facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
-        build_kernels(settings, exp, cells, log)
     provenance = Provenance(run, exp.counters, log)
     provenance.decide(facts[0])
     guests = ExperimentGuests(settings, run, exp, provenance, log, fault)

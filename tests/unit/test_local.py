@@ -148,7 +148,12 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
             return RunSummary(self.run.path, total=0)
 
     monkeypatch.setattr(local, "MatrixRunner", Runner)
+    monkeypatch.setattr(local, "netbed_commit", lambda: "0" * 40)
+    built: list[list[str]] = []  # a new run builds every kernel before its folder exists
+    monkeypatch.setattr(local, "build_kernels", lambda s, exp, cells, log: built.append(
+        [c.kernel for c in cells]))
     summary = local.run_matrix(settings, config, log=lambda m: None)
+    assert built and set(built[0]) == {"patched", "stock"}
     assert asked == [("patched", "stock")]  # the probe may boot one of them, not distro
     assert prepared[-1] == AssetPlan(("patched", "stock"), plugin=True)
     assert (summary.run_dir / "timings.json").is_file()
