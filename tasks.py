@@ -179,7 +179,8 @@ def bench_boot(c, kernel=None, nic="e1000", cpus=2, boots=3):
 
 
 @task(help={
-    "variant": "stock, patched or all (stock first: patched reuses its objects)",
+    "variant": "stock, patched, affine-copy or all (stock first: the others reuse its "
+               "objects)",
     "json": "print the built kernels' metadata as JSON instead of a summary",
 })
 def build_kernel(c, variant="all", json_=False):
@@ -188,7 +189,8 @@ def build_kernel(c, variant="all", json_=False):
 
     variants = VARIANTS if variant == "all" else (variant,)
     if any(v not in VARIANTS for v in variants):
-        raise Exit(f"netbed: error: unknown variant {variant!r}; use stock, patched or all")
+        raise Exit(f"netbed: error: unknown variant {variant!r}; "
+                   f"use {', '.join(VARIANTS)} or all")
     s = settings_of(c)
     built = {}
     with user_errors():

@@ -165,7 +165,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _collate_perf(rep, out)
     _collate_cachemodel(rep, out)
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
-    _collate_trace(rep, out)
+    _collate_trace(rep, out, None if units is None else units.seconds)
     _derive_per_unit(out, units, workload)
     _derive_coverage(out, units, workload)
     return out.rows, facts
@@ -478,8 +478,9 @@ def _collate_window(rep: RepDir, out: _Rows, workload: str, request_size: Any,
     return units
 
 
-def _collate_trace(rep: RepDir, out: _Rows) -> None:
+def _collate_trace(rep: RepDir, out: _Rows, seconds: float | None) -> None:
     unsupported = rep.file(trace.RAW_UNSUPPORTED)
+    events = rep.file(trace.RAW_EVENTS)
     gz, stats = rep.file(trace.RAW_TRACE), rep.file(trace.RAW_STATS)
     readback = _read_json_or_none(rep.file(RawFiles.READBACK)) or {}
     pid_file = rep.file(RawFiles.READER_PID)
@@ -489,7 +490,8 @@ def _collate_trace(rep: RepDir, out: _Rows) -> None:
         stats.read_text() if stats.is_file() else "",
         unsupported.read_text() if unsupported.is_file() else None,
         readback.get("iface") if isinstance(readback.get("iface"), str) else None,
-        int(pid_text) if pid_text.isdigit() else None)
+        int(pid_text) if pid_text.isdigit() else None,
+        events.read_text() if events.is_file() else None, seconds)
     for r in rows:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
 

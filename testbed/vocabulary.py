@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from testbed.errors import ConfigError
 
-KernelName = Literal["distro", "stock", "patched"]
+KernelName = Literal["distro", "stock", "patched", "affine-copy"]
 NicName = Literal["e1000", "virtio", "virtio-nocsum", "virtio-notso"]
 WorkloadName = Literal["TCP_STREAM", "TCP_MAERTS", "TCP_RR"]
 CounterName = Literal["auto", "software", "hardware", "cachemodel"]

@@ -47,14 +47,18 @@ from testbed.shell import HostShell
 
 Log = Callable[[str], None]
 
-VARIANTS = ("stock", "patched")
+VARIANTS = ("stock", "patched", "affine-copy")
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = IMAGES_DIR / "kernel" / "netbed.config"
 PATCHES_DIR = IMAGES_DIR / "patches"
 BASE_CONFIG = "allnoconfig"
 # Appended to CONFIG_LOCALVERSION ("-netbed") so `uname -r` tells the variants apart.
-LOCALVERSION = {"stock": "", "patched": "-wakelocal"}
+LOCALVERSION = {"stock": "", "patched": "-wakelocal", "affine-copy": "-affinecopy"}
+# The patches of each patched variant: a glob in images/patches/, applied in name order.
+# `patched` keeps the wake-local patch alone (its cache key is unchanged); `affine-copy`
+# is the seed's second proposal on the stock source (docs/affine-copy.md).
+VARIANT_PATCHES = {"patched": "0001-*.patch", "affine-copy": "0002-*.patch"}
 # Bump when the recipe (commands, base config, layout) changes: old caches are not reused.
 RECIPE_VERSION = 1
 PROGRESS_EVERY_S = 30.0
@@ -194,9 +198,9 @@ def parse_patch(path: Path, text: str | None = None) -> PatchInfo:
                      hashlib.sha256(text.encode()).hexdigest())
 
 
-def patch_paths(patches_dir: Path = PATCHES_DIR) -> list[Path]:
-    """The patches of the `patched` variant, in the order `git am` would apply them."""
-    return sorted(patches_dir.glob("*.patch"))
+def patch_paths(patches_dir: Path = PATCHES_DIR, variant: str = "patched") -> list[Path]:
+    """The patches of a patched variant, in the order `git am` would apply them."""
+    return sorted(patches_dir.glob(VARIANT_PATCHES[variant]))
 
 
 @dataclass(frozen=True)
@@ -264,10 +268,10 @@ def current_inputs(variant: str, patches_dir: Path = PATCHES_DIR,
         raise NetbedError(f"unknown kernel variant {variant!r}",
                           hint=f"use one of: {', '.join(VARIANTS)}")
     patches: tuple[tuple[str, str], ...] = ()
-    if variant == "patched":
-        paths = patch_paths(patches_dir)
+    if variant != "stock":
+        paths = patch_paths(patches_dir, variant)
         if not paths:
-            raise NetbedError(f"no *.patch files in {patches_dir}",
+            raise NetbedError(f"no {VARIANT_PATCHES[variant]} file in {patches_dir}",
                               hint="restore images/patches/ from git")
         patches = tuple((p.name, sha256_file(p)) for p in paths)
     return BuildInputs(variant, source_version(), sha256_file(fragment), compiler_version(),
@@ -489,13 +493,14 @@ class _Build:
         stock_inputs = inputs.stock()
         if self.load(stock_inputs) is None or not (
                 self.tree_dir(inputs) / ".netbed-configured").is_file():
-            self.log("kernel patched starts from the stock build, which is not built yet: "
-                     "building stock first")
+            self.log(f"kernel {inputs.variant} starts from the stock build, which is not "
+                     "built yet: building stock first")
             self.build_stock(stock_inputs)
         start = time.monotonic()
-        progress = _Progress(self.log, "patched", self.root / f"patched-{inputs.key()}.log")
+        variant = inputs.variant
+        progress = _Progress(self.log, variant, self.root / f"{variant}-{inputs.key()}.log")
         progress.logfile.unlink(missing_ok=True)
-        work = self.tmp / f"patched-tree-{inputs.key()}.{os.getpid()}"
+        work = self.tmp / f"{variant}-tree-{inputs.key()}.{os.getpid()}"
         # The copy stays in tmp/ when we are done (deleting ~2 GB takes a minute on a busy
         # disk): the next build's clean_tmp() removes it, and after a failure it is there
         # to inspect.
@@ -507,9 +512,9 @@ class _Build:
             progress.run(["patch", "-p1", "--forward", "--batch", "-i",
                           str(PATCHES_DIR / name)], cwd=work)
         self.relink_objtool_in_place(self.tree_dir(inputs), work, progress)
-        self.make(work, "patched", progress)
+        self.make(work, variant, progress)
         seconds = time.monotonic() - start
-        self.log(f"kernel patched built in {seconds:.0f} s (wall, patch-only rebuild; "
+        self.log(f"kernel {variant} built in {seconds:.0f} s (wall, patch-only rebuild; "
                  f"{progress.cpu_seconds:.0f} s CPU)")
         return self.publish(inputs, work, seconds, {
             "built_from": f"stock tree {stock_inputs.key()} + patches",
