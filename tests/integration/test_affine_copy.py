@@ -10,6 +10,12 @@ read back, window script, raw files fetched, collated like any run):
 - `pin-irq` (the same placement knobs, the sysctl 0): the scheduler keeps the reader
   mostly off the busy softirq CPU, clearly lower.
 
+And the two cases the patch must leave alone, the sysctl on in both (test-only
+policies added to a copy of the shipped file):
+- the reader pinned to CPU 1 (pin-cross): pinning wins, it is never moved;
+- RFS on: RFS moves the processing to the reader, the patch stands back, and the two
+  do not chase each other (few migrations, processing on the reader's CPU).
+
 Skipped with the reason when the kernel is not built (`invoke build-kernel --variant
 affine-copy`). The figures measured are in docs/affine-copy.md.
 """
@@ -93,12 +99,36 @@ def affine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         yield topo, discover(topo.receiver.ssh, topo.receiver.spec.data_mac)
 
 
+EXTRA_POLICIES = """
+  affine-copy-pinned:
+    description: test only; pin-cross with net.core.rx_affine_copy=1 (pinning must win)
+    min_cpus: 2
+    irq_cpus: 0
+    reader_cpu: other
+    sysctls:
+      net.core.rx_affine_copy: 1
+
+  affine-copy-rfs:
+    description: test only; rfs with net.core.rx_affine_copy=1 (the patch stands back)
+    min_cpus: 2
+    irq_cpus: 0
+    reader_cpu: any
+    rps_cpus: all
+    rps_sock_flow_entries: 32768
+    rps_flow_cnt: 32768
+    sysctls:
+      net.core.rx_affine_copy: 1
+"""
+
+
 def measure(b: Booted, tmp: Path, policy: str) -> pd.DataFrame:
+    policies = tmp / "policies.yaml"
+    policies.write_text(POLICIES.read_text() + EXTRA_POLICIES)
     data = {"name": "affine-copy", "axes": {"kernel": [KERNEL], "nic": ["e1000"], "cpus": [2],
                                             "policy": [policy], "workload": ["TCP_STREAM"],
                                             "gro": ["on"]},
             "repetitions": 1, "duration": DURATION_S, "warmup": 1}
-    exp = experiment_from_dict(data, load_policies(POLICIES))
+    exp = experiment_from_dict(data, load_policies(policies))
     cell = expand(exp)[0]
     run = RunDir(tmp / f"run-{policy}")
     rep = run.start_rep(cell.cell_id, 1)
@@ -132,3 +162,19 @@ def test_reader_follows_the_cpu_that_processes_its_data(affine: Booted, tmp_path
     assert on.loc["sched.reader_migrations.per_s", "value"] <= MAX_MIGRATIONS_PER_S
     # "clearly lower": the stock scheduler keeps a free reader mostly off the IRQ CPU
     assert off.loc["locality.processing_on_reader_cpu", "value"] <= 0.7
+
+
+@pytest.mark.slow
+def test_pinning_wins_and_rfs_is_not_chased(affine: Booted, tmp_path: Path) -> None:
+    pinned = measure(affine, tmp_path, "affine-copy-pinned")
+    rfs = measure(affine, tmp_path, "affine-copy-rfs")
+    print("\npinned:", show(pinned), "\nrfs:   ", show(rfs))
+    for df in (pinned, rfs):
+        for m in ("locality.processing_on_reader_cpu", "sched.reader_migrations.per_s"):
+            assert df.loc[m, "status"] == "ok", (m, df.loc[m, "note"])
+    # pinned to CPU 1 (the policy read-back checked it): never moved to the IRQ CPU 0
+    assert pinned.loc["sched.reader_migrations", "value"] == 0
+    assert pinned.loc["locality.processing_on_reader_cpu", "value"] <= 0.1
+    # RFS puts the processing where the reader runs; the patch does not move the reader
+    assert rfs.loc["locality.processing_on_reader_cpu", "value"] >= 0.8
+    assert rfs.loc["sched.reader_migrations.per_s", "value"] <= MAX_MIGRATIONS_PER_S
