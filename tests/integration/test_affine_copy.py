@@ -22,6 +22,8 @@ affine-copy`). The figures measured are in docs/affine-copy.md.
 
 from __future__ import annotations
 
+import gzip
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -164,6 +166,15 @@ def test_reader_follows_the_cpu_that_processes_its_data(affine: Booted, tmp_path
     assert off.loc["locality.processing_on_reader_cpu", "value"] <= 0.7
 
 
+def stopper_moves(tmp: Path, policy: str) -> int:
+    """The reader's migrations done by a stopper thread (`migration/N` in the raw trace):
+    the patch's moves (or active balancing), as opposed to wake-up placements."""
+    (raw,) = (tmp / f"run-{policy}").glob("cells/*/rep-1/trace.txt.gz")
+    text = gzip.decompress(raw.read_bytes()).decode(errors="replace")
+    return len(re.findall(r"^\s*migration/\d+-\d+ .*sched_migrate_task: comm=netserver", text,
+                          re.M))
+
+
 @pytest.mark.slow
 def test_pinning_wins_and_rfs_is_not_chased(affine: Booted, tmp_path: Path) -> None:
     pinned = measure(affine, tmp_path, "affine-copy-pinned")
@@ -175,6 +186,8 @@ def test_pinning_wins_and_rfs_is_not_chased(affine: Booted, tmp_path: Path) -> N
     # pinned to CPU 1 (the policy read-back checked it): never moved to the IRQ CPU 0
     assert pinned.loc["sched.reader_migrations", "value"] == 0
     assert pinned.loc["locality.processing_on_reader_cpu", "value"] <= 0.1
-    # RFS puts the processing where the reader runs; the patch does not move the reader
+    # RFS puts the processing where the reader runs; the patch does not move the reader:
+    # its migrations (measured: 23 in 4.1 s) are all the scheduler's wake-up placements,
+    # none by the stopper
     assert rfs.loc["locality.processing_on_reader_cpu", "value"] >= 0.8
-    assert rfs.loc["sched.reader_migrations.per_s", "value"] <= MAX_MIGRATIONS_PER_S
+    assert stopper_moves(tmp_path, "affine-copy-rfs") == 0
