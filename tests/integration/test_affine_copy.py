@@ -14,7 +14,7 @@ And the two cases the patch must leave alone, the sysctl on in both (test-only
 policies added to a copy of the shipped file):
 - the reader pinned to CPU 1 (pin-cross): pinning wins, it is never moved;
 - RFS on: RFS moves the processing to the reader, the patch stands back, and the two
-  do not chase each other (few migrations, processing on the reader's CPU).
+  do not chase each other (processing on the reader's CPU, no stopper-driven moves).
 
 Skipped with the reason when the kernel is not built (`invoke build-kernel --variant
 affine-copy`). The figures measured are in docs/affine-copy.md.
