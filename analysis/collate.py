@@ -180,7 +180,7 @@ def collate_rep(rep: RepDir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for r in payloadpath.read_rows(rep.path):  # cache.payload_*: testbed/formats/payloadpath.py
         out.add(r.metric, "all", r.value, r.unit, "cachemodel", r.status, r.note)
     units = _collate_window(rep, out, workload, request_size, netperf_rate)
-    _collate_trace(rep, out)
+    _collate_trace(rep, out, None if units is None else units.seconds)
     _collate_socket_queue(rep, out)
     _derive_per_unit(out, units, workload)
     _derive_coverage(out, units, workload)
@@ -471,8 +471,9 @@ def _collate_socket_queue(rep: RepDir, out: _Rows) -> None:
         out.add(r.metric, "all", r.value, r.unit, r.source, r.status, r.note)
 
 
-def _collate_trace(rep: RepDir, out: _Rows) -> None:
+def _collate_trace(rep: RepDir, out: _Rows, seconds: float | None) -> None:
     unsupported = rep.file(trace.RAW_UNSUPPORTED)
+    events = rep.file(trace.RAW_EVENTS)
     gz, stats = rep.file(trace.RAW_TRACE), rep.file(trace.RAW_STATS)
     readback = _read_json_or_none(rep.file(READBACK_RAW)) or {}
     pid_file = rep.file(reader.RAW_PID)
@@ -482,7 +483,8 @@ def _collate_trace(rep: RepDir, out: _Rows) -> None:
         stats.read_text() if stats.is_file() else "",
         unsupported.read_text() if unsupported.is_file() else None,
         readback.get("iface") if isinstance(readback.get("iface"), str) else None,
-        int(pid_text) if pid_text.isdigit() else None)
+        int(pid_text) if pid_text.isdigit() else None,
+        events.read_text() if events.is_file() else None, seconds)
     for r in rows:
         out.add(r.metric, r.cpu, r.value, r.unit, r.source, r.status, r.note)
 

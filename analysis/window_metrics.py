@@ -131,14 +131,42 @@ def rate_rows(units: Units | None, netperf_rate: float | None, workload: str) ->
     return [Row("window.netperf_ratio", ratio, "ratio", note=note, source="derived")]
 
 
+MIGRATION_METRICS = ("sched.reader_migrations", "sched.reader_migrations.per_s")
+MIGRATION_UNITS = ("migrations", "1/s")
 LOCALITY_METRICS = ("locality.processing_on_reader_cpu", "locality.irq_on_reader_cpu",
-                    "wakeups.count", "wakeups.on_waker_cpu", "wakeups.from_softirq")
-LOCALITY_UNITS = ("fraction", "fraction", "wake-ups", "fraction", "fraction")
+                    "wakeups.count", "wakeups.on_waker_cpu", "wakeups.from_softirq",
+                    *MIGRATION_METRICS)
+LOCALITY_UNITS = ("fraction", "fraction", "wake-ups", "fraction", "fraction",
+                  *MIGRATION_UNITS)
+
+
+def migration_rows(loc: trace.Locality, events_text: str | None, seconds: float | None,
+                   lost_note: str) -> list[Row]:
+    """The reader's moves to another CPU (sched_migrate_task) in the trace window, and
+    per second of the window (the trace is on between the same edges). A trace that
+    did not arm the event (runs before it) gives not-supported rows, never zero."""
+    if events_text is None or trace.MIGRATE_EVENT not in events_text.split():
+        return _missing(MIGRATION_METRICS, MIGRATION_UNITS,
+                        f"{trace.MIGRATE_EVENT} not traced in this repetition "
+                        "(a run made before migrations were traced)", source="trace")
+    note = f"sched_migrate_task of reader pid {loc.reader_pids}{lost_note}"
+    rows = [Row("sched.reader_migrations", float(loc.migrations), "migrations", note=note,
+                source="trace")]
+    if seconds is None or not seconds > 0:
+        rows.append(Row("sched.reader_migrations.per_s", math.nan, "1/s", "not-supported",
+                        "no window length in this repetition", source="trace"))
+    else:
+        rows.append(Row("sched.reader_migrations.per_s", loc.migrations / seconds, "1/s",
+                        note=f"{loc.migrations} in {seconds:.3f} s window{lost_note}",
+                        source="trace"))
+    return rows
 
 
 def trace_rows(trace_gz: bytes | None, stats_text: str, unsupported: str | None,
-               iface: str | None, pid: int | None) -> list[Row]:
-    """Locality and wake-up rows from the raw trace, or not-supported rows saying why."""
+               iface: str | None, pid: int | None, events_text: str | None = None,
+               seconds: float | None = None) -> list[Row]:
+    """Locality, wake-up and migration rows from the raw trace, or not-supported rows
+    saying why. `events_text` is the armed-events file; `seconds` the window length."""
     if unsupported is not None:
         return _missing(LOCALITY_METRICS, LOCALITY_UNITS,
                         "no trace: " + (unsupported.strip() or "tracing unsupported"),
@@ -174,4 +202,5 @@ def trace_rows(trace_gz: bytes | None, stats_text: str, unsupported: str | None,
                  f"awake (not counted){lost_note}", source="trace"),
         share("wakeups.on_waker_cpu", loc.on_waker_cpu, f"{loc.wakeups} wake-ups"),
         share("wakeups.from_softirq", loc.from_softirq, f"{loc.wakeups} wake-ups"),
+        *migration_rows(loc, events_text, seconds, lost_note),
     ]

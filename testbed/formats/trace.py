@@ -6,7 +6,9 @@ Raw files:
 - `trace-stats.txt`: `per_cpu/cpuN/stats` after the window (events lost to a full
   buffer show up there as `overrun`);
 - `trace-unsupported`: present instead when the kernel cannot trace; its text is
-  the reason.
+  the reason;
+- `trace-events.txt`: the events armed, one a line (runs made before it existed
+  did not trace migrations: their migration counts are not-supported, not zero).
 
 Events and why each (Linux 6.1 semantics):
 - `net:netif_receive_skb` fires in `__netif_receive_skb_core`, after RPS/RFS
@@ -19,6 +21,9 @@ Events and why each (Linux 6.1 semantics):
   irq-context flag says softirq or not); its `target_cpu` is the task's previous
   CPU. The placement is `sched:sched_wakeup`'s `target_cpu`.
 - `sched:sched_switch` says where the reader runs and when it sleeps.
+- `sched:sched_migrate_task` fires in `set_task_cpu()` whenever the reader is moved
+  to another CPU: by a wake-up's placement, the load balancer, or a stopper-driven
+  move (the affine-copy kernel's `net.core.rx_affine_copy`); `orig_cpu`, `dest_cpu`.
 All are filtered in the kernel (data NIC; netserver's processes), so the buffer
 holds little more than the reduction needs; the reduction picks the reader by pid.
 """
@@ -37,10 +42,12 @@ TRACEFS = "/sys/kernel/tracing"
 RAW_TRACE = "trace.txt.gz"
 RAW_STATS = "trace-stats.txt"
 RAW_UNSUPPORTED = "trace-unsupported"
-FILES = (RAW_TRACE, RAW_STATS, RAW_UNSUPPORTED)
+RAW_EVENTS = "trace-events.txt"
+FILES = (RAW_TRACE, RAW_STATS, RAW_UNSUPPORTED, RAW_EVENTS)
 BUFFER_KB_PER_CPU = 8192
 EVENTS = ("net/netif_receive_skb", "napi/napi_poll", "sched/sched_waking",
-          "sched/sched_wakeup", "sched/sched_switch")
+          "sched/sched_wakeup", "sched/sched_switch", "sched/sched_migrate_task")
+MIGRATE_EVENT = "sched/sched_migrate_task"
 
 
 READER_COMM = "netserver"  # the reader is netserver's data process; its pid picks it out
@@ -58,6 +65,7 @@ def _filters(iface: str) -> dict[str, str]:
         "sched/sched_waking": f"'comm == \"{c}\"'",
         "sched/sched_wakeup": f"'comm == \"{c}\"'",
         "sched/sched_switch": f"'prev_comm == \"{c}\" || next_comm == \"{c}\"'",
+        "sched/sched_migrate_task": f"'comm == \"{c}\"'",
     }
 
 
@@ -66,6 +74,7 @@ def setup_command(iface: str, out_dir: str) -> str:
     to `<out_dir>/trace-unsupported` and leave tracing off."""
     t = TRACEFS
     unsup = f"{out_dir}/{RAW_UNSUPPORTED}"
+    armed = f"{out_dir}/{RAW_EVENTS}"
     lines = [
         f"nbtrace_fail() {{ echo \"$1\" > {unsup}; echo 0 > {t}/tracing_on 2>/dev/null; }}",
         f"[ -d {t}/events ] || mount -t tracefs nodev {t} 2>/dev/null",
@@ -80,7 +89,7 @@ def setup_command(iface: str, out_dir: str) -> str:
         d = f"{t}/events/{event}"
         lines += [
             f"  if [ ! -d {d} ]; then nbtrace_fail 'kernel has no tracepoint {event}';",
-            f"  else echo {flt} > {d}/filter && echo 1 > {d}/enable "
+            f"  else echo {flt} > {d}/filter && echo 1 > {d}/enable && echo {event} >> {armed} "
             f"|| nbtrace_fail 'cannot filter or enable {event}'; fi",
         ]
     lines += ["fi", f"if [ -e {unsup} ]; then echo 0 > {t}/events/enable 2>/dev/null; fi"]
@@ -191,6 +200,7 @@ class Locality:
     wakeups_on_waker: int = 0
     wakeups_from_softirq: int = 0
     wakings_while_awake: int = 0
+    migrations: int = 0  # sched_migrate_task of the reader: any move to another CPU
     reader_switches: int = 0
     reader_pids: list[int] = field(default_factory=list)
 
@@ -294,6 +304,8 @@ def reduce_trace(records: Iterable[Record], iface: str | None, pid: int | None =
             else:
                 loc.wakings_while_awake += asleep is False
                 pending = None
+        elif r.event == "sched_migrate_task" and _int("pid", r.body) == pid:
+            loc.migrations += 1
         elif r.event == "sched_wakeup" and _int("pid", r.body) == pid and pending:
             target = _int("target_cpu", r.body)
             loc.wakeups += 1

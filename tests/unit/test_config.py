@@ -218,7 +218,11 @@ def test_full_yaml_loads_and_expands() -> None:
     cells = expand(exp)
     ids = [c.cell_id for c in cells]
     assert len(ids) == len(set(ids))
-    assert {c.kernel for c in cells} == {"distro", "stock", "patched"}
+    assert {c.kernel for c in cells} == {"distro", "stock", "patched", "affine-copy"}
+    # the affine-copy kernel runs one pair of cells (included, not an axis value)
+    assert sorted(c.policy for c in cells if c.kernel == "affine-copy") == ["affine-copy",
+                                                                            "pin-irq"]
+    assert {c.kernel for c in cells if c.policy == "affine-copy"} == {"affine-copy"}
     assert {c.cpus for c in cells} == {1, 2, 4}
     assert {c.workload.name for c in cells} == {"TCP_STREAM", "TCP_MAERTS", "TCP_RR"}
     assert {c.kernel for c in cells if c.policy == "wake-local"} == {"patched"}

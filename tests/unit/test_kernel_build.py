@@ -32,9 +32,9 @@ from testbed.experiment.kernelfile import Variant, load_kernels
 from testbed.settings import Settings
 
 
-def patch_paths() -> list[Path]:
-    """The patches of the shipped `patched` variant, in order."""
-    return [ref.path for ref in load_kernels().variant("patched").patches]
+def patch_paths(variant: str = "patched") -> list[Path]:
+    """The patches of a shipped variant (default `patched`), in order."""
+    return [ref.path for ref in load_kernels().variant(variant).patches]
 
 
 def _inputs(**over: object) -> BuildInputs:
@@ -187,6 +187,24 @@ def test_shipped_patch_is_a_well_formed_format_patch() -> None:
     assert '"rx_wake_local"' in text and "WF_CURRENT_CPU" in text
     # the commit message says what it does not cover
     assert "epoll" in text.split("\n---\n", 1)[0]
+
+
+def test_affine_copy_patch_is_its_own_variant_and_says_its_decisions() -> None:
+    (path,) = patch_paths(variant="affine-copy")
+    assert path.name.startswith("0002-") and path not in patch_paths()
+    info = parse_patch(path)
+    assert info.author.startswith("netbed developers") and info.has_diffstat
+    assert set(info.files) == {
+        "include/linux/sched/rx_affine.h", "kernel/sched/core.c", "kernel/sched/fair.c",
+        "net/core/sysctl_net_core.c", "net/ipv4/tcp.c"}
+    text = path.read_text()
+    message = text.split("\n---\n", 1)[0]
+    assert '"rx_affine_copy"' in text and "proc_do_static_key" in text
+    # the description decides which CPU processed the data, and says what happens
+    # with RFS and with a pinned reader
+    for words in ("sk_incoming_cpu", "GRO", "RFS", "pinning", "rate-limited", "cpus_mask"):
+        assert words in message, words
+    assert make_argv("affine-copy", 2)[-4] == "LOCALVERSION=-affinecopy"
 
 
 def test_parse_patch_unfolds_subject_and_strips_prefix(tmp_path: Path) -> None:

@@ -72,18 +72,20 @@ def _readback(name: str):
 
 
 def test_shipped_policies(shipped) -> None:
-    for name in ("default", "pin-same", "pin-cross", "rps", "rfs", "wake-local"):
+    for name in ("default", "pin-same", "pin-cross", "rps", "rfs", "wake-local", "affine-copy"):
         assert name in shipped
     assert shipped["wake-local"].requires_kernel == ["patched"]
+    assert shipped["affine-copy"].requires_kernel == ["affine-copy"]
     assert shipped["pin-cross"].min_cpus == 2
-    # every policy but wake-local turns the patched kernel's switch off where it exists
+    # every policy turns the patched kernels' switches off where they exist, except
+    # the one policy that turns its own on
+    switches = {"wake-local": "net.core.rx_wake_local",
+                "affine-copy": "net.core.rx_affine_copy"}
     for name in shipped.names:
         r = shipped.resolve(name, 2)
-        if name == "wake-local":
-            assert r.sysctls == {"net.core.rx_wake_local": "1"}
-            assert "net.core.rx_wake_local" not in r.sysctls_if_present
-        else:
-            assert r.sysctls_if_present == {"net.core.rx_wake_local": "0"}
+        on = switches.get(name)
+        assert r.sysctls == ({on: "1"} if on else {})
+        assert r.sysctls_if_present == {k: "0" for k in switches.values() if k != on}
 
 
 def test_fixture_copy_matches_shipped(shipped, policies) -> None:
@@ -183,8 +185,10 @@ def test_policy_validation(kw, message) -> None:
 
 def test_baseline_merge(shipped) -> None:
     r = shipped.resolve("rfs", 4)
-    assert r.sysctls == {} and r.sysctls_if_present == {"net.core.rx_wake_local": "0"}
-    assert r.sysctl_keys == ["net.core.rps_sock_flow_entries", "net.core.rx_wake_local"]
+    assert r.sysctls == {} and r.sysctls_if_present == {"net.core.rx_wake_local": "0",
+                                                        "net.core.rx_affine_copy": "0"}
+    assert r.sysctl_keys == ["net.core.rps_sock_flow_entries", "net.core.rx_affine_copy",
+                             "net.core.rx_wake_local"]
 
 
 # ------------------------------------------------------------------ cpu lists and masks
@@ -212,6 +216,8 @@ def test_apply_rfs(shipped) -> None:
         "echo 32768 > /proc/sys/net/core/rps_sock_flow_entries",
         "echo 3 > /sys/class/net/eth0/queues/rx-0/rps_cpus",
         "echo 32768 > /sys/class/net/eth0/queues/rx-0/rps_flow_cnt",
+        "if [ -e /proc/sys/net/core/rx_affine_copy ]; then "
+        "sysctl -q -w net.core.rx_affine_copy=0; fi",
         "if [ -e /proc/sys/net/core/rx_wake_local ]; then "
         "sysctl -q -w net.core.rx_wake_local=0; fi",
         "ethtool -K eth0 gro off",
@@ -306,7 +312,7 @@ def test_parse_readback_e1000_rfs() -> None:
     assert rb.irq_affinity == {23: (0,)}
     assert rb.rps_cpus == {"rx-0": (0, 1)} and rb.rps_flow_cnt == {"rx-0": 32768}
     assert rb.sysctls == {"net.core.rps_sock_flow_entries": "32768",
-                          "net.core.rx_wake_local": None}
+                          "net.core.rx_affine_copy": None, "net.core.rx_wake_local": None}
     assert rb.offloads["generic-receive-offload"] == "off"
     assert rb.offloads["rx-checksumming"] == "off"  # QEMU's e1000: no RX checksum offload
     assert rb.unparsed == ()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis import window_metrics as wm
 from testbed.errors import NetbedError
 from testbed.formats import trace
 
@@ -149,3 +150,40 @@ def test_captured_guest_trace_parses_and_reduces():
     assert loc.wakeups > 10 and loc.on_waker_cpu == 0.0 and loc.from_softirq == 1.0
     stats = (FIX / trace.RAW_STATS).read_text()
     assert trace.lost_events(lines, stats) == 0
+
+
+def migrate(ts: float, cpu: int, orig: int, dest: int, pid: int = PID) -> str:
+    return line(ts, cpu, "d..2.", "sched_migrate_task",
+                f"comm=netserver pid={pid} prio=120 orig_cpu={orig} dest_cpu={dest}",
+                "migration/1", 17)
+
+
+def test_migrations_count_the_readers_moves_only():
+    loc = reduce([
+        switch_in(1.0, 1),
+        migrate(1.1, 1, 1, 0),  # the reader moved by the stopper
+        switch_in(1.2, 0),
+        migrate(1.3, 0, 0, 1, pid=999),  # netserver's parent: another pid
+        migrate(1.4, 1, 0, 1),  # and pulled back
+    ])
+    assert loc.migrations == 2
+
+
+def test_setup_arms_the_migration_event_and_lists_what_it_armed():
+    script = trace.setup_command("eth1", "/tmp/w")
+    assert "events/sched/sched_migrate_task/filter" in script
+    assert f"echo sched/sched_migrate_task >> /tmp/w/{trace.RAW_EVENTS}" in script
+
+
+def test_migration_rows_per_second_of_the_window_and_not_zero_when_untraced():
+    loc = trace.Locality(migrations=6, reader_pids=[PID])
+    armed = "\n".join(trace.EVENTS) + "\n"
+    rows = {r.metric: r for r in wm.migration_rows(loc, armed, 3.0, "")}
+    assert rows["sched.reader_migrations"].value == 6
+    assert rows["sched.reader_migrations.per_s"].value == pytest.approx(2.0)
+    old = {r.metric: r for r in wm.migration_rows(loc, None, 3.0, "")}
+    assert all(r.status == "not-supported" and r.value != r.value for r in old.values())
+    assert "sched_migrate_task" in old["sched.reader_migrations"].note
+    no_window = {r.metric: r for r in wm.migration_rows(loc, armed, None, "")}
+    assert no_window["sched.reader_migrations"].value == 6
+    assert no_window["sched.reader_migrations.per_s"].status == "not-supported"
