@@ -204,7 +204,7 @@ def test_affine_copy_patch_is_its_own_variant_and_says_its_decisions() -> None:
     # with RFS and with a pinned reader
     for words in ("sk_incoming_cpu", "GRO", "RFS", "pinning", "rate-limited", "cpus_mask"):
         assert words in message, words
-    assert make_argv("affine-copy", 2)[-4] == "LOCALVERSION=-affinecopy"
+    assert load_kernels().variant("affine-copy").localversion == "-affinecopy"
 
 
 def test_parse_patch_unfolds_subject_and_strips_prefix(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ BAD_POLICY_LINES = [
     "bad.yaml:17:28: policies.not-pow2.rps_sock_flow_entries: 1000 is not a power of two (the "
     "kernel rounds it up to 1024; write that)",
     "bad.yaml:19:5: policies.bad-kernel.requires_kernel: unknown kernel 'custom' (allowed: "
-    "distro, stock, patched; variants come from good.yaml)",
+    "distro, stock, patched, affine-copy; variants come from good.yaml)",
     "bad.yaml:20:3: policies.both: sysctl net.core.busy_read is in both sysctls and "
     "sysctls_if_present; keep one",
     "bad.yaml:23:3: policies.Upper.name: policy name 'Upper' must be lowercase letters, digits "
