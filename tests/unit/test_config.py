@@ -155,8 +155,8 @@ def test_models_are_frozen_and_strict() -> None:
 def test_kernel_names_come_from_the_kernels_file() -> None:
     assert load_kernels().names == ["distro", "stock", "patched", "affine-copy"]
     kernels.check_kernel_name("stock")
-    with pytest.raises(ConfigError,
-                       match=r"unknown kernel 'stok' \(.*good.yaml has: stock, patched, affine-copy\)"):
+    with pytest.raises(ConfigError, match=r"unknown kernel 'stok' \(.*good.yaml has: "
+                                          r"stock, patched, affine-copy\)"):
         kernels.check_kernel_name("stok")
 
 
