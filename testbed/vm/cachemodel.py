@@ -48,6 +48,15 @@ from testbed.vm.qemu import DirectBoot, PluginSpec, Qemu, direct_boot_argv
 from testbed.vocabulary import TcgThreads
 
 
+def send_random_mib(port: int, mbytes: int) -> None:
+    """Send `mbytes` MiB of random bytes (nothing a digest could mistake for a repeat) to
+    a micro guest's forwarded port on loopback."""
+    chunk = os.urandom(1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
+        for _ in range(mbytes):
+            s.sendall(chunk)
+
+
 def cachemodel_plugin_spec(plugin_path: Path, out_csv: Path, *, sites_csv: Path | None = None,
                            c2c_csv: Path | None = None, payload_csv: Path | None = None,
                            passes_file: Path | None = None, **model_params: int | bool
@@ -361,10 +370,7 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
             raise GuestError("the e1000 micro guest never started listening:\n"
                              + "".join(out[-20:]))
         time.sleep(3)  # nc starts listening after the echo
-        chunk = os.urandom(1 << 20)
-        with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
-            for _ in range(mbytes):
-                s.sendall(chunk)
+        send_random_mib(port, mbytes)
         proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
@@ -479,10 +485,7 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
         if not begun.wait(600):
             raise GuestError("the payload micro guest never opened its region:\n"
                              + "".join(out[-20:]))
-        chunk = os.urandom(1 << 20)
-        with socket.create_connection(("127.0.0.1", data_port), timeout=600) as s:
-            for _ in range(mbytes):
-                s.sendall(chunk)
+        send_random_mib(data_port, mbytes)
         proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
