@@ -87,8 +87,9 @@ def reading_note(claims: Claims) -> str:
     meaningful = (f"An effect that matters is taken as {(MEANINGFUL_RATIO - 1) * 100:.0f}% "
                   f"of a per-KB count or rate and {MEANINGFUL_PP * 100:.0f} percentage points "
                   "of a share: an interval inside that rules the effect out (contradicted, "
-                  "or supported for claim 1, which says placement does not matter); one "
-                  "that includes no change and reaches past it is not detectable.")
+                  "or supported for claim 1, which says placement does not matter, and "
+                  "which only an interval wholly beyond it contradicts); one that includes "
+                  "no change and reaches past it is not detectable.")
     return " ".join([METHOD_TEXT, meaningful, *claims.notes, *unmeasured_text(claims)])
 
 

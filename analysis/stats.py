@@ -310,17 +310,23 @@ def judge_ratio(r: Ratio, expected_up: bool,
 
 def judge_null_diff(d: Difference, meaningful: float = MEANINGFUL_PP,
                     ) -> tuple[ClaimVerdict, str]:
-    """A claim that says a share does not change: supported when the interval of the
-    difference lies within ±meaningful, contradicted when it excludes 0."""
+    """A claim that says a share does not change: an equivalence test. Supported when the
+    interval lies within ±meaningful, even if it excludes 0 (a change too small to matter
+    is what the claim allows); contradicted only when the whole interval lies beyond
+    ±meaningful; an interval that excludes 0 but reaches inside the band cannot tell
+    whether the change matters."""
     pp = f"{meaningful * 100:.0f} pp"
     if math.isnan(d.diff):
         return NOT_DETECTABLE, "no values to compare"
     if math.isnan(d.lo):
         return NOT_DETECTABLE, _no_interval(d.n)
-    if d.detected:
-        return CONTRADICTED, "CI excludes 0"
     if -meaningful <= d.lo and d.hi <= meaningful:
         return SUPPORTED, f"CI within ±{pp}: no change that matters"
+    if d.lo > meaningful or d.hi < -meaningful:
+        return CONTRADICTED, f"CI beyond ±{pp}: a change that matters"
+    if d.detected:
+        return NOT_DETECTABLE, (f"CI excludes 0 but reaches inside ±{pp}: {_n_text(d.n)} "
+                                "cannot tell whether the change matters")
     return NOT_DETECTABLE, (f"CI includes 0 and reaches past ±{pp}: {_n_text(d.n)} "
                             "cannot tell")
 

@@ -133,3 +133,18 @@ def test_equal_small_counts_give_no_interval_not_a_certain_change():
     assert not c.significant and c.verdict == stats.NOT_DETECTABLE
     word, why = stats.judge_ratio(stats.log_contrast([[2.0, 2.0], [1.0, 1.0]], [1, -1]), True)
     assert word == stats.NOT_DETECTABLE and why.startswith("no spread")
+
+
+@pytest.mark.parametrize(("same", "cross", "word"), [
+    # a tiny but tight difference: placement changes the share by far less than 10 pp
+    ([0.0010, 0.0011, 0.0012], [0.0001, 0.0002, 0.0001], stats.SUPPORTED),
+    # the whole interval beyond 10 pp: the share does change with placement
+    ([1.0, 0.999, 0.998], [0.0, 0.001, 0.002], stats.CONTRADICTED),
+    # excludes 0 but reaches inside the band: whether it matters cannot be told
+    ([0.10, 0.14, 0.06], [0.0, 0.01, 0.0], stats.NOT_DETECTABLE),
+    # includes 0 and reaches past the band
+    ([0.5, 0.0, 0.3], [0.2, 0.0, 0.4], stats.NOT_DETECTABLE),
+])
+def test_a_claim_of_no_change_is_an_equivalence_test(same, cross, word):
+    word_, why = stats.judge_null_diff(stats.diff_contrast(same, cross))
+    assert word_ == word, why
