@@ -170,4 +170,18 @@ void model_count(model *m, int cpu, int mode, int ev, uint64_t n);
 uint64_t model_counter(const model *m, int cpu, int mode, int ev);
 int model_ncpus(const model *m);
 
+/*
+ * A recorded access (the plugin's trace=<file>, replayed by model_trace's replay=<file>):
+ * what vcpu_mem knew about one access in a window, so the model alone can be timed on
+ * a real window's accesses.  sum0/sum1: digests of the access's first and last line
+ * after it; evicted: the current digest of the line the access's memo slot remembered
+ * (what vcpu_mem records with model_set_memo_sum), MODEL_SUM_UNKNOWN if none.
+ */
+typedef struct {
+    uint64_t pc, vaddr, paddr, sum0, sum1, evicted;
+    uint8_t cpu, mode, store, size;
+    uint32_t flags; /* TRACE_SUMS: digests known */
+} model_trace_rec;
+#define TRACE_SUMS 1u
+
 #endif
