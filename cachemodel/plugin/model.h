@@ -151,6 +151,14 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
 #define MODEL_SUM_UNKNOWN 0
 
 /*
+ * A hint, no effect on any count: the host loads the sets model_access may look at for
+ * the line of `paddr` (every private cache's and the LLC's), so the caller can start
+ * them before the work it does ahead of model_access (the plugin: reading and
+ * digesting the line's bytes) and the lookups then find them in the host's cache.
+ */
+void model_prefetch(const model *m, uint64_t paddr);
+
+/*
  * Fast path for an access to the line remembered in `slot` (the caller decides
  * "same", e.g. by virtual line): counts it and returns true when
  * the line is still in this CPU's L1 in a state that allows the access (no

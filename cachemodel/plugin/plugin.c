@@ -696,6 +696,7 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
         return; /* MMIO is not cached */
     }
     uint64_t pa = phys_addr(vcpu, hw);
+    model_prefetch(M, pa); /* the model's sets load while the line is read and digested */
     uint64_t sums[2] = {MODEL_SUM_UNKNOWN, MODEL_SUM_UNKNOWN};
     line_ref ref = {0};
     bool have_sums = dma_detect && access_digests(vcpu, hw, vaddr, pa, size, sums, &ref);
