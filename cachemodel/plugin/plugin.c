@@ -652,6 +652,11 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
     if (!is_counting() || vcpu >= model_cpus) {
         return;
     }
+#ifdef NB_COST_FLOOR
+    /* a costing build (cachemodel/README.md, "What a region costs"): QEMU's callbacks
+     * and nothing else; never built by netbed */
+    return;
+#endif
     int mode = (int)((uintptr_t)udata & 1);
     model_site *site = (model_site *)((uintptr_t)udata & ~(uintptr_t)1);
     recent_lines *r = &recent[vcpu];
