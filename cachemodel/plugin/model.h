@@ -97,8 +97,8 @@ void model_sites_clear(model *m);
  * (line: physical address of the line; owner_pc: the instruction whose store made
  * the owner's copy dirty, 0 if not known).
  */
-void model_write_sites(const model *m, FILE *f, unsigned long window);
-void model_write_c2c(const model *m, FILE *f, unsigned long window);
+void model_write_sites(model *m, FILE *f, unsigned long window);
+void model_write_c2c(model *m, FILE *f, unsigned long window);
 /*
  * The same two tables copied out of the model (only the non-zero rows, with the
  * sites' pcs), so they can be formatted and written after the caller has let go of
@@ -112,7 +112,7 @@ void model_write_c2c(const model *m, FILE *f, unsigned long window);
  * vCPU thread takes).
  */
 typedef struct model_tables model_tables;
-model_tables *model_tables_take(const model *m, unsigned long window);
+model_tables *model_tables_take(model *m, unsigned long window);
 unsigned long model_tables_window(const model_tables *t);
 void model_tables_write_sites(model_tables *t, FILE *f);
 void model_tables_write_c2c(model_tables *t, FILE *f);
@@ -125,7 +125,7 @@ void model_tables_free(model_tables *t);
  */
 const char *model_read_passes(model *m, FILE *f);
 void model_payload_window(model *m);
-void model_write_payload(const model *m, FILE *f, unsigned long window);
+void model_write_payload(model *m, FILE *f, unsigned long window);
 void model_tables_write_payload(model_tables *t, FILE *f);
 
 /* NULL when the configuration is usable, else a message naming the bad parameter. */
