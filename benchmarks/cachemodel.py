@@ -32,6 +32,12 @@ shown as QEMU CPU seconds for the whole run. Last, what thread=single costs
 without the plugin: two streams in parallel on two vCPUs, single vs multi.
 
     python -m benchmarks.cachemodel [--repeats N] [--quick] [--dma-only] [--qemu backport]
+                                    [--so OTHER.so]
+
+Each workload gets a line `<name>: inside-region slowdown: N.Nx, after-region slowdown:
+N.Nx, outside slowdown: N.Nx` (QEMU CPU, then the same in guest time), and the worst
+workload's three lines close the run. --so measures another build (e.g. main's) in every
+set-up, so a before/after on one host is two runs with their order alternated.
 
 --qemu picks the QEMU (netbed setting `qemu`): `system` (the host's, 7.2 on bookworm)
 or `backport` (bookworm-backports' 10.0 unpacked in the cache; the plugin is then
