@@ -32,6 +32,12 @@ shown as QEMU CPU seconds for the whole run. Last, what thread=single costs
 without the plugin: two streams in parallel on two vCPUs, single vs multi.
 
     python -m benchmarks.cachemodel [--repeats N] [--quick] [--dma-only] [--qemu backport]
+                                    [--so OTHER.so]
+
+Each workload gets a line `<name>: inside-region slowdown: N.Nx, after-region slowdown:
+N.Nx, outside slowdown: N.Nx` (QEMU CPU, then the same in guest time), and the worst
+workload's three lines close the run. --so measures another build (e.g. main's) in every
+set-up, so a before/after on one host is two runs with their order alternated.
 
 --qemu picks the QEMU (netbed setting `qemu`): `system` (the host's, 7.2 on bookworm)
 or `backport` (bookworm-backports' 10.0 unpacked in the cache; the plugin is then
@@ -93,6 +99,11 @@ SETUPS: dict[str, tuple[bool, TcgThreads, bool]] = {
     "inside+attr": (True, "single", True),
     "inside-multi": (True, "multi", True),
 }
+
+
+# the printed slowdowns: label -> set-up (inside: with attribution, the runner's configuration)
+SLOWDOWN_LINES = (("inside-region", "inside+attr"), ("after-region", "after-region"),
+                  ("outside", "outside"))
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -178,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plugin-so", type=Path, default=None,
                     help="measure this plugin build instead (e.g. one without attribution: "
                          "then the set-ups run without it and inside+attr is skipped)")
+    ap.add_argument("--so", type=Path, default=None, metavar="SO",
+                    help="measure this build in every set-up instead of the tree's (e.g. "
+                         "main's, for a before/after on the same host)")
     ap.add_argument("--qemu", choices=CHOICES["qemu"],
                     default=os.environ.get("INVOKE_NETBED_QEMU", "system"),
                     help="which QEMU (netbed setting qemu; default INVOKE_NETBED_QEMU or "
@@ -192,11 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.dma_only:
         dma_bias(settings, args.dma_mib)
         return
-    cmplugin.build_plugin(settings)
+    so = args.plugin_so or args.so or cmplugin.build_plugin(settings)
     cm.build_guest_tools(settings)
     quiet = lambda m: None  # noqa: E731
     qemu = resolve_qemu(settings)
-    print(f"QEMU: {qemu.kind} {qemu.version or qemu.binary}")
+    print(f"QEMU: {qemu.kind} {qemu.version or qemu.binary}; plugin {so}")
     print(f"host load average at start: {os.getloadavg()[0]:.1f} (2 cores, shared); "
           "slowdowns are ratios of QEMU CPU time (user+sys) over the workload")
     worst: dict[str, float] = {}
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                     run = cm.run_with_model(settings, wl.script(setup), tmp / f"{wl.name}{i}",
                                             plugin=plugin, tcg_threads=threads,
                                             attribution=attr, log=quiet,
-                                            plugin_path=args.plugin_so)
+                                            plugin_path=args.plugin_so or args.so)
                     best, best_cpu = min(best, nbtime(run)), min(best_cpu, run.marked_cpu_s())
                     if setup == "inside" and run.csv is not None:
                         df = cmfmt.read_snapshots(run.csv.read_text())
@@ -238,6 +252,13 @@ def main(argv: list[str] | None = None) -> None:
                       f"{t:10.2f}s {mips:13.0f}")
             if "inside+attr" not in cpu:  # --plugin-so: the model alone
                 cpu["inside+attr"] = cpu["inside"]
+                times["inside+attr"] = times["inside"]
+            print(f"  {wl.name}: " + ", ".join(
+                f"{label} slowdown: {cpu[setup] / cpu['plain']:.1f}x"
+                for label, setup in SLOWDOWN_LINES)
+                + " (QEMU CPU); guest time: " + ", ".join(
+                f"{label} {times[setup] / times['plain']:.1f}x"
+                for label, setup in SLOWDOWN_LINES))
             for setup in ("inside+attr", "after-region", "outside"):
                 worst[setup] = max(worst.get(setup, 0.0), cpu[setup] / cpu["plain"])
             attr_cost.append(cpu["inside+attr"] / cpu["inside"])

@@ -21,6 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 const char *const model_event_names[EV_COUNT] = {
     "loads",         "stores",         "l1d_misses",
@@ -72,9 +75,21 @@ typedef struct {
      * so among valid ways the ranks are the order of their last touches.
      */
     uint8_t *rank;
+    /*
+     * Per way, a byte of the tag of the line last inserted there (rows as `rank`): a
+     * lookup compares a whole row with the wanted line's byte at once and reads keys
+     * only where it matches, instead of every key of the set (a 16-way miss scanned 16
+     * keys, and a private miss makes half a dozen of them: most of the model's
+     * instructions on a streaming load).  Only `insert` gives a way a new tag, and it
+     * writes the byte, so a valid way's byte is always its key's; a stale byte of an
+     * emptied way costs one key compare, nothing else.  The result is the first
+     * matching way, as the full scan's.
+     */
+    uint8_t *hint;
     uint64_t sets;
     uint32_t ways, rank_stride;
     int ways_shift; /* log2(ways), or -1 when ways is not a power of two */
+    int set_bits;   /* log2(sets) */
 } cache;
 
 static inline uint8_t key_state(uint64_t key) { return (uint8_t)(key & 3); }
@@ -109,6 +124,19 @@ typedef struct {
     /* passes this line's payload record may wait for (payload_access): a repeated load
      * by one of them looks at the record (repeat_payload) */
     unsigned want;
+    /*
+     * Repeats counted here for one site counter (psite->cnt[pidx]), not yet added to it:
+     * a copy's repeats each add to the same counter, and reading and writing the site
+     * on every one was most of what attribution cost (perf: the site's epoch and counter
+     * were the fast path's hottest spots, attribution +30-45 % on the pipe).  Added
+     * when the repeat's counter changes (memo_flush), and for every memo before the
+     * sites are read or a window starts (sites_flush), so every table is as before.
+     * psite's epoch was the current one when it was set, and a window's start flushes
+     * and forgets it, so adding needs no site_touch.
+     */
+    model_site *psite;
+    uint32_t pidx;
+    uint64_t pn;
 } memo_t;
 
 typedef struct {
@@ -226,8 +254,11 @@ static void cache_init(cache *c, const cache_geom *g, uint32_t line)
     c->key = n ? calloc(n, sizeof(*c->key)) : NULL;
     c->data = n ? calloc(n, sizeof(*c->data)) : NULL;
     c->rank = n ? aligned_alloc(16, c->sets * c->rank_stride) : NULL;
+    c->hint = n ? aligned_alloc(16, c->sets * c->rank_stride) : NULL;
+    c->set_bits = c->sets ? __builtin_ctzll(c->sets) : 0;
     if (c->rank) {
         rank_reset(c);
+        memset(c->hint, 0, c->sets * c->rank_stride);
     }
 }
 
@@ -236,6 +267,7 @@ static void cache_destroy(cache *c)
     free(c->key);
     free(c->data);
     free(c->rank);
+    free(c->hint);
 }
 
 static void cache_clear(cache *c)
@@ -253,14 +285,47 @@ static inline size_t set_base(const cache *c, uint64_t line)
     return (size_t)(line & (c->sets - 1)) * c->ways;
 }
 
+/* The byte of `line`'s tag kept in `hint` (bits above the set index, folded). */
+static inline uint8_t tag_hint(const cache *c, uint64_t line)
+{
+    uint64_t t = line >> c->set_bits;
+    return (uint8_t)(t ^ (t >> 8) ^ (t >> 16) ^ (t >> 24));
+}
+
+/* Bit w set: byte w of the 16 at `row` equals `b` (w < 16). */
+static inline unsigned bytes_equal(const uint8_t *row, uint8_t b)
+{
+#ifdef __SSE2__
+    return (unsigned)_mm_movemask_epi8(
+        _mm_cmpeq_epi8(_mm_load_si128((const __m128i *)row), _mm_set1_epi8((char)b)));
+#else
+    unsigned mask = 0;
+    for (unsigned w = 0; w < 16; w++) {
+        mask |= (unsigned)(row[w] == b) << w;
+    }
+    return mask;
+#endif
+}
+
 static inline size_t lookup(const cache *c, uint64_t line)
 {
-    size_t base = set_base(c, line);
+    size_t set = (size_t)(line & (c->sets - 1));
+    size_t base = set * c->ways;
     const uint64_t *k = c->key + base;
+    const uint8_t *h = c->hint + set * c->rank_stride;
+    uint8_t want_h = tag_hint(c, line);
     uint64_t want = line << 3;
-    for (uint32_t w = 0; w < c->ways; w++) {
-        if ((k[w] & ~7ull) == want && (k[w] & 3)) {
-            return base + w;
+    for (uint32_t x = 0; x < c->ways; x += 16) {
+        unsigned mask = bytes_equal(h + x, want_h);
+        if (c->ways - x < 16) {
+            mask &= (1u << (c->ways - x)) - 1; /* the row's padding */
+        }
+        while (mask) {
+            uint32_t w = x + (uint32_t)__builtin_ctz(mask);
+            if ((k[w] & ~7ull) == want && (k[w] & 3)) {
+                return base + w;
+            }
+            mask &= mask - 1;
         }
     }
     return NONE;
@@ -307,16 +372,20 @@ static size_t insert(cache *c, uint64_t line, uint8_t state, const entry *data, 
         uint32_t w0;
         const uint8_t *r = rank_row(c, base, &w0);
         uint8_t oldest = (uint8_t)(c->ways - 1);
-        for (uint32_t w = 0; w < c->ways; w++) {
-            if (r[w] == oldest) {
-                v = base + w;
-                break;
+        /* ranks are a permutation of 0..ways-1 (padding 0xff): exactly one match */
+        for (uint32_t x = 0; v == NONE && x < c->ways; x += 16) {
+            unsigned mask = bytes_equal(r + x, oldest);
+            if (mask) {
+                v = base + x + (uint32_t)__builtin_ctz(mask);
             }
         }
     }
     if (victim) {
         *victim = entry_at(c, v);
     }
+    uint32_t hw;
+    uint8_t *hrow = c->hint + (rank_row(c, v, &hw) - c->rank);
+    hrow[hw] = tag_hint(c, line);
     c->key[v] = line << 3 | state;
     copy_data(c, v, data);
     touch(c, v);
@@ -553,8 +622,31 @@ static void c2c_record(model *m, uint64_t line, model_site *req, int req_cpu, mo
     m->c2c_idx.slot[at] = (uint32_t)m->nc2c;
 }
 
+static inline void memo_flush(memo_t *mm)
+{
+    if (mm->pn) {
+        mm->psite->cnt[mm->pidx] += mm->pn;
+        mm->pn = 0;
+    }
+}
+
+/* Every memo's pending repeats into their sites (memo_t.psite); forgotten with `forget`. */
+static void sites_flush(model *m, bool forget)
+{
+    for (int cpu = 0; cpu < m->cfg.ncpus; cpu++) {
+        for (int i = 0; i < MODEL_MEMO_SLOTS; i++) {
+            memo_t *mm = &m->cpu[cpu].memo[i];
+            memo_flush(mm);
+            if (forget) {
+                mm->psite = NULL;
+            }
+        }
+    }
+}
+
 void model_sites_clear(model *m)
 {
+    sites_flush(m, true); /* the old window's: its sites are zeroed when next counted */
     /* O(1) for the sites (a full memset grew to ~200 ms through a boot): each is
      * zeroed when first counted in the new window (site_touch) */
     if (++m->epoch == 0) {
@@ -631,8 +723,9 @@ static void *grow_touched(void *buf, size_t old, size_t new, size_t size)
     return p;
 }
 
-model_tables *model_tables_take(const model *m, unsigned long window)
+model_tables *model_tables_take(model *m, unsigned long window)
 {
+    sites_flush(m, false);
     size_t block = (size_t)m->cfg.ncpus * DATA_COUNT * EV_COUNT;
     model_tables *t = __atomic_exchange_n(&spare_tables, NULL, __ATOMIC_ACQ_REL);
     if (!t || t->ncpus != m->cfg.ncpus) {
@@ -753,21 +846,21 @@ void model_tables_write_payload(model_tables *t, FILE *f)
     payload_stats_write(t->pay, f, t->window);
 }
 
-void model_write_payload(const model *m, FILE *f, unsigned long window)
+void model_write_payload(model *m, FILE *f, unsigned long window)
 {
     model_tables *t = model_tables_take(m, window);
     model_tables_write_payload(t, f);
     model_tables_free(t);
 }
 
-void model_write_sites(const model *m, FILE *f, unsigned long window)
+void model_write_sites(model *m, FILE *f, unsigned long window)
 {
     model_tables *t = model_tables_take(m, window);
     model_tables_write_sites(t, f);
     model_tables_free(t);
 }
 
-void model_write_c2c(const model *m, FILE *f, unsigned long window)
+void model_write_c2c(model *m, FILE *f, unsigned long window)
 {
     model_tables *t = model_tables_take(m, window);
     model_tables_write_c2c(t, f);
@@ -1179,6 +1272,35 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
     mm->idx = at;
 }
 
+/* Prefetch one cache's set of `line`: its keys, and its LRU ranks (a miss inserts). */
+static inline void prefetch_set(const cache *c, uint64_t line)
+{
+    if (c->sets) {
+        size_t b = set_base(c, line);
+        for (uint32_t w = 0; w < c->ways; w += 8) {
+            __builtin_prefetch(c->key + b + w);
+        }
+        __builtin_prefetch(c->rank + (b / c->ways) * c->rank_stride);
+    }
+}
+
+/*
+ * A private miss looks at a dozen sets nobody touched lately (every CPU's L1 and L2,
+ * the LLC), each a host cache miss when the model's caches exceed the host's; one after
+ * the other they were most of the slow path's time on a streaming load.  Prefetched at
+ * once, before the caller's digest work, their latencies overlap that work and each
+ * other.  (Prefetching inside model_access, with nothing to overlap, gained nothing.)
+ */
+void model_prefetch(const model *m, uint64_t paddr)
+{
+    uint64_t line = paddr >> m->line_shift;
+    prefetch_set(&m->llc, line);
+    for (int o = 0; o < m->cfg.ncpus; o++) {
+        prefetch_set(&m->cpu[o].l1, line);
+        prefetch_set(&m->cpu[o].l2, line);
+    }
+}
+
 bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, model_site *site)
 {
     /*
@@ -1189,18 +1311,27 @@ bool model_repeat_access(model *m, int cpu, int mode, bool store, int slot, mode
      */
     cpu_state *c = &m->cpu[cpu];
     memo_t *mm = &c->memo[slot];
-    if (!mm->valid || (site && site->epoch != m->epoch)) {
-        /* a site's first count in a window lists it (site_touch): under the caller's
-         * lock, in model_access, not on this lock-free path */
-        return false;
-    }
-    if ((int)store & !mm->m) {
+    if (!mm->valid || ((int)store & !mm->m)) {
         return false;
     }
     int ev = EV_LOADS + (int)store;
+    if (site) {
+        uint32_t idx = (uint32_t)(((size_t)cpu * DATA_COUNT + (size_t)mm->data) * EV_COUNT +
+                                  (size_t)ev);
+        if (site != mm->psite || idx != mm->pidx) {
+            if (site->epoch != m->epoch) {
+                /* a site's first count in a window lists it (site_touch): under the
+                 * caller's lock, in model_access, not on this lock-free path */
+                return false;
+            }
+            memo_flush(mm);
+            mm->psite = site;
+            mm->pidx = idx;
+        }
+        mm->pn++;
+    }
     c->last_mode = mode;
     c->cnt[mode][ev]++;
-    site_add(m, site, cpu, mm->data, ev);
     uint64_t *sum = &c->l1.data[mm->idx].sum;
     *sum = store ? MODEL_SUM_UNKNOWN : *sum;
     repeat_payload(m, cpu, mm, store, site);

@@ -97,8 +97,8 @@ void model_sites_clear(model *m);
  * (line: physical address of the line; owner_pc: the instruction whose store made
  * the owner's copy dirty, 0 if not known).
  */
-void model_write_sites(const model *m, FILE *f, unsigned long window);
-void model_write_c2c(const model *m, FILE *f, unsigned long window);
+void model_write_sites(model *m, FILE *f, unsigned long window);
+void model_write_c2c(model *m, FILE *f, unsigned long window);
 /*
  * The same two tables copied out of the model (only the non-zero rows, with the
  * sites' pcs), so they can be formatted and written after the caller has let go of
@@ -112,7 +112,7 @@ void model_write_c2c(const model *m, FILE *f, unsigned long window);
  * vCPU thread takes).
  */
 typedef struct model_tables model_tables;
-model_tables *model_tables_take(const model *m, unsigned long window);
+model_tables *model_tables_take(model *m, unsigned long window);
 unsigned long model_tables_window(const model_tables *t);
 void model_tables_write_sites(model_tables *t, FILE *f);
 void model_tables_write_c2c(model_tables *t, FILE *f);
@@ -125,7 +125,7 @@ void model_tables_free(model_tables *t);
  */
 const char *model_read_passes(model *m, FILE *f);
 void model_payload_window(model *m);
-void model_write_payload(const model *m, FILE *f, unsigned long window);
+void model_write_payload(model *m, FILE *f, unsigned long window);
 void model_tables_write_payload(model_tables *t, FILE *f);
 
 /* NULL when the configuration is usable, else a message naming the bad parameter. */
@@ -151,6 +151,14 @@ void model_access(model *m, int cpu, int mode, uint64_t paddr, unsigned size, bo
 #define MODEL_SUM_UNKNOWN 0
 
 /*
+ * A hint, no effect on any count: the host loads the sets model_access may look at for
+ * the line of `paddr` (every private cache's and the LLC's), so the caller can start
+ * them before the work it does ahead of model_access (the plugin: reading and
+ * digesting the line's bytes) and the lookups then find them in the host's cache.
+ */
+void model_prefetch(const model *m, uint64_t paddr);
+
+/*
  * Fast path for an access to the line remembered in `slot` (the caller decides
  * "same", e.g. by virtual line): counts it and returns true when
  * the line is still in this CPU's L1 in a state that allows the access (no
@@ -169,5 +177,19 @@ void model_clear_caches(model *m);
 void model_count(model *m, int cpu, int mode, int ev, uint64_t n);
 uint64_t model_counter(const model *m, int cpu, int mode, int ev);
 int model_ncpus(const model *m);
+
+/*
+ * A recorded access (the plugin's trace=<file>, replayed by model_trace's replay=<file>):
+ * what vcpu_mem knew about one access in a window, so the model alone can be timed on
+ * a real window's accesses.  sum0/sum1: digests of the access's first and last line
+ * after it; evicted: the current digest of the line the access's memo slot remembered
+ * (what vcpu_mem records with model_set_memo_sum), MODEL_SUM_UNKNOWN if none.
+ */
+typedef struct {
+    uint64_t pc, vaddr, paddr, sum0, sum1, evicted;
+    uint8_t cpu, mode, store, size;
+    uint32_t flags; /* TRACE_SUMS: digests known */
+} model_trace_rec;
+#define TRACE_SUMS 1u
 
 #endif

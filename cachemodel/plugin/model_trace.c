@@ -6,6 +6,14 @@
  *               [llc_size=B] [llc_assoc=W] [line=B] [sites=PATH] [c2c=PATH]
  *               [user_exact=B] [user_granule=B]  (both 0 unless given)
  *               [passes=PATH] [payload=PATH]  < trace
+ *   model_trace [same arguments] replay=PATH [rounds=N]
+ *
+ * replay= reads a binary trace the plugin recorded from a real window (its trace=
+ * argument, model_trace_rec records) into memory, then drives the model with it as
+ * vcpu_mem does (two memo slots per CPU keyed by virtual line, the fast path, else
+ * model_access with the recorded digests) `rounds` times (default 1), timing only
+ * that loop: the model's own cost, without QEMU, the callbacks and the line reads.
+ * stderr gets one line: records, fast-path share, ns per access (CPU time).
  *
  * Any access line may start with `@<pc> `: the access is attributed to that
  * instruction address (as the plugin does); sites=/c2c= write the attribution
@@ -36,13 +44,95 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "model.h"
+
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* replay=: see the top comment.  Returns the process's exit status. */
+static int replay(model *m, const model_config *cfg, const char *path, long rounds,
+                  bool with_sites)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        perror(path);
+        return 2;
+    }
+    fseek(f, 0, SEEK_END);
+    long bytes = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    size_t n = (size_t)bytes / sizeof(model_trace_rec);
+    model_trace_rec *rec = malloc(n * sizeof(*rec) + 1);
+    model_site **site = calloc(n + 1, sizeof(*site));
+    if (fread(rec, sizeof(*rec), n, f) != n) {
+        fprintf(stderr, "%s: short read\n", path);
+        return 2;
+    }
+    fclose(f);
+    for (size_t i = 0; with_sites && i < n; i++) { /* the plugin does this at translation */
+        site[i] = rec[i].pc ? model_site_get(m, rec[i].pc, rec[i].mode) : NULL;
+    }
+    unsigned shift = (unsigned)__builtin_ctz(cfg->line);
+    uint64_t fast = 0;
+    double t0 = cpu_now();
+    for (long r = 0; r < rounds; r++) {
+        uint64_t vl[64][MODEL_MEMO_SLOTS];
+        bool ref[64][MODEL_MEMO_SLOTS] = {{false}}; /* the plugin's line_ref: digests known */
+        int mru[64] = {0};
+        memset(vl, 0xff, sizeof(vl));
+        model_clear_caches(m);
+        if (with_sites) {
+            model_sites_clear(m);
+        }
+        model_payload_window(m);
+        for (size_t i = 0; i < n; i++) {
+            const model_trace_rec *a = &rec[i];
+            int cpu = a->cpu;
+            uint64_t vline = a->vaddr >> shift;
+            bool crosses = (a->vaddr & (cfg->line - 1)) + a->size > cfg->line;
+            int hit0 = vline == vl[cpu][0], hit1 = vline == vl[cpu][1];
+            int slot = hit0 ? 0 : hit1 ? 1 : -1;
+            if (slot >= 0 && !crosses &&
+                model_repeat_access(m, cpu, a->mode, a->store, slot, site[i])) {
+                mru[cpu] = slot;
+                fast++;
+                continue;
+            }
+            if (slot < 0) {
+                slot = 1 - mru[cpu];
+            }
+            if (ref[cpu][slot] && model_memo_sum_unknown(m, cpu, slot)) {
+                model_set_memo_sum(m, cpu, slot, a->evicted);
+            }
+            uint64_t sums[2] = {a->sum0, a->sum1};
+            model_access(m, cpu, a->mode, a->paddr, a->size, a->store,
+                         (a->flags & TRACE_SUMS) ? sums : NULL, slot, site[i]);
+            vl[cpu][slot] = crosses ? UINT64_MAX : vline;
+            ref[cpu][slot] = !crosses && (a->flags & TRACE_SUMS);
+            mru[cpu] = slot;
+        }
+    }
+    double t = cpu_now() - t0;
+    fprintf(stderr, "replay: %zu accesses x %ld rounds, fast path %.1f%%, %.2f ns/access "
+            "(%.3f s CPU)\n", n, rounds, 100.0 * (double)fast / ((double)n * (double)rounds),
+            t * 1e9 / ((double)n * (double)rounds), t);
+    free(rec);
+    free(site);
+    return 0;
+}
 
 int main(int argc, char **argv)
 {
     model_config cfg = {{32 << 10, 8}, {1 << 20, 16}, {8 << 20, 16}, 64, 2, true};
     const char *sites_path = NULL, *c2c_path = NULL, *passes_path = NULL, *payload_path = NULL;
+    const char *replay_path = NULL;
+    long rounds = 1;
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
         if (!eq) {
@@ -55,6 +145,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "c2c")) c2c_path = eq + 1;
         else if (!strcmp(argv[i], "passes")) passes_path = eq + 1;
         else if (!strcmp(argv[i], "payload")) payload_path = eq + 1;
+        else if (!strcmp(argv[i], "replay")) replay_path = eq + 1;
+        else if (!strcmp(argv[i], "rounds")) rounds = (long)v;
         else if (!strcmp(argv[i], "ncpus")) cfg.ncpus = (int)v;
         else if (!strcmp(argv[i], "l1d_size")) cfg.l1d.size = v;
         else if (!strcmp(argv[i], "l1d_assoc")) cfg.l1d.ways = (uint32_t)v;
@@ -89,6 +181,13 @@ int main(int argc, char **argv)
             fprintf(stderr, "%s: %s\n", passes_path, perr);
             return 2;
         }
+    }
+    if (replay_path) {
+        int rc = replay(m, &cfg, replay_path, rounds, sites_path != NULL);
+        if (rc) {
+            return rc;
+        }
+        goto report;
     }
     /* P lines: per CPU, the lines in the memo slots (plugin.c's recent_lines) */
     unsigned long long memo_line[64][MODEL_MEMO_SLOTS];
@@ -181,6 +280,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+report:
     printf("vcpu,mode,event,value\n");
     for (int cpu = 0; cpu < cfg.ncpus; cpu++) {
         for (int mo = 0; mo < MODE_COUNT; mo++) {

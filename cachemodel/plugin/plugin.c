@@ -87,6 +87,15 @@ static unsigned line_bytes = 64;
 /* log2(line_bytes): a 64-bit divide per access was ~30% of vcpu_mem's time */
 static unsigned line_shift = 6;
 static bool always_on;
+/*
+ * trace=<file>: every access counted in a window is also written there as a
+ * model_trace_rec (model.h), at most trace_max of them (default 40 M, 2.2 GB), for
+ * timing the model alone on a real window (model_trace replay=<file>).  Recording
+ * reads and digests every access's lines, so a traced run is slow; never on in a
+ * measurement.
+ */
+static FILE *trace_out;
+static uint64_t trace_left = 40000000;
 static int open_regions;
 static int counting; /* read without the lock by callbacks: __atomic */
 static int armed;    /* code translated from now on gets memory callbacks */
@@ -607,12 +616,47 @@ static void snapshot(const char *marker)
     fflush(out);
 }
 
+/* trace=: one record of the access vcpu_mem is about to handle (caller: lock not held). */
+static void trace_access(unsigned vcpu, int mode, model_site *site, uint64_t vaddr,
+                         unsigned size, bool store, qemu_plugin_meminfo_t info)
+{
+    recent_lines *r = &recent[vcpu];
+    struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        return;
+    }
+    uint64_t pa = phys_addr(vcpu, hw);
+    uint64_t sums[2] = {MODEL_SUM_UNKNOWN, MODEL_SUM_UNKNOWN};
+    line_ref ref = {0};
+    bool have = dma_detect && access_digests(vcpu, hw, vaddr, pa, size, sums, &ref);
+    uint64_t vline = vaddr >> line_shift;
+    int slot = vline == r->vline[0] ? 0 : vline == r->vline[1] ? 1 : 1 - r->mru;
+    model_trace_rec rec = {
+        .pc = site ? site->pc : 0, .vaddr = vaddr, .paddr = pa, .sum0 = sums[0],
+        .sum1 = sums[1],
+        .evicted = ref_valid(r->bytes[slot]) ? ref_digest(vcpu, r->bytes[slot])
+                                              : MODEL_SUM_UNKNOWN,
+        .cpu = (uint8_t)vcpu, .mode = (uint8_t)mode, .store = store, .size = (uint8_t)size,
+        .flags = have ? TRACE_SUMS : 0};
+    lock();
+    if (trace_left) {
+        trace_left--;
+        fwrite(&rec, sizeof(rec), 1, trace_out);
+    }
+    unlock();
+}
+
 static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     unsigned vcpu = running_vcpu(given);
     if (!is_counting() || vcpu >= model_cpus) {
         return;
     }
+#ifdef NB_COST_FLOOR
+    /* a costing build (cachemodel/README.md, "What a region costs"): QEMU's callbacks
+     * and nothing else; never built by netbed */
+    return;
+#endif
     int mode = (int)((uintptr_t)udata & 1);
     model_site *site = (model_site *)((uintptr_t)udata & ~(uintptr_t)1);
     recent_lines *r = &recent[vcpu];
@@ -630,6 +674,9 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
     }
     unsigned size = d->size;
     bool store = d->store;
+    if (__builtin_expect(trace_out != NULL, 0)) {
+        trace_access(vcpu, mode, site, vaddr, size, store, info);
+    }
     uint64_t vline = vaddr >> line_shift;
     bool crosses = (vaddr & (line_bytes - 1)) + size > line_bytes;
     /*
@@ -654,6 +701,7 @@ static void vcpu_mem(unsigned int given, qemu_plugin_meminfo_t info, uint64_t va
         return; /* MMIO is not cached */
     }
     uint64_t pa = phys_addr(vcpu, hw);
+    model_prefetch(M, pa); /* the model's sets load while the line is read and digested */
     uint64_t sums[2] = {MODEL_SUM_UNKNOWN, MODEL_SUM_UNKNOWN};
     line_ref ref = {0};
     bool have_sums = dma_detect && access_digests(vcpu, hw, vaddr, pa, size, sums, &ref);
@@ -848,6 +896,10 @@ static void plugin_exit(qemu_plugin_id_t id, void *udata)
 #endif
     lock();
     snapshot("exit");
+    if (trace_out) {
+        fclose(trace_out);
+        trace_out = NULL;
+    }
     if (out) {
         fclose(out);
         out = NULL;
@@ -929,6 +981,13 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             payload_path = g_strdup(val);
         } else if (!strcmp(key, "passes")) {
             passes_path = g_strdup(val);
+        } else if (!strcmp(key, "trace")) {
+            trace_out = fopen(val, "w");
+            if (!trace_out) {
+                return fail("netbed-cache: cannot open %s: %s\n", val, g_strerror(errno));
+            }
+        } else if (!strcmp(key, "trace_max") && is_num) {
+            trace_left = v;
         } else if (!strcmp(key, "cold") || !strcmp(key, "always") || !strcmp(key, "dma") ||
                    !strcmp(key, "ddio")) {
             bool b;
@@ -962,7 +1021,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             guest_ram_bytes = v; /* API >= 4 builds read lines from it; API 1 ignores it */
         } else {
             return fail("netbed-cache: unknown argument %s (known: out, sites, c2c, payload, "
-                        "passes, l1d_size, l1d_assoc, "
+                        "passes, trace, trace_max, l1d_size, l1d_assoc, "
                         "l2_size, l2_assoc, llc_size, llc_assoc, line, cold, always, dma, "
                         "ddio, user_exact, user_granule, guest_ram)%s\n",
                         key, "");
