@@ -43,7 +43,6 @@ from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import Collaborators
 from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
-from testbed.run.traffic import wait_until
 from testbed.settings import Settings
 from testbed.shell import Result, Shell
 from testbed.vm.qemu import PluginSpec
@@ -94,25 +93,38 @@ def strike_command(kind: str, duration: float, win: str = f"{GUEST_DIR}/win",
     It waits for this window's reader pid (written before the window opens) and for the
     reader sampler's file, which the window script creates right after the `units
     before` edge (testbed.run.window): that is the window's own begin, seen within one
-    0.1 s poll. Then it sleeps half the window on the guest's clock, the clock the
-    window's own `sleep` runs on, so the strike lands mid-window however slowly the
-    host runs. kill-netserver kills the reader and its daemon there with the shell's
-    builtin `kill`; both kinds then write STRIKE_MARK with the guest's stamps to the
-    serial console, a file on the host, where `watch_console` sees it without an SSH
-    round trip (the old strike, a new SSH connection a fixed host delay after netperf
-    started, was never checked: on a loaded host it did not land in any window)."""
+    20 ms poll. Then it waits half the window on the guest's clock, the clock the
+    window's own `sleep` runs on. kill-netserver kills the reader and its daemon there
+    with bash's builtin `kill`; both kinds then write STRIKE_MARK with the guest's
+    stamps to the serial console, a file on the host, where `watch_console` sees it
+    without an SSH round trip.
+
+    Nothing in it forks once it waits (bash's `read -t` on a FIFO of its own sleeps;
+    reader.reader_sampler_command does the same), and it runs SCHED_FIFO (`chrt`), so
+    when its time comes it preempts the traffic at once. A watcher that forked `sleep`
+    struck 8.8 s into a 2 s window at host load 25, after the window had closed: each
+    fork and exec of a binary cost seconds there under TCG. The first strike, a new SSH
+    connection a fixed host delay after netperf started, was never checked at all."""
     pid_file, opened = f"{win}/{reader.RAW_PID}", f"{win}/{reader.RAW}"
-    steps = [wait_until(f"[ -s {pid_file} ]", STRIKE_WAIT_S),
-             f"read -r r < {pid_file} || exit 0",
-             'read -r _ _ _ d _ < "/proc/$r/stat" || exit 0',  # the daemon: the reader's parent
-             wait_until(f"[ -e {opened} ]", STRIKE_WAIT_S),
-             f"[ -e {opened} ] || exit 0",
-             "read -r t0 _ < /proc/uptime",
-             f"sleep {duration / 2:g}",
-             *(['kill -9 "$r" "$d"'] if kind == "kill-netserver" else []),
-             "read -r t1 _ < /proc/uptime",
-             f'echo "{STRIKE_MARK} opened=$t0 struck=$t1" > {console}']
-    return f"nohup sh -c {shlex.quote(chr(10).join(steps))} < /dev/null > /dev/null 2>&1 &"
+    bound = int(STRIKE_WAIT_S * 100)
+    steps = [
+        'f=$(mktemp -u) && mkfifo "$f" && exec 9<>"$f" && rm -f "$f" || exit 1',
+        "cs() { read -r up _ < /proc/uptime; now=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }",
+        f"cs; end=$(( now + {bound} ))",
+        f'until [ -s {pid_file} ]; do cs; [ "$now" -ge "$end" ] && exit 0; '
+        "read -r -t 0.02 -u 9 _; done",
+        f"read -r r < {pid_file} || exit 0",
+        'read -r _ _ _ d _ < "/proc/$r/stat" || exit 0',  # the daemon: the reader's parent
+        f'until [ -e {opened} ]; do cs; [ "$now" -ge "$end" ] && exit 0; '
+        "read -r -t 0.02 -u 9 _; done",
+        "read -r t0 _ < /proc/uptime",
+        f"read -r -t {duration / 2:g} -u 9 _",
+        *(['kill -9 "$r" "$d"'] if kind == "kill-netserver" else []),
+        "read -r t1 _ < /proc/uptime",
+        f'echo "{STRIKE_MARK} opened=$t0 struck=$t1" > {console}']
+    watcher = f"bash -c {shlex.quote(chr(10).join(steps))}"
+    return (f"if chrt -f 50 true 2>/dev/null; then w='chrt -f 50'; else w=; fi; "
+            f"nohup $w {watcher} < /dev/null > /dev/null 2>&1 &")
 
 
 def parse_mark(line: str) -> float | None:
