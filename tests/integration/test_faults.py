@@ -121,6 +121,7 @@ def struck_within_window(log: str, what: str) -> bool:
     found = re.search(re.escape(what) + r".* mid-window in .*, ([0-9.]+) s after the window "
                       r"opened \(window ([0-9.]+) s", log)
     assert found, log
+    print(found.group(0))  # shown with the test's output (pytest -rA) or its failure
     return 0 < float(found.group(1)) < float(found.group(2))
 
 
