@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
-import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from testbed import timings
 from testbed.build.cachemodel_plugin import build_plugin
 from testbed.errors import CommandError, GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment
-from testbed.formats import record
+from testbed.formats import reader, record
 from testbed.progress import Log
 from testbed.run.cachemodel_window import (
     arm_model,
@@ -42,15 +43,15 @@ from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import Collaborators
 from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
-from testbed.run.traffic import NETPERF_PID
-from testbed.run.window import lead_seconds
 from testbed.settings import Settings
 from testbed.shell import Result, Shell
 from testbed.vm.qemu import PluginSpec
 from testbed.vm.topology import AssetPlan, Assets, Topology, boot, prepare_assets
-from testbed.vocabulary import AccelSetting, TcgThreads
+from testbed.vocabulary import GUEST_DIR, AccelSetting, TcgThreads
 
 FAULT_KINDS = ("hang", "kill-qemu", "kill-netserver")
+# the window script as testbed.run.repetition.start_window_command starts it
+WINDOW_SCRIPT = f"nohup sh {GUEST_DIR}/window.sh"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Fault:
       window (what the OOM killer does).
     kill-netserver: netserver (the reader) is killed with SIGKILL inside the receiver in
       the middle of the first attempt's window.
+    Both strike half a window after the window's own begin, timed in the guest
+    (`strike_command`), not on a host timer.
     """
 
     cell_id: str
@@ -78,24 +81,116 @@ class Fault:
         return cls(cell_id, kind)
 
 
-class _StrikeMidWindow:
-    """A Shell passing commands to the sender; once netperf starts there, `strike` runs
-    `delay` seconds later on a timer thread (the loop's thread is waiting on the sender
-    then, as in any window)."""
+STRIKE_MARK = "netbed-fault-struck"  # the receiver's console line once it has struck
+STRIKE_WAIT_S = 600  # how long the strike waits for the window to open (bounded)
+CONSOLE_POLL_S = 0.05
 
-    def __init__(self, inner: Shell, delay: float, strike: Callable[[], None]) -> None:
+
+def strike_command(kind: str, duration: float, win: str = f"{GUEST_DIR}/win",
+                   console: str = "/dev/console") -> str:
+    """The receiver's half of a mid-window fault: a detached watcher (pure).
+
+    It waits for this window's reader pid (written before the window opens) and for the
+    reader sampler's file, which the window script creates right after the `units
+    before` edge (testbed.run.window): that is the window's own begin, seen within one
+    20 ms poll. Then it waits half the window on the guest's clock, the clock the
+    window's own `sleep` runs on. kill-netserver kills the reader and its daemon there
+    with bash's builtin `kill`; both kinds then write STRIKE_MARK with the guest's
+    stamps to the serial console, a file on the host, where `watch_console` sees it
+    without an SSH round trip.
+
+    Nothing in it forks once it waits (bash's `read -t` on a FIFO of its own sleeps;
+    reader.reader_sampler_command does the same), and it runs SCHED_FIFO (`chrt`), so
+    when its time comes it preempts the traffic at once. A watcher that forked `sleep`
+    struck 8.8 s into a 2 s window at host load 25, after the window had closed: each
+    fork and exec of a binary cost seconds there under TCG. The first strike, a new SSH
+    connection a fixed host delay after netperf started, was never checked at all."""
+    pid_file, opened = f"{win}/{reader.RAW_PID}", f"{win}/{reader.RAW}"
+    bound = int(STRIKE_WAIT_S * 100)
+    steps = [
+        'f=$(mktemp -u) && mkfifo "$f" && exec 9<>"$f" && rm -f "$f" || exit 1',
+        "cs() { read -r up _ < /proc/uptime; now=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }",
+        f"cs; end=$(( now + {bound} ))",
+        f'until [ -s {pid_file} ]; do cs; [ "$now" -ge "$end" ] && exit 0; '
+        "read -r -t 0.02 -u 9 _; done",
+        f"read -r r < {pid_file} || exit 0",
+        'read -r _ _ _ d _ < "/proc/$r/stat" || exit 0',  # the daemon: the reader's parent
+        f'until [ -e {opened} ]; do cs; [ "$now" -ge "$end" ] && exit 0; '
+        "read -r -t 0.02 -u 9 _; done",
+        "read -r t0 _ < /proc/uptime",
+        f"read -r -t {duration / 2:g} -u 9 _",
+        *(['kill -9 "$r" "$d"'] if kind == "kill-netserver" else []),
+        "read -r t1 _ < /proc/uptime",
+        f'echo "{STRIKE_MARK} opened=$t0 struck=$t1" > {console}']
+    watcher = f"bash -c {shlex.quote(chr(10).join(steps))}"
+    return (f"if chrt -f 50 true 2>/dev/null; then w='chrt -f 50'; else w=; fi; "
+            f"nohup $w {watcher} < /dev/null > /dev/null 2>&1 &")
+
+
+def parse_mark(line: str) -> float | None:
+    """Seconds from the window's opening to the strike, from a STRIKE_MARK line (pure)."""
+    fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+    try:
+        return float(fields["struck"]) - float(fields["opened"])
+    except (KeyError, ValueError):
+        return None
+
+
+def watch_console(path: Path, offset: int, stopped: Callable[[], bool],
+                  sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """The first STRIKE_MARK line written to `path` after byte `offset`; None once
+    `stopped()` says so and one last look finds none."""
+    while True:
+        last = stopped()
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            if STRIKE_MARK in line:
+                return line.strip()
+        if last:
+            return None
+        sleep(CONSOLE_POLL_S)
+
+
+class StrikeInWindow:
+    """The receiver's Shell for a cell with a mid-window fault: once the command that
+    starts the window has returned (the window is armed), it starts `strike_command` in
+    the receiver and a host thread that waits for its console mark, then calls
+    `on_mark(line)` (which SIGKILLs QEMU for kill-qemu, or logs). `stop` ends the wait
+    at the end of the repetition."""
+
+    def __init__(self, inner: Shell, command: str, console: Path,
+                 on_mark: Callable[[str], None]) -> None:
         self.inner = inner
-        self.delay = delay
-        self.strike = strike
-        self.timer: threading.Timer | None = None
+        self.command = command
+        self.console = console
+        self.on_mark = on_mark
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
         result = self.inner.run(command, timeout=timeout, check=check)
-        if self.timer is None and NETPERF_PID in command and "nohup" in command:
-            self.timer = threading.Timer(self.delay, self.strike)
-            self.timer.daemon = True
-            self.timer.start()
+        if self.thread is None and WINDOW_SCRIPT in command:
+            offset = self.console.stat().st_size if self.console.exists() else 0
+            self.inner.run(self.command)
+            self.thread = threading.Thread(target=self._watch, args=(offset,), daemon=True)
+            self.thread.start()
         return result
+
+    def _watch(self, offset: int) -> None:
+        line = watch_console(self.console, offset, self.done.is_set)
+        if line is not None:
+            self.on_mark(line)
+
+    def stop(self) -> None:
+        """The repetition is over: a mark already written is still acted on."""
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
 
 def exit_text(status: int) -> str:
@@ -219,14 +314,14 @@ class ExperimentGuests:
     def measure(self, booted: Booted, cell: Cell, rep: RepDir) -> dict[str, object]:
         topo = booted.topo
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
-        sender = self._faulty_sender(booted, cell)
+        strike = self._strike(booted, cell)
         try:
             # tracing: the config's switch, and never where the plugin counts this window
             with timings.step("repetition" if booted.plugin else "plain",
                               f"{cell.cell_id} rep {rep.repetition}"):
-                info = run_repetition(topo.receiver.ssh, sender, booted.state, self.exp,
-                                      cell, resolved, rep, self.provenance.pmu,
-                                      cachemodel=booted.plugin,
+                info = run_repetition(strike or topo.receiver.ssh, topo.sender_shell,
+                                      booted.state, self.exp, cell, resolved, rep,
+                                      self.provenance.pmu, cachemodel=booted.plugin,
                                       tracing=self.exp.tracing and not booted.plugin)
         except (GuestError, CommandError) as exc:
             process = topo.receiver.process
@@ -238,35 +333,43 @@ class ExperimentGuests:
             raise GuestError(f"the receiver's QEMU died during the repetition "
                              f"({exit_text(status)}); then: {first}",
                              console_log=str(topo.receiver.spec.console_log)) from exc
+        finally:
+            if strike is not None:
+                strike.stop()
         if booted.plugin:
             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return {**info, "plugin": booted.plugin}
 
-    def _faulty_sender(self, booted: Booted, cell: Cell) -> Shell:
-        """The sender's shell; with a one-off fault for this cell, one that strikes in the
-        middle of the window (lead + half the window after netperf starts)."""
+    def _strike(self, booted: Booted, cell: Cell) -> StrikeInWindow | None:
+        """With a one-off kill-qemu or kill-netserver fault for this cell (its first
+        attempt), the receiver's shell that strikes half a window after the window opens;
+        else None."""
         topo = booted.topo
         fault = self.fault
         if (fault is None or fault.kind == "hang" or fault.cell_id != cell.cell_id
                 or cell.cell_id in self.struck):
-            return topo.sender_shell
+            return None
         self.struck.add(cell.cell_id)
-        delay = lead_seconds(self.exp) + self.exp.duration / 2
+        half = self.exp.duration / 2
 
-        def strike() -> None:
+        def on_mark(line: str) -> None:
+            into = parse_mark(line)
+            when = (f"{into:.2f} s after the window opened (window {self.exp.duration:g} s, "
+                    "guest clock)" if into is not None else f"(mark {line!r})")
             if fault.kind == "kill-qemu":
                 popen = topo.receiver.process.popen
-                if popen is not None:
+                if popen is not None and popen.poll() is None:
                     self.log(f"fault injection: SIGKILL to the receiver's QEMU (pid "
-                             f"{popen.pid}) mid-window in {cell.cell_id}")
+                             f"{popen.pid}) mid-window in {cell.cell_id}, {when}")
                     os.kill(popen.pid, signal.SIGKILL)
             else:
-                self.log(f"fault injection: killing netserver in the receiver mid-window "
-                         f"in {cell.cell_id}")
-                subprocess.run(topo.receiver.ssh.ssh_argv("pkill -9 -x netserver"),
-                               capture_output=True, timeout=60, check=False)
+                self.log(f"fault injection: killed netserver (the reader) in the receiver "
+                         f"mid-window in {cell.cell_id}, {when}")
 
-        return _StrikeMidWindow(topo.sender_shell, delay, strike)
+        self.log(f"fault injection: {fault.kind} armed for {cell.cell_id}: {half:g} s after "
+                 "its window opens")
+        return StrikeInWindow(topo.receiver.ssh, strike_command(fault.kind, self.exp.duration),
+                              topo.receiver.spec.console_log, on_mark)
 
     def keep_logs(self, rep: RepDir) -> None:
         """Serial and QEMU logs of the guests, kept with a repetition that went wrong."""
