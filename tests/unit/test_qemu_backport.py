@@ -105,7 +105,8 @@ def test_backport_is_found_only_when_its_manifest_was_written(tmp_path):
     assert ":" not in dest.name
 
 
-def test_system_uses_qemu_binary():
+def test_backport_is_the_default_and_system_uses_qemu_binary():
+    assert Settings().qemu == "backport" and Settings.from_mapping({}).qemu == "backport"
     s = Settings(qemu_binary="/opt/q", qemu="system")
     assert qb.resolve_qemu(s, fetch=_never).argv_head() == ["/opt/q"]
     with pytest.raises(ConfigError):
