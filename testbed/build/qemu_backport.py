@@ -153,6 +153,27 @@ def parse_simulation(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def update_problem(output: str, lists: Sequence[str],
+                   suite: str = BACKPORT_SUITE) -> str | None:
+    """Why `apt-get update` left no index of `suite` (pure), or None when it has one.
+
+    apt exits 0 when it cannot reach a mirror (it only warns), and the next step's error
+    (`... is invalid for APT::Default-Release`) would hide why, so the warning is
+    the reason: the first `E:`/`W:` line of the update, or its first `Err:` line with the
+    indented line under it (apt's why; `W:` lines go to stderr), else a plain sentence."""
+    if any(f"_{suite}_" in name and name.endswith(("Release", "InRelease")) for name in lists):
+        return None
+    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
+    for prefix in ("E:", "W: Failed to fetch", "Err:", "W:"):
+        for i, line in enumerate(lines):
+            if line.startswith(prefix):
+                below = lines[i + 1] if i + 1 < len(lines) else ""
+                if prefix == "Err:" and below[:1].isspace():
+                    line = f"{line}: {below.strip()}"
+                return line[:300]
+    return f"apt-get update fetched no index of {suite}"
+
+
 def download_command(opts: Sequence[str], packages: Sequence[tuple[str, str]]) -> list[str]:
     return ["apt-get", *opts, "-q", "download", *(f"{p}={v}" for p, v in packages)]
 
@@ -275,7 +296,10 @@ def _fetch(settings: Settings, version: str, dest: Path, log: Log, hint: str) ->
         for sub in ("lists/partial", "cache", "archives/partial", "debs", "out/root"):
             (tmp / sub).mkdir(parents=True)
         opts = apt_options(tmp, sources)
-        _run(["apt-get", *opts, "-q", "update"], hint=hint)
+        updated = _run(["apt-get", *opts, "-q", "update"], hint=hint)
+        lists = sorted(f.name for f in (tmp / "lists").iterdir() if f.is_file())
+        if (problem := update_problem(updated, lists)) is not None:
+            raise NetbedError(problem, hint=hint)
         plan = parse_simulation(_run(simulate_command(opts, version), hint=hint))
         if not qemu_packages(plan):
             raise NetbedError(f"apt plans no QEMU package for qemu-system-x86={version}",

@@ -206,3 +206,26 @@ def test_plugin_api_version_from_the_header():
     assert plugin_api_row(4, "d").startswith("4 (>= 2")
     assert plugin_api_row(1, "d").startswith("1 (< 2")
     assert plugin_api_row(None, "unknown: why") == "unknown: why"
+
+
+def test_an_update_that_reached_no_mirror_is_named_by_apts_warning():
+    # apt-get update exits 0 when the mirror is unreachable; only its output says so
+    out = ("Err:1 http://127.0.0.1:9/debian bookworm InRelease\n"
+           "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)\n"
+           "Reading package lists...\n"
+           "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not "
+           "connect to 127.0.0.1:9 (127.0.0.1)\n"
+           "W: Some index files failed to download. They have been ignored, or old ones used "
+           "instead.\n")
+    assert qb.update_problem(out, ["lock", "partial"]) == (
+        "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not "
+        "connect to 127.0.0.1:9 (127.0.0.1)")
+    # stdout alone (the W: lines went to stderr): the Err: line and apt's reason under it
+    assert qb.update_problem(out.split("Reading")[0], []) == (
+        "Err:1 http://127.0.0.1:9/debian bookworm InRelease: Could not connect to 127.0.0.1:9 "
+        "(127.0.0.1). - connect (111: Connection refused)")
+    assert qb.update_problem("", []) == "apt-get update fetched no index of bookworm-backports"
+    fetched = ["deb.debian.org_debian_dists_bookworm-backports_InRelease",
+               "deb.debian.org_debian_dists_bookworm_InRelease"]
+    assert qb.update_problem(out, fetched) is None
+    assert qb.update_problem(out, ["deb.debian.org_debian_dists_bookworm_InRelease"]) is not None
