@@ -2,7 +2,7 @@
 into the cache, or the host's apt-installed one.
 
 The backport (QEMU 10.0) is the default because a cache-model run is faster on it
-(cachemodel/README.md, "QEMU 10.0 beside 7.2"). The host keeps its own QEMU (7.2 on
+(cachemodel/README.md, "QEMU 10.0 (the default) and 7.2"). The host keeps its own QEMU (7.2 on
 bookworm) as the fallback: when the backport cannot be downloaded, `resolve_qemu`
 says so in one line and returns the system QEMU with the reason in
 `QemuInstall.fallback`, which host.json and versions.json record. The decision is
