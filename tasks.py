@@ -444,8 +444,9 @@ def build_cachemodel(c, force=False):
 def build_qemu(c, json_=False):
     """Fetch and unpack the bookworm-backports QEMU into the cache (once), beside the host's.
 
-    Select it with `qemu: backport` in invoke.yaml or INVOKE_NETBED_QEMU=backport; the
-    host's QEMU and apt configuration are left as they are.
+    It is the default (`qemu: backport`), fetched by the first run that needs it; this
+    task does it ahead and fails if it cannot (a run falls back to the host's QEMU and
+    says so). The host's QEMU and apt configuration are left as they are.
     """
     from testbed.build.qemu_backport import ensure_backport, read_manifest
 

@@ -24,10 +24,12 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: REPO_ROOT / ".cache")
     results_dir: Path = field(default_factory=lambda: REPO_ROOT / "results")
     qemu_binary: str = "qemu-system-x86_64"
-    # Which QEMU starts guests: `system` (qemu_binary, the host's apt-installed one) or
-    # `backport` (Debian's bookworm-backports build, unpacked into the cache on first
-    # use; testbed.build.qemu_backport).
-    qemu: str = "system"
+    # Which QEMU starts guests: `backport` (Debian's bookworm-backports QEMU 10.0, unpacked
+    # into the cache on first use; a cache-model run is faster on it: cachemodel/README.md)
+    # or `system` (qemu_binary, the host's apt-installed 7.2). When the backport cannot be
+    # downloaded the run says so in one line and uses the system QEMU
+    # (testbed.build.qemu_backport.resolve_qemu; recorded in host.json and versions.json).
+    qemu: str = "backport"
     default_kernel: KernelName = "distro"
     accel: AccelSetting = "auto"
     guest_memory_mb: int = 1024

@@ -41,8 +41,8 @@ class AllowedSkip:
 ALLOWED_SKIPS = (
     AllowedSkip(r"the (stock|patched) kernel is not built",
                 "the stock or patched kernel is not built"),
-    AllowedSkip(r"QEMU 10\.0 \(backport\) is not unpacked",
-                "QEMU 10.0 (backport) is not unpacked"),
+    AllowedSkip(r"QEMU 10\.0 \(backport\) could not be downloaded",
+                "QEMU 10.0 (backport) could not be downloaded"),
     AllowedSkip(r"counters auto under KVM", "counters auto under KVM"),
     AllowedSkip(r"needs two host CPUs", "needs two host CPUs"),
 )

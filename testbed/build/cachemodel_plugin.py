@@ -28,7 +28,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from testbed import files as publish
-from testbed.build.qemu_backport import BACKPORT_SUITE, BACKPORT_VERSION
+from testbed.build.qemu_backport import (
+    BACKPORT_SUITE,
+    BACKPORT_VERSION,
+    QemuInstall,
+    known_qemu,
+    resolve_qemu,
+)
 from testbed.build.sysdeps import ensure_packages
 from testbed.errors import CommandError, ConfigError, MissingDependency
 from testbed.formats import symbols
@@ -214,9 +220,14 @@ class QemuSource:
     suites: tuple[str, ...]
 
 
-def qemu_source(settings: Settings) -> QemuSource:
-    """The source of the QEMU the `qemu` setting selects (no download)."""
-    if settings.qemu == "backport":
+def qemu_source(settings: Settings, qemu: QemuInstall | None = None) -> QemuSource:
+    """The source of the QEMU that will load the plugin: `qemu` when given (the one the
+    run resolved: the system's after a fallback from the backport), else the one the
+    `qemu` setting selects as far as known without a download."""
+    if qemu is None:
+        qemu = known_qemu(settings)
+    kind = qemu.kind if qemu is not None else settings.qemu
+    if kind == "backport":
         return QemuSource("qemu", BACKPORT_VERSION, (BACKPORT_SUITE,))
     package, version = installed_qemu_source()
     s = settings.debian_suite
@@ -325,10 +336,10 @@ def _apply_header_patches(patches: Path, tree: Path) -> list[str]:
 
 
 def build_plugin(settings: Settings, log: Log = print, force: bool = False) -> Path:
-    """Compile the plugin for the QEMU the `qemu` setting selects (once per source hash
-    and QEMU version); returns the .so path."""
+    """Compile the plugin for the QEMU the `qemu` setting selects, or the system's after
+    a fallback (once per source hash and QEMU version); returns the .so path."""
     ensure_packages(BUILD_PACKAGES, log)
-    source = qemu_source(settings)
+    source = qemu_source(settings, resolve_qemu(settings, log))
     headers = fetch_plugin_header(settings, log, source)
     sources = {n: (PLUGIN_DIR / n).read_bytes() for n in PLUGIN_SOURCES}
     cflags = run_command(["pkg-config", "--cflags", "glib-2.0"]).strip()

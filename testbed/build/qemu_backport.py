@@ -1,7 +1,13 @@
-"""A second QEMU beside the system's: Debian's bookworm-backports build, unpacked.
+"""Which QEMU starts guests: Debian's bookworm-backports build (the default), unpacked
+into the cache, or the host's apt-installed one.
 
-The host keeps its apt-installed QEMU (7.2 on bookworm) as the default and the
-fallback. The backport (10.0) is fetched with apt pointed at a sources list and
+The backport (QEMU 10.0) is the default because a cache-model run is faster on it
+(cachemodel/README.md, "QEMU 10.0 (the default) and 7.2"). The host keeps its own QEMU (7.2 on
+bookworm) as the fallback: when the backport cannot be downloaded, `resolve_qemu`
+says so in one line and returns the system QEMU with the reason in
+`QemuInstall.fallback`, which host.json and versions.json record. The decision is
+taken once per process and cache, so every boot of a run uses the same QEMU. The
+backport is fetched with apt pointed at a sources list and
 state directories of ours (`-o` options; the system's apt configuration is never
 read or edited), its .debs unpacked with `dpkg-deb -x` into
 `<cache_dir>/qemu/<version>/root`, and started from there: its firmware through
@@ -20,14 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from testbed import files as publish
 from testbed.build.sysdeps import ensure_packages
-from testbed.errors import ConfigError, NetbedError
+from testbed.errors import CommandError, ConfigError, NetbedError
 from testbed.progress import Log
 from testbed.settings import CHOICES, Settings
 from testbed.shell import HostShell
@@ -58,6 +64,9 @@ class QemuInstall:
     firmware_dirs: tuple[Path, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     kind: str = "system"
+    # Why this is the system QEMU although the setting asked for the backport ("" when
+    # it is what was asked for): recorded in the run's provenance.
+    fallback: str = ""
 
     def argv_head(self) -> list[str]:
         """The start of every command line: the environment (through env(1), which
@@ -144,6 +153,27 @@ def parse_simulation(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def update_problem(output: str, lists: Sequence[str],
+                   suite: str = BACKPORT_SUITE) -> str | None:
+    """Why `apt-get update` left no index of `suite` (pure), or None when it has one.
+
+    apt exits 0 when it cannot reach a mirror (it only warns), and the next step's error
+    (`... is invalid for APT::Default-Release`) would hide why, so the warning is
+    the reason: the first `E:`/`W:` line of the update, or its first `Err:` line with the
+    indented line under it (apt's why; `W:` lines go to stderr), else a plain sentence."""
+    if any(f"_{suite}_" in name and name.endswith(("Release", "InRelease")) for name in lists):
+        return None
+    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip()]
+    for prefix in ("E:", "W: Failed to fetch", "Err:", "W:"):
+        for i, line in enumerate(lines):
+            if line.startswith(prefix):
+                below = lines[i + 1] if i + 1 < len(lines) else ""
+                if prefix == "Err:" and below[:1].isspace():
+                    line = f"{line}: {below.strip()}"
+                return line[:300]
+    return f"apt-get update fetched no index of {suite}"
+
+
 def download_command(opts: Sequence[str], packages: Sequence[tuple[str, str]]) -> list[str]:
     return ["apt-get", *opts, "-q", "download", *(f"{p}={v}" for p, v in packages)]
 
@@ -168,6 +198,32 @@ def launch_description(root: Path, version: str, library_dirs: Sequence[Path]) -
 
 def qemu_packages(packages: Sequence[tuple[str, str]]) -> list[str]:
     return [p for p, _ in packages if p.startswith("qemu-")]
+
+
+def fallback_line(reason: str, system_binary: str) -> str:
+    """The one line a run prints when it falls back to the host's QEMU (pure)."""
+    return (f"QEMU {BACKPORT_VERSION} (bookworm-backports, the default) could not be "
+            f"downloaded ({reason}): using the host's QEMU instead ({system_binary}, 7.2 on "
+            "bookworm); qemu: system in invoke.yaml says so without trying")
+
+
+def short_reason(exc: BaseException) -> str:
+    """Why the download failed, in a few words, for the fallback line (pure): a failed
+    command by its program, exit status and last line of output (apt's `E: ...`), any
+    other error by its message's first line."""
+    if isinstance(exc, CommandError):
+        program = exc.command.split()[0] if exc.command else "command"
+        lines = [ln.strip() for ln in exc.output.strip().splitlines() if ln.strip()]
+        return f"{program} exit {exc.returncode}" + (f": {lines[-1]}" if lines else "")
+    text = exc.message if isinstance(exc, NetbedError) else str(exc)
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class BackportUnavailable(NetbedError):
+    """The backport could not be downloaded or unpacked (mirror or suite unreachable, the
+    version gone): the system QEMU can stand in. A backport that unpacked but does not
+    start is a different error and is not caught as this."""
 
 
 # ---------------------------------------------------------------- effects
@@ -210,15 +266,19 @@ def ensure_backport(settings: Settings, log: Log = print,
     found = load_backport(settings, version)
     if found is not None:
         return found
-    ensure_packages({"dpkg-dev": "dpkg-deb", "apt": "apt-get"}, log)
     dest = install_dir(settings.cache_dir, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
     hint = (f"the Debian mirror ({settings.debian_mirror}) must carry {BACKPORT_SUITE} "
             f"with qemu-system-x86={version}")
-    with publish.building(dest):
-        if load_backport(settings, version) is None:
-            publish.sweep_leftovers(dest, f"QEMU {version}", log)
-            _fetch(settings, version, dest, log, hint)
+    try:
+        ensure_packages({"dpkg-dev": "dpkg-deb", "apt": "apt-get"}, log)
+        with publish.building(dest):
+            if load_backport(settings, version) is None:
+                publish.sweep_leftovers(dest, f"QEMU {version}", log)
+                _fetch(settings, version, dest, log, hint)
+    except NetbedError as exc:
+        raise BackportUnavailable(f"QEMU {version} could not be fetched: {exc}",
+                                  hint=exc.hint or hint) from exc
     installed = load_backport(settings, version)
     assert installed is not None
     _run([*installed.argv_head(), "--version"],
@@ -236,7 +296,10 @@ def _fetch(settings: Settings, version: str, dest: Path, log: Log, hint: str) ->
         for sub in ("lists/partial", "cache", "archives/partial", "debs", "out/root"):
             (tmp / sub).mkdir(parents=True)
         opts = apt_options(tmp, sources)
-        _run(["apt-get", *opts, "-q", "update"], hint=hint)
+        updated = _run(["apt-get", *opts, "-q", "update"], hint=hint)
+        lists = sorted(f.name for f in (tmp / "lists").iterdir() if f.is_file())
+        if (problem := update_problem(updated, lists)) is not None:
+            raise NetbedError(problem, hint=hint)
         plan = parse_simulation(_run(simulate_command(opts, version), hint=hint))
         if not qemu_packages(plan):
             raise NetbedError(f"apt plans no QEMU package for qemu-system-x86={version}",
@@ -258,22 +321,45 @@ def _fetch(settings: Settings, version: str, dest: Path, log: Log, hint: str) ->
         publish.publish_dir(out, dest, lambda d: (d / MANIFEST).is_file())
 
 
-def system_qemu(settings: Settings) -> QemuInstall:
-    return QemuInstall(binary=settings.qemu_binary, kind="system")
+def system_qemu(settings: Settings, fallback: str = "") -> QemuInstall:
+    return QemuInstall(binary=settings.qemu_binary, kind="system", fallback=fallback)
 
 
-def resolve_qemu(settings: Settings, log: Log = print) -> QemuInstall:
-    """The QEMU the `qemu` setting selects, fetched on first use."""
+# How the backport is obtained: ensure_backport, or a fake in tests.
+Fetch = Callable[[Settings, Log], QemuInstall]
+
+# Per process: cache folders whose backport could not be downloaded, and why. A run asks
+# for its QEMU many times (host facts, the plugin build, every boot); after one failed
+# download it keeps the system QEMU rather than retrying (minutes of apt timeouts each
+# time) or switching QEMU between boots when the mirror comes back.
+_FELL_BACK: dict[Path, str] = {}
+
+
+def resolve_qemu(settings: Settings, log: Log = print,
+                 fetch: Fetch = ensure_backport) -> QemuInstall:
+    """The QEMU the `qemu` setting selects, fetched on first use; the system QEMU, said in
+    one line, when the backport cannot be downloaded."""
     if settings.qemu == "system":
         return system_qemu(settings)
-    if settings.qemu == "backport":
-        return ensure_backport(settings, log)
-    raise ConfigError(f"netbed setting qemu: {settings.qemu!r} is not allowed",
-                      hint=f"use one of {', '.join(CHOICES['qemu'])}")
+    if settings.qemu != "backport":
+        raise ConfigError(f"netbed setting qemu: {settings.qemu!r} is not allowed",
+                          hint=f"use one of {', '.join(CHOICES['qemu'])}")
+    key = install_dir(settings.cache_dir, BACKPORT_VERSION)
+    reason = _FELL_BACK.get(key)
+    if reason is None:
+        try:
+            return fetch(settings, log)
+        except BackportUnavailable as exc:
+            reason = short_reason(exc.__cause__ or exc)
+            _FELL_BACK[key] = reason
+            log(fallback_line(reason, settings.qemu_binary))
+    return system_qemu(settings, fallback=reason)
 
 
 def known_qemu(settings: Settings) -> QemuInstall | None:
-    """Like resolve_qemu without fetching: None when the backport is not unpacked yet."""
+    """Like resolve_qemu without fetching: None when the backport is selected, not
+    unpacked yet, and this process has not fallen back from it."""
     if settings.qemu == "backport":
-        return load_backport(settings)
+        reason = _FELL_BACK.get(install_dir(settings.cache_dir, BACKPORT_VERSION))
+        return load_backport(settings) if reason is None else system_qemu(settings, reason)
     return system_qemu(settings)

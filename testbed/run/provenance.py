@@ -151,7 +151,8 @@ class Provenance:
         atomic_write_json(self.run.host_file, facts.to_dict())
         self.versions = {
             "netbed_commit": commit, "qemu_version": facts.qemu_version,
-            "qemu_binary": facts.qemu_binary,
+            "qemu_binary": facts.qemu_binary, "qemu_kind": facts.qemu_kind,
+            "qemu_fallback": facts.qemu_fallback,
             "accel": "tcg" if plan.force_tcg else facts.accel,
             "accel_reason": ("forced by counters: cachemodel" if plan.force_tcg
                              else facts.kvm.reason),

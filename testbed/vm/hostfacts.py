@@ -133,6 +133,9 @@ class HostFacts:
     qemu_kind: str = "system"
     qemu_plugin_api: int | None = None
     qemu_plugin_api_detail: str = ""
+    # Why the system QEMU runs although the setting selects the backport (its download
+    # failed; testbed.build.qemu_backport.resolve_qemu), "" otherwise.
+    qemu_fallback: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -348,6 +351,7 @@ def gather(settings: Settings, log: Log = print, probe: bool = True,
         kvm_device=os.path.exists("/dev/kvm"), kvm_modules=kvm_modules(), kvm=verdict,
         accel=f"{accel}", pmu=pmu, pmu_detail=pmu_detail, root=os.geteuid() == 0,
         taps=taps, taps_detail=taps_detail, qemu_kind=qemu.kind,
+        qemu_fallback=qemu.fallback,
         qemu_plugin_api=api, qemu_plugin_api_detail=api_detail,
     )
 
@@ -384,7 +388,9 @@ def facts_table(facts: HostFacts) -> list[tuple[str, str]]:
         ("memory", f"{facts.memory_gib} GiB"),
         ("free disk (cache)", f"{facts.free_disk_gib} GiB"),
         ("qemu", f"{facts.qemu_version or 'not installed'} ({facts.qemu_kind}: "
-                 f"{facts.qemu_binary})"),
+                 f"{facts.qemu_binary})" + (f"; the backport could not be downloaded: "
+                                            f"{facts.qemu_fallback}"
+                                            if facts.qemu_fallback else "")),
         ("tcg plugins", "yes" if facts.qemu_plugins else "no"),
         ("plugin api", plugin_api_row(facts.qemu_plugin_api, facts.qemu_plugin_api_detail)),
         ("/dev/kvm", f"{'present' if facts.kvm_device else 'absent'}; modules: "

@@ -200,7 +200,7 @@ RAM_BACKEND_ID = "netbed-ram"
 
 def uses_ram_memfd(boot: DirectBoot, qemu_binary: Qemu) -> bool:
     """Guest RAM goes into a shared memfd: the backport QEMU (10.0) with a plugin that
-    maps it (the cache model, cachemodel/README.md "QEMU 10.0 beside 7.2") (pure)."""
+    maps it (the cache model, cachemodel/README.md "QEMU 10.0 (the default) and 7.2") (pure)."""
     return (isinstance(qemu_binary, QemuInstall) and qemu_binary.kind == "backport"
             and any(p.guest_ram_arg for p in boot.plugins))
 

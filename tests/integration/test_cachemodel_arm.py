@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testbed.build.qemu_backport import known_qemu
+from testbed.build.qemu_backport import resolve_qemu
 from testbed.formats import cachemodel as cmfmt
 from testbed.settings import Settings
 from testbed.vm import cachemodel as cm
@@ -59,8 +59,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     settings = Settings.from_mapping({"qemu": request.param})
     if request.param == "system" and shutil.which(settings.qemu_binary) is None:
         pytest.skip("QEMU is not installed")
-    if request.param == "backport" and known_qemu(settings) is None:
-        pytest.skip("QEMU 10.0 (backport) is not unpacked: invoke build-qemu")
+    if request.param == "backport" and (qemu := resolve_qemu(settings)).fallback:
+        pytest.skip(f"QEMU 10.0 (backport) could not be downloaded: {qemu.fallback}")
     workdir: Path = tmp_path_factory.mktemp(f"arm-{request.param}")
     got = cm.run_with_model(settings, SCRIPT, workdir)
     assert got.csv is not None

@@ -124,13 +124,19 @@ class Fakes:
 
         self.patch(cachemodel_plugin, "run_command", run)
         self.patch(cachemodel_plugin, "ensure_packages", lambda *a: None)
-        self.patch(cachemodel_plugin, "qemu_source", lambda s: SOURCE)
+        self.patch(cachemodel_plugin, "qemu_source", lambda s, qemu=None: SOURCE)
+        self.patch(cachemodel_plugin, "resolve_qemu",
+                   lambda s, log=print: qemu_backport.system_qemu(s))
         self.patch(cachemodel_plugin, "fetch_plugin_header", lambda s, log, src: headers)
         return lambda s: cachemodel_plugin.build_plugin(s, print)
 
     # -- the QEMU backport: the download is the slow step
     def qemu(self) -> Callable[[Settings], object]:
         def run(cmd: list[str], cwd: Path | None = None, hint: str | None = None) -> str:
+            if "update" in cmd:  # the index apt would write
+                lists = next(Path(o.split("=", 1)[1]) for o in cmd
+                             if o.startswith("Dir::State::Lists="))
+                (lists / "m_debian_dists_bookworm-backports_InRelease").write_text("x")
             if "-s" in cmd:
                 return f"Inst qemu-system-x86 ({BACKPORT} Debian-backports [amd64])\n"
             if "download" in cmd:

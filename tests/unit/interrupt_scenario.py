@@ -131,7 +131,8 @@ def main(stage: str, root: Path) -> int:
     qemu = root / "qemu"
     qemu.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_QEMU} \"$@\"\n")
     qemu.chmod(0o755)
-    settings = Settings(cache_dir=root / "cache", qemu_binary=str(qemu), boot_timeout_s=300,
+    settings = Settings(cache_dir=root / "cache", qemu_binary=str(qemu), qemu="system",
+                        boot_timeout_s=300,
                         ssh_timeout_s=300, sender="guest")  # the stages name a sender QEMU
     empty = root / "empty"
     empty.touch()

@@ -2,12 +2,13 @@
 kernel the probe boots and its verdict cached per host, KVM module and QEMU."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from testbed.build.kernel import Kernel
+from testbed.build.qemu_backport import system_qemu
 from testbed.errors import NetbedError
 from testbed.settings import Settings
 from testbed.vm import hostfacts
@@ -86,7 +87,9 @@ class FakeHost:
 
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
-    return Settings(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results")
+    # the host's QEMU: the default (the backport) would be downloaded
+    return Settings(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results",
+                    qemu="system")
 
 
 def quiet(msg: str) -> None:
@@ -178,3 +181,18 @@ def test_a_run_installs_qemu_before_gathering_so_its_facts_name_the_qemu_it_uses
     calls.clear()
     hostfacts.gather(settings, quiet, probe=False)  # doctor installs nothing
     assert calls == ["version"]
+
+
+def test_facts_record_a_fallback_from_the_backport(settings, monkeypatch):
+    fell_back = system_qemu(settings, fallback="apt-get exit 100: E: Failed to fetch x")
+    monkeypatch.setattr(hostfacts, "resolve_qemu", lambda s, log=print: fell_back)
+    monkeypatch.setattr(hostfacts, "qemu_version", lambda q: "7.2.22")
+    monkeypatch.setattr(hostfacts, "qemu_has_plugins", lambda q: True)
+    monkeypatch.setattr(hostfacts, "plugin_api", lambda s: (1, "d"))
+    monkeypatch.setattr(hostfacts, "can_use_taps", lambda: (False, "no root"))
+    facts = hostfacts.gather(replace(settings, qemu="backport"), quiet, probe=False)
+    assert facts.qemu_kind == "system" and facts.to_dict()["qemu_fallback"] == \
+        "apt-get exit 100: E: Failed to fetch x"
+    row = dict(hostfacts.facts_table(facts))["qemu"]
+    assert row.endswith("the backport could not be downloaded: apt-get exit 100: E: Failed "
+                        "to fetch x")

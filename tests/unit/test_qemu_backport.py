@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from testbed.build import cachemodel_plugin
 from testbed.build import qemu_backport as qb
 from testbed.build.cachemodel_plugin import deb_src_lines, plugin_api_version
-from testbed.errors import ConfigError
+from testbed.errors import CommandError, ConfigError, NetbedError
+from testbed.progress import Log
 from testbed.settings import Settings
 from testbed.vm.hostfacts import plugin_api_row
 from testbed.vm.qemu import DirectBoot, direct_boot_argv
@@ -103,14 +105,99 @@ def test_backport_is_found_only_when_its_manifest_was_written(tmp_path):
     assert ":" not in dest.name
 
 
-def test_system_is_the_default_and_uses_qemu_binary():
-    s = Settings(qemu_binary="/opt/q")
-    assert qb.resolve_qemu(s).argv_head() == ["/opt/q"]
+def test_backport_is_the_default_and_system_uses_qemu_binary():
+    assert Settings().qemu == "backport" and Settings.from_mapping({}).qemu == "backport"
+    s = Settings(qemu_binary="/opt/q", qemu="system")
+    assert qb.resolve_qemu(s, fetch=_never).argv_head() == ["/opt/q"]
     with pytest.raises(ConfigError):
-        qb.resolve_qemu(Settings(qemu="mine"))
+        qb.resolve_qemu(Settings(qemu="mine"), fetch=_never)
     with pytest.raises(ConfigError):
         Settings.from_mapping({"qemu": "mine"})
-    assert Settings.from_mapping({"qemu": "backport"}).qemu == "backport"
+    assert Settings.from_mapping({"qemu": "system"}).qemu == "system"
+
+
+def _never(settings: Settings, log: Log) -> qb.QemuInstall:
+    raise AssertionError("no download was expected")
+
+
+class FakeFetch:
+    """The download as a callable: counts calls, then returns an install or raises."""
+
+    def __init__(self, result: qb.QemuInstall | Exception) -> None:
+        self.result = result
+        self.calls = 0
+
+    def __call__(self, settings: Settings, log: Log) -> qb.QemuInstall:
+        self.calls += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def _unreachable() -> qb.BackportUnavailable:
+    """What ensure_backport raises when apt cannot reach the mirror."""
+    cause = CommandError(["apt-get", "-o", "Dir::Etc::SourceList=/x", "-q", "update"], 100,
+                         "Err:1 http://deb.debian.org/debian bookworm InRelease\n"
+                         "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/"
+                         "InRelease  Could not resolve 'deb.debian.org'")
+    try:
+        raise qb.BackportUnavailable(f"QEMU x could not be fetched: {cause}") from cause
+    except qb.BackportUnavailable as exc:
+        return exc
+
+
+def test_unreachable_download_falls_back_to_the_system_qemu_in_one_line(tmp_path):
+    s = Settings(cache_dir=tmp_path, qemu="backport", qemu_binary="/usr/bin/q")
+    fetch, said = FakeFetch(_unreachable()), []
+    got = qb.resolve_qemu(s, said.append, fetch)
+    assert got.kind == "system" and got.argv_head() == ["/usr/bin/q"]
+    assert got.fallback == ("apt-get exit 100: E: Failed to fetch http://deb.debian.org/debian/"
+                            "dists/bookworm/InRelease  Could not resolve 'deb.debian.org'")
+    assert len(said) == 1 and "\n" not in said[0]
+    assert said[0].startswith(f"QEMU {qb.BACKPORT_VERSION} (bookworm-backports, the default) "
+                              "could not be downloaded (apt-get exit 100: E: Failed to fetch")
+    assert "using the host's QEMU instead (/usr/bin/q" in said[0]
+    # the run keeps that QEMU: no second download, no second line, every boot the same
+    assert qb.resolve_qemu(s, said.append, fetch) == got
+    assert fetch.calls == 1 and len(said) == 1
+    assert qb.known_qemu(s) == got
+    # another cache folder decides for itself
+    other = FakeFetch(qb.launch_description(tmp_path / "r", "1:10", []))
+    assert qb.resolve_qemu(Settings(cache_dir=tmp_path / "b", qemu="backport"), said.append,
+                           other).kind == "backport"
+    assert other.calls == 1 and len(said) == 1
+
+
+def test_a_fetched_backport_is_used_and_nothing_is_said(tmp_path):
+    inst = qb.launch_description(tmp_path / "root", "1:10", [])
+    said: list[str] = []
+    s = Settings(cache_dir=tmp_path, qemu="backport")
+    assert qb.resolve_qemu(s, said.append, FakeFetch(inst)) == inst
+    assert inst.fallback == "" and said == []
+
+
+def test_a_backport_that_unpacked_but_fails_is_an_error_not_a_fallback(tmp_path):
+    broken = CommandError(["env", "qemu-system-x86_64", "--version"], 127, "libfoo.so: not found")
+    with pytest.raises(CommandError):
+        qb.resolve_qemu(Settings(cache_dir=tmp_path, qemu="backport"), print, FakeFetch(broken))
+
+
+def test_short_reason_keeps_one_line():
+    assert qb.short_reason(NetbedError("apt plans no QEMU package\nmore", hint="h")) == \
+        "apt plans no QEMU package"
+    assert qb.short_reason(CommandError(["apt-get", "download"], 1)) == "apt-get exit 1"
+
+
+def test_the_plugin_is_built_for_the_qemu_the_run_resolved(tmp_path, monkeypatch):
+    monkeypatch.setattr(cachemodel_plugin, "installed_qemu_source",
+                        lambda: ("qemu", "1:7.2+dfsg-7"))
+    s = Settings(cache_dir=tmp_path, qemu="backport")
+    backport = qb.launch_description(tmp_path / "r", qb.BACKPORT_VERSION, [])
+    assert cachemodel_plugin.qemu_source(s, backport).version == qb.BACKPORT_VERSION
+    fell_back = qb.system_qemu(s, fallback="apt-get exit 100")
+    assert cachemodel_plugin.qemu_source(s, fell_back).version == "1:7.2+dfsg-7"
+    # without a resolved QEMU (doctor): the selection, as far as known without a download
+    assert cachemodel_plugin.qemu_source(s).version == qb.BACKPORT_VERSION
 
 
 def test_plugin_api_version_from_the_header():
@@ -119,3 +206,26 @@ def test_plugin_api_version_from_the_header():
     assert plugin_api_row(4, "d").startswith("4 (>= 2")
     assert plugin_api_row(1, "d").startswith("1 (< 2")
     assert plugin_api_row(None, "unknown: why") == "unknown: why"
+
+
+def test_an_update_that_reached_no_mirror_is_named_by_apts_warning():
+    # apt-get update exits 0 when the mirror is unreachable; only its output says so
+    out = ("Err:1 http://127.0.0.1:9/debian bookworm InRelease\n"
+           "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)\n"
+           "Reading package lists...\n"
+           "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not "
+           "connect to 127.0.0.1:9 (127.0.0.1)\n"
+           "W: Some index files failed to download. They have been ignored, or old ones used "
+           "instead.\n")
+    assert qb.update_problem(out, ["lock", "partial"]) == (
+        "W: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not "
+        "connect to 127.0.0.1:9 (127.0.0.1)")
+    # stdout alone (the W: lines went to stderr): the Err: line and apt's reason under it
+    assert qb.update_problem(out.split("Reading")[0], []) == (
+        "Err:1 http://127.0.0.1:9/debian bookworm InRelease: Could not connect to 127.0.0.1:9 "
+        "(127.0.0.1). - connect (111: Connection refused)")
+    assert qb.update_problem("", []) == "apt-get update fetched no index of bookworm-backports"
+    fetched = ["deb.debian.org_debian_dists_bookworm-backports_InRelease",
+               "deb.debian.org_debian_dists_bookworm_InRelease"]
+    assert qb.update_problem(out, fetched) is None
+    assert qb.update_problem(out, ["deb.debian.org_debian_dists_bookworm_InRelease"]) is not None
