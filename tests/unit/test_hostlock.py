@@ -140,3 +140,9 @@ def test_tasks_no_wait_exits_2_and_the_readers_never_wait(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_tests_without_guests_never_wait_on_the_real_host_lock():
+    """tests/conftest.py gives them a lock of the session's own (a fake run-matrix once
+    waited 14 min behind a real measuring run)."""
+    assert hostlock.lock_path() != hostlock.PRIMARY_DIR / hostlock.LOCK_NAME
