@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -239,6 +239,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def follow_console(proc: subprocess.Popen[bytes],
+                   on_line: Callable[[str], None]) -> tuple[list[str], threading.Thread]:
+    """Collect a micro guest's console lines as they come (the list grows while the guest
+    runs), calling `on_line` on each, so the caller can wait on the guest's markers."""
+    out: list[str] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.append(line)
+            on_line(line)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    return out, t
+
+
 def run_micro(argv: list[str], csv: Path | None = None, timeout_s: float = 900.0) -> MicroRun:
     """Boot, wait for power-off, return the console; raise if the guest did not finish.
 
@@ -352,19 +370,13 @@ def run_receive_with_model(settings: Settings, workdir: Path, mbytes: int, dma: 
                                "-device", "e1000,netdev=n0"])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    out: list[str] = []
     listening = threading.Event()
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            out.append(line)
-            if "NB-LISTEN" in line:
-                listening.set()
+    def on_line(line: str) -> None:
+        if "NB-LISTEN" in line:
+            listening.set()
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    out, t = follow_console(proc, on_line)
     try:
         if not listening.wait(600):
             raise GuestError("the e1000 micro guest never started listening:\n"
@@ -457,23 +469,17 @@ def run_payload_receive(settings: Settings, workdir: Path, *, reader_cpu: int, m
                                "-device", "e1000,netdev=n0"])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    out: list[str] = []
     ready, begun = threading.Event(), threading.Event()
     cpu_s: list[float] = []
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            out.append(line)
-            if "NB-READY" in line:
-                ready.set()
-            if "NB-BEGUN" in line or "NB-ENDED" in line:
-                cpu_s.append(proc_cpu_seconds(proc.pid))
-                begun.set()
+    def on_line(line: str) -> None:
+        if "NB-READY" in line:
+            ready.set()
+        if "NB-BEGUN" in line or "NB-ENDED" in line:
+            cpu_s.append(proc_cpu_seconds(proc.pid))
+            begun.set()
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    out, t = follow_console(proc, on_line)
     try:
         if not ready.wait(600):
             raise GuestError("the payload micro guest never got ready:\n" + "".join(out[-20:]))
