@@ -103,6 +103,7 @@ class Row:
     label: str
     seconds: float
     note: str = ""
+    beside: str = ""  # ran beside this step (its time is inside that step's: not added)
 
 
 @dataclass
@@ -137,7 +138,9 @@ def step_rows(steps: Sequence[Step]) -> list[Row]:
         if s.kind == "probe" or (s.kind in ("build", "packages") and s.seconds >= 0.5):
             label = {"probe": "KVM probe", "packages": "host packages"}.get(s.kind, s.name)
             note = s.detail if s.ok else f"{s.detail} FAILED".strip()
-            rows.append(Row(label, s.seconds, note))
+            if s.beside:
+                note = f"beside the {s.beside}, not added; {note}".rstrip("; ")
+            rows.append(Row(label, s.seconds, note, s.beside))
     for kind, label in (("boot", "boots"), ("repetition", "instrumented repetitions"),
                         ("plain", "plain repetitions")):
         spans = [s.seconds for s in steps if s.kind == kind]
@@ -176,18 +179,19 @@ def breakdown(lines: Sequence[Line], steps: Sequence[Step]) -> Breakdown:
         report = report_seconds(lines, run)
         if report is not None:
             inner.append(Row("report", report))
-        accounted = sum(r.seconds for r in inner)
+        accounted = sum(r.seconds for r in inner if not r.beside)
         inner.append(Row("other", run.seconds - accounted,
                          "start-up, host facts, guest shutdowns: in no step"))
         out.rows.append(Row("run-matrix", run.seconds))
-        out.rows += [Row(f"  {r.label}", r.seconds, r.note) for r in inner]
+        out.rows += [Row(f"  {r.label}", r.seconds, r.note, r.beside) for r in inner]
     out.readme = readme_line(out)
     return out
 
 
 def readme_line(b: Breakdown) -> str:
     """The README's one timing line (pure)."""
-    parts = [f"{r.label.strip()} {_minutes(r.seconds)}" for r in b.rows
+    parts = [f"{r.label.strip()} {_minutes(r.seconds)}"
+             + (f" (beside the {r.beside})" if r.beside else "") for r in b.rows
              if r.label != "run-matrix" and r.label.strip() != "other"]
     load = f", load {b.load[0]:.1f}-{b.load[1]:.1f}" if b.load else ""
     return (f"Fresh clone to report: {b.total / 60:.1f} min ({b.total:.0f} s) on "

@@ -16,6 +16,7 @@ before the folder is made) are kept in memory and written when it is attached.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -44,13 +45,14 @@ class Step:
     detail: str = ""
     session: int = 0  # 0 for the session that made the run, 1.. for each resume
     ok: bool = True  # False when the step raised (its time still counts)
+    beside: str = ""  # the step it ran beside (testbed.build.beside): its time is not added
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
         return cls(kind=str(data["kind"]), name=str(data["name"]),
                    started=str(data["started"]), seconds=float(data["seconds"]),
                    detail=str(data.get("detail", "")), session=int(data.get("session", 0)),
-                   ok=bool(data.get("ok", True)))
+                   ok=bool(data.get("ok", True)), beside=str(data.get("beside", "")))
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Timings:
     path: Path | None = None
     session: int = 0
     _earlier: list[Step] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # side builds add too
 
     def attach(self, path: Path) -> None:
         """Write to `path` from now on; a resumed run's earlier sessions are kept."""
@@ -82,8 +85,9 @@ class Timings:
         self._write()
 
     def add(self, step: Step) -> None:
-        self.steps.append(step)
-        self._write()
+        with self._lock:
+            self.steps.append(step)
+            self._write()
 
     @contextlib.contextmanager
     def step(self, kind: str, name: str, detail: str = "") -> Iterator[StepNote]:
@@ -96,7 +100,7 @@ class Timings:
             ok = True
         finally:
             self.add(Step(kind, name, started, round(self.clock() - start, 3), note.detail,
-                          self.session, ok))
+                          self.session, ok, _BESIDE.get()))
 
     def _write(self) -> None:
         if self.path is not None:
@@ -106,6 +110,7 @@ class Timings:
 
 
 _CURRENT: ContextVar[Timings | None] = ContextVar("netbed_timings", default=None)
+_BESIDE: ContextVar[str] = ContextVar("netbed_timings_beside", default="")
 
 
 @contextlib.contextmanager
@@ -129,6 +134,16 @@ def step(kind: str, name: str, detail: str = "") -> Iterator[StepNote]:
         yield note
 
 
+@contextlib.contextmanager
+def beside(what: str) -> Iterator[None]:
+    """Mark the steps of this context as run beside `what` (in a thread of their own)."""
+    token = _BESIDE.set(what)
+    try:
+        yield
+    finally:
+        _BESIDE.reset(token)
+
+
 def record(kind: str, name: str, seconds: float, detail: str = "") -> None:
     """Add a step that just ended after `seconds` to the current run (if any): for work
     timed where it is done, e.g. a kernel build whose variant builds another first."""
@@ -136,7 +151,8 @@ def record(kind: str, name: str, seconds: float, detail: str = "") -> None:
     if timings is None:
         return
     started = (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="seconds")
-    timings.add(Step(kind, name, started, round(seconds, 3), detail, timings.session))
+    timings.add(Step(kind, name, started, round(seconds, 3), detail, timings.session,
+                     beside=_BESIDE.get()))
 
 
 def load_steps(path: Path) -> list[Step]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 
 from testbed.errors import MissingDependency
@@ -31,6 +32,10 @@ GUEST_PACKAGES = {**QEMU_PACKAGES, **IMAGE_PACKAGES, **NETWORK_PACKAGES}
 
 Log = Callable[[str], None]
 
+# apt takes its lists lock without waiting: builds running side by side in one process
+# (testbed.build.beside) take turns here instead.
+_APT = threading.Lock()
+
 
 def _present(probe: str) -> bool:
     return os.path.exists(probe) if probe.startswith("/") else shutil.which(probe) is not None
@@ -52,7 +57,13 @@ def apt_command(*args: str) -> list[str]:
 
 def ensure_packages(packages: dict[str, str], log: Log = print) -> None:
     """Install what is missing with apt, saying what; without root, explain and stop."""
-    missing = missing_packages(packages)
+    if not missing_packages(packages):
+        return
+    with _APT:
+        _install(missing_packages(packages), log)
+
+
+def _install(missing: list[str], log: Log) -> None:
     if not missing:
         return
     line = " ".join(apt_install_command(missing))

@@ -16,7 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from testbed import timings
-from testbed.build.kernel_build import ensure_built
+from testbed.build import kernel_build
+from testbed.build.beside import Beside, side_jobs
+from testbed.build.cachemodel_plugin import BUILD_PACKAGES as PLUGIN_PACKAGES
+from testbed.build.kernel_build import ensure_built, find_built_named
+from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
 from testbed.experiment.kernelfile import KernelSet, load_kernels
@@ -114,6 +118,35 @@ def build_kernels(settings: Settings, exp: Experiment, cells: list[Cell], log: L
             ensure_built(name, settings, log, exp.kernels)
 
 
+def run_packages(exp: Experiment, to_build: list[str], plugin: bool) -> dict[str, str]:
+    """Every Debian package (-> its probe) the run's builds and boots install, asked for
+    in one apt call before they start (pure): one `apt-get update` instead of one per
+    build, and builds running side by side (testbed.build.beside) find them installed."""
+    packages = dict(GUEST_PACKAGES)
+    for name in to_build:
+        packages.update(kernel_build.BUILD_PACKAGES)
+        deb = exp.kernels.variant(name).base.debian
+        if deb is not None and deb.suite is None:  # installed from the host's own suite
+            packages[deb.package] = deb.tarball
+    if plugin:
+        packages.update(PLUGIN_PACKAGES)
+    return packages
+
+
+def build_up_front(settings: Settings, exp: Experiment, cells: list[Cell], plugin: bool,
+                   log: Log) -> None:
+    """Before the run folder is made: the host packages, then the kernels with the image
+    and the plugin built beside them (testbed.build.beside), so the first boot finds
+    everything and a kernel that cannot be built leaves no folder."""
+    to_build = [name for name in dict.fromkeys(c.kernel for c in cells)
+                if name != DISTRO_KERNEL
+                and find_built_named(name, settings, exp.kernels) is None]
+    with timings.step("packages", "host packages"):
+        ensure_packages(run_packages(exp, to_build, plugin), log)
+    with Beside(side_jobs(settings, plugin, log), log):
+        build_kernels(settings, exp, cells, log)
+
+
 def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
     """The loop's adaptive rounds for `repetitions: {min, max, target_cv, metric}` (#11)."""
     a = exp.adaptive
@@ -157,9 +190,9 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
         cells = expand(exp)
         kernels = run_kernels(shard(cells, *shard_spec) if shard_spec else cells)
         facts.append(gather(settings, log=log, kernels=kernels))
-        counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
-        cells = expand(exp)
-        build_kernels(settings, exp, shard(cells, *shard_spec) if shard_spec else cells, log)
+        plan = counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
+        build_up_front(settings, exp, shard(cells, *shard_spec) if shard_spec else cells,
+                       plan.cachemodel, log)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     lock.rename(run.run_id)

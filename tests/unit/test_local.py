@@ -28,6 +28,21 @@ warmup: 0
 """
 
 
+@pytest.fixture(autouse=True)
+def host_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
+    """A new run's up-front host work (apt, the image and plugin beside the kernels) is
+    recorded, not done."""
+    from testbed.run import local
+
+    calls: dict[str, list[object]] = {"packages": [], "side": []}
+    monkeypatch.setattr(local, "ensure_packages",
+                        lambda packages, log=print: calls["packages"].append(packages))
+    monkeypatch.setattr(local, "side_jobs",
+                        lambda s, plugin, log: calls["side"].append(plugin) or [])
+    monkeypatch.setattr(local, "find_built_named", lambda name, s, kernels=None: None)
+    return calls
+
+
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
     return Settings(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
@@ -124,7 +139,7 @@ def test_a_cache_model_run_schedules_plain_repetitions_and_a_resume_keeps_them(
 
 
 def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
-        tmp_path, settings, monkeypatch):
+        tmp_path, settings, monkeypatch, host_builds):
     from testbed.run import local
     from testbed.run.loop import RunSummary
     from testbed.run.session import ExperimentGuests
@@ -154,6 +169,12 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
         [c.kernel for c in cells]))
     summary = local.run_matrix(settings, config, log=lambda m: None)
     assert built and set(built[0]) == {"patched", "stock"}
+    # one apt call for every build's packages first; the plugin is built beside them
+    assert len(host_builds["packages"]) == 1
+    packages = host_builds["packages"][0]
+    assert isinstance(packages, dict)
+    assert {"bison", "linux-source-6.1", "mmdebstrap", "libglib2.0-dev"} <= set(packages)
+    assert host_builds["side"] == [True]
     assert asked == [("patched", "stock")]  # the probe may boot one of them, not distro
     assert prepared[-1] == AssetPlan(("patched", "stock"), plugin=True)
     assert (summary.run_dir / "timings.json").is_file()
@@ -166,3 +187,19 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
                 (folder / "done").write_text("{}")
     local.run_matrix(settings, None, resume=summary.run_dir.name, log=lambda m: None)
     assert prepared[-1] == AssetPlan(("patched",), plugin=True)
+
+
+def test_run_packages_name_each_build_s_packages_once():
+    from testbed.build import kernel_build
+    from testbed.build.cachemodel_plugin import BUILD_PACKAGES as PLUGIN
+    from testbed.build.sysdeps import GUEST_PACKAGES
+    from testbed.experiment.load import load_experiment
+    from testbed.run.local import run_packages
+
+    exp = load_experiment(Path(__file__).parents[2] / "configs/quick.yaml")
+    assert run_packages(exp, [], plugin=False) == GUEST_PACKAGES  # all built: boots only
+    everything = run_packages(exp, ["stock-6.12"], plugin=True)
+    assert set(kernel_build.BUILD_PACKAGES) | set(PLUGIN) <= set(everything)
+    assert "linux-source-6.1" not in everything  # 6.12 is fetched, not installed
+    assert run_packages(exp, ["patched"], plugin=False)["linux-source-6.1"] == \
+        "/usr/src/linux-source-6.1.tar.xz"

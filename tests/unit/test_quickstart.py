@@ -100,3 +100,17 @@ def test_a_captured_fresh_clone_run_breaks_down_into_its_steps():
     inner = sum(x.seconds for x in b.rows if x.label.startswith("  "))
     assert inner == pytest.approx(r["run-matrix"]) and b.failed == []
     assert b.readme.startswith("Fresh clone to report: 15.9 min (955 s)")
+
+
+def test_a_build_beside_the_kernel_build_is_shown_but_not_added(captured):
+    from dataclasses import replace
+
+    lines, steps = captured
+    side = [replace(s, beside="kernel build") if s.name == "image" else s for s in steps]
+    plain, overlapped = breakdown(lines, steps), breakdown(lines, side)
+    image = next(r for r in overlapped.rows if r.label.strip() == "image")
+    assert image.beside == "kernel build" and image.note.startswith("beside the kernel build")
+    # its seconds are inside the kernel build's: "other" gets them back, the total is the same
+    assert rows(overlapped)["other"] == pytest.approx(rows(plain)["other"] + image.seconds)
+    assert overlapped.total == plain.total
+    assert "(beside the kernel build)" in overlapped.readme
