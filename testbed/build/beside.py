@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextvars
 import os
+import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -41,13 +42,14 @@ class SideJob:
     run: Callable[[], object]
 
 
-def side_jobs(settings: Settings, plugin: bool, log: Log) -> list[SideJob]:
-    """The builds a run needs besides its kernels: the image, and the plugin when the
-    cache model counts any repetition (each is a no-op when cached)."""
-    jobs = [SideJob("image", lambda: ensure_image(settings, log))]
-    if plugin:
-        jobs.append(SideJob("plugin", lambda: build_plugin(settings, log)))
-    return jobs
+def image_job(settings: Settings, log: Log) -> SideJob:
+    """The guest image every run boots (a no-op when cached)."""
+    return SideJob("image", lambda: ensure_image(settings, log))
+
+
+def plugin_job(settings: Settings, log: Log) -> SideJob:
+    """The cache-model plugin, for a run whose counters come from the model."""
+    return SideJob("plugin", lambda: build_plugin(settings, log))
 
 
 def _lower_priority(nice: int) -> None:
@@ -60,47 +62,56 @@ def _lower_priority(nice: int) -> None:
 
 
 class Beside:
-    """`with Beside(jobs, log): body()` runs the jobs in order in a thread while the body
-    runs, then waits for them; a side job's error is raised after a body that succeeded.
+    """`with Beside(log) as side: side.add(job); body()` runs the added jobs in order in one
+    thread while the body runs, then waits for them; a side job's error is raised after a
+    body that succeeded (and the jobs after it are skipped).
 
-    The thread runs in a copy of the caller's context, so its steps go to the run's
-    timings recorder."""
+    Jobs can be added while the body runs, as soon as it knows they are needed (the
+    plugin, once the KVM probe has decided the counters). The thread runs in a copy of
+    the caller's context, so its steps go to the run's timings recorder."""
 
-    def __init__(self, jobs: Sequence[SideJob], log: Log, what: str = "kernel build",
-                 nice: int = SIDE_NICE) -> None:
-        self.jobs, self.log, self.what, self.nice = list(jobs), log, what, nice
+    def __init__(self, log: Log, what: str = "kernel build", nice: int = SIDE_NICE) -> None:
+        self.log, self.what, self.nice = log, what, nice
         self.error: BaseException | None = None
         self.failed_job = ""
+        self._queue: queue.SimpleQueue[SideJob | None] = queue.SimpleQueue()
+        self._names: list[str] = []
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Beside:
-        if self.jobs:
+        return self
+
+    def add(self, job: SideJob) -> None:
+        """Queue `job` behind the others (the thread starts with the first)."""
+        self._names.append(job.name)
+        self._queue.put(job)
+        if self._thread is None:
             context = contextvars.copy_context()
             self._thread = threading.Thread(target=context.run, args=(self._work,),
                                             name="netbed-beside", daemon=True)
             self._thread.start()
-        return self
 
     def _work(self) -> None:
         _lower_priority(self.nice)
         with timings.beside(self.what):
-            for job in self.jobs:
+            while (job := self._queue.get()) is not None:
+                if self.error is not None:
+                    continue  # after a failure the rest is skipped (the queue drains)
                 try:
                     with timings.step("build", job.name):
                         job.run()
                 except BaseException as exc:  # handed to the caller's thread in __exit__
                     self.error, self.failed_job = exc, job.name
-                    return
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         thread = self._thread
         if thread is None:
             return
+        self._queue.put(None)
         if thread.is_alive():
-            names = " and ".join(j.name for j in self.jobs)
-            self.log(f"waiting for the {names} build{'s' if len(self.jobs) > 1 else ''} "
-                     f"beside the {self.what}")
+            self.log(f"waiting for the build of the {' and the '.join(self._names)} beside "
+                     f"the {self.what}")
         thread.join()
         if self.error is None:
             return

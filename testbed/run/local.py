@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from testbed import timings
 from testbed.build import kernel_build
-from testbed.build.beside import Beside, side_jobs
+from testbed.build.beside import Beside, image_job, plugin_job
 from testbed.build.cachemodel_plugin import BUILD_PACKAGES as PLUGIN_PACKAGES
 from testbed.build.kernel_build import ensure_built, find_built_named
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
@@ -118,33 +118,27 @@ def build_kernels(settings: Settings, exp: Experiment, cells: list[Cell], log: L
             ensure_built(name, settings, log, exp.kernels)
 
 
-def run_packages(exp: Experiment, to_build: list[str], plugin: bool) -> dict[str, str]:
-    """Every Debian package (-> its probe) the run's builds and boots install, asked for
-    in one apt call before they start (pure): one `apt-get update` instead of one per
-    build, and builds running side by side (testbed.build.beside) find them installed."""
+def run_packages(exp: Experiment, to_build: Sequence[str]) -> dict[str, str]:
+    """Every Debian package (-> its probe) the run's builds and boots may install, asked
+    for in one apt call before they start (pure): one `apt-get update` instead of one per
+    build, and the builds running side by side (testbed.build.beside) find them there.
+    The plugin's packages come with counters that may resolve to the cache model (before
+    the KVM probe it is not known whether `auto` will)."""
     packages = dict(GUEST_PACKAGES)
     for name in to_build:
         packages.update(kernel_build.BUILD_PACKAGES)
         deb = exp.kernels.variant(name).base.debian
         if deb is not None and deb.suite is None:  # installed from the host's own suite
             packages[deb.package] = deb.tarball
-    if plugin:
+    if {"auto", "cachemodel"} & set(exp.counters):
         packages.update(PLUGIN_PACKAGES)
     return packages
 
 
-def build_up_front(settings: Settings, exp: Experiment, cells: list[Cell], plugin: bool,
-                   log: Log) -> None:
-    """Before the run folder is made: the host packages, then the kernels with the image
-    and the plugin built beside them (testbed.build.beside), so the first boot finds
-    everything and a kernel that cannot be built leaves no folder."""
-    to_build = [name for name in dict.fromkeys(c.kernel for c in cells)
-                if name != DISTRO_KERNEL
-                and find_built_named(name, settings, exp.kernels) is None]
-    with timings.step("packages", "host packages"):
-        ensure_packages(run_packages(exp, to_build, plugin), log)
-    with Beside(side_jobs(settings, plugin, log), log):
-        build_kernels(settings, exp, cells, log)
+def kernels_to_build(settings: Settings, exp: Experiment, cells: Sequence[Cell]) -> list[str]:
+    """The built kernels the cells boot that are not in the cache yet."""
+    return [name for name in dict.fromkeys(c.kernel for c in cells)
+            if name != DISTRO_KERNEL and find_built_named(name, settings, exp.kernels) is None]
 
 
 def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
@@ -187,12 +181,21 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
     facts: list[HostFacts] = []
 
     def check_host(exp: Experiment) -> None:
+        """Before the run folder exists: the host packages in one apt call, the host's
+        facts (the KVM probe boots one of the run's kernels, building it first), the
+        counter plan (a ConfigError leaves nothing), then the other kernels. The image,
+        and the plugin once the plan says the model counts, are built beside them."""
         cells = expand(exp)
-        kernels = run_kernels(shard(cells, *shard_spec) if shard_spec else cells)
-        facts.append(gather(settings, log=log, kernels=kernels))
-        plan = counter_plan(exp.counters, facts[0].accel, facts[0].pmu)  # ConfigError: nothing made
-        build_up_front(settings, exp, shard(cells, *shard_spec) if shard_spec else cells,
-                       plan.cachemodel, log)
+        cells = shard(cells, *shard_spec) if shard_spec else cells
+        with timings.step("packages", "host packages"):
+            ensure_packages(run_packages(exp, kernels_to_build(settings, exp, cells)), log)
+        with Beside(log) as side:
+            side.add(image_job(settings, log))
+            facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
+            plan = counter_plan(exp.counters, facts[0].accel, facts[0].pmu)
+            if plan.cachemodel:
+                side.add(plugin_job(settings, log))
+            build_kernels(settings, exp, cells, log)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     lock.rename(run.run_id)

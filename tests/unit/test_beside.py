@@ -18,13 +18,13 @@ def _recorded() -> timings.Timings:
 def test_side_jobs_run_while_the_body_runs_and_are_marked_beside():
     started = threading.Event()
     order: list[str] = []
-    jobs = [SideJob("image", lambda: (order.append("image"), started.set())),
-            SideJob("plugin", lambda: order.append("plugin"))]
-    with timings.recording(_recorded()) as steps, Beside(jobs, print):
+    with timings.recording(_recorded()) as steps, Beside(print) as side:
+        side.add(SideJob("image", lambda: (order.append("image"), started.set())))
         # the body waits for a side job: they run at the same time, not after it
         assert started.wait(10)
         with timings.step("build", "kernel patched"):
             order.append("kernel")
+        side.add(SideJob("plugin", lambda: order.append("plugin")))  # decided later
     assert sorted(order) == ["image", "kernel", "plugin"] and order.index("image") < \
         order.index("plugin")
     by_name = {s.name: s for s in steps.steps}
@@ -35,9 +35,9 @@ def test_side_jobs_run_while_the_body_runs_and_are_marked_beside():
 def test_side_jobs_run_at_a_lower_priority_than_the_body():
     seen: list[int] = []
     body = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    with Beside([SideJob("image", lambda: seen.append(
-            os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))], print, nice=19):
-        pass
+    with Beside(print, nice=19) as side:
+        side.add(SideJob("image", lambda: seen.append(
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))))
     assert seen == [19] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == body
 
 
@@ -47,9 +47,10 @@ def test_a_side_failure_is_raised_after_the_body_and_stops_the_later_jobs():
     def broken() -> None:
         raise RuntimeError("mmdebstrap failed")
 
-    jobs = [SideJob("image", broken), SideJob("plugin", lambda: ran.append("p"))]
     with timings.recording(_recorded()) as steps, \
-            pytest.raises(RuntimeError, match="mmdebstrap failed"), Beside(jobs, print):
+            pytest.raises(RuntimeError, match="mmdebstrap failed"), Beside(print) as side:
+        side.add(SideJob("image", broken))
+        side.add(SideJob("plugin", lambda: ran.append("p")))
         ran.append("body")
     assert ran == ["body"]
     assert [(s.name, s.ok) for s in steps.steps] == [("image", False)]
@@ -62,14 +63,15 @@ def test_the_body_s_failure_comes_first_and_the_side_failure_is_said():
         raise RuntimeError("plugin does not compile")
 
     with pytest.raises(ValueError, match="patch does not apply"), \
-            Beside([SideJob("plugin", broken)], lines.append):
+            Beside(lines.append) as side:
+        side.add(SideJob("plugin", broken))
         raise ValueError("patch does not apply")
     assert any("plugin build beside the kernel build failed too" in ln for ln in lines)
 
 
 def test_no_jobs_no_thread():
     before = threading.active_count()
-    with Beside([], print) as side:
+    with Beside(print) as side:
         assert threading.active_count() == before
     assert side.error is None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.build.beside import SideJob
 from testbed.errors import NetbedError
 from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE
@@ -37,8 +38,9 @@ def host_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
     calls: dict[str, list[object]] = {"packages": [], "side": []}
     monkeypatch.setattr(local, "ensure_packages",
                         lambda packages, log=print: calls["packages"].append(packages))
-    monkeypatch.setattr(local, "side_jobs",
-                        lambda s, plugin, log: calls["side"].append(plugin) or [])
+    for name in ("image", "plugin"):
+        monkeypatch.setattr(local, f"{name}_job", lambda s, log, name=name: SideJob(
+            name, lambda: calls["side"].append(name)))
     monkeypatch.setattr(local, "find_built_named", lambda name, s, kernels=None: None)
     return calls
 
@@ -174,7 +176,7 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
     packages = host_builds["packages"][0]
     assert isinstance(packages, dict)
     assert {"bison", "linux-source-6.1", "mmdebstrap", "libglib2.0-dev"} <= set(packages)
-    assert host_builds["side"] == [True]
+    assert host_builds["side"] == ["image", "plugin"]  # TCG: the model counts
     assert asked == [("patched", "stock")]  # the probe may boot one of them, not distro
     assert prepared[-1] == AssetPlan(("patched", "stock"), plugin=True)
     assert (summary.run_dir / "timings.json").is_file()
@@ -197,9 +199,10 @@ def test_run_packages_name_each_build_s_packages_once():
     from testbed.run.local import run_packages
 
     exp = load_experiment(Path(__file__).parents[2] / "configs/quick.yaml")
-    assert run_packages(exp, [], plugin=False) == GUEST_PACKAGES  # all built: boots only
-    everything = run_packages(exp, ["stock-6.12"], plugin=True)
+    boots_only = exp.model_copy(update={"counters": ["software"]})
+    assert run_packages(boots_only, []) == GUEST_PACKAGES  # all built, no model: boots only
+    everything = run_packages(exp, ["stock-6.12"])  # counters auto: the model may count
     assert set(kernel_build.BUILD_PACKAGES) | set(PLUGIN) <= set(everything)
     assert "linux-source-6.1" not in everything  # 6.12 is fetched, not installed
-    assert run_packages(exp, ["patched"], plugin=False)["linux-source-6.1"] == \
+    assert run_packages(exp, ["patched"])["linux-source-6.1"] == \
         "/usr/src/linux-source-6.1.tar.xz"
