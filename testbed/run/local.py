@@ -33,10 +33,10 @@ from testbed.run import hostlock
 from testbed.run.adaptive import Rule
 from testbed.run.folder import RunDir, disk_full, new_run_id, resolve_run
 from testbed.run.loop import AdaptivePlan, MatrixRunner, RunSummary, summary_text
-from testbed.run.provenance import Provenance, counter_plan, netbed_commit
+from testbed.run.provenance import Provenance, counter_plan, model_may_count, netbed_commit
 from testbed.run.session import ExperimentGuests, Fault
 from testbed.settings import Settings
-from testbed.vm.hostfacts import HostFacts, gather
+from testbed.vm.hostfacts import HostFacts, gather, known_kvm_verdict, refresh_plugin_api
 from testbed.vm.topology import plan_assets, run_kernels
 from testbed.vocabulary import DISTRO_KERNEL
 
@@ -183,19 +183,28 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
     def check_host(exp: Experiment) -> None:
         """Before the run folder exists: the host packages in one apt call, the host's
         facts (the KVM probe boots one of the run's kernels, building it first), the
-        counter plan (a ConfigError leaves nothing), then the other kernels. The image,
-        and the plugin once the plan says the model counts, are built beside them."""
+        counter plan (a ConfigError leaves nothing), then the other kernels. The image
+        and the plugin are built beside them: the plugin from the start when the model
+        may count (before the probe, `auto` on a host whose KVM verdict is not known
+        yet; a KVM host builds it once for nothing, on idle cycles), else once the plan
+        says the model counts."""
         cells = expand(exp)
         cells = shard(cells, *shard_spec) if shard_spec else cells
         with timings.step("packages", "host packages"):
             ensure_packages(run_packages(exp, kernels_to_build(settings, exp, cells)), log)
         with Beside(log) as side:
             side.add(image_job(settings, log))
+            known = known_kvm_verdict(settings)
+            early = model_may_count(exp.counters, None if known is None else known.usable)
+            if early:
+                side.add(plugin_job(settings, log))
             facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
             plan = counter_plan(exp.counters, facts[0].accel, facts[0].pmu)
-            if plan.cachemodel:
+            if plan.cachemodel and not early:
                 side.add(plugin_job(settings, log))
             build_kernels(settings, exp, cells, log)
+        if plan.cachemodel:  # the plugin build fetched the header gather found missing
+            facts[0] = refresh_plugin_api(facts[0], settings)
 
     run, exp, cells = open_run(settings, config, resume, shard_spec, check_host)
     lock.rename(run.run_id)

@@ -79,6 +79,15 @@ class CounterPlan:
                            (*self.notes, note))
 
 
+def model_may_count(counters: Sequence[str], kvm_usable: bool | None) -> bool:
+    """Whether the cache model may count this run's windows, before the KVM probe has
+    run (pure; `kvm_usable` None: only a probe can tell). counter_plan decides for good:
+    `auto` picks the model exactly when KVM is not usable."""
+    if "cachemodel" in counters:
+        return True
+    return "auto" in counters and kvm_usable is not True
+
+
 def counter_plan(counters: Sequence[str], accel: str, host_pmu: bool) -> CounterPlan:
     """Decide the counter sources (pure); ConfigError when the host cannot count them.
 

@@ -294,6 +294,21 @@ def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True,
     return verdict
 
 
+def known_kvm_verdict(settings: Settings,
+                      effects: ProbeEffects = ProbeEffects()) -> KvmVerdict | None:
+    """The KVM verdict when no probe boot is needed for it (the device is missing, or a
+    verdict is cached for this host, kernel, KVM module and QEMU), else None."""
+    if problem := effects.device_problem():
+        return KvmVerdict(False, problem)
+    cache = probe_cache_file(settings)
+    if not cache.is_file():
+        return None
+    try:
+        return stored_verdict(json.loads(cache.read_text()), effects.key(settings))
+    except (OSError, ValueError):
+        return None
+
+
 def choose_accel(requested: AccelSetting, verdict: KvmVerdict) -> tuple[Accel, str]:
     """kvm | tcg from the request and the probe, with the reason (pure)."""
     if requested == "tcg":
@@ -368,6 +383,12 @@ def plugin_api(settings: Settings) -> tuple[int | None, str]:
         return None, (f"unknown: the header of {source.package} {source.version} is not "
                       "fetched yet (invoke build-cachemodel fetches it)")
     return api, f"from {source.package} {source.version}'s qemu-plugin.h"
+
+
+def refresh_plugin_api(facts: HostFacts, settings: Settings) -> HostFacts:
+    """`facts` with the plugin API read again (a plugin build since gather fetched it)."""
+    api, detail = plugin_api(settings)
+    return replace(facts, qemu_plugin_api=api, qemu_plugin_api_detail=detail)
 
 
 def plugin_api_row(api: int | None, detail: str) -> str:

@@ -196,3 +196,17 @@ def test_facts_record_a_fallback_from_the_backport(settings, monkeypatch):
     row = dict(hostfacts.facts_table(facts))["qemu"]
     assert row.endswith("the backport could not be downloaded: apt-get exit 100: E: Failed "
                         "to fetch x")
+
+
+def test_a_known_verdict_needs_no_probe_and_an_unknown_one_is_none(settings):
+    from testbed.vm.hostfacts import known_kvm_verdict
+
+    assert known_kvm_verdict(settings, FakeHost().effects()) is None  # nothing probed yet
+    missing = known_kvm_verdict(settings, FakeHost(problem="/dev/kvm does not exist").effects())
+    assert missing is not None and not missing.usable
+    probe_kvm(settings, quiet, kernels=("stock",), effects=FakeHost(boots_ok=True).effects())
+    host = FakeHost()
+    stored = known_kvm_verdict(settings, host.effects())
+    assert stored is not None and stored.usable and host.booted == []
+    other_qemu = ProbeKey(KEY.host_kernel, KEY.kvm_modules, KEY.qemu_binary, "10.0.2")
+    assert known_kvm_verdict(settings, FakeHost(key=other_qemu).effects()) is None

@@ -10,6 +10,7 @@ import pytest
 from testbed.build.beside import SideJob
 from testbed.errors import NetbedError
 from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE
+from testbed.experiment.load import load_experiment
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE
 from testbed.run.local import open_run
 from testbed.settings import Settings
@@ -42,6 +43,8 @@ def host_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
         monkeypatch.setattr(local, f"{name}_job", lambda s, log, name=name: SideJob(
             name, lambda: calls["side"].append(name)))
     monkeypatch.setattr(local, "find_built_named", lambda name, s, kernels=None: None)
+    monkeypatch.setattr(local, "known_kvm_verdict", lambda s: None)  # not probed yet
+    monkeypatch.setattr(local, "refresh_plugin_api", lambda facts, s: facts)
     return calls
 
 
@@ -206,3 +209,41 @@ def test_run_packages_name_each_build_s_packages_once():
     assert "linux-source-6.1" not in everything  # 6.12 is fetched, not installed
     assert run_packages(exp, ["patched"])["linux-source-6.1"] == \
         "/usr/src/linux-source-6.1.tar.xz"
+
+
+@pytest.mark.parametrize(("known", "accel", "side"), [
+    (None, "tcg", ["image", "plugin"]),   # not probed yet: the plugin from the start
+    (None, "kvm", ["image", "plugin"]),   # (a KVM host builds it once for nothing)
+    (False, "tcg", ["image", "plugin"]),  # known TCG: from the start, surely needed
+    (True, "kvm", ["image"]),             # known KVM: auto gives hardware or software
+])
+def test_the_plugin_is_built_beside_when_the_model_may_count(
+        tmp_path, settings, monkeypatch, host_builds, known, accel, side):
+    from testbed.run import local
+    from testbed.vm.hostfacts import KvmVerdict
+    from tests.unit.test_provenance import facts
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG)
+    verdict = None if known is None else KvmVerdict(known, "cached")
+    monkeypatch.setattr(local, "known_kvm_verdict", lambda s: verdict)
+    monkeypatch.setattr(local, "gather",
+                        lambda s, log=print, kernels=None: facts(accel=accel, pmu=False))
+
+    def opened(settings, config, resume, shard_spec, check):
+        check(load_experiment(config))
+        raise RuntimeError("stop after check_host")
+
+    monkeypatch.setattr(local, "open_run", opened)
+    with pytest.raises(RuntimeError, match="stop after check_host"):
+        local.run_matrix(settings, config, log=lambda m: None)
+    assert host_builds["side"] == side
+
+
+def test_the_model_may_count_unless_kvm_is_known_to_work():
+    from testbed.run.provenance import model_may_count
+
+    assert model_may_count(["auto"], None) and model_may_count(["auto"], False)
+    assert not model_may_count(["auto"], True)
+    assert model_may_count(["cachemodel"], True)
+    assert not model_may_count(["software"], None)
