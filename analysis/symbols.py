@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from analysis.collate import analysis_dir, cell_axes, cell_label
+from analysis.csvtext import csv_text
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.formats import cachemodel as cmfmt
@@ -54,10 +57,14 @@ def symbol_rows(sites: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     """Per-instruction counters -> (vcpu, mode, symbol, data, event, value), summed."""
     if sites.empty:
         return pd.DataFrame(columns=["vcpu", "mode", "symbol", "data", "event", "value"])
-    df = sites.assign(symbol=symfmt.attribute(sites["pc"].to_numpy(), kernel, user))
-    long = df.melt(id_vars=["vcpu", "mode", "symbol", "data"],
-                   value_vars=list(cmfmt.SITE_EVENTS), var_name="event", value_name="value")
-    out = long.groupby(["vcpu", "mode", "symbol", "data", "event"], as_index=False)["value"].sum()
+    df = sites.assign(symbol=_attribute(sites["pc"].to_numpy(), kernel, user))
+    # Sum the instructions of each symbol before going long: the long table then has
+    # a row per symbol rather than per instruction, and the sums are the same.
+    keys = ["vcpu", "mode", "symbol", "data"]
+    wide = df.groupby(keys, as_index=False)[list(cmfmt.SITE_EVENTS)].sum()
+    long = wide.melt(id_vars=keys, value_vars=list(cmfmt.SITE_EVENTS), var_name="event",
+                     value_name="value")
+    out = long.groupby([*keys, "event"], as_index=False)["value"].sum()
     out = out[out["value"] != 0]
     return out.sort_values(["event", "value"], ascending=[True, False]).reset_index(drop=True)
 
@@ -75,12 +82,11 @@ def c2c_line_rows(c2c: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     totals = c2c.groupby("line")["count"].sum().sort_values(ascending=False, kind="stable")
     chosen = totals.head(top)
     sel = c2c[c2c["line"].isin(chosen.index)]
-    req = sel.assign(side="requester",
-                     symbol=symfmt.attribute(sel["pc"].to_numpy(), kernel, user))
+    req = sel.assign(side="requester", symbol=_attribute(sel["pc"].to_numpy(), kernel, user))
     own = sel.assign(side="owner", vcpu=sel["owner_vcpu"],
                      symbol=[s if pc else "[unknown]" for s, pc in zip(
-                         symfmt.attribute(sel["owner_pc"].to_numpy(), kernel, user),
-                         sel["owner_pc"], strict=True)])
+                         _attribute(sel["owner_pc"].to_numpy(), kernel, user),
+                         sel["owner_pc"].tolist(), strict=True)])
     both = pd.concat([req, own])
     rows = both.groupby(["line", "side", "symbol", "vcpu"], as_index=False)["count"].sum()
     rank = {line: i + 1 for i, line in enumerate(chosen.index)}
@@ -89,6 +95,15 @@ def c2c_line_rows(c2c: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     rows["line"] = rows["line"].map(lambda a: f"{int(a):#x}")
     rows = rows.sort_values(["rank", "side", "count"], ascending=[True, False, False])
     return rows[cols].reset_index(drop=True)
+
+
+def _attribute(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None,
+               user: symfmt.SymbolTable | None) -> list[str]:
+    """symfmt.attribute of each pc, looking up each distinct pc once (a sites table
+    lists a pc once per vCPU, mode and data kind)."""
+    distinct, where = np.unique(pcs, return_inverse=True)
+    names = np.array(symfmt.attribute(distinct, kernel, user), dtype=object)
+    return list(names[where.reshape(-1)])
 
 
 # ---------------------------------------------------------------- effects: reading a run
@@ -189,8 +204,8 @@ def write_attribution_tables(run_dir: Path) -> AttributionPaths | None:
     symbols.to_parquet(tmp, index=False)
     tmp.replace(pq)
     csv, c2c_csv = out / "symbols.csv", out / "c2c_lines.csv"
-    atomic_write_text(csv, symbols.to_csv(index=False))
-    atomic_write_text(c2c_csv, c2c.to_csv(index=False))
+    atomic_write_text(csv, csv_text(symbols))
+    atomic_write_text(c2c_csv, csv_text(c2c))
     return AttributionPaths(pq, csv, c2c_csv)
 
 
