@@ -38,12 +38,12 @@ def _arrow_safe(df: pd.DataFrame) -> bool:
 def csv_text(df: pd.DataFrame) -> str:
     """`df.to_csv(index=False)`, through Arrow's writer where that gives the same text."""
     if df.empty or not _arrow_safe(df):
-        return df.to_csv(index=False)
+        return str(df.to_csv(index=False))
     buf = io.BytesIO()
     try:
         table = pa.Table.from_pandas(df, preserve_index=False)
         pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False,
                                                        quoting_style="none"))
     except pa.ArrowInvalid:  # a value needs quoting
-        return df.to_csv(index=False)
+        return str(df.to_csv(index=False))
     return ",".join(df.columns) + "\n" + buf.getvalue().decode()
