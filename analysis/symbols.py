@@ -214,8 +214,9 @@ def top_symbols_table(symbols: pd.DataFrame, top: int = REPORT_TOP) -> pd.DataFr
     """One cell group's table: per policy and event, the top symbols with their mean
     count per repetition (summed over vCPUs, modes and data kinds) and the share of
     it on device-written lines."""
-    policies = [p for p in REPORT_POLICIES if p in set(symbols["policy"].dropna())]
-    policies += sorted(set(symbols["policy"].dropna()) - set(policies))
+    present = {str(p) for p in symbols["policy"].dropna().unique()}
+    policies = [p for p in REPORT_POLICIES if p in present]
+    policies += sorted(present - set(policies))
     columns: dict[str, list[str]] = {}
     for event, label in REPORT_EVENTS:
         for policy in policies:
@@ -262,7 +263,9 @@ def report_sections(run_dir: Path) -> list[tuple[str, str, Any]]:
     out = analysis_dir(run_dir)
     if not (out / "symbols.parquet").is_file():
         return []
-    symbols = pd.read_parquet(out / "symbols.parquet")
+    # only the events the tables rank: the others' rows are not read
+    symbols = pd.read_parquet(out / "symbols.parquet",
+                              filters=[("event", "in", [e for e, _ in REPORT_EVENTS])])
     c2c = pd.read_csv(out / "c2c_lines.csv") if (out / "c2c_lines.csv").is_file() else (
         pd.DataFrame())
     sections: list[tuple[str, str, Any]] = [(
