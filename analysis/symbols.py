@@ -57,13 +57,15 @@ def symbol_rows(sites: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     """Per-instruction counters -> (vcpu, mode, symbol, data, event, value), summed."""
     if sites.empty:
         return pd.DataFrame(columns=["vcpu", "mode", "symbol", "data", "event", "value"])
-    df = sites.assign(symbol=_attribute(sites["pc"].to_numpy(), kernel, user))
-    # Sum the instructions of each symbol before going long: the long table then has
-    # a row per symbol rather than per instruction, and the sums are the same.
+    names, codes = _symbol_codes(sites["pc"].to_numpy(), kernel, user)
+    # Sum the instructions of each symbol (by its code) before going long: the long
+    # table then has a row per symbol rather than per instruction; the sums are the same.
+    events = list(cmfmt.SITE_EVENTS)
+    wide = sites.assign(code=codes).groupby(["vcpu", "mode", "code", "data"], as_index=False,
+                                             sort=False)[events].sum()
+    wide["symbol"] = names[wide["code"].to_numpy()].tolist()
     keys = ["vcpu", "mode", "symbol", "data"]
-    wide = df.groupby(keys, as_index=False)[list(cmfmt.SITE_EVENTS)].sum()
-    long = wide.melt(id_vars=keys, value_vars=list(cmfmt.SITE_EVENTS), var_name="event",
-                     value_name="value")
+    long = wide.melt(id_vars=keys, value_vars=events, var_name="event", value_name="value")
     out = long.groupby([*keys, "event"], as_index=False)["value"].sum()
     out = out[out["value"] != 0]
     return out.sort_values(["event", "value"], ascending=[True, False]).reset_index(drop=True)
@@ -99,11 +101,20 @@ def c2c_line_rows(c2c: pd.DataFrame, kernel: symfmt.SymbolTable | None,
 
 def _attribute(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None,
                user: symfmt.SymbolTable | None) -> list[str]:
-    """symfmt.attribute of each pc, looking up each distinct pc once (a sites table
-    lists a pc once per vCPU, mode and data kind)."""
+    """symfmt.attribute of each pc."""
+    names, codes = _symbol_codes(pcs, kernel, user)
+    return names[codes].tolist()  # type: ignore[no-any-return]
+
+
+def _symbol_codes(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None,
+                  user: symfmt.SymbolTable | None,
+                  ) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.intp]]:
+    """(names, codes): pc i's symbol is names[codes[i]]. Each distinct pc is looked up
+    once (a sites table lists a pc per vCPU, mode and data kind)."""
     distinct, where = np.unique(pcs, return_inverse=True)
-    names = np.array(symfmt.attribute(distinct, kernel, user), dtype=object)
-    return list(names[where.reshape(-1)])
+    names, codes = np.unique(np.array(symfmt.attribute(distinct, kernel, user), dtype=object),
+                             return_inverse=True)
+    return names, codes.reshape(-1)[where.reshape(-1)]
 
 
 # ---------------------------------------------------------------- effects: reading a run
