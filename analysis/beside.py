@@ -3,8 +3,8 @@
 The report's cache-model attribution (analysis.symbols) reads only the run folder and
 writes only its own files, so `write_report` runs it beside collating, the statistics
 and the figures: on two cores the report takes about as long as the longer of the two
-instead of their sum. With one CPU the call runs in the caller's process, when its
-result is asked for.
+instead of their sum. With one CPU, or when the caller says the call is too small
+to pay for a process (~1 s of imports), it runs in the caller's process, at `with`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ T = TypeVar("T")
 
 class Beside(Generic[T]):
     """`with Beside(fn, *args) as job: ...; job.result()`: fn(*args) runs in a child
-    process from `with` on (or there, in this one, with one CPU); `result()` waits for
-    it and returns its value or raises its exception. Leaving the block waits too."""
+    process from `with` on (or there, in this one, with one CPU or `separate` False);
+    `result()` waits for it and returns its value or raises its exception. Leaving the
+    block waits too."""
 
-    def __init__(self, fn: Callable[..., T], *args: object) -> None:
-        self._fn, self._args = fn, args
+    def __init__(self, fn: Callable[..., T], *args: object, separate: bool = True) -> None:
+        self._fn, self._args, self._separate = fn, args, separate
         self._pool: ProcessPoolExecutor | None = None
         self._future: Future[T] = Future()
 
     def __enter__(self) -> Beside[T]:
-        if (os.cpu_count() or 1) > 1:
+        if self._separate and (os.cpu_count() or 1) > 1:
             # "spawn", not fork: the caller (run-matrix) may hold threads (SSH, progress)
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"))

@@ -50,7 +50,7 @@ from analysis.compare import (
 )
 from analysis.plots import plot_all
 from analysis.report import ReportPaths, build_report
-from analysis.symbols import write_attribution_tables
+from analysis.symbols import attribution_reps, write_attribution_tables
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.run.folder import RunDir
@@ -68,6 +68,10 @@ __all__ = [
     "summarize",
     "write_report",
 ]
+
+# Repetitions with cache-model attribution inputs from which write_report writes their
+# tables in a process of its own (quick.yaml has 36; each takes ~0.1 s, a process ~1 s).
+BESIDE_MIN_REPS = 8
 
 
 @dataclass
@@ -147,8 +151,10 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     `force` (then the comparison's notes say what differs)."""
     warnings = check_comparable(run_dir, compare_to, force) if compare_to is not None else []
     # The attribution tables need only the run folder, and the report reads them last:
-    # they are written beside everything else (analysis/beside.py).
-    with Beside(write_attribution_tables, Path(run_dir)) as attribution:
+    # they are written beside everything else (analysis/beside.py) when there are
+    # enough of them to pay for a process.
+    separate = attribution_reps(Path(run_dir)) >= BESIDE_MIN_REPS
+    with Beside(write_attribution_tables, Path(run_dir), separate=separate) as attribution:
         result = analyze_run(run_dir, baseline, seed, attribution=False)
         run_cmp = None
         if compare_to is not None:

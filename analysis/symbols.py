@@ -157,6 +157,12 @@ def _rep_attribution(rep: RepDir, tables: _Tables
     return symbol_rows(sites, kernel, user), c2c_line_rows(c2c, kernel, user)
 
 
+def attribution_reps(run_dir: Path) -> int:
+    """Repetitions of the run that have a sites table (finished or not)."""
+    names = (cmfmt.SITES_FILE, cmfmt.SITES_FILE + cmfmt.STORED_SUFFIX)
+    return sum(any(rep.file(n).is_file() for n in names) for rep in RunDir(run_dir).reps())
+
+
 def _with_ids(df: pd.DataFrame, ids: dict[str, Any]) -> pd.DataFrame:
     return df.assign(**ids)
 
