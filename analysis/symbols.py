@@ -111,10 +111,10 @@ def _symbol_codes(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None
                   ) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.intp]]:
     """(names, codes): pc i's symbol is names[codes[i]]. Each distinct pc is looked up
     once (a sites table lists a pc per vCPU, mode and data kind)."""
-    distinct, where = np.unique(pcs, return_inverse=True)
-    names, codes = np.unique(np.array(symfmt.attribute(distinct, kernel, user), dtype=object),
-                             return_inverse=True)
-    return names, codes.reshape(-1)[where.reshape(-1)]
+    where, distinct = pd.factorize(pcs)
+    codes, names = pd.factorize(np.array(symfmt.attribute(distinct, kernel, user),
+                                         dtype=object))
+    return names, codes[where]
 
 
 # ---------------------------------------------------------------- effects: reading a run
