@@ -50,7 +50,7 @@ from analysis.compare import (
 )
 from analysis.plots import plot_all
 from analysis.report import ReportPaths, build_report
-from analysis.symbols import attribution_reps, write_attribution_tables
+from analysis.symbols import attribution_reps, write_attribution, write_attribution_tables
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.run.folder import RunDir
@@ -151,10 +151,10 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     `force` (then the comparison's notes say what differs)."""
     warnings = check_comparable(run_dir, compare_to, force) if compare_to is not None else []
     # The attribution tables need only the run folder, and the report reads them last:
-    # they are written beside everything else (analysis/beside.py) when there are
-    # enough of them to pay for a process.
+    # they and the report's sections on them are made beside everything else
+    # (analysis/beside.py) when there are enough of them to pay for a process.
     separate = attribution_reps(Path(run_dir)) >= BESIDE_MIN_REPS
-    with Beside(write_attribution_tables, Path(run_dir), separate=separate) as attribution:
+    with Beside(write_attribution, Path(run_dir), separate=separate) as attribution:
         result = analyze_run(run_dir, baseline, seed, attribution=False)
         run_cmp = None
         if compare_to is not None:
@@ -169,9 +169,10 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
         answer = build_answer_parts(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
         claims_txt = analysis_dir(run_dir) / "claims.txt"
         atomic_write_text(claims_txt, answer.claims_text)
-        attribution.result()
+        cachemodel = attribution.result()
     paths = build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
-                         run_cmp, figures, lead=[*answer.first, *answer.details])
+                         run_cmp, figures, lead=[*answer.first, *answer.details],
+                         cachemodel=cachemodel)
     return replace(paths, claims=claims_txt)
 
 

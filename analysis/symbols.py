@@ -226,6 +226,13 @@ def write_attribution_tables(run_dir: Path) -> AttributionPaths | None:
     return AttributionPaths(pq, csv, c2c_csv)
 
 
+def write_attribution(run_dir: Path) -> list[tuple[str, str, Any]]:
+    """write_attribution_tables, then the report's sections read back from them (what
+    write_report asks of the process beside it: analysis/beside.py)."""
+    write_attribution_tables(run_dir)
+    return report_sections(run_dir)
+
+
 # ---------------------------------------------------------------- report
 def top_symbols_table(symbols: pd.DataFrame, top: int = REPORT_TOP) -> pd.DataFrame:
     """One cell group's table: per policy and event, the top symbols with their mean
