@@ -10,6 +10,7 @@ from analysis.csvtext import csv_text
 
 def _frame(values: list[str | None], ints: list[int | None]) -> pd.DataFrame:
     return pd.DataFrame({"name": pd.array(values, dtype="string"),
+                         "nan_na": pd.Series(values[::-1], dtype="str"),  # NaN, not pd.NA
                          "n": pd.array(ints, dtype="Int64"),
                          "v": pd.Series(range(len(values)), dtype="int64"),
                          "u": pd.Series(range(len(values)), dtype="uint64") + 2**63})
