@@ -41,3 +41,10 @@ def test_same_text_as_pandas(values: list[str | None]) -> None:
 ])
 def test_other_tables_same_text(df: pd.DataFrame) -> None:
     assert csv_text(df) == df.to_csv(index=False)
+
+
+def test_strings_and_integers_are_written_by_arrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    df = _frame(["plain", "func [module]", "", None], [1, None, -3, 2**62])
+    expected = df.to_csv(index=False)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda *a, **k: pytest.fail("pandas wrote it"))
+    assert csv_text(df) == expected
