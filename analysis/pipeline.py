@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.answer import build_answer_parts
+from analysis.beside import Beside
 from analysis.collate import (
     TablePaths,
     analysis_dir,
@@ -49,7 +50,7 @@ from analysis.compare import (
 )
 from analysis.plots import plot_all
 from analysis.report import ReportPaths, build_report
-from analysis.symbols import write_attribution_tables
+from analysis.symbols import attribution_reps, write_attribution, write_attribution_tables
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.run.folder import RunDir
@@ -67,6 +68,10 @@ __all__ = [
     "summarize",
     "write_report",
 ]
+
+# Repetitions with cache-model attribution inputs from which write_report writes their
+# tables in a process of its own (quick.yaml has 36; each takes ~0.1 s, a process ~1 s).
+BESIDE_MIN_REPS = 8
 
 
 @dataclass
@@ -95,8 +100,10 @@ class AnalysisResult:
 
 
 def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
-                seed: int = 0) -> AnalysisResult:
-    """Collate, summarise and compare against the baseline; write the tables."""
+                seed: int = 0, attribution: bool = True) -> AnalysisResult:
+    """Collate, summarise and compare against the baseline; write the tables (the
+    cache-model attribution's too, unless `attribution` is False: write_report writes
+    those in a process of its own meanwhile)."""
     run_dir = Path(run_dir)
     tidy, facts = collate_run_with_facts(run_dir)
     tables = write_tables(run_dir, tidy)
@@ -110,8 +117,8 @@ def analyze_run(run_dir: Path, baseline: Mapping[str, object] | None = None,
     atomic_write_text(summary_csv, summary.to_csv(index=False))
     atomic_write_text(comparison_csv, comparison.table.to_csv(index=False))
     atomic_write_text(comparison_txt, format_table(comparison))
-    # cache-model attribution (analysis/symbols.py): symbols.parquet/.csv, c2c_lines.csv
-    write_attribution_tables(run_dir)
+    if attribution:  # analysis/symbols.py: symbols.parquet/.csv, c2c_lines.csv
+        write_attribution_tables(run_dir)
     return AnalysisResult(run_dir, tidy, summary, comparison, tables, summary_csv,
                           comparison_csv, comparison_txt, facts)
 
@@ -143,21 +150,29 @@ def write_report(run_dir: Path, compare_to: Path | None = None,
     Two runs that differ in QEMU, plugin, kernel build or image are refused unless
     `force` (then the comparison's notes say what differs)."""
     warnings = check_comparable(run_dir, compare_to, force) if compare_to is not None else []
-    result = analyze_run(run_dir, baseline, seed)
-    run_cmp = None
-    if compare_to is not None:
-        other = collate_run(Path(compare_to))
-        headline = sorted(m for m in result.tidy["metric"].dropna().unique() if is_headline(m))
-        run_cmp = compare_runs(by_kind(other), by_kind(result.tidy), metrics=headline)
-        run_cmp.notes[:0] = warnings
-        atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
-                          run_cmp.table.to_csv(index=False))
-    figures = plot_all(by_kind(result.tidy), analysis_dir(run_dir) / "plots")
-    answer = build_answer_parts(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
-    claims_txt = analysis_dir(run_dir) / "claims.txt"
-    atomic_write_text(claims_txt, answer.claims_text)
+    # The attribution tables need only the run folder, and the report reads them last:
+    # they and the report's sections on them are made beside everything else
+    # (analysis/beside.py) when there are enough of them to pay for a process.
+    separate = attribution_reps(Path(run_dir)) >= BESIDE_MIN_REPS
+    with Beside(write_attribution, Path(run_dir), separate=separate) as attribution:
+        result = analyze_run(run_dir, baseline, seed, attribution=False)
+        run_cmp = None
+        if compare_to is not None:
+            other = collate_run(Path(compare_to))
+            headline = sorted(m for m in result.tidy["metric"].dropna().unique()
+                              if is_headline(m))
+            run_cmp = compare_runs(by_kind(other), by_kind(result.tidy), metrics=headline)
+            run_cmp.notes[:0] = warnings
+            atomic_write_text(analysis_dir(run_dir) / "comparison-runs.csv",
+                              run_cmp.table.to_csv(index=False))
+        figures = plot_all(by_kind(result.tidy), analysis_dir(run_dir) / "plots")
+        answer = build_answer_parts(run_dir, result.tidy, analysis_dir(run_dir) / "plots")
+        claims_txt = analysis_dir(run_dir) / "claims.txt"
+        atomic_write_text(claims_txt, answer.claims_text)
+        cachemodel = attribution.result()
     paths = build_report(run_dir, result.tidy, result.facts, result.summary, result.comparison,
-                         run_cmp, figures, lead=[*answer.first, *answer.details])
+                         run_cmp, figures, lead=[*answer.first, *answer.details],
+                         cachemodel=cachemodel)
     return replace(paths, claims=claims_txt)
 
 

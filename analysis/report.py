@@ -442,8 +442,10 @@ class ReportPaths:
 def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int], Any],
                  summary: pd.DataFrame, baseline_cmp: Comparison, run_cmp: Comparison | None,
                  figures: list[Path], lead: list[tuple[str, str, Any]] | None = None,
-                 ) -> ReportPaths:
-    """`lead`: sections that open the report, before anything else (analysis.answer)."""
+                 cachemodel: list[tuple[str, str, Any]] | None = None) -> ReportPaths:
+    """`lead`: sections that open the report, before anything else (analysis.answer);
+    `cachemodel`: the attribution's sections (analysis.symbols.report_sections), read
+    here unless given."""
     out = analysis_dir(run_dir)
     prov = gather_provenance(run_dir, tidy, facts)
     view = by_kind(tidy)  # each number from the repetitions that measure it truly
@@ -454,7 +456,7 @@ def build_report(run_dir: Path, tidy: pd.DataFrame, facts: dict[tuple[str, int],
     figures = [*figures, *drift_figures]
     # cache-model attribution (analysis/symbols.py), right after the figures
     at = next((i + 1 for i, s in enumerate(sections) if s[1] == "figures"), len(sections))
-    sections[at:at] = cachemodel_sections(run_dir)
+    sections[at:at] = cachemodel_sections(run_dir) if cachemodel is None else cachemodel
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, render_html(prov, sections, figures))
     atomic_write_text(md_path, render_md(prov, sections, figures, out))

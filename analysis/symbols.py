@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from analysis.collate import analysis_dir, cell_axes, cell_label
+from analysis.csvtext import csv_text
 from testbed.errors import NetbedError
 from testbed.files import atomic_write_text
 from testbed.formats import cachemodel as cmfmt
@@ -54,10 +57,16 @@ def symbol_rows(sites: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     """Per-instruction counters -> (vcpu, mode, symbol, data, event, value), summed."""
     if sites.empty:
         return pd.DataFrame(columns=["vcpu", "mode", "symbol", "data", "event", "value"])
-    df = sites.assign(symbol=symfmt.attribute(sites["pc"].to_numpy(), kernel, user))
-    long = df.melt(id_vars=["vcpu", "mode", "symbol", "data"],
-                   value_vars=list(cmfmt.SITE_EVENTS), var_name="event", value_name="value")
-    out = long.groupby(["vcpu", "mode", "symbol", "data", "event"], as_index=False)["value"].sum()
+    names, codes = _symbol_codes(sites["pc"].to_numpy(), kernel, user)
+    # Sum the instructions of each symbol (by its code) before going long: the long
+    # table then has a row per symbol rather than per instruction; the sums are the same.
+    events = list(cmfmt.SITE_EVENTS)
+    wide = sites.assign(code=codes).groupby(["vcpu", "mode", "code", "data"], as_index=False,
+                                             sort=False)[events].sum()
+    wide["symbol"] = names[wide["code"].to_numpy()].tolist()
+    keys = ["vcpu", "mode", "symbol", "data"]
+    long = wide.melt(id_vars=keys, value_vars=events, var_name="event", value_name="value")
+    out = long.groupby([*keys, "event"], as_index=False)["value"].sum()
     out = out[out["value"] != 0]
     return out.sort_values(["event", "value"], ascending=[True, False]).reset_index(drop=True)
 
@@ -75,12 +84,11 @@ def c2c_line_rows(c2c: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     totals = c2c.groupby("line")["count"].sum().sort_values(ascending=False, kind="stable")
     chosen = totals.head(top)
     sel = c2c[c2c["line"].isin(chosen.index)]
-    req = sel.assign(side="requester",
-                     symbol=symfmt.attribute(sel["pc"].to_numpy(), kernel, user))
+    req = sel.assign(side="requester", symbol=_attribute(sel["pc"].to_numpy(), kernel, user))
     own = sel.assign(side="owner", vcpu=sel["owner_vcpu"],
                      symbol=[s if pc else "[unknown]" for s, pc in zip(
-                         symfmt.attribute(sel["owner_pc"].to_numpy(), kernel, user),
-                         sel["owner_pc"], strict=True)])
+                         _attribute(sel["owner_pc"].to_numpy(), kernel, user),
+                         sel["owner_pc"].tolist(), strict=True)])
     both = pd.concat([req, own])
     rows = both.groupby(["line", "side", "symbol", "vcpu"], as_index=False)["count"].sum()
     rank = {line: i + 1 for i, line in enumerate(chosen.index)}
@@ -89,6 +97,24 @@ def c2c_line_rows(c2c: pd.DataFrame, kernel: symfmt.SymbolTable | None,
     rows["line"] = rows["line"].map(lambda a: f"{int(a):#x}")
     rows = rows.sort_values(["rank", "side", "count"], ascending=[True, False, False])
     return rows[cols].reset_index(drop=True)
+
+
+def _attribute(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None,
+               user: symfmt.SymbolTable | None) -> list[str]:
+    """symfmt.attribute of each pc."""
+    names, codes = _symbol_codes(pcs, kernel, user)
+    return names[codes].tolist()  # type: ignore[no-any-return]
+
+
+def _symbol_codes(pcs: npt.NDArray[np.uint64], kernel: symfmt.SymbolTable | None,
+                  user: symfmt.SymbolTable | None,
+                  ) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.intp]]:
+    """(names, codes): pc i's symbol is names[codes[i]]. Each distinct pc is looked up
+    once (a sites table lists a pc per vCPU, mode and data kind)."""
+    where, distinct = pd.factorize(pcs)
+    codes, names = pd.factorize(np.array(symfmt.attribute(distinct, kernel, user),
+                                         dtype=object))
+    return names, codes[where]
 
 
 # ---------------------------------------------------------------- effects: reading a run
@@ -129,6 +155,12 @@ def _rep_attribution(rep: RepDir, tables: _Tables
     c2c = (cmfmt.read_c2c(c2c_text, str(rep.file(cmfmt.C2C_FILE))) if c2c_text is not None
            else pd.DataFrame(columns=list(cmfmt.C2C_COLUMNS)))
     return symbol_rows(sites, kernel, user), c2c_line_rows(c2c, kernel, user)
+
+
+def attribution_reps(run_dir: Path) -> int:
+    """Repetitions of the run that have a sites table (finished or not)."""
+    names = (cmfmt.SITES_FILE, cmfmt.SITES_FILE + cmfmt.STORED_SUFFIX)
+    return sum(any(rep.file(n).is_file() for n in names) for rep in RunDir(run_dir).reps())
 
 
 def _with_ids(df: pd.DataFrame, ids: dict[str, Any]) -> pd.DataFrame:
@@ -189,9 +221,16 @@ def write_attribution_tables(run_dir: Path) -> AttributionPaths | None:
     symbols.to_parquet(tmp, index=False)
     tmp.replace(pq)
     csv, c2c_csv = out / "symbols.csv", out / "c2c_lines.csv"
-    atomic_write_text(csv, symbols.to_csv(index=False))
-    atomic_write_text(c2c_csv, c2c.to_csv(index=False))
+    atomic_write_text(csv, csv_text(symbols))
+    atomic_write_text(c2c_csv, csv_text(c2c))
     return AttributionPaths(pq, csv, c2c_csv)
+
+
+def write_attribution(run_dir: Path) -> list[tuple[str, str, Any]]:
+    """write_attribution_tables, then the report's sections read back from them (what
+    write_report asks of the process beside it: analysis/beside.py)."""
+    write_attribution_tables(run_dir)
+    return report_sections(run_dir)
 
 
 # ---------------------------------------------------------------- report
@@ -199,8 +238,9 @@ def top_symbols_table(symbols: pd.DataFrame, top: int = REPORT_TOP) -> pd.DataFr
     """One cell group's table: per policy and event, the top symbols with their mean
     count per repetition (summed over vCPUs, modes and data kinds) and the share of
     it on device-written lines."""
-    policies = [p for p in REPORT_POLICIES if p in set(symbols["policy"].dropna())]
-    policies += sorted(set(symbols["policy"].dropna()) - set(policies))
+    present = {str(p) for p in symbols["policy"].dropna().unique()}
+    policies = [p for p in REPORT_POLICIES if p in present]
+    policies += sorted(present - set(policies))
     columns: dict[str, list[str]] = {}
     for event, label in REPORT_EVENTS:
         for policy in policies:
@@ -247,7 +287,9 @@ def report_sections(run_dir: Path) -> list[tuple[str, str, Any]]:
     out = analysis_dir(run_dir)
     if not (out / "symbols.parquet").is_file():
         return []
-    symbols = pd.read_parquet(out / "symbols.parquet")
+    # only the events the tables rank: the others' rows are not read
+    symbols = pd.read_parquet(out / "symbols.parquet",
+                              filters=[("event", "in", [e for e, _ in REPORT_EVENTS])])
     c2c = pd.read_csv(out / "c2c_lines.csv") if (out / "c2c_lines.csv").is_file() else (
         pd.DataFrame())
     sections: list[tuple[str, str, Any]] = [(

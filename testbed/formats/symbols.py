@@ -89,12 +89,18 @@ class SymbolTable:
 
     def lookup(self, addrs: Sequence[int] | npt.NDArray[np.uint64]) -> list[str | None]:
         """The name covering each address, or None."""
-        a = np.asarray(addrs, dtype=np.uint64)
+        return [None if n is None else str(n)
+                for n in self.resolve(np.asarray(addrs, dtype=np.uint64)).tolist()]
+
+    def resolve(self, addrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
+        """`lookup` as an object array (None where no range covers the address)."""
+        out = np.full(len(addrs), None, dtype=object)
         if not len(self):
-            return [None] * len(a)
-        i = np.searchsorted(self.starts, a, side="right") - 1
-        ok = (i >= 0) & (a < self.ends[np.maximum(i, 0)])
-        return [str(self.names[j]) if hit else None for j, hit in zip(i, ok, strict=True)]
+            return out
+        i = np.searchsorted(self.starts, addrs, side="right") - 1
+        ok = (i >= 0) & (addrs < self.ends[np.maximum(i, 0)])
+        out[ok] = self.names[i[ok]]
+        return out
 
 
 def parse_kallsyms(text: str, source: str = "kallsyms") -> SymbolTable:
@@ -164,19 +170,27 @@ def user_range_label(addr: int) -> str:
     return USER_OTHER
 
 
-def attribute(addrs: Sequence[int], kernel: SymbolTable | None,
+def attribute(addrs: Sequence[int] | npt.NDArray[np.uint64], kernel: SymbolTable | None,
               user: SymbolTable | None) -> list[str]:
-    """A symbol (or range label) for every instruction address."""
+    """A symbol (or range label) for every instruction address (vectorised: a window's
+    sites table has ~10^5 of them)."""
     a = np.asarray(addrs, dtype=np.uint64)
+    none = np.full(len(a), None, dtype=object)
     is_kernel = a >= np.uint64(KERNEL_SPLIT)
-    k = kernel.lookup(a) if kernel is not None else [None] * len(a)
-    u = user.lookup(a) if user is not None else [None] * len(a)
-    out: list[str] = []
-    for addr, kern, ks, us in zip(a, is_kernel, k, u, strict=True):
-        if kern:
-            out.append(ks or KERNEL_UNKNOWN)
-        else:
-            out.append(us or user_range_label(int(addr)))
+    out = np.where(is_kernel, kernel.resolve(a) if kernel is not None else none,
+                   user.resolve(a) if user is not None else none)
+    missing = np.array([not name for name in out.tolist()], dtype=bool)
+    out[missing & is_kernel] = KERNEL_UNKNOWN
+    user_missing = missing & ~is_kernel
+    out[user_missing] = _user_range_labels(a[user_missing])
+    return [str(name) for name in out.tolist()]
+
+
+def _user_range_labels(addrs: npt.NDArray[np.uint64]) -> npt.NDArray[np.object_]:
+    """`user_range_label` of every address."""
+    out = np.full(len(addrs), USER_OTHER, dtype=object)
+    for start, end, label in reversed(USER_RANGES):  # the first range that holds it wins
+        out[(addrs >= np.uint64(start)) & (addrs < np.uint64(end))] = label
     return out
 
 

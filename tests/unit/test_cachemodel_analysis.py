@@ -235,3 +235,32 @@ def test_kernel_symbols_are_read_once_and_stored_by_content(tmp_path):
 def test_damaged_sites_tables_are_refused_with_their_name(text, match):
     with pytest.raises(NetbedError, match=match):
         cmfmt.read_sites(text, "rep-0/cachemodel-sites.csv")
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.process
+def test_report_writes_the_same_files_with_attribution_beside(tmp_path, monkeypatch):
+    """write_report's attribution in a process of its own (analysis/beside.py) gives
+    byte for byte the files of the same report written in one process."""
+    from analysis import beside, pipeline
+
+    monkeypatch.setattr(beside.os, "cpu_count", lambda: 2)
+    run = make_run(tmp_path)
+    out = run / "analysis"
+    monkeypatch.setattr(pipeline, "BESIDE_MIN_REPS", 10**6)
+    pipeline.write_report(run)
+    alone = _outputs(out)
+    assert "symbols.csv" in alone and "report.html" in alone
+    for p in sorted(out.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    monkeypatch.setattr(pipeline, "BESIDE_MIN_REPS", 1)
+    pipeline.write_report(run)
+    assert _outputs(out) == alone
+    for f in (run / symfmt.SYMBOLS_DIR).iterdir():  # its error reaches the caller
+        f.unlink()
+    with pytest.raises(NetbedError, match="which is missing"):
+        pipeline.write_report(run)
