@@ -9,7 +9,10 @@ import pytest
 
 from testbed.errors import NetbedError
 from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE
+from testbed.experiment.load import load_experiment
+from testbed.experiment.matrix import expand
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE
+from testbed.run import local
 from testbed.run.local import open_run
 from testbed.settings import Settings
 
@@ -166,3 +169,16 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
                 (folder / "done").write_text("{}")
     local.run_matrix(settings, None, resume=summary.run_dir.name, log=lambda m: None)
     assert prepared[-1] == AssetPlan(("patched",), plugin=True)
+
+
+def test_a_run_builds_unpatched_kernels_before_patched_ones(tmp_path, settings, monkeypatch):
+    """patched listed first still waits for stock: built after stock's tree it recompiles
+    what its patch touches; before it, it would compile from fresh source, then stock too."""
+    config = tmp_path / "two.yaml"
+    config.write_text(CONFIG.replace("kernel: [distro]", "kernel: [patched, distro, stock]"))
+    exp = load_experiment(config)
+    built: list[str] = []
+    monkeypatch.setattr(local, "ensure_built", lambda v, s, log, kernels: built.append(v.name))
+    cells = sorted(expand(exp), key=lambda c: ("patched", "distro", "stock").index(c.kernel))
+    local.build_kernels(settings, exp, cells, lambda m: None)
+    assert built == ["stock", "patched"]
