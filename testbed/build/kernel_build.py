@@ -8,20 +8,34 @@ records them for every result.
 
 Cache layout under `<cache_dir>/kernels/`:
 
-    tree-<tree-key>/      extracted source + configured, compiled build tree of one base
-                          and config, unpatched (what patched variants start from)
+    tree-<tree-key>/      extracted source + configured build tree of one base and config,
+                          unpatched; compiled once an unpatched variant of it (`stock`)
+                          was built (then patched variants start from it)
     <variant>-<key>/      bzImage, config, metadata.json   (exists only when complete)
     <variant>-<key>.log   the build's output
     sources/<package>/    a Debian source fetched from another suite (kernel_source)
     tmp/                  work in progress (renamed into place when complete) and the
-                          last patched tree (removed by the next build)
+                          last patched variant's build tree (removed by the next build)
     <cache_dir>/ccache/   ccache for all kernel compiles
 
-A variant with patches copies its base's tree (`cp -a --reflink=auto`, mtimes kept)
-and applies the patches, so make recompiles only what the patches touch. Before any
-compile, the tree is configured (every requested option checked) and the patches
-are applied to copies of the files they touch: a patch that does not apply is
-refused with its first failing hunk, not after minutes of compiling.
+How a variant is built depends on what the cache holds (`build_plan`):
+
+- unpatched (no patches, no LOCALVERSION of its own): in `tree-<tree-key>/` itself.
+- patched, base tree compiled: a copy of the tree (`cp -a --reflink=auto`, mtimes
+  kept) with the patches applied, so make recompiles only what the patches touch.
+- patched, base tree not compiled (a fresh clone whose experiment needs only
+  `patched`): fresh source extracted and configured in the variant's own work dir in
+  tmp/, the patches applied, one compile. Compiling the unpatched tree first and then
+  recompiling a copy would cost a whole cold compile plus a copy more. No compiled tree
+  is left for later: a later unpatched build (`stock`) is a cold tree build (its
+  unchanged files come from the ccache), and a later patched variant of the base, while
+  the tree is still uncompiled, is built from fresh source the same way.
+
+Before any compile the configuration is checked (every requested option kept by
+Kconfig) and the patches are applied (to copies of the files they touch when the tree
+is shared; to the fresh work dir otherwise): a patch that does not apply is refused
+with its kernels file line and first failing hunk, not after minutes of compiling.
+Artifacts are copied into tmp/ and renamed into place only when complete.
 
 Keys of `stock`, `patched` and `affine-copy` are those of recipe 1 (before the kernels
 file): the key hashes the base, the variant's fragment and its localversion only where
@@ -313,6 +327,23 @@ class BuildInputs:
         return not self.patches and not self.localversion
 
 
+# How a build proceeds (module docstring): in its base's tree, from a copy of the compiled
+# tree + patches, or from fresh source + patches when the tree is not compiled.
+IN_TREE, FROM_TREE_COPY, FROM_FRESH_SOURCE = "in-tree", "tree-copy", "fresh-source"
+
+
+def build_plan(inputs: BuildInputs, tree_compiled: bool) -> str:
+    """IN_TREE, FROM_TREE_COPY or FROM_FRESH_SOURCE for a build of `inputs`.
+
+    A variant of its own (patches or LOCALVERSION) reuses a compiled tree: only what its
+    patches touch recompiles. Without one, compiling the unpatched tree first would add a
+    whole cold compile nobody asked for (plus the copy and the recompile), so it compiles
+    once, from fresh source with its patches applied."""
+    if inputs.in_tree:
+        return IN_TREE
+    return FROM_TREE_COPY if tree_compiled else FROM_FRESH_SOURCE
+
+
 def patch_argv(path: Path) -> list[str]:
     """How a variant's patch is applied: -p1, no fuzz (see apply_patch), never reversed."""
     return ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "-i", str(path)]
@@ -464,7 +495,7 @@ class _Build:
         found += [p for p in self.root.glob(f"{publish.STALE_PREFIX}*") if p.is_dir()]
         if found:
             self.log("removing the work folders of earlier kernel builds (a patched build's "
-                     "tree copy, or what an interrupted or failed build left): "
+                     "tree, or what an interrupted or failed build left): "
                      + ", ".join(p.name for p in found))
         for child in found:
             shutil.rmtree(child, ignore_errors=True)
@@ -479,6 +510,16 @@ class _Build:
             self.log(f"  reusing the configured tree {tree.name} (make is incremental)")
             return tree
         work = self.tmp / f"{tree.name}.{os.getpid()}"
+        self.extract_and_configure(variant, source, work, progress)
+        (work / CONFIGURED_MARKER).write_text(json.dumps(
+            {"inputs": inputs.tree().__dict__, "source": source_record(source)}) + "\n")
+        publish.publish_dir(work, tree, lambda d: (d / CONFIGURED_MARKER).is_file())
+        return tree
+
+    def extract_and_configure(self, variant: Variant, source: KernelSource, work: Path,
+                              progress: _Progress) -> None:
+        """The source in `work` (a new dir), configured: allnoconfig + the variant's
+        fragments + olddefconfig, every requested option checked."""
         work.mkdir(parents=True)
         self.log(f"  extracting {source.describe()}")
         progress.run(extract_command(source, work), cwd=work)
@@ -490,10 +531,6 @@ class _Build:
                       *(str(f) for f in variant.fragments)], cwd=work, env=env)
         progress.run(["make", "olddefconfig"], cwd=work, env=env)
         check_config(variant, work / ".config", source)
-        (work / CONFIGURED_MARKER).write_text(json.dumps(
-            {"inputs": inputs.tree().__dict__, "source": source_record(source)}) + "\n")
-        publish.publish_dir(work, tree, lambda d: (d / CONFIGURED_MARKER).is_file())
-        return tree
 
     def compile_tree(self, inputs: BuildInputs, tree: Path, progress: _Progress) -> None:
         """The unpatched build in the tree itself; the marker says it finished."""
@@ -590,23 +627,25 @@ class _Build:
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
     def build(self, variant: Variant, inputs: BuildInputs, source: KernelSource) -> Kernel:
-        """Tree (configured, patches checked, compiled), then the variant's own build."""
+        """The variant's build, as `build_plan` says (the module docstring has the cases)."""
         name = variant.name
         start = time.monotonic()
         progress = _Progress(self.log, name, self.root / f"{name}-{inputs.key()}.log")
         progress.logfile.unlink(missing_ok=True)
+        plan = build_plan(inputs, self.tree_compiled(inputs))
+        if plan == FROM_FRESH_SOURCE:
+            return self.build_fresh(variant, inputs, source, progress, start)
         fresh = not (self.tree_dir(inputs) / CONFIGURED_MARKER).is_file()
         tree = self.ensure_tree(variant, inputs, source, progress)
-        if variant.patches:
-            self.check_patches(variant, tree, source)
-        if not self.tree_compiled(inputs):
-            self.log(f"  the tree {tree.name} is not compiled yet: compiling it (unpatched)")
-            self.compile_tree(inputs, tree, progress)
-        elif inputs.in_tree:
-            self.make(tree, "", progress)  # incremental: a no-op on a finished tree
-        if inputs.in_tree:
+        if plan == IN_TREE:
+            if not self.tree_compiled(inputs):
+                self.log(f"  the tree {tree.name} is not compiled yet: compiling it")
+                self.compile_tree(inputs, tree, progress)
+            else:
+                self.make(tree, "", progress)  # incremental: a no-op on a finished tree
             origin = "fresh source tree" if fresh else "the existing tree"
             return self._done(variant, inputs, source, tree, start, progress, origin)
+        self.check_patches(variant, tree, source)
         tree_ready, tree_cpu = time.monotonic(), progress.cpu_seconds
         work = self.tmp / f"{name}-tree-{inputs.key()}.{os.getpid()}"
         # The copy stays in tmp/ when we are done (deleting ~2 GB takes a minute on a busy
@@ -623,6 +662,27 @@ class _Build:
         return self._done(variant, inputs, source, work, start, progress, origin,
                           patch_only_seconds=round(time.monotonic() - tree_ready, 1),
                           patch_only_cpu_seconds=round(progress.cpu_seconds - tree_cpu, 1))
+
+    def build_fresh(self, variant: Variant, inputs: BuildInputs, source: KernelSource,
+                    progress: _Progress, start: float) -> Kernel:
+        """No compiled tree of the base: extract and configure the source in the variant's
+        own work dir, apply the patches (a failing one is refused before compiling, with
+        its kernels file line and hunk), compile once. The work dir stays in tmp/ like a
+        tree copy (the next build's clean_tmp() removes it); the tree is not compiled."""
+        self.log(f"  the tree {self.tree_dir(inputs).name} is not compiled: building "
+                 f"{variant.name} from fresh source with its patches (one compile; the "
+                 "unpatched tree is not built)")
+        work = self.tmp / f"{variant.name}-tree-{inputs.key()}.{os.getpid()}"
+        self.extract_and_configure(variant, source, work, progress)
+        for ref in variant.patches:
+            self.log(f"  applying {ref.path.name}")
+            said = apply_patch(ref, ref.path.read_text(errors="replace"), work, variant,
+                               source)
+            with progress.logfile.open("a") as out:
+                out.write(f"\n$ {' '.join(patch_argv(ref.path))}\n{said}")
+        self.make(work, variant.localversion, progress)
+        origin = "fresh source + patches" if variant.patches else "fresh source"
+        return self._done(variant, inputs, source, work, start, progress, origin)
 
     def _done(self, variant: Variant, inputs: BuildInputs, source: KernelSource, tree: Path,
               start: float, progress: _Progress, origin: str, **extra: Any) -> Kernel:
@@ -661,12 +721,13 @@ def check_config(variant: Variant, config: Path, source: KernelSource) -> None:
 
 
 def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
-                source: KernelSource) -> None:
+                source: KernelSource) -> str:
     """Apply one patch in `work`; a failure names the kernels file line and the hunk.
 
     Without fuzz: a hunk whose context does not match exactly (GNU patch would otherwise
     ignore up to two context lines) is refused, so a variant never carries a change in
-    a place its author did not mean; an offset (the same lines elsewhere) is accepted."""
+    a place its author did not mean; an offset (the same lines elsewhere) is accepted.
+    Returns what patch said."""
     proc = subprocess.run(patch_argv(ref.path),
                           cwd=work, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -676,6 +737,7 @@ def apply_patch(ref: PatchRef, text: str, work: Path, variant: Variant,
             f"{first_failure(proc.stdout + proc.stderr, text)}",
             hint="refresh the patch against this base (patches are per base: a variant on "
                  "another base lists its own), or fix the order of the list")
+    return proc.stdout + proc.stderr
 
 
 def find_built(variant: Variant, source: KernelSource, settings: Settings) -> Kernel | None:

@@ -20,6 +20,7 @@ from testbed.build import kernel_build
 from testbed.build.beside import Beside, image_job, plugin_job
 from testbed.build.cachemodel_plugin import BUILD_PACKAGES as PLUGIN_PACKAGES
 from testbed.build.kernel_build import ensure_built, find_built_named
+from testbed.build.kernels import build_order
 from testbed.build.sysdeps import GUEST_PACKAGES, ensure_packages
 from testbed.errors import NetbedError
 from testbed.experiment.config import Cell, Experiment
@@ -112,10 +113,13 @@ def _policies_of(run: RunDir, kernels: KernelSet | None = None) -> PolicySet | N
 
 def build_kernels(settings: Settings, exp: Experiment, cells: list[Cell], log: Log) -> None:
     """Build (or find in the cache) every kernel the cells boot, before any cell runs: a
-    patch that does not apply or an option Kconfig drops stops the run here."""
-    for name in dict.fromkeys(c.kernel for c in cells):
-        if name != DISTRO_KERNEL:
-            ensure_built(name, settings, log, exp.kernels)
+    patch that does not apply or an option Kconfig drops stops the run here. Unpatched
+    variants first: a patched one built after its base's tree recompiles only what its
+    patches touch, one built before it compiles from fresh source (the tree is compiled
+    later anyway, so that would cost a whole compile more)."""
+    names = [n for n in dict.fromkeys(c.kernel for c in cells) if n != DISTRO_KERNEL]
+    for variant in build_order(names, exp.kernels):
+        ensure_built(variant, settings, log, exp.kernels)
 
 
 def run_packages(exp: Experiment, to_build: Sequence[str]) -> dict[str, str]:
@@ -133,6 +137,16 @@ def run_packages(exp: Experiment, to_build: Sequence[str]) -> dict[str, str]:
     if {"auto", "cachemodel"} & set(exp.counters):
         packages.update(PLUGIN_PACKAGES)
     return packages
+
+
+def probe_kernels(exp: Experiment, cells: Sequence[Cell]) -> tuple[str, ...]:
+    """The run's kernels in the order they are built (build_order: unpatched first), for
+    the KVM probe, which boots the first one that is built or builds it: so a probe
+    never builds a patched variant from fresh source before its base's tree."""
+    names = run_kernels(cells)
+    built = [n for n in names if n != DISTRO_KERNEL]
+    return (*(v.name for v in build_order(built, exp.kernels)),
+            *(n for n in names if n == DISTRO_KERNEL))
 
 
 def kernels_to_build(settings: Settings, exp: Experiment, cells: Sequence[Cell]) -> list[str]:
@@ -198,7 +212,7 @@ def _run_locked(settings: Settings, config: Path | None, resume: str | None,
             early = model_may_count(exp.counters, None if known is None else known.usable)
             if early:
                 side.add(plugin_job(settings, log))
-            facts.append(gather(settings, log=log, kernels=run_kernels(cells)))
+            facts.append(gather(settings, log=log, kernels=probe_kernels(exp, cells)))
             plan = counter_plan(exp.counters, facts[0].accel, facts[0].pmu)
             if plan.cachemodel and not early:
                 side.add(plugin_job(settings, log))

@@ -1,4 +1,5 @@
-"""Pure parts of testbed.build.kernel_build: config parsing/checking, cache keys, the patch file."""
+"""testbed.build.kernel_build: config parsing/checking, cache keys, the patch file (pure),
+and the build flow with a fake command runner (which way a variant is built)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from testbed.build.kernel_build import (
+    COMPILED_MARKER,
+    CONFIGURED_MARKER,
     FRAGMENT,
+    FROM_FRESH_SOURCE,
+    FROM_TREE_COPY,
+    IN_TREE,
     BuildInputs,
     _Build,
+    _Progress,
+    build_plan,
     check_config,
     config_mismatches,
     first_failure,
@@ -383,3 +392,150 @@ def test_doctor_lists_every_variant_built_or_not(tmp_path: Path) -> None:
         ("new", "debian-6.12", 0, None), ("local", "./linux.tar.xz", 0, False)]
     assert rows[0].text().endswith("source not fetched yet")
     assert rows[1].text().endswith("not built")
+
+
+# ---- the build's flow: which way a variant is built, with a fake command runner
+
+
+def test_build_plan_compiles_an_unpatched_tree_only_for_an_unpatched_variant() -> None:
+    stock = _inputs()
+    patched = _inputs(variant="patched", patches=(("0001.patch", "1" * 64),),
+                      localversion="-wakelocal")
+    only_lv = _inputs(variant="lv", localversion="-x")  # no patches, a release of its own
+    assert [build_plan(stock, c) for c in (False, True)] == [IN_TREE, IN_TREE]
+    assert [build_plan(patched, c) for c in (False, True)] == [FROM_FRESH_SOURCE,
+                                                               FROM_TREE_COPY]
+    assert [build_plan(only_lv, c) for c in (False, True)] == [FROM_FRESH_SOURCE,
+                                                               FROM_TREE_COPY]
+
+
+SOURCE_FILES = {"a.c": "one\ntwo\nthree\n",
+                "b.c": "alpha\nbeta\ngamma\ndelta\nepsilon\nzeta\n"}
+
+
+@dataclass
+class FakeMake:
+    """Stands in for _Progress.run: tar, Kconfig, cp and make do in a few files what they
+    would in a kernel tree (patch runs for real); every command is recorded with its
+    directory."""
+
+    source: dict[str, str]
+    calls: list[tuple[str, Path]] = field(default_factory=list)
+    compiled: list[dict[str, str]] = field(default_factory=list)  # the sources make saw
+
+    def run(self, progress: _Progress, cmd: list[str], cwd: Path,
+            env: dict[str, str] | None = None) -> None:
+        what = cmd[0] if cmd[0] != "nice" else "make " + cmd[-1]
+        self.calls.append((what if what != "make" else f"make {cmd[-1]}", cwd))
+        if cmd[0] == "tar":
+            for rel, text in self.source.items():
+                (cwd / rel).write_text(text)
+        elif cmd[0].endswith("merge_config.sh"):
+            (cwd / ".config").write_text(FRAGMENT.read_text())
+        elif cmd[0] == "cp":
+            shutil.copytree(cmd[-2], cmd[-1], symlinks=True)
+        elif cmd[0] == "patch":
+            subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+        elif cmd[-1] == "bzImage":
+            self.compiled.append({rel: (cwd / rel).read_text() for rel in self.source})
+            (cwd / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
+            (cwd / "arch/x86/boot/bzImage").write_bytes(b"kernel of " + cwd.name.encode())
+            (cwd / "include/config").mkdir(parents=True, exist_ok=True)
+            localversion = next(a for a in cmd if a.startswith("LOCALVERSION="))
+            (cwd / "include/config/kernel.release").write_text(
+                "6.1.1-netbed" + localversion.split("=", 1)[1] + "\n")
+
+
+@pytest.fixture
+def fake_make(monkeypatch: pytest.MonkeyPatch) -> FakeMake:
+    fake = FakeMake(dict(SOURCE_FILES))
+    monkeypatch.setattr(_Progress, "run", lambda self, cmd, cwd, env=None:
+                        fake.run(self, cmd, cwd, env))
+    return fake
+
+
+def _flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch: str = PATCH
+          ) -> tuple[_Build, KernelSource, Variant, BuildInputs, Variant, BuildInputs]:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.patch").write_text(patch)
+    variant = _variant(tmp_path, "p.patch")
+    stock = load_kernels().variant("stock")
+    build = _Build(Settings(cache_dir=tmp_path / "cache"), lambda m: None, jobs=2)
+    build.clean_tmp()
+    source = KernelSource("debian-6.1", "debian", "6.1.1-1", tarball=tmp_path / "linux.tar.xz",
+                          package="linux-source-6.1")
+    v_inputs = _inputs(variant="v", patches=(("p.patch", hashlib.sha256(
+        patch.encode()).hexdigest()),), localversion="-v")
+    return build, source, variant, v_inputs, stock, _inputs()
+
+
+@pytest.mark.process  # `patch` applies the patch for real
+@pytest.mark.skipif(shutil.which("patch") is None, reason="patch is not installed")
+def test_a_patched_variant_without_a_compiled_tree_compiles_once_from_fresh_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_make: FakeMake) -> None:
+    build, source, variant, inputs, stock, stock_inputs = _flow(tmp_path, monkeypatch)
+    kernel = build.build(variant, inputs, source)
+    # one compile, of the patched sources, in the variant's own work dir; no tree copy
+    assert [c for c, _ in fake_make.calls] == [
+        "tar", "make allnoconfig", "scripts/kconfig/merge_config.sh", "make olddefconfig",
+        "make bzImage"]
+    work = fake_make.calls[-1][1]
+    assert work.parent == build.tmp and work.name.startswith(f"v-tree-{inputs.key()}.")
+    assert fake_make.compiled == [{"a.c": "one\nTWO\nthree\n",
+                                   "b.c": "alpha\nBETA\ngamma\ndelta\nepsilon\nZETA\n"}]
+    # published as before: same key, same fields; built_from says how
+    assert kernel.bzimage == build.artifact_dir(inputs) / "bzImage"
+    assert kernel.release == "6.1.1-netbed-v"
+    meta = kernel.metadata
+    assert meta["cache_key"] == inputs.key() and meta["built_from"] == "fresh source + patches"
+    assert [p["file"] for p in meta["patches"]] == ["p.patch"]
+    assert meta["config_sha256"] == hashlib.sha256(FRAGMENT.read_bytes()).hexdigest()
+    assert "patch_only_seconds" not in meta and meta["build_cpu_seconds"] >= 0
+    # no tree of the base was made: the unpatched build comes later, cold, and works
+    assert not build.tree_dir(inputs).exists() and not build.tree_compiled(inputs)
+    fake_make.calls.clear()
+    stock_kernel = build.build(stock, stock_inputs, source)
+    assert [c for c, _ in fake_make.calls] == [
+        "tar", "make allnoconfig", "scripts/kconfig/merge_config.sh", "make olddefconfig",
+        "make bzImage"]
+    assert fake_make.calls[-1][1] == build.tree_dir(inputs)
+    assert fake_make.compiled[-1] == SOURCE_FILES  # the tree is unpatched
+    assert stock_kernel.release == "6.1.1-netbed"
+    assert stock_kernel.metadata["built_from"] == "fresh source tree"
+    assert (build.tree_dir(inputs) / COMPILED_MARKER).is_file()
+    assert (build.tree_dir(inputs) / CONFIGURED_MARKER).is_file()
+
+
+@pytest.mark.process
+@pytest.mark.skipif(shutil.which("patch") is None, reason="patch is not installed")
+def test_a_patched_variant_with_a_compiled_tree_recompiles_a_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_make: FakeMake) -> None:
+    build, source, variant, inputs, stock, stock_inputs = _flow(tmp_path, monkeypatch)
+    build.build(stock, stock_inputs, source)
+    fake_make.calls.clear()
+    kernel = build.build(variant, inputs, source)
+    assert [c for c, _ in fake_make.calls] == ["cp", "patch", "make bzImage"]
+    assert fake_make.calls[-1][1].parent == build.tmp
+    assert fake_make.compiled[-1]["b.c"].endswith("ZETA\n")
+    assert (build.tree_dir(inputs) / "b.c").read_text() == SOURCE_FILES["b.c"]  # untouched
+    assert kernel.metadata["built_from"] == f"tree {stock_inputs.key()} + patches"
+    assert "patch_only_seconds" in kernel.metadata
+
+
+@pytest.mark.process
+@pytest.mark.skipif(shutil.which("patch") is None, reason="patch is not installed")
+def test_a_fresh_source_build_refuses_a_patch_before_compiling_and_publishes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_make: FakeMake) -> None:
+    build, source, variant, inputs, _, _ = _flow(tmp_path, monkeypatch)
+    fake_make.source["b.c"] = "alpha\nbeta\ngamma\ndelta\nepsilon\nzeta-changed\n"
+    with pytest.raises(ConfigError) as info:
+        build.build(variant, inputs, source)
+    assert info.value.message.startswith(
+        "k.yaml:3:15: kernel v: p.patch does not apply to debian-6.1 (linux-source-6.1 "
+        "6.1.1-1): b.c: hunk #2 (patch line 21) FAILED")
+    assert "make bzImage" not in [c for c, _ in fake_make.calls]
+    assert not build.artifact_dir(inputs).exists() and build.load(inputs) is None
+    # the half-done work dir is in tmp/ only, and the next build removes it, saying so
+    said: list[str] = []
+    _Build(build.settings, said.append).clean_tmp()
+    assert list(build.tmp.iterdir()) == [] and "removing the work folders" in said[0]

@@ -11,7 +11,9 @@ from testbed.build.beside import SideJob
 from testbed.errors import NetbedError
 from testbed.experiment.kernelfile import DEFAULT_KERNELS_FILE
 from testbed.experiment.load import load_experiment
+from testbed.experiment.matrix import expand
 from testbed.experiment.policies import DEFAULT_POLICIES_FILE
+from testbed.run import local
 from testbed.run.local import open_run
 from testbed.settings import Settings
 
@@ -180,7 +182,9 @@ def test_a_session_builds_up_front_what_its_pending_repetitions_boot(
     assert isinstance(packages, dict)
     assert {"bison", "linux-source-6.1", "mmdebstrap", "libglib2.0-dev"} <= set(packages)
     assert host_builds["side"] == ["image", "plugin"]  # TCG: the model counts
-    assert asked == [("patched", "stock")]  # the probe may boot one of them, not distro
+    # the probe may boot one of them, not distro; in build order (unpatched first), so
+    # it never builds patched from fresh source before stock's tree
+    assert asked == [("stock", "patched")]
     assert prepared[-1] == AssetPlan(("patched", "stock"), plugin=True)
     assert (summary.run_dir / "timings.json").is_file()
     # a resume with every stock repetition done builds nothing for stock
@@ -247,3 +251,14 @@ def test_the_model_may_count_unless_kvm_is_known_to_work():
     assert not model_may_count(["auto"], True)
     assert model_may_count(["cachemodel"], True)
     assert not model_may_count(["software"], None)
+def test_a_run_builds_unpatched_kernels_before_patched_ones(tmp_path, settings, monkeypatch):
+    """patched listed first still waits for stock: built after stock's tree it recompiles
+    what its patch touches; before it, it would compile from fresh source, then stock too."""
+    config = tmp_path / "two.yaml"
+    config.write_text(CONFIG.replace("kernel: [distro]", "kernel: [patched, distro, stock]"))
+    exp = load_experiment(config)
+    built: list[str] = []
+    monkeypatch.setattr(local, "ensure_built", lambda v, s, log, kernels: built.append(v.name))
+    cells = sorted(expand(exp), key=lambda c: ("patched", "distro", "stock").index(c.kernel))
+    local.build_kernels(settings, exp, cells, lambda m: None)
+    assert built == ["stock", "patched"]
