@@ -23,7 +23,7 @@ from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from testbed.formats import netperf, payload, reader, record, sockqueue, stamps, tcpinfo
-from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.formats.offloads import OFFLOAD_SCRIPT, OffloadState, parse_offloads
 from testbed.formats.offloads import RAW as OFFLOADS_RAW
 from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.formats.readback import (
@@ -38,6 +38,7 @@ from testbed.formats.readback import (
 from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
+from testbed.run.phases import CountingShell, Phases
 from testbed.run.traffic import run_until_window_closes, wait_until
 from testbed.run.window import (
     NETPERF_CAP_S,
@@ -166,12 +167,16 @@ def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Pay
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
                    cachemodel: bool | None = None, payload_kind: str = "random-fill",
-                   tracing: bool | None = None) -> dict[str, object]:
+                   tracing: bool | None = None, phases: Phases | None = None
+                   ) -> dict[str, object]:
     """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
 
     Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
-    PolicyMismatch when the receiver's state differs from the policy.
+    PolicyMismatch when the receiver's state differs from the policy. `phases`, when
+    given, receives the time of each phase and the round trips into each guest.
     """
+    phases = phases if phases is not None else Phases()
+    rx, tx = CountingShell(rx, "rx", phases), CountingShell(tx, "tx", phases)
     if cachemodel is None:  # the session's counter plan decides (counters: auto)
         cachemodel = "cachemodel" in exp.counters
     atomic_write_json(rep.file(record.CELL),
@@ -180,44 +185,60 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
     asked = rcvbuf_bytes(cell.rcvbuf)
     raise_rmem = None if asked is None else sockqueue.rmem_max_command(asked)
-    applied = rx.run(prepare_command(
-        apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
-        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT,
-        *([raise_rmem] if raise_rmem else [])))
+    with phases.phase("apply"):
+        applied = rx.run(prepare_command(
+            apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
+            readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys),
+            OFFLOAD_SCRIPT, *([raise_rmem] if raise_rmem else [])))
     readback_text, offloads_text, *rmem_text = split_sections(applied.stdout,
                                                               3 if raise_rmem else 2)
     atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
     remote_cpu = netserver_cpu(resolved)
-    fill = _prepare_payload(rx, tx, cell, payload_kind)
+    with phases.phase("fill"):
+        fill = _prepare_payload(rx, tx, cell, payload_kind)
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
     fill_test = [*payload.netperf_test_args(fill), *netperf.receive_buffer_args(asked)]
     # netperf starts only once the window is armed (trace, the previous reader noted);
     # the warm-up is the measured connection's own traffic before the window opens
-    rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
-                                              tracing=tracing)), timeout=120)
+    with phases.phase("arm"):
+        rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
+                                                  tracing=tracing)), timeout=120)
     netperf_cap = exp.duration + math.ceil(lead_seconds(exp)) + NETPERF_CAP_S
-    traffic = run_until_window_closes(
-        rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
-                                        global_args=fill_global, test_args=fill_test),
-        cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-        reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
-        earliest_close_s=lead_seconds(exp) + exp.duration)
+    with phases.phase("traffic"):
+        traffic = run_until_window_closes(
+            rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap,
+                                            remote_cpu, global_args=fill_global,
+                                            test_args=fill_test),
+            cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
+            reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
+            earliest_close_s=lead_seconds(exp) + exp.duration)
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
     atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}"
                          f"{_reader_gone(rx)}: {traffic.output.strip()[-300:]}")
-    fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+    with phases.phase("fetch"):
+        fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
     if fetched.exit_code == NOT_FINISHED:
         raise GuestError("the receiver's measurement window did not finish within "
                          f"{FINISH_WAIT_S} s of the window's close")
     if not fetched.ok:
         raise GuestError(f"fetching the window's files failed ({fetched.exit_code}): "
                          f"{fetched.stderr.strip()[-300:]}")
-    unpack_window(fetched.stdout, rep)
+    with phases.phase("check"):
+        return _check_window(fetched.stdout, rep, boot, cell, resolved, readback_text,
+                             offloads, rmem_text, traffic.stopped_by)
+
+
+def _check_window(armoured: str, rep: RepDir, boot: BootState, cell: Cell,
+                  resolved: ResolvedPolicy, readback_text: str, offloads: OffloadState,
+                  rmem_text: list[str], stopped_by: str) -> dict[str, object]:
+    """Unpack the window's files, check them and the policy read-back, and return
+    `done`'s info (host-side only)."""
+    unpack_window(armoured, rep)
     if rep.file(record.ERROR).exists():
         raise GuestError(f"measurement window: {rep.file(record.ERROR).read_text().strip()}")
     problems = window_problems(rep.path)
@@ -238,7 +259,7 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                   sockqueue.parse_rmem_max(rmem_text[0]) if rmem_text else None)
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
-            "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}
+            "netperf_stopped_by": stopped_by, **_window_rates(rep, cell)}
 
 
 def _check_rcvbuf(rep: RepDir, cell: Cell, result: netperf.NetperfResult,
