@@ -14,6 +14,7 @@ import io
 import json
 import math
 import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -39,7 +40,7 @@ from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
 from testbed.run.phases import CountingShell, Phases
-from testbed.run.traffic import run_until_window_closes, wait_until
+from testbed.run.traffic import run_until_window_closes, stop_command, wait_until
 from testbed.run.window import (
     NETPERF_CAP_S,
     WINDOW_ARMED,
@@ -48,7 +49,7 @@ from testbed.run.window import (
     window_problems,
     window_script,
 )
-from testbed.shell import Shell
+from testbed.shell import Result, Shell
 from testbed.vocabulary import GUEST_DIR
 
 RECEIVER_HOST = "198.18.0.1"
@@ -77,6 +78,8 @@ SECTION = "@@netbed-section@@"  # between the outputs of one command's parts
 FINISH_WAIT_S = 120  # after the window closed: perf's end, the trace's collection
 ARMED_WAIT_S = 60  # the window script's set-up until netperf may start
 NOT_FINISHED = 3  # fetch_window_command's status when the window never finished
+FILL_TIMEOUT_S = 300  # a fill file's first making: 32 MiB from the CSPRNG and its digest
+PREPARE_TIMEOUT_S = 120 + FILL_TIMEOUT_S  # policy, read-back, fill file, the window's arming
 
 
 def prepare_command(*parts: str) -> str:
@@ -141,6 +144,11 @@ def unpack_window(armoured: str, rep: RepDir) -> list[str]:
     return written
 
 
+def _fetch(rx: Shell) -> Result:
+    """The window's files once it has finished (fetch_window_command), status unchecked."""
+    return rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+
+
 def _reader_gone(rx: Shell) -> str:
     """After netperf failed: whether netserver, the reader's side, still runs in the
     receiver (a reader that died mid-window is why, not the sender); "" if it runs or
@@ -153,15 +161,12 @@ def _reader_gone(rx: Shell) -> str:
         if res.exit_code == 1 else ""
 
 
-def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Payload:
-    """The fill file on the guest(s) that send payload; its provenance as they report it."""
+def _fill_plan(cell: Cell, kind: str) -> tuple[payload.Payload, str, tuple[str, ...]]:
+    """The payload asked for, the command that makes its fill file and reports it, and the
+    guests that send payload, in the order their reports are read (pure)."""
     size = int(cell.workload.message_size)
     chosen = payload.random_fill(size) if kind == "random-fill" else payload.netperf_default(size)
-    shells = {"sender": tx, "receiver": rx}
-    for side in payload.sending_sides(cell.workload.name):
-        out = shells[side].run(payload.make_fill_command(chosen), timeout=300).stdout
-        chosen = payload.parse_fill_provenance(chosen, out)
-    return chosen
+    return chosen, payload.make_fill_command(chosen), payload.sending_sides(cell.workload.name)
 
 
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
@@ -185,43 +190,62 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
     asked = rcvbuf_bytes(cell.rcvbuf)
     raise_rmem = None if asked is None else sockqueue.rmem_max_command(asked)
-    with phases.phase("apply"):
-        applied = rx.run(prepare_command(
-            apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
-            readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys),
-            OFFLOAD_SCRIPT, *([raise_rmem] if raise_rmem else [])))
-    readback_text, offloads_text, *rmem_text = split_sections(applied.stdout,
-                                                              3 if raise_rmem else 2)
+    chosen, fill_command, fill_sides = _fill_plan(cell, payload_kind)
+    # One round trip into the receiver applies the policy, reads it back, makes its fill
+    # file (when it sends payload) and starts the window, returning once the window is
+    # armed (netperf starts only then: the trace is on, the previous reader noted; the
+    # warm-up is the measured connection's own traffic before the window opens). The
+    # sender makes its fill file meanwhile, over its own connection.
+    parts = [apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
+             readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys),
+             OFFLOAD_SCRIPT, *([raise_rmem] if raise_rmem else []),
+             *([fill_command] if "receiver" in fill_sides else []),
+             start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
+                                                tracing=tracing))]
+    with phases.phase("prepare"), ThreadPoolExecutor(1, "netbed-sender") as pool:
+        sender_fill = (pool.submit(tx.run, fill_command, timeout=FILL_TIMEOUT_S)
+                       if "sender" in fill_sides else None)
+        applied = rx.run(prepare_command(*parts), timeout=PREPARE_TIMEOUT_S)
+        fill_out = {"sender": sender_fill.result().stdout if sender_fill else ""}
+    readback_text, offloads_text, *rest = split_sections(applied.stdout, len(parts) - 1)
+    rmem_text = rest[:1] if raise_rmem else []
+    if "receiver" in fill_sides:
+        fill_out["receiver"] = rest[-2]
     atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
-    remote_cpu = netserver_cpu(resolved)
-    with phases.phase("fill"):
-        fill = _prepare_payload(rx, tx, cell, payload_kind)
+    fill = chosen
+    for side in fill_sides:
+        fill = payload.parse_fill_provenance(fill, fill_out[side])
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
     fill_test = [*payload.netperf_test_args(fill), *netperf.receive_buffer_args(asked)]
-    # netperf starts only once the window is armed (trace, the previous reader noted);
-    # the warm-up is the measured connection's own traffic before the window opens
-    with phases.phase("arm"):
-        rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
-                                                  tracing=tracing)), timeout=120)
     netperf_cap = exp.duration + math.ceil(lead_seconds(exp)) + NETPERF_CAP_S
-    with phases.phase("traffic"):
-        traffic = run_until_window_closes(
-            rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap,
-                                            remote_cpu, global_args=fill_global,
-                                            test_args=fill_test),
-            cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-            reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
-            earliest_close_s=lead_seconds(exp) + exp.duration)
+    fetching: list[Future[Result]] = []
+    # the window's files are fetched while the sender is told to stop (its own guest);
+    # a MAERTS stop goes to the receiver, so its fetch waits for the stop
+    overlap = stop_command(cell.workload.name, "")[0] == "sender"
+    with ThreadPoolExecutor(1, "netbed-fetch") as pool:
+        with phases.phase("traffic"):
+            traffic = run_until_window_closes(
+                rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap,
+                                                netserver_cpu(resolved),
+                                                global_args=fill_global, test_args=fill_test),
+                cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
+                reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
+                earliest_close_s=lead_seconds(exp) + exp.duration,
+                on_closed=(lambda: fetching.append(pool.submit(_fetch, rx)))
+                if overlap else None)
+        with phases.phase("fetch"):
+            fetched = fetching[0].result() if fetching else None
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
     atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}"
                          f"{_reader_gone(rx)}: {traffic.output.strip()[-300:]}")
-    with phases.phase("fetch"):
-        fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+    if fetched is None:
+        with phases.phase("fetch"):
+            fetched = _fetch(rx)
     if fetched.exit_code == NOT_FINISHED:
         raise GuestError("the receiver's measurement window did not finish within "
                          f"{FINISH_WAIT_S} s of the window's close")
