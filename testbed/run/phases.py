@@ -41,6 +41,14 @@ class Phases:
             with self._lock:
                 self.seconds[name] = self.seconds.get(name, 0.0) + took
 
+    def split(self, name: str, tail: str, at: float) -> None:
+        """Move the part of phase `name` after clock time `at` (it ended since) into phase
+        `tail`: the part of the traffic after the window was seen closed is the stop."""
+        with self._lock:
+            after = max(0.0, self.clock() - at)
+            self.seconds[name] = self.seconds.get(name, 0.0) - after
+            self.seconds[tail] = self.seconds.get(tail, 0.0) + after
+
     def count(self, guest: str) -> None:
         with self._lock:
             self.trips[guest] = self.trips.get(guest, 0) + 1

@@ -224,6 +224,13 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     # the window's files are fetched while the sender is told to stop (its own guest);
     # a MAERTS stop goes to the receiver, so its fetch waits for the stop
     overlap = stop_command(cell.workload.name, "")[0] == "sender"
+    closed_at: list[float] = []
+
+    def window_closed() -> None:
+        closed_at.append(phases.clock())
+        if overlap:
+            fetching.append(pool.submit(_fetch, rx))
+
     with ThreadPoolExecutor(1, "netbed-fetch") as pool:
         with phases.phase("traffic"):
             traffic = run_until_window_closes(
@@ -233,8 +240,9 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                 cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
                 reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
                 earliest_close_s=lead_seconds(exp) + exp.duration,
-                on_closed=(lambda: fetching.append(pool.submit(_fetch, rx)))
-                if overlap else None)
+                on_closed=window_closed)
+        if closed_at:
+            phases.split("traffic", "stop", closed_at[0])
         with phases.phase("fetch"):
             fetched = fetching[0].result() if fetching else None
     if traffic.exit_code == 124:

@@ -51,3 +51,14 @@ def test_a_phase_that_raises_still_counts_its_time():
     except RuntimeError:
         pass
     assert phases.seconds == {"fetch": 2.0}
+
+
+def test_the_tail_of_a_phase_moves_to_its_own_name():
+    now = [0.0]
+    phases = Phases(clock=lambda: now[0])
+    with phases.phase("traffic"):
+        now[0] = 3.0
+        closed = phases.clock()
+        now[0] = 3.5
+    phases.split("traffic", "stop", closed)
+    assert phases.seconds == {"traffic": 3.0, "stop": 0.5}
