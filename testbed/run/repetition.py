@@ -64,14 +64,29 @@ class BootState:
     rx_queues: tuple[str, ...]
 
 
+NETSERVER_START = "pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1"
+RX_QUEUES = 'for q in /sys/class/net/*/queues/rx-*; do [ -e "$q" ] && echo "$q"; done; true'
+
+
 def discover(rx: Shell, data_mac: str) -> BootState:
-    """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver."""
-    nic = parse_nic_info(rx.run(nic_info_command(data_mac)).stdout, data_mac)
-    irqs = tuple(find_nic_irqs(rx.run("cat /proc/interrupts").stdout, nic.irq_names))
-    queues = tuple(rx.run(f"ls /sys/class/net/{nic.iface}/queues | grep '^rx-' || true")
-                   .stdout.split())
-    rx.run("pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1")
-    return BootState(nic, irqs, queues)
+    """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver. One round
+    trip: the IRQ lines and queues of every interface come back, the host keeps the
+    data NIC's."""
+    out = rx.run(prepare_command(nic_info_command(data_mac), "cat /proc/interrupts",
+                                 RX_QUEUES, NETSERVER_START)).stdout
+    nic_text, interrupts, queues, _ = all_sections(out, 3)
+    nic = parse_nic_info(nic_text, data_mac)
+    return BootState(nic, tuple(find_nic_irqs(interrupts, nic.irq_names)),
+                     rx_queues(queues, nic.iface))
+
+
+def rx_queues(listing: str, iface: str) -> tuple[str, ...]:
+    """RX_QUEUES's paths -> `iface`'s queue names (rx-0, rx-1, ...), in listing order
+    (pure)."""
+    prefix = f"/sys/class/net/{iface}/queues/"
+    return tuple(line.strip().removeprefix(prefix) for line in listing.splitlines()
+                 if line.strip().startswith(prefix) and "/" not in
+                 line.strip().removeprefix(prefix))
 
 
 SECTION = "@@netbed-section@@"  # between the outputs of one command's parts
@@ -97,11 +112,16 @@ def prepare_command(*parts: str) -> str:
 
 def split_sections(text: str, count: int) -> list[str]:
     """The outputs of `prepare_command`'s parts after the first (pure); `count` of them."""
+    return all_sections(text, count)[1:]
+
+
+def all_sections(text: str, count: int) -> list[str]:
+    """The outputs of all `count + 1` parts of a `prepare_command` (pure)."""
     pieces = text.split(SECTION + "\n")
     if len(pieces) != count + 1:
         raise GuestError(f"expected {count + 1} parts of output, got {len(pieces)}: "
                          f"{text.strip()[-300:]!r}")
-    return pieces[1:]
+    return pieces
 
 
 def start_window_command(script: str) -> str:

@@ -229,3 +229,41 @@ def test_a_request_response_fill_is_made_on_both_guests_and_read_in_order(tmp_pa
     assert ("sender", "fill") in log and ("receiver", "prepare") in log
     kept = read_json(next((tmp_path / "run").rglob("payload.json")))
     assert kept["sha256"] == _Guest.SHA["receiver"]  # sender first, then receiver, as before
+
+
+def test_an_interfaces_queues_are_kept_from_every_interfaces_listing():
+    listing = ("/sys/class/net/eth0/queues/rx-0\n/sys/class/net/eth1/queues/rx-0\n"
+               "/sys/class/net/eth1/queues/rx-1\n/sys/class/net/eth10/queues/rx-0\n")
+    assert repetition.rx_queues(listing, "eth1") == ("rx-0", "rx-1")
+    assert repetition.rx_queues("", "eth1") == ()
+
+
+@pytest.mark.process
+def test_the_boots_facts_come_back_in_one_round_trip(tmp_path, monkeypatch):
+    """discover on a made-up /sys/class/net (two NICs) in a real shell, netserver left out."""
+    net = tmp_path / "net"
+    for name, mac, queues in (("eth0", "52:54:00:00:00:01", 1), ("eth1", "52:54:00:12:34:56", 2)):
+        dev = tmp_path / "devices" / name
+        (dev / "driver").mkdir(parents=True)
+        (net / name / "queues").mkdir(parents=True)
+        (net / name / "address").write_text(mac + "\n")
+        (net / name / "device").symlink_to(dev)
+        for q in range(queues):
+            (net / name / "queues" / f"rx-{q}").mkdir()
+            (net / name / "queues" / f"tx-{q}").mkdir()
+    calls: list[str] = []
+
+    class Receiver:
+        def run(self, command: str, timeout: float | None = None,
+                check: bool = True) -> Result:
+            calls.append(command)
+            res = HostShell().run(["sh", "-c", command.replace("/sys/class/net", str(net))],
+                                  check=check)
+            return Result(command, res.exit_code, res.stdout.replace(str(net), "/sys/class/net"),
+                          res.stderr)
+
+    monkeypatch.setattr(repetition, "NETSERVER_START", "true")
+    state = repetition.discover(Receiver(), "52:54:00:12:34:56")
+    assert len(calls) == 1
+    assert state.nic.iface == "eth1" and state.nic.device == "eth1"
+    assert state.rx_queues == ("rx-0", "rx-1")
