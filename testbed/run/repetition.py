@@ -94,7 +94,7 @@ FINISH_WAIT_S = 120  # after the window closed: perf's end, the trace's collecti
 ARMED_WAIT_S = 60  # the window script's set-up until netperf may start
 NOT_FINISHED = 3  # fetch_window_command's status when the window never finished
 FILL_TIMEOUT_S = 300  # a fill file's first making: 32 MiB from the CSPRNG and its digest
-PREPARE_TIMEOUT_S = 120 + FILL_TIMEOUT_S  # policy, read-back, fill file, the window's arming
+PREPARE_TIMEOUT_S = 120 + FILL_TIMEOUT_S  # policy, read-back, a fill file, the window's arming
 
 
 def prepare_command(*parts: str) -> str:
@@ -225,7 +225,10 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     with phases.phase("prepare"), ThreadPoolExecutor(1, "netbed-sender") as pool:
         sender_fill = (pool.submit(tx.run, fill_command, timeout=FILL_TIMEOUT_S)
                        if "sender" in fill_sides else None)
-        applied = rx.run(prepare_command(*parts), timeout=PREPARE_TIMEOUT_S)
+        # the guest's own command timeout (a hung receiver fails at its first command),
+        # unless the receiver may be making a fill file (it had a timeout of its own)
+        applied = rx.run(prepare_command(*parts), timeout=PREPARE_TIMEOUT_S
+                         if "receiver" in fill_sides else None)
         fill_out = {"sender": sender_fill.result().stdout if sender_fill else ""}
     readback_text, offloads_text, *rest = split_sections(applied.stdout, len(parts) - 1)
     rmem_text = rest[:1] if raise_rmem else []
