@@ -139,6 +139,8 @@ class _Guest:
 
     SHA: ClassVar[dict[str, str]] = {"sender": "5" * 64, "receiver": "7" * 64}
 
+    timeouts: ClassVar[list[float | None]] = []  # the receiver's combined command's
+
     def __init__(self, side: str, log: list[tuple[str, str]]) -> None:
         self.side, self.log = side, log
 
@@ -162,6 +164,8 @@ class _Guest:
 
         what = kind()
         self.log.append((self.side, what))
+        if what == "prepare":
+            self.timeouts.append(timeout)
         out, code = "", 0
         if what == "prepare":
             assert self.side == "receiver" and "nohup sh /tmp/netbed/window.sh" in command
@@ -209,6 +213,7 @@ def test_a_stream_repetition_takes_three_round_trips_into_each_guest(tmp_path):
     assert rx == ["prepare", "closed", "fetch"]
     assert tx == ["fill", "start", "stop"]
     assert phases.trips == {"rx": 3, "tx": 3}
+    assert _Guest.timeouts[-1] is None  # the guest's own: a hung receiver fails as fast
     assert log.index(("receiver", "closed")) < log.index(("sender", "stop"))
     assert log.index(("receiver", "closed")) < log.index(("receiver", "fetch"))
     kept = read_json(next((tmp_path / "run").rglob("payload.json")))
@@ -229,6 +234,7 @@ def test_a_request_response_fill_is_made_on_both_guests_and_read_in_order(tmp_pa
     assert ("sender", "fill") in log and ("receiver", "prepare") in log
     kept = read_json(next((tmp_path / "run").rglob("payload.json")))
     assert kept["sha256"] == _Guest.SHA["receiver"]  # sender first, then receiver, as before
+    assert _Guest.timeouts[-1] == repetition.PREPARE_TIMEOUT_S  # room for a first fill file
 
 
 def test_an_interfaces_queues_are_kept_from_every_interfaces_listing():
