@@ -14,6 +14,7 @@ import io
 import json
 import math
 import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -23,7 +24,7 @@ from testbed.experiment.nicstate import diff_readback
 from testbed.experiment.policies import ResolvedPolicy, apply_script, netserver_cpu
 from testbed.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from testbed.formats import netperf, payload, reader, record, sockqueue, stamps, tcpinfo
-from testbed.formats.offloads import OFFLOAD_SCRIPT, parse_offloads
+from testbed.formats.offloads import OFFLOAD_SCRIPT, OffloadState, parse_offloads
 from testbed.formats.offloads import RAW as OFFLOADS_RAW
 from testbed.formats.readback import RAW as READBACK_RAW
 from testbed.formats.readback import (
@@ -38,7 +39,8 @@ from testbed.formats.readback import (
 from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
-from testbed.run.traffic import run_until_window_closes, wait_until
+from testbed.run.phases import CountingShell, Phases
+from testbed.run.traffic import run_until_window_closes, stop_command, wait_until
 from testbed.run.window import (
     NETPERF_CAP_S,
     WINDOW_ARMED,
@@ -47,7 +49,7 @@ from testbed.run.window import (
     window_problems,
     window_script,
 )
-from testbed.shell import Shell
+from testbed.shell import Result, Shell
 from testbed.vocabulary import GUEST_DIR
 
 RECEIVER_HOST = "198.18.0.1"
@@ -62,20 +64,37 @@ class BootState:
     rx_queues: tuple[str, ...]
 
 
+NETSERVER_START = "pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1"
+RX_QUEUES = 'for q in /sys/class/net/*/queues/rx-*; do [ -e "$q" ] && echo "$q"; done; true'
+
+
 def discover(rx: Shell, data_mac: str) -> BootState:
-    """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver."""
-    nic = parse_nic_info(rx.run(nic_info_command(data_mac)).stdout, data_mac)
-    irqs = tuple(find_nic_irqs(rx.run("cat /proc/interrupts").stdout, nic.irq_names))
-    queues = tuple(rx.run(f"ls /sys/class/net/{nic.iface}/queues | grep '^rx-' || true")
-                   .stdout.split())
-    rx.run("pgrep -x netserver >/dev/null || netserver -p 12865 >/dev/null 2>&1")
-    return BootState(nic, irqs, queues)
+    """Find the data NIC by MAC, its IRQ lines and RX queues; start netserver. One round
+    trip: the IRQ lines and queues of every interface come back, the host keeps the
+    data NIC's."""
+    out = rx.run(prepare_command(nic_info_command(data_mac), "cat /proc/interrupts",
+                                 RX_QUEUES, NETSERVER_START)).stdout
+    nic_text, interrupts, queues, _ = all_sections(out, 3)
+    nic = parse_nic_info(nic_text, data_mac)
+    return BootState(nic, tuple(find_nic_irqs(interrupts, nic.irq_names)),
+                     rx_queues(queues, nic.iface))
+
+
+def rx_queues(listing: str, iface: str) -> tuple[str, ...]:
+    """RX_QUEUES's paths -> `iface`'s queue names (rx-0, rx-1, ...), in listing order
+    (pure)."""
+    prefix = f"/sys/class/net/{iface}/queues/"
+    return tuple(line.strip().removeprefix(prefix) for line in listing.splitlines()
+                 if line.strip().startswith(prefix) and "/" not in
+                 line.strip().removeprefix(prefix))
 
 
 SECTION = "@@netbed-section@@"  # between the outputs of one command's parts
 FINISH_WAIT_S = 120  # after the window closed: perf's end, the trace's collection
 ARMED_WAIT_S = 60  # the window script's set-up until netperf may start
 NOT_FINISHED = 3  # fetch_window_command's status when the window never finished
+FILL_TIMEOUT_S = 300  # a fill file's first making: 32 MiB from the CSPRNG and its digest
+PREPARE_TIMEOUT_S = 120 + FILL_TIMEOUT_S  # policy, read-back, a fill file, the window's arming
 
 
 def prepare_command(*parts: str) -> str:
@@ -93,11 +112,16 @@ def prepare_command(*parts: str) -> str:
 
 def split_sections(text: str, count: int) -> list[str]:
     """The outputs of `prepare_command`'s parts after the first (pure); `count` of them."""
+    return all_sections(text, count)[1:]
+
+
+def all_sections(text: str, count: int) -> list[str]:
+    """The outputs of all `count + 1` parts of a `prepare_command` (pure)."""
     pieces = text.split(SECTION + "\n")
     if len(pieces) != count + 1:
         raise GuestError(f"expected {count + 1} parts of output, got {len(pieces)}: "
                          f"{text.strip()[-300:]!r}")
-    return pieces[1:]
+    return pieces
 
 
 def start_window_command(script: str) -> str:
@@ -140,6 +164,11 @@ def unpack_window(armoured: str, rep: RepDir) -> list[str]:
     return written
 
 
+def _fetch(rx: Shell) -> Result:
+    """The window's files once it has finished (fetch_window_command), status unchecked."""
+    return rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+
+
 def _reader_gone(rx: Shell) -> str:
     """After netperf failed: whether netserver, the reader's side, still runs in the
     receiver (a reader that died mid-window is why, not the sender); "" if it runs or
@@ -152,26 +181,27 @@ def _reader_gone(rx: Shell) -> str:
         if res.exit_code == 1 else ""
 
 
-def _prepare_payload(rx: Shell, tx: Shell, cell: Cell, kind: str) -> payload.Payload:
-    """The fill file on the guest(s) that send payload; its provenance as they report it."""
+def _fill_plan(cell: Cell, kind: str) -> tuple[payload.Payload, str, tuple[str, ...]]:
+    """The payload asked for, the command that makes its fill file and reports it, and the
+    guests that send payload, in the order their reports are read (pure)."""
     size = int(cell.workload.message_size)
     chosen = payload.random_fill(size) if kind == "random-fill" else payload.netperf_default(size)
-    shells = {"sender": tx, "receiver": rx}
-    for side in payload.sending_sides(cell.workload.name):
-        out = shells[side].run(payload.make_fill_command(chosen), timeout=300).stdout
-        chosen = payload.parse_fill_provenance(chosen, out)
-    return chosen
+    return chosen, payload.make_fill_command(chosen), payload.sending_sides(cell.workload.name)
 
 
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
                    cachemodel: bool | None = None, payload_kind: str = "random-fill",
-                   tracing: bool | None = None) -> dict[str, object]:
+                   tracing: bool | None = None, phases: Phases | None = None
+                   ) -> dict[str, object]:
     """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
 
     Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
-    PolicyMismatch when the receiver's state differs from the policy.
+    PolicyMismatch when the receiver's state differs from the policy. `phases`, when
+    given, receives the time of each phase and the round trips into each guest.
     """
+    phases = phases if phases is not None else Phases()
+    rx, tx = CountingShell(rx, "rx", phases), CountingShell(tx, "tx", phases)
     if cachemodel is None:  # the session's counter plan decides (counters: auto)
         cachemodel = "cachemodel" in exp.counters
     atomic_write_json(rep.file(record.CELL),
@@ -180,44 +210,90 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     atomic_write_json(rep.file(record.POLICY), resolved.as_dict())
     asked = rcvbuf_bytes(cell.rcvbuf)
     raise_rmem = None if asked is None else sockqueue.rmem_max_command(asked)
-    applied = rx.run(prepare_command(
-        apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
-        readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys), OFFLOAD_SCRIPT,
-        *([raise_rmem] if raise_rmem else [])))
-    readback_text, offloads_text, *rmem_text = split_sections(applied.stdout,
-                                                              3 if raise_rmem else 2)
+    chosen, fill_command, fill_sides = _fill_plan(cell, payload_kind)
+    # One round trip into the receiver applies the policy, reads it back, makes its fill
+    # file (when it sends payload) and starts the window, returning once the window is
+    # armed (netperf starts only then: the trace is on, the previous reader noted; the
+    # warm-up is the measured connection's own traffic before the window opens). The
+    # sender makes its fill file meanwhile, over its own connection.
+    parts = [apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
+             readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys),
+             OFFLOAD_SCRIPT, *([raise_rmem] if raise_rmem else []),
+             *([fill_command] if "receiver" in fill_sides else []),
+             start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
+                                                tracing=tracing))]
+    with phases.phase("prepare"), ThreadPoolExecutor(1, "netbed-sender") as pool:
+        sender_fill = (pool.submit(tx.run, fill_command, timeout=FILL_TIMEOUT_S)
+                       if "sender" in fill_sides else None)
+        # the guest's own command timeout (a hung receiver fails at its first command),
+        # unless the receiver may be making a fill file (it had a timeout of its own)
+        applied = rx.run(prepare_command(*parts), timeout=PREPARE_TIMEOUT_S
+                         if "receiver" in fill_sides else None)
+        fill_out = {"sender": sender_fill.result().stdout if sender_fill else ""}
+    readback_text, offloads_text, *rest = split_sections(applied.stdout, len(parts) - 1)
+    rmem_text = rest[:1] if raise_rmem else []
+    if "receiver" in fill_sides:
+        fill_out["receiver"] = rest[-2]
     atomic_write_text(rep.file(OFFLOADS_RAW), offloads_text)
     offloads = parse_offloads(offloads_text)
-    remote_cpu = netserver_cpu(resolved)
-    fill = _prepare_payload(rx, tx, cell, payload_kind)
+    fill = chosen
+    for side in fill_sides:
+        fill = payload.parse_fill_provenance(fill, fill_out[side])
     atomic_write_json(rep.file(payload.RAW), fill.as_dict())
     fill_global = payload.netperf_global_args(fill, cell.workload.name)
     fill_test = [*payload.netperf_test_args(fill), *netperf.receive_buffer_args(asked)]
-    # netperf starts only once the window is armed (trace, the previous reader noted);
-    # the warm-up is the measured connection's own traffic before the window opens
-    rx.run(start_window_command(window_script(exp, pmu, cachemodel, iface=boot.nic.iface,
-                                              tracing=tracing)), timeout=120)
     netperf_cap = exp.duration + math.ceil(lead_seconds(exp)) + NETPERF_CAP_S
-    traffic = run_until_window_closes(
-        rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap, remote_cpu,
-                                        global_args=fill_global, test_args=fill_test),
-        cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
-        reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
-        earliest_close_s=lead_seconds(exp) + exp.duration)
+    fetching: list[Future[Result]] = []
+    # the window's files are fetched while the sender is told to stop (its own guest);
+    # a MAERTS stop goes to the receiver, so its fetch waits for the stop
+    overlap = stop_command(cell.workload.name, "")[0] == "sender"
+    closed_at: list[float] = []
+
+    def window_closed() -> None:
+        closed_at.append(phases.clock())
+        if overlap:
+            fetching.append(pool.submit(_fetch, rx))
+
+    with ThreadPoolExecutor(1, "netbed-fetch") as pool:
+        with phases.phase("traffic"):
+            traffic = run_until_window_closes(
+                rx, tx, netperf.netperf_command(RECEIVER_HOST, cell.workload, netperf_cap,
+                                                netserver_cpu(resolved),
+                                                global_args=fill_global, test_args=fill_test),
+                cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
+                reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
+                earliest_close_s=lead_seconds(exp) + exp.duration,
+                on_closed=window_closed)
+        if closed_at:
+            phases.split("traffic", "stop", closed_at[0])
+        with phases.phase("fetch"):
+            fetched = fetching[0].result() if fetching else None
     if traffic.exit_code == 124:
         raise GuestError(f"netperf ran past its cap plus margin ({netperf_cap} s)")
     atomic_write_text(rep.file(netperf.RAW), traffic.output)
     if traffic.exit_code != 0:
         raise GuestError(f"netperf failed with status {traffic.exit_code}"
                          f"{_reader_gone(rx)}: {traffic.output.strip()[-300:]}")
-    fetched = rx.run(fetch_window_command(), timeout=FINISH_WAIT_S + 30, check=False)
+    if fetched is None:
+        with phases.phase("fetch"):
+            fetched = _fetch(rx)
     if fetched.exit_code == NOT_FINISHED:
         raise GuestError("the receiver's measurement window did not finish within "
                          f"{FINISH_WAIT_S} s of the window's close")
     if not fetched.ok:
         raise GuestError(f"fetching the window's files failed ({fetched.exit_code}): "
                          f"{fetched.stderr.strip()[-300:]}")
-    unpack_window(fetched.stdout, rep)
+    with phases.phase("check"):
+        return _check_window(fetched.stdout, rep, boot, cell, resolved, readback_text,
+                             offloads, rmem_text, traffic.stopped_by)
+
+
+def _check_window(armoured: str, rep: RepDir, boot: BootState, cell: Cell,
+                  resolved: ResolvedPolicy, readback_text: str, offloads: OffloadState,
+                  rmem_text: list[str], stopped_by: str) -> dict[str, object]:
+    """Unpack the window's files, check them and the policy read-back, and return
+    `done`'s info (host-side only)."""
+    unpack_window(armoured, rep)
     if rep.file(record.ERROR).exists():
         raise GuestError(f"measurement window: {rep.file(record.ERROR).read_text().strip()}")
     problems = window_problems(rep.path)
@@ -238,7 +314,7 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                   sockqueue.parse_rmem_max(rmem_text[0]) if rmem_text else None)
     return {"throughput": result.get("THROUGHPUT"), "units": result.throughput_units,
             "rx_checksum_offload": offloads.rx_checksum_offload,
-            "netperf_stopped_by": traffic.stopped_by, **_window_rates(rep, cell)}
+            "netperf_stopped_by": stopped_by, **_window_rates(rep, cell)}
 
 
 def _check_rcvbuf(rep: RepDir, cell: Cell, result: netperf.NetperfResult,

@@ -41,6 +41,7 @@ from testbed.run.cachemodel_window import (
 )
 from testbed.run.folder import RepDir, RunDir
 from testbed.run.loop import Collaborators
+from testbed.run.phases import Phases
 from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
 from testbed.settings import Settings
@@ -315,14 +316,22 @@ class ExperimentGuests:
         topo = booted.topo
         resolved = self.exp.policies.resolve(cell.policy, cell.cpus)
         strike = self._strike(booted, cell)
+        phases = Phases()
         try:
             # tracing: the config's switch, and never where the plugin counts this window
             with timings.step("repetition" if booted.plugin else "plain",
-                              f"{cell.cell_id} rep {rep.repetition}"):
-                info = run_repetition(strike or topo.receiver.ssh, topo.sender_shell,
-                                      booted.state, self.exp, cell, resolved, rep,
-                                      self.provenance.pmu, cachemodel=booted.plugin,
-                                      tracing=self.exp.tracing and not booted.plugin)
+                              f"{cell.cell_id} rep {rep.repetition}") as note:
+                try:
+                    info = run_repetition(strike or topo.receiver.ssh, topo.sender_shell,
+                                          booted.state, self.exp, cell, resolved, rep,
+                                          self.provenance.pmu, cachemodel=booted.plugin,
+                                          tracing=self.exp.tracing and not booted.plugin,
+                                          phases=phases)
+                    if booted.plugin:
+                        with phases.phase("collect"):
+                            collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
+                finally:
+                    note.detail = phases.summary()
         except (GuestError, CommandError) as exc:
             process = topo.receiver.process
             status = process.popen.poll() if process.popen is not None else None
@@ -336,8 +345,6 @@ class ExperimentGuests:
         finally:
             if strike is not None:
                 strike.stop()
-        if booted.plugin:
-            collect_window(topo.receiver.spec.workdir, rep, booted.symbols)
         return {**info, "plugin": booted.plugin}
 
     def _strike(self, booted: Booted, cell: Cell) -> StrikeInWindow | None:

@@ -58,8 +58,10 @@ def start_command(netperf_command: str) -> str:
     only (a native sender shares the host's process table with any other netperf)."""
     body = (f"{netperf_command} > {NETPERF_OUT} 2>&1 & echo $! > {NETPERF_PID}; "
             f"wait $!; echo $? > {NETPERF_RC}")
-    return (f"mkdir -p {GUEST_DIR} && rm -f {NETPERF_OUT} {NETPERF_RC} {NETPERF_PID} && "
-            f"nohup sh -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 &")
+    # the old files go before the command returns (not in the background job): a wait
+    # right after it must not read the previous repetition's status
+    return (f"mkdir -p {GUEST_DIR} && rm -f {NETPERF_OUT} {NETPERF_RC} {NETPERF_PID} "
+            f"|| exit 1; nohup sh -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 &")
 
 
 def wait_until(test: str, seconds: float) -> str:
@@ -73,6 +75,12 @@ def wait_until(test: str, seconds: float) -> str:
     now = 'read -r u _ < /proc/uptime; u=$((${u%.*} * 100 + 1${u#*.} - 100))'
     return (f"{now}; end=$((u + {cs})); until {test}; do {now}; "
             f"[ $u -ge $end ] && break; sleep 0.1; done")
+
+
+def start_and_wait_command(netperf_command: str, wait_s: float) -> str:
+    """Start netperf (start_command) and, in the same round trip, wait up to `wait_s`
+    for it to end (status_command): the window cannot close sooner (pure)."""
+    return f"{start_command(netperf_command)}\n{status_command(wait_s)}"
 
 
 def status_command(wait_s: float = 0.0) -> str:
@@ -103,7 +111,8 @@ def stop_command(workload: str, reader_pid_file: str) -> tuple[str, str]:
 def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload: str, *,
                             closed_file: str, reader_pid_file: str, cap_s: float,
                             earliest_close_s: float = 0.0,
-                            clock: Callable[[], float] = time.monotonic) -> TrafficOutcome:
+                            clock: Callable[[], float] = time.monotonic,
+                            on_closed: Callable[[], None] | None = None) -> TrafficOutcome:
     """Run netperf on `tx` until the receiver's window has closed, then stop it.
 
     If netperf ends on its own clock first (its cap ran out, or it failed), that
@@ -115,14 +124,16 @@ def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload
     plus window), and until then the host asks only the sender, so the receiver runs
     nothing of ours while it is measured (each poll there is a process, counted by
     perf and by the cache model like the traffic's own work).
+
+    `on_closed` is called once the window is seen closed, before the side that sends is
+    stopped: the caller may start fetching the window's files then, alongside the stop.
     """
-    tx.run(start_command(netperf_command))
+    # one round trip starts netperf and waits out the warm-up and the window
+    out = tx.run(start_and_wait_command(netperf_command, earliest_close_s),
+                 timeout=earliest_close_s + 60).stdout
     deadline = clock() + cap_s + STOP_GRACE_S
-    first_wait = earliest_close_s
     while True:
-        ended = _parse_status(tx.run(status_command(first_wait),
-                                     timeout=first_wait + 60).stdout)
-        first_wait = 0.0
+        ended = _parse_status(out)
         if ended is not None:
             return TrafficOutcome(*ended, "own-clock")
         if rx.run(wait_closed_command(closed_file), check=False).ok:
@@ -130,6 +141,9 @@ def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload
         if clock() > deadline:
             raise GuestError(f"netperf and the receiver's window were both still running "
                              f"{cap_s + STOP_GRACE_S:.0f} s after netperf started")
+        out = tx.run(status_command()).stdout
+    if on_closed is not None:
+        on_closed()
     side, stop = stop_command(workload, reader_pid_file)
     stop_deadline = clock() + STOP_GRACE_S
     while True:  # signal, wait up to RESIGNAL_S for netperf to end, signal again

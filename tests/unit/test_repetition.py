@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import tarfile
+from typing import ClassVar
 
 import pytest
 
@@ -13,9 +14,10 @@ from testbed.errors import GuestError
 from testbed.experiment.config import Cell
 from testbed.files import read_json
 from testbed.formats import netperf, sockqueue
-from testbed.run import repetition
+from testbed.run import repetition, traffic
 from testbed.run.folder import RunDir
 from testbed.run.loop import PolicyMismatch
+from testbed.run.phases import Phases
 from testbed.run.repetition import (
     NOT_FINISHED,
     fetch_window_command,
@@ -24,7 +26,7 @@ from testbed.run.repetition import (
     start_window_command,
     unpack_window,
 )
-from testbed.shell import HostShell
+from testbed.shell import HostShell, Result
 from testbed.vocabulary import GUEST_DIR
 
 
@@ -130,3 +132,144 @@ def test_a_level_the_socket_did_not_get_fails_the_repetition(tmp_path):
         repetition._check_rcvbuf(rep, _cell("1M"), capped, 1048576)
     auto = netperf.parse_netperf("THROUGHPUT=1\nRSR_SIZE_REQ=-1\nRSR_SIZE=131072\n")
     repetition._check_rcvbuf(rep, _cell("auto"), auto, None)  # nothing asked: nothing to match
+
+
+class _Guest:
+    """A guest that answers the repetition's commands by their content; records them."""
+
+    SHA: ClassVar[dict[str, str]] = {"sender": "5" * 64, "receiver": "7" * 64}
+
+    timeouts: ClassVar[list[float | None]] = []  # the receiver's combined command's
+
+    def __init__(self, side: str, log: list[tuple[str, str]]) -> None:
+        self.side, self.log = side, log
+
+    def run(self, command: str, timeout: float | None = None, check: bool = True) -> Result:
+        def kind() -> str:
+            if f"echo '{repetition.SECTION}'" in command:
+                return "prepare"
+            if "/tmp/nbfill.sha256" in command:
+                return "fill"
+            if "nohup sh -c" in command:
+                return "start"
+            if "kill -INT" in command:
+                return "stop"
+            if "netperf.rc ]; then cat" in command:
+                return "status"
+            if "base64 -w 0" in command:
+                return "fetch"
+            if "/win/closed ]" in command:
+                return "closed"
+            raise AssertionError(f"unexpected command {command!r}")
+
+        what = kind()
+        self.log.append((self.side, what))
+        if what == "prepare":
+            self.timeouts.append(timeout)
+        out, code = "", 0
+        if what == "prepare":
+            assert self.side == "receiver" and "nohup sh /tmp/netbed/window.sh" in command
+            parts = command.split(f"echo '{repetition.SECTION}'")
+            out = "applied\n" + "".join(
+                f"{repetition.SECTION}\n"
+                + (f'{{"sha256": "{self.SHA["receiver"]}"}}\n' if "nbfill" in part else
+                   "" if "window.sh" in part else "iface=eth1\n")
+                for part in parts[1:])
+        elif what == "fill":
+            out = f'{{"sha256": "{self.SHA[self.side]}"}}\n'
+        elif ((what == "stop" and self.side == "sender")
+              or (what == "status" and any(w == "stop" for _, w in self.log))):
+            out = f"0\n{traffic.OUTPUT_MARK}\nTHROUGHPUT=1\n"
+        elif what == "fetch":
+            code = NOT_FINISHED  # the test ends here: its folder holds what came before
+        return Result(command, code, out, "")
+
+
+def _measure(tmp_path, workload: str) -> tuple[list[tuple[str, str]], Phases, RunDir]:
+    from testbed.experiment.load import loads_experiment
+    from testbed.experiment.matrix import expand
+    from testbed.formats.readback import NicInfo
+
+    exp = loads_experiment(f"name: t\naxes: {{workload: [{workload}], nic: [e1000]}}\n"
+                           "duration: 1\n", tmp_path / "t.yaml")
+    cell = expand(exp)[0]
+    log: list[tuple[str, str]] = []
+    run = RunDir(tmp_path / "run")
+    phases = Phases()
+    boot = repetition.BootState(NicInfo("eth1", "0000:00:04.0", "e1000"), (11,), ("rx-0",))
+    with pytest.raises(GuestError, match="did not finish"):
+        repetition.run_repetition(_Guest("receiver", log), _Guest("sender", log), boot, exp,
+                                  cell, exp.policies.resolve(cell.policy, cell.cpus),
+                                  run.start_rep(cell.cell_id, 0), pmu=False,
+                                  cachemodel=True, phases=phases)
+    return log, phases, run
+
+
+def test_a_stream_repetition_takes_three_round_trips_into_each_guest(tmp_path):
+    log, phases, _ = _measure(tmp_path, "TCP_STREAM")
+    rx = [w for side, w in log if side == "receiver"]
+    tx = [w for side, w in log if side == "sender"]
+    # policy + read-back + window armed in one; the fetch overlaps the sender's stop
+    assert rx == ["prepare", "closed", "fetch"]
+    assert tx == ["fill", "start", "stop"]
+    assert phases.trips == {"rx": 3, "tx": 3}
+    assert _Guest.timeouts[-1] is None  # the guest's own: a hung receiver fails as fast
+    assert log.index(("receiver", "closed")) < log.index(("sender", "stop"))
+    assert log.index(("receiver", "closed")) < log.index(("receiver", "fetch"))
+    kept = read_json(next((tmp_path / "run").rglob("payload.json")))
+    assert kept["sha256"] == _Guest.SHA["sender"] and kept["kind"] == "random-fill"
+
+
+def test_a_maerts_fill_rides_with_the_policy_and_its_fetch_waits_for_the_stop(tmp_path):
+    log, _, _ = _measure(tmp_path, "TCP_MAERTS")
+    assert [w for side, w in log if side == "receiver"] == ["prepare", "closed", "stop",
+                                                             "fetch"]
+    assert [w for side, w in log if side == "sender"] == ["start", "status"]
+    kept = read_json(next((tmp_path / "run").rglob("payload.json")))
+    assert kept["sha256"] == _Guest.SHA["receiver"]
+
+
+def test_a_request_response_fill_is_made_on_both_guests_and_read_in_order(tmp_path):
+    log, _, _ = _measure(tmp_path, "TCP_RR")
+    assert ("sender", "fill") in log and ("receiver", "prepare") in log
+    kept = read_json(next((tmp_path / "run").rglob("payload.json")))
+    assert kept["sha256"] == _Guest.SHA["receiver"]  # sender first, then receiver, as before
+    assert _Guest.timeouts[-1] == repetition.PREPARE_TIMEOUT_S  # room for a first fill file
+
+
+def test_an_interfaces_queues_are_kept_from_every_interfaces_listing():
+    listing = ("/sys/class/net/eth0/queues/rx-0\n/sys/class/net/eth1/queues/rx-0\n"
+               "/sys/class/net/eth1/queues/rx-1\n/sys/class/net/eth10/queues/rx-0\n")
+    assert repetition.rx_queues(listing, "eth1") == ("rx-0", "rx-1")
+    assert repetition.rx_queues("", "eth1") == ()
+
+
+@pytest.mark.process
+def test_the_boots_facts_come_back_in_one_round_trip(tmp_path, monkeypatch):
+    """discover on a made-up /sys/class/net (two NICs) in a real shell, netserver left out."""
+    net = tmp_path / "net"
+    for name, mac, queues in (("eth0", "52:54:00:00:00:01", 1), ("eth1", "52:54:00:12:34:56", 2)):
+        dev = tmp_path / "devices" / name
+        (dev / "driver").mkdir(parents=True)
+        (net / name / "queues").mkdir(parents=True)
+        (net / name / "address").write_text(mac + "\n")
+        (net / name / "device").symlink_to(dev)
+        for q in range(queues):
+            (net / name / "queues" / f"rx-{q}").mkdir()
+            (net / name / "queues" / f"tx-{q}").mkdir()
+    calls: list[str] = []
+
+    class Receiver:
+        def run(self, command: str, timeout: float | None = None,
+                check: bool = True) -> Result:
+            calls.append(command)
+            res = HostShell().run(["sh", "-c", command.replace("/sys/class/net", str(net))],
+                                  check=check)
+            return Result(command, res.exit_code, res.stdout.replace(str(net), "/sys/class/net"),
+                          res.stderr)
+
+    monkeypatch.setattr(repetition, "NETSERVER_START", "true")
+    state = repetition.discover(Receiver(), "52:54:00:12:34:56")
+    assert len(calls) == 1
+    assert state.nic.iface == "eth1" and state.nic.device == "eth1"
+    assert state.rx_queues == ("rx-0", "rx-1")

@@ -65,8 +65,10 @@ class Guest:
         out, code = "", 0
         if command.startswith("mkdir -p /tmp/netbed && rm -f"):
             assert self.side == "sender" and "nohup sh -c" in command
+            assert w.started_at is None  # netperf starts once
             w.started_at = w.now
-            return Result(command, 0, "", "")
+            if "netperf.rc ]; then cat" not in command:
+                return Result(command, 0, "", "")
         if "kill -INT" in command:
             w.signals.append((self.side, command))
             if w.signalled_at is None:
@@ -239,3 +241,32 @@ def test_the_stop_reaches_this_netperf_and_no_other(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_netperf_starts_and_the_first_wait_runs_in_one_round_trip_then_the_fetch_may_start():
+    world = World(window_closes_at=9.0, netperf_cap=186.0, stops_after_signal=0.3)
+    rx, tx = Guest(world, "receiver"), Guest(world, "sender")
+    closed_seen: list[tuple[float, int]] = []
+    outcome = traffic.run_until_window_closes(
+        rx, tx, "timeout 216 netperf -l 186", "TCP_STREAM", closed_file=CLOSED,
+        reader_pid_file=PID, cap_s=186, earliest_close_s=8.0, clock=lambda: world.now,
+        on_closed=lambda: closed_seen.append((world.now, len(world.signals))))
+    assert outcome.stopped_by == "window-closed"
+    # start + warm-up and window; then one stop-and-wait: two round trips into the sender
+    assert len(tx.commands) == 2 and "nohup sh -c" in tx.commands[0]
+    assert "end=$((u + 800))" in tx.commands[0]  # the first wait: warm-up plus window
+    assert len(rx.commands) == 1
+    # called once, after the window was seen closed and before the sender was signalled
+    assert len(closed_seen) == 1 and closed_seen[0][0] >= 9.0 and closed_seen[0][1] == 0
+
+
+@pytest.mark.process
+def test_the_start_and_first_wait_command_returns_netperfs_end_in_a_real_shell(tmp_path):
+    def sh(command: str) -> str:
+        return subprocess.run([SH, "-c", command.replace(GUEST_DIR, str(tmp_path))],
+                              capture_output=True, text=True, timeout=30).stdout
+
+    out = sh(traffic.start_and_wait_command("sh -c 'echo THROUGHPUT=1; exit 3'", 20.0))
+    assert traffic._parse_status(out) == (3, "THROUGHPUT=1\n")
+    # a netperf still running when the wait ends: nothing yet, as status_command says
+    assert sh(traffic.start_and_wait_command("sleep 5", 0.2)) == ""
