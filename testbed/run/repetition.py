@@ -16,7 +16,7 @@ import math
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from testbed.errors import GuestError, NetbedError
 from testbed.experiment.config import Cell, Experiment, rcvbuf_bytes
@@ -40,8 +40,15 @@ from testbed.formats.windowrates import window_rates
 from testbed.run.folder import RepDir
 from testbed.run.loop import PolicyMismatch
 from testbed.run.phases import CountingShell, Phases
-from testbed.run.traffic import run_until_window_closes, stop_command, wait_until
+from testbed.run.traffic import (
+    console_closed,
+    console_offset,
+    run_until_window_closes,
+    stop_command,
+    wait_until,
+)
 from testbed.run.window import (
+    CLOSED_MARK,
     NETPERF_CAP_S,
     WINDOW_ARMED,
     WINDOW_CLOSED,
@@ -192,9 +199,13 @@ def _fill_plan(cell: Cell, kind: str) -> tuple[payload.Payload, str, tuple[str, 
 def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell: Cell,
                    resolved: ResolvedPolicy, rep: RepDir, pmu: bool,
                    cachemodel: bool | None = None, payload_kind: str = "random-fill",
-                   tracing: bool | None = None, phases: Phases | None = None
-                   ) -> dict[str, object]:
+                   tracing: bool | None = None, phases: Phases | None = None,
+                   console: Path | None = None) -> dict[str, object]:
     """Measure one repetition into `rep` with receiver `rx` and sender `tx`.
+
+    `console`, the receiver's serial console log, is where the host sees the window
+    close (testbed.run.traffic): then nothing of ours runs in the receiver while it is
+    measured. Without it the receiver is asked over SSH once the window may have closed.
 
     Raises GuestError on hangs or lost SSH (the loop reboots and retries) and
     PolicyMismatch when the receiver's state differs from the policy. `phases`, when
@@ -216,6 +227,9 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
     # armed (netperf starts only then: the trace is on, the previous reader noted; the
     # warm-up is the measured connection's own traffic before the window opens). The
     # sender makes its fill file meanwhile, over its own connection.
+    # the window's close mark is the first after this offset (one window at a time)
+    closed = (None if console is None else
+              console_closed(console, console_offset(console), CLOSED_MARK))
     parts = [apply_script(resolved, boot.nic.iface, boot.irqs, boot.rx_queues, gro=cell.gro),
              readback_commands(boot.nic.iface, boot.irqs, resolved.sysctl_keys),
              OFFLOAD_SCRIPT, *([raise_rmem] if raise_rmem else []),
@@ -263,7 +277,7 @@ def run_repetition(rx: Shell, tx: Shell, boot: BootState, exp: Experiment, cell:
                 cell.workload.name, closed_file=f"{GUEST_DIR}/win/{WINDOW_CLOSED}",
                 reader_pid_file=f"{GUEST_DIR}/win/{reader.RAW_PID}", cap_s=netperf_cap,
                 earliest_close_s=lead_seconds(exp) + exp.duration,
-                on_closed=window_closed)
+                on_closed=window_closed, closed=closed)
         if closed_at:
             phases.split("traffic", "stop", closed_at[0])
         with phases.phase("fetch"):

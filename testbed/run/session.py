@@ -326,7 +326,8 @@ class ExperimentGuests:
                                           booted.state, self.exp, cell, resolved, rep,
                                           self.provenance.pmu, cachemodel=booted.plugin,
                                           tracing=self.exp.tracing and not booted.plugin,
-                                          phases=phases)
+                                          phases=phases,
+                                          console=topo.receiver.spec.console_log)
                     if booted.plugin:
                         with phases.phase("collect"):
                             collect_window(topo.receiver.spec.workdir, rep, booted.symbols)

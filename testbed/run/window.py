@@ -32,6 +32,9 @@ NETPERF_CAP_S = 180
 READER_WAIT_S = 60
 WINDOW_ARMED = record.ARMED  # touched once the trace is armed: the sender may start netperf
 WINDOW_CLOSED = record.CLOSED  # touched once the inner script (every edge read) has ended
+# ... and this line written to the serial console then: the host waits for it in the
+# console log (testbed.run.traffic), running nothing in the receiver until it is there
+CLOSED_MARK = "netbed-window-closed"
 SNAP_ERRORS = record.SNAP_ERRORS  # nbsnap's complaints; analysis reports them
 PERF_KEPT_OUT = ("perf is kept out of cache-model windows (its edges lagged the window's "
                  "by up to 246 ms under the model); its software counters come from the "
@@ -178,6 +181,7 @@ def window_script(exp: Experiment, pmu: bool, cachemodel: bool, *, iface: str | 
         "wait $window_job",
         up.format("window-done"),
         f"touch {w}/{WINDOW_CLOSED}",
+        f"echo {CLOSED_MARK} > /dev/console 2>/dev/null",
     ]
     if counted:
         lines.append(f"mv {d}/{PERF_FILE} {w}/{PERF_FILE} 2>/dev/null")

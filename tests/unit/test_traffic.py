@@ -270,3 +270,56 @@ def test_the_start_and_first_wait_command_returns_netperfs_end_in_a_real_shell(t
     assert traffic._parse_status(out) == (3, "THROUGHPUT=1\n")
     # a netperf still running when the wait ends: nothing yet, as status_command says
     assert sh(traffic.start_and_wait_command("sleep 5", 0.2)) == ""
+
+
+def test_with_the_console_mark_the_receiver_runs_nothing_until_the_window_closes():
+    # a window that opens late (the cache model) closes well after warm-up + window: the
+    # SSH wait would have run inside it; the console wait never touches the receiver
+    world = World(window_closes_at=4.0, netperf_cap=186.0)
+    rx, tx = Guest(world, "receiver"), Guest(world, "sender")
+    waits: list[float] = []
+
+    def closed(seconds: float) -> bool:
+        waits.append(world.now)
+        if world.now + seconds >= world.window_closes_at:
+            world.now = max(world.now, world.window_closes_at)
+            return True
+        world.now += seconds
+        return False
+
+    outcome = traffic.run_until_window_closes(
+        rx, tx, "timeout 216 netperf -l 186", "TCP_STREAM", closed_file=CLOSED,
+        reader_pid_file=PID, cap_s=186, earliest_close_s=2.5, clock=lambda: world.now,
+        closed=closed)
+    assert outcome.stopped_by == "window-closed" and rx.commands == []
+    assert waits and world.signalled_at is not None and world.signalled_at >= 4.0
+
+
+def test_the_console_wait_sees_only_a_mark_written_after_its_offset(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"boot\nnetbed-window-closed\n")  # the previous window's mark
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    wait = traffic.console_closed(console, traffic.console_offset(console),
+                                  "netbed-window-closed", clock=lambda: now[0], sleep=sleep)
+    assert not wait(1.0) and now[0] >= 1.0  # waited its time, on the fake clock
+    with console.open("ab") as f:
+        f.write(b"[  12.3] eth0: link\nnetbed-window-closed\n")
+    assert wait(1.0)
+    assert not traffic.console_closed(tmp_path / "none.log", 0, "x", clock=lambda: now[0],
+                                      sleep=sleep)(0.2)
+    assert traffic.console_offset(tmp_path / "none.log") == 0
+
+
+def test_the_window_script_writes_its_close_mark_to_the_console_after_closing():
+    from testbed.run.window import CLOSED_MARK, WINDOW_CLOSED, window_script
+    from tests.unit.test_window import experiment
+
+    script = window_script(experiment(), pmu=False, cachemodel=True, iface="eth1")
+    lines = script.splitlines()
+    closed = next(i for i, ln in enumerate(lines) if ln.endswith(f"/{WINDOW_CLOSED}")
+                  and ln.startswith("touch"))
+    assert lines[closed + 1].startswith(f"echo {CLOSED_MARK} > /dev/console")
