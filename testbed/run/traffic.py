@@ -53,6 +53,9 @@ OUTPUT_MARK = "@@netbed-netperf-output@@"
 WAIT_S = 2.0  # one bounded wait inside the guest: ends as soon as what it waits for happens
 STOP_GRACE_S = 60.0  # after the stop signal: netperf's final exchange under a slow receiver
 RESIGNAL_S = 5.0  # a signal that landed between two syscalls is sent again
+# no close mark on the console this long after warm-up + window: ask the receiver over SSH
+# too (a window long over whose mark was lost, or a hung receiver: its SSH times out)
+CONSOLE_LATE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload
     within STOP_GRACE_S of being told to. Every wait is bounded and inside a guest.
 
     `closed(seconds)` waits for the window's close without touching the receiver (the
-    console mark: console_closed); without it the receiver is asked over SSH, but not
+    console mark: console_closed; only CONSOLE_LATE_S after warm-up plus window without
+    a mark is the receiver asked as well); without it the receiver is asked over SSH, but not
     before `earliest_close_s` after netperf starts (warm-up plus window; a window that
     opens late is still running then, and each poll is a process in it, counted by
     perf and by the cache model like the traffic's own work).
@@ -178,12 +182,15 @@ def run_until_window_closes(rx: Shell, tx: Shell, netperf_command: str, workload
     out = tx.run(start_and_wait_command(netperf_command, earliest_close_s),
                  timeout=earliest_close_s + 60).stdout
     deadline = clock() + cap_s + STOP_GRACE_S
+    late = clock() + CONSOLE_LATE_S
     while True:
         ended = _parse_status(out)
         if ended is not None:
             return TrafficOutcome(*ended, "own-clock")
         if closed is not None:
             if closed(WAIT_S):
+                break
+            if clock() > late and rx.run(wait_closed_command(closed_file), check=False).ok:
                 break
         elif rx.run(wait_closed_command(closed_file), check=False).ok:
             break

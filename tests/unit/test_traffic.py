@@ -323,3 +323,22 @@ def test_the_window_script_writes_its_close_mark_to_the_console_after_closing():
     closed = next(i for i, ln in enumerate(lines) if ln.endswith(f"/{WINDOW_CLOSED}")
                   and ln.startswith("touch"))
     assert lines[closed + 1].startswith(f"echo {CLOSED_MARK} > /dev/console")
+
+
+def test_a_close_mark_that_never_comes_is_not_waited_for_until_the_cap():
+    # the window closed at 4 s but its console mark was lost: after CONSOLE_LATE_S the
+    # receiver is asked as well (a hung one fails on its SSH timeout, not after the cap)
+    world = World(window_closes_at=4.0, netperf_cap=186.0)
+    rx, tx = Guest(world, "receiver"), Guest(world, "sender")
+
+    def never(seconds: float) -> bool:
+        world.now += seconds
+        return False
+
+    outcome = traffic.run_until_window_closes(
+        rx, tx, "timeout 216 netperf -l 186", "TCP_STREAM", closed_file=CLOSED,
+        reader_pid_file=PID, cap_s=186, earliest_close_s=2.5, clock=lambda: world.now,
+        closed=never)
+    assert outcome.stopped_by == "window-closed"
+    assert rx.times and min(rx.times) >= 2.5 + traffic.CONSOLE_LATE_S
+    assert world.now < 2.5 + traffic.CONSOLE_LATE_S + traffic.WAIT_S + 2
