@@ -503,7 +503,9 @@ def _derive_per_unit(out: _Rows, units: Units | None, workload: str) -> None:
         if row["cpu"] != "all":
             continue
         m = row["metric"]
-        if m in PER_UNIT_METRICS or (m.startswith(CACHE_PER_UNIT_PREFIX) and m.count(".") == 1):
+        # the model's counts only: a share it reports (a fraction) per KB means nothing
+        if m in PER_UNIT_METRICS or (m.startswith(CACHE_PER_UNIT_PREFIX) and m.count(".") == 1
+                                     and row["unit"] == "count"):
             new.append((m + suffix, unit, row, amount))
             if m in PER_PACKET_METRICS:
                 new.append((m + ".per_packet", "1/frame", row, packets))

@@ -333,3 +333,16 @@ def test_perf_kept_out_of_a_window_gives_not_supported_rows_with_the_reason(
         "perf is kept out of cache-model windows"
     # other repetitions still have perf's counts
     assert val(df, PIN_SAME, 2, "perf.context-switches") > 0
+
+
+def test_only_the_model_s_counts_are_divided_by_the_window_s_work() -> None:
+    from analysis.collate import _derive_per_unit, _Rows
+    from analysis.window_metrics import Units
+
+    out = _Rows([])
+    out.add("cache.l2_misses", "all", 2048.0, "count", "cachemodel")
+    out.add("cache.payload_checksum_cpu_is_copy_cpu", "all", 1.0, "fraction", "cachemodel")
+    _derive_per_unit(out, Units(seconds=2.0, kbytes=1024.0, packets=100.0, transactions=None),
+                     "TCP_STREAM")
+    derived = {r["metric"]: r["value"] for r in out.rows if r["source"] == "derived"}
+    assert derived == {"cache.l2_misses.per_kb": 2.0}  # a share per KB is no number
