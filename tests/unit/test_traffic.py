@@ -97,13 +97,14 @@ class Guest:
             self.world.sleep(0.1)
 
 
-def run(world: World, workload: str = "TCP_STREAM",
-        earliest_close_s: float = 0.0) -> tuple[traffic.TrafficOutcome, Guest, Guest]:
+def run(world: World, workload: str = "TCP_STREAM", earliest_close_s: float = 0.0,
+        closed: Callable[[float], bool] | None = None,
+        ) -> tuple[traffic.TrafficOutcome, Guest, Guest]:
     rx, tx = Guest(world, "receiver"), Guest(world, "sender")
     outcome = traffic.run_until_window_closes(
         rx, tx, "timeout 216 netperf -l 186", workload, closed_file=CLOSED,
         reader_pid_file=PID, cap_s=186, earliest_close_s=earliest_close_s,
-        clock=lambda: world.now)
+        clock=lambda: world.now, closed=closed)
     return outcome, rx, tx
 
 
@@ -276,7 +277,6 @@ def test_with_the_console_mark_the_receiver_runs_nothing_until_the_window_closes
     # a window that opens late (the cache model) closes well after warm-up + window: the
     # SSH wait would have run inside it; the console wait never touches the receiver
     world = World(window_closes_at=4.0, netperf_cap=186.0)
-    rx, tx = Guest(world, "receiver"), Guest(world, "sender")
     waits: list[float] = []
 
     def closed(seconds: float) -> bool:
@@ -287,10 +287,7 @@ def test_with_the_console_mark_the_receiver_runs_nothing_until_the_window_closes
         world.now += seconds
         return False
 
-    outcome = traffic.run_until_window_closes(
-        rx, tx, "timeout 216 netperf -l 186", "TCP_STREAM", closed_file=CLOSED,
-        reader_pid_file=PID, cap_s=186, earliest_close_s=2.5, clock=lambda: world.now,
-        closed=closed)
+    outcome, rx, _ = run(world, earliest_close_s=2.5, closed=closed)
     assert outcome.stopped_by == "window-closed" and rx.commands == []
     assert waits and world.signalled_at is not None and world.signalled_at >= 4.0
 
@@ -329,16 +326,12 @@ def test_a_close_mark_that_never_comes_is_not_waited_for_until_the_cap():
     # the window closed at 4 s but its console mark was lost: after CONSOLE_LATE_S the
     # receiver is asked as well (a hung one fails on its SSH timeout, not after the cap)
     world = World(window_closes_at=4.0, netperf_cap=186.0)
-    rx, tx = Guest(world, "receiver"), Guest(world, "sender")
 
     def never(seconds: float) -> bool:
         world.now += seconds
         return False
 
-    outcome = traffic.run_until_window_closes(
-        rx, tx, "timeout 216 netperf -l 186", "TCP_STREAM", closed_file=CLOSED,
-        reader_pid_file=PID, cap_s=186, earliest_close_s=2.5, clock=lambda: world.now,
-        closed=never)
+    outcome, rx, _ = run(world, earliest_close_s=2.5, closed=never)
     assert outcome.stopped_by == "window-closed"
     assert rx.times and min(rx.times) >= 2.5 + traffic.CONSOLE_LATE_S
     assert world.now < 2.5 + traffic.CONSOLE_LATE_S + traffic.WAIT_S + 2
