@@ -83,7 +83,9 @@ def test_a_plain_boot_measures_without_the_plugin_and_says_so(tmp_path, monkeypa
     monkeypatch.setattr(session, "run_repetition",
                         lambda *a, **k: calls.append(k) or {"throughput": 1.0})
     monkeypatch.setattr(session, "collect_window", lambda *a: collected.append(a))
-    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
+    console = tmp_path / "receiver.console.log"
+    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path,
+                                                              console_log=console))
     topo = SimpleNamespace(receiver=node, sender=node, sender_shell=node.ssh)
     rep = RunDir(tmp_path).start_rep("c", 0)
     cell = expand(guests.exp)[0]
@@ -91,6 +93,7 @@ def test_a_plain_boot_measures_without_the_plugin_and_says_so(tmp_path, monkeypa
     assert plain == {"throughput": 1.0, "plugin": False}
     assert calls[-1]["cachemodel"] is False and collected == []  # no markers
     assert calls[-1]["tracing"] is True
+    assert calls[-1]["console"] == console  # where the window's close is seen
     inst = guests.measure(session.Booted(topo, None, {}, plugin=True), cell, rep)
     assert inst["plugin"] is True and calls[-1]["cachemodel"] is True and len(collected) == 1
     assert calls[-1]["tracing"] is False  # the tracer's accesses would be counted
@@ -107,7 +110,8 @@ def test_tracing_off_in_the_config_reaches_every_window(tmp_path, monkeypatch):
     calls: list[dict[str, object]] = []
     monkeypatch.setattr(session, "run_repetition",
                         lambda *a, **k: calls.append(k) or {"throughput": 1.0})
-    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(workdir=tmp_path))
+    node = SimpleNamespace(ssh=object(), spec=SimpleNamespace(
+        workdir=tmp_path, console_log=tmp_path / "receiver.console.log"))
     topo = SimpleNamespace(receiver=node, sender=node, sender_shell=node.ssh)
     guests.measure(session.Booted(topo, None, None, plugin=False),
                    expand(guests.exp)[0], RunDir(tmp_path).start_rep("c", 0))
