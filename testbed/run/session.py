@@ -44,6 +44,7 @@ from testbed.run.loop import Collaborators
 from testbed.run.phases import Phases
 from testbed.run.provenance import Provenance
 from testbed.run.repetition import BootState, discover, run_repetition
+from testbed.run.traffic import CONSOLE_POLL_S, console_text
 from testbed.settings import Settings
 from testbed.shell import Result, Shell
 from testbed.vm.qemu import PluginSpec
@@ -84,7 +85,6 @@ class Fault:
 
 STRIKE_MARK = "netbed-fault-struck"  # the receiver's console line once it has struck
 STRIKE_WAIT_S = 600  # how long the strike waits for the window to open (bounded)
-CONSOLE_POLL_S = 0.05
 
 
 def strike_command(kind: str, duration: float, win: str = f"{GUEST_DIR}/win",
@@ -143,13 +143,7 @@ def watch_console(path: Path, offset: int, stopped: Callable[[], bool],
     `stopped()` says so and one last look finds none."""
     while True:
         last = stopped()
-        try:
-            with path.open("rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            text = ""
-        for line in text.splitlines():
+        for line in console_text(path, offset).splitlines():
             if STRIKE_MARK in line:
                 return line.strip()
         if last:

@@ -117,25 +117,26 @@ def console_closed(console: Path, offset: int, mark: str,
     """A wait of up to N seconds for a line holding `mark` in the console log `console`
     after byte `offset` (where the log ended before the window was armed): True as soon
     as it is there, False after the N seconds."""
-    needle = mark.encode()
-
-    def seen() -> bool:
-        try:
-            with console.open("rb") as f:
-                f.seek(offset)
-                return needle in f.read()
-        except FileNotFoundError:
-            return False
-
     def wait(seconds: float) -> bool:
         end = clock() + seconds
-        while not seen():
+        while mark not in console_text(console, offset):
             if clock() >= end:
                 return False
             sleep(CONSOLE_POLL_S)
         return True
 
     return wait
+
+
+def console_text(console: Path, offset: int) -> str:
+    """What the guest wrote to its console log after byte `offset` ("" before QEMU has
+    made the file)."""
+    try:
+        with console.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def console_offset(console: Path) -> int:
