@@ -277,15 +277,10 @@ def probe_kvm(settings: Settings, log: Log = print, use_cache: bool = True,
         return KvmVerdict(False, problem)
     cache = probe_cache_file(settings)
     key = effects.key(settings)
-    if use_cache and cache.is_file():
-        try:
-            found = stored_verdict(json.loads(cache.read_text()), key)
-        except (OSError, ValueError):
-            found = None
-        if found is not None:
-            log(f"KVM verdict reused from {cache} (probed {found.probed_at or '?'} with "
-                f"{found.probe_kernel or '?'}): {'usable' if found.usable else found.reason}")
-            return found
+    if use_cache and (found := _cached_verdict(cache, key)) is not None:
+        log(f"KVM verdict reused from {cache} (probed {found.probed_at or '?'} with "
+            f"{found.probe_kernel or '?'}): {'usable' if found.usable else found.reason}")
+        return found
     name = choose_probe_kernel(kernels, lambda k: effects.kernel_cached(k, settings))
     kernel = effects.kernel(name, settings, log)
     with timings.step("probe", "kvm", f"booted {name}"):
@@ -301,10 +296,13 @@ def known_kvm_verdict(settings: Settings,
     if problem := effects.device_problem():
         return KvmVerdict(False, problem)
     cache = probe_cache_file(settings)
-    if not cache.is_file():
-        return None
+    return _cached_verdict(cache, effects.key(settings)) if cache.is_file() else None
+
+
+def _cached_verdict(cache: Path, key: ProbeKey) -> KvmVerdict | None:
+    """The verdict the probe cache holds for `key`; an unreadable cache holds none."""
     try:
-        return stored_verdict(json.loads(cache.read_text()), effects.key(settings))
+        return stored_verdict(json.loads(cache.read_text()), key)
     except (OSError, ValueError):
         return None
 
