@@ -117,9 +117,13 @@ def build_kernels(settings: Settings, exp: Experiment, cells: list[Cell], log: L
     variants first: a patched one built after its base's tree recompiles only what its
     patches touch, one built before it compiles from fresh source (the tree is compiled
     later anyway, so that would cost a whole compile more)."""
-    names = [n for n in dict.fromkeys(c.kernel for c in cells) if n != DISTRO_KERNEL]
-    for variant in build_order(names, exp.kernels):
+    for variant in build_order(_built_kernels(cells), exp.kernels):
         ensure_built(variant, settings, log, exp.kernels)
+
+
+def _built_kernels(cells: Sequence[Cell]) -> list[str]:
+    """The kernels the cells boot that netbed builds (all but Debian's), in first use."""
+    return [name for name in run_kernels(cells) if name != DISTRO_KERNEL]
 
 
 def run_packages(exp: Experiment, to_build: Sequence[str]) -> dict[str, str]:
@@ -143,16 +147,14 @@ def probe_kernels(exp: Experiment, cells: Sequence[Cell]) -> tuple[str, ...]:
     """The run's kernels in the order they are built (build_order: unpatched first), for
     the KVM probe, which boots the first one that is built or builds it: so a probe
     never builds a patched variant from fresh source before its base's tree."""
-    names = run_kernels(cells)
-    built = [n for n in names if n != DISTRO_KERNEL]
-    return (*(v.name for v in build_order(built, exp.kernels)),
-            *(n for n in names if n == DISTRO_KERNEL))
+    return (*(v.name for v in build_order(_built_kernels(cells), exp.kernels)),
+            *(n for n in run_kernels(cells) if n == DISTRO_KERNEL))
 
 
 def kernels_to_build(settings: Settings, exp: Experiment, cells: Sequence[Cell]) -> list[str]:
     """The built kernels the cells boot that are not in the cache yet."""
-    return [name for name in dict.fromkeys(c.kernel for c in cells)
-            if name != DISTRO_KERNEL and find_built_named(name, settings, exp.kernels) is None]
+    return [name for name in _built_kernels(cells)
+            if find_built_named(name, settings, exp.kernels) is None]
 
 
 def adaptive_plan(exp: Experiment, cells: list[Cell]) -> AdaptivePlan | None:
