@@ -2,9 +2,9 @@
 
 A fresh clone's first run needs three builds before its first boot: the kernel (minutes),
 the guest image and the plugin (under a minute each). Done one after another they add
-up; the kernel's `make` leaves part of the two cores idle (a cold build measured 876 CPU-s in
-480 s of wall time: extraction, configuration, objtool and the link are serial), more than
-the image and the plugin need (about 40 and 8 CPU-s). So the side builds run in one
+up; the kernel's `make` leaves part of the two cores idle (a cold build takes 461-476
+CPU-s in 238-245 s of wall time, and extraction, configuration and the link are serial),
+enough for the image and the plugin. So the side builds run in one
 background thread while the kernel builds, at nice 19: on Linux a nice value belongs to
 a thread and the processes it starts inherit it, so mmdebstrap, cpio and gcc take the
 cycles `make` (nice 10) leaves over instead of slowing it.
