@@ -20,12 +20,12 @@ sends is told to stop:
 
 The host learns that the window has closed from the receiver's serial console, a file
 on the host: the window script writes CLOSED_MARK there once every edge read is done
-(testbed.run.window). Asking the receiver over SSH instead put our own processes (sshd,
-a shell, its polls) into the receiver while it was measured: the wait began at warm-up
-plus window after netperf's start, but under the cache model the window opened about a
-second late and closed 3.9-4.1 s after the start, so the model counted the last ~1.3 s of
-polling in every window. The receiver is polled over SSH only where no console log is
-given (tests that drive run_repetition with guests of their own).
+(testbed.run.window). Asking the receiver over SSH would put our own processes (sshd, a
+shell, its polls) into the receiver while it is measured: a window opens late (the
+reader's set-up; under the cache model about a second), so no fixed delay after
+netperf's start keeps the poll out of it. The receiver is asked over SSH only where no
+console log is given (tests that drive run_repetition with guests of their own) or no
+mark has come CONSOLE_LATE_S after the window should have closed.
 
 The loop works through `Shell`s, so a fake stands in for both guests in tests. Its
 waits run inside the guests (or on the console file), bounded, so it notices a closed
